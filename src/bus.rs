@@ -1,0 +1,222 @@
+//! The ZeroMQ side: publisher and subscriber sockets and gap accounting.
+//!
+//! The publisher binds an XPUB rather than a PUB socket. In the `zeromq`
+//! crate a PUB drops silently when a subscriber's queue is full, while XPUB
+//! sends wait for the subscriber's connection to take the message; XPUB
+//! also hands us the subscription frames, so "wait for N subscribers" means
+//! N subscriptions really arrived, not N TCP connections that may not have
+//! subscribed yet. Subscribers see an ordinary PUB (libzmq SUBs included).
+//!
+//! Loss that still happens (a publisher restart, a live feed dropping under
+//! back-pressure, a subscriber reconnecting) is made visible by the
+//! per-publisher `seq`/`epoch` in every envelope: [`GapTracker`].
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use zeromq::{Socket, SocketRecv, SocketSend, ZmqMessage};
+
+use crate::config::Codec;
+use crate::wire::{self, EncodeError, Envelope};
+
+/// Checks an endpoint is `tcp://host:port` (the transport this build carries).
+pub fn check_endpoint(ep: &str) -> Result<(), String> {
+    let Some(rest) = ep.strip_prefix("tcp://") else {
+        return Err("only tcp://HOST:PORT endpoints are supported".into());
+    };
+    let Some((host, port)) = rest.rsplit_once(':') else {
+        return Err("missing :PORT".into());
+    };
+    if host.is_empty() {
+        return Err("missing host".into());
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(()),
+        _ => Err(format!("port {port:?} is not 1..=65535")),
+    }
+}
+
+/// Encodes envelopes into ZeroMQ messages in the chosen codec.
+pub fn encode(env: &Envelope<'_>, codec: Codec, buf: &mut Vec<u8>) -> Result<ZmqMessage, EncodeError> {
+    match codec {
+        Codec::V1 => {
+            buf.clear();
+            wire::encode_v1(env, buf)?;
+            let mut msg = ZmqMessage::from(Bytes::from(env.topic()));
+            msg.push_back(Bytes::copy_from_slice(buf));
+            Ok(msg)
+        }
+        Codec::Legacy => Ok(ZmqMessage::from(Bytes::from(wire::encode_legacy(env)?))),
+    }
+}
+
+/// Decodes a received message: two frames are v1, one frame is legacy.
+pub fn decode(msg: &ZmqMessage) -> Result<Envelope<'_>, wire::DecodeError> {
+    match msg.len() {
+        2 => {
+            let topic = msg.get(0).map(|b| b.len()).unwrap_or(0);
+            if topic > wire::MAX_FRAME {
+                return Err(wire::DecodeError::TooLarge(topic));
+            }
+            wire::decode_v1(msg.get(1).map(|b| b.as_ref()).unwrap_or(&[]))
+        }
+        1 => wire::decode_legacy(msg.get(0).map(|b| b.as_ref()).unwrap_or(&[])),
+        0 => Err(wire::DecodeError::Empty),
+        n => Err(wire::DecodeError::FrameCount(n)),
+    }
+}
+
+/// The publishing end: an XPUB socket and the subscriptions it has seen.
+pub struct BusPublisher {
+    socket: zeromq::XPubSocket,
+    pub endpoint: String,
+    subscriptions: usize,
+}
+
+impl BusPublisher {
+    pub async fn bind(endpoint: &str) -> Result<Self, zeromq::ZmqError> {
+        let mut socket = zeromq::XPubSocket::new();
+        let bound = socket.bind(endpoint).await?;
+        Ok(BusPublisher {
+            socket,
+            endpoint: bound.to_string(),
+            subscriptions: 0,
+        })
+    }
+
+    /// Live subscriptions (subscribe minus unsubscribe frames).
+    pub fn subscriptions(&self) -> usize {
+        self.subscriptions
+    }
+
+    /// Waits for the next subscription frame and accounts for it. Cancel-safe.
+    pub async fn next_subscription(&mut self) -> Result<(), zeromq::ZmqError> {
+        let msg = self.socket.recv().await?;
+        match msg.get(0).and_then(|f| f.first()) {
+            Some(1) => self.subscriptions += 1,
+            Some(0) => self.subscriptions = self.subscriptions.saturating_sub(1),
+            _ => {}
+        }
+        Ok(())
+    }
+
+    pub async fn send(&mut self, msg: ZmqMessage) -> Result<(), zeromq::ZmqError> {
+        self.socket.send(msg).await
+    }
+}
+
+/// Connects a SUB socket to one endpoint with prefix filters. The `zeromq`
+/// crate reconnects by itself after a publisher restart.
+pub async fn connect_sub(endpoint: &str, topics: &[String]) -> Result<zeromq::SubSocket, zeromq::ZmqError> {
+    let mut options = zeromq::SocketOptions::default();
+    options.no_connect_timeout();
+    let mut sub = zeromq::SubSocket::with_options(options);
+    for t in topics {
+        sub.subscribe(t).await?;
+    }
+    sub.connect(endpoint).await?;
+    Ok(sub)
+}
+
+/// Per-publisher sequence accounting.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct PublisherSeen {
+    pub epoch: u64,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub received: u64,
+    pub gaps: u64,
+    pub restarts: u64,
+    pub out_of_order: u64,
+}
+
+/// Counts missing messages per publisher from `seq`/`epoch`.
+///
+/// The first message of a publisher this subscriber has never seen is where
+/// it joined, not a gap (it may simply have started later). After that, a
+/// jump counts the skipped numbers; a new epoch is a publisher restart, and
+/// whatever the new epoch sent before our first message of it is a gap,
+/// because we were listening all along.
+#[derive(Debug, Default)]
+pub struct GapTracker {
+    seen: HashMap<String, PublisherSeen>,
+}
+
+impl GapTracker {
+    /// Returns how many messages this one reveals as missing.
+    pub fn observe(&mut self, publisher: &str, epoch: u64, seq: u64) -> u64 {
+        if seq == 0 {
+            return 0; // unsequenced (legacy)
+        }
+        let key = if publisher.is_empty() { "?" } else { publisher };
+        let Some(p) = self.seen.get_mut(key) else {
+            self.seen.insert(
+                key.to_string(),
+                PublisherSeen {
+                    epoch,
+                    first_seq: seq,
+                    last_seq: seq,
+                    received: 1,
+                    ..Default::default()
+                },
+            );
+            return 0;
+        };
+        p.received += 1;
+        if epoch != p.epoch {
+            p.restarts += 1;
+            p.epoch = epoch;
+            p.first_seq = seq;
+            p.last_seq = seq;
+            let missed = seq - 1;
+            p.gaps += missed;
+            return missed;
+        }
+        if seq > p.last_seq {
+            let missed = seq - p.last_seq - 1;
+            p.gaps += missed;
+            p.last_seq = seq;
+            missed
+        } else {
+            p.out_of_order += 1;
+            0
+        }
+    }
+
+    pub fn total_gaps(&self) -> u64 {
+        self.seen.values().map(|p| p.gaps).sum()
+    }
+
+    pub fn publishers(&self) -> &HashMap<String, PublisherSeen> {
+        &self.seen
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints() {
+        assert!(check_endpoint("tcp://127.0.0.1:5558").is_ok());
+        assert!(check_endpoint("tcp://[::1]:5558").is_ok());
+        assert!(check_endpoint("ipc:///tmp/x").is_err());
+        assert!(check_endpoint("tcp://127.0.0.1").is_err());
+        assert!(check_endpoint("tcp://127.0.0.1:0").is_err());
+    }
+
+    #[test]
+    fn gaps_joins_restarts_and_reorders() {
+        let mut g = GapTracker::default();
+        assert_eq!(g.observe("a", 1, 50), 0, "joining late is not a gap");
+        assert_eq!(g.observe("a", 1, 51), 0);
+        assert_eq!(g.observe("a", 1, 55), 3);
+        assert_eq!(g.observe("a", 1, 54), 0);
+        assert_eq!(g.observe("a", 2, 4), 3, "restart: seq 1..3 of the new epoch missed");
+        assert_eq!(g.observe("b", 9, 1), 0);
+        assert_eq!(g.observe("x", 0, 0), 0);
+        assert_eq!(g.total_gaps(), 6);
+        let a = &g.publishers()["a"];
+        assert_eq!((a.restarts, a.out_of_order, a.received), (1, 1, 5));
+    }
+}

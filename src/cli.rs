@@ -1,0 +1,47 @@
+//! What every binary's command line shares: `--config`, `--log-format`,
+//! and the start-up sequence (load config, then logging, then the runtime).
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use crate::config::{self, LogFormat, Loaded};
+use crate::exit::Failure;
+
+#[derive(Debug, Args, Clone)]
+pub struct Common {
+    /// Configuration file (else $NBPY_CONFIG, else /etc/nbpy/nbpy.toml if present).
+    #[arg(long, short = 'c', global = true)]
+    pub config: Option<PathBuf>,
+    /// Log format: auto (journald when stderr is the journal), text, json, journald.
+    #[arg(long, global = true, value_parser = parse_format)]
+    pub log_format: Option<LogFormat>,
+}
+
+fn parse_format(s: &str) -> Result<LogFormat, String> {
+    match s {
+        "auto" => Ok(LogFormat::Auto),
+        "text" => Ok(LogFormat::Text),
+        "json" => Ok(LogFormat::Json),
+        "journald" => Ok(LogFormat::Journald),
+        _ => Err("expected auto, text, json or journald".into()),
+    }
+}
+
+impl Common {
+    /// Loads the configuration and starts logging as it says.
+    pub fn boot(&self) -> Result<Loaded, Failure> {
+        let loaded = config::load(self.config.as_deref()).map_err(Failure::config)?;
+        let format = self.log_format.unwrap_or(loaded.config.log.format);
+        crate::service::init_logging(format, &loaded.config.log.level);
+        Ok(loaded)
+    }
+}
+
+/// A multi-threaded runtime; every binary's async work runs on it.
+pub fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::new(crate::exit::SOFTWARE, e))
+}

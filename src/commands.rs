@@ -1,0 +1,59 @@
+//! The `nbpy` subcommands. Each is a thin call into the library.
+
+use clap::{Parser, Subcommand};
+
+use crate::cli::Common;
+use crate::exit::Failure;
+
+#[derive(Parser)]
+#[command(version, about = "nbpy market-data appliance")]
+pub struct Cli {
+    #[command(flatten)]
+    pub common: Common,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Show or check the effective configuration.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ConfigAction {
+    /// Print the effective configuration (defaults < file < NBPY_* env), secrets redacted.
+    Show,
+    /// Validate the configuration; exit 78 (EX_CONFIG) with every problem if it is wrong.
+    Check,
+}
+
+pub fn run(cli: Cli) -> Result<(), Failure> {
+    match cli.command {
+        Command::Config { action } => {
+            let loaded = crate::config::load(cli.common.config.as_deref()).map_err(Failure::config)?;
+            match action {
+                ConfigAction::Show => {
+                    if let Some(f) = &loaded.file {
+                        println!("# from {} (+ NBPY_* environment)", f.display());
+                    } else {
+                        println!("# built-in defaults (+ NBPY_* environment); no config file");
+                    }
+                    print!("{}", loaded.config.to_redacted_toml());
+                }
+                ConfigAction::Check => {
+                    println!(
+                        "ok: {} publisher(s), {} subscriber(s){}",
+                        loaded.config.publishers.len(),
+                        loaded.config.subscribers.len(),
+                        loaded.file.map(|f| format!(" in {}", f.display())).unwrap_or_default()
+                    );
+                }
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,515 @@
+//! Configuration: built-in defaults < TOML file < `NBPY_*` environment.
+//!
+//! The file is `--config FILE`, else `$NBPY_CONFIG`, else `/etc/nbpy/nbpy.toml`
+//! when it exists. Environment keys nest with `__`
+//! (`NBPY_INFLUXDB__URL=http://…`). Unknown keys are errors, so a typo is
+//! reported instead of silently falling back to a default. Secrets are never
+//! values here: only `*_file` paths (or systemd credentials), so `config show`
+//! has nothing to leak but URL user-info, which it redacts.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+use crate::feeds::FeedKind;
+
+pub const DEFAULT_FILE: &str = "/etc/nbpy/nbpy.toml";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where spools, dead letters, `nbpy up` data and logs live. systemd's
+    /// `StateDirectory=` sets `$STATE_DIRECTORY`, which wins when present.
+    pub state_dir: PathBuf,
+    pub log: LogConfig,
+    pub influxdb: InfluxConfig,
+    pub grafana: GrafanaConfig,
+    pub health: HealthConfig,
+    pub service: ServiceConfig,
+    pub publishers: BTreeMap<String, PublisherConfig>,
+    pub subscribers: BTreeMap<String, SubscriberConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            state_dir: PathBuf::from("/var/lib/nbpy"),
+            log: LogConfig::default(),
+            influxdb: InfluxConfig::default(),
+            grafana: GrafanaConfig::default(),
+            health: HealthConfig::default(),
+            service: ServiceConfig::default(),
+            publishers: BTreeMap::new(),
+            subscribers: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// journald when stderr is the journal, else text.
+    #[default]
+    Auto,
+    Text,
+    Json,
+    Journald,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// An `EnvFilter` directive (`info,nbpy::sink=debug`); `RUST_LOG` wins.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Auto,
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct InfluxConfig {
+    pub url: String,
+    pub database: String,
+    pub username: Option<String>,
+    /// File holding the password (systemd: `LoadCredential=`); never inline.
+    pub password_file: Option<PathBuf>,
+    /// Points per write request.
+    pub batch_size: usize,
+    /// A partly filled batch is written after this long.
+    #[serde(with = "humantime_serde")]
+    pub flush_interval: Duration,
+    /// Write requests in flight at once.
+    pub concurrency: usize,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    pub gzip: bool,
+    /// Retry backoff: first delay, doubling up to `retry_max`, with jitter.
+    #[serde(with = "humantime_serde")]
+    pub retry_min: Duration,
+    #[serde(with = "humantime_serde")]
+    pub retry_max: Duration,
+}
+
+impl Default for InfluxConfig {
+    fn default() -> Self {
+        InfluxConfig {
+            url: "http://127.0.0.1:8086".into(),
+            database: "tick".into(),
+            username: None,
+            password_file: None,
+            batch_size: 5000,
+            flush_interval: Duration::from_secs(1),
+            concurrency: 2,
+            timeout: Duration::from_secs(10),
+            gzip: true,
+            retry_min: Duration::from_millis(100),
+            retry_max: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct GrafanaConfig {
+    pub url: Option<String>,
+    pub admin_user: Option<String>,
+    pub admin_password_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    pub listen: String,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            listen: "127.0.0.1:9184".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServiceConfig {
+    /// How long a stop may take to drain; keep it below the unit's
+    /// `TimeoutStopSec` so the service, not systemd's SIGKILL, ends it.
+    #[serde(with = "humantime_serde")]
+    pub stop_timeout: Duration,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        ServiceConfig {
+            stop_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+/// How messages are framed on the bus.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Codec {
+    /// Topic frame + JSON envelope with `seq`/`epoch` (wire format v1).
+    #[default]
+    V1,
+    /// The predecessor's single text frame; carries no sequence numbers.
+    Legacy,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PublisherConfig {
+    pub feed: FeedKind,
+    /// ZeroMQ endpoint to bind; defaults to the feed's port on loopback.
+    pub endpoint: Option<String>,
+    pub codec: Codec,
+    /// Messages per second; 0 = as fast as delivery allows.
+    pub rate: f64,
+    /// Stop after this many messages; 0 = run forever.
+    pub count: u64,
+    /// Hold the first message until this many subscriptions have arrived.
+    pub wait_for_subscribers: usize,
+    /// Instruments (pairs, FX instruments, markets); empty = the feed's default.
+    pub instruments: Vec<String>,
+    /// No data for this long means the feed is stale: the watchdog stops.
+    #[serde(with = "humantime_serde")]
+    pub stale_after: Duration,
+    /// Messages buffered between the feed and the socket; beyond it the
+    /// newest are dropped and show up downstream as sequence gaps.
+    pub queue: usize,
+    /// Upstream URL override (tests point it at a local server).
+    pub url: Option<String>,
+    /// Seed of the synthetic random walk.
+    pub seed: u64,
+    pub kraken: crate::feeds::kraken::KrakenConfig,
+    pub oanda: crate::feeds::oanda::OandaConfig,
+    pub betfair: crate::feeds::betfair::BetfairConfig,
+    pub social: crate::feeds::social::SocialConfig,
+    /// File to replay (feed = "replay"): one v1 envelope per line.
+    pub file: Option<PathBuf>,
+}
+
+impl Default for PublisherConfig {
+    fn default() -> Self {
+        PublisherConfig {
+            feed: FeedKind::Synthetic,
+            endpoint: None,
+            codec: Codec::V1,
+            rate: 0.0,
+            count: 0,
+            wait_for_subscribers: 0,
+            instruments: Vec::new(),
+            stale_after: Duration::from_secs(60),
+            queue: 65_536,
+            url: None,
+            seed: 1,
+            kraken: Default::default(),
+            oanda: Default::default(),
+            betfair: Default::default(),
+            social: Default::default(),
+            file: None,
+        }
+    }
+}
+
+impl PublisherConfig {
+    pub fn endpoint(&self) -> String {
+        self.endpoint
+            .clone()
+            .unwrap_or_else(|| format!("tcp://127.0.0.1:{}", self.feed.default_port()))
+    }
+}
+
+/// What the subscriber does when its in-memory queue of batches is full.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum WhenFull {
+    /// Stop reading the bus: ZeroMQ then backs up to the publisher, whose
+    /// drops are counted as sequence gaps. Nothing accepted is lost.
+    #[default]
+    Block,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SubscriberConfig {
+    pub connect: Vec<String>,
+    /// Topic prefix filters; `""` is everything.
+    pub topics: Vec<String>,
+    pub codec: Codec,
+    /// Full batches held in memory while InfluxDB catches up.
+    pub queue_batches: usize,
+    pub when_full: WhenFull,
+    /// The writer is stuck when a batch has been retried this long: the
+    /// watchdog stops so systemd can restart (and the spool takes over).
+    #[serde(with = "humantime_serde")]
+    pub stale_after: Duration,
+    /// Counters are written to `nbpy_pipeline` this often.
+    #[serde(with = "humantime_serde")]
+    pub stats_interval: Duration,
+}
+
+impl Default for SubscriberConfig {
+    fn default() -> Self {
+        SubscriberConfig {
+            connect: Vec::new(),
+            topics: vec![String::new()],
+            codec: Codec::V1,
+            queue_batches: 256,
+            when_full: WhenFull::Block,
+            stale_after: Duration::from_secs(120),
+            stats_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Where the effective configuration came from, for messages.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub config: Config,
+    pub file: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {0} does not exist")]
+    Missing(PathBuf),
+    #[error("{0}")]
+    Parse(Box<figment::Error>),
+    #[error("invalid configuration{}: {}", .file.as_ref().map(|f| format!(" ({})", f.display())).unwrap_or_default(), .problems.join("; "))]
+    Invalid {
+        file: Option<PathBuf>,
+        problems: Vec<String>,
+    },
+}
+
+/// Which file to read: explicit, `$NBPY_CONFIG`, or the system default when present.
+pub fn resolve_file(explicit: Option<&Path>) -> Result<Option<PathBuf>, ConfigError> {
+    let chosen = explicit
+        .map(Path::to_path_buf)
+        .or_else(|| std::env::var_os("NBPY_CONFIG").map(PathBuf::from));
+    match chosen {
+        Some(p) if p.exists() => Ok(Some(p)),
+        Some(p) => Err(ConfigError::Missing(p)),
+        None => Ok(Some(PathBuf::from(DEFAULT_FILE)).filter(|p| p.exists())),
+    }
+}
+
+pub fn figment(file: Option<&Path>) -> Figment {
+    let mut fig = Figment::from(Serialized::defaults(Config::default()));
+    if let Some(f) = file {
+        fig = fig.merge(Toml::file_exact(f));
+    }
+    fig.merge(Env::prefixed("NBPY_").ignore(&["config"]).split("__"))
+}
+
+/// Loads, layers and validates the configuration.
+pub fn load(explicit: Option<&Path>) -> Result<Loaded, ConfigError> {
+    let file = resolve_file(explicit)?;
+    let mut config: Config = figment(file.as_deref())
+        .extract()
+        .map_err(|e| ConfigError::Parse(Box::new(e)))?;
+    if let Some(dir) = std::env::var_os("STATE_DIRECTORY") {
+        // systemd may pass several, colon-separated; the first is ours.
+        let first = dir.to_string_lossy().split(':').next().unwrap_or("").to_string();
+        if !first.is_empty() {
+            config.state_dir = PathBuf::from(first);
+        }
+    }
+    let problems = config.problems();
+    if !problems.is_empty() {
+        return Err(ConfigError::Invalid { file, problems });
+    }
+    Ok(Loaded { config, file })
+}
+
+impl Config {
+    /// Everything wrong with the configuration, each naming its key.
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        if let Err(e) = reqwest::Url::parse(&self.influxdb.url) {
+            p.push(format!(
+                "influxdb.url = {:?}: {e} (expected e.g. http://127.0.0.1:8086)",
+                self.influxdb.url
+            ));
+        }
+        if self.influxdb.database.is_empty() {
+            p.push("influxdb.database must not be empty".into());
+        }
+        if !(1..=1_000_000).contains(&self.influxdb.batch_size) {
+            p.push(format!(
+                "influxdb.batch_size = {}: allowed 1..=1000000",
+                self.influxdb.batch_size
+            ));
+        }
+        if !(1..=64).contains(&self.influxdb.concurrency) {
+            p.push(format!(
+                "influxdb.concurrency = {}: allowed 1..=64",
+                self.influxdb.concurrency
+            ));
+        }
+        if self.influxdb.retry_min.is_zero() || self.influxdb.retry_min > self.influxdb.retry_max {
+            p.push("influxdb.retry_min must be > 0 and <= influxdb.retry_max".into());
+        }
+        let mut seen: BTreeMap<String, &str> = BTreeMap::new();
+        for (name, publ) in &self.publishers {
+            if !valid_name(name) {
+                p.push(format!(
+                    "publishers.{name}: names may use a-z, 0-9, '-' and '_' only (they become unit instance names)"
+                ));
+            }
+            let ep = publ.endpoint();
+            if let Err(e) = crate::bus::check_endpoint(&ep) {
+                p.push(format!("publishers.{name}.endpoint = {ep:?}: {e}"));
+            }
+            if let Some(other) = seen.insert(ep.clone(), name) {
+                p.push(format!(
+                    "publishers.{name}.endpoint = {ep:?} is already used by publishers.{other}"
+                ));
+            }
+            if !publ.rate.is_finite() || publ.rate < 0.0 {
+                p.push(format!(
+                    "publishers.{name}.rate = {}: allowed 0 (flat out) or a positive number of messages/s",
+                    publ.rate
+                ));
+            }
+            if publ.queue == 0 {
+                p.push(format!("publishers.{name}.queue must be at least 1"));
+            }
+            p.extend(
+                crate::feeds::check(publ)
+                    .into_iter()
+                    .map(|e| format!("publishers.{name}: {e}")),
+            );
+        }
+        for (name, sub) in &self.subscribers {
+            if !valid_name(name) {
+                p.push(format!(
+                    "subscribers.{name}: names may use a-z, 0-9, '-' and '_' only"
+                ));
+            }
+            if sub.connect.is_empty() {
+                p.push(format!(
+                    "subscribers.{name}.connect is empty: list at least one endpoint, e.g. [\"tcp://127.0.0.1:5558\"]"
+                ));
+            }
+            for ep in &sub.connect {
+                if let Err(e) = crate::bus::check_endpoint(ep) {
+                    p.push(format!("subscribers.{name}.connect: {ep:?}: {e}"));
+                }
+            }
+            if sub.queue_batches == 0 {
+                p.push(format!("subscribers.{name}.queue_batches must be at least 1"));
+            }
+        }
+        p
+    }
+
+    pub fn publisher(&self, name: &str) -> Result<&PublisherConfig, String> {
+        self.publishers.get(name).ok_or_else(|| {
+            format!(
+                "no publisher named {name:?}; configured: {}",
+                list(self.publishers.keys())
+            )
+        })
+    }
+
+    pub fn subscriber(&self, name: &str) -> Result<&SubscriberConfig, String> {
+        self.subscribers.get(name).ok_or_else(|| {
+            format!(
+                "no subscriber named {name:?}; configured: {}",
+                list(self.subscribers.keys())
+            )
+        })
+    }
+
+    /// The configuration as TOML with URL credentials redacted.
+    pub fn to_redacted_toml(&self) -> String {
+        let mut c = self.clone();
+        c.influxdb.url = redact_url(&c.influxdb.url);
+        if let Some(u) = &c.grafana.url {
+            c.grafana.url = Some(redact_url(u));
+        }
+        for p in c.publishers.values_mut() {
+            if let Some(u) = &p.url {
+                p.url = Some(redact_url(u));
+            }
+        }
+        toml::to_string_pretty(&c).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+fn list<'a>(names: impl Iterator<Item = &'a String>) -> String {
+    let v: Vec<&str> = names.map(String::as_str).collect();
+    if v.is_empty() {
+        "none".into()
+    } else {
+        v.join(", ")
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+/// `http://user:secret@host` → `http://user:***@host`.
+pub fn redact_url(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// Reads a secret from a file, trimming one trailing newline. A relative
+/// name is looked up in `$CREDENTIALS_DIRECTORY` first (systemd
+/// `LoadCredential=`), so units can say `password_file = "influxdb-password"`.
+pub fn read_secret(path: &Path) -> Result<String, SecretError> {
+    let resolved = if path.is_relative() {
+        std::env::var_os("CREDENTIALS_DIRECTORY")
+            .map(|d| PathBuf::from(d).join(path))
+            .filter(|p| p.exists())
+            .unwrap_or_else(|| path.to_path_buf())
+    } else {
+        path.to_path_buf()
+    };
+    let text = std::fs::read_to_string(&resolved).map_err(|e| SecretError {
+        path: resolved.clone(),
+        error: e,
+    })?;
+    Ok(text.trim_end_matches(['\n', '\r']).to_string())
+}
+
+#[derive(Debug)]
+pub struct SecretError {
+    pub path: PathBuf,
+    pub error: std::io::Error,
+}
+
+impl fmt::Display for SecretError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "cannot read secret file {}: {}", self.path.display(), self.error)
+    }
+}
+
+impl std::error::Error for SecretError {}

@@ -1,0 +1,187 @@
+//! Upstream feeds. Each turns a venue's protocol into [`Envelope`]s and hands
+//! them to a [`FeedSender`], which stamps the publisher's sequence numbers.
+//!
+//! Sequence numbers are assigned when a message enters the publisher, not
+//! when it leaves: a message a live feed has to drop (the bus is backed up)
+//! has already consumed its number, so every subscriber sees the loss as a
+//! gap instead of never learning of it.
+
+pub mod betfair;
+pub mod kraken;
+pub mod oanda;
+pub mod replay;
+pub mod social;
+pub mod synthetic;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::PublisherConfig;
+use crate::exit::Failure;
+use crate::service::Liveness;
+use crate::wire::Envelope;
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum FeedKind {
+    #[default]
+    Synthetic,
+    KrakenTick,
+    KrakenDepth,
+    KrakenOrders,
+    OandaTick,
+    BetfairStream,
+    Social,
+    Replay,
+}
+
+impl FeedKind {
+    /// Ports from DESIGN.md; every feed has its own so defaults never collide.
+    pub fn default_port(self) -> u16 {
+        match self {
+            FeedKind::KrakenTick => 5558,
+            FeedKind::KrakenDepth => 5560,
+            FeedKind::KrakenOrders => 5561,
+            FeedKind::OandaTick => 5562,
+            FeedKind::BetfairStream => 5564,
+            FeedKind::Social => 5565,
+            FeedKind::Synthetic => 5570,
+            FeedKind::Replay => 5571,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            FeedKind::Synthetic => "synthetic",
+            FeedKind::KrakenTick => "kraken-tick",
+            FeedKind::KrakenDepth => "kraken-depth",
+            FeedKind::KrakenOrders => "kraken-orders",
+            FeedKind::OandaTick => "oanda-tick",
+            FeedKind::BetfairStream => "betfair-stream",
+            FeedKind::Social => "social",
+            FeedKind::Replay => "replay",
+        }
+    }
+
+    /// Feeds that replay or generate may wait for the bus instead of dropping.
+    pub fn is_lossless_source(self) -> bool {
+        matches!(self, FeedKind::Synthetic | FeedKind::Replay)
+    }
+}
+
+/// Feed-specific configuration problems.
+pub fn check(cfg: &PublisherConfig) -> Vec<String> {
+    match cfg.feed {
+        FeedKind::Replay if cfg.file.is_none() => {
+            vec!["feed = \"replay\" needs file = \"path/to/envelopes.jsonl\"".into()]
+        }
+        FeedKind::OandaTick => oanda::check(cfg),
+        FeedKind::BetfairStream => betfair::check(cfg),
+        FeedKind::Social => social::check(cfg),
+        FeedKind::KrakenTick | FeedKind::KrakenDepth | FeedKind::KrakenOrders => kraken::check(cfg),
+        _ => Vec::new(),
+    }
+}
+
+/// Counters a feed shares with its publisher.
+#[derive(Default, Debug)]
+pub struct FeedStats {
+    /// Messages stamped with a sequence number.
+    pub accepted: AtomicU64,
+    /// Messages dropped because the bus was backed up (each is a seq gap).
+    pub dropped: AtomicU64,
+    /// Upstream frames that could not be understood.
+    pub malformed: AtomicU64,
+    /// Upstream (re)connections.
+    pub connects: AtomicU64,
+}
+
+/// Stamps and queues a feed's messages for the publisher socket.
+#[derive(Clone)]
+pub struct FeedSender {
+    tx: mpsc::Sender<Envelope<'static>>,
+    publisher: Arc<str>,
+    epoch: u64,
+    seq: Arc<AtomicU64>,
+    pub stats: Arc<FeedStats>,
+    liveness: Arc<Liveness>,
+}
+
+impl FeedSender {
+    pub fn new(
+        tx: mpsc::Sender<Envelope<'static>>,
+        publisher: &str,
+        epoch: u64,
+        stats: Arc<FeedStats>,
+        liveness: Arc<Liveness>,
+    ) -> Self {
+        FeedSender {
+            tx,
+            publisher: publisher.into(),
+            epoch,
+            seq: Arc::new(AtomicU64::new(0)),
+            stats,
+            liveness,
+        }
+    }
+
+    fn stamp(&self, env: &mut Envelope<'static>) {
+        env.publisher = std::borrow::Cow::Owned(self.publisher.to_string());
+        env.epoch = self.epoch;
+        env.seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
+        self.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        self.liveness.data();
+    }
+
+    /// Waits for room: for generated and replayed data, which can wait.
+    /// Returns false once the publisher has gone away.
+    pub async fn send(&self, mut env: Envelope<'static>) -> bool {
+        self.stamp(&mut env);
+        self.tx.send(env).await.is_ok()
+    }
+
+    /// Never waits: for live venues, whose socket must keep being read. A
+    /// full queue drops the message after it took a number, so it is a gap
+    /// downstream and a `dropped` count here.
+    pub fn offer(&self, mut env: Envelope<'static>) -> bool {
+        self.stamp(&mut env);
+        match self.tx.try_send(env) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// The feed is alive but has nothing to say (a heartbeat arrived).
+    pub fn alive(&self) {
+        self.liveness.data();
+    }
+}
+
+/// What a feed gets to run with.
+pub struct FeedContext {
+    pub name: String,
+    pub cfg: PublisherConfig,
+    pub out: FeedSender,
+    pub shutdown: CancellationToken,
+}
+
+/// Runs the configured feed until it ends (count reached, file replayed) or
+/// `shutdown` fires.
+pub async fn run(ctx: FeedContext) -> Result<(), Failure> {
+    match ctx.cfg.feed {
+        FeedKind::Synthetic => synthetic::run(ctx).await,
+        FeedKind::Replay => replay::run(ctx).await,
+        FeedKind::KrakenTick | FeedKind::KrakenDepth | FeedKind::KrakenOrders => kraken::run(ctx).await,
+        FeedKind::OandaTick => oanda::run(ctx).await,
+        FeedKind::BetfairStream => betfair::run(ctx).await,
+        FeedKind::Social => social::run(ctx).await,
+    }
+}

@@ -1,0 +1,33 @@
+//! nbpy: a market-data appliance.
+//!
+//! Publishers pull prices from venues (or the built-in synthetic feed) and put
+//! them on ZeroMQ as [`wire`] envelopes carrying per-publisher sequence numbers.
+//! Subscribers decode them, account for every message (gaps are counted, not
+//! guessed), map them through the one [`schema`] to InfluxDB line protocol and
+//! write them in batches through the [`sink`]. Every long-running binary uses
+//! [`service`] for systemd readiness, watchdog, signals and logging, so a stop
+//! drains instead of dropping.
+//!
+//! Modules:
+//! - [`config`]: figment layering (defaults < file < `NBPY_*`), validation.
+//! - [`wire`]: envelope v1 and the legacy single-frame text codec.
+//! - [`schema`]: the measurements, their tags, fields and retention policy.
+//! - [`feeds`]: one module per upstream; [`feeds::synthetic`] is the default.
+//! - [`bus`]: ZeroMQ publisher and subscriber sockets, gap accounting.
+//! - [`publisher`] / [`subscriber`]: the two long-running roles.
+//! - [`sink`]: line protocol, batching, InfluxDB client.
+//! - [`service`]: sd_notify, watchdog, signals, logging.
+//! - [`exit`]: sysexits-style exit codes and the error type that carries them.
+
+pub mod bus;
+pub mod cli;
+pub mod commands;
+pub mod config;
+pub mod exit;
+pub mod feeds;
+pub mod publisher;
+pub mod schema;
+pub mod service;
+pub mod sink;
+pub mod subscriber;
+pub mod wire;

@@ -1,0 +1,124 @@
+//! The publisher role: one feed, one bound socket.
+//!
+//! Its feed runs as a separate task feeding a bounded queue; this loop moves
+//! queued messages to the socket and keeps the service contract (READY once
+//! bound, STATUS each second, liveness for the watchdog). On a stop the feed
+//! is stopped first and every message it had already handed over is sent.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use crate::bus::{self, BusPublisher};
+use crate::config::Config;
+use crate::exit::{Failure, UNAVAILABLE};
+use crate::feeds::{self, FeedContext, FeedSender, FeedStats};
+use crate::service::Service;
+use crate::sink::RateLimitedLog;
+use crate::wire::{now_ns, Envelope};
+
+pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
+    let pcfg = cfg.publisher(name).map_err(|e| Failure::config(anyhow::anyhow!(e)))?.clone();
+    let (tx, mut rx) = mpsc::channel::<Envelope<'static>>(pcfg.queue);
+    let queued = {
+        let weak = tx.downgrade();
+        move || weak.upgrade().map(|t| t.max_capacity() - t.capacity()).unwrap_or(0)
+    };
+    let svc = Service::start(name, pcfg.stale_after, move || format!("{} queued messages", queued()));
+    let endpoint = pcfg.endpoint();
+    let mut bus = BusPublisher::bind(&endpoint).await.map_err(|e| {
+        Failure::new(
+            UNAVAILABLE,
+            anyhow::anyhow!("publisher {name}: cannot bind {endpoint}: {e} (is another process using the port?)"),
+        )
+    })?;
+    let epoch = now_ns() as u64;
+    let stats = Arc::new(FeedStats::default());
+    let sender = FeedSender::new(tx, name, epoch, stats.clone(), svc.liveness.clone());
+    let feed_stop = svc.shutdown.child_token();
+    let mut feed = tokio::spawn(feeds::run(FeedContext {
+        name: name.to_string(),
+        cfg: pcfg.clone(),
+        out: sender,
+        shutdown: feed_stop.clone(),
+    }));
+    let want = pcfg.wait_for_subscribers;
+    svc.liveness.set_idle(want > 0);
+    svc.ready(&format!("bound {}, feed {}", bus.endpoint, pcfg.feed.name()));
+    tracing::info!("publisher {name}: {} on {} (epoch {epoch})", pcfg.feed.name(), bus.endpoint);
+
+    let mut published = 0u64;
+    let mut errors = RateLimitedLog::new(Duration::from_secs(5));
+    let mut buf = Vec::with_capacity(1024);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut last = (Instant::now(), 0u64);
+    let mut feed_result: Option<Result<(), Failure>> = None;
+    loop {
+        let sending = bus.subscriptions() >= want;
+        tokio::select! {
+            biased;
+            _ = svc.shutdown.cancelled(), if !feed_stop.is_cancelled() => {
+                feed_stop.cancel();
+            }
+            _ = svc.shutdown.cancelled(), if !sending => {
+                tracing::info!("publisher {name}: stopping before any subscriber arrived");
+                break;
+            }
+            r = &mut feed, if feed_result.is_none() => {
+                feed_result = Some(r.unwrap_or_else(|e| Err(Failure::from(anyhow::anyhow!("feed task: {e}")))));
+                // The queue closes once the feed's sender is gone; what is in
+                // it still goes out below.
+            }
+            r = bus.next_subscription() => {
+                if let Err(e) = r {
+                    errors.warn(|| format!("subscription frame: {e}"));
+                }
+                if bus.subscriptions() >= want && want > 0 {
+                    tracing::info!("publisher {name}: {} subscription(s), sending", bus.subscriptions());
+                    svc.liveness.set_idle(false);
+                }
+            }
+            env = rx.recv(), if sending => {
+                let Some(env) = env else { break };
+                send(&mut bus, &env, pcfg.codec, &mut buf, &mut errors).await;
+                published += 1;
+                // Drain a burst without going back through select.
+                while let Ok(env) = rx.try_recv() {
+                    send(&mut bus, &env, pcfg.codec, &mut buf, &mut errors).await;
+                    published += 1;
+                    if published % 1024 == 0 { break; }
+                }
+            }
+            _ = tick.tick() => {
+                svc.liveness.beat();
+                let (t, n) = last;
+                let rate = (published - n) as f64 / t.elapsed().as_secs_f64().max(1e-3);
+                last = (Instant::now(), published);
+                svc.status(&format!(
+                    "{} on {}: {published} sent, {rate:.0} msg/s, {} subscription(s), {} dropped",
+                    pcfg.feed.name(), bus.endpoint, bus.subscriptions(), stats.dropped.load(Ordering::Relaxed)
+                ));
+            }
+        }
+    }
+    let dropped = stats.dropped.load(Ordering::Relaxed);
+    svc.stopping(&format!("sent {published}"));
+    tracing::info!("publisher {name}: sent {published} messages, dropped {dropped}, stopping");
+    match feed_result {
+        Some(Err(f)) => Err(f),
+        _ => Ok(()),
+    }
+}
+
+async fn send(bus: &mut BusPublisher, env: &Envelope<'_>, codec: crate::config::Codec, buf: &mut Vec<u8>, errors: &mut RateLimitedLog) {
+    match bus::encode(env, codec, buf) {
+        Ok(msg) => {
+            if let Err(e) = bus.send(msg).await {
+                errors.warn(|| format!("send failed: {e}"));
+            }
+        }
+        Err(e) => errors.warn(|| format!("cannot encode message seq {}: {e}", env.seq)),
+    }
+}

@@ -1,0 +1,301 @@
+//! The service contract every long-running binary keeps: readiness, status,
+//! an honest watchdog, signal-driven draining stops, and logging that goes
+//! to the journal when stderr is the journal.
+//!
+//! Notifications are sent by hand on a datagram socket rather than through
+//! `sd_notify::notify`, because that crate cannot reach an abstract-namespace
+//! `NOTIFY_SOCKET` (`@name`), which containers and test harnesses use;
+//! the crate still formats the states and reads `WATCHDOG_USEC`/`WATCHDOG_PID`.
+
+use std::io;
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr, UnixDatagram};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sd_notify::NotifyState;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::LogFormat;
+
+/// A connected datagram socket to the service manager, if there is one.
+pub struct Notifier {
+    socket: Option<UnixDatagram>,
+}
+
+impl Notifier {
+    /// From `$NOTIFY_SOCKET`: a path, or `@name` for the abstract namespace.
+    pub fn from_env() -> io::Result<Self> {
+        match std::env::var_os("NOTIFY_SOCKET") {
+            None => Ok(Notifier { socket: None }),
+            Some(raw) => {
+                let raw = raw.to_string_lossy().into_owned();
+                let addr = match raw.strip_prefix('@') {
+                    Some(name) => SocketAddr::from_abstract_name(name.as_bytes())?,
+                    None => SocketAddr::from_pathname(&raw)?,
+                };
+                let socket = UnixDatagram::unbound()?;
+                socket.connect_addr(&addr)?;
+                Ok(Notifier {
+                    socket: Some(socket),
+                })
+            }
+        }
+    }
+
+    pub fn disabled() -> Self {
+        Notifier { socket: None }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.socket.is_some()
+    }
+
+    pub fn notify(&self, states: &[NotifyState<'_>]) {
+        let Some(sock) = &self.socket else { return };
+        let mut msg = String::new();
+        for s in states {
+            msg.push_str(&s.to_string());
+            msg.push('\n');
+        }
+        if let Err(e) = sock.send(msg.as_bytes()) {
+            tracing::debug!("sd_notify send failed: {e}");
+        }
+    }
+}
+
+/// What the watchdog looks at before it pings: the main loop beats, and data
+/// flows (or the feed is legitimately idle).
+pub struct Liveness {
+    start: Instant,
+    beat_ms: AtomicU64,
+    data_ms: AtomicU64,
+    idle_ok: AtomicBool,
+    stale_after: Duration,
+}
+
+impl Liveness {
+    pub fn new(stale_after: Duration) -> Self {
+        Liveness {
+            start: Instant::now(),
+            beat_ms: AtomicU64::new(0),
+            data_ms: AtomicU64::new(0),
+            idle_ok: AtomicBool::new(false),
+            stale_after,
+        }
+    }
+    fn now_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+    /// The main loop is alive.
+    pub fn beat(&self) {
+        self.beat_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+    /// Data moved.
+    pub fn data(&self) {
+        let now = self.now_ms();
+        self.beat_ms.store(now, Ordering::Relaxed);
+        self.data_ms.store(now, Ordering::Relaxed);
+    }
+    /// No data is expected (count reached, market closed): not stale.
+    pub fn set_idle(&self, idle: bool) {
+        self.idle_ok.store(idle, Ordering::Relaxed);
+    }
+    /// Why the service should not be considered alive, if it should not.
+    pub fn problem(&self, hung_after: Duration) -> Option<String> {
+        let now = self.now_ms();
+        let beat = now.saturating_sub(self.beat_ms.load(Ordering::Relaxed));
+        if beat > hung_after.as_millis() as u64 {
+            return Some(format!("main loop silent for {} ms", beat));
+        }
+        let data = now.saturating_sub(self.data_ms.load(Ordering::Relaxed));
+        if !self.idle_ok.load(Ordering::Relaxed) && data > self.stale_after.as_millis() as u64 {
+            return Some(format!(
+                "no data for {} ms (stale_after = {} ms)",
+                data,
+                self.stale_after.as_millis()
+            ));
+        }
+        None
+    }
+}
+
+/// One per process: notifications, the shutdown token, liveness.
+pub struct Service {
+    pub name: String,
+    notifier: Notifier,
+    pub shutdown: CancellationToken,
+    pub liveness: Arc<Liveness>,
+    ready: AtomicBool,
+}
+
+impl Service {
+    /// Sets up notifications, the signal handler and the watchdog task. Call
+    /// inside the tokio runtime. `abandoned` describes, at a second signal,
+    /// what an immediate exit leaves behind.
+    pub fn start(
+        name: impl Into<String>,
+        stale_after: Duration,
+        abandoned: impl Fn() -> String + Send + Sync + 'static,
+    ) -> Arc<Self> {
+        let notifier = Notifier::from_env().unwrap_or_else(|e| {
+            tracing::warn!("NOTIFY_SOCKET unusable ({e}); running without sd_notify");
+            Notifier::disabled()
+        });
+        let svc = Arc::new(Service {
+            name: name.into(),
+            notifier,
+            shutdown: CancellationToken::new(),
+            liveness: Arc::new(Liveness::new(stale_after)),
+            ready: AtomicBool::new(false),
+        });
+        svc.liveness.beat();
+        svc.liveness.data();
+        spawn_signals(svc.clone(), Box::new(abandoned));
+        if let Some(period) = sd_notify::watchdog_enabled() {
+            spawn_watchdog(svc.clone(), period);
+        }
+        svc
+    }
+
+    pub fn ready(&self, status: &str) {
+        if !self.ready.swap(true, Ordering::SeqCst) {
+            tracing::info!("{}: ready: {status}", self.name);
+        }
+        self.notifier
+            .notify(&[NotifyState::Ready, NotifyState::Status(status)]);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+
+    pub fn status(&self, status: &str) {
+        self.notifier.notify(&[NotifyState::Status(status)]);
+    }
+
+    pub fn stopping(&self, status: &str) {
+        self.notifier
+            .notify(&[NotifyState::Stopping, NotifyState::Status(status)]);
+    }
+}
+
+fn spawn_signals(svc: Arc<Service>, abandoned: Box<dyn Fn() -> String + Send + Sync>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    tokio::spawn(async move {
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            tracing::error!("cannot install signal handlers");
+            return;
+        };
+        let which = tokio::select! { _ = term.recv() => "SIGTERM", _ = int.recv() => "SIGINT" };
+        tracing::info!("{which}: stopping intake and draining (a second signal exits at once)");
+        svc.stopping("draining");
+        svc.shutdown.cancel();
+        let which = tokio::select! { _ = term.recv() => "SIGTERM", _ = int.recv() => "SIGINT" };
+        let left = abandoned();
+        tracing::error!("second {which}: exiting now, abandoning {left}");
+        eprintln!("second {which}: exiting now, abandoning {left}");
+        std::process::exit(crate::exit::TEMPFAIL);
+    });
+}
+
+fn spawn_watchdog(svc: Arc<Service>, period: Duration) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period / 2);
+        let mut withheld = false;
+        loop {
+            tick.tick().await;
+            match svc.liveness.problem(period) {
+                None => {
+                    if withheld {
+                        tracing::info!("watchdog: healthy again");
+                        withheld = false;
+                    }
+                    svc.notifier.notify(&[NotifyState::Watchdog]);
+                }
+                Some(why) => {
+                    if !withheld {
+                        tracing::warn!("watchdog: withholding pings: {why}");
+                        withheld = true;
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// Is stderr the journal? `$JOURNAL_STREAM` is `device:inode` of the stream
+/// systemd connected; it is inherited by children whose stderr may be
+/// elsewhere, so it only counts when it matches stderr itself.
+pub fn journal_stream_matches(journal_stream: Option<&str>, stderr_dev: u64, stderr_ino: u64) -> bool {
+    let Some((dev, ino)) = journal_stream.and_then(|s| s.split_once(':')) else {
+        return false;
+    };
+    matches!((dev.parse::<u64>(), ino.parse::<u64>()), (Ok(d), Ok(i)) if d == stderr_dev && i == stderr_ino)
+}
+
+fn stderr_is_journal() -> bool {
+    let Ok(st) = nix::sys::stat::fstat(2) else { return false };
+    journal_stream_matches(
+        std::env::var("JOURNAL_STREAM").ok().as_deref(),
+        st.st_dev,
+        st.st_ino,
+    )
+}
+
+/// Installs the global subscriber. `RUST_LOG` overrides `level`.
+pub fn init_logging(format: LogFormat, level: &str) {
+    use tracing_subscriber::prelude::*;
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let want_journal = match format {
+        LogFormat::Journald => true,
+        LogFormat::Auto => stderr_is_journal(),
+        _ => false,
+    };
+    let registry = tracing_subscriber::registry().with(filter);
+    if want_journal {
+        if let Ok(layer) = tracing_journald::layer() {
+            let _ = registry.with(layer).try_init();
+            return;
+        }
+    }
+    if format == LogFormat::Json {
+        let _ = registry
+            .with(tracing_subscriber::fmt::layer().json().with_writer(io::stderr))
+            .try_init();
+    } else {
+        let _ = registry
+            .with(tracing_subscriber::fmt::layer().with_writer(io::stderr))
+            .try_init();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn journal_stream_must_match_stderr() {
+        assert!(journal_stream_matches(Some("8:1234"), 8, 1234));
+        assert!(!journal_stream_matches(Some("8:1234"), 8, 1235));
+        assert!(!journal_stream_matches(Some("garbage"), 8, 1234));
+        assert!(!journal_stream_matches(None, 8, 1234));
+    }
+
+    #[test]
+    fn liveness_goes_stale_and_idle_excuses_it() {
+        let l = Liveness::new(Duration::from_millis(0));
+        l.data();
+        std::thread::sleep(Duration::from_millis(5));
+        l.beat();
+        assert!(l.problem(Duration::from_secs(10)).unwrap().contains("no data"));
+        l.set_idle(true);
+        assert_eq!(l.problem(Duration::from_secs(10)), None);
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(l.problem(Duration::from_millis(1)).unwrap().contains("main loop"));
+    }
+}

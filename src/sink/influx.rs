@@ -1,0 +1,226 @@
+//! A small InfluxDB 1.x HTTP client: `/ping`, `/write` and `/query`.
+//!
+//! Write failures are classified by what the caller should do about them,
+//! because "retry", "split and retry", and "stop and tell a human" are
+//! different code paths, and mixing them up is how data gets lost.
+
+use std::io::Write;
+use std::time::Duration;
+
+use flate2::write::GzEncoder;
+use flate2::Compression;
+
+use crate::config::{read_secret, InfluxConfig};
+use crate::exit::Failure;
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+pub enum WriteError {
+    /// Connection refused/reset, timeout, 5xx: retry with backoff.
+    #[error("InfluxDB unavailable: {0}")]
+    Transient(String),
+    /// 400: some points were refused (field-type conflict, bad line); the
+    /// rest were stored. Carries InfluxDB's message.
+    #[error("InfluxDB refused points: {0}")]
+    Rejected(String),
+    /// 413: the request is too large; split it.
+    #[error("request too large for InfluxDB")]
+    TooLarge,
+    /// 401/403: credentials. Retrying will not help until a human acts.
+    #[error("InfluxDB denied access ({0}); check influxdb.username / password_file")]
+    Auth(String),
+    /// Database or retention policy missing (phase 2 has not run).
+    #[error("InfluxDB: {0} (run `nbpy schema apply`)")]
+    Missing(String),
+}
+
+impl WriteError {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, WriteError::Transient(_))
+    }
+}
+
+#[derive(Clone)]
+pub struct InfluxClient {
+    http: reqwest::Client,
+    base: reqwest::Url,
+    database: String,
+    auth: Option<(String, String)>,
+    gzip: bool,
+}
+
+impl InfluxClient {
+    pub fn new(cfg: &InfluxConfig) -> Result<Self, Failure> {
+        let base = reqwest::Url::parse(&cfg.url)
+            .map_err(|e| Failure::config(anyhow::anyhow!("influxdb.url {:?}: {e}", cfg.url)))?;
+        let auth = match (&cfg.username, &cfg.password_file) {
+            (Some(u), Some(p)) => Some((
+                u.clone(),
+                read_secret(p).map_err(|e| Failure::new(crate::exit::NOPERM, e))?,
+            )),
+            (Some(u), None) => Some((u.clone(), String::new())),
+            _ => None,
+        };
+        let http = reqwest::Client::builder()
+            .timeout(cfg.timeout)
+            .connect_timeout(Duration::from_secs(3))
+            .pool_max_idle_per_host(cfg.concurrency.max(1) * 2)
+            .build()
+            .map_err(|e| Failure::new(crate::exit::SOFTWARE, e))?;
+        Ok(InfluxClient {
+            http,
+            base,
+            database: cfg.database.clone(),
+            auth,
+            gzip: cfg.gzip,
+        })
+    }
+
+    pub fn url(&self) -> &reqwest::Url {
+        &self.base
+    }
+
+    pub fn database(&self) -> &str {
+        &self.database
+    }
+
+    fn endpoint(&self, path: &str) -> reqwest::Url {
+        let mut u = self.base.clone();
+        let joined = format!("{}/{}", u.path().trim_end_matches('/'), path);
+        u.set_path(&joined);
+        u
+    }
+
+    fn with_auth(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.auth {
+            Some((u, p)) => req.basic_auth(u, Some(p)),
+            None => req,
+        }
+    }
+
+    /// `/ping`: is the server answering?
+    pub async fn ping(&self) -> Result<(), WriteError> {
+        let r = self
+            .http
+            .get(self.endpoint("ping"))
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            .map_err(|e| WriteError::Transient(describe(&e)))?;
+        if r.status().is_success() {
+            Ok(())
+        } else {
+            Err(WriteError::Transient(format!("/ping answered {}", r.status())))
+        }
+    }
+
+    /// Gzips (when configured) and writes newline-separated points.
+    pub async fn write(&self, rp: &str, lines: &[u8]) -> Result<(), WriteError> {
+        let mut url = self.endpoint("write");
+        url.query_pairs_mut()
+            .append_pair("db", &self.database)
+            .append_pair("precision", "ns");
+        if !rp.is_empty() {
+            url.query_pairs_mut().append_pair("rp", rp);
+        }
+        let mut req = self.with_auth(self.http.post(url));
+        let body = if self.gzip {
+            req = req.header("Content-Encoding", "gzip");
+            let mut gz = GzEncoder::new(Vec::with_capacity(lines.len() / 4), Compression::fast());
+            gz.write_all(lines)
+                .and_then(|_| gz.finish())
+                .map_err(|e| WriteError::Transient(format!("gzip: {e}")))?
+        } else {
+            lines.to_vec()
+        };
+        let r = req
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| WriteError::Transient(describe(&e)))?;
+        let status = r.status().as_u16();
+        if (200..300).contains(&status) {
+            return Ok(());
+        }
+        let text = r.text().await.unwrap_or_default();
+        let msg = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
+            .unwrap_or(text);
+        Err(classify(status, msg))
+    }
+
+    /// Runs an InfluxQL statement; returns the JSON result.
+    pub async fn query(&self, q: &str) -> Result<serde_json::Value, WriteError> {
+        let mut url = self.endpoint("query");
+        url.query_pairs_mut().append_pair("db", &self.database);
+        let r = self
+            .with_auth(self.http.post(url))
+            .form(&[("q", q)])
+            .send()
+            .await
+            .map_err(|e| WriteError::Transient(describe(&e)))?;
+        let status = r.status().as_u16();
+        let v: serde_json::Value = r
+            .json()
+            .await
+            .map_err(|e| WriteError::Transient(format!("query answer: {e}")))?;
+        if !(200..300).contains(&status) {
+            let msg = v.get("error").and_then(|e| e.as_str()).unwrap_or("").to_string();
+            return Err(classify(status, msg));
+        }
+        if let Some(err) = v
+            .pointer("/results/0/error")
+            .and_then(|e| e.as_str())
+        {
+            return Err(WriteError::Rejected(err.to_string()));
+        }
+        Ok(v)
+    }
+
+    /// The single number a `SELECT count(..)`-style query returns (0 when empty).
+    pub async fn query_number(&self, q: &str) -> Result<f64, WriteError> {
+        let v = self.query(q).await?;
+        Ok(v.pointer("/results/0/series/0/values/0/1")
+            .and_then(|x| x.as_f64())
+            .unwrap_or(0.0))
+    }
+}
+
+pub fn classify(status: u16, msg: String) -> WriteError {
+    let lower = msg.to_ascii_lowercase();
+    match status {
+        401 | 403 => WriteError::Auth(format!("{status} {msg}")),
+        413 => WriteError::TooLarge,
+        _ if lower.contains("database not found") || lower.contains("retention policy not found") => {
+            WriteError::Missing(msg)
+        }
+        400 => WriteError::Rejected(msg),
+        404 => WriteError::Missing(msg),
+        _ => WriteError::Transient(format!("{status} {msg}")),
+    }
+}
+
+fn describe(e: &reqwest::Error) -> String {
+    if e.is_timeout() {
+        format!("timeout: {e}")
+    } else if e.is_connect() {
+        format!("cannot connect: {e}")
+    } else {
+        e.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_by_what_to_do() {
+        assert!(matches!(classify(401, "".into()), WriteError::Auth(_)));
+        assert!(matches!(classify(413, "".into()), WriteError::TooLarge));
+        assert!(matches!(classify(404, "database not found: \"tick\"".into()), WriteError::Missing(_)));
+        assert!(matches!(classify(500, "retention policy not found: x".into()), WriteError::Missing(_)));
+        assert!(matches!(classify(400, "partial write: field type conflict".into()), WriteError::Rejected(_)));
+        assert!(classify(503, "busy".into()).is_transient());
+    }
+}

@@ -1,0 +1,323 @@
+//! The subscriber role: bus in, InfluxDB out, every message accounted for.
+//!
+//! One task per endpoint reads its SUB socket into a bounded channel (so one
+//! silent publisher cannot hold up the others); the intake loop decodes,
+//! counts gaps, maps through the schema into per-RP batches; the writer pool
+//! delivers them. When the writers fall behind, the intake waits, the bus
+//! backs up to the publisher, and nothing that was accepted is dropped.
+//!
+//! On a stop: the sockets close first, every message already received is
+//! still processed, the open batches are flushed, and the writers get until
+//! `service.stop_timeout` to deliver.
+
+use std::borrow::Cow;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use zeromq::{SocketRecv, ZmqMessage};
+
+use crate::bus::{self, GapTracker};
+use crate::config::{Config, SubscriberConfig};
+use crate::exit::{Failure, TEMPFAIL};
+use crate::service::Service;
+use crate::sink::batch::Batcher;
+use crate::sink::influx::InfluxClient;
+use crate::sink::line::LineEncoder;
+use crate::sink::writer::{WriterPool, WriterStats};
+use crate::sink::RateLimitedLog;
+use crate::wire::{now_ns, Envelope, Value};
+
+/// The subscriber's own counters (see also [`WriterStats`]).
+#[derive(Default, Debug)]
+pub struct IntakeStats {
+    pub received: AtomicU64,
+    pub accepted: AtomicU64,
+    pub malformed: AtomicU64,
+    pub gaps: AtomicU64,
+    pub connected: AtomicU64,
+}
+
+pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
+    let scfg = cfg.subscriber(name).map_err(|e| Failure::config(anyhow::anyhow!(e)))?.clone();
+    let client = InfluxClient::new(&cfg.influxdb)?;
+    let dead_letter = cfg.state_dir.join("dead-letter").join(format!("{name}.lp"));
+    let pool = WriterPool::start(client.clone(), &cfg.influxdb, scfg.queue_batches, dead_letter);
+    let wstats = pool.stats.clone();
+    let abandoned = {
+        let w = wstats.clone();
+        move || format!("{} unwritten points", w.pending.load(Ordering::Relaxed))
+    };
+    let svc = Service::start(name, scfg.stale_after, abandoned);
+
+    // Readiness: InfluxDB answers.
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match client.ping().await {
+            Ok(()) => break,
+            Err(e) => {
+                svc.status(&format!("waiting for InfluxDB at {}: {e}", client.url()));
+                tracing::warn!("subscriber {name}: waiting for InfluxDB at {}: {e}", client.url());
+                svc.liveness.beat();
+                tokio::select! {
+                    _ = svc.shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+
+    let intake = Arc::new(IntakeStats::default());
+    let (raw_tx, mut raw_rx) = mpsc::channel::<ZmqMessage>(65_536);
+    let mut readers = Vec::new();
+    for ep in &scfg.connect {
+        readers.push(tokio::spawn(read_endpoint(ep.clone(), scfg.topics.clone(), raw_tx.clone(), intake.clone())));
+    }
+    drop(raw_tx);
+    // Ready once InfluxDB answers and a publisher is connected.
+    while intake.connected.load(Ordering::Relaxed) == 0 {
+        svc.status(&format!("waiting for publishers: {}", scfg.connect.join(", ")));
+        svc.liveness.beat();
+        tokio::select! {
+            _ = svc.shutdown.cancelled() => break,
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+        }
+    }
+    svc.ready(&format!("connected to {}/{} publishers, writing to {}", intake.connected.load(Ordering::Relaxed), scfg.connect.len(), client.url()));
+
+    let mut st = Intake::new(name, &cfg.influxdb, intake.clone());
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let mut last_status = (Instant::now(), 0u64);
+    let mut last_stats = Instant::now();
+    loop {
+        tokio::select! {
+            biased;
+            _ = svc.shutdown.cancelled() => break,
+            m = raw_rx.recv() => {
+                let Some(m) = m else { break };
+                st.process(&m, &pool).await;
+                svc.liveness.data();
+                // Drain a burst without going back through select.
+                for _ in 0..1024 {
+                    match raw_rx.try_recv() {
+                        Ok(m) => st.process(&m, &pool).await,
+                        Err(_) => break,
+                    }
+                }
+            }
+            _ = tick.tick() => {
+                for b in st.batcher.due(false) {
+                    pool.submit(b).await;
+                }
+                beat(&svc, &pool, &scfg);
+                if last_status.0.elapsed() >= Duration::from_secs(1) {
+                    let acc = intake.accepted.load(Ordering::Relaxed);
+                    let rate = (acc - last_status.1) as f64 / last_status.0.elapsed().as_secs_f64();
+                    last_status = (Instant::now(), acc);
+                    svc.status(&status_line(&intake, &wstats, rate, &scfg));
+                }
+                if last_stats.elapsed() >= scfg.stats_interval {
+                    last_stats = Instant::now();
+                    st.pipeline_point(name, &wstats, &pool).await;
+                }
+            }
+        }
+    }
+
+    // Drain: no more reading, but everything received is processed.
+    let t0 = Instant::now();
+    for r in &readers {
+        r.abort();
+    }
+    for r in readers {
+        let _ = r.await;
+    }
+    while let Some(m) = raw_rx.recv().await {
+        st.process(&m, &pool).await;
+    }
+    st.pipeline_point(name, &wstats, &pool).await;
+    for b in st.batcher.due(true) {
+        pool.submit(b).await;
+    }
+    let accepted = intake.accepted.load(Ordering::Relaxed);
+    svc.stopping(&format!("flushing {} points", wstats.pending.load(Ordering::Relaxed)));
+    let deadline = cfg.service.stop_timeout.saturating_sub(t0.elapsed());
+    let result = pool.close(deadline).await;
+    let written = wstats.written.load(Ordering::Relaxed);
+    match result {
+        Ok(()) => {
+            tracing::info!(
+                "subscriber {name}: stopped in {:?}: {accepted} accepted, {written} points written, {} malformed, {} gaps",
+                t0.elapsed(),
+                intake.malformed.load(Ordering::Relaxed),
+                intake.gaps.load(Ordering::Relaxed)
+            );
+            Ok(())
+        }
+        Err(left) => Err(Failure::new(
+            TEMPFAIL,
+            anyhow::anyhow!("subscriber {name}: stop timeout after {:?}: {left} points not written (InfluxDB: {})", t0.elapsed(), wstats.last_error.lock().ok().and_then(|e| e.clone()).unwrap_or_default()),
+        )),
+    }
+}
+
+fn beat(svc: &Service, pool: &WriterPool, scfg: &SubscriberConfig) {
+    // The loop is alive; the writer is stuck only if it has been failing for
+    // longer than stale_after. An idle bus is legitimately idle.
+    match pool.failing_for() {
+        Some(d) if d > scfg.stale_after => svc.liveness.set_idle(false),
+        _ => {
+            svc.liveness.set_idle(true);
+            svc.liveness.data();
+        }
+    }
+}
+
+fn status_line(i: &IntakeStats, w: &WriterStats, rate: f64, scfg: &SubscriberConfig) -> String {
+    let mut s = format!(
+        "{rate:.0} msg/s, {} written, {} gaps, {} malformed, {}/{} publishers, {} queued",
+        w.written.load(Ordering::Relaxed),
+        i.gaps.load(Ordering::Relaxed),
+        i.malformed.load(Ordering::Relaxed),
+        i.connected.load(Ordering::Relaxed),
+        scfg.connect.len(),
+        w.pending.load(Ordering::Relaxed),
+    );
+    if let Some(e) = w.last_error.lock().ok().and_then(|e| e.clone()) {
+        if w.failing_since_ms.load(Ordering::Relaxed) != 0 {
+            s.push_str(&format!("; InfluxDB failing: {e}"));
+        }
+    }
+    s
+}
+
+async fn read_endpoint(ep: String, topics: Vec<String>, out: mpsc::Sender<ZmqMessage>, stats: Arc<IntakeStats>) {
+    let mut sock = loop {
+        match bus::connect_sub(&ep, &topics).await {
+            Ok(s) => break s,
+            Err(e) => {
+                tracing::warn!("cannot connect to {ep}: {e}; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    };
+    stats.connected.fetch_add(1, Ordering::Relaxed);
+    tracing::info!("connected to {ep}");
+    loop {
+        match sock.recv().await {
+            Ok(m) => {
+                if out.send(m).await.is_err() {
+                    break;
+                }
+            }
+            Err(e) => {
+                tracing::warn!("{ep}: receive failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Decode → account → encode → batch.
+pub struct Intake {
+    pub batcher: Batcher,
+    encoder: LineEncoder,
+    gaps: GapTracker,
+    stats: Arc<IntakeStats>,
+    log: RateLimitedLog,
+    name: String,
+}
+
+impl Intake {
+    pub fn new(name: &str, influx: &crate::config::InfluxConfig, stats: Arc<IntakeStats>) -> Self {
+        Intake {
+            batcher: Batcher::new(influx.batch_size, influx.flush_interval),
+            encoder: LineEncoder::new(),
+            gaps: GapTracker::default(),
+            stats,
+            log: RateLimitedLog::new(Duration::from_secs(5)),
+            name: name.to_string(),
+        }
+    }
+
+    pub async fn process(&mut self, m: &ZmqMessage, pool: &WriterPool) {
+        if let Some(b) = self.accept(m) {
+            pool.submit(b).await;
+        }
+    }
+
+    /// The synchronous part, for benchmarks: returns a full batch, if any.
+    pub fn accept(&mut self, m: &ZmqMessage) -> Option<crate::sink::batch::Batch> {
+        self.stats.received.fetch_add(1, Ordering::Relaxed);
+        let env = match bus::decode(m) {
+            Ok(e) => e,
+            Err(e) => {
+                self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                let topic = m.get(0).map(|t| String::from_utf8_lossy(&t[..t.len().min(80)]).into_owned());
+                self.log.warn(|| format!("{}: malformed message (topic {topic:?}): {e}", self.name));
+                return None;
+            }
+        };
+        self.accept_envelope(&env)
+    }
+
+    pub fn accept_envelope(&mut self, env: &Envelope<'_>) -> Option<crate::sink::batch::Batch> {
+        let missed = self.gaps.observe(&env.publisher, env.epoch, env.seq);
+        if missed > 0 {
+            self.stats.gaps.fetch_add(missed, Ordering::Relaxed);
+            self.log.warn(|| format!("{}: {missed} message(s) missing from publisher {:?} before seq {}", self.name, env.publisher, env.seq));
+        }
+        let rp = match crate::schema::by_channel(&env.ch) {
+            Some(m) => m.rp,
+            None => {
+                self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                self.log.warn(|| format!("{}: unknown channel {:?}", self.name, env.ch));
+                return None;
+            }
+        };
+        let buf = self.batcher.buffer(rp);
+        match self.encoder.encode(env, buf) {
+            Ok(_) => {
+                self.stats.accepted.fetch_add(1, Ordering::Relaxed);
+                self.batcher.commit(rp)
+            }
+            Err(e) => {
+                self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                self.log.warn(|| format!("{}: cannot store {}: {e}", self.name, env.topic()));
+                None
+            }
+        }
+    }
+
+    pub fn gaps(&self) -> &GapTracker {
+        &self.gaps
+    }
+
+    /// Writes this subscriber's counters to `nbpy_pipeline`.
+    async fn pipeline_point(&mut self, name: &str, w: &WriterStats, pool: &WriterPool) {
+        let i = &self.stats;
+        let n = |a: &AtomicU64| Value::Int(a.load(Ordering::Relaxed) as i64);
+        let data = vec![
+            (Cow::Borrowed("component"), Value::Str(Cow::Owned(name.to_string()))),
+            (Cow::Borrowed("role"), Value::Str(Cow::Borrowed("subscriber"))),
+            (Cow::Borrowed("received"), n(&i.received)),
+            (Cow::Borrowed("gaps"), n(&i.gaps)),
+            (Cow::Borrowed("malformed"), n(&i.malformed)),
+            (Cow::Borrowed("written"), n(&w.written)),
+            (Cow::Borrowed("write_errors"), n(&w.write_errors)),
+            (Cow::Borrowed("dead_lettered"), n(&w.dead_lettered)),
+            (Cow::Borrowed("queue_depth"), n(&w.pending)),
+            (Cow::Borrowed("write_latency_ms"), Value::Float(w.latency_us.load(Ordering::Relaxed) as f64 / 1000.0)),
+        ];
+        let env = Envelope::new("nbpy", "pipeline", name.to_string(), now_ns(), data);
+        let rp = crate::schema::rp::DEFAULT;
+        let buf = self.batcher.buffer(rp);
+        if self.encoder.encode(&env, buf).is_ok() {
+            if let Some(b) = self.batcher.commit(rp) {
+                pool.submit(b).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,533 @@
+//! Wire format v1 and the legacy text codec.
+//!
+//! v1 is two ZeroMQ frames: the topic `{src}.{ch}.{sym}` (so a SUB filters by
+//! venue, channel or instrument by prefix) and a JSON object
+//! `{"v":1,"src","ch","sym","pub","seq","epoch","ts","rx","data":{…}}`.
+//! JSON keeps pyzmq and other foreign clients able to read the bus; `seq` and
+//! `epoch` (per publisher) make loss visible, because a ZeroMQ PUB drops
+//! silently. `pub` names the publisher so gaps are counted per publisher even
+//! when one SUB socket is connected to several.
+//!
+//! `data` is flat: numbers, strings and booleans only. The [`crate::schema`]
+//! decides which keys are tags and which are fields.
+//!
+//! The legacy codec is the predecessor's single frame
+//! `"<measurement> <values joined by \x01>"`, with the values in schema
+//! order: instrument, exchange time (ns), source, the measurement's tags,
+//! then its fields without `seq`/`epoch`. It carries no sequence numbers, so
+//! gaps cannot be counted for it.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::Deserialize;
+
+use crate::schema::{self, Kind, Measurement};
+
+/// Frames larger than this are refused before parsing.
+pub const MAX_FRAME: usize = 1 << 20;
+pub const VERSION: u32 = 1;
+pub const LEGACY_SEP: char = '\x01';
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value<'a> {
+    Float(f64),
+    Int(i64),
+    Bool(bool),
+    Str(Cow<'a, str>),
+}
+
+impl Value<'_> {
+    pub fn as_f64(&self) -> Option<f64> {
+        match self {
+            Value::Float(f) => Some(*f),
+            Value::Int(i) => Some(*i as f64),
+            _ => None,
+        }
+    }
+    pub fn into_owned(self) -> Value<'static> {
+        match self {
+            Value::Float(f) => Value::Float(f),
+            Value::Int(i) => Value::Int(i),
+            Value::Bool(b) => Value::Bool(b),
+            Value::Str(s) => Value::Str(Cow::Owned(s.into_owned())),
+        }
+    }
+}
+
+/// The message's payload: flat key → scalar pairs, in the publisher's order.
+pub type Fields<'a> = Vec<(Cow<'a, str>, Value<'a>)>;
+
+/// One message. Feeds build it with `seq`/`epoch`/`publisher` empty; the
+/// publisher stamps them just before it goes on the bus.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Envelope<'a> {
+    pub src: Cow<'a, str>,
+    pub ch: Cow<'a, str>,
+    pub sym: Cow<'a, str>,
+    pub publisher: Cow<'a, str>,
+    /// 1-based per publisher and epoch; 0 = unsequenced (legacy codec).
+    pub seq: u64,
+    pub epoch: u64,
+    /// Exchange time, ns since the Unix epoch; 0 when the venue gives none.
+    pub ts: i64,
+    /// Receive time at the publisher, ns since the Unix epoch.
+    pub rx: i64,
+    pub data: Fields<'a>,
+}
+
+impl<'a> Envelope<'a> {
+    pub fn new(
+        src: impl Into<Cow<'a, str>>,
+        ch: impl Into<Cow<'a, str>>,
+        sym: impl Into<Cow<'a, str>>,
+        ts: i64,
+        data: Fields<'a>,
+    ) -> Self {
+        Envelope {
+            src: src.into(),
+            ch: ch.into(),
+            sym: sym.into(),
+            publisher: Cow::Borrowed(""),
+            seq: 0,
+            epoch: 0,
+            ts,
+            rx: now_ns(),
+            data,
+        }
+    }
+
+    /// The time a point is stored at: exchange time, else receive time.
+    pub fn time(&self) -> i64 {
+        if self.ts > 0 {
+            self.ts
+        } else {
+            self.rx
+        }
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Value<'a>> {
+        self.data.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+    }
+
+    /// An envelope that owns its strings, for queues.
+    pub fn into_owned(self) -> Envelope<'static> {
+        Envelope {
+            src: Cow::Owned(self.src.into_owned()),
+            ch: Cow::Owned(self.ch.into_owned()),
+            sym: Cow::Owned(self.sym.into_owned()),
+            publisher: Cow::Owned(self.publisher.into_owned()),
+            seq: self.seq,
+            epoch: self.epoch,
+            ts: self.ts,
+            rx: self.rx,
+            data: self
+                .data
+                .into_iter()
+                .map(|(k, v)| (Cow::Owned(k.into_owned()), v.into_owned()))
+                .collect(),
+        }
+    }
+
+    pub fn topic(&self) -> String {
+        format!("{}.{}.{}", self.src, self.ch, self.sym)
+    }
+}
+
+pub fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum DecodeError {
+    #[error("empty message")]
+    Empty,
+    #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
+    TooLarge(usize),
+    #[error("expected 2 frames (topic, body), got {0}")]
+    FrameCount(usize),
+    #[error("body is not a v1 envelope: {0}")]
+    Json(String),
+    #[error("unknown envelope version {0} (this build reads v{VERSION})")]
+    Version(u32),
+    #[error("legacy frame: {0}")]
+    Legacy(String),
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum EncodeError {
+    #[error("{key}: {value} is not a finite number")]
+    NonFinite { key: String, value: f64 },
+    #[error("channel {0:?} has no measurement, the legacy codec cannot carry it")]
+    UnknownChannel(String),
+}
+
+/// Appends the v1 JSON body of `env` to `out`.
+pub fn encode_v1(env: &Envelope<'_>, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+    out.extend_from_slice(b"{\"v\":1,\"src\":");
+    json_str(out, &env.src);
+    out.extend_from_slice(b",\"ch\":");
+    json_str(out, &env.ch);
+    out.extend_from_slice(b",\"sym\":");
+    json_str(out, &env.sym);
+    if !env.publisher.is_empty() {
+        out.extend_from_slice(b",\"pub\":");
+        json_str(out, &env.publisher);
+    }
+    let mut ibuf = itoa::Buffer::new();
+    for (k, v) in [("seq", env.seq as i64), ("epoch", env.epoch as i64), ("ts", env.ts), ("rx", env.rx)] {
+        out.extend_from_slice(b",\"");
+        out.extend_from_slice(k.as_bytes());
+        out.extend_from_slice(b"\":");
+        if k == "seq" || k == "epoch" {
+            out.extend_from_slice(ibuf.format(v as u64).as_bytes());
+        } else {
+            out.extend_from_slice(ibuf.format(v).as_bytes());
+        }
+    }
+    out.extend_from_slice(b",\"data\":{");
+    for (n, (k, v)) in env.data.iter().enumerate() {
+        if n > 0 {
+            out.push(b',');
+        }
+        json_str(out, k);
+        out.push(b':');
+        match v {
+            Value::Float(f) => {
+                if !f.is_finite() {
+                    return Err(EncodeError::NonFinite {
+                        key: k.to_string(),
+                        value: *f,
+                    });
+                }
+                let mut r = ryu::Buffer::new();
+                out.extend_from_slice(r.format_finite(*f).as_bytes());
+            }
+            Value::Int(i) => out.extend_from_slice(ibuf.format(*i).as_bytes()),
+            Value::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
+            Value::Str(s) => json_str(out, s),
+        }
+    }
+    out.extend_from_slice(b"}}");
+    Ok(())
+}
+
+fn json_str(out: &mut Vec<u8>, s: &str) {
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    } else {
+        // serde_json's escaping of a &str cannot fail.
+        let _ = serde_json::to_writer(&mut *out, s);
+    }
+}
+
+/// Decodes a v1 body.
+pub fn decode_v1(body: &[u8]) -> Result<Envelope<'_>, DecodeError> {
+    if body.is_empty() {
+        return Err(DecodeError::Empty);
+    }
+    if body.len() > MAX_FRAME {
+        return Err(DecodeError::TooLarge(body.len()));
+    }
+    let raw: RawEnvelope<'_> =
+        serde_json::from_slice(body).map_err(|e| DecodeError::Json(e.to_string()))?;
+    if raw.v != VERSION {
+        return Err(DecodeError::Version(raw.v));
+    }
+    Ok(Envelope {
+        src: raw.src,
+        ch: raw.ch,
+        sym: raw.sym,
+        publisher: raw.publisher.unwrap_or(Cow::Borrowed("")),
+        seq: raw.seq,
+        epoch: raw.epoch,
+        ts: raw.ts,
+        rx: raw.rx,
+        data: raw.data.0,
+    })
+}
+
+#[derive(Deserialize)]
+struct RawEnvelope<'a> {
+    v: u32,
+    #[serde(borrow)]
+    src: Cow<'a, str>,
+    #[serde(borrow)]
+    ch: Cow<'a, str>,
+    #[serde(borrow)]
+    sym: Cow<'a, str>,
+    #[serde(borrow, rename = "pub", default)]
+    publisher: Option<Cow<'a, str>>,
+    seq: u64,
+    epoch: u64,
+    #[serde(default)]
+    ts: i64,
+    #[serde(default)]
+    rx: i64,
+    #[serde(borrow)]
+    data: Data<'a>,
+}
+
+struct Data<'a>(Fields<'a>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Data<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = Data<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a flat object of numbers, strings and booleans")
+            }
+            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Data<'a>, M::Error> {
+                let mut out = Vec::with_capacity(map.size_hint().unwrap_or(12));
+                while let Some(k) = map.next_key::<CowStr<'a>>()? {
+                    let v = map.next_value::<Scalar<'a>>()?;
+                    out.push((k.0, v.0));
+                }
+                Ok(Data(out))
+            }
+        }
+        d.deserialize_map(V(std::marker::PhantomData))
+    }
+}
+
+struct CowStr<'a>(Cow<'a, str>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for CowStr<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = CowStr<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<CowStr<'a>, E> {
+                Ok(CowStr(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<CowStr<'a>, E> {
+                Ok(CowStr(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<CowStr<'a>, E> {
+                Ok(CowStr(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(V(std::marker::PhantomData))
+    }
+}
+
+struct Scalar<'a>(Value<'a>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Scalar<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = Scalar<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a number, string or boolean")
+            }
+            fn visit_bool<E>(self, v: bool) -> Result<Scalar<'a>, E> {
+                Ok(Scalar(Value::Bool(v)))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Scalar<'a>, E> {
+                Ok(Scalar(Value::Int(v)))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Scalar<'a>, E> {
+                i64::try_from(v)
+                    .map(|i| Scalar(Value::Int(i)))
+                    .map_err(|_| E::custom("integer out of range"))
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<Scalar<'a>, E> {
+                Ok(Scalar(Value::Float(v)))
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Scalar<'a>, E> {
+                Ok(Scalar(Value::Str(Cow::Borrowed(v))))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Scalar<'a>, E> {
+                Ok(Scalar(Value::Str(Cow::Owned(v.to_owned()))))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Scalar<'a>, E> {
+                Ok(Scalar(Value::Str(Cow::Owned(v))))
+            }
+        }
+        d.deserialize_any(V(std::marker::PhantomData))
+    }
+}
+
+/// Encodes the legacy single frame for `env`.
+pub fn encode_legacy(env: &Envelope<'_>) -> Result<String, EncodeError> {
+    let m = schema::by_channel(&env.ch).ok_or_else(|| EncodeError::UnknownChannel(env.ch.to_string()))?;
+    let mut out = String::with_capacity(256);
+    out.push_str(m.name);
+    out.push(' ');
+    out.push_str(&env.sym);
+    out.push(LEGACY_SEP);
+    out.push_str(itoa::Buffer::new().format(env.time()));
+    out.push(LEGACY_SEP);
+    out.push_str(&env.src);
+    for tag in m.tags {
+        out.push(LEGACY_SEP);
+        if let Some(Value::Str(s)) = env.get(tag) {
+            out.push_str(s);
+        }
+    }
+    for field in legacy_fields(m) {
+        out.push(LEGACY_SEP);
+        match env.get(field.name) {
+            Some(Value::Float(f)) if !f.is_finite() => {
+                return Err(EncodeError::NonFinite {
+                    key: field.name.into(),
+                    value: *f,
+                })
+            }
+            Some(Value::Float(f)) => out.push_str(ryu::Buffer::new().format_finite(*f)),
+            Some(Value::Int(i)) => out.push_str(itoa::Buffer::new().format(*i)),
+            Some(Value::Bool(b)) => out.push_str(if *b { "true" } else { "false" }),
+            Some(Value::Str(s)) => out.push_str(s),
+            None => {}
+        }
+    }
+    Ok(out)
+}
+
+fn legacy_fields(m: &Measurement) -> impl Iterator<Item = &'static schema::Field> {
+    m.fields.iter().filter(|f| f.name != "seq" && f.name != "epoch")
+}
+
+/// Decodes a legacy frame into an unsequenced envelope.
+pub fn decode_legacy(frame: &[u8]) -> Result<Envelope<'_>, DecodeError> {
+    if frame.is_empty() {
+        return Err(DecodeError::Empty);
+    }
+    if frame.len() > MAX_FRAME {
+        return Err(DecodeError::TooLarge(frame.len()));
+    }
+    let text = std::str::from_utf8(frame).map_err(|_| DecodeError::Legacy("not UTF-8".into()))?;
+    let (name, rest) = text
+        .split_once(' ')
+        .ok_or_else(|| DecodeError::Legacy("no space after the measurement name".into()))?;
+    let m = schema::by_name(name)
+        .ok_or_else(|| DecodeError::Legacy(format!("unknown measurement {name:?}")))?;
+    let mut parts = rest.split(LEGACY_SEP);
+    let sym = parts.next().unwrap_or_default();
+    let ts: i64 = parts
+        .next()
+        .and_then(|t| t.parse().ok())
+        .ok_or_else(|| DecodeError::Legacy("second value must be the time in ns".into()))?;
+    let src = parts.next().unwrap_or("legacy");
+    let mut data: Fields<'_> = Vec::with_capacity(m.tags.len() + m.fields.len());
+    for tag in m.tags {
+        match parts.next() {
+            Some("") | None => {}
+            Some(v) => data.push((Cow::Borrowed(*tag), Value::Str(Cow::Borrowed(v)))),
+        }
+    }
+    for field in legacy_fields(m) {
+        let raw = match parts.next() {
+            Some("") | None => continue,
+            Some(v) => v,
+        };
+        let bad = || DecodeError::Legacy(format!("{}={raw:?} is not a {:?}", field.name, field.kind));
+        let v = match field.kind {
+            Kind::Float => Value::Float(raw.parse().map_err(|_| bad())?),
+            Kind::Int => Value::Int(raw.parse().map_err(|_| bad())?),
+            Kind::Bool => Value::Bool(raw.parse().map_err(|_| bad())?),
+            Kind::Str => Value::Str(Cow::Borrowed(raw)),
+        };
+        data.push((Cow::Borrowed(field.name), v));
+    }
+    if parts.next().is_some() {
+        return Err(DecodeError::Legacy(format!("more values than {name} has")));
+    }
+    Ok(Envelope {
+        src: Cow::Borrowed(src),
+        ch: Cow::Borrowed(m.channel),
+        sym: Cow::Borrowed(sym),
+        publisher: Cow::Borrowed(""),
+        seq: 0,
+        epoch: 0,
+        ts,
+        rx: now_ns(),
+        data,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tick() -> Envelope<'static> {
+        let mut e = Envelope::new(
+            "kraken",
+            "ticker",
+            "BTC/USD",
+            1_700_000_000_123_456_789,
+            vec![
+                ("bid".into(), Value::Float(42000.5)),
+                ("ask".into(), Value::Float(42001.0)),
+                ("last".into(), Value::Float(42000.9)),
+            ],
+        );
+        e.seq = 7;
+        e.epoch = 99;
+        e.publisher = "kraken-tick".into();
+        e
+    }
+
+    #[test]
+    fn v1_round_trips_and_borrows() {
+        let e = tick();
+        let mut buf = Vec::new();
+        encode_v1(&e, &mut buf).unwrap();
+        let d = decode_v1(&buf).unwrap();
+        assert_eq!(d.seq, 7);
+        assert_eq!(d.publisher, "kraken-tick");
+        assert_eq!(d.data, e.data);
+        assert!(matches!(d.src, Cow::Borrowed(_)));
+        assert_eq!(e.topic(), "kraken.ticker.BTC/USD");
+    }
+
+    #[test]
+    fn v1_escapes_strings() {
+        let mut e = tick();
+        e.sym = "A\"B\\C\n".into();
+        let mut buf = Vec::new();
+        encode_v1(&e, &mut buf).unwrap();
+        assert_eq!(decode_v1(&buf).unwrap().sym, "A\"B\\C\n");
+    }
+
+    #[test]
+    fn v1_refuses_nan_and_bad_input() {
+        let mut e = tick();
+        e.data.push(("x".into(), Value::Float(f64::NAN)));
+        assert!(encode_v1(&e, &mut Vec::new()).is_err());
+        assert_eq!(decode_v1(b""), Err(DecodeError::Empty));
+        assert!(matches!(decode_v1(b"{not json"), Err(DecodeError::Json(_))));
+        let v2 = br#"{"v":2,"src":"a","ch":"b","sym":"c","seq":1,"epoch":1,"data":{}}"#;
+        assert_eq!(decode_v1(v2), Err(DecodeError::Version(2)));
+        let nested = br#"{"v":1,"src":"a","ch":"b","sym":"c","seq":1,"epoch":1,"data":{"x":[1]}}"#;
+        assert!(matches!(decode_v1(nested), Err(DecodeError::Json(_))));
+        let wrong = br#"{"v":1,"src":"a","ch":"b","sym":"c","seq":"1","epoch":1,"data":{}}"#;
+        assert!(matches!(decode_v1(wrong), Err(DecodeError::Json(_))));
+        assert!(matches!(decode_v1(&vec![b' '; MAX_FRAME + 1]), Err(DecodeError::TooLarge(_))));
+    }
+
+    #[test]
+    fn legacy_round_trips() {
+        let e = tick();
+        let text = encode_legacy(&e).unwrap();
+        assert!(text.starts_with("kraken_tick BTC/USD\x01"));
+        let d = decode_legacy(text.as_bytes()).unwrap();
+        assert_eq!(d.ts, e.ts);
+        assert_eq!(d.src, "kraken");
+        assert_eq!(d.get("bid"), Some(&Value::Float(42000.5)));
+        assert_eq!(d.seq, 0);
+        assert!(decode_legacy(b"kraken_tick BTC\x01notanumber").is_err());
+        assert!(decode_legacy(b"nosuch x\x011").is_err());
+    }
+}
