@@ -21,6 +21,17 @@ pub enum Command {
         #[command(subcommand)]
         action: ConfigAction,
     },
+    /// Phase 2: InfluxDB database and retention policies.
+    Schema {
+        #[command(subcommand)]
+        action: SchemaAction,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum SchemaAction {
+    /// Create the database and retention policies that are missing.
+    Apply,
 }
 
 #[derive(Subcommand)]
@@ -33,6 +44,15 @@ pub enum ConfigAction {
 
 pub fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
+        Command::Schema { action: SchemaAction::Apply } => {
+            let loaded = cli.common.boot()?;
+            let client = crate::sink::influx::InfluxClient::new(&loaded.config.influxdb)?;
+            crate::cli::runtime()?
+                .block_on(crate::admin::schema::ensure(&client))
+                .map_err(|e| Failure::unavailable(anyhow::anyhow!("schema apply on {}: {e}", client.url())))?;
+            println!("schema: database {:?} and retention policies in place", client.database());
+            Ok(())
+        }
         Command::Config { action } => {
             let loaded = crate::config::load(cli.common.config.as_deref()).map_err(Failure::config)?;
             match action {

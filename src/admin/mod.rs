@@ -1,0 +1,3 @@
+//! Phase 2 (InfluxDB schema and retention) and phase 4 (Grafana).
+
+pub mod schema;

@@ -1,0 +1,168 @@
+//! Shared by the integration tests: a real private influxd, the real nbpy
+//! binaries as child processes, and polling with deadlines (never sleeps as
+//! synchronisation).
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nbpy::backend::LocalInfluxd;
+use nbpy::config::InfluxConfig;
+use nbpy::sink::influx::InfluxClient;
+
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub influx: LocalInfluxd,
+    pub client: InfluxClient,
+}
+
+impl Env {
+    /// A temp dir and a real influxd with the schema applied.
+    pub async fn start() -> Env {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = std::fs::File::create(dir.path().join("influxd.log")).expect("log");
+        let mut influx = LocalInfluxd::spawn(None, &dir.path().join("influxdb"), 0, Some(log))
+            .expect("influxd must be installed (apt-get install influxdb); .ci/run installs it");
+        influx.wait_ready(Duration::from_secs(30)).expect("influxd ready");
+        let client = InfluxClient::new(&InfluxConfig {
+            url: influx.url(),
+            ..Default::default()
+        })
+        .expect("client");
+        nbpy::admin::schema::ensure(&client).await.expect("schema");
+        Env { dir, influx, client }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Writes `body` as nbpy.toml, prefixed with this env's InfluxDB and state dir.
+    pub fn config(&self, body: &str) -> PathBuf {
+        let p = self.path("nbpy.toml");
+        let text = format!(
+            "state_dir = {:?}\n[influxdb]\nurl = {:?}\ndatabase = \"tick\"\n{body}",
+            self.path("state").display().to_string(),
+            self.influx.url()
+        );
+        std::fs::write(&p, text).expect("write config");
+        p
+    }
+
+    /// Starts an nbpy binary with its stderr in `<name>.log`.
+    pub fn spawn(&self, bin: &str, args: &[&str], envs: &[(&str, &str)]) -> Proc {
+        let log = self.path(&format!("{}.log", args.last().copied().unwrap_or(bin)));
+        let f = std::fs::File::create(&log).expect("log file");
+        let mut cmd = Command::new(bin_path(bin));
+        cmd.args(args)
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(f.try_clone().expect("clone")))
+            .stderr(Stdio::from(f));
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        Proc {
+            child: cmd.spawn().expect("spawn"),
+            log,
+        }
+    }
+
+    /// Points stored in a measurement (counted on its `seq` field, so only
+    /// sequenced data points count).
+    pub async fn count(&self, measurement: &str) -> u64 {
+        let m = nbpy::schema::by_name(measurement).expect("known measurement");
+        let q = format!("SELECT count(\"seq\") FROM \"tick\".\"{}\".\"{}\"", m.rp, m.name);
+        self.client.query_number(&q).await.unwrap_or(0.0) as u64
+    }
+
+    pub async fn count_data(&self) -> u64 {
+        let mut n = 0;
+        for m in nbpy::schema::MEASUREMENTS.iter().filter(|m| m.name != "nbpy_pipeline") {
+            n += self.count(m.name).await;
+        }
+        n
+    }
+
+    /// Polls until `total()` reaches `want` or the deadline passes; returns the last value.
+    pub async fn wait_for_points(&self, want: u64, deadline: Duration) -> u64 {
+        let t0 = Instant::now();
+        loop {
+            let n = self.count_data().await;
+            if n >= want || t0.elapsed() > deadline {
+                return n;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+pub fn bin_path(bin: &str) -> PathBuf {
+    match bin {
+        "nbpy" => PathBuf::from(env!("CARGO_BIN_EXE_nbpy")),
+        "nbpy-publisher" => PathBuf::from(env!("CARGO_BIN_EXE_nbpy-publisher")),
+        "nbpy-subscriber" => PathBuf::from(env!("CARGO_BIN_EXE_nbpy-subscriber")),
+        other => panic!("unknown binary {other}"),
+    }
+}
+
+pub struct Proc {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig);
+    }
+
+    /// Waits for exit with a deadline; kills and panics (showing the log) past it.
+    pub fn wait(&mut self, deadline: Duration) -> std::process::ExitStatus {
+        let t0 = Instant::now();
+        loop {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return s;
+            }
+            if t0.elapsed() > deadline {
+                let _ = self.child.kill();
+                panic!("process did not exit within {deadline:?}; log:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Polls the log until it contains `needle`.
+    pub fn wait_log(&self, needle: &str, deadline: Duration) {
+        let t0 = Instant::now();
+        while !self.log_text().contains(needle) {
+            if t0.elapsed() > deadline {
+                panic!("log never said {needle:?}:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+pub fn free_endpoint() -> String {
+    format!("tcp://127.0.0.1:{}", nbpy::backend::free_port().expect("port"))
+}
+
+pub fn exists(p: &Path) -> bool {
+    p.exists()
+}

@@ -1,0 +1,60 @@
+//! The core pipeline end to end: synthetic publisher → real ZeroMQ over TCP
+//! → subscriber → a real influxd.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+const N: u64 = 200_000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_published_message_is_stored_once_with_no_gaps() {
+    let env = Env::start().await;
+    let ep = free_endpoint();
+    let cfg = env.config(&format!(
+        r#"
+[publishers.synth]
+feed = "synthetic"
+endpoint = "{ep}"
+rate = 0
+count = {N}
+wait_for_subscribers = 1
+
+[subscribers.main]
+connect = ["{ep}"]
+topics = [""]
+stats_interval = "1s"
+"#
+    ));
+    let cfg = cfg.to_str().unwrap();
+    let mut publisher = env.spawn("nbpy-publisher", &["--config", cfg, "synth"], &[]);
+    publisher.wait_log("bound", Duration::from_secs(20));
+    let mut subscriber = env.spawn("nbpy-subscriber", &["--config", cfg, "main"], &[]);
+
+    let status = publisher.wait(Duration::from_secs(300));
+    assert!(status.success(), "publisher: {status}\n{}", publisher.log_text());
+    let stored = env.wait_for_points(N, Duration::from_secs(300)).await;
+    subscriber.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = subscriber.wait(Duration::from_secs(60));
+    assert!(status.success(), "subscriber: {status}\n{}", subscriber.log_text());
+
+    assert_eq!(stored, N, "stored points\n{}", subscriber.log_text());
+    // Five channel kinds in rotation: an exact fifth of the messages each.
+    for m in ["kraken_tick", "kraken_depth", "kraken_orders", "oanda_tick", "betfair_stream"] {
+        assert_eq!(env.count(m).await, N / 5, "{m}");
+    }
+    // Exactly once: the distinct sequence numbers cover 1..=N.
+    let q = "SELECT max(\"seq\"), min(\"seq\") FROM \"tick\".\"default\".\"kraken_tick\"";
+    let v = env.client.query(q).await.unwrap();
+    let row = &v["results"][0]["series"][0]["values"][0];
+    assert_eq!((row[2].as_u64(), row[1].as_u64()), (Some(1), Some(N - 4)));
+    // The subscriber's own accounting, as it stored it on stopping.
+    let q = "SELECT last(\"gaps\"), last(\"received\"), last(\"malformed\") FROM \"tick\".\"default\".\"nbpy_pipeline\" WHERE component = 'main'";
+    let v = env.client.query(q).await.unwrap();
+    let row = &v["results"][0]["series"][0]["values"][0];
+    assert_eq!(row[1].as_u64(), Some(0), "gaps");
+    assert_eq!(row[2].as_u64(), Some(N), "received");
+    assert_eq!(row[3].as_u64(), Some(0), "malformed");
+}
