@@ -18,10 +18,11 @@ pub fn free_port() -> std::io::Result<u16> {
 
 /// `GET /ping` without an HTTP client: true when the server answers 2xx.
 pub fn ping(addr: &str) -> bool {
-    let Ok(mut s) = TcpStream::connect(addr) else { return false };
+    let Ok(mut s) = TcpStream::connect(addr) else {
+        return false;
+    };
     let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    if s
-        .write_all(format!("GET /ping HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+    if s.write_all(format!("GET /ping HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
         .is_err()
     {
         return false;
@@ -41,9 +42,18 @@ pub struct LocalInfluxd {
 impl LocalInfluxd {
     /// Starts `influxd` (from `binary`, else PATH) with data under `dir`,
     /// HTTP on `127.0.0.1:http_port` (0 = a free one); output to `log`.
-    pub fn spawn(binary: Option<&Path>, dir: &Path, http_port: u16, log: Option<std::fs::File>) -> std::io::Result<Self> {
+    pub fn spawn(
+        binary: Option<&Path>,
+        dir: &Path,
+        http_port: u16,
+        log: Option<std::fs::File>,
+    ) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
-        let http_port = if http_port == 0 { free_port()? } else { http_port };
+        let http_port = if http_port == 0 {
+            free_port()?
+        } else {
+            http_port
+        };
         let rpc_port = free_port()?;
         let addr = format!("127.0.0.1:{http_port}");
         let config = dir.join("influxdb.conf");
@@ -102,12 +112,17 @@ impl LocalInfluxd {
             }
             std::thread::sleep(Duration::from_millis(25));
         }
-        Err(format!("influxd at {} did not answer /ping within {timeout:?}", self.addr))
+        Err(format!(
+            "influxd at {} did not answer /ping within {timeout:?}",
+            self.addr
+        ))
     }
 
     /// SIGTERM, wait up to 10 s, then SIGKILL.
     pub fn stop(&mut self) {
-        let Some(mut c) = self.child.take() else { return };
+        let Some(mut c) = self.child.take() else {
+            return;
+        };
         let pid = nix::unistd::Pid::from_raw(c.id() as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
         let t0 = Instant::now();
@@ -124,7 +139,12 @@ impl LocalInfluxd {
     /// Restarts on the same port and data (for outage tests).
     pub fn restart(&mut self, log: Option<std::fs::File>) -> std::io::Result<()> {
         self.stop();
-        let port: u16 = self.addr.rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        let port: u16 = self
+            .addr
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
         let fresh = LocalInfluxd::spawn(None, &self.dir.clone(), port, log)?;
         *self = fresh;
         Ok(())

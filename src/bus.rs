@@ -37,7 +37,11 @@ pub fn check_endpoint(ep: &str) -> Result<(), String> {
 }
 
 /// Encodes envelopes into ZeroMQ messages in the chosen codec.
-pub fn encode(env: &Envelope<'_>, codec: Codec, buf: &mut Vec<u8>) -> Result<ZmqMessage, EncodeError> {
+pub fn encode(
+    env: &Envelope<'_>,
+    codec: Codec,
+    buf: &mut Vec<u8>,
+) -> Result<ZmqMessage, EncodeError> {
     match codec {
         Codec::V1 => {
             buf.clear();
@@ -107,7 +111,10 @@ impl BusPublisher {
 
 /// Connects a SUB socket to one endpoint with prefix filters. The `zeromq`
 /// crate reconnects by itself after a publisher restart.
-pub async fn connect_sub(endpoint: &str, topics: &[String]) -> Result<zeromq::SubSocket, zeromq::ZmqError> {
+pub async fn connect_sub(
+    endpoint: &str,
+    topics: &[String],
+) -> Result<zeromq::SubSocket, zeromq::ZmqError> {
     let mut options = zeromq::SocketOptions::default();
     options.no_connect_timeout();
     let mut sub = zeromq::SubSocket::with_options(options);
@@ -212,7 +219,11 @@ mod tests {
         assert_eq!(g.observe("a", 1, 51), 0);
         assert_eq!(g.observe("a", 1, 55), 3);
         assert_eq!(g.observe("a", 1, 54), 0);
-        assert_eq!(g.observe("a", 2, 4), 3, "restart: seq 1..3 of the new epoch missed");
+        assert_eq!(
+            g.observe("a", 2, 4),
+            3,
+            "restart: seq 1..3 of the new epoch missed"
+        );
         assert_eq!(g.observe("b", 9, 1), 0);
         assert_eq!(g.observe("x", 0, 0), 0);
         assert_eq!(g.total_gaps(), 6);

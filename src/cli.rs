@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use crate::config::{self, LogFormat, Loaded};
+use crate::config::{self, Loaded, LogFormat};
 use crate::exit::Failure;
 
 #[derive(Debug, Args, Clone)]

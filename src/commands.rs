@@ -44,17 +44,25 @@ pub enum ConfigAction {
 
 pub fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
-        Command::Schema { action: SchemaAction::Apply } => {
+        Command::Schema {
+            action: SchemaAction::Apply,
+        } => {
             let loaded = cli.common.boot()?;
             let client = crate::sink::influx::InfluxClient::new(&loaded.config.influxdb)?;
             crate::cli::runtime()?
                 .block_on(crate::admin::schema::ensure(&client))
-                .map_err(|e| Failure::unavailable(anyhow::anyhow!("schema apply on {}: {e}", client.url())))?;
-            println!("schema: database {:?} and retention policies in place", client.database());
+                .map_err(|e| {
+                    Failure::unavailable(anyhow::anyhow!("schema apply on {}: {e}", client.url()))
+                })?;
+            println!(
+                "schema: database {:?} and retention policies in place",
+                client.database()
+            );
             Ok(())
         }
         Command::Config { action } => {
-            let loaded = crate::config::load(cli.common.config.as_deref()).map_err(Failure::config)?;
+            let loaded =
+                crate::config::load(cli.common.config.as_deref()).map_err(Failure::config)?;
             match action {
                 ConfigAction::Show => {
                     if let Some(f) = &loaded.file {
@@ -69,7 +77,10 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
                         "ok: {} publisher(s), {} subscriber(s){}",
                         loaded.config.publishers.len(),
                         loaded.config.subscribers.len(),
-                        loaded.file.map(|f| format!(" in {}", f.display())).unwrap_or_default()
+                        loaded
+                            .file
+                            .map(|f| format!(" in {}", f.display()))
+                            .unwrap_or_default()
                     );
                 }
             }

@@ -326,7 +326,12 @@ pub fn load(explicit: Option<&Path>) -> Result<Loaded, ConfigError> {
         .map_err(|e| ConfigError::Parse(Box::new(e)))?;
     if let Some(dir) = std::env::var_os("STATE_DIRECTORY") {
         // systemd may pass several, colon-separated; the first is ours.
-        let first = dir.to_string_lossy().split(':').next().unwrap_or("").to_string();
+        let first = dir
+            .to_string_lossy()
+            .split(':')
+            .next()
+            .unwrap_or("")
+            .to_string();
         if !first.is_empty() {
             config.state_dir = PathBuf::from(first);
         }
@@ -414,7 +419,9 @@ impl Config {
                 }
             }
             if sub.queue_batches == 0 {
-                p.push(format!("subscribers.{name}.queue_batches must be at least 1"));
+                p.push(format!(
+                    "subscribers.{name}.queue_batches must be at least 1"
+                ));
             }
         }
         p
@@ -508,7 +515,12 @@ pub struct SecretError {
 
 impl fmt::Display for SecretError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "cannot read secret file {}: {}", self.path.display(), self.error)
+        write!(
+            f,
+            "cannot read secret file {}: {}",
+            self.path.display(),
+            self.error
+        )
     }
 }
 

@@ -19,8 +19,8 @@
 //! - [`service`]: sd_notify, watchdog, signals, logging.
 //! - [`exit`]: sysexits-style exit codes and the error type that carries them.
 
-pub mod backend;
 pub mod admin;
+pub mod backend;
 pub mod bus;
 pub mod cli;
 pub mod commands;

@@ -20,13 +20,22 @@ use crate::sink::RateLimitedLog;
 use crate::wire::{now_ns, Envelope};
 
 pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
-    let pcfg = cfg.publisher(name).map_err(|e| Failure::config(anyhow::anyhow!(e)))?.clone();
+    let pcfg = cfg
+        .publisher(name)
+        .map_err(|e| Failure::config(anyhow::anyhow!(e)))?
+        .clone();
     let (tx, mut rx) = mpsc::channel::<Envelope<'static>>(pcfg.queue);
     let queued = {
         let weak = tx.downgrade();
-        move || weak.upgrade().map(|t| t.max_capacity() - t.capacity()).unwrap_or(0)
+        move || {
+            weak.upgrade()
+                .map(|t| t.max_capacity() - t.capacity())
+                .unwrap_or(0)
+        }
     };
-    let svc = Service::start(name, pcfg.stale_after, move || format!("{} queued messages", queued()));
+    let svc = Service::start(name, pcfg.stale_after, move || {
+        format!("{} queued messages", queued())
+    });
     let endpoint = pcfg.endpoint();
     let mut bus = BusPublisher::bind(&endpoint).await.map_err(|e| {
         Failure::new(
@@ -46,8 +55,16 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
     }));
     let want = pcfg.wait_for_subscribers;
     svc.liveness.set_idle(want > 0);
-    svc.ready(&format!("bound {}, feed {}", bus.endpoint, pcfg.feed.name()));
-    tracing::info!("publisher {name}: {} on {} (epoch {epoch})", pcfg.feed.name(), bus.endpoint);
+    svc.ready(&format!(
+        "bound {}, feed {}",
+        bus.endpoint,
+        pcfg.feed.name()
+    ));
+    tracing::info!(
+        "publisher {name}: {} on {} (epoch {epoch})",
+        pcfg.feed.name(),
+        bus.endpoint
+    );
 
     let mut published = 0u64;
     let mut errors = RateLimitedLog::new(Duration::from_secs(5));
@@ -112,7 +129,13 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
     }
 }
 
-async fn send(bus: &mut BusPublisher, env: &Envelope<'_>, codec: crate::config::Codec, buf: &mut Vec<u8>, errors: &mut RateLimitedLog) {
+async fn send(
+    bus: &mut BusPublisher,
+    env: &Envelope<'_>,
+    codec: crate::config::Codec,
+    buf: &mut Vec<u8>,
+    errors: &mut RateLimitedLog,
+) {
     match bus::encode(env, codec, buf) {
         Ok(msg) => {
             if let Err(e) = bus.send(msg).await {

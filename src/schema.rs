@@ -116,8 +116,19 @@ pub static MEASUREMENTS: &[Measurement] = &[
         channel: "ticker",
         tags: &[],
         fields: &[
-            f("bid"), f("bid_qty"), f("ask"), f("ask_qty"), f("last"), f("volume"),
-            f("vwap"), f("low"), f("high"), f("change"), f("change_pct"), i("seq"), i("epoch"),
+            f("bid"),
+            f("bid_qty"),
+            f("ask"),
+            f("ask_qty"),
+            f("last"),
+            f("volume"),
+            f("vwap"),
+            f("low"),
+            f("high"),
+            f("change"),
+            f("change_pct"),
+            i("seq"),
+            i("epoch"),
         ],
         rp: rp::DEFAULT,
         headline: "last",
@@ -148,7 +159,15 @@ pub static MEASUREMENTS: &[Measurement] = &[
         name: "oanda_tick",
         channel: "price",
         tags: &[],
-        fields: &[f("bid"), f("ask"), f("spread"), f("liquidity"), b("tradeable"), i("seq"), i("epoch")],
+        fields: &[
+            f("bid"),
+            f("ask"),
+            f("spread"),
+            f("liquidity"),
+            b("tradeable"),
+            i("seq"),
+            i("epoch"),
+        ],
         rp: rp::DEFAULT,
         headline: "bid",
         downsample: true,
@@ -179,10 +198,23 @@ pub static MEASUREMENTS: &[Measurement] = &[
         channel: "pipeline",
         tags: &["component", "role"],
         fields: &[
-            i("received"), i("published"), i("gaps"), i("malformed"), i("written"),
-            i("write_errors"), i("spooled"), i("replayed"), i("dead_lettered"), i("dropped"),
-            i("spool_bytes"), i("queue_depth"), f("rate"), f("write_latency_ms"),
-            i("restarts"), i("seq"), i("epoch"),
+            i("received"),
+            i("published"),
+            i("gaps"),
+            i("malformed"),
+            i("written"),
+            i("write_errors"),
+            i("spooled"),
+            i("replayed"),
+            i("dead_lettered"),
+            i("dropped"),
+            i("spool_bytes"),
+            i("queue_depth"),
+            f("rate"),
+            f("write_latency_ms"),
+            i("restarts"),
+            i("seq"),
+            i("epoch"),
         ],
         rp: rp::DEFAULT,
         headline: "rate",
@@ -220,6 +252,9 @@ mod tests {
             assert!(m.field(m.headline).is_some(), "{} headline", m.name);
         }
         assert_eq!(by_channel("book").map(|m| m.name), Some("kraken_depth"));
-        assert_eq!(by_name("kraken_depth").map(|m| m.fields.len()), Some(4 * BOOK_LEVELS + 5));
+        assert_eq!(
+            by_name("kraken_depth").map(|m| m.fields.len()),
+            Some(4 * BOOK_LEVELS + 5)
+        );
     }
 }

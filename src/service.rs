@@ -184,7 +184,10 @@ impl Service {
 fn spawn_signals(svc: Arc<Service>, abandoned: Box<dyn Fn() -> String + Send + Sync>) {
     use tokio::signal::unix::{signal, SignalKind};
     tokio::spawn(async move {
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
             tracing::error!("cannot install signal handlers");
             return;
         };
@@ -228,7 +231,11 @@ fn spawn_watchdog(svc: Arc<Service>, period: Duration) {
 /// Is stderr the journal? `$JOURNAL_STREAM` is `device:inode` of the stream
 /// systemd connected; it is inherited by children whose stderr may be
 /// elsewhere, so it only counts when it matches stderr itself.
-pub fn journal_stream_matches(journal_stream: Option<&str>, stderr_dev: u64, stderr_ino: u64) -> bool {
+pub fn journal_stream_matches(
+    journal_stream: Option<&str>,
+    stderr_dev: u64,
+    stderr_ino: u64,
+) -> bool {
     let Some((dev, ino)) = journal_stream.and_then(|s| s.split_once(':')) else {
         return false;
     };
@@ -236,7 +243,9 @@ pub fn journal_stream_matches(journal_stream: Option<&str>, stderr_dev: u64, std
 }
 
 fn stderr_is_journal() -> bool {
-    let Ok(st) = nix::sys::stat::fstat(2) else { return false };
+    let Ok(st) = nix::sys::stat::fstat(2) else {
+        return false;
+    };
     journal_stream_matches(
         std::env::var("JOURNAL_STREAM").ok().as_deref(),
         st.st_dev,
@@ -265,7 +274,11 @@ pub fn init_logging(format: LogFormat, level: &str) {
     }
     if format == LogFormat::Json {
         let _ = registry
-            .with(tracing_subscriber::fmt::layer().json().with_writer(io::stderr))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_writer(io::stderr),
+            )
             .try_init();
     } else {
         let _ = registry
@@ -292,10 +305,16 @@ mod tests {
         l.data();
         std::thread::sleep(Duration::from_millis(5));
         l.beat();
-        assert!(l.problem(Duration::from_secs(10)).unwrap().contains("no data"));
+        assert!(l
+            .problem(Duration::from_secs(10))
+            .unwrap()
+            .contains("no data"));
         l.set_idle(true);
         assert_eq!(l.problem(Duration::from_secs(10)), None);
         std::thread::sleep(Duration::from_millis(5));
-        assert!(l.problem(Duration::from_millis(1)).unwrap().contains("main loop"));
+        assert!(l
+            .problem(Duration::from_millis(1))
+            .unwrap()
+            .contains("main loop"));
     }
 }

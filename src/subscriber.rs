@@ -40,10 +40,18 @@ pub struct IntakeStats {
 }
 
 pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
-    let scfg = cfg.subscriber(name).map_err(|e| Failure::config(anyhow::anyhow!(e)))?.clone();
+    let scfg = cfg
+        .subscriber(name)
+        .map_err(|e| Failure::config(anyhow::anyhow!(e)))?
+        .clone();
     let client = InfluxClient::new(&cfg.influxdb)?;
     let dead_letter = cfg.state_dir.join("dead-letter").join(format!("{name}.lp"));
-    let pool = WriterPool::start(client.clone(), &cfg.influxdb, scfg.queue_batches, dead_letter);
+    let pool = WriterPool::start(
+        client.clone(),
+        &cfg.influxdb,
+        scfg.queue_batches,
+        dead_letter,
+    );
     let wstats = pool.stats.clone();
     let abandoned = {
         let w = wstats.clone();
@@ -58,7 +66,10 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
             Ok(()) => break,
             Err(e) => {
                 svc.status(&format!("waiting for InfluxDB at {}: {e}", client.url()));
-                tracing::warn!("subscriber {name}: waiting for InfluxDB at {}: {e}", client.url());
+                tracing::warn!(
+                    "subscriber {name}: waiting for InfluxDB at {}: {e}",
+                    client.url()
+                );
                 svc.liveness.beat();
                 tokio::select! {
                     _ = svc.shutdown.cancelled() => return Ok(()),
@@ -73,19 +84,32 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
     let (raw_tx, mut raw_rx) = mpsc::channel::<ZmqMessage>(65_536);
     let mut readers = Vec::new();
     for ep in &scfg.connect {
-        readers.push(tokio::spawn(read_endpoint(ep.clone(), scfg.topics.clone(), raw_tx.clone(), intake.clone())));
+        readers.push(tokio::spawn(read_endpoint(
+            ep.clone(),
+            scfg.topics.clone(),
+            raw_tx.clone(),
+            intake.clone(),
+        )));
     }
     drop(raw_tx);
     // Ready once InfluxDB answers and a publisher is connected.
     while intake.connected.load(Ordering::Relaxed) == 0 {
-        svc.status(&format!("waiting for publishers: {}", scfg.connect.join(", ")));
+        svc.status(&format!(
+            "waiting for publishers: {}",
+            scfg.connect.join(", ")
+        ));
         svc.liveness.beat();
         tokio::select! {
             _ = svc.shutdown.cancelled() => break,
             _ = tokio::time::sleep(Duration::from_millis(20)) => {}
         }
     }
-    svc.ready(&format!("connected to {}/{} publishers, writing to {}", intake.connected.load(Ordering::Relaxed), scfg.connect.len(), client.url()));
+    svc.ready(&format!(
+        "connected to {}/{} publishers, writing to {}",
+        intake.connected.load(Ordering::Relaxed),
+        scfg.connect.len(),
+        client.url()
+    ));
 
     let mut st = Intake::new(name, &cfg.influxdb, intake.clone());
     let mut tick = tokio::time::interval(Duration::from_millis(200));
@@ -142,7 +166,10 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
         pool.submit(b).await;
     }
     let accepted = intake.accepted.load(Ordering::Relaxed);
-    svc.stopping(&format!("flushing {} points", wstats.pending.load(Ordering::Relaxed)));
+    svc.stopping(&format!(
+        "flushing {} points",
+        wstats.pending.load(Ordering::Relaxed)
+    ));
     let deadline = cfg.service.stop_timeout.saturating_sub(t0.elapsed());
     let result = pool.close(deadline).await;
     let written = wstats.written.load(Ordering::Relaxed);
@@ -193,7 +220,12 @@ fn status_line(i: &IntakeStats, w: &WriterStats, rate: f64, scfg: &SubscriberCon
     s
 }
 
-async fn read_endpoint(ep: String, topics: Vec<String>, out: mpsc::Sender<ZmqMessage>, stats: Arc<IntakeStats>) {
+async fn read_endpoint(
+    ep: String,
+    topics: Vec<String>,
+    out: mpsc::Sender<ZmqMessage>,
+    stats: Arc<IntakeStats>,
+) {
     let mut sock = loop {
         match bus::connect_sub(&ep, &topics).await {
             Ok(s) => break s,
@@ -255,8 +287,11 @@ impl Intake {
             Ok(e) => e,
             Err(e) => {
                 self.stats.malformed.fetch_add(1, Ordering::Relaxed);
-                let topic = m.get(0).map(|t| String::from_utf8_lossy(&t[..t.len().min(80)]).into_owned());
-                self.log.warn(|| format!("{}: malformed message (topic {topic:?}): {e}", self.name));
+                let topic = m
+                    .get(0)
+                    .map(|t| String::from_utf8_lossy(&t[..t.len().min(80)]).into_owned());
+                self.log
+                    .warn(|| format!("{}: malformed message (topic {topic:?}): {e}", self.name));
                 return None;
             }
         };
@@ -267,13 +302,19 @@ impl Intake {
         let missed = self.gaps.observe(&env.publisher, env.epoch, env.seq);
         if missed > 0 {
             self.stats.gaps.fetch_add(missed, Ordering::Relaxed);
-            self.log.warn(|| format!("{}: {missed} message(s) missing from publisher {:?} before seq {}", self.name, env.publisher, env.seq));
+            self.log.warn(|| {
+                format!(
+                    "{}: {missed} message(s) missing from publisher {:?} before seq {}",
+                    self.name, env.publisher, env.seq
+                )
+            });
         }
         let rp = match crate::schema::by_channel(&env.ch) {
             Some(m) => m.rp,
             None => {
                 self.stats.malformed.fetch_add(1, Ordering::Relaxed);
-                self.log.warn(|| format!("{}: unknown channel {:?}", self.name, env.ch));
+                self.log
+                    .warn(|| format!("{}: unknown channel {:?}", self.name, env.ch));
                 return None;
             }
         };
@@ -285,7 +326,8 @@ impl Intake {
             }
             Err(e) => {
                 self.stats.malformed.fetch_add(1, Ordering::Relaxed);
-                self.log.warn(|| format!("{}: cannot store {}: {e}", self.name, env.topic()));
+                self.log
+                    .warn(|| format!("{}: cannot store {}: {e}", self.name, env.topic()));
                 None
             }
         }
@@ -300,8 +342,14 @@ impl Intake {
         let i = &self.stats;
         let n = |a: &AtomicU64| Value::Int(a.load(Ordering::Relaxed) as i64);
         let data = vec![
-            (Cow::Borrowed("component"), Value::Str(Cow::Owned(name.to_string()))),
-            (Cow::Borrowed("role"), Value::Str(Cow::Borrowed("subscriber"))),
+            (
+                Cow::Borrowed("component"),
+                Value::Str(Cow::Owned(name.to_string())),
+            ),
+            (
+                Cow::Borrowed("role"),
+                Value::Str(Cow::Borrowed("subscriber")),
+            ),
             (Cow::Borrowed("received"), n(&i.received)),
             (Cow::Borrowed("gaps"), n(&i.gaps)),
             (Cow::Borrowed("malformed"), n(&i.malformed)),
@@ -309,7 +357,10 @@ impl Intake {
             (Cow::Borrowed("write_errors"), n(&w.write_errors)),
             (Cow::Borrowed("dead_lettered"), n(&w.dead_lettered)),
             (Cow::Borrowed("queue_depth"), n(&w.pending)),
-            (Cow::Borrowed("write_latency_ms"), Value::Float(w.latency_us.load(Ordering::Relaxed) as f64 / 1000.0)),
+            (
+                Cow::Borrowed("write_latency_ms"),
+                Value::Float(w.latency_us.load(Ordering::Relaxed) as f64 / 1000.0),
+            ),
         ];
         let env = Envelope::new("nbpy", "pipeline", name.to_string(), now_ns(), data);
         let rp = crate::schema::rp::DEFAULT;

@@ -179,7 +179,12 @@ pub fn encode_v1(env: &Envelope<'_>, out: &mut Vec<u8>) -> Result<(), EncodeErro
         json_str(out, &env.publisher);
     }
     let mut ibuf = itoa::Buffer::new();
-    for (k, v) in [("seq", env.seq as i64), ("epoch", env.epoch as i64), ("ts", env.ts), ("rx", env.rx)] {
+    for (k, v) in [
+        ("seq", env.seq as i64),
+        ("epoch", env.epoch as i64),
+        ("ts", env.ts),
+        ("rx", env.rx),
+    ] {
         out.extend_from_slice(b",\"");
         out.extend_from_slice(k.as_bytes());
         out.extend_from_slice(b"\":");
@@ -361,7 +366,8 @@ impl<'de: 'a, 'a> Deserialize<'de> for Scalar<'a> {
 
 /// Encodes the legacy single frame for `env`.
 pub fn encode_legacy(env: &Envelope<'_>) -> Result<String, EncodeError> {
-    let m = schema::by_channel(&env.ch).ok_or_else(|| EncodeError::UnknownChannel(env.ch.to_string()))?;
+    let m = schema::by_channel(&env.ch)
+        .ok_or_else(|| EncodeError::UnknownChannel(env.ch.to_string()))?;
     let mut out = String::with_capacity(256);
     out.push_str(m.name);
     out.push(' ');
@@ -396,7 +402,9 @@ pub fn encode_legacy(env: &Envelope<'_>) -> Result<String, EncodeError> {
 }
 
 fn legacy_fields(m: &Measurement) -> impl Iterator<Item = &'static schema::Field> {
-    m.fields.iter().filter(|f| f.name != "seq" && f.name != "epoch")
+    m.fields
+        .iter()
+        .filter(|f| f.name != "seq" && f.name != "epoch")
 }
 
 /// Decodes a legacy frame into an unsequenced envelope.
@@ -432,7 +440,8 @@ pub fn decode_legacy(frame: &[u8]) -> Result<Envelope<'_>, DecodeError> {
             Some("") | None => continue,
             Some(v) => v,
         };
-        let bad = || DecodeError::Legacy(format!("{}={raw:?} is not a {:?}", field.name, field.kind));
+        let bad =
+            || DecodeError::Legacy(format!("{}={raw:?} is not a {:?}", field.name, field.kind));
         let v = match field.kind {
             Kind::Float => Value::Float(raw.parse().map_err(|_| bad())?),
             Kind::Int => Value::Int(raw.parse().map_err(|_| bad())?),
@@ -514,7 +523,10 @@ mod tests {
         assert!(matches!(decode_v1(nested), Err(DecodeError::Json(_))));
         let wrong = br#"{"v":1,"src":"a","ch":"b","sym":"c","seq":"1","epoch":1,"data":{}}"#;
         assert!(matches!(decode_v1(wrong), Err(DecodeError::Json(_))));
-        assert!(matches!(decode_v1(&vec![b' '; MAX_FRAME + 1]), Err(DecodeError::TooLarge(_))));
+        assert!(matches!(
+            decode_v1(&vec![b' '; MAX_FRAME + 1]),
+            Err(DecodeError::TooLarge(_))
+        ));
     }
 
     #[test]

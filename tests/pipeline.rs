@@ -34,15 +34,29 @@ stats_interval = "1s"
     let mut subscriber = env.spawn("nbpy-subscriber", &["--config", cfg, "main"], &[]);
 
     let status = publisher.wait(Duration::from_secs(300));
-    assert!(status.success(), "publisher: {status}\n{}", publisher.log_text());
+    assert!(
+        status.success(),
+        "publisher: {status}\n{}",
+        publisher.log_text()
+    );
     let stored = env.wait_for_points(N, Duration::from_secs(300)).await;
     subscriber.signal(nix::sys::signal::Signal::SIGTERM);
     let status = subscriber.wait(Duration::from_secs(60));
-    assert!(status.success(), "subscriber: {status}\n{}", subscriber.log_text());
+    assert!(
+        status.success(),
+        "subscriber: {status}\n{}",
+        subscriber.log_text()
+    );
 
     assert_eq!(stored, N, "stored points\n{}", subscriber.log_text());
     // Five channel kinds in rotation: an exact fifth of the messages each.
-    for m in ["kraken_tick", "kraken_depth", "kraken_orders", "oanda_tick", "betfair_stream"] {
+    for m in [
+        "kraken_tick",
+        "kraken_depth",
+        "kraken_orders",
+        "oanda_tick",
+        "betfair_stream",
+    ] {
         assert_eq!(env.count(m).await, N / 5, "{m}");
     }
     // Exactly once: the distinct sequence numbers cover 1..=N.

@@ -16,9 +16,24 @@ pub struct Policy {
 /// long_term 365d/7d).
 pub fn policies() -> Vec<Policy> {
     vec![
-        Policy { name: rp::DEFAULT, duration: "30d", shard: "1d", default: true },
-        Policy { name: rp::HIGH_FREQUENCY, duration: "7d", shard: "1h", default: false },
-        Policy { name: rp::LONG_TERM, duration: "365d", shard: "7d", default: false },
+        Policy {
+            name: rp::DEFAULT,
+            duration: "30d",
+            shard: "1d",
+            default: true,
+        },
+        Policy {
+            name: rp::HIGH_FREQUENCY,
+            duration: "7d",
+            shard: "1h",
+            default: false,
+        },
+        Policy {
+            name: rp::LONG_TERM,
+            duration: "365d",
+            shard: "7d",
+            default: false,
+        },
     ]
 }
 

@@ -179,7 +179,9 @@ pub async fn run(ctx: FeedContext) -> Result<(), Failure> {
     match ctx.cfg.feed {
         FeedKind::Synthetic => synthetic::run(ctx).await,
         FeedKind::Replay => replay::run(ctx).await,
-        FeedKind::KrakenTick | FeedKind::KrakenDepth | FeedKind::KrakenOrders => kraken::run(ctx).await,
+        FeedKind::KrakenTick | FeedKind::KrakenDepth | FeedKind::KrakenOrders => {
+            kraken::run(ctx).await
+        }
         FeedKind::OandaTick => oanda::run(ctx).await,
         FeedKind::BetfairStream => betfair::run(ctx).await,
         FeedKind::Social => social::run(ctx).await,

@@ -15,9 +15,12 @@ pub async fn run(ctx: FeedContext) -> Result<(), Failure> {
     let Some(path) = ctx.cfg.file.clone() else {
         return Err(Failure::config(anyhow::anyhow!("replay needs `file`")));
     };
-    let file = tokio::fs::File::open(&path)
-        .await
-        .map_err(|e| Failure::new(NOINPUT, anyhow::anyhow!("cannot open {}: {e}", path.display())))?;
+    let file = tokio::fs::File::open(&path).await.map_err(|e| {
+        Failure::new(
+            NOINPUT,
+            anyhow::anyhow!("cannot open {}: {e}", path.display()),
+        )
+    })?;
     let mut lines = BufReader::new(file).lines();
     let mut pacer = Pacer::new(ctx.cfg.rate);
     let mut sent = 0u64;
@@ -29,7 +32,12 @@ pub async fn run(ctx: FeedContext) -> Result<(), Failure> {
         let line = match line {
             Ok(Some(l)) => l,
             Ok(None) => break,
-            Err(e) => return Err(Failure::new(NOINPUT, anyhow::anyhow!("reading {}: {e}", path.display()))),
+            Err(e) => {
+                return Err(Failure::new(
+                    NOINPUT,
+                    anyhow::anyhow!("reading {}: {e}", path.display()),
+                ))
+            }
         };
         if line.trim().is_empty() {
             continue;
@@ -51,6 +59,10 @@ pub async fn run(ctx: FeedContext) -> Result<(), Failure> {
         }
         pacer.tick().await;
     }
-    tracing::info!("{}: replayed {sent} messages from {}", ctx.name, path.display());
+    tracing::info!(
+        "{}: replayed {sent} messages from {}",
+        ctx.name,
+        path.display()
+    );
     Ok(())
 }

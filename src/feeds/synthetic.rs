@@ -72,7 +72,10 @@ impl Generator {
                 put("ask", Value::Float(ask));
                 put("ask_qty", Value::Float(q(&mut self.rng)));
                 put("last", Value::Float(round(mid)));
-                put("volume", Value::Float(round(self.rng.gen_range(1000.0..5000.0))));
+                put(
+                    "volume",
+                    Value::Float(round(self.rng.gen_range(1000.0..5000.0))),
+                );
                 put("vwap", Value::Float(round(mid * 0.999)));
                 put("low", Value::Float(round(mid * 0.98)));
                 put("high", Value::Float(round(mid * 1.02)));
@@ -93,7 +96,10 @@ impl Generator {
             "trade" => {
                 self.trade_id += 1;
                 let buy = self.rng.gen_bool(0.5);
-                put("side", Value::Str(Cow::Borrowed(if buy { "buy" } else { "sell" })));
+                put(
+                    "side",
+                    Value::Str(Cow::Borrowed(if buy { "buy" } else { "sell" })),
+                );
                 put("ord_type", Value::Str(Cow::Borrowed("market")));
                 put("price", Value::Float(if buy { ask } else { bid }));
                 put("qty", Value::Float(q(&mut self.rng)));
@@ -110,16 +116,25 @@ impl Generator {
                 // Decimal odds around 1 + mid/100, Betfair-like ladders.
                 let odds = 1.01 + (mid / 100.0);
                 put("market_id", Value::Str(Cow::Borrowed("1.000000001")));
-                put("selection_id", Value::Str(Cow::Owned(format!("{}", 1000 + idx))));
+                put(
+                    "selection_id",
+                    Value::Str(Cow::Owned(format!("{}", 1000 + idx))),
+                );
                 put("status", Value::Str(Cow::Borrowed("OPEN")));
                 for level in 0..3 {
                     put(BACK[level], Value::Float(round(odds - 0.01 * level as f64)));
                     put(BACK_SIZE[level], Value::Float(q(&mut self.rng)));
-                    put(LAY[level], Value::Float(round(odds + 0.01 * (level as f64 + 1.0))));
+                    put(
+                        LAY[level],
+                        Value::Float(round(odds + 0.01 * (level as f64 + 1.0))),
+                    );
                     put(LAY_SIZE[level], Value::Float(q(&mut self.rng)));
                 }
                 put("ltp", Value::Float(round(odds)));
-                put("tv", Value::Float(round(self.rng.gen_range(100.0..10000.0))));
+                put(
+                    "tv",
+                    Value::Float(round(self.rng.gen_range(100.0..10000.0))),
+                );
             }
         }
         let ts = now_ns().max(self.last_ts + 1);

@@ -108,7 +108,10 @@ mod tests {
         assert!(b.commit("b").is_none());
         b.buffer("a").extend_from_slice(b"z\n");
         let full = b.commit("a").unwrap();
-        assert_eq!((full.rp, full.points, full.lines.as_slice()), ("a", 2, &b"x\nz\n"[..]));
+        assert_eq!(
+            (full.rp, full.points, full.lines.as_slice()),
+            ("a", 2, &b"x\nz\n"[..])
+        );
         assert!(b.due(false).is_empty());
         assert_eq!(b.pending(), 1);
         let rest = b.due(true);

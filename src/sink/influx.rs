@@ -109,7 +109,10 @@ impl InfluxClient {
         if r.status().is_success() {
             Ok(())
         } else {
-            Err(WriteError::Transient(format!("/ping answered {}", r.status())))
+            Err(WriteError::Transient(format!(
+                "/ping answered {}",
+                r.status()
+            )))
         }
     }
 
@@ -165,13 +168,14 @@ impl InfluxClient {
             .await
             .map_err(|e| WriteError::Transient(format!("query answer: {e}")))?;
         if !(200..300).contains(&status) {
-            let msg = v.get("error").and_then(|e| e.as_str()).unwrap_or("").to_string();
+            let msg = v
+                .get("error")
+                .and_then(|e| e.as_str())
+                .unwrap_or("")
+                .to_string();
             return Err(classify(status, msg));
         }
-        if let Some(err) = v
-            .pointer("/results/0/error")
-            .and_then(|e| e.as_str())
-        {
+        if let Some(err) = v.pointer("/results/0/error").and_then(|e| e.as_str()) {
             return Err(WriteError::Rejected(err.to_string()));
         }
         Ok(v)
@@ -191,7 +195,9 @@ pub fn classify(status: u16, msg: String) -> WriteError {
     match status {
         401 | 403 => WriteError::Auth(format!("{status} {msg}")),
         413 => WriteError::TooLarge,
-        _ if lower.contains("database not found") || lower.contains("retention policy not found") => {
+        _ if lower.contains("database not found")
+            || lower.contains("retention policy not found") =>
+        {
             WriteError::Missing(msg)
         }
         400 => WriteError::Rejected(msg),
@@ -218,9 +224,18 @@ mod tests {
     fn classifies_by_what_to_do() {
         assert!(matches!(classify(401, "".into()), WriteError::Auth(_)));
         assert!(matches!(classify(413, "".into()), WriteError::TooLarge));
-        assert!(matches!(classify(404, "database not found: \"tick\"".into()), WriteError::Missing(_)));
-        assert!(matches!(classify(500, "retention policy not found: x".into()), WriteError::Missing(_)));
-        assert!(matches!(classify(400, "partial write: field type conflict".into()), WriteError::Rejected(_)));
+        assert!(matches!(
+            classify(404, "database not found: \"tick\"".into()),
+            WriteError::Missing(_)
+        ));
+        assert!(matches!(
+            classify(500, "retention policy not found: x".into()),
+            WriteError::Missing(_)
+        ));
+        assert!(matches!(
+            classify(400, "partial write: field type conflict".into()),
+            WriteError::Rejected(_)
+        ));
         assert!(classify(503, "busy".into()).is_transient());
     }
 }

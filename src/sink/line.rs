@@ -77,7 +77,8 @@ impl LineEncoder {
         env: &Envelope<'_>,
         out: &mut Vec<u8>,
     ) -> Result<&'static Measurement, MapError> {
-        let m = schema::by_channel(&env.ch).ok_or_else(|| MapError::UnknownChannel(env.ch.to_string()))?;
+        let m = schema::by_channel(&env.ch)
+            .ok_or_else(|| MapError::UnknownChannel(env.ch.to_string()))?;
         if env.sym.is_empty() {
             return Err(MapError::EmptyInstrument);
         }
@@ -86,7 +87,10 @@ impl LineEncoder {
         // Tags sorted by key, as InfluxDB prefers; values as escaped bytes.
         let mut tagbuf: Vec<u8> = Vec::with_capacity(64);
         self.tags.clear();
-        let mut add = |tags: &mut Vec<(&'static str, usize, usize)>, key: &'static str, val: &str| -> Result<(), MapError> {
+        let mut add = |tags: &mut Vec<(&'static str, usize, usize)>,
+                       key: &'static str,
+                       val: &str|
+         -> Result<(), MapError> {
             if val.is_empty() {
                 return Ok(());
             }
@@ -153,7 +157,9 @@ impl LineEncoder {
                     out.extend_from_slice(ib.format(*i).as_bytes());
                     out.push(b'i');
                 }
-                (Kind::Bool, Value::Bool(b)) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
+                (Kind::Bool, Value::Bool(b)) => {
+                    out.extend_from_slice(if *b { b"true" } else { b"false" })
+                }
                 (Kind::Str, Value::Str(s)) => {
                     if s.contains('\n') {
                         return Err(MapError::Newline(field.name.into()));
@@ -238,7 +244,9 @@ mod tests {
             "trade",
             sym.to_string(),
             1_000_000_000,
-            data.into_iter().map(|(k, v)| (Cow::Borrowed(k), v)).collect(),
+            data.into_iter()
+                .map(|(k, v)| (Cow::Borrowed(k), v))
+                .collect(),
         );
         e.publisher = "k-1".into();
         e.seq = 3;
@@ -268,7 +276,10 @@ mod tests {
             "kraken_orders,instrument=BTC/USD\\,\\ x\\=y,ord_type=limit,publisher=k-1,side=buy,source=kraken price=42.0,qty=0.5,trade_id=77i,seq=3i,epoch=9i 1000000000\n"
         );
         // The reference parser agrees on every key and value.
-        let parsed = influxdb_line_protocol::parse_lines(line).next().unwrap().unwrap();
+        let parsed = influxdb_line_protocol::parse_lines(line)
+            .next()
+            .unwrap()
+            .unwrap();
         assert_eq!(parsed.series.measurement.to_string(), "kraken_orders");
         let tags = parsed.series.tag_set.unwrap();
         assert_eq!(tags[0].1.to_string(), "BTC/USD, x=y");
@@ -284,7 +295,10 @@ mod tests {
             env("a\nb", vec![("price", Value::Float(1.0))]),
             env("x", vec![("price", Value::Float(f64::INFINITY))]),
             env("x", vec![("price", Value::Str("1".into()))]),
-            env("x", vec![("side", Value::Float(1.0)), ("price", Value::Float(1.0))]),
+            env(
+                "x",
+                vec![("side", Value::Float(1.0)), ("price", Value::Float(1.0))],
+            ),
             env("x", vec![("nothing", Value::Float(1.0))]),
             env("", vec![("price", Value::Float(1.0))]),
         ];
@@ -299,14 +313,19 @@ mod tests {
         let mut enc = LineEncoder::new();
         let mut out = Vec::new();
         for _ in 0..3 {
-            enc.encode(&env("x", vec![("price", Value::Float(1.0))]), &mut out).unwrap();
+            enc.encode(&env("x", vec![("price", Value::Float(1.0))]), &mut out)
+                .unwrap();
         }
-        enc.encode(&env("y", vec![("price", Value::Float(1.0))]), &mut out).unwrap();
+        enc.encode(&env("y", vec![("price", Value::Float(1.0))]), &mut out)
+            .unwrap();
         let times: Vec<&str> = std::str::from_utf8(&out)
             .unwrap()
             .lines()
             .map(|l| l.rsplit(' ').next().unwrap())
             .collect();
-        assert_eq!(times, ["1000000000", "1000000001", "1000000002", "1000000000"]);
+        assert_eq!(
+            times,
+            ["1000000000", "1000000001", "1000000002", "1000000000"]
+        );
     }
 }

@@ -23,7 +23,10 @@ impl RateLimitedLog {
     }
     pub fn warn(&mut self, what: impl FnOnce() -> String) {
         let now = std::time::Instant::now();
-        if self.last.is_some_and(|l| now.duration_since(l) < self.every) {
+        if self
+            .last
+            .is_some_and(|l| now.duration_since(l) < self.every)
+        {
             self.suppressed += 1;
             return;
         }

@@ -105,7 +105,9 @@ impl WriterPool {
         if batch.points == 0 {
             return;
         }
-        self.stats.pending.fetch_add(batch.points as u64, Ordering::Relaxed);
+        self.stats
+            .pending
+            .fetch_add(batch.points as u64, Ordering::Relaxed);
         self.stats.queued_batches.fetch_add(1, Ordering::Relaxed);
         if self.tx.send(batch).await.is_err() {
             tracing::error!("writer pool closed while submitting");
@@ -121,7 +123,11 @@ impl WriterPool {
     pub fn failing_for(&self) -> Option<Duration> {
         match self.stats.failing_since_ms.load(Ordering::Relaxed) {
             0 => None,
-            since => Some(self.started.elapsed().saturating_sub(Duration::from_millis(since))),
+            since => Some(
+                self.started
+                    .elapsed()
+                    .saturating_sub(Duration::from_millis(since)),
+            ),
         }
     }
 
@@ -162,9 +168,15 @@ impl Shared {
             let r = self.client.write(b.rp, &b.lines).await;
             match r {
                 Ok(()) => {
-                    self.stats.latency_us.store(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
-                    self.stats.written.fetch_add(b.points as u64, Ordering::Relaxed);
-                    self.stats.pending.fetch_sub(b.points as u64, Ordering::Relaxed);
+                    self.stats
+                        .latency_us
+                        .store(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+                    self.stats
+                        .written
+                        .fetch_add(b.points as u64, Ordering::Relaxed);
+                    self.stats
+                        .pending
+                        .fetch_sub(b.points as u64, Ordering::Relaxed);
                     if failing {
                         self.stats.failing_since_ms.store(0, Ordering::Relaxed);
                         tracing::info!("InfluxDB writes succeed again");
@@ -180,13 +192,23 @@ impl Shared {
                     if !failing {
                         failing = true;
                         let now = (self.started.elapsed().as_millis() as u64).max(1);
-                        let _ = self.stats.failing_since_ms.compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+                        let _ = self.stats.failing_since_ms.compare_exchange(
+                            0,
+                            now,
+                            Ordering::Relaxed,
+                            Ordering::Relaxed,
+                        );
                     }
                     if let Ok(mut last) = self.stats.last_error.lock() {
                         *last = Some(e.to_string());
                     }
                     if let Ok(mut log) = self.log.lock() {
-                        log.warn(|| format!("write of {} points failed, retrying in {delay:?}: {e}", b.points));
+                        log.warn(|| {
+                            format!(
+                                "write of {} points failed, retrying in {delay:?}: {e}",
+                                b.points
+                            )
+                        });
                     }
                     let jitter = rand::thread_rng().gen_range(0.5..1.0);
                     tokio::time::sleep(delay.mul_f64(jitter)).await;
@@ -198,8 +220,12 @@ impl Shared {
 
     fn dead_letter(&self, b: &Batch, e: &WriteError) {
         use std::io::Write;
-        self.stats.dead_lettered.fetch_add(b.points as u64, Ordering::Relaxed);
-        self.stats.pending.fetch_sub(b.points as u64, Ordering::Relaxed);
+        self.stats
+            .dead_lettered
+            .fetch_add(b.points as u64, Ordering::Relaxed);
+        self.stats
+            .pending
+            .fetch_sub(b.points as u64, Ordering::Relaxed);
         tracing::error!(
             "{} point(s) refused by InfluxDB, kept in {}: {e}",
             b.points,
@@ -219,7 +245,10 @@ impl Shared {
             f.sync_data()
         })();
         if let Err(io) = r {
-            tracing::error!("cannot write dead-letter file {}: {io}", self.dead_letter.display());
+            tracing::error!(
+                "cannot write dead-letter file {}: {io}",
+                self.dead_letter.display()
+            );
         }
     }
 }

@@ -24,14 +24,20 @@ impl Env {
         let log = std::fs::File::create(dir.path().join("influxd.log")).expect("log");
         let mut influx = LocalInfluxd::spawn(None, &dir.path().join("influxdb"), 0, Some(log))
             .expect("influxd must be installed (apt-get install influxdb); .ci/run installs it");
-        influx.wait_ready(Duration::from_secs(30)).expect("influxd ready");
+        influx
+            .wait_ready(Duration::from_secs(30))
+            .expect("influxd ready");
         let client = InfluxClient::new(&InfluxConfig {
             url: influx.url(),
             ..Default::default()
         })
         .expect("client");
         nbpy::admin::schema::ensure(&client).await.expect("schema");
-        Env { dir, influx, client }
+        Env {
+            dir,
+            influx,
+            client,
+        }
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -75,13 +81,19 @@ impl Env {
     /// sequenced data points count).
     pub async fn count(&self, measurement: &str) -> u64 {
         let m = nbpy::schema::by_name(measurement).expect("known measurement");
-        let q = format!("SELECT count(\"seq\") FROM \"tick\".\"{}\".\"{}\"", m.rp, m.name);
+        let q = format!(
+            "SELECT count(\"seq\") FROM \"tick\".\"{}\".\"{}\"",
+            m.rp, m.name
+        );
         self.client.query_number(&q).await.unwrap_or(0.0) as u64
     }
 
     pub async fn count_data(&self) -> u64 {
         let mut n = 0;
-        for m in nbpy::schema::MEASUREMENTS.iter().filter(|m| m.name != "nbpy_pipeline") {
+        for m in nbpy::schema::MEASUREMENTS
+            .iter()
+            .filter(|m| m.name != "nbpy_pipeline")
+        {
             n += self.count(m.name).await;
         }
         n
@@ -128,7 +140,10 @@ impl Proc {
             }
             if t0.elapsed() > deadline {
                 let _ = self.child.kill();
-                panic!("process did not exit within {deadline:?}; log:\n{}", self.log_text());
+                panic!(
+                    "process did not exit within {deadline:?}; log:\n{}",
+                    self.log_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -160,7 +175,10 @@ impl Drop for Proc {
 }
 
 pub fn free_endpoint() -> String {
-    format!("tcp://127.0.0.1:{}", nbpy::backend::free_port().expect("port"))
+    format!(
+        "tcp://127.0.0.1:{}",
+        nbpy::backend::free_port().expect("port")
+    )
 }
 
 pub fn exists(p: &Path) -> bool {
