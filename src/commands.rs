@@ -49,11 +49,11 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         } => {
             let loaded = cli.common.boot()?;
             let client = crate::sink::influx::InfluxClient::new(&loaded.config.influxdb)?;
-            crate::cli::runtime()?
-                .block_on(crate::admin::schema::ensure(&client))
-                .map_err(|e| {
+            crate::cli::block_on(async {
+                crate::admin::schema::ensure(&client).await.map_err(|e| {
                     Failure::unavailable(anyhow::anyhow!("schema apply on {}: {e}", client.url()))
-                })?;
+                })
+            })?;
             println!(
                 "schema: database {:?} and retention policies in place",
                 client.database()

@@ -69,7 +69,7 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
     let mut published = 0u64;
     let mut errors = RateLimitedLog::new(Duration::from_secs(5));
     let mut buf = Vec::with_capacity(1024);
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut last = (Instant::now(), 0u64);
     let mut feed_result: Option<Result<(), Failure>> = None;
     loop {
@@ -110,6 +110,9 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
             }
             _ = tick.tick() => {
                 svc.liveness.beat();
+                if last.0.elapsed() < Duration::from_secs(1) {
+                    continue;
+                }
                 let (t, n) = last;
                 let rate = (published - n) as f64 / t.elapsed().as_secs_f64().max(1e-3);
                 last = (Instant::now(), published);

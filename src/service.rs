@@ -209,7 +209,9 @@ fn spawn_watchdog(svc: Arc<Service>, period: Duration) {
         let mut withheld = false;
         loop {
             tick.tick().await;
-            match svc.liveness.problem(period) {
+            // Main loops beat every 250 ms or faster; a short WatchdogSec
+            // must not mistake that rhythm for a hang.
+            match svc.liveness.problem(period.max(Duration::from_secs(2))) {
                 None => {
                     if withheld {
                         tracing::info!("watchdog: healthy again");
