@@ -269,9 +269,12 @@ pub fn init_logging(format: LogFormat, level: &str) {
     };
     let registry = tracing_subscriber::registry().with(filter);
     if want_journal {
-        if let Ok(layer) = tracing_journald::layer() {
-            let _ = registry.with(layer).try_init();
-            return;
+        match tracing_journald::layer() {
+            Ok(layer) => {
+                let _ = registry.with(layer).try_init();
+                return;
+            }
+            Err(e) => eprintln!("stderr is the journal, but journald is unreachable ({e}); logging to stderr"),
         }
     }
     if format == LogFormat::Json {

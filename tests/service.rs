@@ -167,3 +167,39 @@ async fn subscriber_ready_only_once_influxdb_answers_via_abstract_socket() {
     rec.wait_for("STOPPING=1", Duration::from_secs(5));
     assert_eq!(status.code(), Some(0), "{}", std::fs::read_to_string(&log).unwrap_or_default());
 }
+
+/// The journald decision: `JOURNAL_STREAM` counts only when it names the
+/// process's own stderr. (No journald runs on this machine, so the chosen
+/// path shows as the fallback note; under the systemd harness the journal
+/// itself receives the logs.)
+#[test]
+fn journal_is_chosen_only_when_journal_stream_matches_stderr() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let run = |journal_stream: Option<String>, log: &std::path::Path| {
+        let f = std::fs::File::create(log).unwrap();
+        let mut cmd = std::process::Command::new(bin_path("nbpy-publisher"));
+        cmd.args(["no-such-publisher"]).env_remove("NBPY_CONFIG").stderr(f);
+        match journal_stream {
+            Some(v) => cmd.env("JOURNAL_STREAM", v),
+            None => cmd.env_remove("JOURNAL_STREAM"),
+        };
+        let status = cmd.status().unwrap();
+        assert_eq!(status.code(), Some(78), "an unknown publisher is a config error");
+        std::fs::read_to_string(log).unwrap()
+    };
+    let log = dir.path().join("a.log");
+    std::fs::write(&log, "").unwrap();
+    let md = std::fs::metadata(&log).unwrap();
+    // The file is recreated in place (same inode) by File::create's truncate.
+    let matching = run(Some(format!("{}:{}", md.dev(), md.ino())), &log);
+    assert!(matching.contains("stderr is the journal"), "{matching}");
+    let other = dir.path().join("other");
+    std::fs::write(&other, "").unwrap();
+    let omd = std::fs::metadata(&other).unwrap();
+    let mismatched = run(Some(format!("{}:{}", omd.dev(), omd.ino())), &dir.path().join("b.log"));
+    assert!(!mismatched.contains("stderr is the journal"), "{mismatched}");
+    assert!(mismatched.contains("no publisher named"), "{mismatched}");
+    let unset = run(None, &dir.path().join("c.log"));
+    assert!(!unset.contains("stderr is the journal"), "{unset}");
+}
