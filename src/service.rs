@@ -274,7 +274,9 @@ pub fn init_logging(format: LogFormat, level: &str) {
                 let _ = registry.with(layer).try_init();
                 return;
             }
-            Err(e) => eprintln!("stderr is the journal, but journald is unreachable ({e}); logging to stderr"),
+            Err(e) => eprintln!(
+                "stderr is the journal, but journald is unreachable ({e}); logging to stderr"
+            ),
         }
     }
     if format == LogFormat::Json {

@@ -18,7 +18,10 @@ fn good(seq: u64) -> ZmqMessage {
         "ticker",
         "BTC/USD",
         nbpy::wire::now_ns(),
-        vec![("bid".into(), Value::Float(1.0 + seq as f64)), ("ask".into(), Value::Float(2.0))],
+        vec![
+            ("bid".into(), Value::Float(1.0 + seq as f64)),
+            ("ask".into(), Value::Float(2.0)),
+        ],
     );
     e.seq = seq;
     e.epoch = 42;
@@ -49,8 +52,15 @@ fn bad_kinds() -> Vec<ZmqMessage> {
     };
     vec![
         two("t.ticker.X", b"{not json".to_vec()),
-        two("t.ticker.X", br#"{"v":2,"src":"a","ch":"ticker","sym":"X","seq":1,"epoch":1,"data":{}}"#.to_vec()),
-        two("t.ticker.X", br#"{"v":1,"src":"a","ch":"ticker","sym":"X","seq":"one","epoch":1,"data":{}}"#.to_vec()),
+        two(
+            "t.ticker.X",
+            br#"{"v":2,"src":"a","ch":"ticker","sym":"X","seq":1,"epoch":1,"data":{}}"#.to_vec(),
+        ),
+        two(
+            "t.ticker.X",
+            br#"{"v":1,"src":"a","ch":"ticker","sym":"X","seq":"one","epoch":1,"data":{}}"#
+                .to_vec(),
+        ),
         two("t.ticker.X", env(r#"{"bid":"a string"}"#)),
         two("t.ticker.X", env(r#"{"bid":[1,2]}"#)),
         two("t.ticker.X", env(r#"{"nothing":1.0}"#)),
@@ -68,7 +78,10 @@ trait ReplaceTicker {
 }
 impl ReplaceTicker for Vec<u8> {
     fn replace_ticker(self) -> Vec<u8> {
-        String::from_utf8(self).unwrap().replace("\"ticker\"", "\"nosuch\"").into_bytes()
+        String::from_utf8(self)
+            .unwrap()
+            .replace("\"ticker\"", "\"nosuch\"")
+            .into_bytes()
     }
 }
 
@@ -81,9 +94,16 @@ async fn malformed_frames_are_counted_exactly_and_good_ones_all_stored() {
     ));
     let mut xpub = zeromq::XPubSocket::new();
     xpub.bind(&ep).await.unwrap();
-    let mut sub = env.spawn("nbpy-subscriber", &["--config", cfg.to_str().unwrap(), "main"], &[]);
+    let mut sub = env.spawn(
+        "nbpy-subscriber",
+        &["--config", cfg.to_str().unwrap(), "main"],
+        &[],
+    );
     // Wait for the subscriber's subscription frame before sending anything.
-    let frame = tokio::time::timeout(Duration::from_secs(30), xpub.recv()).await.expect("subscription").unwrap();
+    let frame = tokio::time::timeout(Duration::from_secs(30), xpub.recv())
+        .await
+        .expect("subscription")
+        .unwrap();
     assert_eq!(frame.get(0).unwrap()[0], 1, "a subscribe frame");
 
     let bad = bad_kinds();
@@ -108,8 +128,19 @@ async fn malformed_frames_are_counted_exactly_and_good_ones_all_stored() {
     let row = &v["results"][0]["series"][0]["values"][0];
     assert_eq!(row[1].as_u64(), Some(n_bad), "malformed counted exactly");
     assert_eq!(row[2].as_u64(), Some(n_good + n_bad), "received");
-    assert_eq!(row[3].as_u64(), Some(0), "the bad frames did not disturb gap accounting");
+    assert_eq!(
+        row[3].as_u64(),
+        Some(0),
+        "the bad frames did not disturb gap accounting"
+    );
     // Logging is rate-limited: far fewer lines than bad messages.
-    let lines = sub.log_text().lines().filter(|l| l.contains("malformed") || l.contains("cannot store")).count();
-    assert!(lines > 0 && (lines as u64) < n_bad / 4, "{lines} log lines for {n_bad} bad messages");
+    let lines = sub
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("malformed") || l.contains("cannot store"))
+        .count();
+    assert!(
+        lines > 0 && (lines as u64) < n_bad / 4,
+        "{lines} log lines for {n_bad} bad messages"
+    );
 }

@@ -21,13 +21,19 @@ impl Recorder {
     fn bind(sock: UnixDatagram) -> Recorder {
         let msgs = Arc::new(Mutex::new(Vec::new()));
         let m = msgs.clone();
-        sock.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
         std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
             loop {
                 match sock.recv(&mut buf) {
-                    Ok(n) => m.lock().unwrap().push((Instant::now(), String::from_utf8_lossy(&buf[..n]).into_owned())),
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {}
+                    Ok(n) => m.lock().unwrap().push((
+                        Instant::now(),
+                        String::from_utf8_lossy(&buf[..n]).into_owned(),
+                    )),
+                    Err(e)
+                        if e.kind() == std::io::ErrorKind::WouldBlock
+                            || e.kind() == std::io::ErrorKind::TimedOut => {}
                     Err(_) => return,
                 }
             }
@@ -43,12 +49,19 @@ impl Recorder {
             if let Some((t, _)) = self.all().into_iter().find(|(_, m)| m.contains(needle)) {
                 return t;
             }
-            assert!(t0.elapsed() < deadline, "no {needle:?} within {deadline:?}: {:?}", self.all());
+            assert!(
+                t0.elapsed() < deadline,
+                "no {needle:?} within {deadline:?}: {:?}",
+                self.all()
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
     fn count(&self, needle: &str, after: Instant, before: Instant) -> usize {
-        self.all().iter().filter(|(t, m)| m.contains(needle) && *t >= after && *t < before).count()
+        self.all()
+            .iter()
+            .filter(|(t, m)| m.contains(needle) && *t >= after && *t < before)
+            .count()
     }
 }
 
@@ -74,7 +87,11 @@ async fn publisher_ready_when_bound_watchdog_only_while_data_flows_clean_stop() 
     let fifo = env.path("feed.fifo");
     nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
     // Read+write open never blocks on Linux and keeps the FIFO from hitting EOF.
-    let mut feed = std::fs::OpenOptions::new().read(true).write(true).open(&fifo).unwrap();
+    let mut feed = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&fifo)
+        .unwrap();
     let ep = free_endpoint();
     let port: u16 = ep.rsplit(':').next().unwrap().parse().unwrap();
     let cfg = env.config(&format!(
@@ -89,7 +106,10 @@ async fn publisher_ready_when_bound_watchdog_only_while_data_flows_clean_stop() 
     );
     rec.wait_for("READY=1", Duration::from_secs(20));
     // READY means the socket is bound: a connection succeeds right away.
-    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(), "READY before bind");
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+        "READY before bind"
+    );
 
     // Data flows for 2 s: pings keep coming.
     let flow_start = Instant::now();
@@ -101,7 +121,11 @@ async fn publisher_ready_when_bound_watchdog_only_while_data_flows_clean_stop() 
     }
     let stall = Instant::now();
     let during_flow = rec.count("WATCHDOG=1", flow_start, stall);
-    assert!(during_flow >= 5, "only {during_flow} pings while data flowed: {:?}", rec.all());
+    assert!(
+        during_flow >= 5,
+        "only {during_flow} pings while data flowed: {:?}",
+        rec.all()
+    );
 
     // The feed stalls: after stale_after (1 s) + one ping period the pings stop.
     let quiet_from = stall + Duration::from_millis(1000 + 400 + 300);
@@ -109,8 +133,17 @@ async fn publisher_ready_when_bound_watchdog_only_while_data_flows_clean_stop() 
     while Instant::now() < observe_until {
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(rec.count("WATCHDOG=1", quiet_from, observe_until), 0, "pings continued on a stalled feed: {:?}", rec.all());
-    assert!(p.log_text().contains("withholding pings"), "{}", p.log_text());
+    assert_eq!(
+        rec.count("WATCHDOG=1", quiet_from, observe_until),
+        0,
+        "pings continued on a stalled feed: {:?}",
+        rec.all()
+    );
+    assert!(
+        p.log_text().contains("withholding pings"),
+        "{}",
+        p.log_text()
+    );
 
     p.signal(nix::sys::signal::Signal::SIGTERM);
     let status = p.wait(Duration::from_secs(20));
@@ -122,7 +155,8 @@ async fn publisher_ready_when_bound_watchdog_only_while_data_flows_clean_stop() 
 async fn subscriber_ready_only_once_influxdb_answers_via_abstract_socket() {
     let dir = tempfile::tempdir().unwrap();
     let name = format!("nbpy-test-{}", std::process::id());
-    let sock = UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes()).unwrap()).unwrap();
+    let sock =
+        UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes()).unwrap()).unwrap();
     let rec = Recorder::bind(sock);
     let port = nbpy::backend::free_port().unwrap();
     let ep = free_endpoint();
@@ -147,10 +181,15 @@ async fn subscriber_ready_only_once_influxdb_answers_via_abstract_socket() {
         .spawn()
         .unwrap();
     rec.wait_for("waiting for InfluxDB", Duration::from_secs(20));
-    assert!(!rec.all().iter().any(|(_, m)| m.contains("READY=1")), "READY without InfluxDB: {:?}", rec.all());
+    assert!(
+        !rec.all().iter().any(|(_, m)| m.contains("READY=1")),
+        "READY without InfluxDB: {:?}",
+        rec.all()
+    );
 
     // Now InfluxDB comes up on the configured port: READY follows.
-    let mut influx = nbpy::backend::LocalInfluxd::spawn(None, &dir.path().join("influx"), port, None).unwrap();
+    let mut influx =
+        nbpy::backend::LocalInfluxd::spawn(None, &dir.path().join("influx"), port, None).unwrap();
     influx.wait_ready(Duration::from_secs(30)).unwrap();
     let client = nbpy::sink::influx::InfluxClient::new(&nbpy::config::InfluxConfig {
         url: influx.url(),
@@ -159,13 +198,26 @@ async fn subscriber_ready_only_once_influxdb_answers_via_abstract_socket() {
     .unwrap();
     nbpy::admin::schema::ensure(&client).await.unwrap();
     let ready = rec.wait_for("READY=1", Duration::from_secs(30));
-    let waiting: Vec<_> = rec.all().into_iter().filter(|(t, m)| m.contains("waiting for InfluxDB") && *t < ready).collect();
+    let waiting: Vec<_> = rec
+        .all()
+        .into_iter()
+        .filter(|(t, m)| m.contains("waiting for InfluxDB") && *t < ready)
+        .collect();
     assert!(!waiting.is_empty());
 
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
     let status = child.wait().unwrap();
     rec.wait_for("STOPPING=1", Duration::from_secs(5));
-    assert_eq!(status.code(), Some(0), "{}", std::fs::read_to_string(&log).unwrap_or_default());
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
 }
 
 /// The journald decision: `JOURNAL_STREAM` counts only when it names the
@@ -179,13 +231,19 @@ fn journal_is_chosen_only_when_journal_stream_matches_stderr() {
     let run = |journal_stream: Option<String>, log: &std::path::Path| {
         let f = std::fs::File::create(log).unwrap();
         let mut cmd = std::process::Command::new(bin_path("nbpy-publisher"));
-        cmd.args(["no-such-publisher"]).env_remove("NBPY_CONFIG").stderr(f);
+        cmd.args(["no-such-publisher"])
+            .env_remove("NBPY_CONFIG")
+            .stderr(f);
         match journal_stream {
             Some(v) => cmd.env("JOURNAL_STREAM", v),
             None => cmd.env_remove("JOURNAL_STREAM"),
         };
         let status = cmd.status().unwrap();
-        assert_eq!(status.code(), Some(78), "an unknown publisher is a config error");
+        assert_eq!(
+            status.code(),
+            Some(78),
+            "an unknown publisher is a config error"
+        );
         std::fs::read_to_string(log).unwrap()
     };
     let log = dir.path().join("a.log");
@@ -197,8 +255,14 @@ fn journal_is_chosen_only_when_journal_stream_matches_stderr() {
     let other = dir.path().join("other");
     std::fs::write(&other, "").unwrap();
     let omd = std::fs::metadata(&other).unwrap();
-    let mismatched = run(Some(format!("{}:{}", omd.dev(), omd.ino())), &dir.path().join("b.log"));
-    assert!(!mismatched.contains("stderr is the journal"), "{mismatched}");
+    let mismatched = run(
+        Some(format!("{}:{}", omd.dev(), omd.ino())),
+        &dir.path().join("b.log"),
+    );
+    assert!(
+        !mismatched.contains("stderr is the journal"),
+        "{mismatched}"
+    );
     assert!(mismatched.contains("no publisher named"), "{mismatched}");
     let unset = run(None, &dir.path().join("c.log"));
     assert!(!unset.contains("stderr is the journal"), "{unset}");

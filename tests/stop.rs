@@ -42,19 +42,39 @@ connect = ["{ep}"]
     let q = "SELECT last(\"received\"), last(\"malformed\"), last(\"gaps\") FROM \"tick\".\"default\".\"nbpy_pipeline\" WHERE component = 'main'";
     let v = env.client.query(q).await.unwrap();
     let row = &v["results"][0]["series"][0]["values"][0];
-    let (received, malformed, gaps) = (row[1].as_u64().unwrap(), row[2].as_u64().unwrap(), row[3].as_u64().unwrap());
+    let (received, malformed, gaps) = (
+        row[1].as_u64().unwrap(),
+        row[2].as_u64().unwrap(),
+        row[3].as_u64().unwrap(),
+    );
     assert_eq!((malformed, gaps), (0, 0));
     // … is exactly what is stored, and the stored seqs are one unbroken run.
     let stored = env.count_data().await;
     let (mut lo, mut hi) = (u64::MAX, 0);
-    for m in ["kraken_tick", "kraken_depth", "kraken_orders", "oanda_tick", "betfair_stream"] {
+    for m in [
+        "kraken_tick",
+        "kraken_depth",
+        "kraken_orders",
+        "oanda_tick",
+        "betfair_stream",
+    ] {
         let rp = nbpy::schema::by_name(m).unwrap().rp;
-        let v = env.client.query(&format!("SELECT min(\"seq\"), max(\"seq\") FROM \"tick\".\"{rp}\".\"{m}\"")).await.unwrap();
+        let v = env
+            .client
+            .query(&format!(
+                "SELECT min(\"seq\"), max(\"seq\") FROM \"tick\".\"{rp}\".\"{m}\""
+            ))
+            .await
+            .unwrap();
         let r = &v["results"][0]["series"][0]["values"][0];
         lo = lo.min(r[1].as_u64().unwrap());
         hi = hi.max(r[2].as_u64().unwrap());
     }
     eprintln!("stop under load: {stop_time:?} to stop; {received} accepted, {stored} stored, seq {lo}..={hi}");
     assert_eq!(stored, received, "accepted vs stored");
-    assert_eq!((lo, hi - lo + 1), (1, stored), "stored seqs are 1..=N with no hole");
+    assert_eq!(
+        (lo, hi - lo + 1),
+        (1, stored),
+        "stored seqs are 1..=N with no hole"
+    );
 }
