@@ -599,7 +599,7 @@ pub async fn read(
 ) -> Result<Actual, SchemaError> {
     let mut a = Actual::default();
     // Auth on? A request with made-up credentials is refused only then.
-    match login(cfg, Some(("nbpy-auth-probe", ""))).await {
+    match login(client, cfg, Some(("nbpy-auth-probe", ""))).await {
         Ok(true) => {}
         Ok(false) => a.auth = true,
         Err(WriteError::Rejected(m)) if m.contains("create admin user first") => {
@@ -688,7 +688,7 @@ pub async fn read(
             }
         }
         if a.auth
-            && !login(cfg, Some((&u.name, &u.password)))
+            && !login(client, cfg, Some((&u.name, &u.password)))
                 .await
                 .map_err(ctx(format!("logging in as {:?}", u.name)))?
         {
@@ -700,9 +700,12 @@ pub async fn read(
 
 /// `SHOW DATABASES` as `user` (None: no credentials at all). `Ok(false)`
 /// when the server refuses the credentials.
-async fn login(cfg: &Config, user: Option<(&str, &str)>) -> Result<bool, WriteError> {
-    let base = reqwest::Url::parse(&cfg.influxdb.url)
-        .map_err(|e| WriteError::Rejected(format!("influxdb.url: {e}")))?;
+async fn login(
+    client: &InfluxClient,
+    cfg: &Config,
+    user: Option<(&str, &str)>,
+) -> Result<bool, WriteError> {
+    let base = client.url().clone();
     let mut url = base.clone();
     url.set_path(&format!("{}/query", base.path().trim_end_matches('/')));
     let http = reqwest::Client::builder()
@@ -719,8 +722,10 @@ async fn login(cfg: &Config, user: Option<(&str, &str)>) -> Result<bool, WriteEr
         .map_err(|e| WriteError::Transient(format!("cannot reach InfluxDB: {e}")))?;
     let status = r.status().as_u16();
     let text = r.text().await.unwrap_or_default();
+    if text.contains("create admin user first") {
+        return Err(WriteError::Rejected(text));
+    }
     match status {
-        200..=299 if text.contains("create admin user first") => Err(WriteError::Rejected(text)),
         200..=299 => Ok(true),
         401 | 403 => Ok(false),
         _ => Err(crate::sink::influx::classify(status, text)),
