@@ -200,7 +200,6 @@ fn tag_variable(ds_uid: &str, name: &str, measurement: &str, key: &str) -> Value
         "label": name,
         "datasource": ds(ds_uid),
         "query": q,
-        "definition": q,
         "refresh": 2,
         "multi": true,
         "includeAll": true,
