@@ -229,12 +229,40 @@ impl Default for SchemaConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct RetentionConfig {
     /// How long data is kept; `0s` keeps it forever (`INF`).
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "day_duration")]
     pub duration: Duration,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "day_duration")]
     pub shard_duration: Duration,
     /// The database's default policy (writes without `rp=` land here).
     pub default: bool,
+}
+
+/// Durations as `365d` / `1h` (humantime would print 365 days as
+/// "11months 30days 3h 50m 24s"); read with humantime, so "30 days" works too.
+mod day_duration {
+    use std::time::Duration;
+
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        let secs = d.as_secs();
+        let text = if d.subsec_nanos() != 0 {
+            humantime::format_duration(*d).to_string()
+        } else if secs == 0 {
+            "0s".to_string()
+        } else if secs % 86_400 == 0 {
+            format!("{}d", secs / 86_400)
+        } else if secs % 3600 == 0 {
+            format!("{}h", secs / 3600)
+        } else if secs % 60 == 0 {
+            format!("{}m", secs / 60)
+        } else {
+            format!("{secs}s")
+        };
+        s.serialize_str(&text)
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        humantime_serde::deserialize(d)
+    }
 }
 
 impl Default for RetentionConfig {

@@ -375,7 +375,7 @@ async fn handle(
                 return refuse(st, &line, &e);
             }
             let d = &body["dashboard"];
-            if !d["title"].as_str().is_some_and(|t| !t.is_empty()) {
+            if d["title"].as_str().is_none_or(|t| t.is_empty()) {
                 drop(s);
                 return refuse(st, &line, "dashboard.title is required");
             }
