@@ -466,6 +466,13 @@ password_file = {writer_pw:?}
     )
     .unwrap();
 
+    // Auth on, no admin yet, none declared: a clear refusal.
+    let bare_cfg = dir.path().join("no-users.toml");
+    std::fs::write(&bare_cfg, format!("[influxdb]\nurl = \"{url}\"\n")).unwrap();
+    let (code, out) = nbpy(&bare_cfg, &["schema", "apply"]);
+    assert_eq!(code, nbpy::exit::NOPERM, "{out}");
+    assert!(out.contains("no admin user yet"), "{out}");
+
     // Fresh server with auth on: the first admin is created first, then
     // everything else as that admin.
     let (code, out) = nbpy(&cfg, &["schema", "apply"]);

@@ -740,10 +740,26 @@ pub struct Report {
     pub kept: Vec<Change>,
 }
 
+/// On a server with auth on and no admin yet, only creating an admin works:
+/// say so instead of failing on the first other statement.
+fn check_bootstrap(d: &Declared, a: &Actual) -> Result<(), Failure> {
+    if a.needs_first_admin && !d.users.iter().any(|u| u.admin) {
+        return Err(Failure::new(
+            crate::exit::NOPERM,
+            anyhow::anyhow!(
+                "InfluxDB has auth on and no admin user yet: declare one under [schema.users.NAME] \
+                 with admin = true and password_file, and set influxdb.username / password_file to it"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Computes the plan without changing anything.
 pub async fn diff(client: &InfluxClient, cfg: &Config, prune: bool) -> Result<Report, Failure> {
     let d = declared(cfg)?;
     let a = read(client, &d, cfg).await?;
+    check_bootstrap(&d, &a)?;
     Ok(Report {
         changes: plan(&d, &a, prune),
         kept: if prune {
@@ -759,6 +775,7 @@ pub async fn diff(client: &InfluxClient, cfg: &Config, prune: bool) -> Result<Re
 pub async fn apply(client: &InfluxClient, cfg: &Config, prune: bool) -> Result<Report, Failure> {
     let d = declared(cfg)?;
     let a = read(client, &d, cfg).await?;
+    check_bootstrap(&d, &a)?;
     let changes = plan(&d, &a, prune);
     for c in &changes {
         for stmt in c.statements(&d) {
@@ -767,7 +784,7 @@ pub async fn apply(client: &InfluxClient, cfg: &Config, prune: bool) -> Result<R
                 .trim_start_matches(['+', '~', '-', ' '])
                 .to_string()))?;
         }
-        tracing::info!("schema: {c}");
+        tracing::debug!("schema: {c}");
     }
     Ok(Report {
         changes,
