@@ -21,16 +21,51 @@ pub enum Command {
         #[command(subcommand)]
         action: ConfigAction,
     },
-    /// Phase 2: InfluxDB database and retention policies.
+    /// Phase 2: InfluxDB database, retention policies, downsampling, users.
     Schema {
         #[command(subcommand)]
         action: SchemaAction,
+    },
+    /// Phase 4: Grafana datasource and dashboards, from the same schema.
+    Grafana {
+        #[command(subcommand)]
+        action: GrafanaAction,
     },
 }
 
 #[derive(Subcommand)]
 pub enum SchemaAction {
-    /// Create the database and retention policies that are missing.
+    /// Create what is missing and alter what drifted (idempotent).
+    Apply {
+        /// Also remove retention policies, continuous queries (and users,
+        /// when [schema.users] declares any) that are not declared.
+        #[arg(long)]
+        prune: bool,
+    },
+    /// Show the drift without changing anything. Exit 0: none, 1: drift
+    /// (what `apply` with the same flags would change).
+    Diff {
+        /// Count undeclared things as drift, as `apply --prune` would.
+        #[arg(long)]
+        prune: bool,
+    },
+    /// Per measurement and retention policy: series, points, newest point
+    /// age, shards and disk size.
+    Stats {
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum GrafanaAction {
+    /// Write provisioning files (datasource YAML, dashboard provider YAML,
+    /// one dashboard JSON per measurement + pipeline health) into DIR
+    /// (default: grafana.provisioning_dir).
+    Render { dir: Option<std::path::PathBuf> },
+    /// Upsert the folder, datasource and dashboards through Grafana's HTTP
+    /// API (grafana.url, grafana.admin_user, grafana.admin_password_file).
     Apply,
 }
 
@@ -44,21 +79,13 @@ pub enum ConfigAction {
 
 pub fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
-        Command::Schema {
-            action: SchemaAction::Apply,
-        } => {
+        Command::Schema { action } => {
             let loaded = cli.common.boot()?;
-            let client = crate::sink::influx::InfluxClient::new(&loaded.config.influxdb)?;
-            crate::cli::block_on(async {
-                crate::admin::schema::ensure(&client).await.map_err(|e| {
-                    Failure::unavailable(anyhow::anyhow!("schema apply on {}: {e}", client.url()))
-                })
-            })?;
-            println!(
-                "schema: database {:?} and retention policies in place",
-                client.database()
-            );
-            Ok(())
+            crate::admin::cli::schema(&loaded.config, action)
+        }
+        Command::Grafana { action } => {
+            let loaded = cli.common.boot()?;
+            crate::admin::cli::grafana(&loaded.config, action)
         }
         Command::Config { action } => {
             let loaded =
