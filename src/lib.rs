@@ -32,4 +32,5 @@ pub mod schema;
 pub mod service;
 pub mod sink;
 pub mod subscriber;
+pub mod supervisor;
 pub mod wire;
