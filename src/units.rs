@@ -207,6 +207,58 @@ mod tests {
         }
     }
 
+    /// The sandbox block, as written in the publisher template.
+    fn sandbox() -> Vec<&'static str> {
+        let text = get(PUBLISHER_TEMPLATE).unwrap().text;
+        let start = text.find("# --- sandbox").unwrap();
+        text[start..]
+            .lines()
+            .skip(1)
+            .take_while(|l| !l.is_empty())
+            .filter(|l| !l.starts_with('#'))
+            .collect()
+    }
+
+    #[test]
+    fn every_service_carries_the_same_sandbox() {
+        let block = sandbox();
+        assert!(block.len() > 20, "{block:?}");
+        for u in UNITS.iter().filter(|u| u.name.ends_with(".service")) {
+            for line in &block {
+                assert!(
+                    u.text.lines().any(|l| l == *line),
+                    "{} lacks {line:?}",
+                    u.name
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn everything_stops_with_the_target_and_templates_keep_instance_names() {
+        for u in UNITS.iter().filter(|u| u.name != TARGET) {
+            assert!(
+                u.text.lines().any(|l| l == "PartOf=nbpy.target"),
+                "{} is not PartOf=nbpy.target",
+                u.name
+            );
+            // %I would turn a '-' in a configured name into '/'.
+            assert!(
+                !u.text
+                    .lines()
+                    .any(|l| !l.starts_with('#') && l.contains("%I")),
+                "{} uses %I",
+                u.name
+            );
+        }
+        let sub = get(SUBSCRIBER_TEMPLATE).unwrap().text;
+        assert!(sub
+            .lines()
+            .any(|l| l.starts_with("After=") && l.contains("nbpy-publishers.target")));
+        let publ = get(PUBLISHER_TEMPLATE).unwrap().text;
+        assert!(publ.lines().any(|l| l == "Before=nbpy-publishers.target"));
+    }
+
     #[test]
     fn instance_names_keep_dashes() {
         assert_eq!(

@@ -75,6 +75,7 @@ stale_after = "10s"
 feed = "replay"
 endpoint = "tcp://127.0.0.1:5571"
 file = "{FIFO}"
+wait_for_subscribers = 1
 stale_after = "2s"
 
 [subscribers.main]
@@ -176,7 +177,7 @@ exec /usr/bin/env -i container=nbpy-test /lib/systemd/systemd --system --unit=nb
              TimeoutStartSec=8min\n\
              ExecStopPost=/bin/sh -c 'echo \"$$SERVICE_RESULT $$EXIT_CODE $$EXIT_STATUS\" > /results/inner.status; \
              journalctl -b --no-pager -o short-monotonic > /results/journal.txt 2>&1; \
-             systemctl poweroff --no-block'\n"
+             systemctl poweroff --no-block 2>/dev/null'\n"
         )
     }
 
@@ -710,12 +711,13 @@ mod inner {
             "phase order violated:\n{}",
             order.join("\n")
         );
-        // The gate really waited for answers, not for "started".
-        assert!(
-            journal(GATE).contains("answers /ping"),
-            "the readiness gate did not report InfluxDB answering:\n{}",
-            journal(GATE)
-        );
+        // The gate waited for answers, not for "started".
+        let gate = journal(GATE);
+        let answered = gate
+            .lines()
+            .find(|l| l.contains("answers /ping"))
+            .unwrap_or_else(|| panic!("the readiness gate never saw InfluxDB answer:\n{gate}"));
+        println!("phase 1 gate: {answered}");
 
         // ---- points arrive -------------------------------------------------
         let (synth, stall) = poll(
@@ -808,7 +810,20 @@ mod inner {
         // ---- stop: subscribers first, inside the timeouts, nothing lost ----
         let status = systemctl_within(&["stop", TARGET], Duration::from_secs(240));
         assert!(status.success(), "systemctl stop {TARGET}: {status}");
-        let s = show(ALL);
+        // `systemctl stop nbpy.target` returns when the target itself is
+        // down, which (stop order being reversed) is first; the PartOf stops
+        // it queued are still running. Wait for them, bounded.
+        let nbpy: Vec<&str> = ALL.iter().copied().filter(|u| *u != INFLUXDB).collect();
+        let s = poll(
+            "every nbpy unit to be down",
+            Duration::from_secs(120),
+            || {
+                let s = show(ALL);
+                nbpy.iter()
+                    .all(|u| matches!(get(&s, u, "ActiveState"), "inactive" | "failed"))
+                    .then_some(s)
+            },
+        );
         let mut problems = Vec::new();
         println!("stop (ms from the subscriber being told to stop):");
         let origin = mono(&s, MAIN, "ActiveExitTimestampMonotonic");
@@ -822,6 +837,10 @@ mod inner {
             let timeout =
                 humantime::parse_duration(get(&s, u, "TimeoutStopUSec")).unwrap_or(Duration::ZERO);
             let took = Duration::from_micros(gone.saturating_sub(exit));
+            if let Some(why) = pending.get(u) {
+                println!("  {u:<32} (pending: {why})");
+                continue;
+            }
             println!(
                 "  {:<32} {:>8} {:>8} {:>8} {:>10}  {}/{} exit {}",
                 u,
@@ -833,9 +852,6 @@ mod inner {
                 get(&s, u, "Result"),
                 get(&s, u, "ExecMainStatus")
             );
-            if pending.contains_key(u) {
-                continue;
-            }
             if get(&s, u, "ActiveState") != "inactive"
                 || get(&s, u, "Result") != "success"
                 || get(&s, u, "ExecMainCode") != "1"
