@@ -645,7 +645,7 @@ mod inner {
             t => t,
         };
         let phases: &[(&str, &[&str])] = &[
-            ("0 influxdb.service (distro unit)", &[INFLUXDB]),
+            ("0 distro unit", &[INFLUXDB]),
             ("1 backends", &[GATE]),
             ("2 schema", &[SCHEMA]),
             ("3a publishers", &[SYNTH, STALL, PUBLISHERS]),
@@ -915,6 +915,10 @@ mod inner {
                 .unwrap_or_else(|| panic!("a number before {word:?} in {line:?}"))
         };
         let accepted = number_before(" accepted");
+        // Both publishers wait for their subscriber, so even across the
+        // kill -9 and the watchdog restart (new epochs) no sequence number
+        // went missing in between.
+        assert_eq!(number_before(" gaps"), 0, "gaps in {line:?}");
         let (synth, stall) = (influx.stored("synth"), influx.stored("stall"));
         println!("subscriber: {line}");
         println!("stored: synth {synth} + stall {stall} = {}", synth + stall);

@@ -238,3 +238,39 @@ fn long_running(root: &Path, unit: &str) -> bool {
         .map(|t| t.contains("Type=notify"))
         .unwrap_or(false)
 }
+
+/// The phase-1 gate's command: against a port where nothing answers it fails
+/// with EX_UNAVAILABLE (69) and says so; started alongside a fresh influxd
+/// (a process that exists but does not answer yet) it returns only once
+/// `/ping` answers.
+#[test]
+fn the_influxdb_gate_waits_for_answers_not_for_a_process() {
+    let nbpy = env!("CARGO_BIN_EXE_nbpy");
+    let port = nbpy::backend::free_port().unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    let out = Command::new(nbpy)
+        .args(["wait", "influxdb", "--timeout", "1s"])
+        .env("NBPY_INFLUXDB__URL", &url)
+        .env_remove("NBPY_CONFIG")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(69), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("did not answer /ping within"), "{err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let influx = nbpy::backend::LocalInfluxd::spawn(None, &dir.path().join("db"), 0, None)
+        .expect("influxd must be installed (apt-get install influxdb)");
+    let out = Command::new(nbpy)
+        .args(["wait", "influxdb", "--timeout", "60s"])
+        .env("NBPY_INFLUXDB__URL", influx.url())
+        .env_remove("NBPY_CONFIG")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        nbpy::backend::ping(&influx.addr),
+        "gate returned before /ping answered"
+    );
+    println!("{}", String::from_utf8_lossy(&out.stdout).trim());
+}
