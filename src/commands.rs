@@ -133,10 +133,15 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
                     println!("{what} {}", p.display());
                 }
             }
+            let instances = crate::units::instances(&loaded.config);
             println!(
                 "{} unit file(s) up to date; instances: {}",
                 report.unchanged.len(),
-                crate::units::instances(&loaded.config).join(" ")
+                if instances.is_empty() {
+                    "none (the config has no [publishers.NAME] or [subscribers.NAME])".to_string()
+                } else {
+                    instances.join(" ")
+                }
             );
             if root == std::path::Path::new("/") {
                 println!("next: systemctl daemon-reload && systemctl start nbpy.target");
