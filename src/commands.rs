@@ -31,6 +31,39 @@ pub enum Command {
         #[command(subcommand)]
         action: GrafanaAction,
     },
+    /// Phase 1 gate: wait until a backend answers (the readiness oneshot runs this).
+    Wait {
+        #[command(subcommand)]
+        what: WaitFor,
+    },
+    /// The systemd units: install them and wire the configured instances.
+    Units {
+        #[command(subcommand)]
+        action: UnitsAction,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum WaitFor {
+    /// Until the configured InfluxDB answers /ping; exit 69 (EX_UNAVAILABLE) at the timeout.
+    Influxdb {
+        #[arg(long, default_value = "90s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum UnitsAction {
+    /// Write the units to ROOT/etc/systemd/system and link every configured
+    /// publisher and subscriber into nbpy.target.wants/ (stale ones are unlinked).
+    Install {
+        /// Install under this root instead of / (a staging or image tree).
+        #[arg(long, default_value = "/")]
+        root: std::path::PathBuf,
+        /// Also start nbpy.target at boot (multi-user.target.wants/).
+        #[arg(long)]
+        enable: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -86,6 +119,61 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         Command::Grafana { action } => {
             let loaded = cli.common.boot()?;
             crate::admin::cli::grafana(&loaded.config, action)
+        }
+        Command::Wait {
+            what: WaitFor::Influxdb { timeout },
+        } => {
+            let loaded = cli.common.boot()?;
+            let client = crate::sink::influx::InfluxClient::new(&loaded.config.influxdb)?;
+            let waited = crate::cli::runtime()?
+                .block_on(crate::backend::wait_answering(&client, timeout))
+                .map_err(|e| Failure::unavailable(anyhow::anyhow!(e)))?;
+            println!(
+                "influxdb: {} answers /ping (waited {:.1}s)",
+                client.url(),
+                waited.as_secs_f64()
+            );
+            Ok(())
+        }
+        Command::Units {
+            action: UnitsAction::Install { root, enable },
+        } => {
+            let loaded =
+                crate::config::load(cli.common.config.as_deref()).map_err(Failure::config)?;
+            let report = crate::units::install(&root, &loaded.config, enable).map_err(|e| {
+                let code = if e.kind() == std::io::ErrorKind::PermissionDenied {
+                    crate::exit::NOPERM
+                } else {
+                    crate::exit::CANTCREAT
+                };
+                Failure::new(
+                    code,
+                    anyhow::anyhow!("installing units under {}: {e}", root.display()),
+                )
+            })?;
+            for (what, paths) in [
+                ("wrote", &report.written),
+                ("linked", &report.linked),
+                ("unlinked", &report.unlinked),
+            ] {
+                for p in paths {
+                    println!("{what} {}", p.display());
+                }
+            }
+            let instances = crate::units::instances(&loaded.config);
+            println!(
+                "{} unit file(s) up to date; instances: {}",
+                report.unchanged.len(),
+                if instances.is_empty() {
+                    "none (the config has no [publishers.NAME] or [subscribers.NAME])".to_string()
+                } else {
+                    instances.join(" ")
+                }
+            );
+            if root == std::path::Path::new("/") {
+                println!("next: systemctl daemon-reload && systemctl start nbpy.target");
+            }
+            Ok(())
         }
         Command::Config { action } => {
             let loaded =

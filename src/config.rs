@@ -484,7 +484,13 @@ pub fn figment(file: Option<&Path>) -> Figment {
     if let Some(f) = file {
         fig = fig.merge(Toml::file_exact(f));
     }
-    fig.merge(Env::prefixed("NBPY_").ignore(&["config"]).split("__"))
+    // NBPY_ALLOW_SKIP tells the test suite which tests may skip; it is not
+    // configuration, and must not make every binary reject its environment.
+    fig.merge(
+        Env::prefixed("NBPY_")
+            .ignore(&["config", "allow_skip"])
+            .split("__"),
+    )
 }
 
 /// Loads, layers and validates the configuration.

@@ -18,6 +18,7 @@
 //! - [`sink`]: line protocol, batching, InfluxDB client.
 //! - [`service`]: sd_notify, watchdog, signals, logging.
 //! - [`exit`]: sysexits-style exit codes and the error type that carries them.
+//! - [`units`]: the systemd units (embedded from `systemd/`) and their installer.
 
 pub mod admin;
 pub mod backend;
@@ -33,4 +34,5 @@ pub mod service;
 pub mod sink;
 pub mod subscriber;
 pub mod supervisor;
+pub mod units;
 pub mod wire;
