@@ -114,7 +114,9 @@ pub fn check(cfg: &PublisherConfig) -> Vec<String> {
         }
     }
     if o.heartbeat_timeout.is_zero() {
-        p.push("oanda.heartbeat_timeout must be more than 0 (OANDA sends a heartbeat every 5s)".into());
+        p.push(
+            "oanda.heartbeat_timeout must be more than 0 (OANDA sends a heartbeat every 5s)".into(),
+        );
     }
     p
 }
@@ -243,7 +245,9 @@ pub async fn run(ctx: FeedContext) -> Result<(), Failure> {
         .tcp_keepalive(Duration::from_secs(30))
         .user_agent(concat!("nbpy/", env!("CARGO_PKG_VERSION")))
         .build()
-        .map_err(|e| Failure::config(anyhow::anyhow!("publisher {}: HTTP client: {e}", ctx.name)))?;
+        .map_err(|e| {
+            Failure::config(anyhow::anyhow!("publisher {}: HTTP client: {e}", ctx.name))
+        })?;
     let mut stream = Stream {
         ctx: &ctx,
         client,
@@ -273,7 +277,11 @@ pub async fn run(ctx: FeedContext) -> Result<(), Failure> {
             }
         }
     }
-    tracing::info!("publisher {}: OANDA feed published {} prices", ctx.name, out.sent);
+    tracing::info!(
+        "publisher {}: OANDA feed published {} prices",
+        ctx.name,
+        out.sent
+    );
     Ok(())
 }
 
@@ -379,8 +387,9 @@ impl Stream<'_> {
                 let line = match line {
                     Line::TooLong => {
                         out.malformed();
-                        self.log
-                            .warn(|| format!("publisher {name}: OANDA line over {MAX_LINE} bytes skipped"));
+                        self.log.warn(|| {
+                            format!("publisher {name}: OANDA line over {MAX_LINE} bytes skipped")
+                        });
                         continue;
                     }
                     Line::Text(t) => t,
@@ -457,7 +466,10 @@ mod tests {
         let Message::Price(env) = decode(line).unwrap() else {
             panic!("not a price")
         };
-        assert_eq!((env.src.as_ref(), env.ch.as_ref(), env.sym.as_ref()), ("oanda", "price", "EUR_USD"));
+        assert_eq!(
+            (env.src.as_ref(), env.ch.as_ref(), env.sym.as_ref()),
+            ("oanda", "price", "EUR_USD")
+        );
         assert_eq!(env.ts, 1_474_383_947_960_449_532);
         assert_eq!(env.get("bid"), Some(&Value::Float(1.1159)));
         assert_eq!(env.get("ask"), Some(&Value::Float(1.11605)));

@@ -94,7 +94,9 @@ impl RunnerKey {
     fn new(id: i64, hc: Option<f64>) -> Self {
         RunnerKey {
             id,
-            hc_milli: hc.filter(|h| h.is_finite()).map_or(0, |h| (h * 1000.0).round() as i64),
+            hc_milli: hc
+                .filter(|h| h.is_finite())
+                .map_or(0, |h| (h * 1000.0).round() as i64),
         }
     }
 
@@ -155,7 +157,10 @@ impl RunnerView {
             ("lay3", "lay3_size"),
         ];
         let mut data: Fields<'static> = Vec::with_capacity(18);
-        data.push(("market_id".into(), Value::Str(self.market_id.clone().into())));
+        data.push((
+            "market_id".into(),
+            Value::Str(self.market_id.clone().into()),
+        ));
         data.push((
             "selection_id".into(),
             Value::Str(self.selection_id.clone().into()),
@@ -232,7 +237,10 @@ impl MarketCache {
                 all = true;
             }
             for r in def.runners.iter().flatten() {
-                market.runners.entry(RunnerKey::new(r.id, r.hc)).or_default();
+                market
+                    .runners
+                    .entry(RunnerKey::new(r.id, r.hc))
+                    .or_default();
             }
         }
         for rc in mc.rc.iter().flatten() {
@@ -365,7 +373,10 @@ mod tests {
             &mut odd,
         );
         assert_eq!(changed.len(), 1);
-        assert_eq!(changed[0].back, vec![Some((2.02, 11.0)), None, Some((1.96, 30.0))]);
+        assert_eq!(
+            changed[0].back,
+            vec![Some((2.02, 11.0)), None, Some((1.96, 30.0))]
+        );
         let mut fresh = MarketCache::new(3);
         fresh.apply(&mc(r#"{"id":"1.1","img":true,"marketDefinition":{"status":"OPEN"},
             "rc":[{"id":5,"batb":[[0,2.02,11],[2,1.96,30]],"batl":[[0,2.02,5],[1,2.04,6],[2,2.06,7]],"ltp":2.02,"tv":150.5},
@@ -378,7 +389,9 @@ mod tests {
     fn unchanged_runners_are_not_published_twice_and_status_republishes() {
         let mut odd = Oddities::default();
         let mut c = MarketCache::new(2);
-        let image = mc(r#"{"id":"1.2","img":true,"marketDefinition":{"status":"OPEN"},"rc":[{"id":1,"batb":[[0,1.5,3]]},{"id":2,"batl":[[0,4.0,1]]}]}"#);
+        let image = mc(
+            r#"{"id":"1.2","img":true,"marketDefinition":{"status":"OPEN"},"rc":[{"id":1,"batb":[[0,1.5,3]]},{"id":2,"batl":[[0,4.0,1]]}]}"#,
+        );
         assert_eq!(c.apply(&image, &mut odd).len(), 2);
         assert!(c.apply(&image, &mut odd).is_empty(), "identical image");
         let suspended = c.apply(
@@ -386,8 +399,13 @@ mod tests {
             &mut odd,
         );
         assert_eq!(suspended.len(), 2);
-        assert!(suspended.iter().all(|v| v.status.as_deref() == Some("SUSPENDED")));
-        let closed = c.apply(&mc(r#"{"id":"1.2","marketDefinition":{"status":"CLOSED"}}"#), &mut odd);
+        assert!(suspended
+            .iter()
+            .all(|v| v.status.as_deref() == Some("SUSPENDED")));
+        let closed = c.apply(
+            &mc(r#"{"id":"1.2","marketDefinition":{"status":"CLOSED"}}"#),
+            &mut odd,
+        );
         assert_eq!(closed.len(), 2);
         assert_eq!(c.markets(), 0, "closed markets are dropped");
     }

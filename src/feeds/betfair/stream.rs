@@ -136,9 +136,8 @@ impl Credentials {
                     .map_err(|e| cfg_err(format!("betfair.cert_file {}: {e}", cert.display())))?;
                 pem.push(b'\n');
                 pem.extend(
-                    std::fs::read(resolve(key)).map_err(|e| {
-                        cfg_err(format!("betfair.key_file {}: {e}", key.display()))
-                    })?,
+                    std::fs::read(resolve(key))
+                        .map_err(|e| cfg_err(format!("betfair.key_file {}: {e}", key.display())))?,
                 );
                 let identity = reqwest::Identity::from_pem(&pem).map_err(|e| {
                     cfg_err(format!(
@@ -174,12 +173,10 @@ impl Credentials {
             }
             _ => match &b.session_token_file {
                 Some(p) => TokenSource::File(p.clone()),
-                None => {
-                    return Err(cfg_err(
-                        "betfair: neither session_token_file nor the certificate login is configured"
-                            .into(),
-                    ))
-                }
+                None => return Err(cfg_err(
+                    "betfair: neither session_token_file nor the certificate login is configured"
+                        .into(),
+                )),
             },
         };
         Ok(Credentials {
@@ -282,7 +279,12 @@ async fn login(
     }
     let answer: LoginAnswer = match resp.json().await {
         Ok(a) => a,
-        Err(e) => return lost(format!("certificate login answer unreadable: {}", e.without_url())),
+        Err(e) => {
+            return lost(format!(
+                "certificate login answer unreadable: {}",
+                e.without_url()
+            ))
+        }
     };
     match (answer.login_status.as_deref(), answer.session_token) {
         (Some("SUCCESS"), Some(t)) if !t.is_empty() => Ok(Ok(t)),
@@ -332,11 +334,7 @@ enum Read {
 }
 
 impl Conn {
-    async fn open(
-        host: &str,
-        port: u16,
-        tls: &Arc<rustls::ClientConfig>,
-    ) -> Result<Conn, String> {
+    async fn open(host: &str, port: u16, tls: &Arc<rustls::ClientConfig>) -> Result<Conn, String> {
         let tcp = tokio::time::timeout(STEP_TIMEOUT, TcpStream::connect((host, port)))
             .await
             .map_err(|_| format!("connecting to {host}:{port} timed out"))?
@@ -552,7 +550,9 @@ impl Feed<'_> {
                 out.malformed();
                 continue;
             };
-            if r.op == "status" && (r.id == Some(AUTH_ID) || r.status_code.as_deref() == Some("FAILURE")) {
+            if r.op == "status"
+                && (r.id == Some(AUTH_ID) || r.status_code.as_deref() == Some("FAILURE"))
+            {
                 if r.status_code.as_deref() == Some("SUCCESS") {
                     break;
                 }
@@ -566,7 +566,11 @@ impl Feed<'_> {
         }
         tracing::info!(
             "publisher {name}: subscribed to Betfair markets{}",
-            if resuming { " (resuming from the last clock)" } else { "" }
+            if resuming {
+                " (resuming from the last clock)"
+            } else {
+                ""
+            }
         );
         let mut productive = false;
         loop {
@@ -574,8 +578,9 @@ impl Feed<'_> {
                 Read::Line(l) => l,
                 Read::TooLong => {
                     out.malformed();
-                    self.log
-                        .warn(|| format!("publisher {name}: Betfair line over {MAX_LINE} bytes skipped"));
+                    self.log.warn(|| {
+                        format!("publisher {name}: Betfair line over {MAX_LINE} bytes skipped")
+                    });
                     continue;
                 }
                 Read::Silent => {
@@ -587,12 +592,7 @@ impl Feed<'_> {
                         productive,
                     })
                 }
-                Read::Closed(e) => {
-                    return Ok(Ended::Lost {
-                        why: e,
-                        productive,
-                    })
-                }
+                Read::Closed(e) => return Ok(Ended::Lost { why: e, productive }),
             };
             let r: Response = match serde_json::from_slice(&line) {
                 Ok(r) => r,
@@ -750,7 +750,10 @@ mod tests {
             Ok(("127.0.0.1".into(), 4430))
         );
         assert_eq!(parse_endpoint("tls://[::1]:99"), Ok(("::1".into(), 99)));
-        assert_eq!(parse_endpoint("ssl://example.org"), Ok(("example.org".into(), 443)));
+        assert_eq!(
+            parse_endpoint("ssl://example.org"),
+            Ok(("example.org".into(), 443))
+        );
         assert!(parse_endpoint("https://x:1").is_err());
         assert!(parse_endpoint("tls://x:http").is_err());
     }
