@@ -259,13 +259,16 @@ pub async fn run(ctx: FeedContext) -> Result<(), Failure> {
     let mut out = Outlet::new(&ctx);
     let mut backoff = Backoff::venue();
     loop {
-        match stream.session(&mut out).await? {
+        let t0 = std::time::Instant::now();
+        let ended = tokio::select! {
+            biased;
+            _ = ctx.shutdown.cancelled() => Ended::Stop,
+            r = stream.session(&mut out) => r?,
+        };
+        match ended {
             Ended::Stop => break,
             Ended::Lost { why, productive } => {
-                if productive {
-                    backoff.reset();
-                }
-                let d = backoff.next_delay();
+                let d = backoff.after(productive, t0.elapsed());
                 tracing::warn!(
                     "publisher {}: OANDA stream {why}; reconnecting in {} ms",
                     ctx.name,

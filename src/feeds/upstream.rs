@@ -25,13 +25,19 @@ use crate::wire::Envelope;
 /// and skipped, so a broken server cannot grow the buffer without bound.
 pub const MAX_LINE: usize = 4 << 20;
 
+/// A connection that carried data for at least this long was healthy: the
+/// next reconnect starts from the shortest delay again. Shorter ones keep
+/// growing it, so a venue that accepts, sends a little and drops every time
+/// is not hammered.
+pub const HEALTHY: Duration = Duration::from_secs(10);
+
 /// How one connection ended, when the feed should carry on.
 #[derive(Debug)]
 pub enum Ended {
     /// `ctx.shutdown` fired, or the publisher went away, or `count` was reached.
     Stop,
     /// The connection was lost; reconnect after a delay. `productive` says
-    /// whether it carried data (which resets the backoff).
+    /// whether it carried data (see [`Backoff::after`]).
     Lost { why: String, productive: bool },
 }
 
@@ -63,6 +69,15 @@ impl Backoff {
 
     pub fn reset(&mut self) {
         self.step = self.min;
+    }
+
+    /// The delay before reconnecting after a connection that lived `lived`
+    /// and did (`productive`) or did not carry data.
+    pub fn after(&mut self, productive: bool, lived: Duration) -> Duration {
+        if productive && lived >= HEALTHY {
+            self.reset();
+        }
+        self.next_delay()
     }
 
     /// The delay to wait now; the next one will be about twice as long.
@@ -284,6 +299,19 @@ mod tests {
         }
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn only_a_healthy_connection_resets_the_backoff() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+        for _ in 0..4 {
+            b.after(false, Duration::ZERO);
+        }
+        // Data, but dropped at once: a flapping venue keeps backing off.
+        assert!(b.after(true, Duration::from_millis(50)) >= Duration::from_millis(800));
+        // Silent for long: still not healthy.
+        assert!(b.after(false, HEALTHY * 2) >= Duration::from_millis(1600));
+        assert!(b.after(true, HEALTHY) <= Duration::from_millis(100));
     }
 
     #[test]

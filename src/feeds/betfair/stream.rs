@@ -425,6 +425,7 @@ pub(super) async fn run(ctx: FeedContext) -> Result<(), Failure> {
     let mut out = Outlet::new(&ctx);
     let mut backoff = Backoff::venue();
     loop {
+        let t0 = std::time::Instant::now();
         let ended = tokio::select! {
             biased;
             _ = ctx.shutdown.cancelled() => Ended::Stop,
@@ -433,10 +434,7 @@ pub(super) async fn run(ctx: FeedContext) -> Result<(), Failure> {
         match ended {
             Ended::Stop => break,
             Ended::Lost { why, productive } => {
-                if productive {
-                    backoff.reset();
-                }
-                let d = backoff.next_delay();
+                let d = backoff.after(productive, t0.elapsed());
                 tracing::warn!(
                     "publisher {}: Betfair stream {why}; reconnecting in {} ms",
                     ctx.name,

@@ -217,6 +217,15 @@ struct RuleChange {
     meta: Option<serde_json::Value>,
 }
 
+/// A JSON answer, read within 30 s.
+async fn json_body<T: serde::de::DeserializeOwned>(resp: reqwest::Response) -> Result<T, String> {
+    match tokio::time::timeout(Duration::from_secs(30), resp.json::<T>()).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(e.without_url().to_string()),
+        Err(_) => Err("timed out".into()),
+    }
+}
+
 pub async fn run(ctx: FeedContext) -> Result<(), Failure> {
     let problems = check(&ctx.cfg);
     if !problems.is_empty() {
@@ -253,17 +262,23 @@ pub async fn run(ctx: FeedContext) -> Result<(), Failure> {
     // X asks for a backoff starting at a minute after HTTP 429.
     let mut throttle = Backoff::new(Duration::from_secs(60), Duration::from_secs(15 * 60));
     loop {
-        match x.session(&mut out).await? {
+        let t0 = std::time::Instant::now();
+        let ended = tokio::select! {
+            biased;
+            _ = ctx.shutdown.cancelled() => Ended::Stop,
+            r = x.session(&mut out) => r?,
+        };
+        match ended {
             Ended::Stop => break,
             Ended::Lost { why, productive } => {
-                if productive {
-                    backoff.reset();
-                    throttle.reset();
-                }
+                let lived = t0.elapsed();
                 let d = if std::mem::take(&mut x.throttled) {
-                    throttle.next_delay()
+                    throttle.after(productive, lived)
                 } else {
-                    backoff.next_delay()
+                    if productive && lived >= upstream::HEALTHY {
+                        throttle.reset();
+                    }
+                    backoff.after(productive, lived)
                 };
                 tracing::warn!(
                     "publisher {}: X filtered stream {why}; reconnecting in {} ms",
@@ -358,11 +373,11 @@ impl Stream<'_> {
             Ok(r) => r,
             Err(e) => return Ok(Some(e)),
         };
-        let list: RuleList = match resp.json().await {
+        let list: RuleList = match json_body(resp).await {
             Ok(l) => l,
             Err(e) => {
                 return Ok(Some(Ended::Lost {
-                    why: format!("rule list unreadable: {}", e.without_url()),
+                    why: format!("rule list unreadable: {e}"),
                     productive: false,
                 }))
             }
@@ -411,8 +426,7 @@ impl Stream<'_> {
             Ok(r) => r,
             Err(e) => return Ok(Some(e)),
         };
-        let ids = resp
-            .json::<RuleList>()
+        let ids = json_body::<RuleList>(resp)
             .await
             .ok()
             .and_then(|l| l.data)
@@ -440,11 +454,11 @@ impl Stream<'_> {
             Ok(r) => r,
             Err(e) => return Ok(Err(e)),
         };
-        let change: RuleChange = match resp.json().await {
+        let change: RuleChange = match json_body(resp).await {
             Ok(c) => c,
             Err(e) => {
                 return Ok(Err(Ended::Lost {
-                    why: format!("{what}: answer unreadable: {}", e.without_url()),
+                    why: format!("{what}: answer unreadable: {e}"),
                     productive: false,
                 }))
             }
