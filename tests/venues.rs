@@ -652,9 +652,29 @@ async fn betfair_image_and_deltas_publish_and_a_reconnect_resumes_from_the_clock
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn betfair_heartbeats_keep_it_alive_and_silence_reconnects() {
     let files = betfair_files();
-    let server = BetfairServer::start(&files.pki, good_auth, |n, sub| match n {
+    // The image in three segments, one runner each (segmentationEnabled).
+    let full = image(PT);
+    let segments: Vec<String> = ["SEG_START", "SEG", "SEG_END"]
+        .iter()
+        .enumerate()
+        .map(|(i, seg)| {
+            let mut m = full.clone();
+            m["segmentType"] = json!(seg);
+            m["mc"][0]["rc"] = json!([full["mc"][0]["rc"][i].clone()]);
+            if *seg != "SEG_START" {
+                m["mc"][0]
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("marketDefinition");
+            }
+            mcm(m)
+        })
+        .collect();
+    let server = BetfairServer::start(&files.pki, good_auth, move |n, sub| match n {
         0 => vec![
-            line(mcm(image(PT))),
+            line(segments[0].clone()),
+            line(segments[1].clone()),
+            line(segments[2].clone()),
             // 2.5 s of heartbeats only; silence would be noticed after 1.5 s.
             Step::Every {
                 line: heartbeat("HB"),
@@ -677,6 +697,11 @@ async fn betfair_heartbeats_keep_it_alive_and_silence_reconnects() {
     }
     let d1 = feed.next().await;
     assert_eq!(d1.ts, 1_465_207_624_263_000_000);
+    assert_eq!(
+        (f(&d1, "back1"), f(&d1, "lay1"), s(&d1, "status").as_deref()),
+        (Some(2.0), Some(2.02), Some("OPEN")),
+        "the first segment's runner survived the later segments"
+    );
     assert_eq!(
         server.connections(),
         1,

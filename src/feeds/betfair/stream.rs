@@ -12,7 +12,7 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::rustls::{self, pki_types};
 use tokio_rustls::TlsConnector;
 
-use super::cache::{MarketCache, Oddities, Response};
+use super::cache::{MarketCache, MarketChange, Oddities, Response};
 use super::{DEFAULT_LOGIN_URL, DEFAULT_STREAM};
 use crate::exit::{self, Failure};
 use crate::feeds::upstream::{self, Backoff, Ended, Line, LineSplitter, Outlet, MAX_LINE};
@@ -399,6 +399,8 @@ struct Feed<'a> {
     /// What Betfair said it will send, once it said so.
     heartbeat_ms: u64,
     conflate_ms: u64,
+    /// Markets imaged so far in the current (possibly segmented) message.
+    imaged: std::collections::HashSet<String>,
     log: RateLimitedLog,
 }
 
@@ -420,6 +422,7 @@ pub(super) async fn run(ctx: FeedContext) -> Result<(), Failure> {
         clk: None,
         heartbeat_ms: b.heartbeat_ms,
         conflate_ms: b.conflate_ms.unwrap_or(0),
+        imaged: Default::default(),
         log: RateLimitedLog::new(Duration::from_secs(5)),
     };
     let mut out = Outlet::new(&ctx);
@@ -651,8 +654,23 @@ impl Feed<'_> {
                 // so unchanged runners are not sent again.
                 self.cache.clear();
             }
+            if first_segment {
+                self.imaged.clear();
+            }
             let mut odd = Oddities::default();
             for mc in r.mc.iter().flatten() {
+                // A market's image may go on in a later segment of the same
+                // message: that continues it rather than replacing it.
+                let merged;
+                let mc = if mc.img && !self.imaged.insert(mc.id.clone()) {
+                    merged = MarketChange {
+                        img: false,
+                        ..mc.clone()
+                    };
+                    &merged
+                } else {
+                    mc
+                };
                 for view in self.cache.apply(mc, &mut odd) {
                     if !out.offer(view.envelope(r.pt)) {
                         return false;
