@@ -123,6 +123,20 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
             }
         }
     }
+    if feed_result.is_none() {
+        // The queue can close (the feed's sender dropped with its future)
+        // before the task's end is seen: fetch its result so a feed's
+        // failure still decides the exit code.
+        feed_result = match tokio::time::timeout(Duration::from_secs(5), &mut feed).await {
+            Ok(r) => {
+                Some(r.unwrap_or_else(|e| Err(Failure::from(anyhow::anyhow!("feed task: {e}")))))
+            }
+            Err(_) => {
+                feed.abort();
+                None
+            }
+        };
+    }
     let dropped = stats.dropped.load(Ordering::Relaxed);
     svc.stopping(&format!("sent {published}"));
     tracing::info!("publisher {name}: sent {published} messages, dropped {dropped}, stopping");
