@@ -26,6 +26,24 @@ pub enum Command {
         #[command(subcommand)]
         action: SchemaAction,
     },
+    /// Phase 5: listen to every publisher, reconcile with InfluxDB, judge
+    /// against [validate]; exit 65 when a threshold breaks, 69 when a
+    /// publisher or InfluxDB cannot be reached.
+    Validate {
+        /// How long to listen (default: validate.duration).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        duration: Option<std::time::Duration>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The health picture (from nbpy-health, else probed directly) as a
+    /// table; exit 69 when the appliance is not ready.
+    Status {
+        /// Print the picture as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -44,6 +62,18 @@ pub enum ConfigAction {
 
 pub fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
+        Command::Validate { duration, json } => {
+            let loaded = cli.common.boot()?;
+            crate::cli::runtime()?.block_on(crate::validate::command(
+                &loaded.config,
+                duration,
+                json,
+            ))
+        }
+        Command::Status { json } => {
+            let loaded = cli.common.boot()?;
+            crate::cli::runtime()?.block_on(crate::status::command(&loaded.config, json))
+        }
         Command::Schema {
             action: SchemaAction::Apply,
         } => {
