@@ -11,6 +11,7 @@ use std::time::Duration;
 use crate::config::Config;
 use crate::exit::{Failure, UNAVAILABLE};
 use crate::health::report::{self, Status};
+use crate::validate::emit;
 
 /// How long a direct probe watches the bus when no daemon answers.
 pub const PROBE_FOR: Duration = Duration::from_secs(3);
@@ -24,9 +25,9 @@ pub async fn fetch(listen: &str) -> Result<Option<Status>, Failure> {
     let url = format!("http://{listen}/status");
     match http.get(&url).send().await {
         Ok(r) => {
-            let r = r.error_for_status().map_err(|e| {
-                Failure::unavailable(anyhow::anyhow!("{url}: {e}"))
-            })?;
+            let r = r
+                .error_for_status()
+                .map_err(|e| Failure::unavailable(anyhow::anyhow!("{url}: {e}")))?;
             let s = r
                 .json::<Status>()
                 .await
@@ -54,10 +55,9 @@ pub async fn command(cfg: &Config, json: bool) -> Result<(), Failure> {
     if json {
         let text = serde_json::to_string_pretty(&status)
             .map_err(|e| Failure::from(anyhow::anyhow!("status as JSON: {e}")))?;
-        println!("{text}");
+        emit(&format!("{text}\n"));
     } else {
-        println!("# {note}");
-        print!("{}", report::render(&status));
+        emit(&format!("# {note}\n{}", report::render(&status)));
     }
     if status.ready {
         Ok(())

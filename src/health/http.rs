@@ -13,7 +13,11 @@ use tokio_util::sync::CancellationToken;
 use super::Monitor;
 
 /// Accepts connections until `stop`; each is served on its own task.
-pub async fn serve(listener: tokio::net::TcpListener, monitor: Arc<Monitor>, stop: CancellationToken) {
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    monitor: Arc<Monitor>,
+    stop: CancellationToken,
+) {
     loop {
         let (stream, _) = tokio::select! {
             _ = stop.cancelled() => return,

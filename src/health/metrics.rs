@@ -131,8 +131,8 @@ pub fn encode(s: &Status) -> Result<String, std::fmt::Error> {
     );
     let sub_counter = gauge(
         &mut reg,
-        "nbpy_subscriber_counter",
-        "The subscriber's own counters as it last wrote them (received, gaps, written, queue_depth, spool_bytes, ...)",
+        "nbpy_subscriber_reported",
+        "The subscriber's own counters as it last wrote them to nbpy_pipeline, by field (received, gaps, written, queue_depth, spool_bytes, ...)",
     );
     let write_latency = gauge(
         &mut reg,
@@ -151,7 +151,12 @@ pub fn encode(s: &Status) -> Result<String, std::fmt::Error> {
             uptime.get_or_create(&l).set(p / 100.0);
         }
     };
-    component("influxdb", "influxdb", s.influxdb.state, s.influxdb.uptime_pct);
+    component(
+        "influxdb",
+        "influxdb",
+        s.influxdb.state,
+        s.influxdb.uptime_pct,
+    );
     if let Some(g) = &s.grafana {
         component("grafana", "grafana", g.state, g.uptime_pct);
     }
@@ -200,7 +205,7 @@ pub fn encode(s: &Status) -> Result<String, std::fmt::Error> {
                 write_latency.get_or_create(&l).set(v / 1e3);
                 continue;
             }
-            let l = labels(&[("subscriber", &sub.name), ("counter", k)]);
+            let l = labels(&[("subscriber", &sub.name), ("field", k)]);
             sub_counter.get_or_create(&l).set(*v);
         }
     }

@@ -64,9 +64,7 @@ use crate::sink::influx::InfluxClient;
 use crate::wire::now_ns;
 use feeds::FeedWatch;
 use probe::PipelinePoint;
-use report::{
-    Backend, PublisherStatus, State, Status, SubscriberStatus, TopicStatus, Unit,
-};
+use report::{Backend, PublisherStatus, State, Status, SubscriberStatus, TopicStatus, Unit};
 
 /// How far back the newest `nbpy_pipeline` points are looked for.
 const PIPELINE_LOOKBACK: Duration = Duration::from_secs(3600);
@@ -272,9 +270,10 @@ impl Monitor {
         let now = Instant::now();
         let p = self.polled();
         let uptime = |key: &str| {
-            p.uptime.get(key).filter(|q| !q.is_empty()).map(|q| {
-                100.0 * q.iter().filter(|(_, up)| *up).count() as f64 / q.len() as f64
-            })
+            p.uptime
+                .get(key)
+                .filter(|q| !q.is_empty())
+                .map(|q| 100.0 * q.iter().filter(|(_, up)| *up).count() as f64 / q.len() as f64)
         };
         let influxdb = Backend {
             url: self.client.url().to_string(),
@@ -310,8 +309,13 @@ impl Monitor {
             uptime_pct: uptime("grafana"),
         });
         let unit_down = |u: Option<&Unit>| {
-            u.filter(|u| !matches!(u.active_state.as_str(), "active" | "activating" | "reloading"))
-                .map(|u| format!("unit {} is {} ({})", u.id, u.active_state, u.sub_state))
+            u.filter(|u| {
+                !matches!(
+                    u.active_state.as_str(),
+                    "active" | "activating" | "reloading"
+                )
+            })
+            .map(|u| format!("unit {} is {} ({})", u.id, u.active_state, u.sub_state))
         };
 
         let mut publishers = Vec::new();
@@ -325,11 +329,7 @@ impl Monitor {
             } else if !st.connected {
                 (
                     State::Down,
-                    Some(
-                        st.problem
-                            .clone()
-                            .unwrap_or_else(|| "not connected".into()),
-                    ),
+                    Some(st.problem.clone().unwrap_or_else(|| "not connected".into())),
                 )
             } else if silent_for > f.cfg.stale_after.as_secs_f64() {
                 (
@@ -559,10 +559,7 @@ pub async fn run(cfg: &Config, listen: Option<&str>) -> Result<(), Failure> {
             anyhow::anyhow!("health: cannot listen on {addr}: {e} (health.listen)"),
         )
     })?;
-    let bound = listener
-        .local_addr()
-        .map(|a| a.to_string())
-        .unwrap_or(addr);
+    let bound = listener.local_addr().map(|a| a.to_string()).unwrap_or(addr);
     let monitor = Monitor::start(cfg, &svc.shutdown)?;
     tokio::spawn(monitor.clone().run(svc.shutdown.child_token()));
     let server = tokio::spawn(http::serve(

@@ -251,7 +251,10 @@ mod tests {
         assert_eq!(p[0].time_ns, 1_700_000_000_000_000_000);
         assert_eq!(p[0].counters.get("received"), Some(&42.0));
         assert_eq!(p[0].counters.get("write_latency_ms"), Some(&1.5));
-        assert_eq!(time_ns(&Json::from("2023-11-14T22:13:20.5Z")), 1_700_000_000_500_000_000);
+        assert_eq!(
+            time_ns(&Json::from("2023-11-14T22:13:20.5Z")),
+            1_700_000_000_500_000_000
+        );
         assert!(!p[0].counters.contains_key("role"));
     }
 }

@@ -167,8 +167,8 @@ pub fn render(s: &Status) -> String {
     }
     let _ = writeln!(
         o,
-        "\n{:<10} {:<28} {:<7} {:>7} {}",
-        "BACKEND", "URL", "STATE", "UPTIME", "DETAIL"
+        "\n{:<10} {:<28} {:<7} {:>7} DETAIL",
+        "BACKEND", "URL", "STATE", "UPTIME"
     );
     let mut backend = |name: &str, b: &Backend| {
         let _ = writeln!(
@@ -189,7 +189,15 @@ pub fn render(s: &Status) -> String {
         let _ = writeln!(
             o,
             "\n{:<14} {:<7} {:>8} {:>9} {:>7} {:>8} {:>9} {:>7} {:>7}",
-            "PUBLISHER", "STATE", "LAST MSG", "MSG/S", "GAPS", "RESTARTS", "WRITE LAG", "LAG S", "UPTIME"
+            "PUBLISHER",
+            "STATE",
+            "LAST MSG",
+            "MSG/S",
+            "GAPS",
+            "RESTARTS",
+            "WRITE LAG",
+            "LAG S",
+            "UPTIME"
         );
         for p in &s.publishers {
             let _ = writeln!(
@@ -227,10 +235,7 @@ pub fn render(s: &Status) -> String {
             "SPOOL B",
             "UPTIME"
         );
-        let n = |v: Option<f64>| {
-            v.map(|v| format!("{v:.0}"))
-                .unwrap_or_else(|| "-".into())
-        };
+        let n = |v: Option<f64>| v.map(|v| format!("{v:.0}")).unwrap_or_else(|| "-".into());
         for sub in &s.subscribers {
             let _ = writeln!(
                 o,
@@ -275,7 +280,11 @@ pub fn render(s: &Status) -> String {
         }
     }
     if !s.units.is_empty() {
-        let _ = writeln!(o, "\n{:<40} {:<10} {:<10} {:>8}", "UNIT", "ACTIVE", "SUB", "RESTARTS");
+        let _ = writeln!(
+            o,
+            "\n{:<40} {:<10} {:<10} {:>8}",
+            "UNIT", "ACTIVE", "SUB", "RESTARTS"
+        );
         for u in &s.units {
             let _ = writeln!(
                 o,
