@@ -480,6 +480,11 @@ async fn listen(
                 TapEvent::Disconnected(why) => {
                     out.seen.disconnects.push(why.clone());
                     // A restart: listen again for the rest of the window.
+                    // The old socket goes first: left alone, the zeromq
+                    // crate's own reconnect would subscribe it to the new
+                    // publisher too, a phantom subscriber that counts towards
+                    // its `wait_for_subscribers` without reading anything.
+                    drop(tap);
                     let left = end.saturating_duration_since(tokio::time::Instant::now());
                     match Tap::connect(&endpoint, left).await {
                         Ok(t) => tap = t,

@@ -209,3 +209,73 @@ endpoint = "{ep}"
         r.breaches
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_restart_inside_the_window_is_reconciled_across_both_epochs() {
+    let env = Env::start().await;
+    let ep = free_endpoint();
+    // Two subscriptions to wait for, the subscriber's and the validator's:
+    // the restarted publisher holds its first message until both are back,
+    // so nothing is lost and every number of the new epoch, from 1, must be
+    // accounted for.
+    let cfg = env.config(&format!(
+        r#"
+[validate]
+settle = "20s"
+
+[publishers.synth]
+feed = "synthetic"
+endpoint = "{ep}"
+rate = 1000
+wait_for_subscribers = 2
+
+[subscribers.main]
+connect = ["{ep}"]
+stats_interval = "1s"
+"#
+    ));
+    let cfg = cfg.to_str().unwrap();
+    let publisher = env.spawn("nbpy-publisher", &["--config", cfg, "synth"], &[]);
+    publisher.wait_log("bound", Duration::from_secs(20));
+    let subscriber = env.spawn("nbpy-subscriber", &["--config", cfg, "main"], &[]);
+    subscriber.wait_log("ready", Duration::from_secs(20));
+    let out = env.path("report.json");
+    let validator = Command::new(bin_path("nbpy"))
+        .args(["--config", cfg, "validate", "--json", "--duration", "12s"])
+        .env("RUST_LOG", "warn")
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap();
+    // Data flows only once the validator is connected too.
+    assert!(env.wait_for_points(1000, Duration::from_secs(30)).await >= 1000);
+    publisher.signal(nix::sys::signal::Signal::SIGTERM);
+    let mut publisher = publisher;
+    assert!(publisher.wait(Duration::from_secs(30)).success());
+    let _publisher = env.spawn("nbpy-publisher", &["--config", cfg, "synth"], &[]);
+    let status = validator.wait_with_output().unwrap().status;
+    let text = std::fs::read_to_string(&out).unwrap();
+    let r: Report = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    assert!(status.success(), "{:?}\n{r:#?}", status);
+    let p = &r.publishers[0];
+    assert_eq!(p.epochs.len(), 2, "{:?}", p.epochs);
+    assert!(p.epochs[0].epoch < p.epochs[1].epoch);
+    assert_eq!(
+        p.epochs[1].first_seq, 1,
+        "the new epoch is reconciled from its start"
+    );
+    assert!(p.epochs[1].last_seq > 0);
+    assert_eq!(p.lost, 0, "{r:#?}");
+    assert_eq!(p.published, p.stored);
+    assert_eq!(
+        p.unattributed.missed, 0,
+        "the publisher waited for the validator: {:?}",
+        p.epochs
+    );
+    let range: u64 = p.epochs.iter().map(|e| e.last_seq - e.first_seq + 1).sum();
+    assert_eq!(range, p.published);
+    assert!(p
+        .problem
+        .as_deref()
+        .is_some_and(|s| s.contains("reconnected 1 time")));
+}
