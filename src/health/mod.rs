@@ -73,7 +73,14 @@ const PIPELINE_LOOKBACK: Duration = Duration::from_secs(3600);
 struct Lag {
     messages: u64,
     seconds: f64,
+    /// The newest stored (epoch, seq), to bound the next query.
+    stored: Option<(u64, u64)>,
 }
+
+/// Exchange times of one publisher are not strictly in order (trades can
+/// carry older times than tickers); points this much older than the newest
+/// known stored one are still looked at.
+const LAG_TIME_MARGIN_NS: i64 = 30_000_000_000;
 
 #[derive(Default)]
 struct Polled {
@@ -248,12 +255,21 @@ impl Monitor {
             let ms: Vec<&'static str> = st.measurements.iter().copied().collect();
             (st.epoch, st.last_seq, ms, samples)
         };
-        let since = samples
-            .iter()
-            .map(|s| s.time_ns)
-            .min()
+        // Only the recent past is scanned: from the newest point known to
+        // be stored (the last answer), else from the oldest sample.
+        let before = self.polled().lag.get(&f.name).and_then(|l| l.stored);
+        let from = match before {
+            Some((e, seq)) if e == epoch => samples
+                .iter()
+                .filter(|s| s.seq <= seq)
+                .map(|s| s.time_ns)
+                .max(),
+            _ => None,
+        };
+        let since = from
+            .or_else(|| samples.iter().map(|s| s.time_ns).min())
             .unwrap_or(0)
-            .saturating_sub(60_000_000_000);
+            .saturating_sub(LAG_TIME_MARGIN_NS);
         let stored =
             match probe::max_stored_seq(&self.client, &f.name, epoch, &measurements, since).await {
                 Ok(s) => s,
@@ -262,7 +278,9 @@ impl Monitor {
                     return None;
                 }
             };
-        Some(lag_from(last_seq, stored, &samples, Instant::now()))
+        let mut lag = lag_from(last_seq, stored, &samples, Instant::now());
+        lag.stored = stored.map(|s| (epoch, s));
+        Some(lag)
     }
 
     /// The picture right now: live bus state plus the last poll's results.
@@ -544,6 +562,7 @@ fn lag_from(last_seq: u64, stored: Option<u64>, samples: &[feeds::Sample], now: 
     Lag {
         messages: last_seq - from.min(last_seq),
         seconds: secs(now, first_unstored),
+        stored: None,
     }
 }
 
