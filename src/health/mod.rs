@@ -446,6 +446,7 @@ impl Monitor {
                 problem,
                 report_age_s: report_age,
                 counters: point.map(|pt| pt.counters.clone()).unwrap_or_default(),
+                spool_bytes: point.and_then(|pt| pt.counters.get("spool_bytes").copied()),
                 restarts: unit
                     .as_ref()
                     .map(|u| u.restarts)
@@ -483,8 +484,15 @@ impl Monitor {
                 ));
             }
         }
+        let mut warnings = Vec::new();
         if let Some(e) = &p.units_error {
-            not_ready.push(format!("systemd: {e}"));
+            warnings.push(format!("systemd: {e}"));
+        }
+        if let Some(g) = grafana.as_ref().filter(|g| g.state == State::Down) {
+            warnings.push(format!(
+                "Grafana down: {}",
+                g.error.as_deref().unwrap_or("")
+            ));
         }
         Status {
             time_ns: now_ns(),
@@ -493,6 +501,7 @@ impl Monitor {
             supervisor: if self.systemd { "systemd" } else { "none" }.into(),
             ready: not_ready.is_empty(),
             not_ready,
+            warnings,
             influxdb,
             grafana,
             publishers,

@@ -43,6 +43,9 @@ pub struct Status {
     pub ready: bool,
     /// Why not ready, one line per reason.
     pub not_ready: Vec<String>,
+    /// What is wrong without making the appliance unready (Grafana down,
+    /// systemd not answering).
+    pub warnings: Vec<String>,
     pub influxdb: Backend,
     pub grafana: Option<Backend>,
     pub publishers: Vec<PublisherStatus>,
@@ -116,6 +119,8 @@ pub struct SubscriberStatus {
     /// written, write_errors, dead_lettered, queue_depth,
     /// write_latency_ms, and spooled/replayed/spool_bytes when spooling).
     pub counters: std::collections::BTreeMap<String, f64>,
+    /// Spool depth in bytes, when the subscriber spools (from its counters).
+    pub spool_bytes: Option<f64>,
     /// Counter resets seen (a restart), or systemd's restart count.
     pub restarts: u64,
     pub uptime_pct: Option<f64>,
@@ -164,6 +169,9 @@ pub fn render(s: &Status) -> String {
     );
     for r in &s.not_ready {
         let _ = writeln!(o, "  - {r}");
+    }
+    for w in &s.warnings {
+        let _ = writeln!(o, "  ! {w}");
     }
     let _ = writeln!(
         o,
@@ -248,7 +256,7 @@ pub fn render(s: &Status) -> String {
                 n(sub.counter("gaps")),
                 n(sub.counter("write_errors")),
                 n(sub.counter("queue_depth")),
-                n(sub.counter("spool_bytes")),
+                n(sub.spool_bytes),
                 pct(sub.uptime_pct)
             );
             if let Some(why) = &sub.problem {

@@ -13,7 +13,10 @@
 //! called again in a loop by its owner, at whatever pace it wants.
 //!
 //! A tap is a real subscriber of the publisher: its XPUB waits for it like
-//! for any other, so its owner must keep reading.
+//! for any other, so its owner must keep reading. Its subscription also
+//! counts towards the publisher's `wait_for_subscribers`: with the health
+//! daemon watching, `wait_for_subscribers = 1` can be met by the daemon
+//! alone, before the real subscriber is there; count the daemon in (N + 1).
 
 use std::time::Duration;
 
