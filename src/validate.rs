@@ -122,11 +122,11 @@ impl Runs {
     pub fn insert(&mut self, seq: u64) -> bool {
         // Almost always in order: extend or append at the end.
         if let Some(last) = self.0.last_mut() {
-            if seq == last.1 + 1 {
+            if seq == last.1.saturating_add(1) {
                 last.1 = seq;
                 return true;
             }
-            if seq > last.1 + 1 {
+            if seq > last.1.saturating_add(1) {
                 self.0.push((seq, seq));
                 return true;
             }
@@ -139,8 +139,8 @@ impl Runs {
         if i < self.0.len() && self.0[i].0 <= seq {
             return false;
         }
-        let joins_prev = i > 0 && self.0[i - 1].1 + 1 == seq;
-        let joins_next = i < self.0.len() && self.0[i].0 == seq + 1;
+        let joins_prev = i > 0 && self.0[i - 1].1.saturating_add(1) == seq;
+        let joins_next = i < self.0.len() && self.0[i].0 == seq.saturating_add(1);
         match (joins_prev, joins_next) {
             (true, true) => {
                 self.0[i - 1].1 = self.0[i].1;
@@ -154,7 +154,7 @@ impl Runs {
     }
 
     pub fn count(&self) -> u64 {
-        self.0.iter().map(|(a, b)| b - a + 1).sum()
+        self.0.iter().map(|(a, b)| (b - a).saturating_add(1)).sum()
     }
 
     pub fn first(&self) -> Option<u64> {
@@ -182,7 +182,7 @@ struct EpochSeen {
 }
 
 /// What the validator saw of one publisher.
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct Seen {
     received: u64,
     malformed: u64,
@@ -196,6 +196,7 @@ struct Seen {
     latencies_ns: Vec<i64>,
     latency_stride: u64,
     disconnects: Vec<String>,
+    log: Option<crate::sink::RateLimitedLog>,
 }
 
 /// Samples kept for latency percentiles; beyond this every k-th is kept.
@@ -206,8 +207,13 @@ impl Seen {
         self.received += 1;
         let env = match crate::bus::decode(msg) {
             Ok(e) => e,
-            Err(_) => {
+            Err(e) => {
                 self.malformed += 1;
+                self.log
+                    .get_or_insert_with(|| {
+                        crate::sink::RateLimitedLog::new(Duration::from_secs(10))
+                    })
+                    .warn(|| format!("validate: malformed message from publisher {name}: {e}"));
                 return;
             }
         };
@@ -583,7 +589,7 @@ async fn reconcile(
     for (l, per_epoch) in listened.iter().zip(stored.iter_mut()) {
         for (epoch, e) in &l.seen.epochs {
             let (first, last) = range_of(*epoch, e, start_ns);
-            if last + 1 - first > e.runs.count() {
+            if (last - first).saturating_add(1) > e.runs.count() {
                 let n = count_range(client, &l.name, *epoch, e, first, last).await?;
                 if let Some(s) = per_epoch.get_mut(epoch) {
                     s.whole = Some(n);
@@ -695,7 +701,7 @@ fn publisher_report(
             last_seq: last,
             first_seen: e.runs.first().unwrap_or(0),
         });
-        let range = last + 1 - first;
+        let range = (last - first).saturating_add(1);
         let seen_here = e.runs.count();
         published += range;
         seen += seen_here;
@@ -706,7 +712,7 @@ fn publisher_report(
             x.0 += n;
             x.1 += st.and_then(|s| s.seen.get(m)).copied().unwrap_or(0);
         }
-        let missed = range - seen_here;
+        let missed = range.saturating_sub(seen_here);
         let whole = st.and_then(|s| s.whole).unwrap_or(stored_seen);
         let stored_unseen = whole.saturating_sub(stored_seen).min(missed);
         un.missed += missed;

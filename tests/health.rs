@@ -400,3 +400,48 @@ async fn count_pipeline(env: &Env) -> u64 {
         .await
         .unwrap_or(0.0) as u64
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_messages_are_counted_not_fatal() {
+    use zeromq::{Socket, SocketSend, ZmqMessage};
+    let env = Env::start().await;
+    let ep = free_endpoint();
+    let port = nbpy::backend::free_port().unwrap();
+    let cfg = env.config(&format!(
+        r#"
+[health]
+listen = "127.0.0.1:{port}"
+poll_interval = "500ms"
+
+[publishers.junk]
+endpoint = "{ep}"
+"#
+    ));
+    let cfg = cfg.to_str().unwrap().to_string();
+    // A publisher that speaks ZeroMQ but sends nonsense.
+    let mut sock = zeromq::PubSocket::new();
+    sock.bind(&ep).await.unwrap();
+    let (health, h) = start_health(&env, &cfg, &format!("http://127.0.0.1:{port}"));
+    let t0 = Instant::now();
+    loop {
+        let mut two = ZmqMessage::from("synthetic.ticker.X");
+        two.push_back("{not json".into());
+        let mut three = ZmqMessage::from("a");
+        three.push_back("b".into());
+        three.push_back("c".into());
+        for m in [two, three, ZmqMessage::from("\u{1}\u{1}")] {
+            sock.send(m).await.unwrap();
+        }
+        let s = h.status().await.unwrap();
+        if s.publishers[0].malformed >= 3 {
+            assert_eq!(s.publishers[0].state, State::Up, "connected and sending");
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "{s:#?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(h.get("/healthz").await.0, 200);
+    assert!(health
+        .log_text()
+        .contains("malformed message from publisher junk"));
+}

@@ -46,7 +46,6 @@ pub struct Sample {
     pub time_ns: i64,
 }
 
-#[derive(Debug)]
 pub struct FeedState {
     pub connected: bool,
     /// Since when `connected` has had its current value.
@@ -67,6 +66,7 @@ pub struct FeedState {
     pub measurements: BTreeSet<&'static str>,
     pub samples: VecDeque<Sample>,
     rate_marks: VecDeque<(Instant, u64)>,
+    log: crate::sink::RateLimitedLog,
 }
 
 impl FeedState {
@@ -88,6 +88,7 @@ impl FeedState {
             measurements: BTreeSet::new(),
             samples: VecDeque::new(),
             rate_marks: VecDeque::new(),
+            log: crate::sink::RateLimitedLog::new(Duration::from_secs(10)),
         }
     }
 
@@ -108,8 +109,10 @@ impl FeedState {
         self.last_message = Some(now);
         let env = match crate::bus::decode(m) {
             Ok(e) => e,
-            Err(_) => {
+            Err(e) => {
                 self.malformed += 1;
+                self.log
+                    .warn(|| format!("health: malformed message from publisher {name}: {e}"));
                 return;
             }
         };
