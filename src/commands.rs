@@ -41,6 +41,47 @@ pub enum Command {
         #[command(subcommand)]
         action: UnitsAction,
     },
+    /// Phase 5: listen to every publisher, reconcile with InfluxDB, judge
+    /// against [validate]; exit 65 when a threshold breaks, 69 when a
+    /// publisher or InfluxDB cannot be reached.
+    Validate {
+        /// How long to listen (default: validate.duration).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        duration: Option<std::time::Duration>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The health picture (from nbpy-health, else probed directly) as a
+    /// table; exit 69 when the appliance is not ready.
+    Status {
+        /// Print the picture as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The whole appliance without systemd: backends, schema, feeds,
+    /// dashboards, validation; Ctrl-C or `nbpy down` stops it in order.
+    Up {
+        /// Kraken's public feeds (no credentials) instead of the synthetic demo.
+        #[arg(long)]
+        live: bool,
+        /// How long phase 5 waits for data from every publisher to be stored.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        validate_within: std::time::Duration,
+    },
+    /// Stop a running `nbpy up` (subscribers drain first) and wait for it.
+    Down {
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
+    /// Print a child's log from a running or past `nbpy up`.
+    Logs {
+        /// publisher/subscriber name, or `influxd`
+        name: String,
+        /// Keep printing as the log grows.
+        #[arg(long, short = 'f')]
+        follow: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -112,6 +153,51 @@ pub enum ConfigAction {
 
 pub fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
+        Command::Validate { duration, json } => {
+            let loaded = cli.common.boot()?;
+            crate::cli::block_on(crate::validate::command(&loaded.config, duration, json))
+        }
+        Command::Status { json } => {
+            let loaded = cli.common.boot()?;
+            // Against a running `nbpy up`: its children, then the health
+            // picture of the configuration it actually runs.
+            let mut cfg = loaded.config;
+            if let Ok((up, running)) = crate::supervisor::read_status(&cfg) {
+                if running && !json {
+                    print!("{}", crate::supervisor::render_status(&up, running));
+                }
+                let effective = crate::supervisor::state_dir(&cfg).join("run/nbpy.toml");
+                if running {
+                    if let Ok(l) = crate::config::load(Some(&effective)) {
+                        cfg = l.config;
+                    }
+                }
+            }
+            crate::cli::block_on(crate::status::command(&cfg, json))
+        }
+        Command::Up {
+            live,
+            validate_within,
+        } => {
+            let loaded = cli.common.boot()?;
+            crate::cli::block_on(crate::supervisor::up(
+                loaded.config,
+                crate::supervisor::UpOptions {
+                    live,
+                    validate_within,
+                },
+            ))
+        }
+        Command::Down { timeout } => {
+            let loaded =
+                crate::config::load(cli.common.config.as_deref()).map_err(Failure::config)?;
+            crate::supervisor::down(&loaded.config, timeout)
+        }
+        Command::Logs { name, follow } => {
+            let loaded =
+                crate::config::load(cli.common.config.as_deref()).map_err(Failure::config)?;
+            crate::supervisor::logs(&loaded.config, &name, follow)
+        }
         Command::Schema { action } => {
             let loaded = cli.common.boot()?;
             crate::admin::cli::schema(&loaded.config, action)

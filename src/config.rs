@@ -32,6 +32,7 @@ pub struct Config {
     /// Phase 2: retention policies, downsampling and InfluxDB users.
     pub schema: SchemaConfig,
     pub health: HealthConfig,
+    pub validate: crate::validate::ValidateConfig,
     pub service: ServiceConfig,
     pub publishers: BTreeMap<String, PublisherConfig>,
     pub subscribers: BTreeMap<String, SubscriberConfig>,
@@ -46,6 +47,7 @@ impl Default for Config {
             grafana: GrafanaConfig::default(),
             schema: SchemaConfig::default(),
             health: HealthConfig::default(),
+            validate: Default::default(),
             service: ServiceConfig::default(),
             publishers: BTreeMap::new(),
             subscribers: BTreeMap::new(),
@@ -302,14 +304,41 @@ pub struct InfluxUserConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct HealthConfig {
     pub listen: String,
+    /// How often the health daemon pings InfluxDB and Grafana, reads the
+    /// subscribers' `nbpy_pipeline` counters and measures write lag.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// The window `uptime` percentages in `/status` cover.
+    #[serde(with = "humantime_serde")]
+    pub uptime_window: Duration,
+    /// A subscriber whose newest `nbpy_pipeline` point is older than this is
+    /// down; unset = 2 × its `stats_interval` + `influxdb.flush_interval` + 2 s.
+    #[serde(default, with = "humantime_serde")]
+    pub subscriber_stale_after: Option<Duration>,
+    /// Ask systemd for unit states (`systemctl show nbpy-*`): "auto" = when
+    /// systemd is the init system, "on", "off".
+    pub systemd: HealthSystemd,
 }
 
 impl Default for HealthConfig {
     fn default() -> Self {
         HealthConfig {
             listen: "127.0.0.1:9184".into(),
+            poll_interval: Duration::from_secs(2),
+            uptime_window: Duration::from_secs(3600),
+            subscriber_stale_after: None,
+            systemd: HealthSystemd::Auto,
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthSystemd {
+    #[default]
+    Auto,
+    On,
+    Off,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -601,6 +630,16 @@ impl Config {
                 ));
             }
         }
+        if let Err(e) = self.health.listen.parse::<std::net::SocketAddr>() {
+            p.push(format!(
+                "health.listen = {:?}: {e} (expected e.g. 127.0.0.1:9184)",
+                self.health.listen
+            ));
+        }
+        if self.health.poll_interval.is_zero() {
+            p.push("health.poll_interval must be > 0".into());
+        }
+        p.extend(self.validate.problems(&self.publishers));
         p
     }
 
