@@ -65,8 +65,8 @@ pub enum Command {
         /// Kraken's public feeds (no credentials) instead of the synthetic demo.
         #[arg(long)]
         live: bool,
-        /// How long phase 5 waits for data from every publisher to be stored.
-        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        /// How long phase 5 listens to the bus before reconciling it with InfluxDB.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
         validate_within: std::time::Duration,
     },
     /// Stop a running `nbpy up` (subscribers drain first) and wait for it.

@@ -12,7 +12,6 @@
 //! shows), `up.pid` (what `nbpy down` signals), `logs/NAME.log` (one file
 //! per child, what `nbpy logs NAME` prints).
 
-use std::collections::BTreeMap;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -29,7 +28,8 @@ use crate::sink::influx::InfluxClient;
 pub struct UpOptions {
     /// Live public Kraken feeds instead of the synthetic demo.
     pub live: bool,
-    /// How long phase 5 may wait for data to be stored.
+    /// How long phase 5 listens to the bus before reconciling (and, with
+    /// the file sink, how long it waits for the first points).
     pub validate_within: Duration,
 }
 
@@ -119,9 +119,10 @@ pub fn with_defaults(mut cfg: Config, live: bool) -> Config {
     cfg
 }
 
+/// Progress for the person at the terminal (the children's own logs are
+/// in their files).
 fn say(msg: &str) {
     println!("{msg}");
-    tracing::info!("{msg}");
 }
 
 struct Child {
@@ -738,45 +739,15 @@ async fn validate_flow(cfg: &Config, within: Duration) -> Result<String, String>
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-    let mut seen: BTreeMap<String, u64> = BTreeMap::new();
-    loop {
-        for name in cfg.publishers.keys() {
-            if seen.get(name).copied().unwrap_or(0) > 0 {
-                continue;
-            }
-            let mut n = 0u64;
-            for m in crate::schema::MEASUREMENTS
-                .iter()
-                .filter(|m| m.name != "nbpy_pipeline")
-            {
-                let q =
-                    format!(
-                    "SELECT count(\"seq\") FROM \"{}\".\"{}\".\"{}\" WHERE \"publisher\" = '{}'",
-                    cfg.influxdb.database.replace('"', ""), m.rp, m.name, name.replace('\'', "")
-                );
-                n += client.query_number(&q).await.unwrap_or(0.0) as u64;
-            }
-            seen.insert(name.clone(), n);
-        }
-        let missing: Vec<&String> = cfg
-            .publishers
-            .keys()
-            .filter(|p| seen.get(*p).copied().unwrap_or(0) == 0)
-            .collect();
-        if missing.is_empty() {
-            let total: u64 = seen.values().sum();
-            return Ok(format!(
-                "data stored from every publisher ({total} points so far)"
-            ));
-        }
-        if t0.elapsed() > within {
-            return Err(format!(
-                "no data stored from {:?} within {within:?}",
-                missing
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    // The same reconciliation the phase-5 unit runs (`nbpy validate`).
+    let report = crate::validate::run(cfg, within).await.map_err(|e| e.to_string())?;
+    crate::validate::verdict(&report).map_err(|e| e.to_string())?;
+    let published: u64 = report.publishers.iter().map(|p| p.published).sum();
+    let stored: u64 = report.publishers.iter().map(|p| p.stored).sum();
+    Ok(format!(
+        "{} publisher(s) reconciled: {published} published, {stored} stored, no loss",
+        report.publishers.len()
+    ))
 }
 
 struct RemoveOnDrop(PathBuf);
