@@ -74,6 +74,9 @@ pub enum Command {
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
     },
+    /// Check what the appliance needs (backends, ports, credentials, venues)
+    /// and print each problem with its fix.
+    Doctor,
     /// Print a child's log from a running or past `nbpy up`.
     Logs {
         /// publisher/subscriber name, or `influxd`
@@ -187,6 +190,10 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
                     validate_within,
                 },
             ))
+        }
+        Command::Doctor => {
+            crate::service::init_logging(crate::config::LogFormat::Text, "warn");
+            crate::cli::block_on(crate::doctor::command(cli.common.config.as_deref()))
         }
         Command::Down { timeout } => {
             let loaded =

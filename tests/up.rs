@@ -227,3 +227,38 @@ fn without_influxdb_up_falls_back_to_the_file_sink_and_says_how_to_get_influxdb(
         .expect("the subscriber logs what it accepted on stop");
     assert_eq!(data, accepted, "accepted vs in the file");
 }
+
+#[test]
+fn doctor_names_each_problem_with_its_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy_port = busy.local_addr().unwrap().port();
+    let closed = nbpy::backend::free_port().unwrap();
+    let cfg = dir.path().join("nbpy.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "state_dir = {:?}\n[influxdb]\nurl = \"http://127.0.0.1:{closed}\"\nusername = \"nbpy\"\npassword_file = \"/nonexistent/influx-pw\"\n\
+             [publishers.k]\nfeed = \"kraken-tick\"\nendpoint = \"tcp://127.0.0.1:{busy_port}\"\nurl = \"ws://127.0.0.1:{closed}\"\n",
+            dir.path().join("state").display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(bin_path("nbpy"))
+        .args(["--config", cfg.to_str().unwrap(), "doctor"])
+        .env("PATH", "/nonexistent")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(69), "{text}");
+    for needle in [
+        &format!("cannot bind tcp://127.0.0.1:{busy_port}"),
+        "influxdb.password_file",
+        "no influxd on PATH",
+        &format!("127.0.0.1:{closed} unreachable"),
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+    }
+    assert!(text.matches("fix:").count() >= 4, "{text}");
+    drop(busy);
+}
