@@ -70,11 +70,18 @@ pub fn decode(msg: &ZmqMessage) -> Result<Envelope<'_>, wire::DecodeError> {
     }
 }
 
+/// A topic no message ever has (topics start with a venue name). Monitors
+/// (the health daemon, the validator) subscribe to it before they subscribe
+/// to everything, so a publisher can tell them from the subscribers it
+/// waits for with `wait_for_subscribers`.
+pub const MONITOR_TOPIC: &str = "\u{0}nbpy-monitor";
+
 /// The publishing end: an XPUB socket and the subscriptions it has seen.
 pub struct BusPublisher {
     socket: zeromq::XPubSocket,
     pub endpoint: String,
     subscriptions: usize,
+    monitors: usize,
 }
 
 impl BusPublisher {
@@ -85,20 +92,31 @@ impl BusPublisher {
             socket,
             endpoint: bound.to_string(),
             subscriptions: 0,
+            monitors: 0,
         })
     }
 
-    /// Live subscriptions (subscribe minus unsubscribe frames).
+    /// Subscriptions from subscribers (subscribe minus unsubscribe frames),
+    /// not counting monitors' (each monitor sends the marker and one more).
     pub fn subscriptions(&self) -> usize {
-        self.subscriptions
+        self.subscriptions.saturating_sub(self.monitors)
     }
 
     /// Waits for the next subscription frame and accounts for it. Cancel-safe.
     pub async fn next_subscription(&mut self) -> Result<(), zeromq::ZmqError> {
         let msg = self.socket.recv().await?;
-        match msg.get(0).and_then(|f| f.first()) {
-            Some(1) => self.subscriptions += 1,
-            Some(0) => self.subscriptions = self.subscriptions.saturating_sub(1),
+        let Some(frame) = msg.get(0) else {
+            return Ok(());
+        };
+        let marker = frame.get(1..) == Some(MONITOR_TOPIC.as_bytes());
+        let count = if marker {
+            &mut self.monitors
+        } else {
+            &mut self.subscriptions
+        };
+        match frame.first() {
+            Some(1) => *count += 1,
+            Some(0) => *count = count.saturating_sub(1),
             _ => {}
         }
         Ok(())

@@ -148,6 +148,8 @@ pub enum GrafanaAction {
     /// Upsert the folder, datasource and dashboards through Grafana's HTTP
     /// API (grafana.url, grafana.admin_user, grafana.admin_password_file).
     Apply,
+    /// Phase 4: render (always) and apply (when grafana.url is set).
+    Provision { dir: Option<std::path::PathBuf> },
 }
 
 #[derive(Subcommand)]

@@ -58,9 +58,16 @@ pub struct UpStatus {
 
 /// The state directory `nbpy up` uses: the configured one when writable,
 /// else `~/.local/state/nbpy` (a non-root user cannot write /var/lib).
+/// Nothing is created here (`nbpy doctor` and `nbpy status` only look).
 pub fn state_dir(cfg: &Config) -> PathBuf {
     let configured = cfg.state_dir.clone();
-    if std::fs::create_dir_all(&configured).is_ok() && writable(&configured) {
+    // The configured directory, or the nearest existing ancestor, must be
+    // writable for `nbpy up` to use it.
+    let probe = configured
+        .ancestors()
+        .find(|a| a.exists())
+        .map(Path::to_path_buf);
+    if probe.as_deref().is_some_and(writable) {
         return configured;
     }
     let home = std::env::var_os("XDG_STATE_HOME")
@@ -632,21 +639,15 @@ pub async fn up(mut cfg: Config, opts: UpOptions) -> Result<(), Failure> {
     // Phase 4.
     let t = Instant::now();
     let gdir = dir.join("grafana");
-    let files = crate::admin::grafana::render_to(&cfg, &gdir)?;
-    let applied = match &cfg.grafana.url {
-        Some(_) => match crate::admin::grafana::apply(&cfg).await {
-            Ok(r) => format!(
-                "; applied to Grafana ({} created, {} updated)",
-                r.created, r.updated
-            ),
-            Err(e) => format!("; Grafana apply failed: {e}"),
-        },
-        None => String::new(),
+    let dashboards = match crate::admin::grafana::provision(&cfg, Some(&gdir)).await {
+        Ok(line) => line,
+        Err(e) => format!(
+            "Grafana apply failed ({e}); files are in {}",
+            gdir.display()
+        ),
     };
     say(&format!(
-        "phase 4/5 dashboards {} files in {}{applied} [{:.1?}]",
-        files.len(),
-        gdir.display(),
+        "phase 4/5 dashboards {dashboards} [{:.1?}]",
         t.elapsed()
     ));
 

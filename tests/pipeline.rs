@@ -72,3 +72,40 @@ stats_interval = "1s"
     assert_eq!(row[2].as_u64(), Some(N), "received");
     assert_eq!(row[3].as_u64(), Some(0), "malformed");
 }
+
+/// Monitors (health daemon, validator) subscribe too, but a publisher that
+/// waits for its subscriber must not take a monitor for it: it would start
+/// sending before the subscriber is there, and those messages would be gaps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_for_subscribers_does_not_count_monitors() {
+    let env = Env::start().await;
+    let ep = free_endpoint();
+    let n = 2000u64;
+    let cfg = env.config(&format!(
+        "[publishers.synth]\nendpoint = \"{ep}\"\ncount = {n}\nwait_for_subscribers = 1\n\
+         [subscribers.main]\nconnect = [\"{ep}\"]\nstats_interval = \"1s\"\n"
+    ));
+    let cfg = cfg.to_str().unwrap();
+    let mut publisher = env.spawn("nbpy-publisher", &["--config", cfg, "synth"], &[]);
+    publisher.wait_log("bound", Duration::from_secs(20));
+    let mut tap = nbpy::health::tap::Tap::connect(&ep, Duration::from_secs(10))
+        .await
+        .unwrap();
+    // The monitor is connected and subscribed; the publisher must hold still.
+    let early = tokio::time::timeout(Duration::from_secs(1), tap.next()).await;
+    match early {
+        Err(_) => {}
+        Ok(nbpy::health::tap::TapEvent::Message(m)) => panic!(
+            "the publisher sent to a monitor before any subscriber: {m:?}\n{}",
+            publisher.log_text()
+        ),
+        Ok(nbpy::health::tap::TapEvent::Disconnected(why)) => panic!("tap disconnected: {why}"),
+    }
+    let mut subscriber = env.spawn("nbpy-subscriber", &["--config", cfg, "main"], &[]);
+    assert!(publisher.wait(Duration::from_secs(120)).success());
+    assert_eq!(env.wait_for_points(n, Duration::from_secs(120)).await, n);
+    subscriber.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(subscriber.wait(Duration::from_secs(30)).success());
+    let q = "SELECT last(\"gaps\") FROM \"tick\".\"default\".\"nbpy_pipeline\" WHERE component = 'main'";
+    assert_eq!(env.client.query_number(q).await.unwrap(), 0.0);
+}

@@ -119,6 +119,10 @@ mount -t tmpfs -o mode=0700 tmpfs "$B"
 mkdir "$B/upper" "$B/work" "$B/root"
 mount -t overlay overlay -o "lowerdir=/,upperdir=$B/upper,workdir=$B/work" "$B/root"
 R="$B/root"
+# The appliance's state starts empty, whatever the host has under /var/lib
+# (a host /var/lib/nbpy would make DynamicUser= migrate it across the
+# overlay, which fails with EXDEV).
+rm -rf "$R/var/lib/nbpy" "$R/var/lib/private/nbpy"
 # A private /dev: the few nodes services need, a fresh devpts, and a file as
 # the console. No /dev/kmsg, so nothing reaches the host's kernel log.
 mount -t tmpfs -o mode=0755,nosuid tmpfs "$R/dev"
@@ -253,6 +257,16 @@ exec /usr/bin/env -i container=nbpy-test /lib/systemd/systemd --system --unit=nb
         };
         put("etc/nbpy/nbpy.toml", &config());
         put("etc/systemd/system/nbpy-harness.service", &harness_unit());
+        // Keeps the long-running units loaded once they are inactive, so
+        // their stop timestamps and exit status can still be read: systemd
+        // unloads an inactive unit nothing references. Started only after
+        // everything is up, so it changes nothing about the start.
+        put(
+            "etc/systemd/system/harness-pin.service",
+            "[Unit]\nDescription=test harness: pin nbpy units in memory\n\
+             Wants=nbpy-subscriber@main.service nbpy-publisher@synth.service nbpy-publisher@stall.service nbpy-health.service\n\
+             [Service]\nType=oneshot\nRemainAfterExit=yes\nExecStart=/bin/true\n",
+        );
         // The stalled-feed check: a short watchdog for the publisher the
         // driver will starve (its config has stale_after = 2s).
         put(
@@ -808,6 +822,8 @@ mod inner {
         );
 
         // ---- stop: subscribers first, inside the timeouts, nothing lost ----
+        let pin = systemctl_within(&["start", "harness-pin.service"], Duration::from_secs(30));
+        assert!(pin.success(), "starting the harness pin: {pin}");
         let status = systemctl_within(&["stop", TARGET], Duration::from_secs(240));
         assert!(status.success(), "systemctl stop {TARGET}: {status}");
         // `systemctl stop nbpy.target` returns when the target itself is

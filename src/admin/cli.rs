@@ -86,6 +86,11 @@ pub fn grafana(cfg: &Config, action: GrafanaAction) -> Result<(), Failure> {
             );
             Ok(())
         }
+        GrafanaAction::Provision { dir } => {
+            let line = crate::cli::block_on(super::grafana::provision(cfg, dir.as_deref()))?;
+            println!("grafana: {line}");
+            Ok(())
+        }
         GrafanaAction::Apply => {
             let rt = crate::cli::runtime()?;
             let r = rt.block_on(super::grafana::apply(cfg))?;

@@ -13,10 +13,9 @@
 //! called again in a loop by its owner, at whatever pace it wants.
 //!
 //! A tap is a real subscriber of the publisher: its XPUB waits for it like
-//! for any other, so its owner must keep reading. Its subscription also
-//! counts towards the publisher's `wait_for_subscribers`: with the health
-//! daemon watching, `wait_for_subscribers = 1` can be met by the daemon
-//! alone, before the real subscriber is there; count the daemon in (N + 1).
+//! for any other, so its owner must keep reading. It also subscribes to
+//! [`crate::bus::MONITOR_TOPIC`], which tells the publisher not to count it
+//! towards `wait_for_subscribers`.
 
 use std::time::Duration;
 
@@ -46,9 +45,13 @@ impl Tap {
         // The monitor must exist before the connection does, or a disconnect
         // right after connecting could go unreported.
         let monitor = sock.monitor();
-        sock.subscribe("")
-            .await
-            .map_err(|e| format!("subscribe: {e}"))?;
+        // The marker first, so the publisher never counts this tap as one of
+        // the subscribers it waits for (see `bus::MONITOR_TOPIC`).
+        for topic in [crate::bus::MONITOR_TOPIC, ""] {
+            sock.subscribe(topic)
+                .await
+                .map_err(|e| format!("subscribe: {e}"))?;
+        }
         match tokio::time::timeout(within, sock.connect(endpoint)).await {
             Ok(Ok(())) => Ok(Tap {
                 sock,

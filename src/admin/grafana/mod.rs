@@ -170,3 +170,28 @@ pub fn render_to(cfg: &Config, dir: &Path) -> Result<Vec<PathBuf>, Failure> {
     }
     Ok(written)
 }
+
+/// Phase 4 as the unit and `nbpy up` run it: always render the files for
+/// Grafana's file provisioning (into `dir`, else `grafana.provisioning_dir`,
+/// else `<state_dir>/grafana`), and upsert through the API when
+/// `grafana.url` is set. Without a Grafana this succeeds: the files are the
+/// deliverable.
+pub async fn provision(cfg: &Config, dir: Option<&Path>) -> Result<String, Failure> {
+    let dir = dir
+        .map(Path::to_path_buf)
+        .or_else(|| cfg.grafana.provisioning_dir.clone())
+        .unwrap_or_else(|| cfg.state_dir.join("grafana"));
+    let files = render_to(cfg, &dir)?;
+    let mut line = format!("{} file(s) rendered under {}", files.len(), dir.display());
+    match &cfg.grafana.url {
+        Some(_) => {
+            let r = apply(cfg).await?;
+            line.push_str(&format!(
+                "; Grafana: {} created, {} updated, {} unchanged",
+                r.created, r.updated, r.unchanged
+            ));
+        }
+        None => line.push_str("; no grafana.url, so nothing applied through the API"),
+    }
+    Ok(line)
+}
