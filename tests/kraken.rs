@@ -848,6 +848,56 @@ async fn a_corrupted_update_is_detected_and_resynchronised_without_publishing_an
 }
 
 #[tokio::test]
+async fn a_resubscription_that_brings_no_snapshot_ends_in_a_new_connection() {
+    // Heartbeats keep the connection from looking idle.
+    let mut srv = FakeKraken::start(Behaviour {
+        heartbeat: Some(Duration::from_millis(100)),
+        ..Default::default()
+    })
+    .await;
+    let mut feed = start_feed(FeedKind::KrakenDepth, &srv.url, &["BTC/USD"], |_| {});
+    let mut c1 = srv.next_conn().await;
+    c1.request().await;
+    c1.send(book_msg(
+        "snapshot",
+        "BTC/USD",
+        &GUIDE_BIDS,
+        &GUIDE_ASKS,
+        GUIDE_CHECKSUM,
+        GUIDE_TS,
+    ));
+    feed.next().await;
+    c1.send(book_msg(
+        "update",
+        "BTC/USD",
+        &[("45283.5", "0.20000000")],
+        &[],
+        1,
+        GUIDE_TS,
+    ));
+    assert_eq!(c1.request().await["method"], "unsubscribe");
+    assert_eq!(c1.request().await["method"], "subscribe");
+    // Acknowledged, but the snapshot never comes: the feed starts over.
+    let mut c2 = srv.next_conn().await;
+    assert_eq!(c2.request().await["params"]["symbol"], json!(["BTC/USD"]));
+    c2.send(book_msg(
+        "snapshot",
+        "BTC/USD",
+        &GUIDE_BIDS,
+        &GUIDE_ASKS,
+        GUIDE_CHECKSUM,
+        GUIDE_TS,
+    ));
+    assert_eq!(
+        int(&feed.next().await, "checksum"),
+        Some(GUIDE_CHECKSUM as i64)
+    );
+    assert_eq!(g(&feed.stats.checksum_mismatches), 1);
+    feed.assert_nothing_more();
+    feed.stop().await;
+}
+
+#[tokio::test]
 async fn an_unreadable_level_is_counted_and_resynchronised_too() {
     let mut srv = FakeKraken::start(Behaviour::default()).await;
     let mut feed = start_feed(FeedKind::KrakenDepth, &srv.url, &["BTC/USD"], |_| {});

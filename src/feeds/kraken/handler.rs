@@ -257,15 +257,19 @@ impl Handler {
     }
 
     fn on_book(&mut self, d: BookData<'_>, snapshot: bool) -> Result<(), FrameError> {
-        let depth = self.depth;
-        let pair = self
-            .books
-            .entry(d.symbol.to_string())
-            .or_insert_with(|| PairBook {
-                book: Book::new(depth),
-                synced: false,
-                resync_requested: false,
-            });
+        if !self.books.contains_key(d.symbol.as_ref()) {
+            self.books.insert(
+                d.symbol.to_string(),
+                PairBook {
+                    book: Book::new(self.depth),
+                    synced: false,
+                    resync_requested: false,
+                },
+            );
+        }
+        let Some(pair) = self.books.get_mut(d.symbol.as_ref()) else {
+            return Ok(());
+        };
         if snapshot {
             pair.book.clear();
             pair.resync_requested = false;
@@ -331,7 +335,12 @@ impl Handler {
         let trade_id = i64::try_from(d.trade_id).map_err(|_| bad("trade_id out of range"))?;
         let side = tag(&d.side, &["buy", "sell"]).ok_or_else(|| bad("side"))?;
         let ord_type = tag(&d.ord_type, &["limit", "market"]).ok_or_else(|| bad("ord_type"))?;
-        let last = self.last_trade.entry(d.symbol.to_string()).or_insert(0);
+        if !self.last_trade.contains_key(d.symbol.as_ref()) {
+            self.last_trade.insert(d.symbol.to_string(), 0);
+        }
+        let Some(last) = self.last_trade.get_mut(d.symbol.as_ref()) else {
+            return Ok(());
+        };
         // A snapshot replays the latest trades; after a reconnect some were
         // published already. Live updates are never second-guessed.
         if snapshot && d.trade_id <= *last {

@@ -21,6 +21,10 @@
 //! Subscribe/unsubscribe requests are paced as well (a burst of 5, then one
 //! a second), because Kraken rate-limits them per connection.
 //!
+//! A book whose checksum fails is resubscribed on the same connection
+//! (unsubscribe + subscribe → fresh snapshot). If no snapshot that checks
+//! out arrives within `idle_timeout`, the connection itself is replaced.
+//!
 //! The book is kept and verified in [`handler`] / [`book`]: see there.
 
 pub mod book;
@@ -426,7 +430,7 @@ async fn session(
     let mut pacer = Pacer::new();
     pacer.take(1.0);
     let sub = protocol::subscribe(ch, &symbols, &opts, next_id());
-    if let Err(e) = ws.send(Message::text(sub)).await {
+    if let Err(e) = send(&mut ws, sub, k.connect_timeout).await {
         return lost(format!("subscribe: {e}"));
     }
     tracing::info!(
@@ -453,6 +457,52 @@ async fn session(
             _ = ctx.shutdown.cancelled() => {
                 let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
                 return End::Shutdown;
+            }
+            _ = tick.tick() => {
+                let now = Instant::now();
+                if now.duration_since(last_frame) >= k.idle_timeout {
+                    return End::Lost { why: format!("nothing from Kraken for {:?}", k.idle_timeout), healthy: healthy(since) };
+                }
+                if let Some(t) = ping_sent {
+                    if now.duration_since(t) >= k.idle_timeout {
+                        return End::Lost { why: format!("ping unanswered for {:?}", k.idle_timeout), healthy: healthy(since) };
+                    }
+                }
+                if let Some((s, _)) = resync_started.iter().find(|(_, t)| now.duration_since(*t) >= k.idle_timeout) {
+                    return End::Lost { why: format!("{s}: no fresh snapshot {:?} after resubscribing", k.idle_timeout), healthy: healthy(since) };
+                }
+                if now >= next_ping {
+                    next_ping = now + k.ping_interval;
+                    if ping_sent.is_none() {
+                        if let Err(e) = send(&mut ws, protocol::ping(next_id()), k.connect_timeout).await {
+                            return End::Lost { why: format!("ping: {e}"), healthy: healthy(since) };
+                        }
+                        ping_sent = Some(now);
+                    }
+                }
+                while let Some(symbol) = resyncs.front() {
+                    if !h.book_synced(symbol) && pacer.take(2.0) {
+                        let one = [symbol.clone()];
+                        let reqs = [
+                            protocol::unsubscribe(ch, &one, &opts, next_id()),
+                            protocol::subscribe(ch, &one, &opts, next_id()),
+                        ];
+                        for r in reqs {
+                            if let Err(e) = send(&mut ws, r, k.connect_timeout).await {
+                                return End::Lost { why: format!("resubscribe: {e}"), healthy: healthy(since) };
+                            }
+                        }
+                        stats.resyncs.fetch_add(1, Ordering::Relaxed);
+                        resync_started.push((symbol.clone(), now));
+                        resyncs.pop_front();
+                    } else if h.book_synced(symbol) {
+                        resyncs.pop_front();
+                    } else {
+                        break;
+                    }
+                }
+                // A fresh snapshot that checks out ends the wait.
+                resync_started.retain(|(s, _)| !h.book_synced(s));
             }
             msg = ws.next() => {
                 last_frame = Instant::now();
@@ -496,10 +546,7 @@ async fn session(
                         }
                         Action::Subscribed { symbol } => {
                             ctx.out.alive();
-                            if let Some(s) = symbol {
-                                resync_started.retain(|(p, _)| *p != s);
-                                tracing::debug!("{}: subscribed {} {s}", ctx.name, ch.name());
-                            }
+                            tracing::debug!("{}: subscribed {} {}", ctx.name, ch.name(), symbol.as_deref().unwrap_or("?"));
                         }
                         Action::Resync(symbol) => {
                             tracing::warn!("{}: {symbol}: book checksum mismatch; resubscribing for a fresh snapshot", ctx.name);
@@ -537,53 +584,19 @@ async fn session(
                     }
                 }
             }
-            _ = tick.tick() => {
-                let now = Instant::now();
-                if now.duration_since(last_frame) >= k.idle_timeout {
-                    return End::Lost { why: format!("nothing from Kraken for {:?}", k.idle_timeout), healthy: healthy(since) };
-                }
-                if let Some(t) = ping_sent {
-                    if now.duration_since(t) >= k.idle_timeout {
-                        return End::Lost { why: format!("ping unanswered for {:?}", k.idle_timeout), healthy: healthy(since) };
-                    }
-                }
-                if let Some((s, _)) = resync_started.iter().find(|(_, t)| now.duration_since(*t) >= k.idle_timeout) {
-                    return End::Lost { why: format!("{s}: no fresh snapshot {:?} after resubscribing", k.idle_timeout), healthy: healthy(since) };
-                }
-                if now >= next_ping {
-                    next_ping = now + k.ping_interval;
-                    if ping_sent.is_none() {
-                        if let Err(e) = ws.send(Message::text(protocol::ping(next_id()))).await {
-                            return End::Lost { why: format!("ping: {e}"), healthy: healthy(since) };
-                        }
-                        ping_sent = Some(now);
-                    }
-                }
-                while let Some(symbol) = resyncs.front() {
-                    if !h.book_synced(symbol) && pacer.take(2.0) {
-                        let one = [symbol.clone()];
-                        let reqs = [
-                            protocol::unsubscribe(ch, &one, &opts, next_id()),
-                            protocol::subscribe(ch, &one, &opts, next_id()),
-                        ];
-                        for r in reqs {
-                            if let Err(e) = ws.send(Message::text(r)).await {
-                                return End::Lost { why: format!("resubscribe: {e}"), healthy: healthy(since) };
-                            }
-                        }
-                        stats.resyncs.fetch_add(1, Ordering::Relaxed);
-                        resync_started.push((symbol.clone(), now));
-                        resyncs.pop_front();
-                    } else if h.book_synced(symbol) {
-                        resyncs.pop_front();
-                    } else {
-                        break;
-                    }
-                }
-                // A fresh snapshot that checks out ends the wait.
-                resync_started.retain(|(s, _)| !h.book_synced(s));
-            }
         }
+    }
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Sends one text frame; a peer that stops reading cannot hold us forever.
+async fn send(ws: &mut Ws, text: String, limit: Duration) -> Result<(), String> {
+    match tokio::time::timeout(limit, ws.send(Message::text(text))).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("not sent within {limit:?}")),
     }
 }
 
