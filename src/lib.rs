@@ -17,6 +17,7 @@
 //! - [`publisher`] / [`subscriber`]: the two long-running roles.
 //! - [`sink`]: line protocol, batching, InfluxDB client.
 //! - [`service`]: sd_notify, watchdog, signals, logging.
+//! - [`probe`]: `nbpy health-check`, the container image's HEALTHCHECK.
 //! - [`exit`]: sysexits-style exit codes and the error type that carries them.
 
 pub mod admin;
@@ -27,6 +28,7 @@ pub mod commands;
 pub mod config;
 pub mod exit;
 pub mod feeds;
+pub mod probe;
 pub mod publisher;
 pub mod schema;
 pub mod service;
