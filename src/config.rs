@@ -315,7 +315,12 @@ pub fn figment(file: Option<&Path>) -> Figment {
     if let Some(f) = file {
         fig = fig.merge(Toml::file_exact(f));
     }
-    fig.merge(Env::prefixed("NBPY_").ignore(&["config"]).split("__"))
+    // NBPY_ALLOW_SKIP is the test suite's switch (tests/packaging.rs), not a key.
+    fig.merge(
+        Env::prefixed("NBPY_")
+            .ignore(&["config", "allow_skip"])
+            .split("__"),
+    )
 }
 
 /// Loads, layers and validates the configuration.
