@@ -69,5 +69,11 @@ printf 'hosts: files dns\n' > "$root/etc/nsswitch.conf"
 cp docker/Containerfile.local "$ctx/"
 # docker format: OCI image configs have no HEALTHCHECK.
 podman build --format docker -f "$ctx/Containerfile.local" -t "$tag" "$ctx"
-echo "built $tag from ${#bins[@]} binaries in $bindir:"
-podman run --rm "$tag" nbpy --version
+echo "built $tag from ${#bins[@]} binaries in $bindir; smoke test (non-root):"
+if ! podman run --rm "$tag" nbpy --version; then
+  # Hosts with hybrid cgroups and without CAP_SYS_RESOURCE: crun refuses
+  # them and the default rlimits cannot be raised; runc with lower ones works.
+  echo "podman run failed; retrying with runc and lower rlimits" >&2
+  podman --runtime runc run --rm --ulimit nofile=1024:4096 --ulimit nproc=1000:1000 \
+    "$tag" nbpy --version
+fi
