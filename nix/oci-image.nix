@@ -34,7 +34,7 @@ dockerTools.buildLayeredImage {
     User = "${uid}:${uid}";
     WorkingDir = "/var/lib/nbpy";
     Cmd = [ "/bin/nbpy" "--help" ];
-    Env = [ "RUST_BACKTRACE=1" ];
+    Env = [ "PATH=/bin" ];
     Volumes = { "/var/lib/nbpy" = { }; };
     ExposedPorts = { "9184/tcp" = { }; };
     Healthcheck = {
