@@ -377,6 +377,55 @@ fn compose_config_is_valid_and_matches_the_services() {
     }
 }
 
+/// A real compose implementation reads the file the same way: docker-compose
+/// 1.29 (Debian's; it needs no engine for `config`) validates it against the
+/// compose schema and resolves the merge keys, and what it sees as services
+/// and `depends_on` conditions is what the tests above checked. (1.x predates
+/// the top-level `name:`, so that one line is left out for it.)
+#[test]
+fn docker_compose_accepts_the_file_and_agrees_on_the_phases() {
+    if require(
+        "docker-compose",
+        &["version"],
+        "apt-get install docker-compose",
+    )
+    .is_none()
+    {
+        return;
+    }
+    let text: String = read("docker/compose.yaml")
+        .lines()
+        .filter(|l| !l.starts_with("name:"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("compose.yaml");
+    std::fs::write(&file, text).unwrap();
+    let out = Command::new("docker-compose")
+        .arg("-f")
+        .arg(&file)
+        .arg("config")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "docker-compose config: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let theirs = Compose {
+        doc: serde_yaml_ng::from_slice(&out.stdout).unwrap(),
+    };
+    let ours = Compose::load();
+    assert_eq!(
+        theirs.services().keys().collect::<Vec<_>>(),
+        ours.services().keys().collect::<Vec<_>>()
+    );
+    for name in ours.services().keys() {
+        assert_eq!(theirs.depends(name), ours.depends(name), "{name}");
+        assert_eq!(theirs.command(name), ours.command(name), "{name}");
+    }
+}
+
 // ---------------------------------------------------------------- images
 
 /// The instructions of a Dockerfile's last stage, continuation lines joined.
