@@ -555,6 +555,26 @@ fn every_nix_file_parses() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    // nix/package.nix takes its name and version from Cargo.toml through
+    // Nix's own TOML parser; it must read this Cargo.toml.
+    let out = Command::new("nix-instantiate")
+        .current_dir(root())
+        .args([
+            "--eval",
+            "--json",
+            "-E",
+            "(builtins.fromTOML (builtins.readFile ./Cargo.toml)).package",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["name"], "nbpy");
+    assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
 }
 
 #[test]
