@@ -290,13 +290,15 @@ fn compose_secrets_are_compose_secrets_read_through_credentials_directory() {
     assert!(declared.contains_key("influxdb-password"));
     assert!(declared.contains_key("grafana-admin-password"));
 
+    for (name, s) in c.services() {
+        for secret in Compose::strings(&s["secrets"]) {
+            assert!(declared.contains_key(&secret), "{name}: unknown {secret}");
+        }
+    }
     let nbpy = c.nbpy_services();
     assert!(nbpy.len() >= 7, "nbpy services: {nbpy:?}");
     for name in &nbpy {
         let s = c.service(name);
-        for secret in Compose::strings(&s["secrets"]) {
-            assert!(declared.contains_key(&secret), "{name}: unknown {secret}");
-        }
         assert_eq!(
             s["environment"]["CREDENTIALS_DIRECTORY"].as_str(),
             Some("/run/secrets"),
