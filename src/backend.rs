@@ -156,3 +156,36 @@ impl Drop for LocalInfluxd {
         self.stop();
     }
 }
+
+/// Phase 1 gate (`nbpy wait influxdb`, the `nbpy-influxdb-ready.service`
+/// oneshot): polls `/ping` on the configured InfluxDB until it answers or
+/// `timeout` passes, backing off from 100 ms to 1 s. A distro `influxdb`
+/// unit is `Type=simple`, so systemd calls it started long before it
+/// answers; this is what makes phase 2 wait for the real thing. Returns how
+/// long it waited, or what the last attempt said.
+pub async fn wait_answering(
+    client: &crate::sink::influx::InfluxClient,
+    timeout: Duration,
+) -> Result<Duration, String> {
+    let t0 = Instant::now();
+    let mut delay = Duration::from_millis(100);
+    let mut told = false;
+    loop {
+        let err = match client.ping().await {
+            Ok(()) => return Ok(t0.elapsed()),
+            Err(e) => e,
+        };
+        if t0.elapsed() + delay > timeout {
+            return Err(format!(
+                "InfluxDB at {} did not answer /ping within {timeout:?}: {err}",
+                client.url()
+            ));
+        }
+        if !told {
+            tracing::info!("waiting for InfluxDB at {}: {err}", client.url());
+            told = true;
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(1));
+    }
+}

@@ -45,3 +45,15 @@ pub fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
         .build()
         .map_err(|e| Failure::new(crate::exit::SOFTWARE, e))
 }
+
+/// Runs `fut` to completion on a fresh runtime, then leaves without waiting
+/// for blocking reads still parked in the pool (a FIFO or stdin with no
+/// writer would otherwise hold the exit forever).
+pub fn block_on<T>(
+    fut: impl std::future::Future<Output = Result<T, Failure>>,
+) -> Result<T, Failure> {
+    let rt = runtime()?;
+    let r = rt.block_on(fut);
+    rt.shutdown_background();
+    r
+}

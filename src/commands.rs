@@ -21,7 +21,7 @@ pub enum Command {
         #[command(subcommand)]
         action: ConfigAction,
     },
-    /// Phase 2: InfluxDB database and retention policies.
+    /// Phase 2: InfluxDB database, retention policies, downsampling, users.
     Schema {
         #[command(subcommand)]
         action: SchemaAction,
@@ -36,11 +36,120 @@ pub enum Command {
         #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
     },
+    /// Phase 4: Grafana datasource and dashboards, from the same schema.
+    Grafana {
+        #[command(subcommand)]
+        action: GrafanaAction,
+    },
+    /// Phase 1 gate: wait until a backend answers (the readiness oneshot runs this).
+    Wait {
+        #[command(subcommand)]
+        what: WaitFor,
+    },
+    /// The systemd units: install them and wire the configured instances.
+    Units {
+        #[command(subcommand)]
+        action: UnitsAction,
+    },
+    /// Phase 5: listen to every publisher, reconcile with InfluxDB, judge
+    /// against [validate]; exit 65 when a threshold breaks, 69 when a
+    /// publisher or InfluxDB cannot be reached.
+    Validate {
+        /// How long to listen (default: validate.duration).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        duration: Option<std::time::Duration>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The health picture (from nbpy-health, else probed directly) as a
+    /// table; exit 69 when the appliance is not ready.
+    Status {
+        /// Print the picture as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The whole appliance without systemd: backends, schema, feeds,
+    /// dashboards, validation; Ctrl-C or `nbpy down` stops it in order.
+    Up {
+        /// Kraken's public feeds (no credentials) instead of the synthetic demo.
+        #[arg(long)]
+        live: bool,
+        /// How long phase 5 listens to the bus before reconciling it with InfluxDB.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        validate_within: std::time::Duration,
+    },
+    /// Stop a running `nbpy up` (subscribers drain first) and wait for it.
+    Down {
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
+    /// Print a child's log from a running or past `nbpy up`.
+    Logs {
+        /// publisher/subscriber name, or `influxd`
+        name: String,
+        /// Keep printing as the log grows.
+        #[arg(long, short = 'f')]
+        follow: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum WaitFor {
+    /// Until the configured InfluxDB answers /ping; exit 69 (EX_UNAVAILABLE) at the timeout.
+    Influxdb {
+        #[arg(long, default_value = "90s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum UnitsAction {
+    /// Write the units to ROOT/etc/systemd/system and link every configured
+    /// publisher and subscriber into nbpy.target.wants/ (stale ones are unlinked).
+    Install {
+        /// Install under this root instead of / (a staging or image tree).
+        #[arg(long, default_value = "/")]
+        root: std::path::PathBuf,
+        /// Also start nbpy.target at boot (multi-user.target.wants/).
+        #[arg(long)]
+        enable: bool,
+    },
 }
 
 #[derive(Subcommand)]
 pub enum SchemaAction {
-    /// Create the database and retention policies that are missing.
+    /// Create what is missing and alter what drifted (idempotent).
+    Apply {
+        /// Also remove retention policies, continuous queries (and users,
+        /// when [schema.users] declares any) that are not declared.
+        #[arg(long)]
+        prune: bool,
+    },
+    /// Show the drift without changing anything. Exit 0: none, 1: drift
+    /// (what `apply` with the same flags would change).
+    Diff {
+        /// Count undeclared things as drift, as `apply --prune` would.
+        #[arg(long)]
+        prune: bool,
+    },
+    /// Per measurement and retention policy: series, points, newest point
+    /// age, shards and disk size.
+    Stats {
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum GrafanaAction {
+    /// Write provisioning files (datasource YAML, dashboard provider YAML,
+    /// one dashboard JSON per measurement + pipeline health) into DIR
+    /// (default: grafana.provisioning_dir).
+    Render { dir: Option<std::path::PathBuf> },
+    /// Upsert the folder, datasource and dashboards through Grafana's HTTP
+    /// API (grafana.url, grafana.admin_user, grafana.admin_password_file).
     Apply,
 }
 
@@ -67,20 +176,112 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             println!("{url}: {status}");
             Ok(())
         }
-        Command::Schema {
-            action: SchemaAction::Apply,
+        Command::Validate { duration, json } => {
+            let loaded = cli.common.boot()?;
+            crate::cli::block_on(crate::validate::command(&loaded.config, duration, json))
+        }
+        Command::Status { json } => {
+            let loaded = cli.common.boot()?;
+            // Against a running `nbpy up`: its children, then the health
+            // picture of the configuration it actually runs.
+            let mut cfg = loaded.config;
+            if let Ok((up, running)) = crate::supervisor::read_status(&cfg) {
+                if running && !json {
+                    print!("{}", crate::supervisor::render_status(&up, running));
+                }
+                let effective = crate::supervisor::state_dir(&cfg).join("run/nbpy.toml");
+                if running {
+                    if let Ok(l) = crate::config::load(Some(&effective)) {
+                        cfg = l.config;
+                    }
+                }
+            }
+            crate::cli::block_on(crate::status::command(&cfg, json))
+        }
+        Command::Up {
+            live,
+            validate_within,
+        } => {
+            let loaded = cli.common.boot()?;
+            crate::cli::block_on(crate::supervisor::up(
+                loaded.config,
+                crate::supervisor::UpOptions {
+                    live,
+                    validate_within,
+                },
+            ))
+        }
+        Command::Down { timeout } => {
+            let loaded =
+                crate::config::load(cli.common.config.as_deref()).map_err(Failure::config)?;
+            crate::supervisor::down(&loaded.config, timeout)
+        }
+        Command::Logs { name, follow } => {
+            let loaded =
+                crate::config::load(cli.common.config.as_deref()).map_err(Failure::config)?;
+            crate::supervisor::logs(&loaded.config, &name, follow)
+        }
+        Command::Schema { action } => {
+            let loaded = cli.common.boot()?;
+            crate::admin::cli::schema(&loaded.config, action)
+        }
+        Command::Grafana { action } => {
+            let loaded = cli.common.boot()?;
+            crate::admin::cli::grafana(&loaded.config, action)
+        }
+        Command::Wait {
+            what: WaitFor::Influxdb { timeout },
         } => {
             let loaded = cli.common.boot()?;
             let client = crate::sink::influx::InfluxClient::new(&loaded.config.influxdb)?;
-            crate::cli::runtime()?
-                .block_on(crate::admin::schema::ensure(&client))
-                .map_err(|e| {
-                    Failure::unavailable(anyhow::anyhow!("schema apply on {}: {e}", client.url()))
-                })?;
+            let waited = crate::cli::runtime()?
+                .block_on(crate::backend::wait_answering(&client, timeout))
+                .map_err(|e| Failure::unavailable(anyhow::anyhow!(e)))?;
             println!(
-                "schema: database {:?} and retention policies in place",
-                client.database()
+                "influxdb: {} answers /ping (waited {:.1}s)",
+                client.url(),
+                waited.as_secs_f64()
             );
+            Ok(())
+        }
+        Command::Units {
+            action: UnitsAction::Install { root, enable },
+        } => {
+            let loaded =
+                crate::config::load(cli.common.config.as_deref()).map_err(Failure::config)?;
+            let report = crate::units::install(&root, &loaded.config, enable).map_err(|e| {
+                let code = if e.kind() == std::io::ErrorKind::PermissionDenied {
+                    crate::exit::NOPERM
+                } else {
+                    crate::exit::CANTCREAT
+                };
+                Failure::new(
+                    code,
+                    anyhow::anyhow!("installing units under {}: {e}", root.display()),
+                )
+            })?;
+            for (what, paths) in [
+                ("wrote", &report.written),
+                ("linked", &report.linked),
+                ("unlinked", &report.unlinked),
+            ] {
+                for p in paths {
+                    println!("{what} {}", p.display());
+                }
+            }
+            let instances = crate::units::instances(&loaded.config);
+            println!(
+                "{} unit file(s) up to date; instances: {}",
+                report.unchanged.len(),
+                if instances.is_empty() {
+                    "none (the config has no [publishers.NAME] or [subscribers.NAME])".to_string()
+                } else {
+                    instances.join(" ")
+                }
+            );
+            if root == std::path::Path::new("/") {
+                println!("next: systemctl daemon-reload && systemctl start nbpy.target");
+            }
             Ok(())
         }
         Command::Config { action } => {

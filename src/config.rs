@@ -29,7 +29,10 @@ pub struct Config {
     pub log: LogConfig,
     pub influxdb: InfluxConfig,
     pub grafana: GrafanaConfig,
+    /// Phase 2: retention policies, downsampling and InfluxDB users.
+    pub schema: SchemaConfig,
     pub health: HealthConfig,
+    pub validate: crate::validate::ValidateConfig,
     pub service: ServiceConfig,
     pub publishers: BTreeMap<String, PublisherConfig>,
     pub subscribers: BTreeMap<String, SubscriberConfig>,
@@ -42,7 +45,9 @@ impl Default for Config {
             log: LogConfig::default(),
             influxdb: InfluxConfig::default(),
             grafana: GrafanaConfig::default(),
+            schema: SchemaConfig::default(),
             health: HealthConfig::default(),
+            validate: Default::default(),
             service: ServiceConfig::default(),
             publishers: BTreeMap::new(),
             subscribers: BTreeMap::new(),
@@ -121,26 +126,219 @@ impl Default for InfluxConfig {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct GrafanaConfig {
     pub url: Option<String>,
     pub admin_user: Option<String>,
     pub admin_password_file: Option<PathBuf>,
+    /// The uid of the provisioned InfluxDB datasource; every dashboard
+    /// panel refers to it, so it must not change once dashboards exist.
+    pub datasource_uid: String,
+    /// The datasource's name as Grafana lists it.
+    pub datasource_name: String,
+    /// InfluxDB as Grafana reaches it (compose: `http://influxdb:8086`);
+    /// default: `influxdb.url`.
+    pub influxdb_url: Option<String>,
+    /// InfluxDB user the datasource logs in as (a read-only one, ideally).
+    pub influxdb_user: Option<String>,
+    /// That user's password file *as Grafana sees it*: rendered into the
+    /// provisioning YAML as `$__file{PATH}`, read by `grafana apply`.
+    pub influxdb_password_file: Option<PathBuf>,
+    /// Where `nbpy grafana render` writes when no directory is given.
+    pub provisioning_dir: Option<PathBuf>,
+    /// The dashboards directory as Grafana sees it, written into the
+    /// dashboard provider (compose mounts the rendered dir elsewhere);
+    /// default: `<render dir>/dashboards/nbpy`.
+    pub dashboards_path: Option<PathBuf>,
+    /// The folder (uid and title) the dashboards go into.
+    pub folder: String,
+    /// HTTP timeout of `grafana apply`.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for GrafanaConfig {
+    fn default() -> Self {
+        GrafanaConfig {
+            url: None,
+            admin_user: None,
+            admin_password_file: None,
+            datasource_uid: "nbpy-influxdb".into(),
+            datasource_name: "nbpy InfluxDB".into(),
+            influxdb_url: None,
+            influxdb_user: None,
+            influxdb_password_file: None,
+            provisioning_dir: None,
+            dashboards_path: None,
+            folder: "nbpy".into(),
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Phase 2, declared: what `nbpy schema apply` makes true on the server.
+/// The measurement → policy mapping and what downsamples come from
+/// `schema.rs`, not from here, so there is one list of names.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SchemaConfig {
+    /// Retention policies by name; every policy a measurement names must be
+    /// here, and exactly one is the database default.
+    pub retention: BTreeMap<String, RetentionConfig>,
+    /// How often the downsampling continuous queries run
+    /// (`RESAMPLE EVERY`) ...
+    #[serde(with = "humantime_serde")]
+    pub resample_every: Duration,
+    /// ... and how far back each run recomputes bars (`RESAMPLE FOR`), so
+    /// points that arrive a little late still make it into their minute.
+    #[serde(with = "humantime_serde")]
+    pub resample_for: Duration,
+    /// InfluxDB users (when auth is on); passwords only from files.
+    pub users: BTreeMap<String, InfluxUserConfig>,
+}
+
+impl Default for SchemaConfig {
+    fn default() -> Self {
+        let rp = |d: u64, s: u64, default: bool| RetentionConfig {
+            duration: Duration::from_secs(d * 3600),
+            shard_duration: Duration::from_secs(s * 3600),
+            default,
+        };
+        SchemaConfig {
+            retention: BTreeMap::from([
+                (
+                    crate::schema::rp::DEFAULT.to_string(),
+                    rp(30 * 24, 24, true),
+                ),
+                (
+                    crate::schema::rp::HIGH_FREQUENCY.to_string(),
+                    rp(7 * 24, 1, false),
+                ),
+                (
+                    crate::schema::rp::LONG_TERM.to_string(),
+                    rp(365 * 24, 7 * 24, false),
+                ),
+            ]),
+            resample_every: Duration::from_secs(30),
+            resample_for: Duration::from_secs(120),
+            users: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// How long data is kept; `0s` keeps it forever (`INF`).
+    #[serde(with = "day_duration")]
+    pub duration: Duration,
+    #[serde(with = "day_duration")]
+    pub shard_duration: Duration,
+    /// The database's default policy (writes without `rp=` land here).
+    pub default: bool,
+}
+
+/// Durations as `365d` / `1h` (humantime would print 365 days as
+/// "11months 30days 3h 50m 24s"); read with humantime, so "30 days" works too.
+mod day_duration {
+    use std::time::Duration;
+
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        let secs = d.as_secs();
+        let text = if d.subsec_nanos() != 0 {
+            humantime::format_duration(*d).to_string()
+        } else if secs == 0 {
+            "0s".to_string()
+        } else if secs % 86_400 == 0 {
+            format!("{}d", secs / 86_400)
+        } else if secs % 3600 == 0 {
+            format!("{}h", secs / 3600)
+        } else if secs % 60 == 0 {
+            format!("{}m", secs / 60)
+        } else {
+            format!("{secs}s")
+        };
+        s.serialize_str(&text)
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        humantime_serde::deserialize(d)
+    }
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig {
+            duration: Duration::ZERO,
+            shard_duration: Duration::from_secs(7 * 24 * 3600),
+            default: false,
+        }
+    }
+}
+
+/// What an InfluxDB user may do on the database.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Privilege {
+    #[default]
+    Read,
+    Write,
+    All,
+    None,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct InfluxUserConfig {
+    /// File holding the password (relative: looked up in
+    /// `$CREDENTIALS_DIRECTORY` first).
+    pub password_file: Option<PathBuf>,
+    /// A server admin (`WITH ALL PRIVILEGES`).
+    pub admin: bool,
+    /// Privilege on the database (ignored for admins).
+    pub privilege: Privilege,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct HealthConfig {
     pub listen: String,
+    /// How often the health daemon pings InfluxDB and Grafana, reads the
+    /// subscribers' `nbpy_pipeline` counters and measures write lag.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// The window `uptime` percentages in `/status` cover.
+    #[serde(with = "humantime_serde")]
+    pub uptime_window: Duration,
+    /// A subscriber whose newest `nbpy_pipeline` point is older than this is
+    /// down; unset = 2 × its `stats_interval` + `influxdb.flush_interval` + 2 s.
+    #[serde(default, with = "humantime_serde")]
+    pub subscriber_stale_after: Option<Duration>,
+    /// Ask systemd for unit states (`systemctl show nbpy-*`): "auto" = when
+    /// systemd is the init system, "on", "off".
+    pub systemd: HealthSystemd,
 }
 
 impl Default for HealthConfig {
     fn default() -> Self {
         HealthConfig {
             listen: "127.0.0.1:9184".into(),
+            poll_interval: Duration::from_secs(2),
+            uptime_window: Duration::from_secs(3600),
+            subscriber_stale_after: None,
+            systemd: HealthSystemd::Auto,
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthSystemd {
+    #[default]
+    Auto,
+    On,
+    Off,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -315,7 +513,8 @@ pub fn figment(file: Option<&Path>) -> Figment {
     if let Some(f) = file {
         fig = fig.merge(Toml::file_exact(f));
     }
-    // NBPY_ALLOW_SKIP is the test suite's switch (tests/packaging.rs), not a key.
+    // NBPY_ALLOW_SKIP tells the test suite which tests may skip; it is not
+    // configuration, and must not make every binary reject its environment.
     fig.merge(
         Env::prefixed("NBPY_")
             .ignore(&["config", "allow_skip"])
@@ -376,6 +575,8 @@ impl Config {
         if self.influxdb.retry_min.is_zero() || self.influxdb.retry_min > self.influxdb.retry_max {
             p.push("influxdb.retry_min must be > 0 and <= influxdb.retry_max".into());
         }
+        p.extend(self.schema.problems());
+        p.extend(self.grafana.problems());
         let mut seen: BTreeMap<String, &str> = BTreeMap::new();
         for (name, publ) in &self.publishers {
             if !valid_name(name) {
@@ -429,6 +630,16 @@ impl Config {
                 ));
             }
         }
+        if let Err(e) = self.health.listen.parse::<std::net::SocketAddr>() {
+            p.push(format!(
+                "health.listen = {:?}: {e} (expected e.g. 127.0.0.1:9184)",
+                self.health.listen
+            ));
+        }
+        if self.health.poll_interval.is_zero() {
+            p.push("health.poll_interval must be > 0".into());
+        }
+        p.extend(self.validate.problems(&self.publishers));
         p
     }
 
@@ -457,12 +668,135 @@ impl Config {
         if let Some(u) = &c.grafana.url {
             c.grafana.url = Some(redact_url(u));
         }
+        if let Some(u) = &c.grafana.influxdb_url {
+            c.grafana.influxdb_url = Some(redact_url(u));
+        }
         for p in c.publishers.values_mut() {
             if let Some(u) = &p.url {
                 p.url = Some(redact_url(u));
             }
         }
         toml::to_string_pretty(&c).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+impl SchemaConfig {
+    /// Everything wrong with `[schema]`, each naming its key.
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        let hour = Duration::from_secs(3600);
+        for m in crate::schema::MEASUREMENTS {
+            if !self.retention.contains_key(m.rp) {
+                p.push(format!(
+                    "schema.retention.{} is missing: measurement {} is stored there",
+                    m.rp, m.name
+                ));
+            }
+        }
+        if crate::schema::MEASUREMENTS.iter().any(|m| m.downsample)
+            && !self.retention.contains_key(crate::schema::rp::LONG_TERM)
+        {
+            p.push(format!(
+                "schema.retention.{} is missing: the 1-minute bars are stored there",
+                crate::schema::rp::LONG_TERM
+            ));
+        }
+        let defaults: Vec<&String> = self
+            .retention
+            .iter()
+            .filter(|(_, r)| r.default)
+            .map(|(n, _)| n)
+            .collect();
+        if defaults.len() != 1 {
+            p.push(format!(
+                "schema.retention: exactly one policy must have default = true (found {})",
+                if defaults.is_empty() {
+                    "none".to_string()
+                } else {
+                    list(defaults.into_iter())
+                }
+            ));
+        }
+        for (name, r) in &self.retention {
+            if name.is_empty() || name.contains(['"', '\\', '\n']) {
+                p.push(format!(
+                    "schema.retention.{name:?}: not a usable policy name"
+                ));
+            }
+            if !r.duration.is_zero() && r.duration < hour {
+                p.push(format!(
+                    "schema.retention.{name}.duration = {}: InfluxDB keeps data at least 1h (or 0s = forever)",
+                    humantime::format_duration(r.duration)
+                ));
+            }
+            if r.shard_duration < hour {
+                p.push(format!(
+                    "schema.retention.{name}.shard_duration = {}: at least 1h",
+                    humantime::format_duration(r.shard_duration)
+                ));
+            }
+            if !r.duration.is_zero() && r.shard_duration > r.duration {
+                p.push(format!(
+                    "schema.retention.{name}.shard_duration must not exceed its duration"
+                ));
+            }
+            if r.duration.subsec_nanos() != 0 || r.shard_duration.subsec_nanos() != 0 {
+                p.push(format!("schema.retention.{name}: use whole seconds"));
+            }
+        }
+        if self.resample_every.is_zero() || self.resample_every.subsec_nanos() != 0 {
+            p.push("schema.resample_every must be a whole number of seconds, > 0".into());
+        }
+        if self.resample_for < Duration::from_secs(60) || self.resample_for.subsec_nanos() != 0 {
+            p.push("schema.resample_for must be whole seconds and at least 1m (one bar)".into());
+        }
+        for (name, u) in &self.users {
+            if name.is_empty() || name.contains(['"', '\\', '\n', '\'']) {
+                p.push(format!("schema.users.{name:?}: not a usable user name"));
+            }
+            if u.password_file.is_none() {
+                p.push(format!(
+                    "schema.users.{name}.password_file is required (passwords are never inline)"
+                ));
+            }
+        }
+        p
+    }
+}
+
+impl GrafanaConfig {
+    /// Everything wrong with `[grafana]`, each naming its key.
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        let uid_ok = |u: &str| {
+            !u.is_empty()
+                && u.len() <= 40
+                && u.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        };
+        if !uid_ok(&self.datasource_uid) {
+            p.push(format!(
+                "grafana.datasource_uid = {:?}: 1-40 characters of a-z, A-Z, 0-9, '-', '_'",
+                self.datasource_uid
+            ));
+        }
+        if !uid_ok(&self.folder) {
+            p.push(format!(
+                "grafana.folder = {:?}: 1-40 characters of a-z, A-Z, 0-9, '-', '_' (it is also the folder uid)",
+                self.folder
+            ));
+        }
+        for (key, url) in [("url", &self.url), ("influxdb_url", &self.influxdb_url)] {
+            if let Some(u) = url {
+                if let Err(e) = reqwest::Url::parse(u) {
+                    p.push(format!("grafana.{key} = {u:?}: {e}"));
+                }
+            }
+        }
+        if self.influxdb_password_file.is_some() && self.influxdb_user.is_none() {
+            p.push("grafana.influxdb_password_file is set but grafana.influxdb_user is not".into());
+        }
+        p
     }
 }
 

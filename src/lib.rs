@@ -19,6 +19,10 @@
 //! - [`service`]: sd_notify, watchdog, signals, logging.
 //! - [`probe`]: `nbpy health-check`, the container image's HEALTHCHECK.
 //! - [`exit`]: sysexits-style exit codes and the error type that carries them.
+//! - [`units`]: the systemd units (embedded from `systemd/`) and their installer.
+//! - [`validate`]: phase 5, reconciling what was published with what was stored.
+//! - [`health`]: the health daemon (`/healthz`, `/readyz`, `/status`,
+//!   `/metrics`); [`status`]: the same picture in the terminal.
 
 pub mod admin;
 pub mod backend;
@@ -29,9 +33,14 @@ pub mod config;
 pub mod exit;
 pub mod feeds;
 pub mod probe;
+pub mod health;
 pub mod publisher;
 pub mod schema;
 pub mod service;
 pub mod sink;
+pub mod status;
 pub mod subscriber;
+pub mod supervisor;
+pub mod units;
+pub mod validate;
 pub mod wire;

@@ -69,7 +69,7 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
     let mut published = 0u64;
     let mut errors = RateLimitedLog::new(Duration::from_secs(5));
     let mut buf = Vec::with_capacity(1024);
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut last = (Instant::now(), 0u64);
     let mut feed_result: Option<Result<(), Failure>> = None;
     loop {
@@ -110,6 +110,9 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
             }
             _ = tick.tick() => {
                 svc.liveness.beat();
+                if last.0.elapsed() < Duration::from_secs(1) {
+                    continue;
+                }
                 let (t, n) = last;
                 let rate = (published - n) as f64 / t.elapsed().as_secs_f64().max(1e-3);
                 last = (Instant::now(), published);
@@ -119,6 +122,20 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
                 ));
             }
         }
+    }
+    if feed_result.is_none() {
+        // The queue can close (the feed's sender dropped with its future)
+        // before the task's end is seen: fetch its result so a feed's
+        // failure still decides the exit code.
+        feed_result = match tokio::time::timeout(Duration::from_secs(5), &mut feed).await {
+            Ok(r) => {
+                Some(r.unwrap_or_else(|e| Err(Failure::from(anyhow::anyhow!("feed task: {e}")))))
+            }
+            Err(_) => {
+                feed.abort();
+                None
+            }
+        };
     }
     let dropped = stats.dropped.load(Ordering::Relaxed);
     svc.stopping(&format!("sent {published}"));

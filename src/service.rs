@@ -209,7 +209,9 @@ fn spawn_watchdog(svc: Arc<Service>, period: Duration) {
         let mut withheld = false;
         loop {
             tick.tick().await;
-            match svc.liveness.problem(period) {
+            // Main loops beat every 250 ms or faster; a short WatchdogSec
+            // must not mistake that rhythm for a hang.
+            match svc.liveness.problem(period.max(Duration::from_secs(2))) {
                 None => {
                     if withheld {
                         tracing::info!("watchdog: healthy again");
@@ -267,9 +269,14 @@ pub fn init_logging(format: LogFormat, level: &str) {
     };
     let registry = tracing_subscriber::registry().with(filter);
     if want_journal {
-        if let Ok(layer) = tracing_journald::layer() {
-            let _ = registry.with(layer).try_init();
-            return;
+        match tracing_journald::layer() {
+            Ok(layer) => {
+                let _ = registry.with(layer).try_init();
+                return;
+            }
+            Err(e) => eprintln!(
+                "stderr is the journal, but journald is unreachable ({e}); logging to stderr"
+            ),
         }
     }
     if format == LogFormat::Json {

@@ -12,6 +12,7 @@ pub mod oanda;
 pub mod replay;
 pub mod social;
 pub mod synthetic;
+pub mod upstream;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

@@ -41,6 +41,9 @@ impl WriteError {
 
 #[derive(Clone)]
 pub struct InfluxClient {
+    /// `file:///path` URLs select the line-protocol file sink: the fallback
+    /// `nbpy up` uses when no InfluxDB can be had. Same lines, same order.
+    file: Option<std::sync::Arc<std::sync::Mutex<std::path::PathBuf>>>,
     http: reqwest::Client,
     base: reqwest::Url,
     database: String,
@@ -66,7 +69,12 @@ impl InfluxClient {
             .pool_max_idle_per_host(cfg.concurrency.max(1) * 2)
             .build()
             .map_err(|e| Failure::new(crate::exit::SOFTWARE, e))?;
+        let file = (base.scheme() == "file")
+            .then(|| base.to_file_path().ok())
+            .flatten()
+            .map(|p| std::sync::Arc::new(std::sync::Mutex::new(p)));
         Ok(InfluxClient {
+            file,
             http,
             base,
             database: cfg.database.clone(),
@@ -97,8 +105,38 @@ impl InfluxClient {
         }
     }
 
+    /// The file the file sink appends to, if this client is one.
+    pub fn file_sink(&self) -> Option<std::path::PathBuf> {
+        self.file
+            .as_ref()
+            .and_then(|f| f.lock().ok().map(|p| p.clone()))
+    }
+
+    fn append_file(&self, lines: &[u8]) -> Result<(), WriteError> {
+        use std::io::Write as _;
+        let Some(f) = &self.file else { return Ok(()) };
+        let path = f
+            .lock()
+            .map_err(|_| WriteError::Transient("file sink lock poisoned".into()))?;
+        let io =
+            |e: std::io::Error| WriteError::Transient(format!("file sink {}: {e}", path.display()));
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        let mut out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&*path)
+            .map_err(io)?;
+        out.write_all(lines).map_err(io)?;
+        out.sync_data().map_err(io)
+    }
+
     /// `/ping`: is the server answering?
     pub async fn ping(&self) -> Result<(), WriteError> {
+        if self.file.is_some() {
+            return self.append_file(b"");
+        }
         let r = self
             .http
             .get(self.endpoint("ping"))
@@ -118,6 +156,12 @@ impl InfluxClient {
 
     /// Gzips (when configured) and writes newline-separated points.
     pub async fn write(&self, rp: &str, lines: &[u8]) -> Result<(), WriteError> {
+        if self.file.is_some() {
+            let (me, lines) = (self.clone(), lines.to_vec());
+            return tokio::task::spawn_blocking(move || me.append_file(&lines))
+                .await
+                .map_err(|e| WriteError::Transient(format!("file sink task: {e}")))?;
+        }
         let mut url = self.endpoint("write");
         url.query_pairs_mut()
             .append_pair("db", &self.database)
@@ -154,6 +198,12 @@ impl InfluxClient {
 
     /// Runs an InfluxQL statement; returns the JSON result.
     pub async fn query(&self, q: &str) -> Result<serde_json::Value, WriteError> {
+        if let Some(p) = self.file_sink() {
+            return Err(WriteError::Transient(format!(
+                "the file sink ({}) cannot answer queries; install InfluxDB",
+                p.display()
+            )));
+        }
         let mut url = self.endpoint("query");
         url.query_pairs_mut().append_pair("db", &self.database);
         let r = self

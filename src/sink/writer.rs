@@ -226,11 +226,15 @@ impl Shared {
         self.stats
             .pending
             .fetch_sub(b.points as u64, Ordering::Relaxed);
-        tracing::error!(
-            "{} point(s) refused by InfluxDB, kept in {}: {e}",
-            b.points,
-            self.dead_letter.display()
-        );
+        if let Ok(mut log) = self.log.lock() {
+            log.warn(|| {
+                format!(
+                    "{} point(s) refused by InfluxDB, kept in {}: {e}",
+                    b.points,
+                    self.dead_letter.display()
+                )
+            });
+        }
         let r = (|| -> std::io::Result<()> {
             if let Some(dir) = self.dead_letter.parent() {
                 std::fs::create_dir_all(dir)?;

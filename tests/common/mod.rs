@@ -117,6 +117,7 @@ pub fn bin_path(bin: &str) -> PathBuf {
         "nbpy" => PathBuf::from(env!("CARGO_BIN_EXE_nbpy")),
         "nbpy-publisher" => PathBuf::from(env!("CARGO_BIN_EXE_nbpy-publisher")),
         "nbpy-subscriber" => PathBuf::from(env!("CARGO_BIN_EXE_nbpy-subscriber")),
+        "nbpy-health" => PathBuf::from(env!("CARGO_BIN_EXE_nbpy-health")),
         other => panic!("unknown binary {other}"),
     }
 }

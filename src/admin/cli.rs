@@ -1,0 +1,102 @@
+//! `nbpy schema …` and `nbpy grafana …`: print what the library did.
+
+use std::io::Write;
+
+use crate::commands::{GrafanaAction, SchemaAction};
+use crate::config::Config;
+use crate::exit::Failure;
+use crate::sink::influx::InfluxClient;
+
+/// `nbpy schema diff` exits with this when there is drift (like diff(1)).
+pub const DRIFT: i32 = 1;
+
+pub fn schema(cfg: &Config, action: SchemaAction) -> Result<(), Failure> {
+    let client = InfluxClient::new(&cfg.influxdb)?;
+    let rt = crate::cli::runtime()?;
+    match action {
+        SchemaAction::Apply { prune } => {
+            let r = rt.block_on(super::schema::apply(&client, cfg, prune))?;
+            for c in &r.changes {
+                println!("{c}");
+            }
+            for k in &r.kept {
+                println!("  kept, not declared (--prune removes it): {k}");
+            }
+            println!(
+                "schema: {} change(s) applied to database {:?} at {}",
+                r.changes.len(),
+                client.database(),
+                crate::config::redact_url(client.url().as_str())
+            );
+            Ok(())
+        }
+        SchemaAction::Diff { prune } => {
+            let r = rt.block_on(super::schema::diff(&client, cfg, prune))?;
+            for c in &r.changes {
+                println!("{c}");
+            }
+            for k in &r.kept {
+                println!("  not declared (only --prune counts it): {k}");
+            }
+            if r.changes.is_empty() {
+                println!("schema: no drift");
+                Ok(())
+            } else {
+                println!("schema: {} difference(s)", r.changes.len());
+                let _ = std::io::stdout().flush();
+                drop(rt);
+                std::process::exit(DRIFT)
+            }
+        }
+        SchemaAction::Stats { json } => {
+            let s = rt.block_on(super::schema::stats(&client))?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&s)
+                        .map_err(|e| Failure::new(crate::exit::SOFTWARE, e))?
+                );
+            } else {
+                print!("{}", s.render());
+            }
+            Ok(())
+        }
+    }
+}
+
+pub fn grafana(cfg: &Config, action: GrafanaAction) -> Result<(), Failure> {
+    match action {
+        GrafanaAction::Render { dir } => {
+            let dir = dir
+                .or_else(|| cfg.grafana.provisioning_dir.clone())
+                .ok_or_else(|| {
+                    Failure::new(
+                        crate::exit::USAGE,
+                        anyhow::anyhow!("give a directory or set grafana.provisioning_dir"),
+                    )
+                })?;
+            let files = super::grafana::render_to(cfg, &dir)?;
+            for f in &files {
+                println!("{}", f.display());
+            }
+            println!(
+                "grafana: {} file(s) written under {}",
+                files.len(),
+                dir.display()
+            );
+            Ok(())
+        }
+        GrafanaAction::Apply => {
+            let rt = crate::cli::runtime()?;
+            let r = rt.block_on(super::grafana::apply(cfg))?;
+            for line in &r.lines {
+                println!("{line}");
+            }
+            println!(
+                "grafana: {} created, {} updated, {} unchanged",
+                r.created, r.updated, r.unchanged
+            );
+            Ok(())
+        }
+    }
+}

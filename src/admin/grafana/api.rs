@@ -1,0 +1,268 @@
+//! `nbpy grafana apply`: the provisioning of [`super::render_to`] through
+//! Grafana's HTTP API, idempotently.
+//!
+//! Endpoints (Grafana's documented legacy `/api` routes, served by every
+//! Grafana since 9 and still by 11–13):
+//! - folder: `GET /api/folders/:uid`, `POST /api/folders {uid,title}`,
+//!   `PUT /api/folders/:uid {title,overwrite}`;
+//! - datasource: `GET /api/datasources/uid/:uid`, `POST /api/datasources`,
+//!   `PUT /api/datasources/uid/:uid`;
+//! - dashboards: `GET /api/dashboards/uid/:uid`,
+//!   `POST /api/dashboards/db {dashboard, folderUid, overwrite, message}`.
+//!
+//! Each object is read first and written only when it differs from what
+//! nbpy renders (every key nbpy sets must match), so a second run changes
+//! nothing and leaves no new dashboard version behind. Admin credentials:
+//! `grafana.admin_user` (default `admin`) and `grafana.admin_password_file`.
+//! A datasource password is only written when the datasource is created or
+//! differs otherwise; Grafana never shows it back, so a changed password
+//! file alone is not detected (delete the datasource, or re-render).
+
+use serde_json::{json, Value};
+
+use crate::config::{read_secret, Config};
+use crate::exit::{Failure, CONFIG, NOPERM, SOFTWARE, TEMPFAIL, UNAVAILABLE};
+
+#[derive(Debug, Default, Clone)]
+pub struct ApplyReport {
+    pub created: usize,
+    pub updated: usize,
+    pub unchanged: usize,
+    /// One line per object: `+ dashboard nbpy-kraken_tick` …
+    pub lines: Vec<String>,
+}
+
+impl ApplyReport {
+    fn note(&mut self, mark: char, what: String) {
+        match mark {
+            '+' => self.created += 1,
+            '~' => self.updated += 1,
+            _ => self.unchanged += 1,
+        }
+        self.lines.push(format!("{mark} {what}"));
+    }
+}
+
+struct Grafana {
+    http: reqwest::Client,
+    base: reqwest::Url,
+    user: String,
+    password: String,
+}
+
+impl Grafana {
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<(u16, Value), Failure> {
+        let mut url = self.base.clone();
+        url.set_path(&format!("{}{path}", self.base.path().trim_end_matches('/')));
+        let mut req = self
+            .http
+            .request(method.clone(), url)
+            .basic_auth(&self.user, Some(&self.password))
+            .header("Accept", "application/json");
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let r = req.send().await.map_err(|e| {
+            let why = if e.is_connect() {
+                "connection refused or host unreachable"
+            } else if e.is_timeout() {
+                "timed out"
+            } else {
+                "request failed"
+            };
+            Failure::new(
+                UNAVAILABLE,
+                anyhow::anyhow!(
+                    "cannot reach Grafana at {} ({why}): {e}",
+                    crate::config::redact_url(self.base.as_str())
+                ),
+            )
+        })?;
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap_or_default();
+        let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+        let msg = v
+            .get("message")
+            .and_then(|m| m.as_str())
+            .map(str::to_string)
+            .unwrap_or_else(|| text.chars().take(200).collect());
+        match status {
+            401 => Err(Failure::new(
+                NOPERM,
+                anyhow::anyhow!(
+                    "Grafana refused the credentials of {:?} (401 {msg}); check grafana.admin_user and grafana.admin_password_file",
+                    self.user
+                ),
+            )),
+            403 => Err(Failure::new(
+                NOPERM,
+                anyhow::anyhow!(
+                    "Grafana user {:?} may not {method} {path} (403 {msg}); it needs the Admin role",
+                    self.user
+                ),
+            )),
+            200..=299 | 404 => Ok((status, v)),
+            500..=599 => Err(Failure::new(
+                TEMPFAIL,
+                anyhow::anyhow!("Grafana failed {method} {path}: {status} {msg}"),
+            )),
+            _ => Err(Failure::new(
+                SOFTWARE,
+                anyhow::anyhow!("Grafana refused {method} {path}: {status} {msg}"),
+            )),
+        }
+    }
+}
+
+/// Does `have` carry every key of `want` with the same value (recursively
+/// for objects)? Grafana adds its own keys (id, version, meta); only ours
+/// count.
+pub fn covers(have: &Value, want: &Value) -> bool {
+    match (have, want) {
+        (Value::Object(h), Value::Object(w)) => w
+            .iter()
+            .all(|(k, wv)| h.get(k).is_some_and(|hv| covers(hv, wv))),
+        (h, w) => h == w,
+    }
+}
+
+/// Upserts folder, datasource and dashboards.
+pub async fn apply(cfg: &Config) -> Result<ApplyReport, Failure> {
+    let g = &cfg.grafana;
+    let url = g.url.as_deref().ok_or_else(|| {
+        Failure::new(
+            CONFIG,
+            anyhow::anyhow!("grafana.url is not set (e.g. http://127.0.0.1:3000)"),
+        )
+    })?;
+    let base = reqwest::Url::parse(url)
+        .map_err(|e| Failure::new(CONFIG, anyhow::anyhow!("grafana.url {url:?}: {e}")))?;
+    let pw_file = g.admin_password_file.as_deref().ok_or_else(|| {
+        Failure::new(
+            CONFIG,
+            anyhow::anyhow!("grafana.admin_password_file is not set (the admin password is only read from a file)"),
+        )
+    })?;
+    let password = read_secret(pw_file).map_err(|e| Failure::new(NOPERM, e))?;
+    let http = reqwest::Client::builder()
+        .timeout(g.timeout)
+        .connect_timeout(std::time::Duration::from_secs(3))
+        .build()
+        .map_err(|e| Failure::new(SOFTWARE, e))?;
+    let api = Grafana {
+        http,
+        base,
+        user: g.admin_user.clone().unwrap_or_else(|| "admin".into()),
+        password,
+    };
+    let mut report = ApplyReport::default();
+    use reqwest::Method;
+
+    // Folder.
+    let folder = &g.folder;
+    let (st, have) = api
+        .call(Method::GET, &format!("/api/folders/{folder}"), None)
+        .await?;
+    if st == 404 {
+        api.call(
+            Method::POST,
+            "/api/folders",
+            Some(&json!({"uid": folder, "title": folder})),
+        )
+        .await?;
+        report.note('+', format!("folder {folder}"));
+    } else if have["title"] != json!(folder) {
+        api.call(
+            Method::PUT,
+            &format!("/api/folders/{folder}"),
+            Some(&json!({"title": folder, "overwrite": true})),
+        )
+        .await?;
+        report.note('~', format!("folder {folder}"));
+    } else {
+        report.note('=', format!("folder {folder}"));
+    }
+
+    // Datasource.
+    let mut ds = super::datasource(cfg);
+    let uid = &g.datasource_uid;
+    let (st, have) = api
+        .call(Method::GET, &format!("/api/datasources/uid/{uid}"), None)
+        .await?;
+    let has_secret = have["secureJsonFields"]["password"] == json!(true);
+    let same = st != 404 && covers(&have, &ds) && has_secret == g.influxdb_password_file.is_some();
+    if same {
+        report.note('=', format!("datasource {uid}"));
+    } else {
+        if let Some(p) = &g.influxdb_password_file {
+            let secret = read_secret(p).map_err(|e| Failure::new(NOPERM, e))?;
+            ds["secureJsonData"] = json!({"password": secret});
+        }
+        if st == 404 {
+            api.call(Method::POST, "/api/datasources", Some(&ds))
+                .await?;
+            report.note('+', format!("datasource {uid}"));
+        } else {
+            api.call(
+                Method::PUT,
+                &format!("/api/datasources/uid/{uid}"),
+                Some(&ds),
+            )
+            .await?;
+            report.note('~', format!("datasource {uid}"));
+        }
+    }
+
+    // Dashboards.
+    for d in super::dashboards::all(uid) {
+        let duid = d["uid"].as_str().unwrap_or_default().to_string();
+        let (st, have) = api
+            .call(Method::GET, &format!("/api/dashboards/uid/{duid}"), None)
+            .await?;
+        let mut want = d.clone();
+        if let Some(o) = want.as_object_mut() {
+            o.remove("version");
+        }
+        if st != 404
+            && covers(&have["dashboard"], &want)
+            && have["meta"]["folderUid"] == json!(folder)
+        {
+            report.note('=', format!("dashboard {duid}"));
+            continue;
+        }
+        let mut body_dash = d.clone();
+        body_dash["id"] = Value::Null;
+        let body = json!({
+            "dashboard": body_dash,
+            "folderUid": folder,
+            "overwrite": true,
+            "message": "nbpy grafana apply"
+        });
+        api.call(Method::POST, "/api/dashboards/db", Some(&body))
+            .await?;
+        report.note(
+            if st == 404 { '+' } else { '~' },
+            format!("dashboard {duid}"),
+        );
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn covers_compares_only_our_keys() {
+        let have = json!({"id": 3, "version": 7, "a": {"b": 1, "extra": 2}, "l": [1, 2]});
+        assert!(covers(&have, &json!({"a": {"b": 1}, "l": [1, 2]})));
+        assert!(!covers(&have, &json!({"a": {"b": 2}})));
+        assert!(!covers(&have, &json!({"missing": null})));
+        assert!(!covers(&have, &json!({"l": [1]})));
+    }
+}

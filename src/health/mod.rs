@@ -1,0 +1,653 @@
+//! Monitoring: is data flowing, how fresh is it, how much was lost where.
+//!
+//! `nbpy-health` serves `/healthz`, `/readyz`, `/status` (JSON, see
+//! [`report::Status`]) and `/metrics` (Prometheus text, [`metrics`]);
+//! `nbpy status` prints the same picture as a table.
+//!
+//! # Where the picture comes from
+//!
+//! - **The bus itself.** The daemon subscribes to every configured publisher
+//!   ([`feeds`], one [`tap::Tap`] each). That gives last-message age per feed
+//!   and per topic (so per instrument), rates, `seq` gaps and restarts
+//!   (epoch changes) without any publisher having to report anything. A
+//!   publisher is *down* when the daemon has no TCP connection to it: a
+//!   killed process's connections close at once, so it shows as down within
+//!   the time the kernel takes to tell us, and as up again within
+//!   [`feeds::RECONNECT_EVERY`] of being back. No heartbeat messages are
+//!   added to the bus for this: they would cost sequence numbers and every
+//!   consumer would have to skip them. The price: a publisher whose process
+//!   is alive but hung keeps its connection; it shows as *stale* once it has
+//!   been silent for its `stale_after` (and its own watchdog restarts it).
+//! - **The subscribers' own counters**, which each subscriber writes to the
+//!   `nbpy_pipeline` measurement every `stats_interval` (received, gaps,
+//!   malformed, written, write_errors, dead_lettered, queue_depth,
+//!   write_latency_ms, and spooled/replayed/spool_bytes when it spools).
+//!   The daemon reads the newest point per subscriber; a subscriber whose
+//!   newest point is too old (`health.subscriber_stale_after`) is down.
+//!   These are read from InfluxDB rather than the bus because that is where
+//!   subscribers already put them and where dashboards read them, and
+//!   because the newest point arriving proves the subscriber's whole write
+//!   path works, not just that its process exists.
+//! - **Write lag**, per publisher: the sequence numbers the daemon saw on
+//!   the bus that are not (yet) in InfluxDB, and the age of the oldest such
+//!   message, from `max(seq)` of the publisher's current epoch.
+//! - **InfluxDB `/ping`**, and **Grafana `/api/health`** when `grafana.url`
+//!   is set.
+//! - **systemd**, when it is the init system (or `health.systemd = "on"`):
+//!   `systemctl show nbpy-*` gives every unit's state and restart count; a
+//!   failed `nbpy-publisher@NAME` / `nbpy-subscriber@NAME` unit marks that
+//!   component down. Without systemd the bus and the counters above are the
+//!   whole picture, whatever started the processes.
+//!
+//! `/readyz` answers 200 when the appliance is doing its job: InfluxDB
+//! answers, every publisher is connected and not stale, and every
+//! subscriber's counters are fresh. Grafana is reported but is not part of
+//! readiness: data is stored without it.
+
+pub mod feeds;
+pub mod http;
+pub mod metrics;
+pub mod probe;
+pub mod report;
+pub mod tap;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, HealthSystemd};
+use crate::exit::{Failure, UNAVAILABLE};
+use crate::service::Service;
+use crate::sink::influx::InfluxClient;
+use crate::wire::now_ns;
+use feeds::FeedWatch;
+use probe::PipelinePoint;
+use report::{Backend, PublisherStatus, State, Status, SubscriberStatus, TopicStatus, Unit};
+
+/// How far back the newest `nbpy_pipeline` points are looked for.
+const PIPELINE_LOOKBACK: Duration = Duration::from_secs(3600);
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Lag {
+    messages: u64,
+    seconds: f64,
+    /// The newest stored (epoch, seq), to bound the next query.
+    stored: Option<(u64, u64)>,
+}
+
+/// Exchange times of one publisher are not strictly in order (trades can
+/// carry older times than tickers); points this much older than the newest
+/// known stored one are still looked at.
+const LAG_TIME_MARGIN_NS: i64 = 30_000_000_000;
+
+#[derive(Default)]
+struct Polled {
+    influx: Option<(Instant, Result<(), String>)>,
+    grafana: Option<(Instant, Result<String, String>)>,
+    pipeline: BTreeMap<String, PipelinePoint>,
+    pipeline_error: Option<String>,
+    /// Counter resets per subscriber: its `received` went down (a restart).
+    resets: BTreeMap<String, u64>,
+    lag: BTreeMap<String, Lag>,
+    units: Vec<Unit>,
+    units_error: Option<String>,
+    uptime: BTreeMap<String, VecDeque<(Instant, bool)>>,
+}
+
+/// Everything the daemon knows; `/status` is a [`Monitor::snapshot`].
+pub struct Monitor {
+    cfg: Config,
+    started: Instant,
+    feeds: Vec<Arc<FeedWatch>>,
+    client: InfluxClient,
+    http: reqwest::Client,
+    systemd: bool,
+    polled: Mutex<Polled>,
+}
+
+impl Monitor {
+    /// Starts watching every configured publisher; they stop with `stop`.
+    pub fn start(cfg: &Config, stop: &CancellationToken) -> Result<Arc<Monitor>, Failure> {
+        let client = InfluxClient::new(&cfg.influxdb)?;
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .map_err(|e| Failure::new(crate::exit::SOFTWARE, e))?;
+        let feeds = cfg
+            .publishers
+            .iter()
+            .map(|(name, p)| FeedWatch::start(name, p, stop.child_token()))
+            .collect();
+        let systemd = match cfg.health.systemd {
+            HealthSystemd::On => true,
+            HealthSystemd::Off => false,
+            HealthSystemd::Auto => probe::systemd_booted(),
+        };
+        Ok(Arc::new(Monitor {
+            cfg: cfg.clone(),
+            started: Instant::now(),
+            feeds,
+            client,
+            http,
+            systemd,
+            polled: Mutex::new(Polled::default()),
+        }))
+    }
+
+    fn polled(&self) -> MutexGuard<'_, Polled> {
+        self.polled.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Refreshes rates; about once a second.
+    pub fn tick(&self) {
+        for f in &self.feeds {
+            f.state().tick();
+        }
+    }
+
+    /// One round of checks (InfluxDB, counters, lag, Grafana, systemd),
+    /// then an uptime sample of every component.
+    pub async fn poll(&self) {
+        let ping = self.client.ping().await.map_err(|e| e.to_string());
+        let influx_up = ping.is_ok();
+        let pipeline = if influx_up {
+            Some(probe::pipeline(&self.client, PIPELINE_LOOKBACK).await)
+        } else {
+            None
+        };
+        let mut lags = BTreeMap::new();
+        if influx_up {
+            for f in &self.feeds {
+                if let Some(l) = self.lag(f).await {
+                    lags.insert(f.name.clone(), l);
+                }
+            }
+        }
+        let grafana = match &self.cfg.grafana.url {
+            Some(url) => Some(probe::grafana(&self.http, url).await),
+            None => None,
+        };
+        let units = if self.systemd {
+            Some(probe::systemd_units().await)
+        } else {
+            None
+        };
+        {
+            let mut p = self.polled();
+            let now = Instant::now();
+            p.influx = Some((now, ping));
+            if let Some(g) = grafana {
+                p.grafana = Some((now, g));
+            }
+            match pipeline {
+                Some(Ok(points)) => {
+                    p.pipeline_error = None;
+                    for pt in points {
+                        let before = p
+                            .pipeline
+                            .get(&pt.component)
+                            .and_then(|o| o.counters.get("received"))
+                            .copied();
+                        let after = pt.counters.get("received").copied();
+                        if let (Some(b), Some(a)) = (before, after) {
+                            if a < b {
+                                *p.resets.entry(pt.component.clone()).or_default() += 1;
+                            }
+                        }
+                        p.pipeline.insert(pt.component.clone(), pt);
+                    }
+                }
+                Some(Err(e)) => p.pipeline_error = Some(e.to_string()),
+                None => {}
+            }
+            if influx_up {
+                p.lag = lags;
+            }
+            match units {
+                Some(Ok(u)) => {
+                    p.units = u;
+                    p.units_error = None;
+                }
+                Some(Err(e)) => p.units_error = Some(e),
+                None => {}
+            }
+        }
+        let snap = self.snapshot();
+        let mut p = self.polled();
+        let now = Instant::now();
+        let window = self.cfg.health.uptime_window;
+        let mut sample = |key: String, up: bool| {
+            let q = p.uptime.entry(key).or_default();
+            q.push_back((now, up));
+            while q
+                .front()
+                .is_some_and(|(t, _)| now.duration_since(*t) > window)
+            {
+                q.pop_front();
+            }
+        };
+        sample("influxdb".into(), snap.influxdb.state.is_up());
+        if let Some(g) = &snap.grafana {
+            sample("grafana".into(), g.state.is_up());
+        }
+        for pb in &snap.publishers {
+            sample(format!("publisher/{}", pb.name), pb.state.is_up());
+        }
+        for s in &snap.subscribers {
+            sample(format!("subscriber/{}", s.name), s.state.is_up());
+        }
+    }
+
+    async fn lag(&self, f: &FeedWatch) -> Option<Lag> {
+        let (epoch, last_seq, measurements, samples) = {
+            let st = f.state();
+            if st.last_seq == 0 {
+                return None;
+            }
+            let samples: Vec<feeds::Sample> = st
+                .samples
+                .iter()
+                .filter(|s| s.epoch == st.epoch)
+                .copied()
+                .collect();
+            let ms: Vec<&'static str> = st.measurements.iter().copied().collect();
+            (st.epoch, st.last_seq, ms, samples)
+        };
+        // Only the recent past is scanned: from the newest point known to
+        // be stored (the last answer), else from the oldest sample.
+        let before = self.polled().lag.get(&f.name).and_then(|l| l.stored);
+        let from = match before {
+            Some((e, seq)) if e == epoch => samples
+                .iter()
+                .filter(|s| s.seq <= seq)
+                .map(|s| s.time_ns)
+                .max(),
+            _ => None,
+        };
+        let since = from
+            .or_else(|| samples.iter().map(|s| s.time_ns).min())
+            .unwrap_or(0)
+            .saturating_sub(LAG_TIME_MARGIN_NS);
+        let stored =
+            match probe::max_stored_seq(&self.client, &f.name, epoch, &measurements, since).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!("health: write lag of {}: {e}", f.name);
+                    return None;
+                }
+            };
+        let mut lag = lag_from(last_seq, stored, &samples, Instant::now());
+        lag.stored = stored.map(|s| (epoch, s));
+        Some(lag)
+    }
+
+    /// The picture right now: live bus state plus the last poll's results.
+    pub fn snapshot(&self) -> Status {
+        let now = Instant::now();
+        let p = self.polled();
+        let uptime = |key: &str| {
+            p.uptime
+                .get(key)
+                .filter(|q| !q.is_empty())
+                .map(|q| 100.0 * q.iter().filter(|(_, up)| *up).count() as f64 / q.len() as f64)
+        };
+        let influxdb = Backend {
+            url: self.client.url().to_string(),
+            state: match &p.influx {
+                None => State::Unknown,
+                Some((_, Ok(()))) => State::Up,
+                Some((_, Err(_))) => State::Down,
+            },
+            error: p
+                .influx
+                .as_ref()
+                .and_then(|(_, r)| r.as_ref().err().cloned()),
+            checked_age_s: p.influx.as_ref().map(|(t, _)| secs(now, *t)),
+            detail: None,
+            uptime_pct: uptime("influxdb"),
+        };
+        let grafana = self.cfg.grafana.url.as_ref().map(|url| Backend {
+            url: crate::config::redact_url(url),
+            state: match &p.grafana {
+                None => State::Unknown,
+                Some((_, Ok(_))) => State::Up,
+                Some((_, Err(_))) => State::Down,
+            },
+            error: p
+                .grafana
+                .as_ref()
+                .and_then(|(_, r)| r.as_ref().err().cloned()),
+            checked_age_s: p.grafana.as_ref().map(|(t, _)| secs(now, *t)),
+            detail: p
+                .grafana
+                .as_ref()
+                .and_then(|(_, r)| r.as_ref().ok().cloned()),
+            uptime_pct: uptime("grafana"),
+        });
+        let unit_down = |u: Option<&Unit>| {
+            u.filter(|u| {
+                !matches!(
+                    u.active_state.as_str(),
+                    "active" | "activating" | "reloading"
+                )
+            })
+            .map(|u| format!("unit {} is {} ({})", u.id, u.active_state, u.sub_state))
+        };
+
+        let mut publishers = Vec::new();
+        for f in &self.feeds {
+            let st = f.state();
+            let unit = probe::unit_for(&p.units, "publisher", &f.name).cloned();
+            let last_age = st.last_message.map(|t| secs(now, t));
+            let silent_for = last_age.unwrap_or_else(|| secs(now, st.since));
+            let (state, problem) = if let Some(why) = unit_down(unit.as_ref()) {
+                (State::Down, Some(why))
+            } else if !st.connected {
+                (
+                    State::Down,
+                    Some(st.problem.clone().unwrap_or_else(|| "not connected".into())),
+                )
+            } else if silent_for > f.cfg.stale_after.as_secs_f64() {
+                (
+                    State::Stale,
+                    Some(format!(
+                        "connected, but no message for {} (stale_after = {})",
+                        report::age(Some(silent_for)),
+                        humantime::format_duration(f.cfg.stale_after)
+                    )),
+                )
+            } else {
+                (State::Up, None)
+            };
+            let lag = p.lag.get(&f.name);
+            let mut topics: Vec<TopicStatus> = st
+                .topics
+                .iter()
+                .map(|(topic, t)| TopicStatus {
+                    topic: topic.clone(),
+                    instrument: topic.splitn(3, '.').nth(2).unwrap_or("").to_string(),
+                    received: t.received,
+                    rate: t.rate,
+                    last_message_age_s: t.last.map(|l| secs(now, l)),
+                })
+                .collect();
+            topics.sort_by(|a, b| a.topic.cmp(&b.topic));
+            publishers.push(PublisherStatus {
+                name: f.name.clone(),
+                feed: f.cfg.feed.name().to_string(),
+                endpoint: f.cfg.endpoint(),
+                state,
+                problem,
+                since_s: secs(now, st.since),
+                last_message_age_s: last_age,
+                received: st.received,
+                rate: st.rate(),
+                gaps: st.gaps.total_gaps(),
+                malformed: st.malformed,
+                restarts: unit
+                    .as_ref()
+                    .map(|u| u.restarts)
+                    .unwrap_or_else(|| st.restarts()),
+                disconnects: st.disconnects,
+                epoch: st.epoch,
+                last_seq: st.last_seq,
+                latency_ms: st.latency_ms,
+                write_lag_messages: lag.map(|l| l.messages),
+                write_lag_s: lag.map(|l| l.seconds),
+                uptime_pct: uptime(&format!("publisher/{}", f.name)),
+                unit,
+                topics,
+            });
+        }
+
+        let mut subscribers = Vec::new();
+        for (name, scfg) in &self.cfg.subscribers {
+            let unit = probe::unit_for(&p.units, "subscriber", name).cloned();
+            let point = p.pipeline.get(name);
+            let report_age = point.map(|pt| ((now_ns() - pt.time_ns) as f64 / 1e9).max(0.0));
+            let limit = self.cfg.health.subscriber_stale_after.unwrap_or(
+                scfg.stats_interval * 2 + self.cfg.influxdb.flush_interval + Duration::from_secs(2),
+            );
+            let influx_known = matches!(p.influx, Some((_, Ok(()))));
+            let (state, problem) = if let Some(why) = unit_down(unit.as_ref()) {
+                (State::Down, Some(why))
+            } else if !influx_known {
+                (
+                    State::Unknown,
+                    Some("InfluxDB does not answer: its counters cannot be read".into()),
+                )
+            } else if let Some(e) = &p.pipeline_error {
+                (State::Unknown, Some(format!("reading nbpy_pipeline: {e}")))
+            } else {
+                match report_age {
+                    None => (
+                        State::Down,
+                        Some(format!(
+                            "no nbpy_pipeline counters in the last {}",
+                            humantime::format_duration(PIPELINE_LOOKBACK)
+                        )),
+                    ),
+                    Some(a) if a > limit.as_secs_f64() => (
+                        State::Down,
+                        Some(format!(
+                            "counters last written {} ago (expected every {})",
+                            report::age(Some(a)),
+                            humantime::format_duration(scfg.stats_interval)
+                        )),
+                    ),
+                    Some(_) => (State::Up, None),
+                }
+            };
+            subscribers.push(SubscriberStatus {
+                name: name.clone(),
+                state,
+                problem,
+                report_age_s: report_age,
+                counters: point.map(|pt| pt.counters.clone()).unwrap_or_default(),
+                spool_bytes: point.and_then(|pt| pt.counters.get("spool_bytes").copied()),
+                restarts: unit
+                    .as_ref()
+                    .map(|u| u.restarts)
+                    .unwrap_or_else(|| p.resets.get(name).copied().unwrap_or(0)),
+                uptime_pct: uptime(&format!("subscriber/{name}")),
+                unit,
+            });
+        }
+
+        let mut not_ready = Vec::new();
+        if !influxdb.state.is_up() {
+            not_ready.push(format!(
+                "InfluxDB {}: {}",
+                influxdb.state.as_str(),
+                influxdb.error.as_deref().unwrap_or("not checked yet")
+            ));
+        }
+        for pb in &publishers {
+            if !pb.state.is_up() {
+                not_ready.push(format!(
+                    "publisher {} {}: {}",
+                    pb.name,
+                    pb.state.as_str(),
+                    pb.problem.as_deref().unwrap_or("")
+                ));
+            }
+        }
+        for s in &subscribers {
+            if !s.state.is_up() {
+                not_ready.push(format!(
+                    "subscriber {} {}: {}",
+                    s.name,
+                    s.state.as_str(),
+                    s.problem.as_deref().unwrap_or("")
+                ));
+            }
+        }
+        let mut warnings = Vec::new();
+        if let Some(e) = &p.units_error {
+            warnings.push(format!("systemd: {e}"));
+        }
+        if let Some(g) = grafana.as_ref().filter(|g| g.state == State::Down) {
+            warnings.push(format!(
+                "Grafana down: {}",
+                g.error.as_deref().unwrap_or("")
+            ));
+        }
+        Status {
+            time_ns: now_ns(),
+            watching_s: secs(now, self.started),
+            uptime_window_s: self.cfg.health.uptime_window.as_secs_f64(),
+            supervisor: if self.systemd { "systemd" } else { "none" }.into(),
+            ready: not_ready.is_empty(),
+            not_ready,
+            warnings,
+            influxdb,
+            grafana,
+            publishers,
+            subscribers,
+            units: p.units.clone(),
+        }
+    }
+
+    /// Keeps polling until `stop`.
+    pub async fn run(self: Arc<Self>, stop: CancellationToken) {
+        let mut poll = tokio::time::interval(self.cfg.health.poll_interval);
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => self.tick(),
+                _ = poll.tick() => self.poll().await,
+            }
+        }
+    }
+
+    /// A one-off picture without the daemon: watch the bus for `observe`,
+    /// poll once. For `nbpy status` when `nbpy-health` is not running.
+    pub async fn probe(cfg: &Config, observe: Duration) -> Result<Status, Failure> {
+        let stop = CancellationToken::new();
+        let m = Monitor::start(cfg, &stop)?;
+        m.tick();
+        let t0 = Instant::now();
+        // Done early once every publisher has been heard from.
+        while t0.elapsed() < observe {
+            let all = m
+                .feeds
+                .iter()
+                .all(|f| f.state().last_message.is_some() && t0.elapsed() > observe / 2);
+            if all {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        m.tick();
+        m.poll().await;
+        let s = m.snapshot();
+        stop.cancel();
+        Ok(s)
+    }
+}
+
+fn secs(now: Instant, then: Instant) -> f64 {
+    now.saturating_duration_since(then).as_secs_f64()
+}
+
+/// Write lag from the newest stored seq and the (time, seq) samples of the
+/// current epoch: nothing when everything seen is stored; else how many
+/// numbers are missing and since when the oldest of them has been waiting.
+fn lag_from(last_seq: u64, stored: Option<u64>, samples: &[feeds::Sample], now: Instant) -> Lag {
+    let stored_to = stored.unwrap_or(0);
+    if stored_to >= last_seq {
+        return Lag::default();
+    }
+    let first_unstored = samples
+        .iter()
+        .find(|s| s.seq > stored_to)
+        .map(|s| s.at)
+        .unwrap_or(now);
+    let from = stored.unwrap_or_else(|| samples.first().map(|s| s.seq - 1).unwrap_or(0));
+    Lag {
+        messages: last_seq - from.min(last_seq),
+        seconds: secs(now, first_unstored),
+        stored: None,
+    }
+}
+
+/// `nbpy-health`: serves until SIGTERM/SIGINT.
+pub async fn run(cfg: &Config, listen: Option<&str>) -> Result<(), Failure> {
+    let svc = Service::start("nbpy-health", Duration::from_secs(3600), String::new);
+    // The daemon carries no data; its loop beating is what matters.
+    svc.liveness.set_idle(true);
+    let addr = listen.unwrap_or(&cfg.health.listen).to_string();
+    let listener = tokio::net::TcpListener::bind(&addr).await.map_err(|e| {
+        Failure::new(
+            UNAVAILABLE,
+            anyhow::anyhow!("health: cannot listen on {addr}: {e} (health.listen)"),
+        )
+    })?;
+    let bound = listener.local_addr().map(|a| a.to_string()).unwrap_or(addr);
+    let monitor = Monitor::start(cfg, &svc.shutdown)?;
+    tokio::spawn(monitor.clone().run(svc.shutdown.child_token()));
+    let server = tokio::spawn(http::serve(
+        listener,
+        monitor.clone(),
+        svc.shutdown.child_token(),
+    ));
+    svc.ready(&format!("serving on http://{bound}"));
+    tracing::info!(
+        "health: serving on http://{bound} (watching {} publisher(s), {} subscriber(s))",
+        cfg.publishers.len(),
+        cfg.subscribers.len()
+    );
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = svc.shutdown.cancelled() => break,
+            _ = tick.tick() => {
+                svc.liveness.beat();
+                let s = monitor.snapshot();
+                let up = s.publishers.iter().filter(|p| p.state.is_up()).count();
+                let subs = s.subscribers.iter().filter(|p| p.state.is_up()).count();
+                svc.status(&format!(
+                    "{}: {up}/{} publishers up, {subs}/{} subscribers up, InfluxDB {}",
+                    if s.ready { "ready" } else { "not ready" },
+                    s.publishers.len(),
+                    s.subscribers.len(),
+                    s.influxdb.state.as_str()
+                ));
+            }
+        }
+    }
+    svc.stopping("stopping");
+    let _ = server.await;
+    tracing::info!("health: stopped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_lag_counts_from_the_newest_stored_seq() {
+        let t0 = Instant::now();
+        let s = |ms: u64, seq: u64| feeds::Sample {
+            at: t0 + Duration::from_millis(ms),
+            epoch: 1,
+            seq,
+            time_ns: 0,
+        };
+        let samples = [s(0, 10), s(100, 20), s(200, 30)];
+        let now = t0 + Duration::from_millis(1000);
+        let l = lag_from(35, Some(35), &samples, now);
+        assert_eq!((l.messages, l.seconds), (0, 0.0));
+        let l = lag_from(35, Some(15), &samples, now);
+        assert_eq!(l.messages, 20);
+        assert!((l.seconds - 0.9).abs() < 1e-9);
+        let l = lag_from(35, None, &samples, now);
+        assert_eq!(l.messages, 26);
+        assert!((l.seconds - 1.0).abs() < 1e-9);
+    }
+}

@@ -1,0 +1,892 @@
+//! `nbpy up`: the five phases without systemd, for a laptop or a CI box.
+//!
+//! The same library calls the units make (schema `ensure_with`, Grafana
+//! `render_to`/`apply`, the publisher and subscriber binaries), so `nbpy up`
+//! is not a second implementation of the appliance, only a second service
+//! manager. It speaks the children's own service contract: each child gets
+//! a private `NOTIFY_SOCKET`, and `READY=1`/`STATUS=` from there drive the
+//! phase progress and the status line, exactly as systemd would see them.
+//!
+//! State lives under the state directory: `run/nbpy.toml` (the effective
+//! configuration every child reads), `run/status.json` (what `nbpy status`
+//! shows), `up.pid` (what `nbpy down` signals), `logs/NAME.log` (one file
+//! per child, what `nbpy logs NAME` prints).
+
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::backend::LocalInfluxd;
+use crate::config::{Config, PublisherConfig, SubscriberConfig};
+use crate::exit::{Failure, CANTCREAT, SOFTWARE, TEMPFAIL, UNAVAILABLE};
+use crate::feeds::FeedKind;
+use crate::sink::influx::InfluxClient;
+
+pub struct UpOptions {
+    /// Live public Kraken feeds instead of the synthetic demo.
+    pub live: bool,
+    /// How long phase 5 listens to the bus before reconciling (and, with
+    /// the file sink, how long it waits for the first points).
+    pub validate_within: Duration,
+}
+
+/// One supervised child as `nbpy status` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct ChildState {
+    pub name: String,
+    pub role: String,
+    pub pid: Option<u32>,
+    pub ready: bool,
+    pub status: String,
+    pub restarts: u32,
+    pub state: String,
+    pub log: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct UpStatus {
+    pub pid: u32,
+    pub phase: String,
+    pub influxdb: String,
+    pub grafana: String,
+    pub started_unix: u64,
+    pub children: Vec<ChildState>,
+}
+
+/// The state directory `nbpy up` uses: the configured one when writable,
+/// else `~/.local/state/nbpy` (a non-root user cannot write /var/lib).
+pub fn state_dir(cfg: &Config) -> PathBuf {
+    let configured = cfg.state_dir.clone();
+    if std::fs::create_dir_all(&configured).is_ok() && writable(&configured) {
+        return configured;
+    }
+    let home = std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
+        .unwrap_or_else(|| PathBuf::from("."));
+    home.join("nbpy")
+}
+
+fn writable(dir: &Path) -> bool {
+    let probe = dir.join(".nbpy-write-test");
+    let ok = std::fs::write(&probe, b"").is_ok();
+    let _ = std::fs::remove_file(&probe);
+    ok
+}
+
+/// The demo pipeline when nothing is configured: synthetic (or, with
+/// `--live`, Kraken's public feeds) into one subscriber; and a subscriber
+/// for configured publishers that have none.
+pub fn with_defaults(mut cfg: Config, live: bool) -> Config {
+    if cfg.publishers.is_empty() {
+        let feeds: Vec<(&str, FeedKind)> = if live {
+            vec![
+                ("kraken-tick", FeedKind::KrakenTick),
+                ("kraken-depth", FeedKind::KrakenDepth),
+                ("kraken-orders", FeedKind::KrakenOrders),
+            ]
+        } else {
+            vec![("synth", FeedKind::Synthetic)]
+        };
+        for (name, feed) in feeds {
+            let mut p = PublisherConfig {
+                feed,
+                ..Default::default()
+            };
+            if feed == FeedKind::Synthetic {
+                // A demo should look alive, not saturate the machine.
+                p.rate = 2000.0;
+            }
+            cfg.publishers.insert(name.to_string(), p);
+        }
+    }
+    if cfg.subscribers.is_empty() {
+        cfg.subscribers.insert(
+            "main".into(),
+            SubscriberConfig {
+                connect: cfg
+                    .publishers
+                    .values()
+                    .map(PublisherConfig::endpoint)
+                    .collect(),
+                ..Default::default()
+            },
+        );
+    }
+    cfg
+}
+
+/// Progress for the person at the terminal (the children's own logs are
+/// in their files).
+fn say(msg: &str) {
+    println!("{msg}");
+}
+
+struct Child {
+    state: Arc<Mutex<ChildState>>,
+    proc: Option<tokio::process::Child>,
+    args: Vec<String>,
+    bin: PathBuf,
+    notify: PathBuf,
+    next_restart: Option<Instant>,
+    backoff: Duration,
+    done: bool,
+}
+
+struct Up {
+    dir: PathBuf,
+    config_file: PathBuf,
+    children: Vec<Child>,
+    status: Arc<Mutex<UpStatus>>,
+}
+
+fn sibling(bin: &str) -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join(bin)))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from(bin))
+}
+
+fn on_path(bin: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(bin))
+            .find(|p| p.is_file())
+    })
+}
+
+impl Up {
+    fn spawn_child(&mut self, role: &str, name: &str) -> Result<(), Failure> {
+        let bin = sibling(&format!("nbpy-{role}"));
+        let log = self.dir.join("logs").join(format!("{name}.log"));
+        let notify = self.dir.join("run").join(format!("{name}.notify"));
+        let state = Arc::new(Mutex::new(ChildState {
+            name: name.into(),
+            role: role.into(),
+            log,
+            state: "starting".into(),
+            ..Default::default()
+        }));
+        let mut c = Child {
+            state,
+            proc: None,
+            args: vec![
+                "--config".into(),
+                self.config_file.display().to_string(),
+                name.into(),
+            ],
+            bin,
+            notify,
+            next_restart: None,
+            backoff: Duration::from_secs(1),
+            done: false,
+        };
+        start(&mut c)?;
+        self.children.push(c);
+        Ok(())
+    }
+
+    fn write_status(&self, phase: &str) {
+        let mut s = match self.status.lock() {
+            Ok(s) => s.clone(),
+            Err(_) => return,
+        };
+        s.phase = phase.into();
+        s.children = self
+            .children
+            .iter()
+            .filter_map(|c| c.state.lock().ok().map(|s| s.clone()))
+            .collect();
+        if let Ok(mut shared) = self.status.lock() {
+            *shared = s.clone();
+        }
+        if let Ok(json) = serde_json::to_vec_pretty(&s) {
+            let tmp = self.dir.join("run/status.json.tmp");
+            if std::fs::write(&tmp, json).is_ok() {
+                let _ = std::fs::rename(&tmp, self.dir.join("run/status.json"));
+            }
+        }
+    }
+
+    async fn wait_ready(&self, from: usize, deadline: Duration) -> Result<(), Failure> {
+        let t0 = Instant::now();
+        loop {
+            let mut waiting = Vec::new();
+            for c in &self.children[from..] {
+                let s = c.state.lock().map(|s| s.clone()).unwrap_or_default();
+                if s.state == "exited" && !s.ready {
+                    return Err(Failure::new(
+                        UNAVAILABLE,
+                        anyhow::anyhow!(
+                            "{} {} exited before it was ready; last lines of {}:\n{}",
+                            s.role,
+                            s.name,
+                            s.log.display(),
+                            tail(&s.log, 10)
+                        ),
+                    ));
+                }
+                if !s.ready && !c.done {
+                    waiting.push(format!(
+                        "{} ({})",
+                        s.name,
+                        if s.status.is_empty() {
+                            "starting"
+                        } else {
+                            &s.status
+                        }
+                    ));
+                }
+            }
+            if waiting.is_empty() {
+                return Ok(());
+            }
+            if t0.elapsed() > deadline {
+                return Err(Failure::new(
+                    UNAVAILABLE,
+                    anyhow::anyhow!("not ready after {deadline:?}: {}", waiting.join(", ")),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Restarts children that died, with backoff; notes those that finished.
+    fn supervise(&mut self) {
+        for c in &mut self.children {
+            if c.done {
+                continue;
+            }
+            if let Some(p) = c.proc.as_mut() {
+                if let Ok(Some(status)) = p.try_wait() {
+                    c.proc = None;
+                    let mut s = match c.state.lock() {
+                        Ok(s) => s,
+                        Err(_) => continue,
+                    };
+                    s.pid = None;
+                    if status.success() {
+                        s.state = "finished".into();
+                        c.done = true;
+                        say(&format!("{} {} finished", s.role, s.name));
+                    } else {
+                        s.state = "exited".into();
+                        s.ready = false;
+                        say(&format!(
+                            "{} {} exited ({status}); restarting in {:?} (log: {})",
+                            s.role,
+                            s.name,
+                            c.backoff,
+                            s.log.display()
+                        ));
+                        c.next_restart = Some(Instant::now() + c.backoff);
+                        c.backoff = (c.backoff * 2).min(Duration::from_secs(30));
+                    }
+                }
+            } else if c.next_restart.is_some_and(|t| Instant::now() >= t) {
+                c.next_restart = None;
+                if let Ok(mut s) = c.state.lock() {
+                    s.restarts += 1;
+                }
+                if let Err(e) = start(c) {
+                    say(&format!("restart failed: {e}"));
+                }
+            }
+        }
+    }
+
+    /// Subscribers first (they drain into InfluxDB), then publishers.
+    async fn stop_all(&mut self, timeout: Duration) -> bool {
+        let mut clean = true;
+        for role in ["subscriber", "publisher"] {
+            let t0 = Instant::now();
+            for c in self
+                .children
+                .iter_mut()
+                .filter(|c| c.state.lock().map(|s| s.role == role).unwrap_or(false))
+            {
+                c.next_restart = None;
+                c.done = true;
+                if let Some(p) = &c.proc {
+                    if let Some(pid) = p.id() {
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(pid as i32),
+                            nix::sys::signal::Signal::SIGTERM,
+                        );
+                    }
+                }
+            }
+            for c in self
+                .children
+                .iter_mut()
+                .filter(|c| c.state.lock().map(|s| s.role == role).unwrap_or(false))
+            {
+                let Some(mut p) = c.proc.take() else { continue };
+                let name = c.state.lock().map(|s| s.name.clone()).unwrap_or_default();
+                match tokio::time::timeout(timeout, p.wait()).await {
+                    Ok(Ok(st)) if st.success() => {}
+                    Ok(Ok(st)) => {
+                        clean = false;
+                        say(&format!("{role} {name} stopped with {st}"));
+                    }
+                    _ => {
+                        clean = false;
+                        say(&format!(
+                            "{role} {name} did not stop within {timeout:?}; killing it"
+                        ));
+                        let _ = p.kill().await;
+                    }
+                }
+                if let Ok(mut s) = c.state.lock() {
+                    s.state = "stopped".into();
+                    s.pid = None;
+                }
+            }
+            say(&format!("stopped {role}s in {:.1?}", t0.elapsed()));
+        }
+        clean
+    }
+}
+
+fn start(c: &mut Child) -> Result<(), Failure> {
+    let _ = std::fs::remove_file(&c.notify);
+    let sock = UnixDatagram::bind(&c.notify).map_err(|e| {
+        Failure::new(
+            CANTCREAT,
+            anyhow::anyhow!("notify socket {}: {e}", c.notify.display()),
+        )
+    })?;
+    let log_path = c.state.lock().map(|s| s.log.clone()).unwrap_or_default();
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|e| Failure::new(CANTCREAT, anyhow::anyhow!("{}: {e}", log_path.display())))?;
+    let err = log
+        .try_clone()
+        .map_err(|e| Failure::new(CANTCREAT, anyhow::anyhow!("{}: {e}", log_path.display())))?;
+    let child = tokio::process::Command::new(&c.bin)
+        .args(&c.args)
+        .env("NOTIFY_SOCKET", &c.notify)
+        .env("WATCHDOG_USEC", "10000000")
+        .env_remove("JOURNAL_STREAM")
+        .env("NBPY_LOG__FORMAT", "text")
+        .stdin(std::process::Stdio::null())
+        .stdout(log)
+        .stderr(err)
+        .spawn()
+        .map_err(|e| {
+            Failure::new(
+                UNAVAILABLE,
+                anyhow::anyhow!("cannot start {}: {e}", c.bin.display()),
+            )
+        })?;
+    let pid = child.id();
+    c.proc = Some(child);
+    if let Ok(mut s) = c.state.lock() {
+        s.pid = pid;
+        s.state = "starting".into();
+        s.ready = false;
+    }
+    // The child's notifications: READY and STATUS as systemd would see them.
+    let state = c.state.clone();
+    std::thread::spawn(move || {
+        let _ = sock.set_read_timeout(Some(Duration::from_secs(1)));
+        let mut buf = [0u8; 4096];
+        loop {
+            match sock.recv(&mut buf) {
+                Ok(n) => {
+                    let text = String::from_utf8_lossy(&buf[..n]);
+                    let Ok(mut s) = state.lock() else { return };
+                    for line in text.lines() {
+                        if line == "READY=1" {
+                            s.ready = true;
+                            s.state = "running".into();
+                        } else if line == "STOPPING=1" {
+                            s.state = "stopping".into();
+                        } else if let Some(st) = line.strip_prefix("STATUS=") {
+                            s.status = st.to_string();
+                        }
+                    }
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    // A replaced socket file means a restart took over.
+                    if state.lock().map(|s| s.state == "stopped").unwrap_or(true) {
+                        return;
+                    }
+                }
+                Err(_) => return,
+            }
+        }
+    });
+    Ok(())
+}
+
+pub fn tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Phase 1: an InfluxDB that answers, or a private one, or the file sink.
+async fn backends(cfg: &mut Config, dir: &Path) -> Result<(Option<LocalInfluxd>, String), Failure> {
+    let client = InfluxClient::new(&cfg.influxdb)?;
+    if client.file_sink().is_none() && client.ping().await.is_ok() {
+        return Ok((
+            None,
+            format!("InfluxDB at {} (already running)", cfg.influxdb.url),
+        ));
+    }
+    if let Some(p) = client.file_sink() {
+        return Ok((None, format!("file sink {}", p.display())));
+    }
+    if let Some(influxd) = on_path("influxd") {
+        let wanted = reqwest::Url::parse(&cfg.influxdb.url)
+            .ok()
+            .and_then(|u| u.port())
+            .unwrap_or(8086);
+        let port = if std::net::TcpListener::bind(("127.0.0.1", wanted)).is_ok() {
+            wanted
+        } else {
+            0
+        };
+        let log = std::fs::File::create(dir.join("logs/influxd.log"))
+            .map_err(|e| Failure::new(CANTCREAT, anyhow::anyhow!("influxd log: {e}")))?;
+        let mut local = LocalInfluxd::spawn(Some(&influxd), &dir.join("influxdb"), port, Some(log))
+            .map_err(|e| {
+                Failure::new(
+                    UNAVAILABLE,
+                    anyhow::anyhow!("starting {}: {e}", influxd.display()),
+                )
+            })?;
+        let took = local.wait_ready(Duration::from_secs(30)).map_err(|e| {
+            Failure::new(
+                UNAVAILABLE,
+                anyhow::anyhow!("{e}; see {}", dir.join("logs/influxd.log").display()),
+            )
+        })?;
+        cfg.influxdb.url = local.url();
+        let what = format!(
+            "InfluxDB at {} (started by nbpy up from {}, ready in {took:.1?})",
+            local.url(),
+            influxd.display()
+        );
+        return Ok((Some(local), what));
+    }
+    let file = dir.join("points.lp");
+    cfg.influxdb.url = format!("file://{}", file.display());
+    say(&format!(
+        "No InfluxDB answers at {} and no `influxd` is on PATH: writing line protocol to {} instead.\n\
+         To get InfluxDB: `apt-get install influxdb` (Debian/Ubuntu), `nix run` (the flake brings it), or docker/compose.yaml.",
+        crate::config::redact_url(&client.url().to_string()),
+        file.display()
+    ));
+    Ok((None, format!("file sink {}", file.display())))
+}
+
+/// Runs the appliance until SIGTERM/SIGINT, then stops it in order.
+pub async fn up(mut cfg: Config, opts: UpOptions) -> Result<(), Failure> {
+    let t_start = Instant::now();
+    let dir = state_dir(&cfg);
+    for sub in ["logs", "run"] {
+        std::fs::create_dir_all(dir.join(sub)).map_err(|e| {
+            Failure::new(
+                CANTCREAT,
+                anyhow::anyhow!("{}: {e}", dir.join(sub).display()),
+            )
+        })?;
+    }
+    cfg.state_dir = dir.clone();
+    let pid_file = dir.join("up.pid");
+    if let Some(pid) = running_pid(&dir) {
+        return Err(Failure::new(
+            TEMPFAIL,
+            anyhow::anyhow!(
+                "nbpy up is already running (pid {pid}, state {}); `nbpy down` stops it",
+                dir.display()
+            ),
+        ));
+    }
+    std::fs::write(&pid_file, std::process::id().to_string())
+        .map_err(|e| Failure::new(CANTCREAT, anyhow::anyhow!("{}: {e}", pid_file.display())))?;
+    let _pid_guard = RemoveOnDrop(pid_file.clone());
+    let stop = crate::service::Service::start("nbpy-up", Duration::from_secs(3600), || {
+        "the supervised children".into()
+    });
+    say(&format!("nbpy up: state in {}", dir.display()));
+
+    // Phase 1.
+    let t = Instant::now();
+    let (mut influxd, influx_what) = backends(&mut cfg, &dir).await?;
+    let grafana_what = match &cfg.grafana.url {
+        Some(u) => format!("Grafana at {u}"),
+        None => "no Grafana configured: dashboards are rendered for file provisioning".to_string(),
+    };
+    say(&format!(
+        "phase 1/5 backends   {influx_what}; {grafana_what} [{:.1?}]",
+        t.elapsed()
+    ));
+    let file_sink = cfg.influxdb.url.starts_with("file:");
+
+    // Phase 2.
+    let t = Instant::now();
+    if file_sink {
+        say("phase 2/5 schema     skipped (file sink)");
+    } else {
+        let client = InfluxClient::new(&cfg.influxdb)?;
+        crate::admin::schema::ensure_with(&client, &cfg)
+            .await
+            .map_err(|e| Failure::unavailable(anyhow::anyhow!("schema: {e}")))?;
+        say(&format!(
+            "phase 2/5 schema     database {:?}, retention policies, downsampling [{:.1?}]",
+            cfg.influxdb.database,
+            t.elapsed()
+        ));
+    }
+
+    // Phase 3.
+    let t = Instant::now();
+    let cfg = with_defaults(cfg, opts.live);
+    let problems = cfg.problems();
+    if !problems.is_empty() {
+        return Err(Failure::config(anyhow::anyhow!(problems.join("; "))));
+    }
+    let config_file = dir.join("run/nbpy.toml");
+    std::fs::write(
+        &config_file,
+        toml::to_string_pretty(&cfg).map_err(|e| Failure::new(SOFTWARE, e))?,
+    )
+    .map_err(|e| Failure::new(CANTCREAT, anyhow::anyhow!("{}: {e}", config_file.display())))?;
+    let status = Arc::new(Mutex::new(UpStatus {
+        pid: std::process::id(),
+        influxdb: influx_what.clone(),
+        grafana: grafana_what.clone(),
+        started_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        ..Default::default()
+    }));
+    let mut up = Up {
+        dir: dir.clone(),
+        config_file,
+        children: Vec::new(),
+        status,
+    };
+    let phase3 = async {
+        for name in cfg.publishers.keys() {
+            up.spawn_child("publisher", name)?;
+        }
+        up.wait_ready(0, Duration::from_secs(30)).await?;
+        let n = up.children.len();
+        for name in cfg.subscribers.keys() {
+            up.spawn_child("subscriber", name)?;
+        }
+        up.wait_ready(n, Duration::from_secs(60)).await
+    };
+    let r = tokio::select! {
+        r = phase3 => r,
+        _ = stop.shutdown.cancelled() => Err(Failure::new(TEMPFAIL, anyhow::anyhow!("stopped during start-up"))),
+    };
+    if let Err(e) = r {
+        up.stop_all(cfg.service.stop_timeout).await;
+        return Err(e);
+    }
+    up.write_status("feeds");
+    say(&format!(
+        "phase 3/5 feeds      {} publisher(s) ({}), {} subscriber(s) ready [{:.1?}]",
+        cfg.publishers.len(),
+        cfg.publishers
+            .keys()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", "),
+        cfg.subscribers.len(),
+        t.elapsed()
+    ));
+
+    // Phase 4.
+    let t = Instant::now();
+    let gdir = dir.join("grafana");
+    let files = crate::admin::grafana::render_to(&cfg, &gdir)?;
+    let applied = match &cfg.grafana.url {
+        Some(_) => match crate::admin::grafana::apply(&cfg).await {
+            Ok(r) => format!(
+                "; applied to Grafana ({} created, {} updated)",
+                r.created, r.updated
+            ),
+            Err(e) => format!("; Grafana apply failed: {e}"),
+        },
+        None => String::new(),
+    };
+    say(&format!(
+        "phase 4/5 dashboards {} files in {}{applied} [{:.1?}]",
+        files.len(),
+        gdir.display(),
+        t.elapsed()
+    ));
+
+    // Phase 5.
+    let t = Instant::now();
+    let verdict = tokio::select! {
+        v = validate_flow(&cfg, opts.validate_within) => v,
+        _ = stop.shutdown.cancelled() => Err("stopped".into()),
+    };
+    match &verdict {
+        Ok(what) => say(&format!(
+            "phase 5/5 validation {what} [{:.1?}]",
+            t.elapsed()
+        )),
+        Err(why) => say(&format!(
+            "phase 5/5 validation FAILED: {why} [{:.1?}]",
+            t.elapsed()
+        )),
+    }
+    up.write_status(if verdict.is_ok() { "up" } else { "degraded" });
+    say(&format!(
+        "nbpy is up in {:.1?}. Logs: {}/logs  Status: `nbpy status`  Stop: Ctrl-C or `nbpy down`",
+        t_start.elapsed(),
+        dir.display()
+    ));
+
+    // Supervise until stopped.
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut last_line = Instant::now();
+    let phase = if verdict.is_ok() { "up" } else { "degraded" };
+    loop {
+        tokio::select! {
+            _ = stop.shutdown.cancelled() => break,
+            _ = tick.tick() => {
+                up.supervise();
+                up.write_status(phase);
+                if last_line.elapsed() >= Duration::from_secs(10) {
+                    last_line = Instant::now();
+                    for c in &up.children {
+                        if let Ok(s) = c.state.lock() {
+                            say(&format!("  {:<11} {:<16} {:<9} {}", s.role, s.name, s.state, s.status));
+                        }
+                    }
+                }
+                if up.children.iter().all(|c| c.done) {
+                    say("every child has finished");
+                    break;
+                }
+            }
+        }
+    }
+    let t = Instant::now();
+    say("stopping: subscribers drain first, then publishers");
+    up.write_status("stopping");
+    let clean = up
+        .stop_all(cfg.service.stop_timeout + Duration::from_secs(5))
+        .await;
+    if let Some(mut i) = influxd.take() {
+        tokio::task::spawn_blocking(move || i.stop()).await.ok();
+        say("stopped the private influxd");
+    }
+    up.write_status("down");
+    say(&format!(
+        "nbpy stopped in {:.1?}{}",
+        t.elapsed(),
+        if clean {
+            ""
+        } else {
+            " (not cleanly: see above)"
+        }
+    ));
+    if clean && verdict.is_ok() {
+        Ok(())
+    } else if clean {
+        Err(Failure::new(
+            TEMPFAIL,
+            anyhow::anyhow!("validation failed: {}", verdict.err().unwrap_or_default()),
+        ))
+    } else {
+        Err(Failure::new(
+            TEMPFAIL,
+            anyhow::anyhow!("a child did not stop cleanly"),
+        ))
+    }
+}
+
+/// Phase 5 for `nbpy up`: every publisher's data reaches the store.
+async fn validate_flow(cfg: &Config, within: Duration) -> Result<String, String> {
+    let client = InfluxClient::new(&cfg.influxdb).map_err(|e| e.to_string())?;
+    let t0 = Instant::now();
+    if let Some(file) = client.file_sink() {
+        loop {
+            let n = std::fs::read(&file)
+                .map(|b| b.iter().filter(|c| **c == b'\n').count())
+                .unwrap_or(0);
+            if n > 0 {
+                return Ok(format!("{n} points written to {}", file.display()));
+            }
+            if t0.elapsed() > within {
+                return Err(format!(
+                    "nothing written to {} within {within:?}",
+                    file.display()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    // The same reconciliation the phase-5 unit runs (`nbpy validate`).
+    let report = crate::validate::run(cfg, within).await.map_err(|e| e.to_string())?;
+    crate::validate::verdict(&report).map_err(|e| e.to_string())?;
+    let published: u64 = report.publishers.iter().map(|p| p.published).sum();
+    let stored: u64 = report.publishers.iter().map(|p| p.stored).sum();
+    Ok(format!(
+        "{} publisher(s) reconciled: {published} published, {stored} stored, no loss",
+        report.publishers.len()
+    ))
+}
+
+struct RemoveOnDrop(PathBuf);
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// The pid of a live `nbpy up` using `dir`, if any.
+pub fn running_pid(dir: &Path) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(dir.join("up.pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).ok()?;
+    Some(pid)
+}
+
+/// `nbpy down`: SIGTERM to a running `nbpy up`, then wait for it to finish.
+pub fn down(cfg: &Config, timeout: Duration) -> Result<(), Failure> {
+    let dir = state_dir(cfg);
+    let Some(pid) = running_pid(&dir) else {
+        return Err(Failure::new(
+            UNAVAILABLE,
+            anyhow::anyhow!("no nbpy up is running (state {})", dir.display()),
+        ));
+    };
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .map_err(|e| {
+        Failure::new(
+            crate::exit::NOPERM,
+            anyhow::anyhow!("signal pid {pid}: {e}"),
+        )
+    })?;
+    let t0 = Instant::now();
+    while running_pid(&dir).is_some() {
+        if t0.elapsed() > timeout {
+            return Err(Failure::new(
+                TEMPFAIL,
+                anyhow::anyhow!("nbpy up (pid {pid}) still running after {timeout:?}"),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    println!("nbpy up (pid {pid}) stopped in {:.1?}", t0.elapsed());
+    Ok(())
+}
+
+/// What a running (or the last) `nbpy up` wrote to `run/status.json`.
+pub fn read_status(cfg: &Config) -> Result<(UpStatus, bool), Failure> {
+    let dir = state_dir(cfg);
+    let path = dir.join("run/status.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        Failure::new(
+            UNAVAILABLE,
+            anyhow::anyhow!(
+                "no status at {} ({e}); is `nbpy up` running?",
+                path.display()
+            ),
+        )
+    })?;
+    let s: UpStatus = serde_json::from_str(&text)
+        .map_err(|e| Failure::new(SOFTWARE, anyhow::anyhow!("{}: {e}", path.display())))?;
+    Ok((s, running_pid(&dir).is_some()))
+}
+
+pub fn render_status(s: &UpStatus, running: bool) -> String {
+    let mut out = format!(
+        "nbpy up: {} (pid {}, {})\n  influxdb: {}\n  grafana:  {}\n",
+        s.phase,
+        s.pid,
+        if running { "running" } else { "not running" },
+        s.influxdb,
+        s.grafana
+    );
+    out.push_str(&format!(
+        "  {:<11} {:<16} {:<9} {:>8} {:>8}  {}\n",
+        "ROLE", "NAME", "STATE", "PID", "RESTARTS", "STATUS"
+    ));
+    for c in &s.children {
+        out.push_str(&format!(
+            "  {:<11} {:<16} {:<9} {:>8} {:>8}  {}\n",
+            c.role,
+            c.name,
+            c.state,
+            c.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            c.restarts,
+            c.status
+        ));
+    }
+    out
+}
+
+/// `nbpy logs NAME [-f]`.
+pub fn logs(cfg: &Config, name: &str, follow: bool) -> Result<(), Failure> {
+    use std::io::{Read, Seek, Write};
+    let dir = state_dir(cfg).join("logs");
+    let path = dir.join(format!("{name}.log"));
+    let mut f = std::fs::File::open(&path).map_err(|e| {
+        let known: Vec<String> = std::fs::read_dir(&dir)
+            .map(|r| {
+                r.filter_map(|e| e.ok())
+                    .filter_map(|e| {
+                        e.file_name()
+                            .to_str()
+                            .and_then(|n| n.strip_suffix(".log"))
+                            .map(String::from)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Failure::new(
+            crate::exit::NOINPUT,
+            anyhow::anyhow!("{}: {e}; logs here: {}", path.display(), known.join(", ")),
+        )
+    })?;
+    let mut out = std::io::stdout();
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        f.read_to_end(&mut buf)
+            .map_err(|e| Failure::new(SOFTWARE, e))?;
+        let _ = out.write_all(&buf);
+        let _ = out.flush();
+        if !follow {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        let pos = f.stream_position().unwrap_or(0);
+        if std::fs::metadata(&path)
+            .map(|m| m.len() < pos)
+            .unwrap_or(false)
+        {
+            let _ = f.seek(std::io::SeekFrom::Start(0));
+        }
+    }
+}

@@ -1,0 +1,319 @@
+//! The systemd units, carried inside the `nbpy` binary, and `nbpy units
+//! install`, which puts them in place and wires the configured instances.
+//!
+//! The files in `systemd/` are the single source of truth: they are embedded
+//! here with `include_str!`, so the binary installs byte for byte the files
+//! that `tests/units.rs` verifies and `tests/systemd.rs` boots. Which
+//! publishers and subscribers run is configuration: every `[publishers.NAME]`
+//! becomes `nbpy.target.wants/nbpy-publisher@NAME.service` (likewise for
+//! subscribers), and stale instance links from an older configuration are
+//! removed, so re-running `install` after editing the config is the whole
+//! procedure.
+//!
+//! Paths inside the units are `/usr/bin/nbpy…` (where packages put the
+//! binaries); a distribution that installs elsewhere (NixOS) overrides
+//! `ExecStart=` with a drop-in.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use crate::config::Config;
+
+/// One embedded unit file.
+#[derive(Debug, Clone, Copy)]
+pub struct Unit {
+    pub name: &'static str,
+    pub text: &'static str,
+}
+
+macro_rules! unit {
+    ($name:literal) => {
+        Unit {
+            name: $name,
+            text: include_str!(concat!("../systemd/", $name)),
+        }
+    };
+}
+
+/// Every file in `systemd/` (a test checks the directory holds no others).
+pub const UNITS: &[Unit] = &[
+    unit!("nbpy.target"),
+    unit!("nbpy-influxdb-ready.service"),
+    unit!("nbpy-schema.service"),
+    unit!("nbpy-publisher@.service"),
+    unit!("nbpy-publishers.target"),
+    unit!("nbpy-subscriber@.service"),
+    unit!("nbpy-subscribers.target"),
+    unit!("nbpy-grafana.service"),
+    unit!("nbpy-validate.service"),
+    unit!("nbpy-validate-periodic.service"),
+    unit!("nbpy-validate.timer"),
+    unit!("nbpy-health.service"),
+];
+
+pub const TARGET: &str = "nbpy.target";
+pub const PUBLISHER_TEMPLATE: &str = "nbpy-publisher@.service";
+pub const SUBSCRIBER_TEMPLATE: &str = "nbpy-subscriber@.service";
+/// Where `install` puts the units, relative to the root.
+pub const UNIT_DIR: &str = "etc/systemd/system";
+
+pub fn get(name: &str) -> Option<&'static Unit> {
+    UNITS.iter().find(|u| u.name == name)
+}
+
+/// The instance units the configuration asks for, publishers first.
+pub fn instances(cfg: &Config) -> Vec<String> {
+    let publishers = cfg
+        .publishers
+        .keys()
+        .map(|n| instance(PUBLISHER_TEMPLATE, n));
+    let subscribers = cfg
+        .subscribers
+        .keys()
+        .map(|n| instance(SUBSCRIBER_TEMPLATE, n));
+    publishers.chain(subscribers).collect()
+}
+
+/// `nbpy-publisher@.service` + `kraken` → `nbpy-publisher@kraken.service`.
+/// Config names are limited to `[a-z0-9_-]` (see `Config::problems`), which
+/// systemd takes verbatim as instance names.
+pub fn instance(template: &str, name: &str) -> String {
+    template.replacen("@.", &format!("@{name}."), 1)
+}
+
+/// What `install` did, for the command to print.
+#[derive(Debug, Default, PartialEq)]
+pub struct Report {
+    pub written: Vec<PathBuf>,
+    pub unchanged: Vec<PathBuf>,
+    pub linked: Vec<PathBuf>,
+    pub unlinked: Vec<PathBuf>,
+}
+
+/// Writes the units under `root/etc/systemd/system`, links the configured
+/// instances into `nbpy.target.wants/` (removing instance links the
+/// configuration no longer names) and, with `enable`, links `nbpy.target`
+/// into `multi-user.target.wants/` so the appliance starts at boot.
+///
+/// Links point at `/etc/systemd/system/…` as seen from inside `root`, the
+/// way `systemctl enable` makes them, so a staged root stays correct once
+/// it is the real one.
+pub fn install(root: &Path, cfg: &Config, enable: bool) -> io::Result<Report> {
+    let dir = root.join(UNIT_DIR);
+    fs::create_dir_all(&dir)?;
+    let mut report = Report::default();
+    for u in UNITS {
+        let path = dir.join(u.name);
+        if fs::read_to_string(&path).ok().as_deref() == Some(u.text) {
+            report.unchanged.push(path);
+            continue;
+        }
+        let tmp = dir.join(format!(".{}.tmp", u.name));
+        fs::write(&tmp, u.text)?;
+        set_mode(&tmp, 0o644)?;
+        fs::rename(&tmp, &path)?;
+        report.written.push(path);
+    }
+
+    let wants = dir.join(format!("{TARGET}.wants"));
+    fs::create_dir_all(&wants)?;
+    let wanted = instances(cfg);
+    for entry in fs::read_dir(&wants)? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let ours = name.starts_with("nbpy-publisher@") || name.starts_with("nbpy-subscriber@");
+        if ours && !wanted.contains(&name) {
+            fs::remove_file(entry.path())?;
+            report.unlinked.push(entry.path());
+        }
+    }
+    for inst in &wanted {
+        let template = if inst.starts_with("nbpy-publisher@") {
+            PUBLISHER_TEMPLATE
+        } else {
+            SUBSCRIBER_TEMPLATE
+        };
+        if link(
+            &wants.join(inst),
+            &Path::new("/").join(UNIT_DIR).join(template),
+        )? {
+            report.linked.push(wants.join(inst));
+        }
+    }
+    if enable {
+        let mu = dir.join("multi-user.target.wants");
+        fs::create_dir_all(&mu)?;
+        if link(
+            &mu.join(TARGET),
+            &Path::new("/").join(UNIT_DIR).join(TARGET),
+        )? {
+            report.linked.push(mu.join(TARGET));
+        }
+    }
+    Ok(report)
+}
+
+/// Makes `at` a symlink to `to`; false when it already was exactly that.
+fn link(at: &Path, to: &Path) -> io::Result<bool> {
+    if fs::read_link(at).ok().as_deref() == Some(to) {
+        return Ok(false);
+    }
+    match fs::symlink_metadata(at) {
+        Ok(_) => fs::remove_file(at)?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    std::os::unix::fs::symlink(to, at)?;
+    Ok(true)
+}
+
+fn set_mode(path: &Path, mode: u32) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{PublisherConfig, SubscriberConfig};
+
+    fn cfg(publishers: &[&str], subscribers: &[&str]) -> Config {
+        let mut c = Config::default();
+        for p in publishers {
+            c.publishers
+                .insert(p.to_string(), PublisherConfig::default());
+        }
+        for s in subscribers {
+            c.subscribers
+                .insert(s.to_string(), SubscriberConfig::default());
+        }
+        c
+    }
+
+    #[test]
+    fn every_file_in_the_systemd_dir_is_embedded_and_nothing_else() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd");
+        let mut on_disk: Vec<String> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        on_disk.sort();
+        let mut embedded: Vec<String> = UNITS.iter().map(|u| u.name.to_string()).collect();
+        embedded.sort();
+        assert_eq!(on_disk, embedded);
+        for u in UNITS {
+            assert_eq!(fs::read_to_string(dir.join(u.name)).unwrap(), u.text);
+        }
+    }
+
+    /// The sandbox block, as written in the publisher template.
+    fn sandbox() -> Vec<&'static str> {
+        let text = get(PUBLISHER_TEMPLATE).unwrap().text;
+        let start = text.find("# --- sandbox").unwrap();
+        text[start..]
+            .lines()
+            .skip(1)
+            .take_while(|l| !l.is_empty())
+            .filter(|l| !l.starts_with('#'))
+            .collect()
+    }
+
+    #[test]
+    fn every_service_carries_the_same_sandbox() {
+        let block = sandbox();
+        assert!(block.len() > 20, "{block:?}");
+        for u in UNITS.iter().filter(|u| u.name.ends_with(".service")) {
+            for line in &block {
+                assert!(
+                    u.text.lines().any(|l| l == *line),
+                    "{} lacks {line:?}",
+                    u.name
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn everything_stops_with_the_target_and_templates_keep_instance_names() {
+        for u in UNITS.iter().filter(|u| u.name != TARGET) {
+            assert!(
+                u.text.lines().any(|l| l == "PartOf=nbpy.target"),
+                "{} is not PartOf=nbpy.target",
+                u.name
+            );
+            // %I would turn a '-' in a configured name into '/'.
+            assert!(
+                !u.text
+                    .lines()
+                    .any(|l| !l.starts_with('#') && l.contains("%I")),
+                "{} uses %I",
+                u.name
+            );
+        }
+        let sub = get(SUBSCRIBER_TEMPLATE).unwrap().text;
+        assert!(sub
+            .lines()
+            .any(|l| l.starts_with("After=") && l.contains("nbpy-publishers.target")));
+        let publ = get(PUBLISHER_TEMPLATE).unwrap().text;
+        assert!(publ.lines().any(|l| l == "Before=nbpy-publishers.target"));
+    }
+
+    #[test]
+    fn instance_names_keep_dashes() {
+        assert_eq!(
+            instance(PUBLISHER_TEMPLATE, "kraken-tick"),
+            "nbpy-publisher@kraken-tick.service"
+        );
+    }
+
+    #[test]
+    fn install_links_configured_instances_and_drops_stale_ones() {
+        let root = tempfile::tempdir().unwrap();
+        let r = install(root.path(), &cfg(&["a", "kraken-tick"], &["main"]), false).unwrap();
+        assert_eq!(r.written.len(), UNITS.len());
+        let wants = root.path().join(UNIT_DIR).join("nbpy.target.wants");
+        let mut names: Vec<String> = fs::read_dir(&wants)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "nbpy-publisher@a.service",
+                "nbpy-publisher@kraken-tick.service",
+                "nbpy-subscriber@main.service"
+            ]
+        );
+        assert_eq!(
+            fs::read_link(wants.join("nbpy-subscriber@main.service")).unwrap(),
+            Path::new("/etc/systemd/system/nbpy-subscriber@.service")
+        );
+        assert!(!root
+            .path()
+            .join(UNIT_DIR)
+            .join("multi-user.target.wants")
+            .exists());
+
+        // The config changes: `a` goes, `b` comes; units are left alone.
+        let r = install(root.path(), &cfg(&["b", "kraken-tick"], &["main"]), true).unwrap();
+        assert!(r.written.is_empty());
+        assert_eq!(r.unchanged.len(), UNITS.len());
+        assert_eq!(r.unlinked, [wants.join("nbpy-publisher@a.service")]);
+        assert!(r.linked.contains(&wants.join("nbpy-publisher@b.service")));
+        assert!(!wants.join("nbpy-publisher@a.service").exists());
+        assert_eq!(
+            fs::read_link(
+                root.path()
+                    .join(UNIT_DIR)
+                    .join("multi-user.target.wants/nbpy.target")
+            )
+            .unwrap(),
+            Path::new("/etc/systemd/system/nbpy.target")
+        );
+        // Idempotent.
+        let r = install(root.path(), &cfg(&["b", "kraken-tick"], &["main"]), true).unwrap();
+        assert!(r.written.is_empty() && r.linked.is_empty() && r.unlinked.is_empty());
+    }
+}

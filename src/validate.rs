@@ -1,0 +1,1023 @@
+//! Phase 5: an end-to-end check that reconciles every message.
+//!
+//! `nbpy validate` listens to every configured publisher for a window (a
+//! [`Tap`] each, subscribed to everything), then asks InfluxDB how many of
+//! exactly those messages were stored, and reports the difference per
+//! publisher and measurement.
+//!
+//! Why this is exact: every message carries its publisher's `seq` (one per
+//! message, counting up, never reused within an `epoch`) and every stored
+//! point keeps `publisher` as a tag and `seq`/`epoch` as fields. So for each
+//! publisher and epoch the validator knows the range of sequence numbers
+//! published during the window, `[first, last]`, and which of them it saw
+//! itself, as runs of consecutive numbers. It then counts, per measurement,
+//! the stored points whose `seq` lies in the runs it saw: the difference to
+//! what it saw is loss, attributed to that measurement. Numbers inside the
+//! range that it did not see (its own gaps: a live feed dropped them, or the
+//! validator joined a restarted publisher late) cannot be attributed to a
+//! measurement; they are counted per publisher: published − seen, and of
+//! those, how many were stored anyway (counted over the whole range).
+//!
+//! An epoch that began during the window (a publisher restart: the epoch is
+//! the publisher's start time in ns) is counted from `seq` 1, so messages a
+//! restarted publisher sent before the validator reconnected are part of
+//! the range too.
+//!
+//! Subscribers write in batches every `influxdb.flush_interval`, so after the
+//! window the counts are polled until they are complete, stop changing for
+//! a while, or `validate.settle` runs out.
+//!
+//! Thresholds (`[validate]`): `max_loss_ratio` per publisher and per
+//! measurement, `max_latency` for the 99th percentile of receive time −
+//! exchange time (not checked for replayed feeds, whose exchange times are
+//! historical), `min_rate` per publisher. Breaking one exits with
+//! `DATAERR` (65); an unreachable publisher or InfluxDB exits with
+//! `UNAVAILABLE` (69), each naming what broke.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Config, PublisherConfig};
+use crate::exit::{Failure, DATAERR, UNAVAILABLE};
+use crate::feeds::FeedKind;
+use crate::health::tap::{Tap, TapEvent};
+use crate::sink::influx::InfluxClient;
+use crate::wire::now_ns;
+
+/// `[validate]`: how long to listen and what counts as broken.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ValidateConfig {
+    /// How long to listen to the bus (`nbpy validate --duration` wins).
+    #[serde(with = "humantime_serde")]
+    pub duration: Duration,
+    /// How long to wait after the window for the subscribers' writes to land.
+    #[serde(with = "humantime_serde")]
+    pub settle: Duration,
+    /// How long a publisher may take to accept the validator's connection.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Largest acceptable (lost / published), per publisher and measurement.
+    pub max_loss_ratio: f64,
+    /// Largest acceptable 99th percentile of receive − exchange time.
+    #[serde(with = "humantime_serde")]
+    pub max_latency: Duration,
+    /// Smallest acceptable message rate per publisher (msg/s); 0 = any.
+    pub min_rate: f64,
+    /// Publishers to check; empty = every configured publisher.
+    pub publishers: Vec<String>,
+}
+
+impl Default for ValidateConfig {
+    fn default() -> Self {
+        ValidateConfig {
+            duration: Duration::from_secs(15),
+            settle: Duration::from_secs(15),
+            connect_timeout: Duration::from_secs(5),
+            max_loss_ratio: 0.0,
+            max_latency: Duration::from_secs(5),
+            min_rate: 0.0,
+            publishers: Vec::new(),
+        }
+    }
+}
+
+impl ValidateConfig {
+    pub fn problems(&self, publishers: &BTreeMap<String, PublisherConfig>) -> Vec<String> {
+        let mut p = Vec::new();
+        if !(0.0..=1.0).contains(&self.max_loss_ratio) {
+            p.push(format!(
+                "validate.max_loss_ratio = {}: allowed 0.0..=1.0",
+                self.max_loss_ratio
+            ));
+        }
+        if !self.min_rate.is_finite() || self.min_rate < 0.0 {
+            p.push(format!(
+                "validate.min_rate = {}: allowed 0 or a positive number of messages/s",
+                self.min_rate
+            ));
+        }
+        if self.duration.is_zero() {
+            p.push("validate.duration must be > 0".into());
+        }
+        for name in &self.publishers {
+            if !publishers.contains_key(name) {
+                p.push(format!(
+                    "validate.publishers: no publisher named {name:?} is configured"
+                ));
+            }
+        }
+        p
+    }
+}
+
+/// Sequence numbers seen, as sorted disjoint runs `[a, b]`.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Runs(Vec<(u64, u64)>);
+
+impl Runs {
+    /// Adds `seq`; returns false when it was already there (a duplicate).
+    pub fn insert(&mut self, seq: u64) -> bool {
+        // Almost always in order: extend or append at the end.
+        if let Some(last) = self.0.last_mut() {
+            if seq == last.1.saturating_add(1) {
+                last.1 = seq;
+                return true;
+            }
+            if seq > last.1.saturating_add(1) {
+                self.0.push((seq, seq));
+                return true;
+            }
+        } else {
+            self.0.push((seq, seq));
+            return true;
+        }
+        // Out of order: find the run it belongs to or the gap it fills.
+        let i = self.0.partition_point(|r| r.1 < seq);
+        if i < self.0.len() && self.0[i].0 <= seq {
+            return false;
+        }
+        let joins_prev = i > 0 && self.0[i - 1].1.saturating_add(1) == seq;
+        let joins_next = i < self.0.len() && self.0[i].0 == seq.saturating_add(1);
+        match (joins_prev, joins_next) {
+            (true, true) => {
+                self.0[i - 1].1 = self.0[i].1;
+                self.0.remove(i);
+            }
+            (true, false) => self.0[i - 1].1 = seq,
+            (false, true) => self.0[i].0 = seq,
+            (false, false) => self.0.insert(i, (seq, seq)),
+        }
+        true
+    }
+
+    pub fn count(&self) -> u64 {
+        self.0.iter().map(|(a, b)| (b - a).saturating_add(1)).sum()
+    }
+
+    pub fn first(&self) -> Option<u64> {
+        self.0.first().map(|r| r.0)
+    }
+
+    pub fn last(&self) -> Option<u64> {
+        self.0.last().map(|r| r.1)
+    }
+
+    pub fn runs(&self) -> &[(u64, u64)] {
+        &self.0
+    }
+}
+
+/// What the validator saw of one publisher epoch.
+#[derive(Debug, Default)]
+struct EpochSeen {
+    runs: Runs,
+    /// Messages per measurement name.
+    per_measurement: BTreeMap<&'static str, u64>,
+    /// Stored-time bounds (exchange time, else receive time), ns.
+    min_time: i64,
+    max_time: i64,
+}
+
+/// What the validator saw of one publisher.
+#[derive(Default)]
+struct Seen {
+    received: u64,
+    malformed: u64,
+    unsequenced: u64,
+    unmapped: u64,
+    duplicates: u64,
+    /// Messages naming another publisher (a misconfigured endpoint).
+    foreign: u64,
+    epochs: BTreeMap<u64, EpochSeen>,
+    topics: BTreeMap<String, u64>,
+    latencies_ns: Vec<i64>,
+    latency_stride: u64,
+    disconnects: Vec<String>,
+    log: Option<crate::sink::RateLimitedLog>,
+}
+
+/// Samples kept for latency percentiles; beyond this every k-th is kept.
+const MAX_LATENCY_SAMPLES: usize = 1 << 20;
+
+impl Seen {
+    fn observe(&mut self, name: &str, msg: &zeromq::ZmqMessage) {
+        self.received += 1;
+        let env = match crate::bus::decode(msg) {
+            Ok(e) => e,
+            Err(e) => {
+                self.malformed += 1;
+                self.log
+                    .get_or_insert_with(|| {
+                        crate::sink::RateLimitedLog::new(Duration::from_secs(10))
+                    })
+                    .warn(|| format!("validate: malformed message from publisher {name}: {e}"));
+                return;
+            }
+        };
+        let recv = now_ns();
+        if env.ts > 0 {
+            if self.latencies_ns.len() >= MAX_LATENCY_SAMPLES {
+                // Thin out: keep every other sample, double the stride.
+                let mut i = 0;
+                self.latencies_ns.retain(|_| {
+                    i += 1;
+                    i % 2 == 0
+                });
+                self.latency_stride = self.latency_stride.max(1) * 2;
+            }
+            let stride = self.latency_stride.max(1);
+            if self.received % stride == 0 {
+                self.latencies_ns.push(recv - env.ts);
+            }
+        }
+        *self.topics.entry(env.topic()).or_default() += 1;
+        if env.seq == 0 {
+            self.unsequenced += 1;
+            return;
+        }
+        if !env.publisher.is_empty() && env.publisher != name {
+            self.foreign += 1;
+            return;
+        }
+        let Some(m) = crate::schema::by_channel(&env.ch) else {
+            self.unmapped += 1;
+            return;
+        };
+        let t = env.time();
+        let e = self.epochs.entry(env.epoch).or_insert_with(|| EpochSeen {
+            min_time: t,
+            max_time: t,
+            ..Default::default()
+        });
+        if !e.runs.insert(env.seq) {
+            self.duplicates += 1;
+            return;
+        }
+        *e.per_measurement.entry(m.name).or_default() += 1;
+        e.min_time = e.min_time.min(t);
+        e.max_time = e.max_time.max(t);
+    }
+}
+
+/// The whole result, as printed (`--json`) and as the exit code judges it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Report {
+    /// Window start, ns since the Unix epoch.
+    pub start_ns: i64,
+    pub duration_s: f64,
+    /// How long the stored counts took to settle after the window.
+    pub settle_s: f64,
+    pub database: String,
+    pub thresholds: Thresholds,
+    pub publishers: Vec<PublisherReport>,
+    /// Every broken threshold, each naming publisher and measurement.
+    pub breaches: Vec<String>,
+    /// Of the breaches, those that mean "could not check" (unreachable).
+    pub unavailable: Vec<String>,
+    pub ok: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Thresholds {
+    pub max_loss_ratio: f64,
+    pub max_latency_ms: f64,
+    pub min_rate: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PublisherReport {
+    pub name: String,
+    pub endpoint: String,
+    pub feed: String,
+    pub connected: bool,
+    /// Why it could not be listened to, or how the connection ended.
+    pub problem: Option<String>,
+    pub received: u64,
+    pub rate: f64,
+    pub malformed: u64,
+    pub unsequenced: u64,
+    pub duplicates: u64,
+    pub latency_ms: Option<Latency>,
+    pub epochs: Vec<EpochReport>,
+    /// Sequence numbers in the reconciled ranges.
+    pub published: u64,
+    /// Of those, messages the validator received.
+    pub seen: u64,
+    /// Of the published, points found in InfluxDB.
+    pub stored: u64,
+    pub lost: u64,
+    pub loss_ratio: f64,
+    /// Published messages the validator itself never saw (its own gaps):
+    /// `missed`; of those `stored` were in InfluxDB and `lost` were not.
+    pub unattributed: Unattributed,
+    pub measurements: Vec<MeasurementReport>,
+    pub topics: Vec<TopicReport>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct Unattributed {
+    pub missed: u64,
+    pub stored: u64,
+    pub lost: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Latency {
+    pub p50: f64,
+    pub p99: f64,
+    pub max: f64,
+    pub samples: usize,
+    /// Whether `max_latency` applies (not for replayed, historical times).
+    pub checked: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EpochReport {
+    pub epoch: u64,
+    /// First `seq` of the reconciled range (1 when the epoch began in the window).
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub first_seen: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MeasurementReport {
+    pub name: String,
+    pub seen: u64,
+    pub stored: u64,
+    pub lost: u64,
+    pub loss_ratio: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TopicReport {
+    pub topic: String,
+    pub received: u64,
+    pub rate: f64,
+}
+
+/// Listens for `duration`, reconciles, judges. Errors only for what stops a
+/// report being made at all (configuration); everything else is in it.
+pub async fn run(cfg: &Config, duration: Duration) -> Result<Report, Failure> {
+    let v = &cfg.validate;
+    let names: Vec<String> = if v.publishers.is_empty() {
+        cfg.publishers.keys().cloned().collect()
+    } else {
+        v.publishers.clone()
+    };
+    if names.is_empty() {
+        return Err(Failure::config(anyhow::anyhow!(
+            "no publishers configured: nothing to validate (add [publishers.NAME])"
+        )));
+    }
+    let client = InfluxClient::new(&cfg.influxdb)?;
+    let start_ns = now_ns();
+    let t0 = Instant::now();
+
+    // Listen to all publishers at once, each for `duration` from its connection.
+    let mut tasks = Vec::new();
+    for name in &names {
+        let pcfg = cfg
+            .publisher(name)
+            .map_err(|e| Failure::config(anyhow::anyhow!(e)))?
+            .clone();
+        let name = name.clone();
+        let within = v.connect_timeout;
+        tasks.push(tokio::spawn(async move {
+            listen(name, pcfg, within, duration).await
+        }));
+    }
+    let mut listened = Vec::new();
+    for t in tasks {
+        match t.await {
+            Ok(l) => listened.push(l),
+            Err(e) => return Err(Failure::from(anyhow::anyhow!("listener task: {e}"))),
+        }
+    }
+    let window = t0.elapsed();
+
+    // Reconcile against InfluxDB.
+    let mut unavailable = Vec::new();
+    let settle_t0 = Instant::now();
+    let stored = match client.ping().await {
+        Err(e) => {
+            unavailable.push(format!("InfluxDB at {}: {e}", client.url()));
+            None
+        }
+        Ok(()) => match reconcile(&client, &listened, start_ns, cfg).await {
+            Ok(s) => Some(s),
+            Err(e) => {
+                unavailable.push(format!("InfluxDB query failed: {e}"));
+                None
+            }
+        },
+    };
+    let settle = settle_t0.elapsed();
+
+    let mut report = Report {
+        start_ns,
+        duration_s: window.as_secs_f64(),
+        settle_s: settle.as_secs_f64(),
+        database: cfg.influxdb.database.clone(),
+        thresholds: Thresholds {
+            max_loss_ratio: v.max_loss_ratio,
+            max_latency_ms: v.max_latency.as_secs_f64() * 1e3,
+            min_rate: v.min_rate,
+        },
+        publishers: Vec::new(),
+        breaches: Vec::new(),
+        unavailable,
+        ok: false,
+    };
+    for (i, l) in listened.iter().enumerate() {
+        let counts = stored.as_ref().map(|s| &s[i]);
+        report
+            .publishers
+            .push(publisher_report(l, counts, start_ns));
+    }
+    judge(&mut report, v);
+    Ok(report)
+}
+
+/// One publisher's window.
+struct Listened {
+    name: String,
+    pcfg: PublisherConfig,
+    connected: bool,
+    problem: Option<String>,
+    listened_for: Duration,
+    seen: Seen,
+}
+
+async fn listen(
+    name: String,
+    pcfg: PublisherConfig,
+    within: Duration,
+    duration: Duration,
+) -> Listened {
+    let endpoint = pcfg.endpoint();
+    let mut out = Listened {
+        name: name.clone(),
+        pcfg,
+        connected: false,
+        problem: None,
+        listened_for: Duration::ZERO,
+        seen: Seen::default(),
+    };
+    let mut tap = match Tap::connect(&endpoint, within).await {
+        Ok(t) => t,
+        Err(e) => {
+            out.problem = Some(e);
+            return out;
+        }
+    };
+    out.connected = true;
+    let t0 = tokio::time::Instant::now();
+    let end = t0 + duration;
+    loop {
+        tokio::select! {
+            biased;
+            _ = tokio::time::sleep_until(end) => break,
+            ev = tap.next() => match ev {
+                TapEvent::Message(m) => out.seen.observe(&name, &m),
+                TapEvent::Disconnected(why) => {
+                    out.seen.disconnects.push(why.clone());
+                    // A restart: listen again for the rest of the window.
+                    // The old socket goes first: left alone, the zeromq
+                    // crate's own reconnect would subscribe it to the new
+                    // publisher too, a phantom subscriber that counts towards
+                    // its `wait_for_subscribers` without reading anything.
+                    drop(tap);
+                    let left = end.saturating_duration_since(tokio::time::Instant::now());
+                    match Tap::connect(&endpoint, left).await {
+                        Ok(t) => tap = t,
+                        Err(_) => {
+                            out.problem = Some(format!("publisher went away during the window ({why}) and did not come back"));
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out.listened_for = t0.elapsed();
+    out
+}
+
+/// The reconciled range of one epoch: `[first, last]`.
+fn range_of(epoch: u64, e: &EpochSeen, start_ns: i64) -> (u64, u64) {
+    let first_seen = e.runs.first().unwrap_or(1);
+    let last = e.runs.last().unwrap_or(0);
+    // An epoch that began during the window: everything it sent counts.
+    let first = if epoch as i64 >= start_ns {
+        1
+    } else {
+        first_seen
+    };
+    (first, last)
+}
+
+/// Stored counts per publisher (in `listened` order) and epoch.
+type Stored = Vec<BTreeMap<u64, EpochStored>>;
+
+#[derive(Debug, Default, Clone)]
+struct EpochStored {
+    /// Per measurement: stored points whose seq the validator saw.
+    seen: BTreeMap<&'static str, u64>,
+    /// Stored points over the whole range, all measurements (only queried
+    /// when the validator has gaps of its own; else equal to the sum above).
+    whole: Option<u64>,
+}
+
+/// Margin around the seen stored-times in which points are looked for:
+/// exchange times of one window are rarely further apart than this from the
+/// ones the validator saw, and it keeps the queries off the rest of history.
+const TIME_MARGIN_NS: i64 = 5 * 60 * 1_000_000_000;
+
+/// Runs per query: InfluxQL has no "seq IN (...)", so runs become ORs.
+const RUNS_PER_QUERY: usize = 40;
+
+async fn reconcile(
+    client: &InfluxClient,
+    listened: &[Listened],
+    start_ns: i64,
+    cfg: &Config,
+) -> Result<Stored, crate::sink::influx::WriteError> {
+    let expected: u64 = listened
+        .iter()
+        .flat_map(|l| l.seen.epochs.values())
+        .map(|e| e.runs.count())
+        .sum();
+    let deadline = Instant::now() + cfg.validate.settle;
+    // Unchanged this long after a flush interval means the writes are done.
+    let quiet = cfg.influxdb.flush_interval * 2 + Duration::from_millis(500);
+    let mut last_total = None;
+    let mut last_change = Instant::now();
+    let mut stored: Stored;
+    loop {
+        stored = Vec::new();
+        let mut total = 0;
+        for l in listened {
+            let mut per_epoch = BTreeMap::new();
+            for (epoch, e) in &l.seen.epochs {
+                let mut s = EpochStored::default();
+                for m in e.per_measurement.keys() {
+                    let n = count_seen(client, &l.name, *epoch, e, m).await?;
+                    total += n;
+                    s.seen.insert(m, n);
+                }
+                per_epoch.insert(*epoch, s);
+            }
+            stored.push(per_epoch);
+        }
+        if total >= expected {
+            break;
+        }
+        if last_total != Some(total) {
+            last_total = Some(total);
+            last_change = Instant::now();
+        }
+        if Instant::now() >= deadline || last_change.elapsed() >= quiet {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // The validator's own gaps: count the whole range once, all measurements.
+    for (l, per_epoch) in listened.iter().zip(stored.iter_mut()) {
+        for (epoch, e) in &l.seen.epochs {
+            let (first, last) = range_of(*epoch, e, start_ns);
+            if (last - first).saturating_add(1) > e.runs.count() {
+                let n = count_range(client, &l.name, *epoch, e, first, last).await?;
+                if let Some(s) = per_epoch.get_mut(epoch) {
+                    s.whole = Some(n);
+                }
+            }
+        }
+    }
+    Ok(stored)
+}
+
+fn source(m: &crate::schema::Measurement, db: &str) -> String {
+    format!("{}.{}.{}", ident(db), ident(m.rp), ident(m.name))
+}
+
+fn common_where(publisher: &str, epoch: u64, e: &EpochSeen) -> String {
+    format!(
+        "{} = {} AND \"epoch\" = {epoch} AND time >= {} AND time <= {}",
+        ident(crate::schema::TAG_PUBLISHER),
+        string_lit(publisher),
+        e.min_time.saturating_sub(TIME_MARGIN_NS),
+        e.max_time.saturating_add(TIME_MARGIN_NS)
+    )
+}
+
+async fn count_seen(
+    client: &InfluxClient,
+    publisher: &str,
+    epoch: u64,
+    e: &EpochSeen,
+    measurement: &str,
+) -> Result<u64, crate::sink::influx::WriteError> {
+    let Some(m) = crate::schema::by_name(measurement) else {
+        return Ok(0);
+    };
+    let mut n = 0u64;
+    for chunk in e.runs.runs().chunks(RUNS_PER_QUERY) {
+        let runs: Vec<String> = chunk
+            .iter()
+            .map(|(a, b)| format!("(\"seq\" >= {a} AND \"seq\" <= {b})"))
+            .collect();
+        let q = format!(
+            "SELECT count(\"seq\") FROM {} WHERE {} AND ({})",
+            source(m, client.database()),
+            common_where(publisher, epoch, e),
+            runs.join(" OR ")
+        );
+        n += client.query_number(&q).await? as u64;
+    }
+    Ok(n)
+}
+
+async fn count_range(
+    client: &InfluxClient,
+    publisher: &str,
+    epoch: u64,
+    e: &EpochSeen,
+    first: u64,
+    last: u64,
+) -> Result<u64, crate::sink::influx::WriteError> {
+    let mut n = 0u64;
+    for m in crate::schema::MEASUREMENTS
+        .iter()
+        .filter(|m| m.field("seq").is_some() && m.name != "nbpy_pipeline")
+    {
+        let q = format!(
+            "SELECT count(\"seq\") FROM {} WHERE {} AND \"seq\" >= {first} AND \"seq\" <= {last}",
+            source(m, client.database()),
+            common_where(publisher, epoch, e),
+        );
+        n += client.query_number(&q).await? as u64;
+    }
+    Ok(n)
+}
+
+/// An InfluxQL identifier, double-quoted.
+pub fn ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+/// An InfluxQL string literal, single-quoted.
+pub fn string_lit(s: &str) -> String {
+    format!("'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"))
+}
+
+fn ratio(lost: u64, of: u64) -> f64 {
+    if of == 0 {
+        0.0
+    } else {
+        lost as f64 / of as f64
+    }
+}
+
+fn publisher_report(
+    l: &Listened,
+    stored: Option<&BTreeMap<u64, EpochStored>>,
+    start_ns: i64,
+) -> PublisherReport {
+    let secs = l.listened_for.as_secs_f64().max(1e-3);
+    let s = &l.seen;
+    let mut epochs = Vec::new();
+    let (mut published, mut seen, mut stored_total) = (0u64, 0u64, 0u64);
+    let mut un = Unattributed::default();
+    let mut per_m: BTreeMap<&'static str, (u64, u64)> = BTreeMap::new();
+    for (epoch, e) in &s.epochs {
+        let (first, last) = range_of(*epoch, e, start_ns);
+        epochs.push(EpochReport {
+            epoch: *epoch,
+            first_seq: first,
+            last_seq: last,
+            first_seen: e.runs.first().unwrap_or(0),
+        });
+        let range = (last - first).saturating_add(1);
+        let seen_here = e.runs.count();
+        published += range;
+        seen += seen_here;
+        let st = stored.and_then(|s| s.get(epoch));
+        let stored_seen: u64 = st.map(|s| s.seen.values().sum()).unwrap_or(0);
+        for (m, n) in &e.per_measurement {
+            let x = per_m.entry(m).or_default();
+            x.0 += n;
+            x.1 += st.and_then(|s| s.seen.get(m)).copied().unwrap_or(0);
+        }
+        let missed = range.saturating_sub(seen_here);
+        let whole = st.and_then(|s| s.whole).unwrap_or(stored_seen);
+        let stored_unseen = whole.saturating_sub(stored_seen).min(missed);
+        un.missed += missed;
+        un.stored += stored_unseen;
+        un.lost += missed - stored_unseen;
+        stored_total += stored_seen.min(seen_here) + stored_unseen;
+    }
+    let lost = published.saturating_sub(stored_total);
+    let measurements = per_m
+        .into_iter()
+        .map(|(name, (seen, stored))| {
+            let lost = seen.saturating_sub(stored);
+            MeasurementReport {
+                name: name.to_string(),
+                seen,
+                stored: stored.min(seen),
+                lost,
+                loss_ratio: ratio(lost, seen),
+            }
+        })
+        .collect();
+    let topics = s
+        .topics
+        .iter()
+        .map(|(t, n)| TopicReport {
+            topic: t.clone(),
+            received: *n,
+            rate: *n as f64 / secs,
+        })
+        .collect();
+    let latency_ms = latency(&s.latencies_ns, l.pcfg.feed != FeedKind::Replay);
+    let mut problem = l.problem.clone();
+    if problem.is_none() && !s.disconnects.is_empty() {
+        problem = Some(format!(
+            "reconnected {} time(s) during the window",
+            s.disconnects.len()
+        ));
+    }
+    PublisherReport {
+        name: l.name.clone(),
+        endpoint: l.pcfg.endpoint(),
+        feed: l.pcfg.feed.name().to_string(),
+        connected: l.connected,
+        problem,
+        received: s.received,
+        rate: s.received as f64 / secs,
+        malformed: s.malformed,
+        unsequenced: s.unsequenced,
+        duplicates: s.duplicates,
+        latency_ms,
+        epochs,
+        published,
+        seen,
+        stored: stored_total,
+        lost,
+        loss_ratio: ratio(lost, published),
+        unattributed: un,
+        measurements,
+        topics,
+    }
+}
+
+fn latency(samples: &[i64], checked: bool) -> Option<Latency> {
+    if samples.is_empty() {
+        return None;
+    }
+    let mut v = samples.to_vec();
+    v.sort_unstable();
+    let pct = |p: f64| {
+        let i = ((v.len() - 1) as f64 * p).round() as usize;
+        v[i.min(v.len() - 1)] as f64 / 1e6
+    };
+    Some(Latency {
+        p50: pct(0.5),
+        p99: pct(0.99),
+        max: v[v.len() - 1] as f64 / 1e6,
+        samples: v.len(),
+        checked,
+    })
+}
+
+fn judge(r: &mut Report, v: &ValidateConfig) {
+    let mut b = Vec::new();
+    let mut unavailable = std::mem::take(&mut r.unavailable);
+    for p in &r.publishers {
+        if !p.connected {
+            unavailable.push(format!(
+                "publisher {}: {}",
+                p.name,
+                p.problem.as_deref().unwrap_or("not reachable")
+            ));
+            continue;
+        }
+        if p.all_unsequenced() {
+            continue;
+        }
+        if v.min_rate > 0.0 && p.rate < v.min_rate {
+            b.push(format!(
+                "publisher {}: rate {:.1} msg/s below validate.min_rate = {}",
+                p.name, p.rate, v.min_rate
+            ));
+        }
+        if p.loss_ratio > v.max_loss_ratio {
+            b.push(format!(
+                "publisher {}: lost {} of {} messages (loss ratio {:.6} > validate.max_loss_ratio = {})",
+                p.name, p.lost, p.published, p.loss_ratio, v.max_loss_ratio
+            ));
+        }
+        for m in &p.measurements {
+            if m.loss_ratio > v.max_loss_ratio {
+                b.push(format!(
+                    "publisher {} / {}: {} of {} messages not stored (loss ratio {:.6} > {})",
+                    p.name, m.name, m.lost, m.seen, m.loss_ratio, v.max_loss_ratio
+                ));
+            }
+        }
+        if p.unattributed.lost > 0 && v.max_loss_ratio < 1.0 {
+            b.push(format!(
+                "publisher {}: {} message(s) never seen on the bus nor stored (measurement unknown)",
+                p.name, p.unattributed.lost
+            ));
+        }
+        if let Some(l) = &p.latency_ms {
+            let max_ms = v.max_latency.as_secs_f64() * 1e3;
+            if l.checked && l.p99 > max_ms {
+                b.push(format!(
+                    "publisher {}: p99 latency {:.1} ms > validate.max_latency = {:.0} ms",
+                    p.name, l.p99, max_ms
+                ));
+            }
+        }
+    }
+    r.ok = b.is_empty() && unavailable.is_empty();
+    b.extend(unavailable.iter().cloned());
+    r.breaches = b;
+    r.unavailable = unavailable;
+}
+
+impl PublisherReport {
+    /// A legacy-codec publisher: nothing to reconcile.
+    fn all_unsequenced(&self) -> bool {
+        self.received > 0 && self.unsequenced == self.received
+    }
+}
+
+/// The exit this report deserves: none, `UNAVAILABLE`, or `DATAERR`.
+pub fn verdict(r: &Report) -> Result<(), Failure> {
+    if r.ok {
+        return Ok(());
+    }
+    let code = if !r.unavailable.is_empty() {
+        UNAVAILABLE
+    } else {
+        DATAERR
+    };
+    Err(Failure::new(
+        code,
+        anyhow::anyhow!("validation failed: {}", r.breaches.join("; ")),
+    ))
+}
+
+/// The human table.
+pub fn render(r: &Report) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "validated {:.1} s of the bus against InfluxDB database {:?} (writes settled in {:.1} s)",
+        r.duration_s, r.database, r.settle_s
+    );
+    let _ = writeln!(
+        s,
+        "{:<16} {:<16} {:>10} {:>10} {:>8} {:>9} {:>10} {:>10}",
+        "PUBLISHER", "MEASUREMENT", "SEEN", "STORED", "LOST", "LOSS", "MSG/S", "P99 MS"
+    );
+    for p in &r.publishers {
+        if !p.connected {
+            let _ = writeln!(
+                s,
+                "{:<16} {}",
+                p.name,
+                p.problem.as_deref().unwrap_or("unreachable")
+            );
+            continue;
+        }
+        let lat = p
+            .latency_ms
+            .as_ref()
+            .map(|l| {
+                if l.checked {
+                    format!("{:.1}", l.p99)
+                } else {
+                    "replay".into()
+                }
+            })
+            .unwrap_or_else(|| "-".into());
+        let _ = writeln!(
+            s,
+            "{:<16} {:<16} {:>10} {:>10} {:>8} {:>8.4}% {:>10.1} {:>10}",
+            p.name,
+            "(all)",
+            p.seen,
+            p.stored,
+            p.lost,
+            p.loss_ratio * 100.0,
+            p.rate,
+            lat
+        );
+        for m in &p.measurements {
+            let _ = writeln!(
+                s,
+                "{:<16} {:<16} {:>10} {:>10} {:>8} {:>8.4}%",
+                "",
+                m.name,
+                m.seen,
+                m.stored,
+                m.lost,
+                m.loss_ratio * 100.0
+            );
+        }
+        if p.unattributed.missed > 0 {
+            let _ = writeln!(
+                s,
+                "{:<16} {:<16} {:>10} {:>10} {:>8}",
+                "", "(not seen)", p.unattributed.missed, p.unattributed.stored, p.unattributed.lost
+            );
+        }
+        if p.unsequenced > 0 {
+            let _ = writeln!(
+                s,
+                "{:<16} {} message(s) without seq (legacy codec): not reconciled",
+                "", p.unsequenced
+            );
+        }
+        if let Some(pr) = &p.problem {
+            let _ = writeln!(s, "{:<16} note: {pr}", "");
+        }
+        if p.received == 0 {
+            let _ = writeln!(s, "{:<16} note: no messages in the window", "");
+        }
+    }
+    if r.ok {
+        let _ = writeln!(s, "OK: every threshold holds");
+    } else {
+        let _ = writeln!(s, "FAILED:");
+        for b in &r.breaches {
+            let _ = writeln!(s, "  - {b}");
+        }
+    }
+    s
+}
+
+/// Writes to stdout; a closed pipe (`| head`) is not an error worth a panic.
+pub fn emit(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes()).and_then(|_| out.flush());
+}
+
+/// `nbpy validate`.
+pub async fn command(cfg: &Config, duration: Option<Duration>, json: bool) -> Result<(), Failure> {
+    let duration = duration.unwrap_or(cfg.validate.duration);
+    let report = run(cfg, duration).await?;
+    if json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(s) => emit(&format!("{s}\n")),
+            Err(e) => return Err(Failure::from(anyhow::anyhow!("report as JSON: {e}"))),
+        }
+    } else {
+        emit(&render(&report));
+    }
+    verdict(&report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_merge_in_any_order_and_spot_duplicates() {
+        let mut r = Runs::default();
+        for s in [5, 6, 7, 10, 11, 9, 1, 3, 2] {
+            assert!(r.insert(s));
+        }
+        assert!(!r.insert(6));
+        assert!(!r.insert(1));
+        assert_eq!(r.runs(), &[(1, 3), (5, 7), (9, 11)]);
+        assert!(r.insert(8));
+        assert!(r.insert(4));
+        assert_eq!(r.runs(), &[(1, 11)]);
+        assert_eq!(r.count(), 11);
+    }
+
+    #[test]
+    fn quoting() {
+        assert_eq!(ident("a\"b"), "\"a\\\"b\"");
+        assert_eq!(string_lit("o'k"), "'o\\'k'");
+    }
+
+    #[test]
+    fn restarted_epoch_counts_from_one() {
+        let mut e = EpochSeen::default();
+        e.runs.insert(40);
+        e.runs.insert(41);
+        assert_eq!(range_of(100, &e, 50), (1, 41));
+        assert_eq!(range_of(10, &e, 50), (40, 41));
+    }
+}

@@ -1,0 +1,447 @@
+//! The health daemon against real processes: a synthetic publisher and a
+//! subscriber over real ZeroMQ, a real influxd, `nbpy-health` as the binary,
+//! spoken to over HTTP. Grafana cannot run here, so one test stands up a
+//! small HTTP server answering `/api/health` the way Grafana does.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use nbpy::health::report::{State, Status};
+use nix::sys::signal::Signal;
+
+struct Health {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Health {
+    async fn get(&self, path: &str) -> (u16, String) {
+        match self.http.get(format!("{}{path}", self.base)).send().await {
+            Ok(r) => {
+                let code = r.status().as_u16();
+                (code, r.text().await.unwrap_or_default())
+            }
+            Err(_) => (0, String::new()),
+        }
+    }
+
+    async fn status(&self) -> Option<Status> {
+        let (code, body) = self.get("/status").await;
+        (code == 200).then(|| serde_json::from_str(&body).expect("status JSON"))
+    }
+
+    /// Polls `/status` until `pred` holds; panics with the last picture past the deadline.
+    async fn wait(
+        &self,
+        what: &str,
+        deadline: Duration,
+        pred: impl Fn(&Status) -> bool,
+    ) -> Duration {
+        let t0 = Instant::now();
+        let mut last = None;
+        loop {
+            if let Some(s) = self.status().await {
+                if pred(&s) {
+                    return t0.elapsed();
+                }
+                last = Some(s);
+            }
+            if t0.elapsed() > deadline {
+                panic!("{what}: not within {deadline:?}; last /status:\n{last:#?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+fn publisher_state(s: &Status, name: &str) -> Option<State> {
+    s.publishers
+        .iter()
+        .find(|p| p.name == name)
+        .map(|p| p.state)
+}
+
+fn subscriber_state(s: &Status, name: &str) -> Option<State> {
+    s.subscribers
+        .iter()
+        .find(|p| p.name == name)
+        .map(|p| p.state)
+}
+
+/// Config with one publisher, one subscriber, the daemon on a free port.
+fn config(env: &Env, grafana: Option<&str>) -> (String, String, String) {
+    let ep = free_endpoint();
+    let port = nbpy::backend::free_port().unwrap();
+    let grafana = grafana
+        .map(|u| format!("[grafana]\nurl = \"{u}\"\n"))
+        .unwrap_or_default();
+    let cfg = env.config(&format!(
+        r#"
+{grafana}
+[health]
+listen = "127.0.0.1:{port}"
+poll_interval = "500ms"
+
+[publishers.synth]
+feed = "synthetic"
+endpoint = "{ep}"
+rate = 500
+instruments = ["BTC/USD", "EUR_USD"]
+
+[subscribers.main]
+connect = ["{ep}"]
+stats_interval = "1s"
+"#
+    ));
+    (
+        cfg.to_str().unwrap().to_string(),
+        format!("http://127.0.0.1:{port}"),
+        format!("127.0.0.1:{port}"),
+    )
+}
+
+fn start_health(env: &Env, cfg: &str, base: &str) -> (Proc, Health) {
+    let p = env.spawn(
+        "nbpy-health",
+        &["--config", cfg, "--log-format", "text"],
+        &[],
+    );
+    p.wait_log("health: serving on", Duration::from_secs(20));
+    let h = Health {
+        base: base.to_string(),
+        http: reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .unwrap(),
+    };
+    (p, h)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_publisher_shows_down_and_recovers_and_readyz_follows() {
+    let env = Env::start().await;
+    let (cfg, base, _) = config(&env, None);
+    let (_health, h) = start_health(&env, &cfg, &base);
+    assert_eq!(h.get("/healthz").await.0, 200);
+    // Nothing runs yet: not ready, and it says why.
+    let (code, body) = h.get("/readyz").await;
+    assert_eq!(code, 503);
+    assert!(body.contains("publisher synth"), "{body}");
+
+    let mut publisher = env.spawn("nbpy-publisher", &["--config", &cfg, "synth"], &[]);
+    let mut subscriber = env.spawn("nbpy-subscriber", &["--config", &cfg, "main"], &[]);
+    h.wait("everything up", Duration::from_secs(60), |s| s.ready)
+        .await;
+    assert_eq!(h.get("/readyz").await.0, 200);
+    let s = h.status().await.unwrap();
+    let p = &s.publishers[0];
+    assert_eq!(p.state, State::Up);
+    assert!(p.received > 0 && p.last_message_age_s.is_some());
+    // Last-message age per feed and instrument.
+    let instruments: std::collections::BTreeSet<&str> =
+        p.topics.iter().map(|t| t.instrument.as_str()).collect();
+    assert_eq!(
+        instruments.into_iter().collect::<Vec<_>>(),
+        ["BTC/USD", "EUR_USD"]
+    );
+    assert_eq!(p.topics.len(), 10);
+    assert!(p.topics.iter().all(|t| t.last_message_age_s.is_some()));
+    assert_eq!(s.subscribers[0].state, State::Up);
+    assert_eq!(s.influxdb.state, State::Up);
+    // The subscriber's own counters come through as it writes them.
+    h.wait("subscriber counters", Duration::from_secs(30), |s| {
+        s.subscribers[0].counter("written").is_some_and(|w| w > 0.0)
+    })
+    .await;
+
+    // Kill the publisher outright: no goodbye on the bus.
+    publisher.signal(Signal::SIGKILL);
+    publisher.wait(Duration::from_secs(10));
+    let took = h
+        .wait("publisher down", Duration::from_secs(10), |s| {
+            publisher_state(s, "synth") == Some(State::Down)
+        })
+        .await;
+    eprintln!("killed publisher reported down after {took:?}");
+    let (code, body) = h.get("/readyz").await;
+    assert_eq!(code, 503);
+    assert!(body.contains("publisher synth down"), "{body}");
+
+    // Back again: up, ready, and the restart counted (a new epoch).
+    let _publisher = env.spawn("nbpy-publisher", &["--config", &cfg, "synth"], &[]);
+    let took = h
+        .wait("publisher up again", Duration::from_secs(20), |s| {
+            publisher_state(s, "synth") == Some(State::Up) && s.publishers[0].restarts >= 1
+        })
+        .await;
+    eprintln!("restarted publisher reported up after {took:?}");
+    h.wait("ready again", Duration::from_secs(30), |s| s.ready)
+        .await;
+    assert_eq!(h.get("/readyz").await.0, 200);
+
+    // A subscriber that stops writing its counters is down too.
+    subscriber.signal(Signal::SIGKILL);
+    subscriber.wait(Duration::from_secs(10));
+    h.wait("subscriber down", Duration::from_secs(30), |s| {
+        subscriber_state(s, "main") == Some(State::Down)
+    })
+    .await;
+    let (code, body) = h.get("/readyz").await;
+    assert_eq!(code, 503);
+    assert!(body.contains("subscriber main down"), "{body}");
+    // And the bus messages pile up unstored: write lag grows.
+    h.wait("write lag", Duration::from_secs(30), |s| {
+        s.publishers[0].write_lag_messages.unwrap_or(0) > 0
+            && s.publishers[0].write_lag_s.unwrap_or(0.0) > 0.0
+    })
+    .await;
+}
+
+/// `promtool check metrics` on what `/metrics` serves. promtool comes with
+/// Debian's `prometheus` package; without it the test fails, unless
+/// NBPY_ALLOW_SKIP=1 says a skip is acceptable here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_pass_promtool_check() {
+    let promtool = ["/usr/bin/promtool", "promtool"]
+        .into_iter()
+        .find(|p| Command::new(p).arg("--version").output().is_ok());
+    let Some(promtool) = promtool else {
+        if std::env::var("NBPY_ALLOW_SKIP").as_deref() == Ok("1") {
+            eprintln!("SKIP: promtool not installed (NBPY_ALLOW_SKIP=1)");
+            return;
+        }
+        panic!(
+            "promtool is not installed (apt-get install prometheus); set NBPY_ALLOW_SKIP=1 to skip"
+        );
+    };
+    let env = Env::start().await;
+    let (cfg, base, _) = config(&env, None);
+    let (_health, h) = start_health(&env, &cfg, &base);
+    let _publisher = env.spawn("nbpy-publisher", &["--config", &cfg, "synth"], &[]);
+    let _subscriber = env.spawn("nbpy-subscriber", &["--config", &cfg, "main"], &[]);
+    h.wait("everything up", Duration::from_secs(60), |s| s.ready)
+        .await;
+    let (code, text) = h.get("/metrics").await;
+    assert_eq!(code, 200);
+    // Every family is there with real values, not just declared.
+    for needle in [
+        "nbpy_ready 1",
+        "nbpy_component_up{kind=\"publisher\",name=\"synth\"} 1",
+        "nbpy_component_up{kind=\"subscriber\",name=\"main\"} 1",
+        "nbpy_component_up{kind=\"influxdb\",name=\"influxdb\"} 1",
+        "nbpy_publisher_messages_received_total{publisher=\"synth\"}",
+        "nbpy_feed_last_message_age_seconds{publisher=\"synth\",topic=\"synthetic.ticker.BTC/USD\",instrument=\"BTC/USD\"}",
+        "nbpy_subscriber_reported{subscriber=\"main\",field=\"written\"}",
+        "nbpy_publisher_write_lag_messages{publisher=\"synth\"}",
+    ] {
+        assert!(text.contains(needle), "{needle} missing from:\n{text}");
+    }
+    let mut child = Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}\n--- metrics ---\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Grafana cannot run here: this answers `GET /api/health` with the body
+/// Grafana gives (`{"commit":…,"database":"ok","version":…}`) until stopped.
+fn fake_grafana() -> (String, Arc<AtomicBool>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopped = stop.clone();
+    std::thread::spawn(move || {
+        while !stopped.load(Ordering::Relaxed) {
+            match listener.accept() {
+                Ok((mut s, _)) => {
+                    s.set_nonblocking(false).unwrap();
+                    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                    let mut buf = [0u8; 2048];
+                    let n = s.read(&mut buf).unwrap_or(0);
+                    let req = String::from_utf8_lossy(&buf[..n]);
+                    let (status, body) = if req.starts_with("GET /api/health ") {
+                        (
+                            "200 OK",
+                            r#"{"commit":"abc123","database":"ok","version":"10.4.2"}"#,
+                        )
+                    } else {
+                        ("404 Not Found", r#"{"message":"Not found"}"#)
+                    };
+                    let _ = write!(
+                        s,
+                        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+    });
+    (url, stop)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grafana_is_reported_but_not_needed_for_readiness_and_nbpy_status_shows_it_all() {
+    let env = Env::start().await;
+    let (grafana, grafana_stop) = fake_grafana();
+    let (cfg, base, _) = config(&env, Some(&grafana));
+    let (_health, h) = start_health(&env, &cfg, &base);
+    let _publisher = env.spawn("nbpy-publisher", &["--config", &cfg, "synth"], &[]);
+    let _subscriber = env.spawn("nbpy-subscriber", &["--config", &cfg, "main"], &[]);
+    h.wait("ready with grafana up", Duration::from_secs(60), |s| {
+        s.ready && s.grafana.as_ref().is_some_and(|g| g.state == State::Up)
+    })
+    .await;
+    let s = h.status().await.unwrap();
+    assert!(s
+        .grafana
+        .as_ref()
+        .and_then(|g| g.detail.as_deref())
+        .is_some_and(|d| d.contains("10.4.2")));
+
+    // The table, from the daemon.
+    let out = Command::new(bin_path("nbpy"))
+        .args(["--config", &cfg, "status"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("from nbpy-health"), "{text}");
+    assert!(text.starts_with("# ") && text.contains("\nREADY"), "{text}");
+    for needle in ["synth ", "main ", "grafana ", "synthetic.ticker.EUR_USD"] {
+        assert!(text.contains(needle), "{needle:?} missing:\n{text}");
+    }
+
+    // Grafana gone: reported down, the appliance still ready.
+    grafana_stop.store(true, Ordering::Relaxed);
+    h.wait("grafana down", Duration::from_secs(20), |s| {
+        s.grafana.as_ref().is_some_and(|g| g.state == State::Down)
+    })
+    .await;
+    assert_eq!(h.get("/readyz").await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nbpy_status_probes_directly_when_no_daemon_answers() {
+    let env = Env::start().await;
+    let (cfg, _base, _) = config(&env, None);
+    let publisher = env.spawn("nbpy-publisher", &["--config", &cfg, "synth"], &[]);
+    let subscriber = env.spawn("nbpy-subscriber", &["--config", &cfg, "main"], &[]);
+    subscriber.wait_log("ready", Duration::from_secs(30));
+    // Poll until the subscriber has written its counters once.
+    let t0 = Instant::now();
+    while count_pipeline(&env).await == 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "no nbpy_pipeline point"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = Command::new(bin_path("nbpy"))
+        .args(["--config", &cfg, "status", "--json"])
+        .output()
+        .unwrap();
+    let s: Status = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    assert!(s.ready, "{s:#?}");
+    assert!(out.status.success());
+    assert_eq!(s.publishers[0].state, State::Up);
+    assert!(s.publishers[0].received > 0);
+
+    // And with the publisher gone, it says so and exits non-zero.
+    drop(publisher);
+    let out = Command::new(bin_path("nbpy"))
+        .args(["--config", &cfg, "status"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(nbpy::exit::UNAVAILABLE), "{text}");
+    assert!(
+        text.contains("NOT READY") && text.contains("publisher synth down"),
+        "{text}"
+    );
+}
+
+async fn count_pipeline(env: &Env) -> u64 {
+    env.client
+        .query_number("SELECT count(\"received\") FROM \"tick\".\"default\".\"nbpy_pipeline\"")
+        .await
+        .unwrap_or(0.0) as u64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_messages_are_counted_not_fatal() {
+    use zeromq::{Socket, SocketSend, ZmqMessage};
+    let env = Env::start().await;
+    let ep = free_endpoint();
+    let port = nbpy::backend::free_port().unwrap();
+    let cfg = env.config(&format!(
+        r#"
+[health]
+listen = "127.0.0.1:{port}"
+poll_interval = "500ms"
+
+[publishers.junk]
+endpoint = "{ep}"
+"#
+    ));
+    let cfg = cfg.to_str().unwrap().to_string();
+    // A publisher that speaks ZeroMQ but sends nonsense.
+    let mut sock = zeromq::PubSocket::new();
+    sock.bind(&ep).await.unwrap();
+    let (health, h) = start_health(&env, &cfg, &format!("http://127.0.0.1:{port}"));
+    let t0 = Instant::now();
+    loop {
+        let mut two = ZmqMessage::from("synthetic.ticker.X");
+        two.push_back("{not json".into());
+        let mut three = ZmqMessage::from("a");
+        three.push_back("b".into());
+        three.push_back("c".into());
+        for m in [two, three, ZmqMessage::from("\u{1}\u{1}")] {
+            sock.send(m).await.unwrap();
+        }
+        let s = h.status().await.unwrap();
+        if s.publishers[0].malformed >= 3 {
+            assert_eq!(s.publishers[0].state, State::Up, "connected and sending");
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "{s:#?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(h.get("/healthz").await.0, 200);
+    assert!(health
+        .log_text()
+        .contains("malformed message from publisher junk"));
+}

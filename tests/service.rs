@@ -1,0 +1,269 @@
+//! The service contract over a real unix datagram NOTIFY_SOCKET (a path and
+//! an abstract `@name`), with real processes: READY only when able to work,
+//! WATCHDOG only while data flows, STOPPING and exit 0 on SIGTERM.
+
+mod common;
+
+use std::io::Write;
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr, UnixDatagram};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Records every notification with its arrival time.
+struct Recorder {
+    msgs: Arc<Mutex<Vec<(Instant, String)>>>,
+}
+
+impl Recorder {
+    fn bind(sock: UnixDatagram) -> Recorder {
+        let msgs = Arc::new(Mutex::new(Vec::new()));
+        let m = msgs.clone();
+        sock.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            loop {
+                match sock.recv(&mut buf) {
+                    Ok(n) => m.lock().unwrap().push((
+                        Instant::now(),
+                        String::from_utf8_lossy(&buf[..n]).into_owned(),
+                    )),
+                    Err(e)
+                        if e.kind() == std::io::ErrorKind::WouldBlock
+                            || e.kind() == std::io::ErrorKind::TimedOut => {}
+                    Err(_) => return,
+                }
+            }
+        });
+        Recorder { msgs }
+    }
+    fn all(&self) -> Vec<(Instant, String)> {
+        self.msgs.lock().unwrap().clone()
+    }
+    fn wait_for(&self, needle: &str, deadline: Duration) -> Instant {
+        let t0 = Instant::now();
+        loop {
+            if let Some((t, _)) = self.all().into_iter().find(|(_, m)| m.contains(needle)) {
+                return t;
+            }
+            assert!(
+                t0.elapsed() < deadline,
+                "no {needle:?} within {deadline:?}: {:?}",
+                self.all()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    fn count(&self, needle: &str, after: Instant, before: Instant) -> usize {
+        self.all()
+            .iter()
+            .filter(|(t, m)| m.contains(needle) && *t >= after && *t < before)
+            .count()
+    }
+}
+
+fn envelope_line(seq: u64) -> String {
+    let mut e = nbpy::wire::Envelope::new(
+        "test",
+        "ticker",
+        "BTC/USD",
+        nbpy::wire::now_ns(),
+        vec![("bid".into(), nbpy::wire::Value::Float(seq as f64))],
+    );
+    e.seq = seq;
+    let mut b = Vec::new();
+    nbpy::wire::encode_v1(&e, &mut b).unwrap();
+    String::from_utf8(b).unwrap() + "\n"
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publisher_ready_when_bound_watchdog_only_while_data_flows_clean_stop() {
+    let env = Env::start().await;
+    let sock_path = env.path("notify.sock");
+    let rec = Recorder::bind(UnixDatagram::bind(&sock_path).unwrap());
+    let fifo = env.path("feed.fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    // Read+write open never blocks on Linux and keeps the FIFO from hitting EOF.
+    let mut feed = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&fifo)
+        .unwrap();
+    let ep = free_endpoint();
+    let port: u16 = ep.rsplit(':').next().unwrap().parse().unwrap();
+    let cfg = env.config(&format!(
+        "[publishers.replay]\nfeed = \"replay\"\nfile = {:?}\nendpoint = \"{ep}\"\nstale_after = \"1s\"\n",
+        fifo.display().to_string()
+    ));
+    let sock = sock_path.to_str().unwrap();
+    let mut p = env.spawn(
+        "nbpy-publisher",
+        &["--config", cfg.to_str().unwrap(), "replay"],
+        &[("NOTIFY_SOCKET", sock), ("WATCHDOG_USEC", "400000")],
+    );
+    rec.wait_for("READY=1", Duration::from_secs(20));
+    // READY means the socket is bound: a connection succeeds right away.
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+        "READY before bind"
+    );
+
+    // Data flows for 2 s: pings keep coming.
+    let flow_start = Instant::now();
+    let mut seq = 0;
+    while flow_start.elapsed() < Duration::from_secs(2) {
+        seq += 1;
+        feed.write_all(envelope_line(seq).as_bytes()).unwrap();
+        std::thread::sleep(Duration::from_millis(20)); // the data's pace, not synchronisation
+    }
+    let stall = Instant::now();
+    let during_flow = rec.count("WATCHDOG=1", flow_start, stall);
+    assert!(
+        during_flow >= 5,
+        "only {during_flow} pings while data flowed: {:?}",
+        rec.all()
+    );
+
+    // The feed stalls: after stale_after (1 s) + one ping period the pings stop.
+    let quiet_from = stall + Duration::from_millis(1000 + 400 + 300);
+    let observe_until = quiet_from + Duration::from_secs(2);
+    while Instant::now() < observe_until {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        rec.count("WATCHDOG=1", quiet_from, observe_until),
+        0,
+        "pings continued on a stalled feed: {:?}",
+        rec.all()
+    );
+    assert!(
+        p.log_text().contains("withholding pings"),
+        "{}",
+        p.log_text()
+    );
+
+    p.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = p.wait(Duration::from_secs(20));
+    rec.wait_for("STOPPING=1", Duration::from_secs(5));
+    assert_eq!(status.code(), Some(0), "{}", p.log_text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriber_ready_only_once_influxdb_answers_via_abstract_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let name = format!("nbpy-test-{}", std::process::id());
+    let sock =
+        UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes()).unwrap()).unwrap();
+    let rec = Recorder::bind(sock);
+    let port = nbpy::backend::free_port().unwrap();
+    let ep = free_endpoint();
+    let cfg = dir.path().join("nbpy.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "state_dir = {:?}\n[influxdb]\nurl = \"http://127.0.0.1:{port}\"\n[subscribers.main]\nconnect = [\"{ep}\"]\n",
+            dir.path().join("state").display().to_string()
+        ),
+    )
+    .unwrap();
+    let mut xpub = <zeromq::XPubSocket as zeromq::Socket>::new();
+    zeromq::Socket::bind(&mut xpub, &ep).await.unwrap();
+    let log = dir.path().join("sub.log");
+    let f = std::fs::File::create(&log).unwrap();
+    let mut child = std::process::Command::new(bin_path("nbpy-subscriber"))
+        .args(["--config", cfg.to_str().unwrap(), "main"])
+        .env("NOTIFY_SOCKET", format!("@{name}"))
+        .env_remove("WATCHDOG_USEC")
+        .stderr(f)
+        .spawn()
+        .unwrap();
+    rec.wait_for("waiting for InfluxDB", Duration::from_secs(20));
+    assert!(
+        !rec.all().iter().any(|(_, m)| m.contains("READY=1")),
+        "READY without InfluxDB: {:?}",
+        rec.all()
+    );
+
+    // Now InfluxDB comes up on the configured port: READY follows.
+    let mut influx =
+        nbpy::backend::LocalInfluxd::spawn(None, &dir.path().join("influx"), port, None).unwrap();
+    influx.wait_ready(Duration::from_secs(30)).unwrap();
+    let client = nbpy::sink::influx::InfluxClient::new(&nbpy::config::InfluxConfig {
+        url: influx.url(),
+        ..Default::default()
+    })
+    .unwrap();
+    nbpy::admin::schema::ensure(&client).await.unwrap();
+    let ready = rec.wait_for("READY=1", Duration::from_secs(30));
+    let waiting: Vec<_> = rec
+        .all()
+        .into_iter()
+        .filter(|(t, m)| m.contains("waiting for InfluxDB") && *t < ready)
+        .collect();
+    assert!(!waiting.is_empty());
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    rec.wait_for("STOPPING=1", Duration::from_secs(5));
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+}
+
+/// The journald decision: `JOURNAL_STREAM` counts only when it names the
+/// process's own stderr. (No journald runs on this machine, so the chosen
+/// path shows as the fallback note; under the systemd harness the journal
+/// itself receives the logs.)
+#[test]
+fn journal_is_chosen_only_when_journal_stream_matches_stderr() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let run = |journal_stream: Option<String>, log: &std::path::Path| {
+        let f = std::fs::File::create(log).unwrap();
+        let mut cmd = std::process::Command::new(bin_path("nbpy-publisher"));
+        cmd.args(["no-such-publisher"])
+            .env_remove("NBPY_CONFIG")
+            .stderr(f);
+        match journal_stream {
+            Some(v) => cmd.env("JOURNAL_STREAM", v),
+            None => cmd.env_remove("JOURNAL_STREAM"),
+        };
+        let status = cmd.status().unwrap();
+        assert_eq!(
+            status.code(),
+            Some(78),
+            "an unknown publisher is a config error"
+        );
+        std::fs::read_to_string(log).unwrap()
+    };
+    let log = dir.path().join("a.log");
+    std::fs::write(&log, "").unwrap();
+    let md = std::fs::metadata(&log).unwrap();
+    // The file is recreated in place (same inode) by File::create's truncate.
+    let matching = run(Some(format!("{}:{}", md.dev(), md.ino())), &log);
+    assert!(matching.contains("stderr is the journal"), "{matching}");
+    let other = dir.path().join("other");
+    std::fs::write(&other, "").unwrap();
+    let omd = std::fs::metadata(&other).unwrap();
+    let mismatched = run(
+        Some(format!("{}:{}", omd.dev(), omd.ino())),
+        &dir.path().join("b.log"),
+    );
+    assert!(
+        !mismatched.contains("stderr is the journal"),
+        "{mismatched}"
+    );
+    assert!(mismatched.contains("no publisher named"), "{mismatched}");
+    let unset = run(None, &dir.path().join("c.log"));
+    assert!(!unset.contains("stderr is the journal"), "{unset}");
+}

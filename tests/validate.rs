@@ -1,0 +1,281 @@
+//! Phase 5 end to end: a synthetic publisher and a subscriber as real
+//! processes over real ZeroMQ, a real influxd, and `nbpy validate` run as
+//! the binary, its JSON report checked against numbers the test works out
+//! on its own.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use nbpy::validate::Report;
+
+/// Runs `nbpy validate --json`; returns the exit code, the report, stderr.
+fn validate(cfg: &str, duration: &str) -> (i32, Report, String) {
+    let out = Command::new(bin_path("nbpy"))
+        .args([
+            "--config",
+            cfg,
+            "validate",
+            "--json",
+            "--duration",
+            duration,
+        ])
+        .env_remove("NOTIFY_SOCKET")
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run nbpy validate");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let report: Report = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("not a report ({e}):\n{stdout}\nstderr:\n{stderr}"));
+    (out.status.code().unwrap_or(-1), report, stderr)
+}
+
+/// Publisher + subscriber running, the subscriber storing.
+async fn pipeline(env: &Env, extra_publisher: &str, subscriber_topics: &str) -> (Proc, Proc) {
+    let ep = free_endpoint();
+    let cfg = env.config(&format!(
+        r#"
+[validate]
+settle = "20s"
+
+[publishers.synth]
+feed = "synthetic"
+endpoint = "{ep}"
+rate = 2000
+wait_for_subscribers = 1
+{extra_publisher}
+
+[subscribers.main]
+connect = ["{ep}"]
+topics = {subscriber_topics}
+stats_interval = "1s"
+"#
+    ));
+    let cfg = cfg.to_str().unwrap();
+    let publisher = env.spawn("nbpy-publisher", &["--config", cfg, "synth"], &[]);
+    publisher.wait_log("bound", Duration::from_secs(20));
+    let subscriber = env.spawn("nbpy-subscriber", &["--config", cfg, "main"], &[]);
+    subscriber.wait_log("ready", Duration::from_secs(20));
+    // The subscriber is there before the validator's window opens.
+    assert!(
+        env.wait_for_points(1, Duration::from_secs(30)).await > 0,
+        "nothing stored\n{}",
+        subscriber.log_text()
+    );
+    (publisher, subscriber)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_run_reconciles_every_message_with_zero_loss() {
+    let env = Env::start().await;
+    let (_p, _s) = pipeline(&env, "", "[\"\"]").await;
+    let cfg = env.path("nbpy.toml");
+    let (code, r, stderr) = validate(cfg.to_str().unwrap(), "3s");
+    assert_eq!(code, 0, "{stderr}\n{r:#?}");
+    assert!(r.ok && r.breaches.is_empty(), "{r:#?}");
+    let p = &r.publishers[0];
+    assert!(p.connected);
+    assert!(p.seen > 1000, "only {} messages seen", p.seen);
+    assert_eq!(p.published, p.seen, "the validator has no gaps of its own");
+    assert_eq!(p.stored, p.published);
+    assert_eq!((p.lost, p.unattributed.missed), (0, 0));
+    // The five channel kinds rotate, so all five measurements are there,
+    // each fully stored.
+    let names: Vec<&str> = p.measurements.iter().map(|m| m.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "betfair_stream",
+            "kraken_depth",
+            "kraken_orders",
+            "kraken_tick",
+            "oanda_tick"
+        ]
+    );
+    for m in &p.measurements {
+        assert_eq!((m.lost, m.stored), (0, m.seen), "{}", m.name);
+    }
+    let total: u64 = p.measurements.iter().map(|m| m.seen).sum();
+    assert_eq!(total, p.seen);
+    // Per-topic rates: 5 channels × 4 default instruments.
+    assert_eq!(p.topics.len(), 20);
+    let e = &p.epochs[0];
+    assert_eq!(e.last_seq - e.first_seq + 1, p.published);
+    assert!(p
+        .latency_ms
+        .as_ref()
+        .is_some_and(|l| l.checked && l.samples > 0));
+}
+
+/// Which measurement a synthetic message lands in, and for which of
+/// `instruments` instruments: channels rotate fastest, then instruments.
+fn synthetic_slot(seq: u64, instruments: u64) -> (&'static str, u64) {
+    let n = seq - 1;
+    let ch = nbpy::feeds::synthetic::CHANNELS[(n % 5) as usize];
+    let m = nbpy::schema::by_channel(ch).unwrap().name;
+    (m, (n / 5) % instruments)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_a_subscriber_never_stores_are_counted_exactly() {
+    let env = Env::start().await;
+    // The subscriber's topic filter leaves out every message of CCC: those
+    // are published and seen on the bus, and never stored.
+    let mut topics = Vec::new();
+    for ch in nbpy::feeds::synthetic::CHANNELS {
+        for sym in ["AAA", "BBB"] {
+            topics.push(format!("\"synthetic.{ch}.{sym}\""));
+        }
+    }
+    let (_p, _s) = pipeline(
+        &env,
+        "instruments = [\"AAA\", \"BBB\", \"CCC\"]",
+        &format!("[{}]", topics.join(", ")),
+    )
+    .await;
+    let cfg = env.path("nbpy.toml");
+    let (code, r, stderr) = validate(cfg.to_str().unwrap(), "3s");
+
+    assert_eq!(
+        code,
+        nbpy::exit::DATAERR,
+        "loss must fail the check\n{stderr}"
+    );
+    let p = &r.publishers[0];
+    assert_eq!(p.unattributed.missed, 0);
+    let e = &p.epochs[0];
+    // Work out on our own how many CCC messages the range holds, per measurement.
+    let mut want = std::collections::BTreeMap::<&str, u64>::new();
+    for seq in e.first_seq..=e.last_seq {
+        let (m, inst) = synthetic_slot(seq, 3);
+        if inst == 2 {
+            *want.entry(m).or_default() += 1;
+        }
+    }
+    let total_want: u64 = want.values().sum();
+    assert!(total_want > 100, "window too short: {total_want}");
+    for m in &p.measurements {
+        assert_eq!(m.lost, want[m.name.as_str()], "{}: {m:?}", m.name);
+        assert_eq!(m.stored + m.lost, m.seen, "{}", m.name);
+        assert!(
+            r.breaches
+                .iter()
+                .any(|b| b.contains(&format!("synth / {}", m.name))
+                    && b.contains(&format!("{} of {}", m.lost, m.seen))),
+            "breach for {} not named: {:?}",
+            m.name,
+            r.breaches
+        );
+    }
+    assert_eq!(p.lost, total_want);
+    assert_eq!(p.stored, p.published - total_want);
+    // InfluxDB agrees, counted independently of the validator's queries.
+    let q = format!(
+        "SELECT count(\"seq\") FROM \"tick\".\"default\".\"kraken_tick\" WHERE \"epoch\" = {} AND \"seq\" >= {} AND \"seq\" <= {}",
+        e.epoch, e.first_seq, e.last_seq
+    );
+    let stored_ticks = env.client.query_number(&q).await.unwrap() as u64;
+    let tick = p
+        .measurements
+        .iter()
+        .find(|m| m.name == "kraken_tick")
+        .unwrap();
+    assert_eq!(stored_ticks, tick.seen - tick.lost);
+    assert!(stderr.contains("validation failed"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_publisher_is_named_and_exits_unavailable() {
+    let env = Env::start().await;
+    let ep = free_endpoint();
+    let cfg = env.config(&format!(
+        r#"
+[validate]
+connect_timeout = "1s"
+
+[publishers.ghost]
+endpoint = "{ep}"
+"#
+    ));
+    let (code, r, stderr) = validate(cfg.to_str().unwrap(), "1s");
+    assert_eq!(code, nbpy::exit::UNAVAILABLE, "{stderr}");
+    assert!(!r.ok);
+    assert!(
+        r.breaches.iter().any(|b| b.contains("publisher ghost")),
+        "{:?}",
+        r.breaches
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_restart_inside_the_window_is_reconciled_across_both_epochs() {
+    let env = Env::start().await;
+    let ep = free_endpoint();
+    // Two subscriptions to wait for, the subscriber's and the validator's:
+    // the restarted publisher holds its first message until both are back,
+    // so nothing is lost and every number of the new epoch, from 1, must be
+    // accounted for.
+    let cfg = env.config(&format!(
+        r#"
+[validate]
+settle = "20s"
+
+[publishers.synth]
+feed = "synthetic"
+endpoint = "{ep}"
+rate = 1000
+wait_for_subscribers = 2
+
+[subscribers.main]
+connect = ["{ep}"]
+stats_interval = "1s"
+"#
+    ));
+    let cfg = cfg.to_str().unwrap();
+    let publisher = env.spawn("nbpy-publisher", &["--config", cfg, "synth"], &[]);
+    publisher.wait_log("bound", Duration::from_secs(20));
+    let subscriber = env.spawn("nbpy-subscriber", &["--config", cfg, "main"], &[]);
+    subscriber.wait_log("ready", Duration::from_secs(20));
+    let out = env.path("report.json");
+    let validator = Command::new(bin_path("nbpy"))
+        .args(["--config", cfg, "validate", "--json", "--duration", "12s"])
+        .env("RUST_LOG", "warn")
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap();
+    // Data flows only once the validator is connected too.
+    assert!(env.wait_for_points(1000, Duration::from_secs(30)).await >= 1000);
+    publisher.signal(nix::sys::signal::Signal::SIGTERM);
+    let mut publisher = publisher;
+    assert!(publisher.wait(Duration::from_secs(30)).success());
+    let _publisher = env.spawn("nbpy-publisher", &["--config", cfg, "synth"], &[]);
+    let status = validator.wait_with_output().unwrap().status;
+    let text = std::fs::read_to_string(&out).unwrap();
+    let r: Report = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    assert!(status.success(), "{:?}\n{r:#?}", status);
+    let p = &r.publishers[0];
+    assert_eq!(p.epochs.len(), 2, "{:?}", p.epochs);
+    assert!(p.epochs[0].epoch < p.epochs[1].epoch);
+    assert_eq!(
+        p.epochs[1].first_seq, 1,
+        "the new epoch is reconciled from its start"
+    );
+    assert!(p.epochs[1].last_seq > 0);
+    assert_eq!(p.lost, 0, "{r:#?}");
+    assert_eq!(p.published, p.stored);
+    assert_eq!(
+        p.unattributed.missed, 0,
+        "the publisher waited for the validator: {:?}",
+        p.epochs
+    );
+    let range: u64 = p.epochs.iter().map(|e| e.last_seq - e.first_seq + 1).sum();
+    assert_eq!(range, p.published);
+    assert!(p
+        .problem
+        .as_deref()
+        .is_some_and(|s| s.contains("reconnected 1 time")));
+}
