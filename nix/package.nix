@@ -14,11 +14,14 @@ let
     "nbpy.target"
     "nbpy-influxdb-ready.service"
     "nbpy-schema.service"
+    "nbpy-publishers.target"
     "nbpy-publisher@.service"
+    "nbpy-subscribers.target"
     "nbpy-subscriber@.service"
-    "nbpy-dashboards.service"
+    "nbpy-grafana.service"
     "nbpy-validate.service"
     "nbpy-validate.timer"
+    "nbpy-validate-periodic.service"
     "nbpy-health.service"
   ];
 in

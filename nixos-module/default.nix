@@ -1,8 +1,8 @@
 # services.nbpy: the appliance on NixOS.
 #
 # The units are the package's own files from systemd/ (`systemd.packages`);
-# this module only adds drop-ins (credentials, config path, ordering after
-# the backends) and the publisher/subscriber instances nbpy.target wants. So
+# this module only adds drop-ins (credentials, restart on config change,
+# ordering after the backends) and the publisher/subscriber instances nbpy.target wants. So
 # the units the systemd tests boot are the units NixOS runs, in the same five
 # phases: backends -> schema -> feeds -> dashboards -> validation.
 { config, lib, pkgs, ... }:
@@ -50,24 +50,37 @@ let
     then lib.toInt (lib.last (lib.splitString ":" p.endpoint))
     else feedPorts.${p.feed};
 
-  # Every unit of the package that runs nbpy code (and so reads the config
-  # and may need the credentials). Template units take the drop-in for all
-  # their instances.
-  nbpyServices = [
-    "nbpy-influxdb-ready"
-    "nbpy-schema"
-    "nbpy-publisher@"
-    "nbpy-subscriber@"
-    "nbpy-dashboards"
-    "nbpy-validate"
-    "nbpy-health"
-  ];
+  # The package's services and the credentials each one loads: their
+  # `LoadCredential=ID` lines in systemd/ (tests/packaging.rs checks this
+  # against the files). Template units take the drop-in for every instance.
+  unitCredentials = {
+    "nbpy-influxdb-ready" = [ "influxdb-password" ];
+    "nbpy-schema" = [ "influxdb-password" ];
+    "nbpy-publisher@" = [ ];
+    "nbpy-subscriber@" = [ "influxdb-password" ];
+    "nbpy-grafana" = [ "grafana-admin-password" "influxdb-password" ];
+    "nbpy-validate" = [ "influxdb-password" ];
+    "nbpy-validate-periodic" = [ "influxdb-password" ];
+    "nbpy-health" = [ "influxdb-password" ];
+  };
 
   # Secrets reach the services only as systemd credentials; the config names
   # them relative, resolved in $CREDENTIALS_DIRECTORY (config::read_secret).
-  credentials =
-    optional (cfg.influxdb.passwordFile != null) "influxdb-password:${toString cfg.influxdb.passwordFile}"
-    ++ optional (cfg.grafana.adminPasswordFile != null) "grafana-admin-password:${toString cfg.grafana.adminPasswordFile}";
+  credentialFiles = {
+    "influxdb-password" = cfg.influxdb.passwordFile;
+    "grafana-admin-password" = cfg.grafana.adminPasswordFile;
+  };
+  # The units say `LoadCredential=ID` (found in /etc/credstore/). Where a
+  # file is configured, the drop-in resets the list (a repeated ID does not
+  # replace an earlier one) and loads every ID the unit wants again, those
+  # with a file from it, the others from the credstore as before.
+  loadCredential = ids:
+    let
+      fileOf = id: credentialFiles.${id} or null;
+    in
+    lib.optionals (lib.any (id: fileOf id != null) ids) (
+      [ "" ] ++ map (id: if fileOf id != null then "${id}:${toString (fileOf id)}" else id) ids
+    );
 
   configFile = settingsFormat.generate "nbpy.toml" cfg.settings;
 
@@ -79,39 +92,18 @@ let
     else "http://127.0.0.1:${toString cfg.grafana.port}";
 
   # Phase 4's files, rendered once at build time by the same code as
-  # `nbpy grafana apply` (datasources/*.yaml, dashboards/**/*.json). The
-  # config holds only credential *names*, so nothing secret is read here.
+  # `nbpy grafana apply`: datasources/nbpy.yaml, dashboards/nbpy.yaml (the
+  # provider, naming dashboards/nbpy by its absolute path, or
+  # grafana.dashboards_path) and dashboards/nbpy/*.json. The config holds only
+  # credential *names* and `$__file{}` paths, so nothing secret is read here.
   grafanaRendered = pkgs.runCommand "nbpy-grafana-provisioning" { } ''
-    ${lib.getExe' cfg.package "nbpy"} --config ${configFile} --log-format text grafana render $out
-    for d in datasources dashboards; do
-      if [ ! -d "$out/$d" ]; then
-        echo "nbpy grafana render wrote no $d/ directory" >&2
+    ${lib.getExe' cfg.package "nbpy"} --config ${configFile} grafana render $out
+    for f in datasources/nbpy.yaml dashboards/nbpy.yaml; do
+      if [ ! -f "$out/$f" ]; then
+        echo "nbpy grafana render wrote no $f" >&2
         exit 1
       fi
     done
-  '';
-
-  # A dashboards provider of our own, pointing at the rendered JSON wherever
-  # Grafana sees it (store path natively, a bind mount in a container).
-  dashboardProvider = path: {
-    apiVersion = 1;
-    providers = [{
-      name = "nbpy";
-      type = "file";
-      disableDeletion = true;
-      allowUiUpdates = false;
-      updateIntervalSeconds = 60;
-      options = { inherit path; };
-    }];
-  };
-
-  # For the Grafana container: datasources as rendered, our provider, and the
-  # dashboards bind-mounted at /var/lib/nbpy-dashboards.
-  grafanaContainerProvisioning = pkgs.runCommand "nbpy-grafana-container-provisioning" { } ''
-    mkdir -p $out/dashboards $out/plugins $out/alerting $out/notifiers
-    cp -r ${grafanaRendered}/datasources $out/datasources
-    cp ${(pkgs.formats.yaml { }).generate "nbpy-dashboards.yaml" (dashboardProvider "/var/lib/nbpy-dashboards")} \
-      $out/dashboards/nbpy.yaml
   '';
 
   backendMode = types.enum [ "native" "container" "external" ];
@@ -342,27 +334,23 @@ in
 
       systemd.packages = [ cfg.package ];
 
-      # The package's nbpy.target plus what only the configuration knows:
-      # which publisher and subscriber instances to start.
+      # The package's nbpy.target wants every phase; what only the
+      # configuration knows is which instances to start (what `nbpy units
+      # install` links into nbpy.target.wants/ elsewhere).
       systemd.targets.nbpy = {
         wantedBy = [ "multi-user.target" ];
-        wants = [
-          "nbpy-influxdb-ready.service"
-          "nbpy-schema.service"
-          "nbpy-dashboards.service"
-          "nbpy-validate.timer"
-          "nbpy-health.service"
-        ]
-        ++ map (n: "nbpy-publisher@${n}.service") (attrNames publishers)
-        ++ map (n: "nbpy-subscriber@${n}.service") (attrNames subscribers);
+        wants =
+          map (n: "nbpy-publisher@${n}.service") (attrNames publishers)
+          ++ map (n: "nbpy-subscriber@${n}.service") (attrNames subscribers);
       };
 
-      systemd.services = genAttrs nbpyServices (_: {
-        overrideStrategy = "asDropin";
-        restartTriggers = [ configFile ];
-        environment.NBPY_CONFIG = "/etc/nbpy/nbpy.toml";
-        serviceConfig.LoadCredential = credentials;
-      });
+      systemd.services = mapAttrs
+        (_: ids: {
+          overrideStrategy = "asDropin";
+          restartTriggers = [ configFile ];
+          serviceConfig.LoadCredential = loadCredential ids;
+        })
+        unitCredentials;
 
       networking.firewall.allowedTCPPorts =
         mkIf cfg.openFirewall (mapAttrsToList (_: publisherPort) publishers);
@@ -423,11 +411,12 @@ in
         };
         provision = {
           enable = true;
-          datasources.path = "${grafanaRendered}/datasources";
-          dashboards.settings = dashboardProvider "${grafanaRendered}/dashboards";
+          datasources.path = "${grafanaRendered}/datasources/nbpy.yaml";
+          dashboards.path = "${grafanaRendered}/dashboards/nbpy.yaml";
         };
       };
-      systemd.services.nbpy-dashboards = {
+      # The unit orders after Debian's grafana-server.service; NixOS calls it grafana.
+      systemd.services.nbpy-grafana = {
         wants = [ "grafana.service" ];
         after = [ "grafana.service" ];
       };
@@ -447,8 +436,7 @@ in
           GF_SECURITY_SECRET_KEY__FILE = "/run/secrets/grafana-secret-key";
         };
         volumes = [
-          "${grafanaContainerProvisioning}:/etc/grafana/provisioning:ro"
-          "${grafanaRendered}/dashboards:/var/lib/nbpy-dashboards:ro"
+          "${grafanaRendered}:/etc/grafana/provisioning:ro"
           "/var/lib/nbpy-grafana:/var/lib/grafana"
         ]
         ++ optional (cfg.grafana.adminPasswordFile != null)
@@ -456,9 +444,12 @@ in
         ++ optional (cfg.grafana.secretKeyFile != null)
           "${toString cfg.grafana.secretKeyFile}:/run/secrets/grafana-secret-key:ro";
       };
+      # The provider the render writes must name the dashboards where the
+      # container sees them.
+      services.nbpy.settings.grafana.dashboards_path = mkDefault "/etc/grafana/provisioning/dashboards/nbpy";
       # The image runs as uid 472.
       systemd.tmpfiles.rules = [ "d /var/lib/nbpy-grafana 0700 472 472 - -" ];
-      systemd.services.nbpy-dashboards = {
+      systemd.services.nbpy-grafana = {
         wants = [ "${ociBackend}-nbpy-grafana.service" ];
         after = [ "${ociBackend}-nbpy-grafana.service" ];
       };

@@ -740,7 +740,9 @@ async fn validate_flow(cfg: &Config, within: Duration) -> Result<String, String>
         }
     }
     // The same reconciliation the phase-5 unit runs (`nbpy validate`).
-    let report = crate::validate::run(cfg, within).await.map_err(|e| e.to_string())?;
+    let report = crate::validate::run(cfg, within)
+        .await
+        .map_err(|e| e.to_string())?;
     crate::validate::verdict(&report).map_err(|e| e.to_string())?;
     let published: u64 = report.publishers.iter().map(|p| p.published).sum();
     let stored: u64 = report.publishers.iter().map(|p| p.stored).sum();

@@ -681,47 +681,70 @@ fn vm_test_script_is_valid_python() {
     );
 }
 
-/// The NixOS module adds drop-ins to the package's units by name; once
-/// systemd/ is in the tree, each of those names must be a unit there.
+/// Quoted strings in `text` (Nix string literals without escapes).
+fn quoted(text: &str) -> Vec<String> {
+    text.split('"')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_string)
+        .collect()
+}
+
+/// The Nix attribute set or list that starts at `marker`, up to its `};` / `];`.
+fn nix_block<'a>(text: &'a str, marker: &str, end: &str) -> &'a str {
+    let start = text
+        .find(marker)
+        .unwrap_or_else(|| panic!("{marker} not found"));
+    let len = text[start..].find(end).expect("block end");
+    &text[start..start + len]
+}
+
+/// The NixOS module adds drop-ins to the package's units by name and loads
+/// each unit's credentials again when it overrides them; nix/package.nix
+/// refuses to build without the units it expects. Both lists must match
+/// systemd/ exactly, or NixOS would run something other than the tested units.
 #[test]
-fn module_drop_ins_name_units_that_exist() {
+fn nix_files_name_the_units_and_credentials_of_systemd_dir() {
     let dir = root().join("systemd");
-    let module = read("nixos-module/default.nix");
-    let package = read("nix/package.nix");
-    let mut named = BTreeSet::new();
-    for text in [&module, &package] {
-        for word in text.split('"') {
-            if word.starts_with("nbpy")
-                && (word.ends_with(".service")
-                    || word.ends_with(".target")
-                    || word.ends_with(".timer")
-                    || word.ends_with('@'))
-                && !word.contains("${")
-            {
-                named.insert(if word.ends_with('@') {
-                    format!("{word}.service")
-                } else {
-                    word.to_string()
-                });
-            }
+    let mut on_disk: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut unit_files = BTreeSet::new();
+    for e in std::fs::read_dir(&dir).expect("systemd/").flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        unit_files.insert(name.clone());
+        if let Some(unit) = name.strip_suffix(".service") {
+            let text = std::fs::read_to_string(e.path()).unwrap();
+            let mut ids: Vec<String> = text
+                .lines()
+                .filter_map(|l| l.strip_prefix("LoadCredential="))
+                .map(|v| v.split(':').next().unwrap().trim().to_string())
+                .filter(|id| !id.is_empty())
+                .collect();
+            ids.sort();
+            on_disk.insert(unit.to_string(), ids);
         }
     }
-    // The module's drop-in list uses bare names ("nbpy-schema").
-    let start = module.find("nbpyServices = [").expect("nbpyServices");
-    let end = start + module[start..].find("];").unwrap();
-    for word in module[start..end].split('"').skip(1).step_by(2) {
-        named.insert(format!("{word}.service"));
+    assert!(on_disk.len() >= 8, "{on_disk:?}");
+
+    let module = read("nixos-module/default.nix");
+    let block = nix_block(&module, "unitCredentials = {", "  };");
+    let mut in_module: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for line in block.lines().filter(|l| l.contains("= [")) {
+        let (key, list) = line.split_once("= [").unwrap();
+        let mut ids = quoted(list);
+        ids.sort();
+        in_module.insert(quoted(key).remove(0), ids);
     }
-    assert!(named.len() >= 8, "{named:?}");
-    if !dir.is_dir() {
-        // systemd/ is written on another branch; until it is merged there
-        // is nothing to compare with.
-        eprintln!("systemd/ is not in this tree yet; unit names not cross-checked: {named:?}");
-        return;
-    }
-    let missing: Vec<&String> = named.iter().filter(|u| !dir.join(u).exists()).collect();
-    assert!(
-        missing.is_empty(),
-        "units named by the Nix files but missing from systemd/: {missing:?}"
+    assert_eq!(
+        in_module, on_disk,
+        "nixos-module/default.nix unitCredentials vs the LoadCredential= lines in systemd/*.service"
+    );
+
+    let package = read("nix/package.nix");
+    let expected: BTreeSet<String> = quoted(nix_block(&package, "expectedUnits = [", "];"))
+        .into_iter()
+        .collect();
+    assert_eq!(
+        expected, unit_files,
+        "nix/package.nix expectedUnits vs the files in systemd/"
     );
 }
