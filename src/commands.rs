@@ -84,6 +84,13 @@ pub enum Command {
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
     },
+    /// Run one configured publisher (what `nbpy-publisher NAME` runs).
+    Publisher { name: String },
+    /// Run one configured subscriber (what `nbpy-subscriber NAME` runs).
+    Subscriber { name: String },
+    /// Check what the appliance needs (backends, ports, credentials, venues)
+    /// and print each problem with its fix.
+    Doctor,
     /// Print a child's log from a running or past `nbpy up`.
     Logs {
         /// publisher/subscriber name, or `influxd`
@@ -210,6 +217,18 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
                     validate_within,
                 },
             ))
+        }
+        Command::Publisher { name } => {
+            let loaded = cli.common.boot()?;
+            crate::cli::block_on(crate::publisher::run(&name, &loaded.config))
+        }
+        Command::Subscriber { name } => {
+            let loaded = cli.common.boot()?;
+            crate::cli::block_on(crate::subscriber::run(&name, &loaded.config))
+        }
+        Command::Doctor => {
+            crate::service::init_logging(crate::config::LogFormat::Text, "warn");
+            crate::cli::block_on(crate::doctor::command(cli.common.config.as_deref()))
         }
         Command::Down { timeout } => {
             let loaded =

@@ -58,8 +58,8 @@ pub fn run_main(body: impl FnOnce() -> Result<(), Failure>) -> ! {
     match body() {
         Ok(()) => std::process::exit(OK),
         Err(failure) => {
+            // stderr reaches the journal under systemd too, so once is enough.
             eprintln!("error: {failure}");
-            tracing::error!(code = failure.code, "{failure}");
             std::process::exit(failure.code)
         }
     }

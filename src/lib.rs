@@ -30,6 +30,7 @@ pub mod bus;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod doctor;
 pub mod exit;
 pub mod feeds;
 pub mod health;

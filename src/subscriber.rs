@@ -112,6 +112,9 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
     ));
 
     let mut st = Intake::new(name, &cfg.influxdb, intake.clone());
+    // Report at once, so health sees a live subscriber before the first
+    // stats interval has passed.
+    st.pipeline_point(name, &wstats, &pool).await;
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     let mut last_status = (Instant::now(), 0u64);
     let mut last_stats = Instant::now();

@@ -143,12 +143,24 @@ struct Up {
     status: Arc<Mutex<UpStatus>>,
 }
 
-fn sibling(bin: &str) -> PathBuf {
-    std::env::current_exe()
-        .ok()
-        .and_then(|e| e.parent().map(|d| d.join(bin)))
-        .filter(|p| p.exists())
-        .unwrap_or_else(|| PathBuf::from(bin))
+/// The program and leading arguments that run a child role: the
+/// `nbpy-ROLE` binary beside this one, else this `nbpy` itself (`nbpy ROLE`),
+/// so `cargo run --bin nbpy -- up` works without the other binaries built.
+fn child_command(role: &str) -> (PathBuf, Vec<String>) {
+    let me = std::env::current_exe().ok();
+    if let Some(sib) = me
+        .as_ref()
+        .and_then(|e| e.parent())
+        .map(|d| d.join(format!("nbpy-{role}")))
+    {
+        if sib.is_file() {
+            return (sib, Vec::new());
+        }
+    }
+    match me {
+        Some(me) => (me, vec![role.to_string()]),
+        None => (PathBuf::from(format!("nbpy-{role}")), Vec::new()),
+    }
 }
 
 fn on_path(bin: &str) -> Option<PathBuf> {
@@ -161,7 +173,7 @@ fn on_path(bin: &str) -> Option<PathBuf> {
 
 impl Up {
     fn spawn_child(&mut self, role: &str, name: &str) -> Result<(), Failure> {
-        let bin = sibling(&format!("nbpy-{role}"));
+        let (bin, mut args) = child_command(role);
         let log = self.dir.join("logs").join(format!("{name}.log"));
         let notify = self.dir.join("run").join(format!("{name}.notify"));
         let state = Arc::new(Mutex::new(ChildState {
@@ -174,11 +186,14 @@ impl Up {
         let mut c = Child {
             state,
             proc: None,
-            args: vec![
-                "--config".into(),
-                self.config_file.display().to_string(),
-                name.into(),
-            ],
+            args: {
+                args.extend([
+                    "--config".into(),
+                    self.config_file.display().to_string(),
+                    name.into(),
+                ]);
+                args
+            },
             bin,
             notify,
             next_restart: None,

@@ -498,7 +498,14 @@ impl Monitor {
             time_ns: now_ns(),
             watching_s: secs(now, self.started),
             uptime_window_s: self.cfg.health.uptime_window.as_secs_f64(),
-            supervisor: if self.systemd { "systemd" } else { "none" }.into(),
+            supervisor: if self.systemd {
+                "systemd".into()
+            } else {
+                match crate::supervisor::read_status(&self.cfg) {
+                    Ok((up, true)) => format!("nbpy up (pid {})", up.pid),
+                    _ => "none".into(),
+                }
+            },
             ready: not_ready.is_empty(),
             not_ready,
             warnings,

@@ -1,0 +1,264 @@
+//! `nbpy up` end to end: a real influxd found on PATH, the five phases,
+//! `nbpy status`, and an ordered stop with nothing lost; and the file-sink
+//! fallback when no InfluxDB can be had.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn up_cmd(cfg: &std::path::Path, path_env: Option<&str>) -> Command {
+    let mut c = Command::new(bin_path("nbpy"));
+    c.args(["--config", cfg.to_str().unwrap(), "up"])
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("WATCHDOG_USEC")
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null());
+    if let Some(p) = path_env {
+        c.env("PATH", p);
+    }
+    c
+}
+
+fn wait_file_contains(path: &std::path::Path, needle: &str, deadline: Duration) -> String {
+    let t0 = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.contains(needle) {
+            return text;
+        }
+        assert!(
+            t0.elapsed() < deadline,
+            "{} never said {needle:?}:\n{text}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn up_runs_five_phases_reports_status_and_stops_in_order_without_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let port = nbpy::backend::free_port().unwrap();
+    let ep_port = nbpy::backend::free_port().unwrap();
+    let cfg = dir.path().join("nbpy.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "state_dir = {:?}\n[influxdb]\nurl = \"http://127.0.0.1:{port}\"\n\
+             [health]\nlisten = \"127.0.0.1:{}\"\n\
+             [publishers.synth]\nendpoint = \"tcp://127.0.0.1:{ep_port}\"\nrate = 5000\n",
+            state.display().to_string(),
+            nbpy::backend::free_port().unwrap()
+        ),
+    )
+    .unwrap();
+    let out = dir.path().join("up.out");
+    let mut up = up_cmd(&cfg, None)
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(dir.path().join("up.err")).unwrap())
+        .spawn()
+        .unwrap();
+    let text = wait_file_contains(&out, "nbpy is up", Duration::from_secs(60));
+    let phases: Vec<usize> = (1..=5)
+        .map(|i| {
+            text.find(&format!("phase {i}/5"))
+                .expect("every phase reported")
+        })
+        .collect();
+    assert!(
+        phases.windows(2).all(|w| w[0] < w[1]),
+        "phases in order:\n{text}"
+    );
+    assert!(
+        text.contains("started by nbpy up"),
+        "influxd from PATH:\n{text}"
+    );
+    assert!(text.contains("no loss"), "{text}");
+
+    // `nbpy status` turns ready once the subscriber's first counters are stored.
+    let t0 = Instant::now();
+    let (status, st) = loop {
+        let status = Command::new(bin_path("nbpy"))
+            .args(["--config", cfg.to_str().unwrap(), "status"])
+            .output()
+            .unwrap();
+        let st = String::from_utf8_lossy(&status.stdout).into_owned();
+        if status.status.success() || t0.elapsed() > Duration::from_secs(30) {
+            break (status, st);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        status.status.success(),
+        "{st}\n{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    assert!(st.contains("supervisor: nbpy up"), "{st}");
+    assert!(
+        st.contains("publisher   synth") && st.contains("subscriber  main"),
+        "{st}"
+    );
+    assert!(st.contains("running"), "{st}");
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(up.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let t0 = Instant::now();
+    let code = loop {
+        if let Some(s) = up.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(40),
+            "nbpy up did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert!(code.success(), "{code}\n{text}");
+    let subs = text
+        .find("stopped subscribers")
+        .expect("subscribers stopped");
+    let pubs = text.find("stopped publishers").expect("publishers stopped");
+    assert!(subs < pubs, "subscribers drain first:\n{text}");
+
+    // Reopen the data: everything the subscriber accepted is stored.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut influx = nbpy::backend::LocalInfluxd::spawn(None, &state.join("influxdb"), 0, None).unwrap();
+        influx.wait_ready(Duration::from_secs(30)).unwrap();
+        let client = nbpy::sink::influx::InfluxClient::new(&nbpy::config::InfluxConfig {
+            url: influx.url(),
+            ..Default::default()
+        })
+        .unwrap();
+        let q = "SELECT last(\"received\"), last(\"malformed\") FROM \"tick\".\"default\".\"nbpy_pipeline\" WHERE component = 'main'";
+        let v = client.query(q).await.unwrap();
+        let row = &v["results"][0]["series"][0]["values"][0];
+        let accepted = row[1].as_u64().unwrap() - row[2].as_u64().unwrap();
+        let mut stored = 0;
+        for m in nbpy::schema::MEASUREMENTS.iter().filter(|m| m.name != "nbpy_pipeline") {
+            stored += client
+                .query_number(&format!("SELECT count(\"seq\") FROM \"tick\".\"{}\".\"{}\"", m.rp, m.name))
+                .await
+                .unwrap() as u64;
+        }
+        assert!(accepted > 0);
+        assert_eq!(stored, accepted, "accepted vs stored after nbpy up's stop");
+    });
+}
+
+#[test]
+fn without_influxdb_up_falls_back_to_the_file_sink_and_says_how_to_get_influxdb() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let dead = nbpy::backend::free_port().unwrap();
+    let ep_port = nbpy::backend::free_port().unwrap();
+    let cfg = dir.path().join("nbpy.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "state_dir = {:?}\n[influxdb]\nurl = \"http://127.0.0.1:{dead}\"\n\
+             [publishers.synth]\nendpoint = \"tcp://127.0.0.1:{ep_port}\"\nrate = 2000\n",
+            state.display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = dir.path().join("up.out");
+    // No influxd on PATH (the nbpy binaries are found beside `nbpy`).
+    let mut up = up_cmd(&cfg, Some("/nonexistent"))
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(dir.path().join("up.err")).unwrap())
+        .spawn()
+        .unwrap();
+    let text = wait_file_contains(&out, "nbpy is up", Duration::from_secs(60));
+    assert!(
+        text.contains("apt-get install influxdb"),
+        "says how to get InfluxDB:\n{text}"
+    );
+    assert!(text.contains("file sink"), "{text}");
+    let points = state.join("points.lp");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(up.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = up.wait().unwrap();
+    assert!(
+        status.success(),
+        "{}",
+        std::fs::read_to_string(&out).unwrap()
+    );
+    let lines = std::fs::read_to_string(&points).unwrap();
+    let data = lines
+        .lines()
+        .filter(|l| !l.starts_with("nbpy_pipeline"))
+        .count();
+    assert!(data > 0, "points written to the file sink");
+    // Every line is valid line protocol.
+    for l in lines.lines() {
+        influxdb_line_protocol::parse_lines(l)
+            .next()
+            .unwrap()
+            .unwrap();
+    }
+    // The subscriber's own count of what it accepted matches the file.
+    let log = std::fs::read_to_string(state.join("logs/main.log")).unwrap();
+    let accepted: usize = log
+        .lines()
+        .find_map(|l| {
+            l.split(": ").find_map(|p| {
+                p.strip_suffix(" accepted")
+                    .and_then(|n| n.rsplit(' ').next()?.parse().ok())
+            })
+        })
+        .or_else(|| {
+            log.lines().find_map(|l| {
+                let i = l.find(" accepted,")?;
+                l[..i].rsplit(' ').next()?.parse().ok()
+            })
+        })
+        .expect("the subscriber logs what it accepted on stop");
+    assert_eq!(data, accepted, "accepted vs in the file");
+}
+
+#[test]
+fn doctor_names_each_problem_with_its_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy_port = busy.local_addr().unwrap().port();
+    let closed = nbpy::backend::free_port().unwrap();
+    let cfg = dir.path().join("nbpy.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "state_dir = {:?}\n[influxdb]\nurl = \"http://127.0.0.1:{closed}\"\nusername = \"nbpy\"\npassword_file = \"/nonexistent/influx-pw\"\n\
+             [publishers.k]\nfeed = \"kraken-tick\"\nendpoint = \"tcp://127.0.0.1:{busy_port}\"\nurl = \"ws://127.0.0.1:{closed}\"\n",
+            dir.path().join("state").display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(bin_path("nbpy"))
+        .args(["--config", cfg.to_str().unwrap(), "doctor"])
+        .env("PATH", "/nonexistent")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(69), "{text}");
+    for needle in [
+        &format!("cannot bind tcp://127.0.0.1:{busy_port}"),
+        "influxdb.password_file",
+        "no influxd on PATH",
+        &format!("127.0.0.1:{closed} unreachable"),
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+    }
+    assert!(text.matches("fix:").count() >= 4, "{text}");
+    drop(busy);
+}
