@@ -1,36 +1,18 @@
-# `nix run`: `nbpy up` with InfluxDB 1.x and Grafana from nixpkgs on its PATH.
-#
-# nixpkgs' Grafana needs `--homepath` (its static files live in the store,
-# not next to the binary), so the PATH gets small `grafana` and
-# `grafana-server` shims that add it; whichever `nbpy up` calls works.
-{ lib
-, writeShellApplication
-, writeShellScriptBin
+# `nix run`: `nbpy up` with InfluxDB 1.x and Grafana from nixpkgs, the whole
+# appliance natively (nix/nbpy-up.sh says how Grafana is started).
+{ writeShellApplication
 , nbpy
 , influxdb
 , grafana
+, curl
+, coreutils
 }:
 
-let
-  home = "${grafana}/share/grafana";
-  grafanaShims = [
-    (writeShellScriptBin "grafana-server" ''
-      exec ${grafana}/bin/grafana server --homepath ${home} "$@"
-    '')
-    (writeShellScriptBin "grafana" ''
-      if [ "''${1:-}" = server ]; then
-        shift
-        exec ${grafana}/bin/grafana server --homepath ${home} "$@"
-      fi
-      exec ${grafana}/bin/grafana "$@"
-    '')
-  ];
-in
 writeShellApplication {
   name = "nbpy-up";
-  runtimeInputs = [ nbpy influxdb ] ++ grafanaShims;
-  text = ''
-    exec nbpy up "$@"
-  '';
+  runtimeInputs = [ nbpy influxdb grafana curl coreutils ];
+  # nixpkgs' Grafana keeps its static files here, not next to the binary.
+  runtimeEnv.GRAFANA_HOME = "${grafana}/share/grafana";
+  text = builtins.readFile ./nbpy-up.sh;
   meta.description = "The whole nbpy appliance, natively: InfluxDB, Grafana, feeds, dashboards, validation";
 }

@@ -748,3 +748,159 @@ fn nix_files_name_the_units_and_credentials_of_systemd_dir() {
         "nix/package.nix expectedUnits vs the files in systemd/"
     );
 }
+
+// ---------------------------------------------------------------- nix run
+
+/// Stand-in for Grafana, which cannot run here: answers `/api/health`,
+/// records every request line and its `GF_*` environment, and accepts the
+/// API calls `nbpy grafana apply` makes.
+const GRAFANA_STANDIN: &str = r#"#!/bin/sh
+env | grep '^GF_' | sort > "$GF_PATHS_DATA.env"
+exec python3 -c '
+import http.server, os, sys
+log = open(os.environ["GF_PATHS_DATA"] + ".requests", "a", buffering=1)
+class H(http.server.BaseHTTPRequestHandler):
+    def reply(self):
+        log.write(self.command + " " + self.path + "\n")
+        n = int(self.headers.get("Content-Length") or 0)
+        if n: self.rfile.read(n)
+        found = self.path == "/api/health" or self.command != "GET"
+        body = b"{\"database\":\"ok\"}" if self.path == "/api/health" else b"{}"
+        self.send_response(200 if found else 404)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    do_GET = do_POST = do_PUT = reply
+    def log_message(self, *a): pass
+http.server.HTTPServer(("127.0.0.1", int(os.environ["GF_SERVER_HTTP_PORT"])), H).serve_forever()
+'
+"#;
+
+/// `nix run`'s wrapper (nix/nbpy-up.sh, run as writeShellApplication runs
+/// it): starts Grafana, waits for it, hands it to a real `nbpy up` (real
+/// influxd), and stops Grafana when `nbpy up` ends (`nbpy down`).
+#[test]
+fn nix_run_wrapper_brings_grafana_up_with_nbpy_up_and_down_again() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::time::{Duration, Instant};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let bin = tmp.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    std::fs::write(bin.join("grafana"), GRAFANA_STANDIN).unwrap();
+    std::fs::set_permissions(bin.join("grafana"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let gport = nbpy::backend::free_port().unwrap();
+    let iport = nbpy::backend::free_port().unwrap();
+    let cfg = tmp.path().join("nbpy.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "state_dir = {:?}\n[influxdb]\nurl = \"http://127.0.0.1:{iport}\"\n",
+            tmp.path().join("state").display().to_string()
+        ),
+    )
+    .unwrap();
+    let nbpy_dir = Path::new(env!("CARGO_BIN_EXE_nbpy")).parent().unwrap();
+    let path = format!(
+        "{}:{}:{}",
+        bin.display(),
+        nbpy_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let log = tmp.path().join("nbpy-up.log");
+
+    /// Stops whatever is left if an assertion fails half-way.
+    struct Cleanup<'a>(std::process::Child, &'a Path);
+    impl Drop for Cleanup<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new(env!("CARGO_BIN_EXE_nbpy"))
+                .arg("--config")
+                .arg(self.1)
+                .arg("down")
+                .output();
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let child = Command::new("bash")
+        .args(["-o", "errexit", "-o", "nounset", "-o", "pipefail"])
+        .arg(root().join("nix/nbpy-up.sh"))
+        .arg("--config")
+        .arg(&cfg)
+        .env("PATH", &path)
+        .env("GRAFANA_HOME", "/nix/store/grafana/share/grafana")
+        .env("GRAFANA_PORT", gport.to_string())
+        .env("XDG_STATE_HOME", tmp.path())
+        .env_remove("NBPY_GRAFANA__URL")
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::create(tmp.path().join("nbpy-up.err")).unwrap())
+        .spawn()
+        .unwrap();
+    let mut guard = Cleanup(child, &cfg);
+    let text = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
+    let all_logs = || format!("{}{}", text(&log), text(&tmp.path().join("nbpy-up.err")));
+    let t0 = Instant::now();
+    while !text(&log).contains("nbpy is up") {
+        if let Ok(Some(st)) = guard.0.try_wait() {
+            panic!("nbpy-up ended early ({st}):\n{}", all_logs());
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "nbpy up did not come up:\n{}",
+            all_logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = all_logs();
+    let url = format!("http://127.0.0.1:{gport}");
+    assert!(out.contains(&format!("Grafana at {url}")), "{out}");
+
+    // Grafana got its state, port and admin password file from the wrapper…
+    let gstate = tmp.path().join("nbpy-grafana");
+    let genv = text(&gstate.join("data.env"));
+    assert!(
+        genv.contains(&format!("GF_SERVER_HTTP_PORT={gport}")),
+        "{genv}"
+    );
+    assert!(genv.contains("GF_SERVER_HTTP_ADDR=127.0.0.1"), "{genv}");
+    let pw = gstate.join("admin-password");
+    assert!(genv.contains(&format!(
+        "GF_SECURITY_ADMIN_PASSWORD__FILE={}",
+        pw.display()
+    )));
+    let mode = std::fs::metadata(&pw).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the admin password is for its owner only");
+    assert_eq!(text(&pw).len(), 32);
+    // …and phase 4 applied the datasource and dashboards to it.
+    let requests = text(&gstate.join("data.requests"));
+    assert!(
+        requests.contains("/api/datasources") && requests.contains("/api/dashboards/db"),
+        "{requests}"
+    );
+
+    // `nbpy down` ends `nbpy up`, and the wrapper then stops Grafana.
+    let down = Command::new(env!("CARGO_BIN_EXE_nbpy"))
+        .arg("--config")
+        .arg(&cfg)
+        .arg("down")
+        .output()
+        .unwrap();
+    assert!(down.status.success(), "{down:?}");
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(st) = guard.0.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "wrapper still running"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "{status}\n{}", all_logs());
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", gport)).is_err(),
+        "Grafana must stop with nbpy up"
+    );
+}
