@@ -2,9 +2,10 @@
 #
 # The units are the package's own files from systemd/ (`systemd.packages`);
 # this module only adds drop-ins (credentials, restart on config change,
-# ordering after the backends) and the publisher/subscriber instances nbpy.target wants. So
-# the units the systemd tests boot are the units NixOS runs, in the same five
-# phases: backends -> schema -> feeds -> dashboards -> validation.
+# ordering after the backends) and the publisher/subscriber instances that
+# nbpy.target wants. So the units the systemd tests boot are the units NixOS
+# runs, in the same five phases: backends, schema, feeds, dashboards,
+# validation.
 { config, lib, pkgs, ... }:
 
 let
@@ -29,7 +30,8 @@ let
   settingsFormat = pkgs.formats.toml { };
   ociBackend = config.virtualisation.oci-containers.backend;
 
-  # DESIGN.md's ports; must match `FeedKind::default_port` in src/feeds/mod.rs.
+  # DESIGN.md's ports, as `FeedKind::default_port` in src/feeds/mod.rs has
+  # them (tests/packaging.rs checks).
   feedPorts = {
     kraken-tick = 5558;
     kraken-depth = 5560;
@@ -71,9 +73,10 @@ let
     "grafana-admin-password" = cfg.grafana.adminPasswordFile;
   };
   # The units say `LoadCredential=ID` (found in /etc/credstore/). Where a
-  # file is configured, the drop-in resets the list (a repeated ID does not
-  # replace an earlier one) and loads every ID the unit wants again, those
-  # with a file from it, the others from the credstore as before.
+  # file is configured, the drop-in resets the list and loads every ID the
+  # unit wants again, those with a file from it, the others from the
+  # credstore as before: the file wins whatever systemd makes of an ID given
+  # twice.
   loadCredential = ids:
     let
       fileOf = id: credentialFiles.${id} or null;

@@ -739,6 +739,22 @@ fn nix_files_name_the_units_and_credentials_of_systemd_dir() {
         "nixos-module/default.nix unitCredentials vs the LoadCredential= lines in systemd/*.service"
     );
 
+    // The firewall opens each publisher's port: the module's table of
+    // default ports must be the code's.
+    let ports = nix_block(&module, "feedPorts = {", "  };");
+    let mut n = 0;
+    for line in ports
+        .lines()
+        .filter(|l| l.contains(" = ") && l.ends_with(';'))
+    {
+        let (name, port) = line.trim().trim_end_matches(';').split_once(" = ").unwrap();
+        let kind: nbpy::feeds::FeedKind = serde_json::from_value(serde_json::json!(name))
+            .unwrap_or_else(|e| panic!("feedPorts.{name}: {e}"));
+        assert_eq!(kind.default_port().to_string(), port, "feedPorts.{name}");
+        n += 1;
+    }
+    assert!(n >= 8, "{ports}");
+
     let package = read("nix/package.nix");
     let expected: BTreeSet<String> = quoted(nix_block(&package, "expectedUnits = [", "];"))
         .into_iter()
