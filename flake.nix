@@ -1,7 +1,10 @@
 {
   description = "nbpy: market-data appliance (venue feeds on ZeroMQ, written to InfluxDB, shown in Grafana)";
 
-  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-24.11";
+  # The locked crates need rustc >= 1.89 (zeromq 0.7, uuid): nixos-25.11 or later.
+  # No flake.lock is committed (it could not be made offline); the first
+  # `nix flake check` / `nix build` writes one.
+  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-25.11";
 
   outputs = { self, nixpkgs }:
     let
