@@ -26,6 +26,16 @@ pub enum Command {
         #[command(subcommand)]
         action: SchemaAction,
     },
+    /// Probe the health endpoint once: exit 0 on a 2xx, 69 (EX_UNAVAILABLE)
+    /// otherwise. The container image's HEALTHCHECK (it has no curl).
+    HealthCheck {
+        /// URL to probe; default: `/healthz` on `[health] listen`.
+        #[arg(long)]
+        url: Option<String>,
+        /// Give up after this long.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
     /// Phase 4: Grafana datasource and dashboards, from the same schema.
     Grafana {
         #[command(subcommand)]
@@ -162,6 +172,19 @@ pub enum ConfigAction {
 
 pub fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
+        Command::HealthCheck { url, timeout } => {
+            let url = match url {
+                Some(u) => u,
+                None => {
+                    let loaded = crate::config::load(cli.common.config.as_deref())
+                        .map_err(Failure::config)?;
+                    crate::probe::default_url(&loaded.config.health.listen)
+                }
+            };
+            let status = crate::probe::check(&url, timeout).map_err(Failure::unavailable)?;
+            println!("{url}: {status}");
+            Ok(())
+        }
         Command::Validate { duration, json } => {
             let loaded = cli.common.boot()?;
             crate::cli::block_on(crate::validate::command(&loaded.config, duration, json))

@@ -17,6 +17,7 @@
 //! - [`publisher`] / [`subscriber`]: the two long-running roles.
 //! - [`sink`]: line protocol, batching, InfluxDB client.
 //! - [`service`]: sd_notify, watchdog, signals, logging.
+//! - [`probe`]: `nbpy health-check`, the container image's HEALTHCHECK.
 //! - [`exit`]: sysexits-style exit codes and the error type that carries them.
 //! - [`units`]: the systemd units (embedded from `systemd/`) and their installer.
 //! - [`validate`]: phase 5, reconciling what was published with what was stored.
@@ -33,6 +34,7 @@ pub mod doctor;
 pub mod exit;
 pub mod feeds;
 pub mod health;
+pub mod probe;
 pub mod publisher;
 pub mod schema;
 pub mod service;

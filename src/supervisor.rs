@@ -509,7 +509,7 @@ async fn backends(cfg: &mut Config, dir: &Path) -> Result<(Option<LocalInfluxd>,
     say(&format!(
         "No InfluxDB answers at {} and no `influxd` is on PATH: writing line protocol to {} instead.\n\
          To get InfluxDB: `apt-get install influxdb` (Debian/Ubuntu), `nix run` (the flake brings it), or docker/compose.yaml.",
-        crate::config::redact_url(&client.url().to_string()),
+        crate::config::redact_url(client.url().as_ref()),
         file.display()
     ));
     Ok((None, format!("file sink {}", file.display())))

@@ -1,0 +1,461 @@
+# services.nbpy: the appliance on NixOS.
+#
+# The units are the package's own files from systemd/ (`systemd.packages`);
+# this module only adds drop-ins (credentials, restart on config change,
+# ordering after the backends) and the publisher/subscriber instances that
+# nbpy.target wants. So the units the systemd tests boot are the units NixOS
+# runs, in the same five phases: backends, schema, feeds, dashboards,
+# validation.
+{ config, lib, pkgs, ... }:
+
+let
+  inherit (lib)
+    mkOption
+    mkEnableOption
+    mkIf
+    mkMerge
+    mkDefault
+    types
+    literalExpression
+    optional
+    optionalAttrs
+    filterAttrs
+    mapAttrs
+    mapAttrsToList
+    attrNames
+    genAttrs
+    ;
+
+  cfg = config.services.nbpy;
+  settingsFormat = pkgs.formats.toml { };
+  ociBackend = config.virtualisation.oci-containers.backend;
+
+  # DESIGN.md's ports, as `FeedKind::default_port` in src/feeds/mod.rs has
+  # them (tests/packaging.rs checks).
+  feedPorts = {
+    kraken-tick = 5558;
+    kraken-depth = 5560;
+    kraken-orders = 5561;
+    oanda-tick = 5562;
+    betfair-stream = 5564;
+    social = 5565;
+    synthetic = 5570;
+    replay = 5571;
+  };
+
+  publishers = filterAttrs (_: p: p.enable) cfg.publishers;
+  subscribers = filterAttrs (_: s: s.enable) cfg.subscribers;
+  withoutEnable = _: v: removeAttrs v [ "enable" ];
+
+  publisherPort = p:
+    if p ? endpoint
+    then lib.toInt (lib.last (lib.splitString ":" p.endpoint))
+    else feedPorts.${p.feed};
+
+  # The package's services and the credentials each one loads: their
+  # `LoadCredential=ID` lines in systemd/ (tests/packaging.rs checks this
+  # against the files). Template units take the drop-in for every instance.
+  unitCredentials = {
+    "nbpy-influxdb-ready" = [ "influxdb-password" ];
+    "nbpy-schema" = [ "influxdb-password" ];
+    "nbpy-publisher@" = [ ];
+    "nbpy-subscriber@" = [ "influxdb-password" ];
+    "nbpy-grafana" = [ "grafana-admin-password" "influxdb-password" ];
+    "nbpy-validate" = [ "influxdb-password" ];
+    "nbpy-validate-periodic" = [ "influxdb-password" ];
+    "nbpy-health" = [ "influxdb-password" ];
+  };
+
+  # Secrets reach the services only as systemd credentials; the config names
+  # them relative, resolved in $CREDENTIALS_DIRECTORY (config::read_secret).
+  credentialFiles = {
+    "influxdb-password" = cfg.influxdb.passwordFile;
+    "grafana-admin-password" = cfg.grafana.adminPasswordFile;
+  };
+  # The units say `LoadCredential=ID` (found in /etc/credstore/). Where a
+  # file is configured, the drop-in resets the list and loads every ID the
+  # unit wants again, those with a file from it, the others from the
+  # credstore as before: the file wins whatever systemd makes of an ID given
+  # twice.
+  loadCredential = ids:
+    let
+      fileOf = id: credentialFiles.${id} or null;
+    in
+    lib.optionals (lib.any (id: fileOf id != null) ids) (
+      [ "" ] ++ map (id: if fileOf id != null then "${id}:${toString (fileOf id)}" else id) ids
+    );
+
+  configFile = settingsFormat.generate "nbpy.toml" cfg.settings;
+
+  influxUrl =
+    if cfg.influxdb.url != null then cfg.influxdb.url
+    else "http://127.0.0.1:${toString cfg.influxdb.port}";
+  grafanaUrl =
+    if cfg.grafana.url != null then cfg.grafana.url
+    else "http://127.0.0.1:${toString cfg.grafana.port}";
+
+  # Phase 4's files, rendered once at build time by the same code as
+  # `nbpy grafana apply`: datasources/nbpy.yaml, dashboards/nbpy.yaml (the
+  # provider, naming dashboards/nbpy by its absolute path, or
+  # grafana.dashboards_path) and dashboards/nbpy/*.json. The config holds only
+  # credential *names* and `$__file{}` paths, so nothing secret is read here.
+  grafanaRendered = pkgs.runCommand "nbpy-grafana-provisioning" { } ''
+    ${lib.getExe' cfg.package "nbpy"} --config ${configFile} grafana render $out
+    for f in datasources/nbpy.yaml dashboards/nbpy.yaml; do
+      if [ ! -f "$out/$f" ]; then
+        echo "nbpy grafana render wrote no $f" >&2
+        exit 1
+      fi
+    done
+  '';
+
+  backendMode = types.enum [ "native" "container" "external" ];
+
+  instanceOptions = extra: {
+    freeformType = settingsFormat.type;
+    options = {
+      enable = mkOption {
+        type = types.bool;
+        default = true;
+        description = "Whether nbpy.target starts this instance.";
+      };
+    } // extra;
+  };
+in
+{
+  options.services.nbpy = {
+    enable = mkEnableOption "nbpy, the market-data appliance (publishers, subscribers, InfluxDB, Grafana)";
+
+    package = mkOption {
+      type = types.package;
+      default = pkgs.nbpy or (pkgs.callPackage ../nix/package.nix { });
+      defaultText = literalExpression "pkgs.nbpy";
+      description = "The nbpy package: its binaries and the systemd units in lib/systemd/system.";
+    };
+
+    settings = mkOption {
+      type = types.submodule { freeformType = settingsFormat.type; };
+      default = { };
+      example = literalExpression ''
+        {
+          influxdb.batch_size = 10000;
+          log.level = "info,nbpy::sink=debug";
+        }
+      '';
+      description = ''
+        The contents of /etc/nbpy/nbpy.toml (keys as in `nbpy config show`).
+        `influxdb.url`, `grafana.url` and the credential names are filled in
+        from the `influxdb` / `grafana` options; `publishers` and
+        `subscribers` from the options of those names. Secrets never go here:
+        use `influxdb.passwordFile` / `grafana.adminPasswordFile`.
+      '';
+    };
+
+    publishers = mkOption {
+      type = types.attrsOf (types.submodule (instanceOptions {
+        feed = mkOption {
+          type = types.enum (attrNames feedPorts);
+          default = "synthetic";
+          description = "Which feed this publisher runs.";
+        };
+      }));
+      default = { };
+      example = literalExpression ''
+        {
+          kraken = { feed = "kraken-tick"; instruments = [ "BTC/USD" "ETH/USD" ]; };
+          synth = { feed = "synthetic"; rate = 1000; endpoint = "tcp://0.0.0.0:5570"; };
+        }
+      '';
+      description = ''
+        `[publishers.NAME]` tables; each enabled one runs as
+        `nbpy-publisher@NAME.service`, wanted by nbpy.target.
+      '';
+    };
+
+    subscribers = mkOption {
+      type = types.attrsOf (types.submodule (instanceOptions {
+        connect = mkOption {
+          type = types.listOf types.str;
+          example = [ "tcp://127.0.0.1:5558" ];
+          description = "ZeroMQ endpoints to connect to.";
+        };
+      }));
+      default = { };
+      description = ''
+        `[subscribers.NAME]` tables; each enabled one runs as
+        `nbpy-subscriber@NAME.service`, wanted by nbpy.target.
+      '';
+    };
+
+    openFirewall = mkOption {
+      type = types.bool;
+      default = false;
+      description = ''
+        Open the publishers' ZeroMQ ports, so subscribers on other hosts can
+        connect (the endpoints must then bind a non-loopback address).
+      '';
+    };
+
+    influxdb = {
+      mode = mkOption {
+        type = backendMode;
+        default = "native";
+        description = ''
+          `native`: services.influxdb (1.x from nixpkgs) on loopback.
+          `container`: the `influxdb:1.8` image via virtualisation.oci-containers, on loopback.
+          `external`: an InfluxDB you run; set `url`.
+        '';
+      };
+      url = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "https://influx.example.net:8086";
+        description = "InfluxDB's URL; required for `external`, else `http://127.0.0.1:<port>`.";
+      };
+      port = mkOption {
+        type = types.port;
+        default = 8086;
+        description = "HTTP port of the native or container InfluxDB (loopback only).";
+      };
+      username = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        description = "InfluxDB user, when authentication is on.";
+      };
+      passwordFile = mkOption {
+        type = types.nullOr types.path;
+        default = null;
+        example = "/run/secrets/influxdb-password";
+        description = ''
+          File holding the InfluxDB password, passed to the services with
+          `LoadCredential=influxdb-password:…`; read by systemd (as root), never copied to the store.
+        '';
+      };
+      image = mkOption {
+        type = types.str;
+        default = "docker.io/library/influxdb:1.8";
+        description = "Image for `container` mode.";
+      };
+      imageFile = mkOption {
+        type = types.nullOr types.package;
+        default = null;
+        description = "Image tarball for `container` mode (e.g. from dockerTools.pullImage), for hosts that cannot pull.";
+      };
+    };
+
+    grafana = {
+      mode = mkOption {
+        type = backendMode;
+        default = "native";
+        description = ''
+          `native`: services.grafana on loopback, file-provisioned with the
+          output of `nbpy grafana render`.
+          `container`: the `grafana/grafana` image via virtualisation.oci-containers, same provisioning.
+          `external`: a Grafana you run; set `url` (phase 4 then uses its API only).
+        '';
+      };
+      url = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        description = "Grafana's URL; required for `external`, else `http://127.0.0.1:<port>`.";
+      };
+      port = mkOption {
+        type = types.port;
+        default = 3000;
+        description = "HTTP port of the native or container Grafana (loopback only).";
+      };
+      adminUser = mkOption {
+        type = types.str;
+        default = "admin";
+        description = "Grafana admin user (phase 4 uses it for the API).";
+      };
+      adminPasswordFile = mkOption {
+        type = types.nullOr types.path;
+        default = null;
+        description = ''
+          File holding the Grafana admin password: `LoadCredential=grafana-admin-password:…`
+          for nbpy, and Grafana's own `$__file{}` provider in native and container mode
+          (so it must be readable by the grafana user, or mounted into the container).
+        '';
+      };
+      secretKeyFile = mkOption {
+        type = types.nullOr types.path;
+        default = null;
+        description = "File holding Grafana's `security.secret_key` (native and container mode).";
+      };
+      image = mkOption {
+        type = types.str;
+        default = "docker.io/grafana/grafana:11.6.0";
+        description = "Image for `container` mode.";
+      };
+      imageFile = mkOption {
+        type = types.nullOr types.package;
+        default = null;
+        description = "Image tarball for `container` mode, for hosts that cannot pull.";
+      };
+    };
+  };
+
+  config = mkIf cfg.enable (mkMerge [
+    {
+      assertions = [
+        {
+          assertion = cfg.influxdb.mode == "external" -> cfg.influxdb.url != null;
+          message = "services.nbpy.influxdb.mode = \"external\" needs services.nbpy.influxdb.url.";
+        }
+        {
+          assertion = cfg.grafana.mode == "external" -> cfg.grafana.url != null;
+          message = "services.nbpy.grafana.mode = \"external\" needs services.nbpy.grafana.url.";
+        }
+      ] ++ mapAttrsToList
+        (name: _: {
+          assertion = builtins.match "[a-z0-9_-]+" name != null;
+          message = "services.nbpy: instance name ${lib.strings.escapeNixString name} may use a-z, 0-9, '-' and '_' only (it becomes a unit instance name).";
+        })
+        (cfg.publishers // cfg.subscribers);
+
+      services.nbpy.settings = {
+        influxdb = {
+          url = mkDefault influxUrl;
+        } // optionalAttrs (cfg.influxdb.username != null) {
+          username = mkDefault cfg.influxdb.username;
+        } // optionalAttrs (cfg.influxdb.passwordFile != null) {
+          password_file = mkDefault "influxdb-password";
+        };
+        grafana = {
+          url = mkDefault grafanaUrl;
+          admin_user = mkDefault cfg.grafana.adminUser;
+        } // optionalAttrs (cfg.grafana.adminPasswordFile != null) {
+          admin_password_file = mkDefault "grafana-admin-password";
+        };
+        publishers = mapAttrs withoutEnable publishers;
+        subscribers = mapAttrs withoutEnable subscribers;
+      };
+
+      environment.etc."nbpy/nbpy.toml".source = configFile;
+      environment.systemPackages = [ cfg.package ];
+
+      systemd.packages = [ cfg.package ];
+
+      # The package's nbpy.target wants every phase; what only the
+      # configuration knows is which instances to start (what `nbpy units
+      # install` links into nbpy.target.wants/ elsewhere).
+      systemd.targets.nbpy = {
+        wantedBy = [ "multi-user.target" ];
+        wants =
+          map (n: "nbpy-publisher@${n}.service") (attrNames publishers)
+          ++ map (n: "nbpy-subscriber@${n}.service") (attrNames subscribers);
+      };
+
+      systemd.services = mapAttrs
+        (_: ids: {
+          overrideStrategy = "asDropin";
+          restartTriggers = [ configFile ];
+          serviceConfig.LoadCredential = loadCredential ids;
+        })
+        unitCredentials;
+
+      networking.firewall.allowedTCPPorts =
+        mkIf cfg.openFirewall (mapAttrsToList (_: publisherPort) publishers);
+    }
+
+    # Phase 1, InfluxDB.
+    (mkIf (cfg.influxdb.mode == "native") {
+      services.influxdb = {
+        enable = true;
+        # `extraConfig` is a plain attrs option (merged shallowly, no
+        # priorities): these keep InfluxDB on loopback.
+        extraConfig = {
+          bind-address = "127.0.0.1:8088";
+          http.bind-address = "127.0.0.1:${toString cfg.influxdb.port}";
+          meta.bind-address = "127.0.0.1:8088";
+        };
+      };
+      systemd.services.nbpy-influxdb-ready = {
+        wants = [ "influxdb.service" ];
+        after = [ "influxdb.service" ];
+      };
+    })
+    (mkIf (cfg.influxdb.mode == "container") {
+      virtualisation.oci-containers.containers.nbpy-influxdb = {
+        inherit (cfg.influxdb) image imageFile;
+        extraOptions = [ "--network=host" ];
+        environment = {
+          INFLUXDB_HTTP_BIND_ADDRESS = "127.0.0.1:${toString cfg.influxdb.port}";
+          INFLUXDB_BIND_ADDRESS = "127.0.0.1:8088";
+          INFLUXDB_REPORTING_DISABLED = "true";
+        };
+        volumes = [ "/var/lib/nbpy-influxdb:/var/lib/influxdb" ];
+      };
+      systemd.tmpfiles.rules = [ "d /var/lib/nbpy-influxdb 0700 root root - -" ];
+      systemd.services.nbpy-influxdb-ready = {
+        wants = [ "${ociBackend}-nbpy-influxdb.service" ];
+        after = [ "${ociBackend}-nbpy-influxdb.service" ];
+      };
+    })
+
+    # Phase 4's backend, Grafana.
+    (mkIf (cfg.grafana.mode == "native") {
+      services.grafana = {
+        enable = true;
+        settings = {
+          server = {
+            http_addr = mkDefault "127.0.0.1";
+            http_port = mkDefault cfg.grafana.port;
+          };
+          security = {
+            admin_user = mkDefault cfg.grafana.adminUser;
+          } // optionalAttrs (cfg.grafana.adminPasswordFile != null) {
+            admin_password = mkDefault "$__file{${toString cfg.grafana.adminPasswordFile}}";
+          } // optionalAttrs (cfg.grafana.secretKeyFile != null) {
+            secret_key = mkDefault "$__file{${toString cfg.grafana.secretKeyFile}}";
+          };
+          analytics.reporting_enabled = mkDefault false;
+        };
+        provision = {
+          enable = true;
+          datasources.path = "${grafanaRendered}/datasources/nbpy.yaml";
+          dashboards.path = "${grafanaRendered}/dashboards/nbpy.yaml";
+        };
+      };
+      # The unit orders after Debian's grafana-server.service; NixOS calls it grafana.
+      systemd.services.nbpy-grafana = {
+        wants = [ "grafana.service" ];
+        after = [ "grafana.service" ];
+      };
+    })
+    (mkIf (cfg.grafana.mode == "container") {
+      virtualisation.oci-containers.containers.nbpy-grafana = {
+        inherit (cfg.grafana) image imageFile;
+        extraOptions = [ "--network=host" ];
+        environment = {
+          GF_SERVER_HTTP_ADDR = "127.0.0.1";
+          GF_SERVER_HTTP_PORT = toString cfg.grafana.port;
+          GF_SECURITY_ADMIN_USER = cfg.grafana.adminUser;
+          GF_ANALYTICS_REPORTING_ENABLED = "false";
+        } // optionalAttrs (cfg.grafana.adminPasswordFile != null) {
+          GF_SECURITY_ADMIN_PASSWORD__FILE = "/run/secrets/grafana-admin-password";
+        } // optionalAttrs (cfg.grafana.secretKeyFile != null) {
+          GF_SECURITY_SECRET_KEY__FILE = "/run/secrets/grafana-secret-key";
+        };
+        volumes = [
+          "${grafanaRendered}:/etc/grafana/provisioning:ro"
+          "/var/lib/nbpy-grafana:/var/lib/grafana"
+        ]
+        ++ optional (cfg.grafana.adminPasswordFile != null)
+          "${toString cfg.grafana.adminPasswordFile}:/run/secrets/grafana-admin-password:ro"
+        ++ optional (cfg.grafana.secretKeyFile != null)
+          "${toString cfg.grafana.secretKeyFile}:/run/secrets/grafana-secret-key:ro";
+      };
+      # The provider the render writes must name the dashboards where the
+      # container sees them.
+      services.nbpy.settings.grafana.dashboards_path = mkDefault "/etc/grafana/provisioning/dashboards/nbpy";
+      # The image runs as uid 472.
+      systemd.tmpfiles.rules = [ "d /var/lib/nbpy-grafana 0700 472 472 - -" ];
+      systemd.services.nbpy-grafana = {
+        wants = [ "${ociBackend}-nbpy-grafana.service" ];
+        after = [ "${ociBackend}-nbpy-grafana.service" ];
+      };
+    })
+  ]);
+}
