@@ -700,21 +700,21 @@ impl Spool {
     }
 
     /// One record from `segment` is delivered; deletes segments that are done.
-    pub fn ack(&mut self, r: &Record) -> io::Result<()> {
-        self.settle(r);
+    pub fn ack(&mut self, segment: u64, points: u32) -> io::Result<()> {
+        self.settle(segment, points);
         self.collect()
     }
 
     /// A handed-out record will not be delivered by this process (it is
     /// stopping): it stays on disk for the next start.
-    pub fn release(&mut self, r: &Record) {
-        self.settle(r);
+    pub fn release(&mut self, segment: u64, points: u32) {
+        self.settle(segment, points);
     }
 
-    fn settle(&mut self, r: &Record) {
-        if let Some(s) = self.segments.iter_mut().find(|s| s.id == r.segment) {
+    fn settle(&mut self, segment: u64, points: u32) {
+        if let Some(s) = self.segments.iter_mut().find(|s| s.id == segment) {
             s.in_flight = s.in_flight.saturating_sub(1);
-            s.in_flight_points = s.in_flight_points.saturating_sub(r.points as u64);
+            s.in_flight_points = s.in_flight_points.saturating_sub(points as u64);
         }
     }
 
@@ -771,7 +771,7 @@ mod tests {
     fn drain(s: &mut Spool) -> Vec<Record> {
         let mut out = Vec::new();
         while let Some(r) = s.next().unwrap() {
-            s.ack(&r).unwrap();
+            s.ack(r.segment, r.points).unwrap();
             out.push(r);
         }
         out
@@ -800,7 +800,7 @@ mod tests {
         let first = s.next().unwrap().unwrap();
         assert_eq!(first.rp, "default");
         assert_eq!(first.lines, lines(3, "0"));
-        s.ack(&first).unwrap();
+        s.ack(first.segment, first.points).unwrap();
         let rest = drain(&mut s);
         assert_eq!(rest.len(), 9);
         for (i, r) in rest.iter().enumerate() {
@@ -835,11 +835,11 @@ mod tests {
         s.append("x", 1, b"a\n", false).unwrap();
         let a = s.next().unwrap().unwrap();
         s.append("x", 1, b"b\n", false).unwrap();
-        s.ack(&a).unwrap();
+        s.ack(a.segment, a.points).unwrap();
         assert!(!s.is_empty(), "b is still unread in the same segment");
         let b = s.next().unwrap().unwrap();
         assert_eq!(b.lines, b"b\n");
-        s.ack(&b).unwrap();
+        s.ack(b.segment, b.points).unwrap();
         assert!(s.is_empty());
         // After the active segment was deleted, appends start a new one.
         s.append("x", 1, b"c\n", false).unwrap();
@@ -986,7 +986,7 @@ mod tests {
         assert_eq!(s.counters.dropped_points, 10);
         assert!(s.bytes() <= s.options().max_bytes);
         // The in-flight record's ack for a deleted segment is harmless.
-        s.ack(&first).unwrap();
+        s.ack(first.segment, first.points).unwrap();
         assert_eq!(drain(&mut s).len(), 5);
     }
 
