@@ -18,8 +18,8 @@
 //! `service.stop_timeout` to deliver; what they cannot is spooled.
 
 use std::borrow::Cow;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -85,7 +85,7 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
                     "subscriber {name}: InfluxDB at {} unreachable ({e}); spooling until it answers",
                     client.url()
                 );
-                pool.set_healthy(false, Some(e.to_string()));
+                pool.set_healthy(Err(e));
                 break;
             }
             Err(e) => {
@@ -153,18 +153,9 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
         tokio::select! {
             biased;
             _ = svc.shutdown.cancelled() => break,
-            m = raw_rx.recv() => {
-                let Some(m) = m else { break };
-                st.process(&m, &pool).await;
-                svc.liveness.data();
-                // Drain a burst without going back through select.
-                for _ in 0..1024 {
-                    match raw_rx.try_recv() {
-                        Ok(m) => st.process(&m, &pool).await,
-                        Err(_) => break,
-                    }
-                }
-            }
+            // The tick first: under sustained load the bus is never empty,
+            // and a biased select would otherwise starve flushing, STATUS
+            // and the counters.
             _ = tick.tick() => {
                 if last_cut.elapsed() >= cfg.influxdb.flush_interval {
                     // Every open batch goes, so the gap tracker's position
@@ -187,6 +178,18 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
                 if last_stats.elapsed() >= scfg.stats_interval {
                     last_stats = Instant::now();
                     st.pipeline_point(name, &wstats, &pool).await;
+                }
+            }
+            m = raw_rx.recv() => {
+                let Some(m) = m else { break };
+                st.process(&m, &pool).await;
+                svc.liveness.data();
+                // Drain a burst without going back through select.
+                for _ in 0..1024 {
+                    match raw_rx.try_recv() {
+                        Ok(m) => st.process(&m, &pool).await,
+                        Err(_) => break,
+                    }
                 }
             }
         }

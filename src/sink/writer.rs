@@ -283,11 +283,10 @@ impl WriterPool {
 
     /// Tells the pool InfluxDB is (not) answering, e.g. from a start-up
     /// ping, so batches go to the spool without a failed write each.
-    pub fn set_healthy(&self, ok: bool, why: Option<String>) {
-        if ok {
-            self.shared.note_success();
-        } else if let Some(w) = why {
-            self.shared.note_failure(&WriteError::Transient(w));
+    pub fn set_healthy(&self, result: Result<(), WriteError>) {
+        match result {
+            Ok(()) => self.shared.note_success(),
+            Err(e) => self.shared.note_failure(&e),
         }
     }
 
@@ -431,6 +430,10 @@ impl WriterPool {
             None => (deadline, Duration::ZERO),
         };
         if tokio::time::timeout(patient, &mut all).await.is_err() {
+            tracing::warn!(
+                "stop deadline near: abandoning writes to InfluxDB, spooling {} points still in memory",
+                WriterStats::get(&stats.pending)
+            );
             shared.hurry.cancel();
             shared.wake.notify_one();
             let _ = tokio::time::timeout(rest, &mut all).await;
@@ -707,7 +710,9 @@ impl Shared {
                             })
                             .await;
                         if let Err(e) = r {
-                            self.log_warn(|| format!("cannot delete a replayed spool segment: {e}"));
+                            self.log_warn(|| {
+                                format!("cannot delete a replayed spool segment: {e}")
+                            });
                         }
                         sp.room.notify_waiters();
                     }
@@ -936,7 +941,16 @@ fn dropped_count(msg: &str) -> Option<usize> {
 fn set_apart_conflict(pc: &Piece, msg: &str) -> Option<(Piece, Piece)> {
     let field = between(msg, "input field \"", "\"")?;
     let meas = between(msg, "on measurement \"", "\"")?;
-    let (mut bad, mut good) = (Piece { lines: Vec::new(), points: 0 }, Piece { lines: Vec::new(), points: 0 });
+    let (mut bad, mut good) = (
+        Piece {
+            lines: Vec::new(),
+            points: 0,
+        },
+        Piece {
+            lines: Vec::new(),
+            points: 0,
+        },
+    );
     for line in pc.lines.split_inclusive(|b| *b == b'\n') {
         if line.iter().all(|b| b.is_ascii_whitespace()) {
             continue;
