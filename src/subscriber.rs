@@ -74,6 +74,7 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
         move || format!("{} unwritten points", w.pending.load(Ordering::Relaxed))
     };
     let svc = Service::start(name, scfg.stale_after, abandoned);
+    pool.set_liveness(svc.liveness.clone());
 
     // Readiness: InfluxDB answers, or the spool can hold what it cannot take.
     let mut delay = Duration::from_millis(100);

@@ -402,3 +402,108 @@ async fn a_damaged_spool_is_replayed_up_to_the_damage() {
         assert!(Path::new(&d).exists(), "the cut bytes are kept for a human");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_database_is_reported_in_status_and_spooled_until_it_exists() {
+    use std::os::unix::net::UnixDatagram;
+    const N: u64 = 10_000;
+    let env = Env::start().await;
+    let ep = free_endpoint();
+    let cfg = env.config(&format!(
+        r#"retry_max = "1s"
+
+[publishers.synth]
+feed = "synthetic"
+endpoint = "{ep}"
+count = {N}
+wait_for_subscribers = 1
+
+[subscribers.main]
+connect = ["{ep}"]
+stats_interval = "1s"
+"#
+    ));
+    let cfg = cfg.to_str().unwrap();
+    // The service manager's end of sd_notify, to read STATUS= lines.
+    let sock_path = env.path("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let sock_env = sock_path.to_str().unwrap();
+    let mut publisher = env.spawn("nbpy-publisher", &["--config", cfg, "synth"], &[]);
+    publisher.wait_log("bound", Duration::from_secs(20));
+    // Phase 2 never ran for this database.
+    let mut subscriber = env.spawn(
+        "nbpy-subscriber",
+        &["--config", cfg, "main"],
+        &[
+            ("NOTIFY_SOCKET", sock_env),
+            ("NBPY_INFLUXDB__DATABASE", "elsewhere"),
+        ],
+    );
+    let mut buf = vec![0u8; 4096];
+    let mut status = String::new();
+    let t0 = Instant::now();
+    while !status.contains("NEEDS ATTENTION") {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "STATUS never said so; last: {status:?}\n{}",
+            subscriber.log_text()
+        );
+        if let Ok(n) = sock.recv(&mut buf) {
+            let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+            if let Some(s) = msg.lines().find_map(|l| l.strip_prefix("STATUS=")) {
+                status = s.to_string();
+            }
+        }
+    }
+    assert!(status.contains("database not found"), "{status}");
+    assert!(status.contains("nbpy schema apply"), "{status}");
+    assert!(publisher.wait(Duration::from_secs(120)).success());
+    let dir = spool_dir(&env);
+    wait_until("the data to be spooled", Duration::from_secs(60), || {
+        spool_files(&dir).1 > 0
+    });
+    assert!(subscriber
+        .log_text()
+        .contains("needs attention: InfluxDB: database not found"));
+
+    // A human runs phase 2: the spool drains into the new database.
+    let other = nbpy::sink::influx::InfluxClient::new(&nbpy::config::InfluxConfig {
+        url: env.influx.url(),
+        database: "elsewhere".into(),
+        ..Default::default()
+    })
+    .unwrap();
+    nbpy::admin::schema::ensure(&other).await.unwrap();
+    let count = || async {
+        let mut n = 0;
+        for m in DATA {
+            let m = nbpy::schema::by_name(m).unwrap();
+            let q = format!(
+                "SELECT count(\"seq\") FROM \"elsewhere\".\"{}\".\"{}\"",
+                m.rp, m.name
+            );
+            n += other.query_number(&q).await.unwrap_or(0.0) as u64;
+        }
+        n
+    };
+    let t0 = Instant::now();
+    while count().await < N {
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "only {} stored",
+            count().await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    subscriber.signal(Signal::SIGTERM);
+    let st = subscriber.wait(Duration::from_secs(60));
+    assert!(st.success(), "subscriber: {st}\n{}", subscriber.log_text());
+    assert_eq!(count().await, N);
+    assert_eq!(
+        env.count_data().await,
+        0,
+        "nothing went to the wrong database"
+    );
+}

@@ -211,6 +211,9 @@ struct Shared {
     /// The stop deadline is near: abandon writes, spool what is held.
     hurry: CancellationToken,
     durable: Mutex<Durability>,
+    /// Beaten while intake waits for a full spool: waiting for room is the
+    /// configured behaviour, not a hang for the watchdog to act on.
+    liveness: std::sync::OnceLock<Arc<crate::service::Liveness>>,
 }
 
 impl WriterPool {
@@ -254,6 +257,7 @@ impl WriterPool {
             closing: CancellationToken::new(),
             hurry: CancellationToken::new(),
             durable: Mutex::new(Durability::default()),
+            liveness: std::sync::OnceLock::new(),
         });
         shared.refresh_spool_gauges();
         let handles = (0..cfg.concurrency.max(1))
@@ -275,6 +279,11 @@ impl WriterPool {
             stats,
             shared,
         }
+    }
+
+    /// The service's liveness, kept beating while a full spool blocks intake.
+    pub fn set_liveness(&self, l: Arc<crate::service::Liveness>) {
+        let _ = self.shared.liveness.set(l);
     }
 
     pub fn has_spool(&self) -> bool {
@@ -798,6 +807,9 @@ impl Shared {
                     return Ok(());
                 }
                 Ok(Appended::Full) => {
+                    if let Some(l) = self.liveness.get() {
+                        l.beat();
+                    }
                     if !waited {
                         waited = true;
                         self.stats.spool_full.fetch_add(1, Ordering::Relaxed);
