@@ -93,7 +93,7 @@ fn spool_run(data: &[Batch], fsync: Fsync) -> (Rate, Rate) {
     let (mut spool, rec) = Spool::open(opts).expect("reopen");
     assert_eq!(rec.points, points);
     let mut n = 0u64;
-    while let Some(r) = spool.next().expect("next") {
+    while let Some(r) = spool.next_record().expect("next") {
         n += r.points as u64;
         spool.ack(r.segment, r.points).expect("ack");
     }

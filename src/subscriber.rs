@@ -338,6 +338,9 @@ fn open_spool(
     Ok(SharedSpool::new(spool))
 }
 
+/// `(publisher, epoch, last seq)`, as [`GapTracker::positions`] gives them.
+type Positions = Vec<(String, u64, u64)>;
+
 /// Where the gap tracker may resume after a crash: the publisher positions
 /// of the newest checkpoint whose batches are all safe (written, spooled or
 /// dead-lettered), kept in `<state_dir>/seen/<name>.json`.
@@ -349,8 +352,9 @@ fn open_spool(
 /// upper bound, never silence. A clean stop writes the exact position.
 struct Watermark {
     path: PathBuf,
-    pending: std::collections::VecDeque<(u64, Vec<(String, u64, u64)>)>,
-    saved: Vec<(String, u64, u64)>,
+    /// Checkpoints not yet safe: (batches submitted before it, positions).
+    pending: std::collections::VecDeque<(u64, Positions)>,
+    saved: Positions,
     log: RateLimitedLog,
 }
 

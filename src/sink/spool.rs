@@ -36,7 +36,7 @@
 //!
 //! # Replay and deletion
 //!
-//! [`Spool::next`] hands out records oldest first (several may be in flight
+//! [`Spool::next_record`] hands out records oldest first (several may be in flight
 //! at once); [`Spool::ack`] marks one delivered. A segment is deleted once it
 //! has been read to its end and every record handed out from it is acked,
 //! so a crash replays at most the records of the (at most few) segments in
@@ -241,7 +241,9 @@ fn crc(points: u32, rp: &[u8], lines: &[u8]) -> u32 {
 
 /// Scans one segment: good length, records, points, and damage if any.
 fn scan(path: &Path) -> io::Result<(u64, u64, u64, Option<String>)> {
-    let mut f = io::BufReader::with_capacity(1 << 20, File::open(path)?);
+    let file = File::open(path)?;
+    let file_len = file.metadata()?.len();
+    let mut f = io::BufReader::with_capacity(1 << 20, file);
     let mut magic = [0u8; 8];
     if let Err(e) = f.read_exact(&mut magic) {
         return Ok((0, 0, 0, Some(format!("no segment header ({e})"))));
@@ -273,6 +275,16 @@ fn scan(path: &Path) -> io::Result<(u64, u64, u64, Option<String>)> {
                 records,
                 points,
                 Some(format!("impossible record length {len}")),
+            ));
+        }
+        let avail = file_len.saturating_sub(good + RECORD_HEADER);
+        if len as u64 > avail {
+            // Cut short (or a damaged length): no need to read it to know.
+            return Ok((
+                good,
+                records,
+                points,
+                Some(format!("torn record ({avail} of {len} bytes)")),
             ));
         }
         payload.resize(len as usize, 0);
@@ -617,7 +629,7 @@ impl Spool {
     }
 
     /// The oldest record not yet handed out.
-    pub fn next(&mut self) -> io::Result<Option<Record>> {
+    pub fn next_record(&mut self) -> io::Result<Option<Record>> {
         loop {
             let Some(i) = self.segments.iter().position(|s| !s.fully_read()) else {
                 return Ok(None);
@@ -770,7 +782,7 @@ mod tests {
 
     fn drain(s: &mut Spool) -> Vec<Record> {
         let mut out = Vec::new();
-        while let Some(r) = s.next().unwrap() {
+        while let Some(r) = s.next_record().unwrap() {
             s.ack(r.segment, r.points).unwrap();
             out.push(r);
         }
@@ -797,7 +809,7 @@ mod tests {
         drop(s);
         let (mut s, rec) = Spool::open(o).unwrap();
         assert_eq!((rec.records, rec.points, rec.damage.len()), (10, 30, 0));
-        let first = s.next().unwrap().unwrap();
+        let first = s.next_record().unwrap().unwrap();
         assert_eq!(first.rp, "default");
         assert_eq!(first.lines, lines(3, "0"));
         s.ack(first.segment, first.points).unwrap();
@@ -818,7 +830,7 @@ mod tests {
         let (mut s, _) = Spool::open(opts(d.path())).unwrap();
         s.append("hf", 2, &lines(2, "a"), false).unwrap();
         s.append("hf", 2, &lines(2, "b"), false).unwrap();
-        let r = s.next().unwrap().unwrap();
+        let r = s.next_record().unwrap().unwrap();
         assert_eq!(r.lines, lines(2, "a"));
         // Handed out but never acked (the process died writing it).
         drop(s);
@@ -833,17 +845,17 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let (mut s, _) = Spool::open(opts(d.path())).unwrap();
         s.append("x", 1, b"a\n", false).unwrap();
-        let a = s.next().unwrap().unwrap();
+        let a = s.next_record().unwrap().unwrap();
         s.append("x", 1, b"b\n", false).unwrap();
         s.ack(a.segment, a.points).unwrap();
         assert!(!s.is_empty(), "b is still unread in the same segment");
-        let b = s.next().unwrap().unwrap();
+        let b = s.next_record().unwrap().unwrap();
         assert_eq!(b.lines, b"b\n");
         s.ack(b.segment, b.points).unwrap();
         assert!(s.is_empty());
         // After the active segment was deleted, appends start a new one.
         s.append("x", 1, b"c\n", false).unwrap();
-        assert_eq!(s.next().unwrap().unwrap().lines, b"c\n");
+        assert_eq!(s.next_record().unwrap().unwrap().lines, b"c\n");
     }
 
     fn segment_files(dir: &Path) -> Vec<PathBuf> {
@@ -977,7 +989,7 @@ mod tests {
         for _ in 0..6 {
             s.append("default", 10, &l, false).unwrap();
         }
-        let first = s.next().unwrap().unwrap();
+        let first = s.next_record().unwrap().unwrap();
         assert_eq!(
             s.append("default", 10, &l, false).unwrap(),
             Appended::Stored { dropped: 10 },
@@ -988,6 +1000,38 @@ mod tests {
         // The in-flight record's ack for a deleted segment is harmless.
         s.ack(first.segment, first.points).unwrap();
         assert_eq!(drain(&mut s).len(), 5);
+    }
+
+    #[test]
+    fn spool_config_parses_and_is_checked() {
+        let c: crate::config::Config = toml::from_str(
+            r#"
+[subscribers.a]
+connect = ["tcp://127.0.0.1:5558"]
+[subscribers.a.spool]
+fsync = "batch"
+when_full = "drop-oldest"
+max_bytes = 100000
+segment_bytes = 60000
+"#,
+        )
+        .unwrap();
+        let s = &c.subscribers["a"];
+        assert_eq!(s.spool.fsync, Fsync::Batch);
+        assert_eq!(s.spool.when_full, WhenFull::DropOldest);
+        assert_eq!(
+            s.spool_dir(Path::new("/var/lib/nbpy"), "a"),
+            Path::new("/var/lib/nbpy/spool/a")
+        );
+        let p = c.problems();
+        assert!(
+            p.iter()
+                .any(|e| e.contains("subscribers.a.spool.max_bytes")),
+            "{p:?}"
+        );
+        let bad: Result<crate::config::Config, _> =
+            toml::from_str("[subscribers.a.spool]\nfsync = \"often\"\n");
+        assert!(bad.unwrap_err().to_string().contains("expected \"batch\""));
     }
 
     #[test]

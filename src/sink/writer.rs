@@ -555,7 +555,7 @@ impl Shared {
         let me = self.clone();
         let next = sp
             .blocking(move |s| {
-                let r = s.next();
+                let r = s.next_record();
                 me.copy_spool_gauges(s);
                 r
             })
@@ -758,6 +758,7 @@ impl Shared {
         let Some(sp) = self.spool.clone() else {
             return Err(piece);
         };
+        let piece_points = piece.points;
         let mut piece = piece;
         let mut waited = false;
         loop {
@@ -782,9 +783,14 @@ impl Shared {
                 Ok((Some(r), back)) => (r, back),
                 Ok((None, back)) => return Err(back),
                 Err(join) => {
-                    tracing::error!("spool task failed: {join}");
+                    // A bug (a panic in the spool code): the piece went down
+                    // with the task. Say so loudly, and do not count it as
+                    // pending forever, which would only make every stop fail.
+                    tracing::error!("spool task failed, batch lost: {join}");
                     self.stats.spool_failing.store(true, Ordering::Relaxed);
-                    // The piece went down with the task: nothing to give back.
+                    self.stats
+                        .pending
+                        .fetch_sub(piece_points as u64, Ordering::Relaxed);
                     return Ok(());
                 }
             };
