@@ -75,6 +75,7 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
     };
     let svc = Service::start(name, scfg.stale_after, abandoned);
     pool.set_liveness(svc.liveness.clone());
+    pool.set_stop_signal(svc.shutdown.clone());
 
     // Readiness: InfluxDB answers, or the spool can hold what it cannot take.
     let mut delay = Duration::from_millis(100);

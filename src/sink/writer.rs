@@ -196,6 +196,8 @@ struct Shared {
     retry_max: Duration,
     dead_letter: PathBuf,
     log: Mutex<RateLimitedLog>,
+    /// Spool trouble has its own limit, so InfluxDB's noise cannot hide it.
+    spool_log: Mutex<RateLimitedLog>,
     started: Instant,
     spool: Option<Arc<SharedSpool>>,
     healthy: AtomicBool,
@@ -214,6 +216,9 @@ struct Shared {
     /// Beaten while intake waits for a full spool: waiting for room is the
     /// configured behaviour, not a hang for the watchdog to act on.
     liveness: std::sync::OnceLock<Arc<crate::service::Liveness>>,
+    /// The service is stopping: a batch waiting for room in a full spool
+    /// is spooled past the limit instead (see `close`).
+    stopping: std::sync::OnceLock<CancellationToken>,
 }
 
 impl WriterPool {
@@ -243,6 +248,7 @@ impl WriterPool {
             retry_max: cfg.retry_max,
             dead_letter,
             log: Mutex::new(RateLimitedLog::new(Duration::from_secs(5))),
+            spool_log: Mutex::new(RateLimitedLog::new(Duration::from_secs(5))),
             started: Instant::now(),
             spool,
             healthy: AtomicBool::new(true),
@@ -258,6 +264,7 @@ impl WriterPool {
             hurry: CancellationToken::new(),
             durable: Mutex::new(Durability::default()),
             liveness: std::sync::OnceLock::new(),
+            stopping: std::sync::OnceLock::new(),
         });
         shared.refresh_spool_gauges();
         let handles = (0..cfg.concurrency.max(1))
@@ -284,6 +291,12 @@ impl WriterPool {
     /// The service's liveness, kept beating while a full spool blocks intake.
     pub fn set_liveness(&self, l: Arc<crate::service::Liveness>) {
         let _ = self.shared.liveness.set(l);
+    }
+
+    /// The service's stop signal: intake waiting for a full spool (block
+    /// policy) must not hold up a stop, so its batch then goes past the limit.
+    pub fn set_stop_signal(&self, t: CancellationToken) {
+        let _ = self.shared.stopping.set(t);
     }
 
     pub fn has_spool(&self) -> bool {
@@ -414,7 +427,8 @@ impl WriterPool {
                 })
                 .await;
             if let Err(e) = r {
-                self.shared.log_warn(|| format!("spool fsync failed: {e}"));
+                self.shared
+                    .spool_warn(|| format!("spool fsync failed: {e}"));
             }
         }
     }
@@ -463,6 +477,12 @@ impl WriterPool {
 impl Shared {
     fn log_warn(&self, what: impl FnOnce() -> String) {
         if let Ok(mut log) = self.log.lock() {
+            log.warn(what);
+        }
+    }
+
+    fn spool_warn(&self, what: impl FnOnce() -> String) {
+        if let Ok(mut log) = self.spool_log.lock() {
             log.warn(what);
         }
     }
@@ -572,7 +592,7 @@ impl Shared {
                 if probe {
                     self.probing.store(false, Ordering::Relaxed);
                 }
-                self.log_warn(|| format!("cannot read the spool: {e}"));
+                self.spool_warn(|| format!("cannot read the spool: {e}"));
                 None
             }
         }
@@ -719,7 +739,7 @@ impl Shared {
                             })
                             .await;
                         if let Err(e) = r {
-                            self.log_warn(|| {
+                            self.spool_warn(|| {
                                 format!("cannot delete a replayed spool segment: {e}")
                             });
                         }
@@ -765,7 +785,8 @@ impl Shared {
             let room = sp.room.notified();
             tokio::pin!(room);
             room.as_mut().enable();
-            let force = self.hurry.is_cancelled();
+            let force =
+                self.hurry.is_cancelled() || self.stopping.get().is_some_and(|t| t.is_cancelled());
             let me = self.clone();
             let rp_owned = rp.to_string();
             let r = tokio::task::spawn_blocking(move || {
@@ -805,7 +826,7 @@ impl Shared {
                         .pending
                         .fetch_sub(piece.points as u64, Ordering::Relaxed);
                     if dropped > 0 {
-                        self.log_warn(|| {
+                        self.spool_warn(|| {
                             format!("spool full: dropped the oldest {dropped} spooled point(s) (when_full = drop-oldest)")
                         });
                     }
@@ -819,22 +840,24 @@ impl Shared {
                     if !waited {
                         waited = true;
                         self.stats.spool_full.fetch_add(1, Ordering::Relaxed);
-                        self.log_warn(|| {
+                        self.spool_warn(|| {
                             format!(
                                 "spool full ({} bytes): intake waits for replay to make room (when_full = block)",
                                 WriterStats::get(&self.stats.spool_bytes)
                             )
                         });
                     }
+                    let stopping = self.stopping.get().cloned().unwrap_or_default();
                     tokio::select! {
                         _ = room => {}
                         _ = self.hurry.cancelled() => {}
+                        _ = stopping.cancelled() => {}
                         _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                     }
                 }
                 Err(e) => {
                     self.stats.spool_failing.store(true, Ordering::Relaxed);
-                    self.log_warn(|| format!("cannot spool {} points: {e}", piece.points));
+                    self.spool_warn(|| format!("cannot spool {} points: {e}", piece.points));
                     return Err(piece);
                 }
             }
