@@ -51,7 +51,7 @@
 //! than the whole limit is still taken into an empty spool (refusing it would
 //! block forever), and `force` appends ignore the limit: a stopping subscriber
 //! spools what it holds rather than lose it, which exceeds the limit by at
-//! most its in-memory queue.
+//! most what it had in memory (bus buffer, open batches, queue).
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
