@@ -408,7 +408,8 @@ impl Watermark {
             if p != self.saved {
                 // Spooled batches must be on disk before the mark says so.
                 pool.sync_spool(false).await;
-                self.persist(&p);
+                // An fsync: let the runtime move other tasks off this thread.
+                tokio::task::block_in_place(|| self.persist(&p));
             }
         }
     }

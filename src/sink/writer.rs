@@ -21,9 +21,10 @@
 //! # Replay, and why live data is not queued behind it
 //!
 //! Writers alternate between the live queue and the spool (oldest record
-//! first) whenever both have work, so neither starves: a backlog drains at
-//! about half of InfluxDB's speed while fresh data keeps reaching the
-//! dashboards at once. We chose this over sending new data through the spool
+//! first) whenever both have work, so neither starves: replay gets every
+//! write slot live data does not need and at least half when both wait, so
+//! a backlog drains at InfluxDB's spare capacity while fresh data keeps
+//! reaching the dashboards at once. We chose this over sending new data through the spool
 //! while it is non-empty (strict arrival order): InfluxDB stores by series
 //! and timestamp, so the order of writes changes nothing in what is stored,
 //! while queueing live data behind an hour-long backlog would blind the
@@ -344,9 +345,7 @@ impl WriterPool {
             },
         };
         let item = if self.shared.spool.is_some() {
-            let direct = self.shared.healthy.load(Ordering::Relaxed)
-                && !self.shared.stats.spool_failing.load(Ordering::Relaxed);
-            let item = if direct {
+            let item = if self.shared.healthy.load(Ordering::Relaxed) {
                 self.stats.queued_batches.fetch_add(1, Ordering::Relaxed);
                 match self.tx.try_send(item) {
                     Ok(()) => return,
