@@ -208,6 +208,32 @@ impl GapTracker {
         }
     }
 
+    /// Continues from a previous run's last safe position, so what a
+    /// publisher sent while this subscriber was down counts as a gap instead
+    /// of passing for a late join.
+    pub fn resume(&mut self, publisher: &str, epoch: u64, seq: u64) {
+        self.seen.insert(
+            publisher.to_string(),
+            PublisherSeen {
+                epoch,
+                first_seq: seq,
+                last_seq: seq,
+                ..Default::default()
+            },
+        );
+    }
+
+    /// `(publisher, epoch, last seq)` of every publisher seen.
+    pub fn positions(&self) -> Vec<(String, u64, u64)> {
+        let mut v: Vec<_> = self
+            .seen
+            .iter()
+            .map(|(k, p)| (k.clone(), p.epoch, p.last_seq))
+            .collect();
+        v.sort();
+        v
+    }
+
     pub fn total_gaps(&self) -> u64 {
         self.seen.values().map(|p| p.gaps).sum()
     }
@@ -247,5 +273,13 @@ mod tests {
         assert_eq!(g.total_gaps(), 6);
         let a = &g.publishers()["a"];
         assert_eq!((a.restarts, a.out_of_order, a.received), (1, 1, 5));
+    }
+
+    #[test]
+    fn resuming_counts_what_was_missed_while_down() {
+        let mut g = GapTracker::default();
+        g.resume("a", 7, 100);
+        assert_eq!(g.observe("a", 7, 150), 49);
+        assert_eq!(g.positions(), vec![("a".to_string(), 7, 150)]);
     }
 }

@@ -433,7 +433,8 @@ impl PublisherConfig {
     }
 }
 
-/// What the subscriber does when its in-memory queue of batches is full.
+/// What the subscriber does when it has no room left: its in-memory queue
+/// without a spool, or the spool's `max_bytes` with one.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum WhenFull {
@@ -441,6 +442,42 @@ pub enum WhenFull {
     /// drops are counted as sequence gaps. Nothing accepted is lost.
     #[default]
     Block,
+    /// Spool only: delete the oldest spooled data to make room; the points
+    /// deleted are counted as `dropped`.
+    DropOldest,
+}
+
+/// `[subscribers.NAME.spool]`: where batches wait while InfluxDB cannot
+/// take them (see [`crate::sink::spool`]).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpoolConfig {
+    /// Without a spool, a failing InfluxDB blocks intake once the in-memory
+    /// queue is full, and a stop past `service.stop_timeout` loses data.
+    pub enabled: bool,
+    /// Default `<state_dir>/spool/<name>`.
+    pub dir: Option<PathBuf>,
+    /// The segment files' total size limit.
+    pub max_bytes: u64,
+    /// A segment is closed once it reaches this size.
+    pub segment_bytes: u64,
+    /// `"batch"` (every record) or an interval such as `"100ms"`.
+    pub fsync: crate::sink::spool::Fsync,
+    /// At `max_bytes`: `"block"` intake or `"drop-oldest"` spooled data.
+    pub when_full: WhenFull,
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        SpoolConfig {
+            enabled: true,
+            dir: None,
+            max_bytes: 1 << 30,
+            segment_bytes: 64 << 20,
+            fsync: crate::sink::spool::Fsync::Every(Duration::from_millis(100)),
+            when_full: WhenFull::Block,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -450,8 +487,11 @@ pub struct SubscriberConfig {
     /// Topic prefix filters; `""` is everything.
     pub topics: Vec<String>,
     pub codec: Codec,
-    /// Full batches held in memory while InfluxDB catches up.
+    /// Full batches held in memory while InfluxDB catches up; beyond it
+    /// they go to the spool.
     pub queue_batches: usize,
+    /// Without a spool (`spool.enabled = false`) only `block` applies; with
+    /// one, `spool.when_full` decides.
     pub when_full: WhenFull,
     /// The writer is stuck when a batch has been retried this long: the
     /// watchdog stops so systemd can restart (and the spool takes over).
@@ -460,6 +500,7 @@ pub struct SubscriberConfig {
     /// Counters are written to `nbpy_pipeline` this often.
     #[serde(with = "humantime_serde")]
     pub stats_interval: Duration,
+    pub spool: SpoolConfig,
 }
 
 impl Default for SubscriberConfig {
@@ -472,7 +513,18 @@ impl Default for SubscriberConfig {
             when_full: WhenFull::Block,
             stale_after: Duration::from_secs(120),
             stats_interval: Duration::from_secs(10),
+            spool: SpoolConfig::default(),
         }
+    }
+}
+
+impl SubscriberConfig {
+    /// The spool directory: configured, else `<state_dir>/spool/<name>`.
+    pub fn spool_dir(&self, state_dir: &Path, name: &str) -> PathBuf {
+        self.spool
+            .dir
+            .clone()
+            .unwrap_or_else(|| state_dir.join("spool").join(name))
     }
 }
 
@@ -627,6 +679,24 @@ impl Config {
             if sub.queue_batches == 0 {
                 p.push(format!(
                     "subscribers.{name}.queue_batches must be at least 1"
+                ));
+            }
+            if sub.when_full == WhenFull::DropOldest {
+                p.push(format!(
+                    "subscribers.{name}.when_full = \"drop-oldest\" applies to the spool: set subscribers.{name}.spool.when_full instead"
+                ));
+            }
+            let sp = &sub.spool;
+            if sp.segment_bytes < 4096 {
+                p.push(format!(
+                    "subscribers.{name}.spool.segment_bytes = {}: at least 4096",
+                    sp.segment_bytes
+                ));
+            }
+            if sp.max_bytes < 2 * sp.segment_bytes {
+                p.push(format!(
+                    "subscribers.{name}.spool.max_bytes = {} must be at least twice segment_bytes ({})",
+                    sp.max_bytes, sp.segment_bytes
                 ));
             }
         }

@@ -3,14 +3,22 @@
 //! One task per endpoint reads its SUB socket into a bounded channel (so one
 //! silent publisher cannot hold up the others); the intake loop decodes,
 //! counts gaps, maps through the schema into per-RP batches; the writer pool
-//! delivers them. When the writers fall behind, the intake waits, the bus
-//! backs up to the publisher, and nothing that was accepted is dropped.
+//! delivers them. When InfluxDB is down, slow or refusing access, batches go
+//! to the subscriber's disk spool and are replayed when it is back (see
+//! [`crate::sink::writer`]); only a full spool under `when_full = "block"`
+//! makes the intake wait, and then the bus backs up to the publisher.
+//! Nothing that was accepted is dropped.
+//!
+//! Readiness does not wait for InfluxDB when the spool is usable. After a
+//! crash the gap tracker resumes from the last safe position, so what the
+//! crash lost is reported as a gap (see `Watermark`).
 //!
 //! On a stop: the sockets close first, every message already received is
 //! still processed, the open batches are flushed, and the writers get until
-//! `service.stop_timeout` to deliver.
+//! `service.stop_timeout` to deliver; what they cannot is spooled.
 
 use std::borrow::Cow;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,7 +33,8 @@ use crate::service::Service;
 use crate::sink::batch::Batcher;
 use crate::sink::influx::InfluxClient;
 use crate::sink::line::LineEncoder;
-use crate::sink::writer::{WriterPool, WriterStats};
+use crate::sink::spool::{Spool, SpoolOptions};
+use crate::sink::writer::{SharedSpool, WriterPool, WriterStats};
 use crate::sink::RateLimitedLog;
 use crate::wire::{now_ns, Envelope, Value};
 
@@ -46,11 +55,18 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
         .clone();
     let client = InfluxClient::new(&cfg.influxdb)?;
     let dead_letter = cfg.state_dir.join("dead-letter").join(format!("{name}.lp"));
-    let pool = WriterPool::start(
+    let spool = if scfg.spool.enabled {
+        Some(open_spool(name, cfg, &scfg)?)
+    } else {
+        None
+    };
+    let spooling = spool.is_some();
+    let pool = WriterPool::start_with_spool(
         client.clone(),
         &cfg.influxdb,
         scfg.queue_batches,
         dead_letter,
+        spool,
     );
     let wstats = pool.stats.clone();
     let abandoned = {
@@ -58,12 +74,22 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
         move || format!("{} unwritten points", w.pending.load(Ordering::Relaxed))
     };
     let svc = Service::start(name, scfg.stale_after, abandoned);
+    pool.set_liveness(svc.liveness.clone());
+    pool.set_stop_signal(svc.shutdown.clone());
 
-    // Readiness: InfluxDB answers.
+    // Readiness: InfluxDB answers, or the spool can hold what it cannot take.
     let mut delay = Duration::from_millis(100);
     loop {
         match client.ping().await {
             Ok(()) => break,
+            Err(e) if spooling => {
+                tracing::warn!(
+                    "subscriber {name}: InfluxDB at {} unreachable ({e}); spooling until it answers",
+                    client.url()
+                );
+                pool.set_healthy(Err(e));
+                break;
+            }
             Err(e) => {
                 svc.status(&format!("waiting for InfluxDB at {}: {e}", client.url()));
                 tracing::warn!(
@@ -92,7 +118,7 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
         )));
     }
     drop(raw_tx);
-    // Ready once InfluxDB answers and a publisher is connected.
+    // Ready once data has somewhere to go and a publisher is connected.
     while intake.connected.load(Ordering::Relaxed) == 0 {
         svc.status(&format!(
             "waiting for publishers: {}",
@@ -105,13 +131,23 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
         }
     }
     svc.ready(&format!(
-        "connected to {}/{} publishers, writing to {}",
+        "connected to {}/{} publishers, {} {}",
         intake.connected.load(Ordering::Relaxed),
         scfg.connect.len(),
+        if pool.is_healthy() {
+            "writing to"
+        } else {
+            "spooling while InfluxDB is unreachable at"
+        },
         client.url()
     ));
 
     let mut st = Intake::new(name, &cfg.influxdb, intake.clone());
+    let mut marks = Watermark::load(cfg.state_dir.join("seen").join(format!("{name}.json")));
+    for (publisher, epoch, seq) in marks.resumed() {
+        st.gaps.resume(&publisher, epoch, seq);
+    }
+    let mut last_cut = Instant::now();
     // Report at once, so health sees a live subscriber before the first
     // stats interval has passed.
     st.pipeline_point(name, &wstats, &pool).await;
@@ -122,22 +158,21 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
         tokio::select! {
             biased;
             _ = svc.shutdown.cancelled() => break,
-            m = raw_rx.recv() => {
-                let Some(m) = m else { break };
-                st.process(&m, &pool).await;
-                svc.liveness.data();
-                // Drain a burst without going back through select.
-                for _ in 0..1024 {
-                    match raw_rx.try_recv() {
-                        Ok(m) => st.process(&m, &pool).await,
-                        Err(_) => break,
-                    }
-                }
-            }
+            // The tick first: under sustained load the bus is never empty,
+            // and a biased select would otherwise starve flushing, STATUS
+            // and the counters.
             _ = tick.tick() => {
-                for b in st.batcher.due(false) {
-                    pool.submit(b).await;
+                if last_cut.elapsed() >= cfg.influxdb.flush_interval {
+                    // Every open batch goes, so the gap tracker's position
+                    // now is covered by submitted batches: a checkpoint.
+                    last_cut = Instant::now();
+                    for b in st.batcher.due(true) {
+                        pool.submit(b).await;
+                    }
+                    marks.checkpoint(pool.submitted(), st.gaps.positions());
+                    marks.persist_safe(&pool).await;
                 }
+                pool.sync_spool(true).await;
                 beat(&svc, &pool, &scfg);
                 if last_status.0.elapsed() >= Duration::from_secs(1) {
                     let acc = intake.accepted.load(Ordering::Relaxed);
@@ -148,6 +183,18 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
                 if last_stats.elapsed() >= scfg.stats_interval {
                     last_stats = Instant::now();
                     st.pipeline_point(name, &wstats, &pool).await;
+                }
+            }
+            m = raw_rx.recv() => {
+                let Some(m) = m else { break };
+                st.process(&m, &pool).await;
+                svc.liveness.data();
+                // Drain a burst without going back through select.
+                for _ in 0..1024 {
+                    match raw_rx.try_recv() {
+                        Ok(m) => st.process(&m, &pool).await,
+                        Err(_) => break,
+                    }
                 }
             }
         }
@@ -178,9 +225,14 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
     let written = wstats.written.load(Ordering::Relaxed);
     match result {
         Ok(()) => {
+            // Everything accepted is written or spooled: the tracker's
+            // position is exact.
+            marks.persist(&st.gaps.positions());
             tracing::info!(
-                "subscriber {name}: stopped in {:?}: {accepted} accepted, {written} points written, {} malformed, {} gaps",
+                "subscriber {name}: stopped in {:?}: {accepted} accepted, {written} points written, {} spooled for later ({} bytes), {} malformed, {} gaps",
                 t0.elapsed(),
+                wstats.spool_points.load(Ordering::Relaxed),
+                wstats.spool_bytes.load(Ordering::Relaxed),
                 intake.malformed.load(Ordering::Relaxed),
                 intake.gaps.load(Ordering::Relaxed)
             );
@@ -206,21 +258,185 @@ fn beat(svc: &Service, pool: &WriterPool, scfg: &SubscriberConfig) {
 }
 
 fn status_line(i: &IntakeStats, w: &WriterStats, rate: f64, scfg: &SubscriberConfig) -> String {
+    let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
     let mut s = format!(
         "{rate:.0} msg/s, {} written, {} gaps, {} malformed, {}/{} publishers, {} queued",
-        w.written.load(Ordering::Relaxed),
-        i.gaps.load(Ordering::Relaxed),
-        i.malformed.load(Ordering::Relaxed),
-        i.connected.load(Ordering::Relaxed),
+        n(&w.written),
+        n(&i.gaps),
+        n(&i.malformed),
+        n(&i.connected),
         scfg.connect.len(),
-        w.pending.load(Ordering::Relaxed),
+        n(&w.pending),
     );
-    if let Some(e) = w.last_error.lock().ok().and_then(|e| e.clone()) {
-        if w.failing_since_ms.load(Ordering::Relaxed) != 0 {
-            s.push_str(&format!("; InfluxDB failing: {e}"));
+    if scfg.spool.enabled && (n(&w.spool_points) > 0 || n(&w.spooled) > 0) {
+        s.push_str(&format!(
+            ", spool {} points / {:.1} MB",
+            n(&w.spool_points),
+            n(&w.spool_bytes) as f64 / 1e6
+        ));
+    }
+    for (what, a) in [
+        ("dead-lettered", &w.dead_lettered),
+        ("dropped", &w.dropped),
+        ("damaged spool records", &w.spool_damaged),
+    ] {
+        if n(a) > 0 {
+            s.push_str(&format!(", {} {what}", n(a)));
+        }
+    }
+    if w.spool_failing.load(Ordering::Relaxed) {
+        s.push_str("; SPOOL FAILING (disk)");
+    }
+    if let Some(e) = w.last_error() {
+        if n(&w.failing_since_ms) != 0 {
+            if w.needs_human.load(Ordering::Relaxed) {
+                s.push_str(&format!("; NEEDS ATTENTION: {e}"));
+            } else {
+                s.push_str(&format!("; InfluxDB failing: {e}"));
+            }
         }
     }
     s
+}
+
+/// Opens the spool and reports what it found there.
+fn open_spool(
+    name: &str,
+    cfg: &Config,
+    scfg: &SubscriberConfig,
+) -> Result<Arc<SharedSpool>, Failure> {
+    let dir = scfg.spool_dir(&cfg.state_dir, name);
+    let opts = SpoolOptions {
+        dir: dir.clone(),
+        max_bytes: scfg.spool.max_bytes,
+        segment_bytes: scfg.spool.segment_bytes,
+        fsync: scfg.spool.fsync,
+        when_full: scfg.spool.when_full,
+    };
+    let (spool, rec) = Spool::open(opts).map_err(|e| {
+        let code = if e.kind() == std::io::ErrorKind::PermissionDenied {
+            crate::exit::NOPERM
+        } else {
+            crate::exit::UNAVAILABLE
+        };
+        Failure::new(
+            code,
+            anyhow::anyhow!(
+                "subscriber {name}: cannot open the spool {}: {e} (subscribers.{name}.spool.dir)",
+                dir.display()
+            ),
+        )
+    })?;
+    for d in &rec.damage {
+        tracing::error!("subscriber {name}: spool damage cut off: {d}");
+    }
+    if rec.records > 0 {
+        tracing::info!(
+            "subscriber {name}: spool {} holds {} records ({} points, {} bytes) to replay",
+            dir.display(),
+            rec.records,
+            rec.points,
+            rec.bytes
+        );
+    }
+    Ok(SharedSpool::new(spool))
+}
+
+/// `(publisher, epoch, last seq)`, as [`GapTracker::positions`] gives them.
+type Positions = Vec<(String, u64, u64)>;
+
+/// Where the gap tracker may resume after a crash: the publisher positions
+/// of the newest checkpoint whose batches are all safe (written, spooled or
+/// dead-lettered), kept in `<state_dir>/seen/<name>.json`.
+///
+/// What was in memory at a crash (open batches, the queue, the bus buffer)
+/// is lost with the process; resuming from a safe position makes that loss
+/// a counted gap. The count can exceed the loss by what was made safe after
+/// the last checkpoint (about one `flush_interval` of messages): it is an
+/// upper bound, never silence. A clean stop writes the exact position.
+struct Watermark {
+    path: PathBuf,
+    /// Checkpoints not yet safe: (batches submitted before it, positions).
+    pending: std::collections::VecDeque<(u64, Positions)>,
+    saved: Positions,
+    log: RateLimitedLog,
+}
+
+impl Watermark {
+    fn load(path: PathBuf) -> Self {
+        let saved = match std::fs::read(&path) {
+            Ok(bytes) => match serde_json::from_slice::<Vec<(String, u64, u64)>>(&bytes) {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::warn!(
+                        "{}: unreadable ({e}); gaps before this start are not counted",
+                        path.display()
+                    );
+                    Vec::new()
+                }
+            },
+            Err(_) => Vec::new(),
+        };
+        Watermark {
+            path,
+            pending: Default::default(),
+            saved,
+            log: RateLimitedLog::new(Duration::from_secs(60)),
+        }
+    }
+
+    fn resumed(&self) -> Vec<(String, u64, u64)> {
+        self.saved.clone()
+    }
+
+    fn checkpoint(&mut self, submitted: u64, positions: Vec<(String, u64, u64)>) {
+        if self.pending.back().is_some_and(|(_, p)| *p == positions) {
+            return;
+        }
+        self.pending.push_back((submitted, positions));
+        // Bounded: while InfluxDB is slow and nothing spools, only the
+        // oldest unsafe checkpoints matter.
+        while self.pending.len() > 64 {
+            self.pending.remove(1);
+        }
+    }
+
+    async fn persist_safe(&mut self, pool: &WriterPool) {
+        let safe = pool.durable_below();
+        let mut newest = None;
+        while self.pending.front().is_some_and(|(k, _)| *k <= safe) {
+            newest = self.pending.pop_front().map(|(_, p)| p);
+        }
+        if let Some(p) = newest {
+            if p != self.saved {
+                // Spooled batches must be on disk before the mark says so.
+                pool.sync_spool(false).await;
+                // An fsync: let the runtime move other tasks off this thread.
+                tokio::task::block_in_place(|| self.persist(&p));
+            }
+        }
+    }
+
+    fn persist(&mut self, positions: &[(String, u64, u64)]) {
+        let r = (|| -> std::io::Result<()> {
+            use std::io::Write;
+            if let Some(dir) = self.path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            let tmp = self.path.with_extension("json.tmp");
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&serde_json::to_vec(positions).map_err(std::io::Error::other)?)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &self.path)
+        })();
+        match r {
+            Ok(()) => self.saved = positions.to_vec(),
+            Err(e) => {
+                let path = self.path.display().to_string();
+                self.log.warn(|| format!("cannot save {path}: {e}"));
+            }
+        }
+    }
 }
 
 async fn read_endpoint(
@@ -259,7 +475,7 @@ async fn read_endpoint(
 pub struct Intake {
     pub batcher: Batcher,
     encoder: LineEncoder,
-    gaps: GapTracker,
+    pub gaps: GapTracker,
     stats: Arc<IntakeStats>,
     log: RateLimitedLog,
     name: String,
@@ -359,6 +575,10 @@ impl Intake {
             (Cow::Borrowed("written"), n(&w.written)),
             (Cow::Borrowed("write_errors"), n(&w.write_errors)),
             (Cow::Borrowed("dead_lettered"), n(&w.dead_lettered)),
+            (Cow::Borrowed("spooled"), n(&w.spooled)),
+            (Cow::Borrowed("replayed"), n(&w.replayed)),
+            (Cow::Borrowed("dropped"), n(&w.dropped)),
+            (Cow::Borrowed("spool_bytes"), n(&w.spool_bytes)),
             (Cow::Borrowed("queue_depth"), n(&w.pending)),
             (
                 Cow::Borrowed("write_latency_ms"),

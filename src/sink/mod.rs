@@ -1,8 +1,10 @@
-//! Where points go: line-protocol encoding, batching, and the InfluxDB client.
+//! Where points go: line-protocol encoding, batching, the InfluxDB client,
+//! and the disk spool that holds batches while InfluxDB cannot take them.
 
 pub mod batch;
 pub mod influx;
 pub mod line;
+pub mod spool;
 pub mod writer;
 
 /// Logs at most one line per interval, counting what it held back, so a

@@ -1,51 +1,193 @@
 //! The writer pool: batches in, InfluxDB writes out, nothing dropped.
 //!
-//! A bounded queue of batches sits between the subscriber's intake and a
-//! few concurrent writers. Transient failures retry with capped exponential
-//! backoff and jitter; a refused batch is split until the bad points are
-//! isolated, the good ones are stored (rewriting a stored point is harmless:
-//! same series and time overwrite) and the bad ones go to a dead-letter file
-//! with InfluxDB's reason.
+//! A bounded in-memory queue of batches sits between the subscriber's intake
+//! and a few concurrent writers; with a [`Spool`] behind it, whatever cannot
+//! be written promptly goes to disk instead of waiting in memory.
+//!
+//! # Where a batch goes
+//!
+//! - InfluxDB healthy and the queue has room: the queue, then one write.
+//! - InfluxDB failing (connection refused, timeout, 5xx, and also 401/403 or
+//!   a missing database/RP, which need a human but must not lose data), or
+//!   the queue full (InfluxDB slower than the bus): the spool. A write that
+//!   fails spools the batch too. Intake never waits for InfluxDB, only for a
+//!   full spool under `when_full = "block"`.
+//! - InfluxDB refuses points (400 partial write, field-type conflict, 413):
+//!   the batch is split until the refused points are isolated; the rest are
+//!   written and the refused ones go to the dead-letter file with
+//!   InfluxDB's reason. A field-type conflict names its measurement and
+//!   field, so those lines are set apart in one step instead of bisecting.
+//!
+//! # Replay, and why live data is not queued behind it
+//!
+//! Writers alternate between the live queue and the spool (oldest record
+//! first) whenever both have work, so neither starves: replay gets every
+//! write slot live data does not need and at least half when both wait, so
+//! a backlog drains at InfluxDB's spare capacity while fresh data keeps
+//! reaching the dashboards at once. We chose this over sending new data through the spool
+//! while it is non-empty (strict arrival order): InfluxDB stores by series
+//! and timestamp, so the order of writes changes nothing in what is stored,
+//! while queueing live data behind an hour-long backlog would blind the
+//! dashboards and the validator for as long as it takes to drain. Within
+//! the backlog, replay is in order.
+//!
+//! While InfluxDB is failing, one writer probes with a spooled record and
+//! capped exponential backoff with jitter; the others keep moving queued
+//! batches to disk. The probe's first success reopens the live path.
+//!
+//! # Exactly once, as far as InfluxDB can tell
+//!
+//! A spooled record is deleted only after InfluxDB acknowledged it, so a
+//! crash can replay a record that was already written: the same lines with
+//! the same timestamps, which InfluxDB stores as the same points.
+//!
+//! # Stopping
+//!
+//! [`WriterPool::close`] stops replay, lets the writers finish the queue,
+//! and when the stop deadline nears, abandons in-flight writes and spools
+//! what is left (fsynced), so a stop is lossless whether InfluxDB answers
+//! or not.
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rand::Rng;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use super::batch::Batch;
 use super::influx::{InfluxClient, WriteError};
+use super::spool::{Appended, Record, Spool};
 use super::RateLimitedLog;
 use crate::config::InfluxConfig;
 
 #[derive(Default, Debug)]
 pub struct WriterStats {
-    /// Points InfluxDB accepted.
+    /// Points InfluxDB accepted (live and replayed).
     pub written: AtomicU64,
-    /// Failed write attempts (each retried or split).
+    /// Failed write attempts (each retried, spooled or split).
     pub write_errors: AtomicU64,
     /// Points InfluxDB refused, now in the dead-letter file.
     pub dead_lettered: AtomicU64,
-    /// Points queued or being written.
+    /// Points in memory: queued or being written, not yet on disk.
     pub pending: AtomicU64,
     /// Batches waiting in the queue.
     pub queued_batches: AtomicU64,
     /// Last successful write's latency, µs.
     pub latency_us: AtomicU64,
-    /// Since when the oldest in-flight batch has been failing (ms since the
-    /// pool started; 0 = nothing failing). Feeds the watchdog.
+    /// Since when writes have been failing (ms since the pool started;
+    /// 0 = they succeed). Feeds STATUS and, without a spool, the watchdog.
     pub failing_since_ms: AtomicU64,
     pub last_error: Mutex<Option<String>>,
+    /// The last failure needs a human (401/403, database or RP missing).
+    pub needs_human: AtomicBool,
+    /// Points appended to the spool.
+    pub spooled: AtomicU64,
+    /// Points written to InfluxDB from the spool.
+    pub replayed: AtomicU64,
+    /// Points deleted from a full spool (drop-oldest) or lost to damage.
+    pub dropped: AtomicU64,
+    /// Spool size in bytes, and points in it not yet delivered.
+    pub spool_bytes: AtomicU64,
+    pub spool_points: AtomicU64,
+    /// Largest `spool_bytes` seen.
+    pub spool_high_water: AtomicU64,
+    /// Times a batch found the spool full and waited (block policy).
+    pub spool_full: AtomicU64,
+    /// Damaged spool records found (on open or while replaying).
+    pub spool_damaged: AtomicU64,
+    /// The spool refused the last append (disk error).
+    pub spool_failing: AtomicBool,
+}
+
+impl WriterStats {
+    pub fn get(a: &AtomicU64) -> u64 {
+        a.load(Ordering::Relaxed)
+    }
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().ok().and_then(|e| e.clone())
+    }
+}
+
+/// Encoded points on their way: a batch, or part of one after a split.
+#[derive(Debug, Clone, PartialEq)]
+struct Piece {
+    lines: Vec<u8>,
+    points: usize,
+}
+
+/// A submitted batch, numbered for [`WriterPool::durable_below`].
+struct Item {
+    id: u64,
+    rp: &'static str,
+    piece: Piece,
+}
+
+enum Work {
+    Live(Item),
+    /// A spooled record; `probe` when it was taken to test a failing InfluxDB.
+    Replay(Record, bool),
+}
+
+struct Picker {
+    rx: mpsc::Receiver<Item>,
+    prefer_live: bool,
+    closed: bool,
+}
+
+/// Which submitted batches are not yet safe (written, spooled or
+/// dead-lettered): the intake uses it to know which of its sequence
+/// numbers survive a crash.
+#[derive(Default)]
+struct Durability {
+    next: u64,
+    open: BTreeSet<u64>,
+}
+
+/// The spool, shared by the writers; file work runs on blocking threads.
+pub struct SharedSpool {
+    inner: Mutex<Spool>,
+    room: Notify,
+}
+
+impl SharedSpool {
+    pub fn new(spool: Spool) -> Arc<Self> {
+        Arc::new(SharedSpool {
+            inner: Mutex::new(spool),
+            room: Notify::new(),
+        })
+    }
+
+    /// Runs `f` on the spool under its lock (a panic elsewhere while holding
+    /// it leaves the spool's state as consistent as its last operation).
+    pub fn with<R>(&self, f: impl FnOnce(&mut Spool) -> R) -> R {
+        let mut g = match self.inner.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        f(&mut g)
+    }
+
+    async fn blocking<R: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&mut Spool) -> std::io::Result<R> + Send + 'static,
+    ) -> std::io::Result<R> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || me.with(f))
+            .await
+            .map_err(std::io::Error::other)?
+    }
 }
 
 pub struct WriterPool {
-    tx: mpsc::Sender<Batch>,
+    tx: mpsc::Sender<Item>,
     handles: Vec<JoinHandle<()>>,
+    shared: Arc<Shared>,
     pub stats: Arc<WriterStats>,
-    started: Instant,
 }
 
 struct Shared {
@@ -55,20 +197,51 @@ struct Shared {
     retry_max: Duration,
     dead_letter: PathBuf,
     log: Mutex<RateLimitedLog>,
+    /// Spool trouble has its own limit, so InfluxDB's noise cannot hide it.
+    spool_log: Mutex<RateLimitedLog>,
     started: Instant,
+    spool: Option<Arc<SharedSpool>>,
+    healthy: AtomicBool,
+    probing: AtomicBool,
+    /// Spooled points not yet handed out (a copy, so the picker need not
+    /// take the spool's lock, which an fsync may hold).
+    spool_unread: AtomicU64,
+    picker: tokio::sync::Mutex<Picker>,
+    /// Something for the picker: spooled data, health back.
+    wake: Notify,
+    /// Stop taking spooled records (the pool is closing).
+    closing: CancellationToken,
+    /// The stop deadline is near: abandon writes, spool what is held.
+    hurry: CancellationToken,
+    durable: Mutex<Durability>,
+    /// Beaten while intake waits for a full spool: waiting for room is the
+    /// configured behaviour, not a hang for the watchdog to act on.
+    liveness: std::sync::OnceLock<Arc<crate::service::Liveness>>,
+    /// The service is stopping: a batch waiting for room in a full spool
+    /// is spooled past the limit instead (see `close`).
+    stopping: std::sync::OnceLock<CancellationToken>,
 }
 
 impl WriterPool {
+    /// A pool without a spool: failing writes are retried in memory.
     pub fn start(
         client: InfluxClient,
         cfg: &InfluxConfig,
         queue_batches: usize,
         dead_letter: PathBuf,
     ) -> Self {
-        let (tx, rx) = mpsc::channel::<Batch>(queue_batches.max(1));
-        let rx = Arc::new(tokio::sync::Mutex::new(rx));
+        Self::start_with_spool(client, cfg, queue_batches, dead_letter, None)
+    }
+
+    pub fn start_with_spool(
+        client: InfluxClient,
+        cfg: &InfluxConfig,
+        queue_batches: usize,
+        dead_letter: PathBuf,
+        spool: Option<Arc<SharedSpool>>,
+    ) -> Self {
+        let (tx, rx) = mpsc::channel::<Item>(queue_batches.max(1));
         let stats = Arc::new(WriterStats::default());
-        let started = Instant::now();
         let shared = Arc::new(Shared {
             client,
             stats: stats.clone(),
@@ -76,18 +249,34 @@ impl WriterPool {
             retry_max: cfg.retry_max,
             dead_letter,
             log: Mutex::new(RateLimitedLog::new(Duration::from_secs(5))),
-            started,
+            spool_log: Mutex::new(RateLimitedLog::new(Duration::from_secs(5))),
+            started: Instant::now(),
+            spool,
+            healthy: AtomicBool::new(true),
+            probing: AtomicBool::new(false),
+            spool_unread: AtomicU64::new(0),
+            picker: tokio::sync::Mutex::new(Picker {
+                rx,
+                prefer_live: true,
+                closed: false,
+            }),
+            wake: Notify::new(),
+            closing: CancellationToken::new(),
+            hurry: CancellationToken::new(),
+            durable: Mutex::new(Durability::default()),
+            liveness: std::sync::OnceLock::new(),
+            stopping: std::sync::OnceLock::new(),
         });
+        shared.refresh_spool_gauges();
         let handles = (0..cfg.concurrency.max(1))
             .map(|_| {
-                let rx = rx.clone();
                 let shared = shared.clone();
                 tokio::spawn(async move {
-                    loop {
-                        let next = rx.lock().await.recv().await;
-                        let Some(batch) = next else { break };
-                        shared.stats.queued_batches.fetch_sub(1, Ordering::Relaxed);
-                        shared.deliver(batch).await;
+                    while let Some(work) = shared.pick().await {
+                        match work {
+                            Work::Live(item) => shared.deliver_live(item).await,
+                            Work::Replay(rec, probe) => shared.deliver_replay(rec, probe).await,
+                        }
                     }
                 })
             })
@@ -96,20 +285,93 @@ impl WriterPool {
             tx,
             handles,
             stats,
-            started,
+            shared,
         }
     }
 
-    /// Queues a batch, waiting for room when the queue is full.
+    /// The service's liveness, kept beating while a full spool blocks intake.
+    pub fn set_liveness(&self, l: Arc<crate::service::Liveness>) {
+        let _ = self.shared.liveness.set(l);
+    }
+
+    /// The service's stop signal: intake waiting for a full spool (block
+    /// policy) must not hold up a stop, so its batch then goes past the limit.
+    pub fn set_stop_signal(&self, t: CancellationToken) {
+        let _ = self.shared.stopping.set(t);
+    }
+
+    pub fn has_spool(&self) -> bool {
+        self.shared.spool.is_some()
+    }
+
+    /// Tells the pool InfluxDB is (not) answering, e.g. from a start-up
+    /// ping, so batches go to the spool without a failed write each.
+    pub fn set_healthy(&self, result: Result<(), WriteError>) {
+        match result {
+            Ok(()) => self.shared.note_success(),
+            Err(e) => self.shared.note_failure(&e),
+        }
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.shared.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Hands a batch over. Goes to the spool when InfluxDB is failing or the
+    /// queue is full; waits only when the spool is full under the block
+    /// policy (or, without a spool, for room in the queue).
     pub async fn submit(&self, batch: Batch) {
         if batch.points == 0 {
             return;
         }
+        let id = match self.shared.durable.lock() {
+            Ok(mut d) => {
+                let id = d.next;
+                d.next += 1;
+                d.open.insert(id);
+                id
+            }
+            Err(_) => 0,
+        };
         self.stats
             .pending
             .fetch_add(batch.points as u64, Ordering::Relaxed);
+        let item = Item {
+            id,
+            rp: batch.rp,
+            piece: Piece {
+                lines: batch.lines,
+                points: batch.points,
+            },
+        };
+        let item = if self.shared.spool.is_some() {
+            let item = if self.shared.healthy.load(Ordering::Relaxed) {
+                self.stats.queued_batches.fetch_add(1, Ordering::Relaxed);
+                match self.tx.try_send(item) {
+                    Ok(()) => return,
+                    Err(mpsc::error::TrySendError::Full(i))
+                    | Err(mpsc::error::TrySendError::Closed(i)) => {
+                        self.stats.queued_batches.fetch_sub(1, Ordering::Relaxed);
+                        i
+                    }
+                }
+            } else {
+                item
+            };
+            match self.shared.spool_piece(item.rp, item.piece).await {
+                Ok(()) => {
+                    self.shared.done(item.id);
+                    return;
+                }
+                // The disk failed: keep it in memory like a pool without a spool.
+                Err(piece) => Item { piece, ..item },
+            }
+        } else {
+            item
+        };
         self.stats.queued_batches.fetch_add(1, Ordering::Relaxed);
-        if self.tx.send(batch).await.is_err() {
+        if self.tx.send(item).await.is_err() {
+            self.stats.queued_batches.fetch_sub(1, Ordering::Relaxed);
             tracing::error!("writer pool closed while submitting");
         }
     }
@@ -119,122 +381,560 @@ impl WriterPool {
         self.tx.capacity() > 0
     }
 
-    /// How long the writers have been failing to deliver, if they are.
+    /// Batches submitted so far (their numbers are `0..submitted()`).
+    pub fn submitted(&self) -> u64 {
+        self.shared.durable.lock().map(|d| d.next).unwrap_or(0)
+    }
+
+    /// Every batch numbered below this is safe: written, spooled or
+    /// dead-lettered.
+    pub fn durable_below(&self) -> u64 {
+        self.shared
+            .durable
+            .lock()
+            .map(|d| d.open.first().copied().unwrap_or(d.next))
+            .unwrap_or(0)
+    }
+
+    /// How long the writers have been failing to keep data safe, if they
+    /// are. With a working spool, InfluxDB being down is not a failure.
     pub fn failing_for(&self) -> Option<Duration> {
+        if self.shared.spool.is_some() && !self.stats.spool_failing.load(Ordering::Relaxed) {
+            return None;
+        }
         match self.stats.failing_since_ms.load(Ordering::Relaxed) {
             0 => None,
             since => Some(
-                self.started
+                self.shared
+                    .started
                     .elapsed()
                     .saturating_sub(Duration::from_millis(since)),
             ),
         }
     }
 
-    /// Closes the queue and waits up to `deadline` for every batch to be
-    /// written. Returns the points still unwritten when time ran out.
+    /// Forces the spool to disk (for the fsync interval policy's timer).
+    pub async fn sync_spool(&self, only_if_due: bool) {
+        if let Some(sp) = &self.shared.spool {
+            let r = sp
+                .blocking(move |s| {
+                    if only_if_due {
+                        s.sync_if_due()
+                    } else {
+                        s.sync()
+                    }
+                })
+                .await;
+            if let Err(e) = r {
+                self.shared
+                    .spool_warn(|| format!("spool fsync failed: {e}"));
+            }
+        }
+    }
+
+    /// Stops replay, lets the writers finish the queue, and past 3/4 of
+    /// `deadline` spools whatever is still held. Returns the points neither
+    /// written nor spooled when time ran out (only possible without a spool
+    /// or with a failing disk).
     pub async fn close(self, deadline: Duration) -> Result<(), u64> {
-        drop(self.tx);
-        let all = futures::future::join_all(self.handles);
-        match tokio::time::timeout(deadline, all).await {
-            Ok(_) => Ok(()),
-            Err(_) => Err(self.stats.pending.load(Ordering::Relaxed)),
+        let WriterPool {
+            tx,
+            handles,
+            shared,
+            stats,
+        } = self;
+        shared.closing.cancel();
+        drop(tx);
+        shared.wake.notify_one();
+        let mut all = futures::future::join_all(handles);
+        let (patient, rest) = match shared.spool {
+            Some(_) => (deadline.mul_f64(0.75), deadline.mul_f64(0.25)),
+            None => (deadline, Duration::ZERO),
+        };
+        if tokio::time::timeout(patient, &mut all).await.is_err() {
+            tracing::warn!(
+                "stop deadline near: abandoning writes to InfluxDB, spooling {} points still in memory",
+                WriterStats::get(&stats.pending)
+            );
+            shared.hurry.cancel();
+            shared.wake.notify_one();
+            let _ = tokio::time::timeout(rest, &mut all).await;
+        }
+        if let Some(sp) = &shared.spool {
+            if let Err(e) = sp.blocking(|s| s.sync()).await {
+                tracing::error!("spool fsync on stop failed: {e}");
+            }
+            shared.refresh_spool_gauges();
+        }
+        match stats.pending.load(Ordering::Relaxed) {
+            0 => Ok(()),
+            left => Err(left),
         }
     }
 }
 
 impl Shared {
-    async fn deliver(&self, batch: Batch) {
-        let mut work = vec![batch];
-        while let Some(b) = work.pop() {
-            match self.write_with_retry(&b).await {
-                Ok(()) => {}
-                Err(WriteError::TooLarge) | Err(WriteError::Rejected(_)) if b.points > 1 => {
-                    let (l, r) = split(&b);
-                    work.push(r);
-                    work.push(l);
+    fn log_warn(&self, what: impl FnOnce() -> String) {
+        if let Ok(mut log) = self.log.lock() {
+            log.warn(what);
+        }
+    }
+
+    fn spool_warn(&self, what: impl FnOnce() -> String) {
+        if let Ok(mut log) = self.spool_log.lock() {
+            log.warn(what);
+        }
+    }
+
+    fn done(&self, id: u64) {
+        if let Ok(mut d) = self.durable.lock() {
+            d.open.remove(&id);
+        }
+    }
+
+    fn note_failure(&self, e: &WriteError) {
+        let was = self.healthy.swap(false, Ordering::Relaxed);
+        let now = (self.started.elapsed().as_millis() as u64).max(1);
+        let _ = self.stats.failing_since_ms.compare_exchange(
+            0,
+            now,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+        if let Ok(mut last) = self.stats.last_error.lock() {
+            *last = Some(e.to_string());
+        }
+        let human = matches!(e, WriteError::Auth(_) | WriteError::Missing(_));
+        self.stats.needs_human.store(human, Ordering::Relaxed);
+        let spooling = if self.spool.is_some() {
+            "; spooling to disk until it recovers"
+        } else {
+            ""
+        };
+        if was || human {
+            if human {
+                tracing::error!("InfluxDB write failed and needs attention: {e}{spooling}");
+            } else {
+                tracing::warn!("InfluxDB write failed: {e}{spooling}");
+            }
+        } else {
+            self.log_warn(|| format!("InfluxDB still failing: {e}"));
+        }
+    }
+
+    fn note_success(&self) {
+        if !self.healthy.swap(true, Ordering::Relaxed) {
+            self.stats.failing_since_ms.store(0, Ordering::Relaxed);
+            self.stats.needs_human.store(false, Ordering::Relaxed);
+            tracing::info!(
+                "InfluxDB writes succeed again; {} spooled points to replay",
+                WriterStats::get(&self.stats.spool_points)
+            );
+            self.wake.notify_one();
+        }
+    }
+
+    fn refresh_spool_gauges(&self) {
+        if let Some(sp) = &self.spool {
+            sp.with(|s| self.copy_spool_gauges(s));
+        }
+    }
+
+    fn copy_spool_gauges(&self, s: &Spool) {
+        let st = &self.stats;
+        st.spool_bytes.store(s.bytes(), Ordering::Relaxed);
+        st.spool_high_water.fetch_max(s.bytes(), Ordering::Relaxed);
+        st.spool_points.store(s.points(), Ordering::Relaxed);
+        self.spool_unread
+            .store(s.unread_points(), Ordering::Relaxed);
+        st.dropped
+            .store(s.counters.dropped_points, Ordering::Relaxed);
+        st.spool_damaged
+            .store(s.counters.damaged_records, Ordering::Relaxed);
+    }
+
+    fn replay_available(&self) -> bool {
+        let Some(sp) = &self.spool else { return false };
+        if self.closing.is_cancelled() {
+            return false;
+        }
+        if !self.healthy.load(Ordering::Relaxed) && self.probing.load(Ordering::Relaxed) {
+            return false;
+        }
+        let _ = sp;
+        self.spool_unread.load(Ordering::Relaxed) > 0
+    }
+
+    async fn take_replay(self: &Arc<Self>) -> Option<Work> {
+        let sp = self.spool.as_ref()?;
+        let probe = !self.healthy.load(Ordering::Relaxed);
+        if probe && self.probing.swap(true, Ordering::Relaxed) {
+            return None;
+        }
+        let me = self.clone();
+        let next = sp
+            .blocking(move |s| {
+                let r = s.next_record();
+                me.copy_spool_gauges(s);
+                r
+            })
+            .await;
+        match next {
+            Ok(Some(rec)) => Some(Work::Replay(rec, probe)),
+            Ok(None) => {
+                if probe {
+                    self.probing.store(false, Ordering::Relaxed);
                 }
-                Err(e) => self.dead_letter(&b, &e),
+                None
+            }
+            Err(e) => {
+                if probe {
+                    self.probing.store(false, Ordering::Relaxed);
+                }
+                self.spool_warn(|| format!("cannot read the spool: {e}"));
+                None
             }
         }
     }
 
-    /// Retries until the batch is written or refused for what it contains.
-    async fn write_with_retry(&self, b: &Batch) -> Result<(), WriteError> {
-        let mut delay = self.retry_min;
-        let mut failing = false;
+    /// The next thing to write: live and spooled work alternate when both
+    /// wait. `None` once the pool is closed and the queue is empty.
+    async fn pick(self: &Arc<Self>) -> Option<Work> {
+        let mut p = self.picker.lock().await;
         loop {
-            let t0 = Instant::now();
-            let r = self.client.write(b.rp, &b.lines).await;
-            match r {
-                Ok(()) => {
-                    self.stats
-                        .latency_us
-                        .store(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
-                    self.stats
-                        .written
-                        .fetch_add(b.points as u64, Ordering::Relaxed);
+            let replay = self.replay_available();
+            let order = if p.prefer_live || !replay {
+                [true, false]
+            } else {
+                [false, true]
+            };
+            for live in order {
+                if live {
+                    match p.rx.try_recv() {
+                        Ok(item) => {
+                            self.stats.queued_batches.fetch_sub(1, Ordering::Relaxed);
+                            p.prefer_live = false;
+                            return Some(Work::Live(item));
+                        }
+                        Err(mpsc::error::TryRecvError::Disconnected) => p.closed = true,
+                        Err(mpsc::error::TryRecvError::Empty) => {}
+                    }
+                } else if replay {
+                    if let Some(w) = self.take_replay().await {
+                        p.prefer_live = true;
+                        return Some(w);
+                    }
+                }
+            }
+            if p.closed {
+                return None;
+            }
+            let closed = p.closed;
+            tokio::select! {
+                r = p.rx.recv(), if !closed => match r {
+                    Some(item) => {
+                        self.stats.queued_batches.fetch_sub(1, Ordering::Relaxed);
+                        p.prefer_live = false;
+                        return Some(Work::Live(item));
+                    }
+                    None => p.closed = true,
+                },
+                _ = self.wake.notified() => {}
+                // A safety net: health and spool state are re-read anyway.
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+        }
+    }
+
+    async fn deliver_live(self: &Arc<Self>, item: Item) {
+        let Item { id, rp, piece } = item;
+        let mut left = vec![piece];
+        let go_direct = self.healthy.load(Ordering::Relaxed) && !self.hurry.is_cancelled();
+        if self.spool.is_none() || go_direct {
+            let out = self.write_resolving(rp, left).await;
+            self.stats
+                .pending
+                .fetch_sub((out.written + out.dead) as u64, Ordering::Relaxed);
+            match out.failed {
+                None => {
+                    self.done(id);
+                    return;
+                }
+                Some((e, rest)) => {
+                    self.note_failure(&e);
+                    left = rest;
+                }
+            }
+        }
+        if self.spool.is_some() {
+            let mut kept = Vec::new();
+            for piece in left {
+                if let Err(p) = self.spool_piece(rp, piece).await {
+                    kept.push(p);
+                }
+            }
+            left = kept;
+        }
+        if !left.is_empty() {
+            self.retry_in_memory(rp, left).await;
+        }
+        self.done(id);
+    }
+
+    /// Without a usable spool: retry with backoff until written (or the
+    /// stop deadline, which leaves the points counted as pending).
+    async fn retry_in_memory(self: &Arc<Self>, rp: &'static str, mut left: Vec<Piece>) {
+        let mut delay = self.retry_min;
+        loop {
+            let jitter = rand::thread_rng().gen_range(0.5..1.0);
+            tokio::select! {
+                _ = tokio::time::sleep(delay.mul_f64(jitter)) => {}
+                _ = self.hurry.cancelled() => return,
+            }
+            delay = (delay * 2).min(self.retry_max);
+            let out = self.write_resolving(rp, left).await;
+            self.stats
+                .pending
+                .fetch_sub((out.written + out.dead) as u64, Ordering::Relaxed);
+            match out.failed {
+                None => {
+                    self.note_success();
+                    return;
+                }
+                Some((e, rest)) => {
+                    self.note_failure(&e);
+                    left = rest;
+                }
+            }
+        }
+    }
+
+    async fn deliver_replay(self: &Arc<Self>, rec: Record, probe: bool) {
+        let (segment, points) = (rec.segment, rec.points);
+        let rp = rec.rp;
+        let mut left = vec![Piece {
+            lines: rec.lines,
+            points: points as usize,
+        }];
+        let mut delay = self.retry_min;
+        loop {
+            let out = self.write_resolving(&rp, left).await;
+            self.stats
+                .replayed
+                .fetch_add(out.written as u64, Ordering::Relaxed);
+            match out.failed {
+                None => {
+                    if probe {
+                        self.probing.store(false, Ordering::Relaxed);
+                    }
+                    self.note_success();
+                    if let Some(sp) = &self.spool {
+                        let me = self.clone();
+                        let r = sp
+                            .blocking(move |s| {
+                                let r = s.ack(segment, points);
+                                me.copy_spool_gauges(s);
+                                r
+                            })
+                            .await;
+                        if let Err(e) = r {
+                            self.spool_warn(|| {
+                                format!("cannot delete a replayed spool segment: {e}")
+                            });
+                        }
+                        sp.room.notify_waiters();
+                    }
+                    self.wake.notify_one();
+                    return;
+                }
+                Some((e, rest)) => {
+                    self.note_failure(&e);
+                    left = rest;
+                }
+            }
+            let jitter = rand::thread_rng().gen_range(0.5..1.0);
+            let stop = tokio::select! {
+                _ = tokio::time::sleep(delay.mul_f64(jitter)) => false,
+                _ = self.closing.cancelled() => true,
+            };
+            if stop {
+                // Stays on disk for the next start.
+                if let Some(sp) = &self.spool {
+                    sp.with(|s| s.release(segment, points));
+                }
+                if probe {
+                    self.probing.store(false, Ordering::Relaxed);
+                }
+                return;
+            }
+            delay = (delay * 2).min(self.retry_max);
+        }
+    }
+
+    /// Appends to the spool, waiting for room under the block policy (not
+    /// once the stop deadline is near). Gives the piece back on a disk error.
+    async fn spool_piece(self: &Arc<Self>, rp: &str, piece: Piece) -> Result<(), Piece> {
+        let Some(sp) = self.spool.clone() else {
+            return Err(piece);
+        };
+        let piece_points = piece.points;
+        let mut piece = piece;
+        let mut waited = false;
+        loop {
+            let room = sp.room.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            let force =
+                self.hurry.is_cancelled() || self.stopping.get().is_some_and(|t| t.is_cancelled());
+            let me = self.clone();
+            let rp_owned = rp.to_string();
+            let r = tokio::task::spawn_blocking(move || {
+                let r = me.spool.as_ref().map(|sp| {
+                    sp.with(|s| {
+                        let r = s.append(&rp_owned, piece.points as u32, &piece.lines, force);
+                        me.copy_spool_gauges(s);
+                        r
+                    })
+                });
+                (r, piece)
+            })
+            .await;
+            let (r, back) = match r {
+                Ok((Some(r), back)) => (r, back),
+                Ok((None, back)) => return Err(back),
+                Err(join) => {
+                    // A bug (a panic in the spool code): the piece went down
+                    // with the task. Say so loudly, and do not count it as
+                    // pending forever, which would only make every stop fail.
+                    tracing::error!("spool task failed, batch lost: {join}");
+                    self.stats.spool_failing.store(true, Ordering::Relaxed);
                     self.stats
                         .pending
-                        .fetch_sub(b.points as u64, Ordering::Relaxed);
-                    if failing {
-                        self.stats.failing_since_ms.store(0, Ordering::Relaxed);
-                        tracing::info!("InfluxDB writes succeed again");
-                    }
+                        .fetch_sub(piece_points as u64, Ordering::Relaxed);
                     return Ok(());
                 }
-                Err(e @ (WriteError::TooLarge | WriteError::Rejected(_))) => {
-                    self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
-                    return Err(e);
+            };
+            piece = back;
+            match r {
+                Ok(Appended::Stored { dropped }) => {
+                    self.stats.spool_failing.store(false, Ordering::Relaxed);
+                    self.stats
+                        .spooled
+                        .fetch_add(piece.points as u64, Ordering::Relaxed);
+                    self.stats
+                        .pending
+                        .fetch_sub(piece.points as u64, Ordering::Relaxed);
+                    if dropped > 0 {
+                        self.spool_warn(|| {
+                            format!("spool full: dropped the oldest {dropped} spooled point(s) (when_full = drop-oldest)")
+                        });
+                    }
+                    self.wake.notify_one();
+                    return Ok(());
                 }
-                Err(e) => {
-                    self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
-                    if !failing {
-                        failing = true;
-                        let now = (self.started.elapsed().as_millis() as u64).max(1);
-                        let _ = self.stats.failing_since_ms.compare_exchange(
-                            0,
-                            now,
-                            Ordering::Relaxed,
-                            Ordering::Relaxed,
-                        );
+                Ok(Appended::Full) => {
+                    if let Some(l) = self.liveness.get() {
+                        l.beat();
                     }
-                    if let Ok(mut last) = self.stats.last_error.lock() {
-                        *last = Some(e.to_string());
-                    }
-                    if let Ok(mut log) = self.log.lock() {
-                        log.warn(|| {
+                    if !waited {
+                        waited = true;
+                        self.stats.spool_full.fetch_add(1, Ordering::Relaxed);
+                        self.spool_warn(|| {
                             format!(
-                                "write of {} points failed, retrying in {delay:?}: {e}",
-                                b.points
+                                "spool full ({} bytes): intake waits for replay to make room (when_full = block)",
+                                WriterStats::get(&self.stats.spool_bytes)
                             )
                         });
                     }
-                    let jitter = rand::thread_rng().gen_range(0.5..1.0);
-                    tokio::time::sleep(delay.mul_f64(jitter)).await;
-                    delay = (delay * 2).min(self.retry_max);
+                    let stopping = self.stopping.get().cloned().unwrap_or_default();
+                    tokio::select! {
+                        _ = room => {}
+                        _ = self.hurry.cancelled() => {}
+                        _ = stopping.cancelled() => {}
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+                Err(e) => {
+                    self.stats.spool_failing.store(true, Ordering::Relaxed);
+                    self.spool_warn(|| format!("cannot spool {} points: {e}", piece.points));
+                    return Err(piece);
                 }
             }
         }
     }
 
-    fn dead_letter(&self, b: &Batch, e: &WriteError) {
+    /// Writes pieces, splitting refused ones and dead-lettering what
+    /// InfluxDB refuses point by point. Stops at the first failure that is
+    /// not about the content, returning what is left.
+    async fn write_resolving(&self, rp: &str, pieces: Vec<Piece>) -> Outcome {
+        let mut work: Vec<Piece> = pieces.into_iter().rev().collect();
+        let mut out = Outcome::default();
+        while let Some(pc) = work.pop() {
+            match self.write_once(rp, &pc).await {
+                Ok(()) => out.written += pc.points,
+                Err(e @ (WriteError::Rejected(_) | WriteError::TooLarge)) => {
+                    let msg = match &e {
+                        WriteError::Rejected(m) => m.as_str(),
+                        _ => "",
+                    };
+                    if pc.points <= 1 || dropped_count(msg) == Some(pc.points) {
+                        // InfluxDB refused every point of this piece.
+                        self.dead_letter(rp, &pc, &e);
+                        out.dead += pc.points;
+                    } else if let Some((bad, good)) = set_apart_conflict(&pc, msg) {
+                        work.push(good);
+                        work.push(bad);
+                    } else {
+                        let (l, r) = split(&pc);
+                        work.push(r);
+                        work.push(l);
+                    }
+                }
+                Err(e) => {
+                    work.push(pc);
+                    work.reverse();
+                    out.failed = Some((e, work));
+                    return out;
+                }
+            }
+        }
+        out
+    }
+
+    async fn write_once(&self, rp: &str, pc: &Piece) -> Result<(), WriteError> {
+        let t0 = Instant::now();
+        let r = tokio::select! {
+            r = self.client.write(rp, &pc.lines) => r,
+            _ = self.hurry.cancelled() => Err(WriteError::Transient("stopping: write abandoned".into())),
+        };
+        match &r {
+            Ok(()) => {
+                self.stats
+                    .latency_us
+                    .store(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+                self.stats
+                    .written
+                    .fetch_add(pc.points as u64, Ordering::Relaxed);
+            }
+            Err(_) => {
+                self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        r
+    }
+
+    fn dead_letter(&self, rp: &str, pc: &Piece, e: &WriteError) {
         use std::io::Write;
         self.stats
             .dead_lettered
-            .fetch_add(b.points as u64, Ordering::Relaxed);
-        self.stats
-            .pending
-            .fetch_sub(b.points as u64, Ordering::Relaxed);
-        if let Ok(mut log) = self.log.lock() {
-            log.warn(|| {
-                format!(
-                    "{} point(s) refused by InfluxDB, kept in {}: {e}",
-                    b.points,
-                    self.dead_letter.display()
-                )
-            });
-        }
+            .fetch_add(pc.points as u64, Ordering::Relaxed);
+        self.log_warn(|| {
+            format!(
+                "{} point(s) refused by InfluxDB, kept in {}: {e}",
+                pc.points,
+                self.dead_letter.display()
+            )
+        });
         let r = (|| -> std::io::Result<()> {
             if let Some(dir) = self.dead_letter.parent() {
                 std::fs::create_dir_all(dir)?;
@@ -244,8 +944,9 @@ impl Shared {
                 .append(true)
                 .open(&self.dead_letter)?;
             let reason = e.to_string().replace('\n', " ");
-            writeln!(f, "# rp={} reason: {reason}", b.rp)?;
-            f.write_all(&b.lines)?;
+            let at = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+            writeln!(f, "# {at} rp={rp} points={} reason: {reason}", pc.points)?;
+            f.write_all(&pc.lines)?;
             f.sync_data()
         })();
         if let Err(io) = r {
@@ -257,8 +958,89 @@ impl Shared {
     }
 }
 
-/// Splits a batch in two at a line boundary.
-fn split(b: &Batch) -> (Batch, Batch) {
+#[derive(Default)]
+struct Outcome {
+    written: usize,
+    dead: usize,
+    failed: Option<(WriteError, Vec<Piece>)>,
+}
+
+/// `dropped=N` at the end of InfluxDB 1.x's partial-write message.
+fn dropped_count(msg: &str) -> Option<usize> {
+    let at = msg.rfind("dropped=")?;
+    let digits: String = msg[at + 8..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect();
+    digits.parse().ok()
+}
+
+/// For `field type conflict: input field "F" on measurement "M" ...`: the
+/// lines of `M` carrying field `F` (the suspects) and the rest, when both
+/// are non-empty. One round trip then settles a whole class of points.
+fn set_apart_conflict(pc: &Piece, msg: &str) -> Option<(Piece, Piece)> {
+    let field = between(msg, "input field \"", "\"")?;
+    let meas = between(msg, "on measurement \"", "\"")?;
+    let (mut bad, mut good) = (
+        Piece {
+            lines: Vec::new(),
+            points: 0,
+        },
+        Piece {
+            lines: Vec::new(),
+            points: 0,
+        },
+    );
+    for line in pc.lines.split_inclusive(|b| *b == b'\n') {
+        if line.iter().all(|b| b.is_ascii_whitespace()) {
+            continue;
+        }
+        let target = if line_has(line, meas.as_bytes(), field.as_bytes()) {
+            &mut bad
+        } else {
+            &mut good
+        };
+        target.lines.extend_from_slice(line);
+        target.points += 1;
+    }
+    (bad.points > 0 && good.points > 0).then_some((bad, good))
+}
+
+fn between<'a>(s: &'a str, open: &str, close: &str) -> Option<&'a str> {
+    let start = s.find(open)? + open.len();
+    let len = s[start..].find(close)?;
+    Some(&s[start..start + len])
+}
+
+/// Does this line belong to `meas` and carry the field `field`?
+fn line_has(line: &[u8], meas: &[u8], field: &[u8]) -> bool {
+    if !(line.starts_with(meas) && matches!(line.get(meas.len()), Some(b',') | Some(b' '))) {
+        return false;
+    }
+    // The field set starts after the first unescaped space.
+    let mut i = meas.len();
+    let mut esc = false;
+    while i < line.len() {
+        match line[i] {
+            b'\\' if !esc => esc = true,
+            b' ' if !esc => break,
+            _ => esc = false,
+        }
+        i += 1;
+    }
+    let fields = &line[(i + 1).min(line.len())..];
+    let mut key = Vec::with_capacity(field.len() + 2);
+    key.extend_from_slice(field);
+    key.push(b'=');
+    fields.starts_with(&key) || {
+        let mut k2 = vec![b','];
+        k2.extend_from_slice(&key);
+        fields.windows(k2.len()).any(|w| w == k2.as_slice())
+    }
+}
+
+/// Splits a piece in two at a line boundary.
+fn split(b: &Piece) -> (Piece, Piece) {
     let half = b.points / 2;
     let mut cut = 0;
     let mut seen = 0;
@@ -272,13 +1054,11 @@ fn split(b: &Batch) -> (Batch, Batch) {
         }
     }
     (
-        Batch {
-            rp: b.rp,
+        Piece {
             lines: b.lines[..cut].to_vec(),
             points: half,
         },
-        Batch {
-            rp: b.rp,
+        Piece {
             lines: b.lines[cut..].to_vec(),
             points: b.points - half,
         },
@@ -291,13 +1071,35 @@ mod tests {
 
     #[test]
     fn split_keeps_every_line() {
-        let b = Batch {
-            rp: "x",
+        let b = Piece {
             lines: b"a\nb\nc\n".to_vec(),
             points: 3,
         };
         let (l, r) = split(&b);
         assert_eq!((l.lines.as_slice(), l.points), (&b"a\n"[..], 1));
         assert_eq!((r.lines.as_slice(), r.points), (&b"b\nc\n"[..], 2));
+    }
+
+    #[test]
+    fn a_field_type_conflict_sets_its_lines_apart() {
+        let pc = Piece {
+            lines: b"kraken_tick,instrument=A bid=1.0,ask=2.0 1\n\
+kraken_orders,instrument=A price=3.0 2\n\
+kraken_tick,instrument=B\\ x ask=2.0 3\n\
+kraken_tick,instrument=C last=1.0,bid=4.0 4\n"
+                .to_vec(),
+            points: 4,
+        };
+        let msg = "partial write: field type conflict: input field \"bid\" on measurement \"kraken_tick\" is type float, already exists as type integer dropped=2";
+        assert_eq!(dropped_count(msg), Some(2));
+        let (bad, good) = set_apart_conflict(&pc, msg).unwrap();
+        assert_eq!(bad.points, 2);
+        assert_eq!(
+            bad.lines,
+            b"kraken_tick,instrument=A bid=1.0,ask=2.0 1\nkraken_tick,instrument=C last=1.0,bid=4.0 4\n"
+        );
+        assert_eq!(good.points, 2);
+        assert!(set_apart_conflict(&pc, "unable to parse 'x'").is_none());
+        assert_eq!(dropped_count("unable to parse"), None);
     }
 }

@@ -185,3 +185,80 @@ pub fn free_endpoint() -> String {
 pub fn exists(p: &Path) -> bool {
     p.exists()
 }
+
+/// Outage tests: stopping and restarting the private influxd, counting
+/// distinct sequence numbers, reading a subscriber's own counters.
+impl Env {
+    /// Stops influxd (SIGTERM, then SIGKILL after 10 s).
+    pub fn stop_influx(&mut self) {
+        self.influx.stop();
+    }
+
+    /// Starts influxd again on the same port and data, and waits until it answers.
+    pub fn start_influx_again(&mut self) -> Duration {
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(self.path("influxd.log"))
+            .expect("influxd log");
+        self.influx.restart(Some(log)).expect("restart influxd");
+        self.influx
+            .wait_ready(Duration::from_secs(60))
+            .expect("influxd ready again")
+    }
+
+    /// Distinct `seq` values stored in a measurement.
+    pub async fn count_distinct_seq(&self, measurement: &str) -> u64 {
+        let m = nbpy::schema::by_name(measurement).expect("known measurement");
+        let q = format!(
+            "SELECT count(distinct(\"seq\")) FROM \"tick\".\"{}\".\"{}\"",
+            m.rp, m.name
+        );
+        self.client.query_number(&q).await.unwrap_or(0.0) as u64
+    }
+
+    /// The last value of each field in a subscriber's `nbpy_pipeline` points.
+    pub async fn pipeline_last(&self, component: &str, fields: &[&str]) -> Vec<Option<i64>> {
+        let sel: Vec<String> = fields.iter().map(|f| format!("last(\"{f}\")")).collect();
+        let q = format!(
+            "SELECT {} FROM \"tick\".\"default\".\"nbpy_pipeline\" WHERE component = '{component}'",
+            sel.join(", ")
+        );
+        let v = self.client.query(&q).await.expect("query nbpy_pipeline");
+        let row = &v["results"][0]["series"][0]["values"][0];
+        (0..fields.len()).map(|i| row[i + 1].as_i64()).collect()
+    }
+}
+
+/// Segment files (`*.seg`) in a spool directory and their total size.
+pub fn spool_files(dir: &Path) -> (usize, u64) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return (0, 0);
+    };
+    rd.filter_map(|e| e.ok())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "seg"))
+        .fold((0, 0), |(n, b), e| {
+            (n + 1, b + e.metadata().map(|m| m.len()).unwrap_or(0))
+        })
+}
+
+impl Env {
+    /// Like [`Env::spawn`], with the output in `<log>.log` (for a second
+    /// run of the same binary and name).
+    pub fn spawn_as(&self, log: &str, bin: &str, args: &[&str]) -> Proc {
+        let path = self.path(&format!("{log}.log"));
+        let f = std::fs::File::create(&path).expect("log file");
+        let mut cmd = Command::new(bin_path(bin));
+        cmd.args(args)
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(f.try_clone().expect("clone")))
+            .stderr(Stdio::from(f));
+        Proc {
+            child: cmd.spawn().expect("spawn"),
+            log: path,
+        }
+    }
+}

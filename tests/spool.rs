@@ -1,0 +1,584 @@
+//! Durable delivery with a real influxd that is stopped, restarted and
+//! refuses points, and a subscriber that is killed: nothing accepted is
+//! lost, nothing is stored twice, and what cannot be stored is accounted for.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::*;
+use nix::sys::signal::Signal;
+
+const DATA: [&str; 5] = [
+    "kraken_tick",
+    "kraken_depth",
+    "kraken_orders",
+    "oanda_tick",
+    "betfair_stream",
+];
+
+fn spool_dir(env: &Env) -> PathBuf {
+    env.path("state").join("spool").join("main")
+}
+
+/// (points, distinct seqs) over the data measurements.
+async fn stored(env: &Env) -> (u64, u64) {
+    let (mut n, mut d) = (0, 0);
+    for m in DATA {
+        n += env.count(m).await;
+        d += env.count_distinct_seq(m).await;
+    }
+    (n, d)
+}
+
+fn wait_until(what: &str, deadline: Duration, mut f: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+async fn wait_stored(env: &Env, want: u64, deadline: Duration) -> u64 {
+    let t0 = Instant::now();
+    loop {
+        let n = env.count_data().await;
+        if n >= want {
+            return n;
+        }
+        assert!(t0.elapsed() < deadline, "only {n} of {want} points stored");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn influxdb_down_for_20s_under_load_every_message_lands_exactly_once() {
+    const N: u64 = 600_000;
+    let mut env = Env::start().await;
+    let ep = free_endpoint();
+    // retry_max 1 s: the probe notices InfluxDB's return within a second, so
+    // the drain time below measures replay, not the default 10 s backoff cap.
+    let cfg = env.config(&format!(
+        r#"retry_max = "1s"
+
+[publishers.synth]
+feed = "synthetic"
+endpoint = "{ep}"
+rate = 20000
+count = {N}
+wait_for_subscribers = 1
+
+[subscribers.main]
+connect = ["{ep}"]
+stats_interval = "1s"
+"#
+    ));
+    let cfg = cfg.to_str().unwrap();
+    let mut publisher = env.spawn("nbpy-publisher", &["--config", cfg, "synth"], &[]);
+    publisher.wait_log("bound", Duration::from_secs(20));
+    let mut subscriber = env.spawn("nbpy-subscriber", &["--config", cfg, "main"], &[]);
+
+    wait_stored(&env, 40_000, Duration::from_secs(120)).await;
+    env.stop_influx();
+    let down = Instant::now();
+    let dir = spool_dir(&env);
+    let mut high_water = 0u64;
+    // The outage itself: 20 s of wall time, watching the spool grow.
+    while down.elapsed() < Duration::from_secs(20) {
+        high_water = high_water.max(spool_files(&dir).1);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(high_water > 0, "nothing was spooled during the outage");
+    let ready_in = env.start_influx_again();
+    let up = Instant::now();
+    let mut drained_in = None;
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(300) {
+        let (files, bytes) = spool_files(&dir);
+        high_water = high_water.max(bytes);
+        if files == 0 {
+            drained_in = Some(up.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let drained_in = drained_in.expect("the spool never drained");
+
+    let status = publisher.wait(Duration::from_secs(300));
+    assert!(status.success(), "publisher: {status}");
+    let n = wait_stored(&env, N, Duration::from_secs(300)).await;
+    subscriber.signal(Signal::SIGTERM);
+    let status = subscriber.wait(Duration::from_secs(60));
+    assert!(
+        status.success(),
+        "subscriber: {status}\n{}",
+        subscriber.log_text()
+    );
+
+    // Exactly once: N points, N distinct sequence numbers, a fifth each.
+    assert_eq!(n, N);
+    assert_eq!(stored(&env).await, (N, N));
+    for m in DATA {
+        assert_eq!(env.count_distinct_seq(m).await, N / 5, "{m}");
+    }
+    let c = env
+        .pipeline_last(
+            "main",
+            &[
+                "spooled",
+                "replayed",
+                "dropped",
+                "dead_lettered",
+                "gaps",
+                "received",
+            ],
+        )
+        .await;
+    let (spooled, replayed) = (c[0].unwrap_or(0), c[1].unwrap_or(0));
+    assert!(spooled > 0, "{c:?}");
+    assert_eq!(replayed, spooled, "every spooled point was replayed: {c:?}");
+    assert_eq!(&c[2..], &[Some(0), Some(0), Some(0), Some(N as i64)]);
+    println!(
+        "outage 20 s at 20000 msg/s: {spooled} points spooled, spool high-water {:.1} MB, \
+         influxd ready {:.1} s after restart, spool drained {:.1} s after restart",
+        high_water as f64 / 1e6,
+        ready_in.as_secs_f64(),
+        drained_in.as_secs_f64()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_subscriber_resumes_its_spool_and_reports_what_it_missed_as_a_gap() {
+    const N: u64 = 200_000;
+    let mut env = Env::start().await;
+    let ep = free_endpoint();
+    let cfg = env.config(&format!(
+        r#"retry_max = "1s"
+
+[publishers.synth]
+feed = "synthetic"
+endpoint = "{ep}"
+rate = 20000
+count = {N}
+wait_for_subscribers = 1
+
+[subscribers.main]
+connect = ["{ep}"]
+stats_interval = "1s"
+"#
+    ));
+    let cfg = cfg.to_str().unwrap();
+    let mut publisher = env.spawn("nbpy-publisher", &["--config", cfg, "synth"], &[]);
+    publisher.wait_log("bound", Duration::from_secs(20));
+    let mut first = env.spawn_as("main-1", "nbpy-subscriber", &["--config", cfg, "main"]);
+    wait_stored(&env, 20_000, Duration::from_secs(120)).await;
+
+    // InfluxDB goes away; the subscriber spools; then it is killed outright.
+    env.stop_influx();
+    let dir = spool_dir(&env);
+    wait_until("10 MB spooled", Duration::from_secs(120), || {
+        spool_files(&dir).1 >= 10_000_000
+    });
+    first.signal(Signal::SIGKILL);
+    let status = first.wait(Duration::from_secs(10));
+    assert!(!status.success());
+    let (files, bytes) = spool_files(&dir);
+    assert!(files > 0);
+    let seen = env.path("state").join("seen").join("main.json");
+    let seen = std::fs::read_to_string(seen).unwrap_or_default();
+    println!("safe position at the kill: {seen}");
+    // Down for a second (the scenario, not synchronisation): the publisher
+    // keeps sending and ZeroMQ has nobody to deliver to.
+    std::thread::sleep(Duration::from_secs(1));
+
+    let mut second = env.spawn_as("main-2", "nbpy-subscriber", &["--config", cfg, "main"]);
+    second.wait_log("to replay", Duration::from_secs(30));
+    second.wait_log("ready", Duration::from_secs(30));
+    env.start_influx_again();
+    let status = publisher.wait(Duration::from_secs(300));
+    assert!(status.success(), "publisher: {status}");
+    wait_until("the spool to drain", Duration::from_secs(300), || {
+        spool_files(&dir).0 == 0
+    });
+    second.signal(Signal::SIGTERM);
+    let status = second.wait(Duration::from_secs(60));
+    assert!(
+        status.success(),
+        "subscriber: {status}\n{}",
+        second.log_text()
+    );
+
+    let (n, distinct) = stored(&env).await;
+    assert_eq!(n, distinct, "no sequence number stored twice");
+    let missing = N - n;
+    let c = env.pipeline_last("main", &["gaps", "replayed"]).await;
+    let (gaps, replayed) = (c[0].unwrap_or(0) as u64, c[1].unwrap_or(0) as u64);
+    assert!(replayed > 0, "the restarted subscriber replayed its spool");
+    assert!(missing > 0, "a second without a subscriber loses messages");
+    assert!(
+        gaps >= missing,
+        "every missing message is reported: {missing} missing, {gaps} reported as gaps\n{}",
+        second.log_text()
+    );
+    assert!(second.log_text().contains("missing from publisher"));
+    println!(
+        "kill -9 while spooling ({files} segments, {:.1} MB on disk): {n} of {N} stored once, \
+         {missing} lost (sent while no subscriber was connected, or only in the killed \
+         process's memory), {gaps} reported as gaps (over by {}), {replayed} points \
+         replayed after restart",
+        bytes as f64 / 1e6,
+        gaps - missing
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn field_type_conflicts_are_dead_lettered_and_the_rest_is_stored() {
+    const N: u64 = 2_000;
+    let env = Env::start().await;
+    // An earlier writer stored kraken_tick.bid as an integer: every float
+    // `bid` in the same shard is now a field-type conflict. One point now
+    // and one half an hour ahead cover a shard boundary during the test.
+    let now = nbpy::wire::now_ns();
+    let pre = format!(
+        "kraken_tick,instrument=OLD bid=1i {now}\nkraken_tick,instrument=OLD bid=1i {}\n",
+        now + 1_800_000_000_000
+    );
+    env.client.write("default", pre.as_bytes()).await.unwrap();
+    let ep = free_endpoint();
+    let cfg = env.config(&format!(
+        r#"
+[publishers.synth]
+feed = "synthetic"
+endpoint = "{ep}"
+count = {N}
+wait_for_subscribers = 1
+
+[subscribers.main]
+connect = ["{ep}"]
+stats_interval = "1s"
+"#
+    ));
+    let cfg = cfg.to_str().unwrap();
+    let mut publisher = env.spawn("nbpy-publisher", &["--config", cfg, "synth"], &[]);
+    publisher.wait_log("bound", Duration::from_secs(20));
+    let mut subscriber = env.spawn("nbpy-subscriber", &["--config", cfg, "main"], &[]);
+    assert!(publisher.wait(Duration::from_secs(120)).success());
+    wait_stored(&env, N / 5 * 4, Duration::from_secs(120)).await;
+    let dead = env.path("state").join("dead-letter").join("main.lp");
+    wait_until("the dead letters", Duration::from_secs(60), || {
+        dead_lines(&dead).0 >= (N / 5) as usize
+    });
+    subscriber.signal(Signal::SIGTERM);
+    let status = subscriber.wait(Duration::from_secs(60));
+    assert!(
+        status.success(),
+        "subscriber: {status}\n{}",
+        subscriber.log_text()
+    );
+
+    assert_eq!(env.count("kraken_tick").await, 0);
+    for m in &DATA[1..] {
+        assert_eq!(env.count(m).await, N / 5, "{m}");
+    }
+    let (lines, reasons) = dead_lines(&dead);
+    assert_eq!(lines, (N / 5) as usize, "every refused point, once");
+    assert!(!reasons.is_empty());
+    for r in &reasons {
+        assert!(
+            r.contains("field type conflict") && r.contains("\"bid\""),
+            "{r}"
+        );
+    }
+    let text = std::fs::read_to_string(&dead).unwrap();
+    assert!(text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .all(|l| l.starts_with("kraken_tick,")));
+    let c = env.pipeline_last("main", &["dead_lettered"]).await;
+    assert_eq!(c[0], Some((N / 5) as i64));
+}
+
+/// (point lines, reason comments) in a dead-letter file.
+fn dead_lines(path: &Path) -> (usize, Vec<String>) {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let reasons = text
+        .lines()
+        .filter(|l| l.starts_with('#'))
+        .map(str::to_string)
+        .collect();
+    (
+        text.lines().filter(|l| !l.starts_with('#')).count(),
+        reasons,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_spool_is_replayed_up_to_the_damage() {
+    use nbpy::sink::spool::{Fsync, Spool, SpoolOptions, HEADER_LEN, RECORD_HEADER};
+    use std::os::unix::fs::FileExt;
+
+    let env = Env::start().await;
+    let dir = spool_dir(&env);
+    // A spool left by an earlier run: 3 segments of 10 records of 10 points.
+    let now = nbpy::wire::now_ns();
+    let record = |r: u64| -> Vec<u8> {
+        (0..10)
+            .map(|i| {
+                let seq = r * 10 + i + 1;
+                format!(
+                    "kraken_tick,instrument=T,publisher=old,source=test bid=1.5,seq={seq:06}i,epoch=1i {}\n",
+                    now + seq as i64
+                )
+            })
+            .collect::<String>()
+            .into_bytes()
+    };
+    let rec_len = RECORD_HEADER + 5 + "default".len() as u64 + record(0).len() as u64;
+    let opts = SpoolOptions {
+        dir: dir.clone(),
+        max_bytes: 1 << 30,
+        segment_bytes: HEADER_LEN + 10 * rec_len,
+        fsync: Fsync::Batch,
+        when_full: nbpy::config::WhenFull::Block,
+    };
+    let (mut spool, _) = Spool::open(opts).unwrap();
+    for r in 0..30 {
+        spool.append("default", 10, &record(r), false).unwrap();
+    }
+    drop(spool);
+    let mut segs: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    segs.sort();
+    assert_eq!(segs.len(), 3);
+    // A flipped byte inside record 5 of the second segment...
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&segs[1])
+        .unwrap();
+    let at = HEADER_LEN + 5 * rec_len + RECORD_HEADER + 40;
+    let mut b = [0u8];
+    f.read_exact_at(&mut b, at).unwrap();
+    f.write_all_at(&[b[0] ^ 0xff], at).unwrap();
+    // ...and the third segment torn in its last record.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&segs[2])
+        .unwrap();
+    f.set_len(HEADER_LEN + 10 * rec_len - 3).unwrap();
+    drop(f);
+    let expected = 10 * 10 + 5 * 10 + 9 * 10;
+
+    let cfg = env.config(&format!(
+        "\n[subscribers.main]\nconnect = [\"{}\"]\nstats_interval = \"1s\"\n",
+        free_endpoint()
+    ));
+    let cfg = cfg.to_str().unwrap();
+    let mut subscriber = env.spawn("nbpy-subscriber", &["--config", cfg, "main"], &[]);
+    wait_until("the spool to drain", Duration::from_secs(60), || {
+        spool_files(&dir).0 == 0
+    });
+    subscriber.signal(Signal::SIGTERM);
+    let status = subscriber.wait(Duration::from_secs(60));
+    assert!(
+        status.success(),
+        "subscriber: {status}\n{}",
+        subscriber.log_text()
+    );
+
+    assert_eq!(env.count("kraken_tick").await, expected);
+    assert_eq!(env.count_distinct_seq("kraken_tick").await, expected);
+    let log = subscriber.log_text();
+    assert!(log.contains("checksum mismatch"), "{log}");
+    assert!(log.contains("torn record"), "{log}");
+    for s in &segs[1..] {
+        let mut d = s.as_os_str().to_owned();
+        d.push(".damaged");
+        assert!(Path::new(&d).exists(), "the cut bytes are kept for a human");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_database_is_reported_in_status_and_spooled_until_it_exists() {
+    use std::os::unix::net::UnixDatagram;
+    const N: u64 = 10_000;
+    let env = Env::start().await;
+    let ep = free_endpoint();
+    let cfg = env.config(&format!(
+        r#"retry_max = "1s"
+
+[publishers.synth]
+feed = "synthetic"
+endpoint = "{ep}"
+count = {N}
+wait_for_subscribers = 1
+
+[subscribers.main]
+connect = ["{ep}"]
+stats_interval = "1s"
+"#
+    ));
+    let cfg = cfg.to_str().unwrap();
+    // The service manager's end of sd_notify, to read STATUS= lines.
+    let sock_path = env.path("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let sock_env = sock_path.to_str().unwrap();
+    let mut publisher = env.spawn("nbpy-publisher", &["--config", cfg, "synth"], &[]);
+    publisher.wait_log("bound", Duration::from_secs(20));
+    // Phase 2 never ran for this database.
+    let mut subscriber = env.spawn(
+        "nbpy-subscriber",
+        &["--config", cfg, "main"],
+        &[
+            ("NOTIFY_SOCKET", sock_env),
+            ("NBPY_INFLUXDB__DATABASE", "elsewhere"),
+        ],
+    );
+    let mut buf = vec![0u8; 4096];
+    let mut status = String::new();
+    let t0 = Instant::now();
+    while !status.contains("NEEDS ATTENTION") {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "STATUS never said so; last: {status:?}\n{}",
+            subscriber.log_text()
+        );
+        if let Ok(n) = sock.recv(&mut buf) {
+            let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+            if let Some(s) = msg.lines().find_map(|l| l.strip_prefix("STATUS=")) {
+                status = s.to_string();
+            }
+        }
+    }
+    assert!(status.contains("database not found"), "{status}");
+    assert!(status.contains("nbpy schema apply"), "{status}");
+    assert!(publisher.wait(Duration::from_secs(120)).success());
+    let dir = spool_dir(&env);
+    wait_until("the data to be spooled", Duration::from_secs(60), || {
+        spool_files(&dir).1 > 0
+    });
+    assert!(subscriber
+        .log_text()
+        .contains("needs attention: InfluxDB: database not found"));
+
+    // A human runs phase 2: the spool drains into the new database.
+    let other = nbpy::sink::influx::InfluxClient::new(&nbpy::config::InfluxConfig {
+        url: env.influx.url(),
+        database: "elsewhere".into(),
+        ..Default::default()
+    })
+    .unwrap();
+    nbpy::admin::schema::ensure(&other).await.unwrap();
+    let count = || async {
+        let mut n = 0;
+        for m in DATA {
+            let m = nbpy::schema::by_name(m).unwrap();
+            let q = format!(
+                "SELECT count(\"seq\") FROM \"elsewhere\".\"{}\".\"{}\"",
+                m.rp, m.name
+            );
+            n += other.query_number(&q).await.unwrap_or(0.0) as u64;
+        }
+        n
+    };
+    let t0 = Instant::now();
+    while count().await < N {
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "only {} stored",
+            count().await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    subscriber.signal(Signal::SIGTERM);
+    let st = subscriber.wait(Duration::from_secs(60));
+    assert!(st.success(), "subscriber: {st}\n{}", subscriber.log_text());
+    assert_eq!(count().await, N);
+    assert_eq!(
+        env.count_data().await,
+        0,
+        "nothing went to the wrong database"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_spool_blocks_intake_and_a_stop_still_keeps_everything() {
+    const N: u64 = 5_000;
+    let mut env = Env::start().await;
+    let ep = free_endpoint();
+    // Small batches and a 128 KiB spool: a few records fill it.
+    let cfg = env.config(&format!(
+        r#"batch_size = 100
+retry_max = "1s"
+
+[publishers.synth]
+feed = "synthetic"
+endpoint = "{ep}"
+count = {N}
+wait_for_subscribers = 1
+
+[subscribers.main]
+connect = ["{ep}"]
+stats_interval = "1s"
+
+[subscribers.main.spool]
+max_bytes = 131072
+segment_bytes = 65536
+when_full = "block"
+"#
+    ));
+    let cfg = cfg.to_str().unwrap();
+    env.stop_influx();
+    let mut publisher = env.spawn("nbpy-publisher", &["--config", cfg, "synth"], &[]);
+    publisher.wait_log("bound", Duration::from_secs(20));
+    let mut first = env.spawn_as("main-1", "nbpy-subscriber", &["--config", cfg, "main"]);
+    first.wait_log("spool full", Duration::from_secs(60));
+    let dir = spool_dir(&env);
+    assert!(
+        spool_files(&dir).1 <= 131072,
+        "the limit holds while running"
+    );
+    // Everything is sent and sits in the blocked subscriber's memory (its
+    // bus buffer holds more than N); a stop must not lose any of it.
+    assert!(publisher.wait(Duration::from_secs(120)).success());
+    first.signal(Signal::SIGTERM);
+    let status = first.wait(Duration::from_secs(60));
+    assert!(
+        status.success(),
+        "a blocked subscriber still stops cleanly: {status}\n{}",
+        first.log_text()
+    );
+    assert!(
+        spool_files(&dir).1 > 131072,
+        "the stop spooled past the limit rather than lose data"
+    );
+
+    env.start_influx_again();
+    let mut second = env.spawn_as("main-2", "nbpy-subscriber", &["--config", cfg, "main"]);
+    let t0 = Instant::now();
+    while env.count_data().await < N && t0.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let n = env.count_data().await;
+    assert_eq!(
+        n,
+        N,
+        "stored\nfirst run:\n{}\nsecond run:\n{}",
+        first.log_text(),
+        second.log_text()
+    );
+    wait_until("the spool to drain", Duration::from_secs(60), || {
+        spool_files(&dir).0 == 0
+    });
+    second.signal(Signal::SIGTERM);
+    assert!(second.wait(Duration::from_secs(60)).success());
+    assert_eq!(n, N);
+    assert_eq!(stored(&env).await, (N, N));
+    let gaps = env.pipeline_last("main", &["gaps"]).await[0];
+    assert_eq!(gaps, Some(0), "nothing lost");
+}
