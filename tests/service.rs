@@ -152,7 +152,9 @@ async fn publisher_ready_when_bound_watchdog_only_while_data_flows_clean_stop() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn subscriber_ready_only_once_influxdb_answers_via_abstract_socket() {
+/// Without a spool, READY waits for InfluxDB. (With one, the default, the
+/// subscriber can work without InfluxDB: `tests/spool.rs` covers that.)
+async fn subscriber_without_spool_ready_only_once_influxdb_answers_via_abstract_socket() {
     let dir = tempfile::tempdir().unwrap();
     let name = format!("nbpy-test-{}", std::process::id());
     let sock =
@@ -164,7 +166,7 @@ async fn subscriber_ready_only_once_influxdb_answers_via_abstract_socket() {
     std::fs::write(
         &cfg,
         format!(
-            "state_dir = {:?}\n[influxdb]\nurl = \"http://127.0.0.1:{port}\"\n[subscribers.main]\nconnect = [\"{ep}\"]\n",
+            "state_dir = {:?}\n[influxdb]\nurl = \"http://127.0.0.1:{port}\"\n[subscribers.main]\nconnect = [\"{ep}\"]\n[subscribers.main.spool]\nenabled = false\n",
             dir.path().join("state").display().to_string()
         ),
     )
@@ -266,4 +268,50 @@ fn journal_is_chosen_only_when_journal_stream_matches_stderr() {
     assert!(mismatched.contains("no publisher named"), "{mismatched}");
     let unset = run(None, &dir.path().join("c.log"));
     assert!(!unset.contains("stderr is the journal"), "{unset}");
+}
+
+/// With its spool (the default), a subscriber can do its job while InfluxDB
+/// is away, so it is READY and says it is spooling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriber_with_spool_is_ready_without_influxdb_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock_path = dir.path().join("notify.sock");
+    let rec = Recorder::bind(UnixDatagram::bind(&sock_path).unwrap());
+    let port = nbpy::backend::free_port().unwrap();
+    let ep = free_endpoint();
+    let cfg = dir.path().join("nbpy.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "state_dir = {:?}\n[influxdb]\nurl = \"http://127.0.0.1:{port}\"\n[subscribers.main]\nconnect = [\"{ep}\"]\n",
+            dir.path().join("state").display().to_string()
+        ),
+    )
+    .unwrap();
+    let mut xpub = <zeromq::XPubSocket as zeromq::Socket>::new();
+    zeromq::Socket::bind(&mut xpub, &ep).await.unwrap();
+    let mut child = std::process::Command::new(bin_path("nbpy-subscriber"))
+        .args(["--config", cfg.to_str().unwrap(), "main"])
+        .env("NOTIFY_SOCKET", &sock_path)
+        .env_remove("WATCHDOG_USEC")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    rec.wait_for("READY=1", Duration::from_secs(20));
+    let ready = rec
+        .all()
+        .into_iter()
+        .find(|(_, m)| m.contains("READY=1"))
+        .unwrap()
+        .1;
+    assert!(
+        ready.contains("spooling while InfluxDB is unreachable"),
+        "{ready}"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(0));
 }
