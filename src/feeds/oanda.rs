@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::upstream::{self, Backoff, Ended, Line, LineSplitter, Outlet, MAX_LINE};
+use super::upstream::{self, Ended, Line, LineSplitter, Outlet, MAX_LINE};
 use super::FeedContext;
 use crate::config::PublisherConfig;
 use crate::exit::Failure;
@@ -257,29 +257,7 @@ pub async fn run(ctx: FeedContext) -> Result<(), Failure> {
         log: RateLimitedLog::new(Duration::from_secs(5)),
     };
     let mut out = Outlet::new(&ctx);
-    let mut backoff = Backoff::venue();
-    loop {
-        let t0 = std::time::Instant::now();
-        let ended = tokio::select! {
-            biased;
-            _ = ctx.shutdown.cancelled() => Ended::Stop,
-            r = stream.session(&mut out) => r?,
-        };
-        match ended {
-            Ended::Stop => break,
-            Ended::Lost { why, productive } => {
-                let d = backoff.after(productive, t0.elapsed());
-                tracing::warn!(
-                    "publisher {}: OANDA stream {why}; reconnecting in {} ms",
-                    ctx.name,
-                    d.as_millis()
-                );
-                if !upstream::pause(&ctx.shutdown, d).await {
-                    break;
-                }
-            }
-        }
-    }
+    upstream::reconnect_loop(&ctx, "OANDA", &mut out, &mut stream).await?;
     tracing::info!(
         "publisher {}: OANDA feed published {} prices",
         ctx.name,
@@ -296,6 +274,12 @@ struct Stream<'a> {
     /// Last published OANDA time per instrument, across reconnects.
     last: HashMap<String, i64>,
     log: RateLimitedLog,
+}
+
+impl upstream::Session for Stream<'_> {
+    async fn session(&mut self, out: &mut Outlet<'_>) -> Result<Ended, Failure> {
+        Stream::session(self, out).await
+    }
 }
 
 impl Stream<'_> {

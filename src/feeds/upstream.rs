@@ -89,6 +89,48 @@ impl Backoff {
     }
 }
 
+/// One connection to a venue, from connect to loss.
+// The trait is crate-private, so the auto-trait caveat of `async fn` in
+// public traits does not apply: callers see the concrete futures.
+#[allow(async_fn_in_trait)]
+pub(crate) trait Session {
+    async fn session(&mut self, out: &mut Outlet<'_>) -> Result<Ended, Failure>;
+}
+
+/// A venue's connection life: run a session until it ends, then reconnect
+/// after the venue backoff, until `ctx.shutdown` fires. A session's error
+/// (bad credentials, bad config) ends the feed with its exit code.
+pub(crate) async fn reconnect_loop(
+    ctx: &FeedContext,
+    venue: &str,
+    out: &mut Outlet<'_>,
+    conn: &mut impl Session,
+) -> Result<(), Failure> {
+    let mut backoff = Backoff::venue();
+    loop {
+        let t0 = std::time::Instant::now();
+        let ended = tokio::select! {
+            biased;
+            _ = ctx.shutdown.cancelled() => Ended::Stop,
+            r = conn.session(out) => r?,
+        };
+        match ended {
+            Ended::Stop => return Ok(()),
+            Ended::Lost { why, productive } => {
+                let d = backoff.after(productive, t0.elapsed());
+                tracing::warn!(
+                    "publisher {}: {venue} stream {why}; reconnecting in {} ms",
+                    ctx.name,
+                    d.as_millis()
+                );
+                if !pause(&ctx.shutdown, d).await {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
 /// Sleeps for `d` unless `stop` fires first; false when it fired.
 pub async fn pause(stop: &CancellationToken, d: Duration) -> bool {
     tokio::select! {

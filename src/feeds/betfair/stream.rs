@@ -15,7 +15,7 @@ use tokio_rustls::TlsConnector;
 use super::cache::{MarketCache, MarketChange, Oddities, Response};
 use super::{DEFAULT_LOGIN_URL, DEFAULT_STREAM};
 use crate::exit::{self, Failure};
-use crate::feeds::upstream::{self, Backoff, Ended, Line, LineSplitter, Outlet, MAX_LINE};
+use crate::feeds::upstream::{self, Ended, Line, LineSplitter, Outlet, MAX_LINE};
 use crate::feeds::FeedContext;
 use crate::sink::RateLimitedLog;
 
@@ -426,35 +426,19 @@ pub(super) async fn run(ctx: FeedContext) -> Result<(), Failure> {
         log: RateLimitedLog::new(Duration::from_secs(5)),
     };
     let mut out = Outlet::new(&ctx);
-    let mut backoff = Backoff::venue();
-    loop {
-        let t0 = std::time::Instant::now();
-        let ended = tokio::select! {
-            biased;
-            _ = ctx.shutdown.cancelled() => Ended::Stop,
-            r = feed.session(&mut out) => r?,
-        };
-        match ended {
-            Ended::Stop => break,
-            Ended::Lost { why, productive } => {
-                let d = backoff.after(productive, t0.elapsed());
-                tracing::warn!(
-                    "publisher {}: Betfair stream {why}; reconnecting in {} ms",
-                    ctx.name,
-                    d.as_millis()
-                );
-                if !upstream::pause(&ctx.shutdown, d).await {
-                    break;
-                }
-            }
-        }
-    }
+    upstream::reconnect_loop(&ctx, "Betfair", &mut out, &mut feed).await?;
     tracing::info!(
         "publisher {}: Betfair feed published {} runner updates",
         ctx.name,
         out.sent
     );
     Ok(())
+}
+
+impl upstream::Session for Feed<'_> {
+    async fn session(&mut self, out: &mut Outlet<'_>) -> Result<Ended, Failure> {
+        Feed::session(self, out).await
+    }
 }
 
 impl Feed<'_> {
