@@ -36,6 +36,10 @@ pub enum Value<'a> {
     Int(i64),
     Bool(bool),
     Str(Cow<'a, str>),
+    /// A non-integer JSON number as it was received, kept as text: the
+    /// subscriber writes it to line protocol unchanged, so a price is never
+    /// parsed to f64 and formatted back (exact, and a third of the hot path).
+    Num(Cow<'a, str>),
 }
 
 impl Value<'_> {
@@ -43,6 +47,7 @@ impl Value<'_> {
         match self {
             Value::Float(f) => Some(*f),
             Value::Int(i) => Some(*i as f64),
+            Value::Num(t) => t.parse().ok(),
             _ => None,
         }
     }
@@ -52,6 +57,7 @@ impl Value<'_> {
             Value::Int(i) => Value::Int(i),
             Value::Bool(b) => Value::Bool(b),
             Value::Str(s) => Value::Str(Cow::Owned(s.into_owned())),
+            Value::Num(t) => Value::Num(Cow::Owned(t.into_owned())),
         }
     }
 }
@@ -215,6 +221,7 @@ pub fn encode_v1(env: &Envelope<'_>, out: &mut Vec<u8>) -> Result<(), EncodeErro
             Value::Int(i) => out.extend_from_slice(ibuf.format(*i).as_bytes()),
             Value::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
             Value::Str(s) => json_str(out, s),
+            Value::Num(t) => out.extend_from_slice(t.as_bytes()),
         }
     }
     out.extend_from_slice(b"}}");
@@ -330,37 +337,38 @@ struct Scalar<'a>(Value<'a>);
 
 impl<'de: 'a, 'a> Deserialize<'de> for Scalar<'a> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V<'a>(std::marker::PhantomData<&'a ()>);
-        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
-            type Value = Scalar<'a>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a number, string or boolean")
-            }
-            fn visit_bool<E>(self, v: bool) -> Result<Scalar<'a>, E> {
-                Ok(Scalar(Value::Bool(v)))
-            }
-            fn visit_i64<E>(self, v: i64) -> Result<Scalar<'a>, E> {
-                Ok(Scalar(Value::Int(v)))
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Scalar<'a>, E> {
-                i64::try_from(v)
-                    .map(|i| Scalar(Value::Int(i)))
-                    .map_err(|_| E::custom("integer out of range"))
-            }
-            fn visit_f64<E>(self, v: f64) -> Result<Scalar<'a>, E> {
-                Ok(Scalar(Value::Float(v)))
-            }
-            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Scalar<'a>, E> {
-                Ok(Scalar(Value::Str(Cow::Borrowed(v))))
-            }
-            fn visit_str<E>(self, v: &str) -> Result<Scalar<'a>, E> {
-                Ok(Scalar(Value::Str(Cow::Owned(v.to_owned()))))
-            }
-            fn visit_string<E>(self, v: String) -> Result<Scalar<'a>, E> {
-                Ok(Scalar(Value::Str(Cow::Owned(v))))
+        // The raw text, so numbers keep their exact decimal form.
+        let raw = <&'a serde_json::value::RawValue>::deserialize(d)?.get();
+        scalar(raw).map(Scalar).map_err(de::Error::custom)
+    }
+}
+
+fn scalar(raw: &str) -> Result<Value<'_>, String> {
+    match raw.as_bytes().first() {
+        Some(b'"') => {
+            let inner = &raw[1..raw.len() - 1];
+            if inner.contains('\\') {
+                serde_json::from_str::<String>(raw)
+                    .map(|s| Value::Str(Cow::Owned(s)))
+                    .map_err(|e| e.to_string())
+            } else {
+                Ok(Value::Str(Cow::Borrowed(inner)))
             }
         }
-        d.deserialize_any(V(std::marker::PhantomData))
+        Some(b't') => Ok(Value::Bool(true)),
+        Some(b'f') => Ok(Value::Bool(false)),
+        Some(b'-' | b'0'..=b'9') => {
+            if raw.bytes().all(|b| b.is_ascii_digit() || b == b'-') {
+                raw.parse::<i64>()
+                    .map(Value::Int)
+                    .map_err(|_| format!("integer {raw} out of range"))
+            } else {
+                Ok(Value::Num(Cow::Borrowed(raw)))
+            }
+        }
+        _ => Err(format!(
+            "invalid type: {raw:.20}, expected a number, string or boolean"
+        )),
     }
 }
 
@@ -394,7 +402,7 @@ pub fn encode_legacy(env: &Envelope<'_>) -> Result<String, EncodeError> {
             Some(Value::Float(f)) => out.push_str(ryu::Buffer::new().format_finite(*f)),
             Some(Value::Int(i)) => out.push_str(itoa::Buffer::new().format(*i)),
             Some(Value::Bool(b)) => out.push_str(if *b { "true" } else { "false" }),
-            Some(Value::Str(s)) => out.push_str(s),
+            Some(Value::Str(s)) | Some(Value::Num(s)) => out.push_str(s),
             None => {}
         }
     }
@@ -496,9 +504,28 @@ mod tests {
         let d = decode_v1(&buf).unwrap();
         assert_eq!(d.seq, 7);
         assert_eq!(d.publisher, "kraken-tick");
-        assert_eq!(d.data, e.data);
+        // Floats come back as their exact text, and mean the same number.
+        assert_eq!(d.get("bid"), Some(&Value::Num("42000.5".into())));
+        for ((k1, v1), (k2, v2)) in d.data.iter().zip(&e.data) {
+            assert_eq!((k1, v1.as_f64()), (k2, v2.as_f64()));
+        }
         assert!(matches!(d.src, Cow::Borrowed(_)));
         assert_eq!(e.topic(), "kraken.ticker.BTC/USD");
+    }
+
+    #[test]
+    fn scalars_keep_their_kind_and_text() {
+        let body = br#"{"v":1,"src":"a","ch":"ticker","sym":"X","seq":1,"epoch":1,"data":{"i":-42,"f":1.50,"e":2E-7,"s":"q\"x","t":true,"b":false}}"#;
+        let d = decode_v1(body).unwrap();
+        assert_eq!(d.get("i"), Some(&Value::Int(-42)));
+        assert_eq!(d.get("f"), Some(&Value::Num("1.50".into())));
+        assert_eq!(d.get("e"), Some(&Value::Num("2E-7".into())));
+        assert_eq!(d.get("s"), Some(&Value::Str("q\"x".into())));
+        assert_eq!((d.get("t"), d.get("b")), (Some(&Value::Bool(true)), Some(&Value::Bool(false))));
+        let big = br#"{"v":1,"src":"a","ch":"ticker","sym":"X","seq":1,"epoch":1,"data":{"i":99999999999999999999}}"#;
+        assert!(decode_v1(big).is_err());
+        let null = br#"{"v":1,"src":"a","ch":"ticker","sym":"X","seq":1,"epoch":1,"data":{"n":null}}"#;
+        assert!(decode_v1(null).is_err());
     }
 
     #[test]

@@ -46,6 +46,7 @@ pub struct LineEncoder {
     last: HashMap<u64, i64>,
     hasher: std::collections::hash_map::RandomState,
     tags: Vec<(&'static str, usize, usize)>,
+    tagbuf: Vec<u8>,
 }
 
 /// Collisions further apart than this are real out-of-order data, not
@@ -85,7 +86,8 @@ impl LineEncoder {
         let start = out.len();
         escape(out, m.name.as_bytes(), b", ");
         // Tags sorted by key, as InfluxDB prefers; values as escaped bytes.
-        let mut tagbuf: Vec<u8> = Vec::with_capacity(64);
+        let mut tagbuf = std::mem::take(&mut self.tagbuf);
+        tagbuf.clear();
         self.tags.clear();
         let mut add = |tags: &mut Vec<(&'static str, usize, usize)>,
                        key: &'static str,
@@ -130,6 +132,7 @@ impl LineEncoder {
             out.extend_from_slice(&tagbuf[*s..*e]);
         }
         self.tags = tags;
+        self.tagbuf = tagbuf;
         let series_end = out.len();
         out.push(b' ');
         let mut n = 0usize;
@@ -146,6 +149,7 @@ impl LineEncoder {
             escape(out, field.name.as_bytes(), b",= ");
             out.push(b'=');
             match (field.kind, v) {
+                (Kind::Float, Value::Num(t)) => out.extend_from_slice(t.as_bytes()),
                 (Kind::Float, Value::Float(_) | Value::Int(_)) => {
                     let f = v.as_f64().unwrap_or(f64::NAN);
                     if !f.is_finite() {
@@ -217,6 +221,7 @@ fn kind_name(v: &Value<'_>) -> &'static str {
         Value::Int(_) => "an integer",
         Value::Bool(_) => "a boolean",
         Value::Str(_) => "a string",
+        Value::Num(_) => "a float",
     }
 }
 
