@@ -27,6 +27,7 @@
 pub mod admin;
 pub mod backend;
 pub mod bus;
+pub mod canonical;
 pub mod cli;
 pub mod commands;
 pub mod config;

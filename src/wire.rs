@@ -247,6 +247,14 @@ pub fn decode_v1(body: &[u8]) -> Result<Envelope<'_>, DecodeError> {
     if body.len() > MAX_FRAME {
         return Err(DecodeError::TooLarge(body.len()));
     }
+    if let Some(env) = crate::canonical::decode(body) {
+        return Ok(env);
+    }
+    decode_v1_general(body)
+}
+
+/// The general decoder: any valid JSON form of an envelope.
+pub fn decode_v1_general(body: &[u8]) -> Result<Envelope<'_>, DecodeError> {
     let raw: RawEnvelope<'_> =
         serde_json::from_slice(body).map_err(|e| DecodeError::Json(e.to_string()))?;
     if raw.v != VERSION {
@@ -521,10 +529,14 @@ mod tests {
         assert_eq!(d.get("f"), Some(&Value::Num("1.50".into())));
         assert_eq!(d.get("e"), Some(&Value::Num("2E-7".into())));
         assert_eq!(d.get("s"), Some(&Value::Str("q\"x".into())));
-        assert_eq!((d.get("t"), d.get("b")), (Some(&Value::Bool(true)), Some(&Value::Bool(false))));
+        assert_eq!(
+            (d.get("t"), d.get("b")),
+            (Some(&Value::Bool(true)), Some(&Value::Bool(false)))
+        );
         let big = br#"{"v":1,"src":"a","ch":"ticker","sym":"X","seq":1,"epoch":1,"data":{"i":99999999999999999999}}"#;
         assert!(decode_v1(big).is_err());
-        let null = br#"{"v":1,"src":"a","ch":"ticker","sym":"X","seq":1,"epoch":1,"data":{"n":null}}"#;
+        let null =
+            br#"{"v":1,"src":"a","ch":"ticker","sym":"X","seq":1,"epoch":1,"data":{"n":null}}"#;
         assert!(decode_v1(null).is_err());
     }
 

@@ -11,6 +11,10 @@ pub struct Batch {
     pub points: usize,
 }
 
+/// Room per point in a fresh batch: a ticker line is ~260 bytes, a book
+/// line ~600; growing a megabyte buffer by copying is a visible cost.
+const LINE_BYTES: usize = 320;
+
 struct Open {
     batch: Batch,
     since: Instant,
@@ -40,7 +44,7 @@ impl Batcher {
                 self.open.push(Open {
                     batch: Batch {
                         rp,
-                        lines: Vec::with_capacity(self.size * 200),
+                        lines: Vec::with_capacity(self.size * LINE_BYTES),
                         points: 0,
                     },
                     since: Instant::now(),
@@ -71,7 +75,7 @@ impl Batcher {
         o.since = Instant::now();
         let fresh = Batch {
             rp: o.batch.rp,
-            lines: Vec::with_capacity(self.size * 200),
+            lines: Vec::with_capacity(self.size * LINE_BYTES),
             points: 0,
         };
         std::mem::replace(&mut o.batch, fresh)

@@ -137,8 +137,20 @@ impl LineEncoder {
         out.push(b' ');
         let mut n = 0usize;
         let mut ib = itoa::Buffer::new();
+        // Publishers send fields in schema order: try the next one first.
+        let mut hint = 0usize;
         for (k, v) in &env.data {
-            let Some(field) = m.field(k) else { continue };
+            let field = match m.fields.get(hint) {
+                Some(f) if f.name == k.as_ref() => f,
+                _ => match m.fields.iter().position(|f| f.name == k.as_ref()) {
+                    Some(i) => {
+                        hint = i;
+                        &m.fields[i]
+                    }
+                    None => continue,
+                },
+            };
+            hint += 1;
             if field.name == "seq" || field.name == "epoch" {
                 continue;
             }
@@ -226,15 +238,20 @@ fn kind_name(v: &Value<'_>) -> &'static str {
 }
 
 fn escape(out: &mut Vec<u8>, s: &[u8], special: &[u8]) {
-    if !s.iter().any(|b| special.contains(b)) {
-        out.extend_from_slice(s);
-        return;
-    }
-    for &b in s {
-        if special.contains(&b) {
-            out.push(b'\\');
+    // Two or three specials: a byte scan with a small match beats a
+    // slice search per byte on the hot path.
+    let is_special = |b: u8| special.contains(&b);
+    match s.iter().position(|&b| is_special(b)) {
+        None => out.extend_from_slice(s),
+        Some(first) => {
+            out.extend_from_slice(&s[..first]);
+            for &b in &s[first..] {
+                if is_special(b) {
+                    out.push(b'\\');
+                }
+                out.push(b);
+            }
         }
-        out.push(b);
     }
 }
 

@@ -1,0 +1,256 @@
+//! A fast path for decoding envelopes in exactly the form [`crate::wire::encode_v1`]
+//! writes them: fixed key order, no whitespace, no escapes. It is a third of
+//! the cost of a general JSON parse, and the subscriber decodes every message.
+//!
+//! It accepts only what it fully understands and returns `None` for anything
+//! else — other key orders, whitespace, escapes, unknown fields, odd numbers —
+//! and the caller then runs the general parser (serde_json), which decides.
+//! So it can be fast without being a second, laxer JSON parser: a
+//! differential test checks it agrees with serde_json wherever it answers.
+
+use std::borrow::Cow;
+
+use crate::wire::{Envelope, Fields, Value};
+
+struct Cur<'a> {
+    /// The whole body, checked as UTF-8 once; every slice taken ends at an
+    /// ASCII delimiter, so it is a char boundary.
+    text: &'a str,
+    b: &'a [u8],
+    i: usize,
+}
+
+impl<'a> Cur<'a> {
+    fn lit(&mut self, s: &[u8]) -> Option<()> {
+        if self.b.get(self.i..self.i + s.len())? == s {
+            self.i += s.len();
+            Some(())
+        } else {
+            None
+        }
+    }
+
+    fn peek(&self) -> Option<u8> {
+        self.b.get(self.i).copied()
+    }
+
+    /// A string without escapes or control characters.
+    fn string(&mut self) -> Option<&'a str> {
+        self.lit(b"\"")?;
+        let start = self.i;
+        loop {
+            match *self.b.get(self.i)? {
+                b'"' => break,
+                b'\\' => return None,
+                c if c < 0x20 => return None,
+                _ => self.i += 1,
+            }
+        }
+        let s = self.text.get(start..self.i)?;
+        self.i += 1;
+        Some(s)
+    }
+
+    fn digits(&mut self) -> usize {
+        let start = self.i;
+        while self.peek().is_some_and(|c| c.is_ascii_digit()) {
+            self.i += 1;
+        }
+        self.i - start
+    }
+
+    /// A JSON number's text: -?(0|[1-9][0-9]*)(.[0-9]+)?([eE][+-]?[0-9]+)?
+    /// and whether it is an integer.
+    fn number(&mut self) -> Option<(&'a str, bool)> {
+        let start = self.i;
+        if self.peek() == Some(b'-') {
+            self.i += 1;
+        }
+        let first = self.peek()?;
+        let n = self.digits();
+        if n == 0 || (first == b'0' && n > 1) {
+            return None;
+        }
+        let mut integer = true;
+        if self.peek() == Some(b'.') {
+            self.i += 1;
+            if self.digits() == 0 {
+                return None;
+            }
+            integer = false;
+        }
+        if matches!(self.peek(), Some(b'e' | b'E')) {
+            self.i += 1;
+            if matches!(self.peek(), Some(b'+' | b'-')) {
+                self.i += 1;
+            }
+            // Huge exponents are left to the general parser.
+            if !(1..=3).contains(&self.digits()) {
+                return None;
+            }
+            integer = false;
+        }
+        Some((self.text.get(start..self.i)?, integer))
+    }
+
+    fn uint(&mut self) -> Option<u64> {
+        let (t, int) = self.number()?;
+        if !int || t.starts_with('-') {
+            return None;
+        }
+        t.parse().ok()
+    }
+
+    fn int(&mut self) -> Option<i64> {
+        let (t, int) = self.number()?;
+        if !int {
+            return None;
+        }
+        t.parse().ok()
+    }
+
+    fn value(&mut self) -> Option<Value<'a>> {
+        match self.peek()? {
+            b'"' => self.string().map(|s| Value::Str(Cow::Borrowed(s))),
+            b't' => self.lit(b"true").map(|_| Value::Bool(true)),
+            b'f' => self.lit(b"false").map(|_| Value::Bool(false)),
+            _ => {
+                let (t, int) = self.number()?;
+                if int {
+                    t.parse().ok().map(Value::Int)
+                } else {
+                    Some(Value::Num(Cow::Borrowed(t)))
+                }
+            }
+        }
+    }
+}
+
+/// Decodes `body` if it is in canonical form; `None` means "ask serde_json".
+pub fn decode(body: &[u8]) -> Option<Envelope<'_>> {
+    let text = std::str::from_utf8(body).ok()?;
+    let mut c = Cur {
+        text,
+        b: body,
+        i: 0,
+    };
+    c.lit(b"{\"v\":1,\"src\":")?;
+    let src = c.string()?;
+    c.lit(b",\"ch\":")?;
+    let ch = c.string()?;
+    c.lit(b",\"sym\":")?;
+    let sym = c.string()?;
+    let publisher = if c.lit(b",\"pub\":").is_some() {
+        c.string()?
+    } else {
+        ""
+    };
+    c.lit(b",\"seq\":")?;
+    let seq = c.uint()?;
+    c.lit(b",\"epoch\":")?;
+    let epoch = c.uint()?;
+    c.lit(b",\"ts\":")?;
+    let ts = c.int()?;
+    c.lit(b",\"rx\":")?;
+    let rx = c.int()?;
+    c.lit(b",\"data\":{")?;
+    let mut data: Fields<'_> = Vec::with_capacity(16);
+    if c.peek()? != b'}' {
+        loop {
+            let k = c.string()?;
+            c.lit(b":")?;
+            let v = c.value()?;
+            data.push((Cow::Borrowed(k), v));
+            match c.peek()? {
+                b',' => c.i += 1,
+                b'}' => break,
+                _ => return None,
+            }
+        }
+    }
+    c.lit(b"}}")?;
+    if c.i != body.len() {
+        return None;
+    }
+    Some(Envelope {
+        src: Cow::Borrowed(src),
+        ch: Cow::Borrowed(ch),
+        sym: Cow::Borrowed(sym),
+        publisher: Cow::Borrowed(publisher),
+        seq,
+        epoch,
+        ts,
+        rx,
+        data,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{decode_v1_general, encode_v1};
+
+    /// Wherever the fast path answers, it answers what serde_json answers;
+    /// and it answers for everything our own encoder writes.
+    #[test]
+    fn agrees_with_serde_json_on_encoded_and_mutated_input() {
+        let mut gen = crate::feeds::synthetic::Generator::new(3, &[]);
+        let mut rng = 0x2545F4914F6CDD1Du64;
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let (mut answered, mut declined) = (0, 0);
+        for i in 0..3000u64 {
+            let mut e = gen.next_message();
+            e.seq = i + 1;
+            e.epoch = 77;
+            e.publisher = if i % 3 == 0 { "".into() } else { "p-1".into() };
+            if i % 7 == 0 {
+                e.data
+                    .push(("note".into(), Value::Str("a \"quoted\" \\ word\n".into())));
+            }
+            if i % 11 == 0 {
+                e.data.push(("n".into(), Value::Int(-(i as i64))));
+            }
+            let mut buf = Vec::new();
+            encode_v1(&e, &mut buf).unwrap();
+            let general = decode_v1_general(&buf).unwrap();
+            match decode(&buf) {
+                Some(fast) => assert_eq!(fast, general),
+                None => assert!(
+                    i % 7 == 0,
+                    "declined canonical input: {}",
+                    String::from_utf8_lossy(&buf)
+                ),
+            }
+            // Mutations: a changed byte, a cut, an inserted space.
+            for _ in 0..8 {
+                let mut m = buf.clone();
+                let at = (next() as usize) % m.len();
+                match next() % 3 {
+                    0 => m[at] = b" \"{}:,.-eE0123456789tfnx\\\x01\xff"[(next() % 24) as usize],
+                    1 => m.truncate(at),
+                    _ => m.insert(at, b' '),
+                }
+                match (decode(&m), decode_v1_general(&m)) {
+                    (Some(fast), Ok(general)) => {
+                        answered += 1;
+                        assert_eq!(fast, general, "{}", String::from_utf8_lossy(&m));
+                    }
+                    (Some(fast), Err(e)) => panic!(
+                        "fast path accepted what serde_json rejects ({e}): {} -> {fast:?}",
+                        String::from_utf8_lossy(&m)
+                    ),
+                    (None, _) => declined += 1,
+                }
+            }
+        }
+        assert!(
+            answered > 100 && declined > 100,
+            "{answered} answered, {declined} declined"
+        );
+    }
+}
