@@ -9,7 +9,7 @@
 //! Runs alternate (ceiling, nbpy, ceiling, …) into fresh databases so both
 //! see the same server state; medians are reported with their ratio, and
 //! the subscriber's peak RSS (VmHWM). Run: `cargo bench --bench e2e`
-//! (NBPY_BENCH_POINTS, NBPY_BENCH_RUNS to change the size).
+//! (E2E_POINTS, E2E_RUNS to change the size).
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -130,6 +130,16 @@ async fn nbpy_run(dir: &std::path::Path, url: &str, db: &str, n: u64) -> (f64, u
             .unwrap()
     };
     let mut publisher = spawn(env!("CARGO_BIN_EXE_nbpy-publisher"), "synth");
+    // Start the clock once the publisher is bound, so the subscriber's
+    // connect does not sit in ZeroMQ's reconnect backoff on our time.
+    let bound = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            bound.elapsed() < Duration::from_secs(30),
+            "publisher never bound"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let t0 = Instant::now();
     let mut subscriber = spawn(env!("CARGO_BIN_EXE_nbpy-subscriber"), "main");
     let deadline = Duration::from_secs(600);
@@ -163,8 +173,8 @@ async fn main() {
         println!("e2e: bench");
         return;
     }
-    let n = env_num("NBPY_BENCH_POINTS", 300_000);
-    let runs = env_num("NBPY_BENCH_RUNS", 5);
+    let n = env_num("E2E_POINTS", 300_000);
+    let runs = env_num("E2E_RUNS", 5);
     let dir = tempfile::tempdir().unwrap();
     let mut influx =
         LocalInfluxd::spawn(None, &dir.path().join("influx"), 0, None).expect("influxd on PATH");
