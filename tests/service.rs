@@ -175,13 +175,15 @@ async fn subscriber_without_spool_ready_only_once_influxdb_answers_via_abstract_
     zeromq::Socket::bind(&mut xpub, &ep).await.unwrap();
     let log = dir.path().join("sub.log");
     let f = std::fs::File::create(&log).unwrap();
-    let mut child = std::process::Command::new(bin_path("nbpy-subscriber"))
-        .args(["--config", cfg.to_str().unwrap(), "main"])
-        .env("NOTIFY_SOCKET", format!("@{name}"))
-        .env_remove("WATCHDOG_USEC")
-        .stderr(f)
-        .spawn()
-        .unwrap();
+    let mut child = StopOnDrop(
+        std::process::Command::new(bin_path("nbpy-subscriber"))
+            .args(["--config", cfg.to_str().unwrap(), "main"])
+            .env("NOTIFY_SOCKET", format!("@{name}"))
+            .env_remove("WATCHDOG_USEC")
+            .stderr(f)
+            .spawn()
+            .unwrap(),
+    );
     rec.wait_for("waiting for InfluxDB", Duration::from_secs(20));
     assert!(
         !rec.all().iter().any(|(_, m)| m.contains("READY=1")),
@@ -290,13 +292,15 @@ async fn subscriber_with_spool_is_ready_without_influxdb_and_says_so() {
     .unwrap();
     let mut xpub = <zeromq::XPubSocket as zeromq::Socket>::new();
     zeromq::Socket::bind(&mut xpub, &ep).await.unwrap();
-    let mut child = std::process::Command::new(bin_path("nbpy-subscriber"))
-        .args(["--config", cfg.to_str().unwrap(), "main"])
-        .env("NOTIFY_SOCKET", &sock_path)
-        .env_remove("WATCHDOG_USEC")
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = StopOnDrop(
+        std::process::Command::new(bin_path("nbpy-subscriber"))
+            .args(["--config", cfg.to_str().unwrap(), "main"])
+            .env("NOTIFY_SOCKET", &sock_path)
+            .env_remove("WATCHDOG_USEC")
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     rec.wait_for("READY=1", Duration::from_secs(20));
     let ready = rec
         .all()

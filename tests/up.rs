@@ -57,11 +57,13 @@ fn up_runs_five_phases_reports_status_and_stops_in_order_without_loss() {
     )
     .unwrap();
     let out = dir.path().join("up.out");
-    let mut up = up_cmd(&cfg, None)
-        .stdout(std::fs::File::create(&out).unwrap())
-        .stderr(std::fs::File::create(dir.path().join("up.err")).unwrap())
-        .spawn()
-        .unwrap();
+    let mut up = StopOnDrop(
+        up_cmd(&cfg, None)
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(std::fs::File::create(dir.path().join("up.err")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
     let text = wait_file_contains(&out, "nbpy is up", Duration::from_secs(60));
     let phases: Vec<usize> = (1..=5)
         .map(|i| {
@@ -172,11 +174,13 @@ fn without_influxdb_up_falls_back_to_the_file_sink_and_says_how_to_get_influxdb(
     .unwrap();
     let out = dir.path().join("up.out");
     // No influxd on PATH (the nbpy binaries are found beside `nbpy`).
-    let mut up = up_cmd(&cfg, Some("/nonexistent"))
-        .stdout(std::fs::File::create(&out).unwrap())
-        .stderr(std::fs::File::create(dir.path().join("up.err")).unwrap())
-        .spawn()
-        .unwrap();
+    let mut up = StopOnDrop(
+        up_cmd(&cfg, Some("/nonexistent"))
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(std::fs::File::create(dir.path().join("up.err")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
     let text = wait_file_contains(&out, "nbpy is up", Duration::from_secs(60));
     assert!(
         text.contains("apt-get install influxdb"),
