@@ -45,19 +45,25 @@ impl Tap {
         // The monitor must exist before the connection does, or a disconnect
         // right after connecting could go unreported.
         let monitor = sock.monitor();
-        // The marker first, so the publisher never counts this tap as one of
-        // the subscribers it waits for (see `bus::MONITOR_TOPIC`).
-        for topic in [crate::bus::MONITOR_TOPIC, ""] {
-            sock.subscribe(topic)
-                .await
-                .map_err(|e| format!("subscribe: {e}"))?;
-        }
+        // The marker must reach the publisher before the real subscription,
+        // so it never counts this tap as a subscriber it waits for (see
+        // `bus::MONITOR_TOPIC`). Subscriptions known at connect time are sent
+        // in no particular order (a set), so only the marker is known then;
+        // "" follows on the same connection once it is up.
+        sock.subscribe(crate::bus::MONITOR_TOPIC)
+            .await
+            .map_err(|e| format!("subscribe: {e}"))?;
         match tokio::time::timeout(within, sock.connect(endpoint)).await {
-            Ok(Ok(())) => Ok(Tap {
-                sock,
-                monitor,
-                closed: false,
-            }),
+            Ok(Ok(())) => {
+                sock.subscribe("")
+                    .await
+                    .map_err(|e| format!("subscribe: {e}"))?;
+                Ok(Tap {
+                    sock,
+                    monitor,
+                    closed: false,
+                })
+            }
             Ok(Err(e)) => Err(format!("cannot connect to {endpoint}: {e}")),
             Err(_) => Err(format!(
                 "no connection to {endpoint} within {}",
