@@ -131,6 +131,30 @@ pub(crate) async fn reconnect_loop(
     }
 }
 
+/// The next chunk of a streaming HTTP body (OANDA, X), or how the stream
+/// ended: `shutdown`, silence past `silent` (`quiet` names what stopped
+/// arriving), a read error, or the server closing it.
+pub(crate) async fn next_chunk(
+    ctx: &FeedContext,
+    resp: &mut reqwest::Response,
+    silent: Duration,
+    quiet: &str,
+    productive: bool,
+) -> Result<bytes::Bytes, Ended> {
+    let chunk = tokio::select! {
+        biased;
+        _ = ctx.shutdown.cancelled() => return Err(Ended::Stop),
+        c = tokio::time::timeout(silent, resp.chunk()) => c,
+    };
+    let why = match chunk {
+        Ok(Ok(Some(b))) => return Ok(b),
+        Err(_) => format!("was silent for {} ms ({quiet})", silent.as_millis()),
+        Ok(Err(e)) => format!("read failed: {}", e.without_url()),
+        Ok(Ok(None)) => "was closed by the server".into(),
+    };
+    Err(Ended::Lost { why, productive })
+}
+
 /// Sleeps for `d` unless `stop` fires first; false when it fired.
 pub async fn pause(stop: &CancellationToken, d: Duration) -> bool {
     tokio::select! {

@@ -505,32 +505,13 @@ impl Stream<'_> {
         let mut lines = LineSplitter::new(MAX_LINE);
         let mut productive = false;
         loop {
-            let chunk = tokio::select! {
-                biased;
-                _ = ctx.shutdown.cancelled() => return Ok(Ended::Stop),
-                c = tokio::time::timeout(silent, resp.chunk()) => c,
-            };
-            let bytes = match chunk {
-                Err(_) => {
-                    return Ok(Ended::Lost {
-                        why: format!("was silent for {} ms (no keep-alive)", silent.as_millis()),
-                        productive,
-                    })
-                }
-                Ok(Err(e)) => {
-                    return Ok(Ended::Lost {
-                        why: format!("read failed: {}", e.without_url()),
-                        productive,
-                    })
-                }
-                Ok(Ok(None)) => {
-                    return Ok(Ended::Lost {
-                        why: "was closed by the server".into(),
-                        productive,
-                    })
-                }
-                Ok(Ok(Some(b))) => b,
-            };
+            let bytes =
+                match upstream::next_chunk(ctx, &mut resp, silent, "no keep-alive", productive)
+                    .await
+                {
+                    Ok(b) => b,
+                    Err(end) => return Ok(end),
+                };
             lines.push(&bytes);
             while let Some(line) = lines.next_line() {
                 let line = match line {
