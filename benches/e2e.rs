@@ -10,6 +10,14 @@
 //! see the same server state; medians are reported with their ratio, and
 //! the subscriber's peak RSS (VmHWM). Run: `cargo bench --bench e2e`
 //! (E2E_POINTS, E2E_RUNS to change the size).
+//!
+//! The end of an nbpy run is seen in InfluxDB's own write counter
+//! (`/debug/vars`), not by `count()` queries: on two cores, polling a scan
+//! of every stored point took CPU from the very server being measured.
+//! The exact count is checked once the clock has stopped.
+//!
+//! CPU columns are user+system seconds per point of each process over the
+//! run, so a lower ratio can be traced to whoever spent the cycles.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -54,7 +62,15 @@ async fn count(c: &InfluxClient) -> u64 {
     n
 }
 
-async fn ceiling(url: &str, db: &str, n: u64, cfg: &InfluxConfig) -> f64 {
+/// CPU microseconds per point, by process.
+#[derive(Default, Clone, Copy)]
+struct Cpu {
+    influxd: f64,
+    client: f64,
+    publisher: f64,
+}
+
+async fn ceiling(url: &str, db: &str, n: u64, cfg: &InfluxConfig, influxd: u32) -> (f64, Cpu) {
     let c = client(url, db);
     nbpy::admin::schema::ensure(&c).await.unwrap();
     let mut gen = Generator::new(1, &[]);
@@ -74,6 +90,8 @@ async fn ceiling(url: &str, db: &str, n: u64, cfg: &InfluxConfig) -> f64 {
     }
     batches.extend(batcher.due(true));
     let queue = std::sync::Arc::new(std::sync::Mutex::new(batches));
+    let me = std::process::id();
+    let (i0, m0) = (cpu_secs(influxd), cpu_secs(me));
     let t0 = Instant::now();
     let workers: Vec<_> = (0..cfg.concurrency)
         .map(|_| {
@@ -91,8 +109,41 @@ async fn ceiling(url: &str, db: &str, n: u64, cfg: &InfluxConfig) -> f64 {
         w.await.unwrap();
     }
     let secs = t0.elapsed().as_secs_f64();
+    let per = |d: f64| d * 1e6 / n as f64;
+    let cpu = Cpu {
+        influxd: per(cpu_secs(influxd) - i0),
+        client: per(cpu_secs(me) - m0),
+        publisher: 0.0,
+    };
     assert_eq!(count(&c).await, n, "ceiling run stored everything");
-    n as f64 / secs
+    (n as f64 / secs, cpu)
+}
+
+/// Points InfluxDB has accepted for writing since it started, all databases.
+async fn points_written(url: &str) -> u64 {
+    let Ok(r) = reqwest::get(format!("{url}/debug/vars")).await else {
+        return 0;
+    };
+    let Ok(v) = r.json::<serde_json::Value>().await else {
+        return 0;
+    };
+    v["write"]["values"]["pointReqLocal"].as_u64().unwrap_or(0)
+}
+
+/// User + system CPU seconds a process has used so far.
+fn cpu_secs(pid: u32) -> f64 {
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the parenthesised command name; utime and stime are the
+    // 14th and 15th fields of the whole line.
+    let rest = s.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f
+        .get(11..13)
+        .map(|v| v.iter().filter_map(|x| x.parse::<f64>().ok()).sum())
+        .unwrap_or(0.0);
+    ticks / 100.0
 }
 
 fn vm_hwm_kib(pid: u32) -> u64 {
@@ -106,7 +157,13 @@ fn vm_hwm_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-async fn nbpy_run(dir: &std::path::Path, url: &str, db: &str, n: u64) -> (f64, u64) {
+async fn nbpy_run(
+    dir: &std::path::Path,
+    url: &str,
+    db: &str,
+    n: u64,
+    influxd: u32,
+) -> (f64, u64, Cpu) {
     let c = client(url, db);
     nbpy::admin::schema::ensure(&c).await.unwrap();
     let port = nbpy::backend::free_port().unwrap();
@@ -140,18 +197,30 @@ async fn nbpy_run(dir: &std::path::Path, url: &str, db: &str, n: u64) -> (f64, u
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    let written0 = points_written(url).await;
+    let (i0, p0) = (cpu_secs(influxd), cpu_secs(publisher.id()));
     let t0 = Instant::now();
     let mut subscriber = spawn(env!("CARGO_BIN_EXE_nbpy-subscriber"), "main");
     let deadline = Duration::from_secs(600);
-    loop {
-        if count(&c).await >= n {
-            break;
-        }
+    // The subscriber also writes a few nbpy_pipeline points, so the
+    // counter can pass n a moment early; the count below settles it.
+    while points_written(url).await < written0 + n {
         assert!(t0.elapsed() < deadline, "nbpy run did not finish");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let secs = t0.elapsed().as_secs_f64();
+    let per = |d: f64| d * 1e6 / n as f64;
+    let cpu = Cpu {
+        influxd: per(cpu_secs(influxd) - i0),
+        client: per(cpu_secs(subscriber.id())),
+        publisher: per(cpu_secs(publisher.id()) - p0),
+    };
     let rss = vm_hwm_kib(subscriber.id());
+    while count(&c).await < n {
+        assert!(t0.elapsed() < deadline, "nbpy run did not store everything");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(count(&c).await, n, "nbpy run stored each point once");
     for child in [&mut subscriber, &mut publisher] {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(child.id() as i32),
@@ -159,7 +228,7 @@ async fn nbpy_run(dir: &std::path::Path, url: &str, db: &str, n: u64) -> (f64, u
         );
         let _ = child.wait();
     }
-    (n as f64 / secs, rss)
+    (n as f64 / secs, rss, cpu)
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -181,33 +250,59 @@ async fn main() {
     influx.wait_ready(Duration::from_secs(30)).unwrap();
     let url = influx.url();
     let cfg = InfluxConfig::default();
+    let influxd = influx.pid().expect("influxd running");
     let (mut ceil, mut ours, mut ratios, mut rss) = (vec![], vec![], vec![], vec![]);
+    let mut cpus: [Vec<f64>; 5] = Default::default();
     println!(
         "{n} points per run, batch {} , concurrency {}, gzip {}",
         cfg.batch_size, cfg.concurrency, cfg.gzip
     );
+    println!("CPU µs/point: ceiling influxd + poster | nbpy influxd + subscriber + publisher");
     println!(
-        "{:>4} {:>16} {:>16} {:>8} {:>12}",
-        "run", "ceiling pts/s", "nbpy pts/s", "ratio", "sub RSS MiB"
+        "{:>6} {:>14} {:>14} {:>7} {:>8} {:>22} {:>22}",
+        "run",
+        "ceiling pts/s",
+        "nbpy pts/s",
+        "ratio",
+        "RSS MiB",
+        "ceiling cpu ifx/post",
+        "nbpy cpu ifx/sub/pub"
     );
     for i in 0..runs {
-        let c = ceiling(&url, &format!("ceil{i}"), n, &cfg).await;
-        let (o, r) = nbpy_run(dir.path(), &url, &format!("nbpy{i}"), n).await;
+        let (c, cc) = ceiling(&url, &format!("ceil{i}"), n, &cfg, influxd).await;
+        let (o, r, oc) = nbpy_run(dir.path(), &url, &format!("nbpy{i}"), n, influxd).await;
         println!(
-            "{i:>4} {c:>16.0} {o:>16.0} {:>8.3} {:>12.1}",
+            "{i:>6} {c:>14.0} {o:>14.0} {:>7.3} {:>8.1} {:>12.2} /{:>7.2} {:>8.2} /{:>5.2} /{:>5.2}",
             o / c,
-            r as f64 / 1024.0
+            r as f64 / 1024.0,
+            cc.influxd,
+            cc.client,
+            oc.influxd,
+            oc.client,
+            oc.publisher,
         );
         ceil.push(c);
         ours.push(o);
         ratios.push(o / c);
         rss.push(r as f64 / 1024.0);
+        for (v, x) in
+            cpus.iter_mut()
+                .zip([cc.influxd, cc.client, oc.influxd, oc.client, oc.publisher])
+        {
+            v.push(x);
+        }
     }
+    let [a, b, c, d, e] = &mut cpus;
     println!(
-        "median {:>14.0} {:>16.0} {:>8.3} {:>12.1}",
+        "median {:>14.0} {:>14.0} {:>7.3} {:>8.1} {:>12.2} /{:>7.2} {:>8.2} /{:>5.2} /{:>5.2}",
         median(&mut ceil),
         median(&mut ours),
         median(&mut ratios),
-        median(&mut rss)
+        median(&mut rss),
+        median(a),
+        median(b),
+        median(c),
+        median(d),
+        median(e),
     );
 }

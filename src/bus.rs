@@ -1,11 +1,12 @@
 //! The ZeroMQ side: publisher and subscriber sockets and gap accounting.
 //!
-//! The publisher binds an XPUB rather than a PUB socket. In the `zeromq`
-//! crate a PUB drops silently when a subscriber's queue is full, while XPUB
-//! sends wait for the subscriber's connection to take the message; XPUB
-//! also hands us the subscription frames, so "wait for N subscribers" means
-//! N subscriptions really arrived, not N TCP connections that may not have
-//! subscribed yet. Subscribers see an ordinary PUB (libzmq SUBs included).
+//! The publisher binds an XPUB-like socket rather than a PUB ([`zmtp`]):
+//! sends wait for a slow subscriber instead of dropping (the `zeromq`
+//! crate's PUB drops silently on a full queue), and the subscription frames
+//! reach us, so "wait for N subscribers" means N subscriptions really
+//! arrived, not N TCP connections that may not have subscribed yet.
+//! Subscribers see an ordinary publisher (libzmq SUBs included); they use
+//! the `zeromq` crate's SUB.
 //!
 //! Loss that still happens (a publisher restart, a live feed dropping under
 //! back-pressure, a subscriber reconnecting) is made visible by the
@@ -14,10 +15,11 @@
 use std::collections::HashMap;
 
 use bytes::Bytes;
-use zeromq::{Socket, SocketRecv, SocketSend, ZmqMessage};
+use zeromq::{Socket, ZmqMessage};
 
 use crate::config::Codec;
 use crate::wire::{self, EncodeError, Envelope};
+use crate::zmtp;
 
 /// Checks an endpoint is `tcp://host:port` (the transport this build carries).
 pub fn check_endpoint(ep: &str) -> Result<(), String> {
@@ -76,54 +78,90 @@ pub fn decode(msg: &ZmqMessage) -> Result<Envelope<'_>, wire::DecodeError> {
 /// waits for with `wait_for_subscribers`.
 pub const MONITOR_TOPIC: &str = "\u{0}nbpy-monitor";
 
-/// The publishing end: an XPUB socket and the subscriptions it has seen.
+/// The publishing end: a [`zmtp::Publisher`] and the subscriptions it has seen.
 pub struct BusPublisher {
-    socket: zeromq::XPubSocket,
+    socket: zmtp::Publisher,
     pub endpoint: String,
     subscriptions: usize,
     monitors: usize,
+    topic: Vec<u8>,
 }
 
 impl BusPublisher {
-    pub async fn bind(endpoint: &str) -> Result<Self, zeromq::ZmqError> {
-        let mut socket = zeromq::XPubSocket::new();
-        let bound = socket.bind(endpoint).await?;
+    pub async fn bind(endpoint: &str) -> Result<Self, zmtp::ZmtpError> {
+        check_endpoint(endpoint)
+            .map_err(|e| zmtp::ZmtpError::Protocol(format!("endpoint {endpoint:?}: {e}")))?;
+        let rest = endpoint.trim_start_matches("tcp://");
+        let (host, port) = rest.rsplit_once(':').unwrap_or((rest, "0"));
+        let port: u16 = port.parse().unwrap_or(0);
+        let socket = zmtp::Publisher::bind(host, port).await?;
+        let bound = socket.local_addr();
         Ok(BusPublisher {
+            endpoint: format!("tcp://{bound}"),
             socket,
-            endpoint: bound.to_string(),
             subscriptions: 0,
             monitors: 0,
+            topic: Vec::new(),
         })
     }
 
-    /// Subscriptions from subscribers (subscribe minus unsubscribe frames),
-    /// not counting monitors' (each monitor sends the marker and one more).
+    /// Subscriptions from subscribers (subscribe minus unsubscribe, a
+    /// subscriber leaving cancels its own), not counting monitors' (each
+    /// monitor sends the marker and one more).
     pub fn subscriptions(&self) -> usize {
         self.subscriptions.saturating_sub(self.monitors)
     }
 
-    /// Waits for the next subscription frame and accounts for it. Cancel-safe.
-    pub async fn next_subscription(&mut self) -> Result<(), zeromq::ZmqError> {
-        let msg = self.socket.recv().await?;
-        let Some(frame) = msg.get(0) else {
-            return Ok(());
+    /// Connected subscribers and monitors.
+    pub fn peers(&self) -> usize {
+        self.socket.peers()
+    }
+
+    /// Waits for the next subscription change and accounts for it. Cancel-safe.
+    pub async fn next_subscription(&mut self) {
+        let Some(ev) = self.socket.next_event().await else {
+            // The socket owns the sending side: this cannot end while it lives.
+            return std::future::pending().await;
         };
-        let marker = frame.get(1..) == Some(MONITOR_TOPIC.as_bytes());
-        let count = if marker {
+        let (topic, delta) = match &ev {
+            zmtp::Event::Subscribe(t) => (t, 1isize),
+            zmtp::Event::Unsubscribe(t) => (t, -1),
+        };
+        let count = if topic.as_slice() == MONITOR_TOPIC.as_bytes() {
             &mut self.monitors
         } else {
             &mut self.subscriptions
         };
-        match frame.first() {
-            Some(1) => *count += 1,
-            Some(0) => *count = count.saturating_sub(1),
-            _ => {}
+        *count = count.saturating_add_signed(delta);
+    }
+
+    /// Encodes and queues one envelope for every matching subscriber.
+    pub async fn publish(
+        &mut self,
+        env: &Envelope<'_>,
+        codec: Codec,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), EncodeError> {
+        buf.clear();
+        match codec {
+            Codec::V1 => {
+                wire::encode_v1(env, buf)?;
+                self.topic.clear();
+                env.write_topic(&mut self.topic);
+                self.socket.send(&[&self.topic, buf]).await;
+            }
+            Codec::Legacy => {
+                buf.extend_from_slice(wire::encode_legacy(env)?.as_bytes());
+                self.socket.send(&[buf]).await;
+            }
         }
         Ok(())
     }
 
-    pub async fn send(&mut self, msg: ZmqMessage) -> Result<(), zeromq::ZmqError> {
-        self.socket.send(msg).await
+    /// Waits until every queued message is with the kernel (or its
+    /// subscriber is gone).
+    pub async fn flush(&mut self) {
+        self.socket.flush().await
     }
 }
 

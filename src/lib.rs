@@ -46,3 +46,4 @@ pub mod supervisor;
 pub mod units;
 pub mod validate;
 pub mod wire;
+pub mod zmtp;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
-use crate::bus::{self, BusPublisher};
+use crate::bus::BusPublisher;
 use crate::config::Config;
 use crate::exit::{Failure, UNAVAILABLE};
 use crate::feeds::{self, FeedContext, FeedSender, FeedStats};
@@ -72,8 +72,13 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut last = (Instant::now(), 0u64);
     let mut feed_result: Option<Result<(), Failure>> = None;
+    let mut started = false;
     loop {
-        let sending = bus.subscriptions() >= want;
+        // Holding applies to the first message only: once sending, a
+        // subscriber that leaves sees what it missed as a gap when it is
+        // back, while the others keep getting data.
+        started |= bus.subscriptions() >= want;
+        let sending = started;
         tokio::select! {
             biased;
             _ = svc.shutdown.cancelled(), if !feed_stop.is_cancelled() => {
@@ -88,11 +93,8 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
                 // The queue closes once the feed's sender is gone; what is in
                 // it still goes out below.
             }
-            r = bus.next_subscription() => {
-                if let Err(e) = r {
-                    errors.warn(|| format!("subscription frame: {e}"));
-                }
-                if bus.subscriptions() >= want && want > 0 {
+            _ = bus.next_subscription() => {
+                if !started && bus.subscriptions() >= want && want > 0 {
                     tracing::info!("publisher {name}: {} subscription(s), sending", bus.subscriptions());
                     svc.liveness.set_idle(false);
                 }
@@ -122,6 +124,13 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
                 ));
             }
         }
+    }
+    // Hand every queued message to the kernel before the socket closes.
+    if tokio::time::timeout(Duration::from_secs(10), bus.flush())
+        .await
+        .is_err()
+    {
+        tracing::warn!("publisher {name}: a subscriber did not take the last messages within 10 s");
     }
     if feed_result.is_none() {
         // The queue can close (the feed's sender dropped with its future)
@@ -153,12 +162,7 @@ async fn send(
     buf: &mut Vec<u8>,
     errors: &mut RateLimitedLog,
 ) {
-    match bus::encode(env, codec, buf) {
-        Ok(msg) => {
-            if let Err(e) = bus.send(msg).await {
-                errors.warn(|| format!("send failed: {e}"));
-            }
-        }
-        Err(e) => errors.warn(|| format!("cannot encode message seq {}: {e}", env.seq)),
+    if let Err(e) = bus.publish(env, codec, buf).await {
+        errors.warn(|| format!("cannot encode message seq {}: {e}", env.seq));
     }
 }

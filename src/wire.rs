@@ -137,7 +137,18 @@ impl<'a> Envelope<'a> {
     }
 
     pub fn topic(&self) -> String {
-        format!("{}.{}.{}", self.src, self.ch, self.sym)
+        let mut t = Vec::new();
+        self.write_topic(&mut t);
+        String::from_utf8(t).unwrap_or_default()
+    }
+
+    /// Appends `src.ch.sym`, the topic frame, without allocating.
+    pub fn write_topic(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(self.src.as_bytes());
+        out.push(b'.');
+        out.extend_from_slice(self.ch.as_bytes());
+        out.push(b'.');
+        out.extend_from_slice(self.sym.as_bytes());
     }
 }
 
