@@ -18,6 +18,12 @@
 //!
 //! CPU columns are user+system seconds per point of each process over the
 //! run, so a lower ratio can be traced to whoever spent the cycles.
+//!
+//! On a small machine the processes compete for the same cores, so the
+//! ratio is mostly nbpy's CPU per point against influxd's. `E2E_PIN=1`
+//! answers the other question, whether nbpy keeps up with InfluxDB when
+//! each has its own core: influxd on CPU 0, everything else on CPU 1, in
+//! both the ceiling and the nbpy runs (needs `taskset` and two CPUs).
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -89,7 +95,12 @@ async fn ceiling(url: &str, db: &str, n: u64, cfg: &InfluxConfig, influxd: u32) 
         }
     }
     batches.extend(batcher.due(true));
-    let queue = std::sync::Arc::new(std::sync::Mutex::new(batches));
+    // Oldest first, as the subscriber sends them.
+    let queue = std::sync::Arc::new(std::sync::Mutex::new(
+        batches
+            .into_iter()
+            .collect::<std::collections::VecDeque<_>>(),
+    ));
     let me = std::process::id();
     let (i0, m0) = (cpu_secs(influxd), cpu_secs(me));
     let t0 = Instant::now();
@@ -98,7 +109,7 @@ async fn ceiling(url: &str, db: &str, n: u64, cfg: &InfluxConfig, influxd: u32) 
             let (q, c) = (queue.clone(), c.clone());
             tokio::spawn(async move {
                 loop {
-                    let next = q.lock().unwrap().pop();
+                    let next = q.lock().unwrap().pop_front();
                     let Some(b) = next else { break };
                     c.write(b.rp, &b.lines).await.unwrap();
                 }
@@ -146,6 +157,21 @@ fn cpu_secs(pid: u32) -> f64 {
     ticks / 100.0
 }
 
+/// Moves every thread of `pid` to `cpu` (`taskset -a`).
+fn pin(pid: u32, cpu: u32) {
+    let ok = Command::new("taskset")
+        .args(["-a", "-p", "-c", &cpu.to_string(), &pid.to_string()])
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "taskset could not pin pid {pid} to CPU {cpu}");
+}
+
+fn pinned() -> bool {
+    std::env::var("E2E_PIN").is_ok_and(|v| v == "1")
+}
+
 fn vm_hwm_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -179,9 +205,15 @@ async fn nbpy_run(
     )
     .unwrap();
     let spawn = |bin: &str, name: &str| {
-        Command::new(bin)
-            .args(["--config", cfg.to_str().unwrap(), name])
-            .env("RUST_LOG", "warn")
+        let mut cmd = if pinned() {
+            let mut c = Command::new("taskset");
+            c.args(["-c", "1", bin]);
+            c
+        } else {
+            Command::new(bin)
+        };
+        cmd.args(["--config", cfg.to_str().unwrap(), name])
+            .env("RUST_LOG", "warn,zeromq=error")
             .stdin(Stdio::null())
             .spawn()
             .unwrap()
@@ -251,6 +283,11 @@ async fn main() {
     let url = influx.url();
     let cfg = InfluxConfig::default();
     let influxd = influx.pid().expect("influxd running");
+    if pinned() {
+        pin(influxd, 0);
+        pin(std::process::id(), 1);
+        println!("pinned: influxd on CPU 0; poster, publisher and subscriber on CPU 1");
+    }
     let (mut ceil, mut ours, mut ratios, mut rss) = (vec![], vec![], vec![], vec![]);
     let mut cpus: [Vec<f64>; 5] = Default::default();
     println!(

@@ -1,5 +1,13 @@
 //! `nbpy-publisher NAME`: runs `[publishers.NAME]` until stopped or its feed ends.
 
+/// A publisher allocates and frees a few small objects per message (the
+/// envelope, its strings and fields); under the e2e bench mimalloc cut its
+/// CPU per message by about a quarter against glibc's allocator. The
+/// subscriber keeps glibc: with mimalloc its peak RSS rose by ~45 MiB for
+/// no measurable CPU gain.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::Parser;
 
 #[derive(Parser)]
