@@ -13,7 +13,8 @@
 //! - [`wire`]: envelope v1 and the legacy single-frame text codec.
 //! - [`schema`]: the measurements, their tags, fields and retention policy.
 //! - [`feeds`]: one module per upstream; [`feeds::synthetic`] is the default.
-//! - [`bus`]: ZeroMQ publisher and subscriber sockets, gap accounting.
+//! - [`bus`]: ZeroMQ publisher and subscriber sockets, gap accounting;
+//!   [`zmtp`]: the publisher's own ZMTP 3.0 socket (batched writes).
 //! - [`publisher`] / [`subscriber`]: the two long-running roles.
 //! - [`sink`]: line protocol, batching, InfluxDB client.
 //! - [`service`]: sd_notify, watchdog, signals, logging.
