@@ -70,6 +70,68 @@ async fn pyzmq_sub_decodes_v1_envelopes_in_sequence() {
     }
 }
 
+/// libzmq's prefix subscriptions are understood by our publisher: two SUBs
+/// with different prefixes each get their share. (A libzmq SUB filters on
+/// its side too, so that the publisher sends nothing unsubscribed is shown
+/// by a raw peer in `zmtp`'s unit tests, not here.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pyzmq_prefix_subscriptions_are_understood() {
+    let env = Env::start().await;
+    let ep = free_endpoint();
+    let n = 5000;
+    let cfg = env.config(&format!(
+        "[publishers.synth]\nfeed = \"synthetic\"\nendpoint = \"{ep}\"\ncount = {n}\nwait_for_subscribers = 2\n"
+    ));
+    let mut publisher = env.spawn(
+        "nbpy-publisher",
+        &["--config", cfg.to_str().unwrap(), "synth"],
+        &[],
+    );
+    publisher.wait_log("bound", Duration::from_secs(20));
+    // The synthetic feed cycles through five channels (topic
+    // `synthetic.CH.SYM`); "synthetic.t" is a prefix of two of them.
+    let subs: Vec<_> = [("synthetic.t", 2000), ("synthetic.price", 1000)]
+        .into_iter()
+        .map(|(prefix, want)| {
+            let ep = ep.clone();
+            tokio::task::spawn_blocking(move || {
+                let out = python()
+                    .args([
+                        &script("sub_decode.py"),
+                        &ep,
+                        &want.to_string(),
+                        "v1",
+                        prefix,
+                    ])
+                    .output()
+                    .unwrap();
+                (prefix, out)
+            })
+        })
+        .collect();
+    for s in subs {
+        let (prefix, out) = s.await.unwrap();
+        assert!(
+            out.status.success(),
+            "{prefix}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            publisher.log_text()
+        );
+        let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let kinds: Vec<&str> = s["by_kind"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(|k| k.as_str())
+            .collect();
+        match prefix {
+            "synthetic.t" => assert_eq!(kinds, ["ticker", "trade"], "{s}"),
+            _ => assert_eq!(kinds, ["price"], "{s}"),
+        }
+    }
+    assert!(publisher.wait(Duration::from_secs(30)).success());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pyzmq_sub_decodes_legacy_frames() {
     let s = pyzmq_reads_our_publisher("legacy").await;

@@ -1,6 +1,8 @@
 """A foreign client: a libzmq SUB (pyzmq) reading nbpy's bus.
 
-usage: sub_decode.py ENDPOINT COUNT v1|legacy
+usage: sub_decode.py ENDPOINT COUNT v1|legacy [PREFIX]
+PREFIX is the subscription (default: everything); every message received
+must match it.
 Prints one JSON line summarising what it decoded; exits non-zero on any
 message it could not read.
 """
@@ -10,15 +12,17 @@ import sys
 import zmq
 
 endpoint, count, codec = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+prefix = sys.argv[4].encode() if len(sys.argv) > 4 else b""
 ctx = zmq.Context()
 sub = ctx.socket(zmq.SUB)
-sub.setsockopt(zmq.SUBSCRIBE, b"")
+sub.setsockopt(zmq.SUBSCRIBE, prefix)
 sub.setsockopt(zmq.RCVTIMEO, 30000)
 sub.connect(endpoint)
 
 summary = {"count": 0, "by_kind": {}, "first_seq": None, "last_seq": None, "in_order": True}
 for _ in range(count):
     frames = sub.recv_multipart()
+    assert frames[0].startswith(prefix), (prefix, frames[0])
     if codec == "v1":
         assert len(frames) == 2, frames
         topic = frames[0].decode()
