@@ -63,7 +63,8 @@ impl Generator {
         let half = mid * 0.0001;
         let (bid, ask) = (round(mid - half), round(mid + half));
         let q = |r: &mut StdRng| round(r.gen_range(0.01..5.0));
-        let mut data: Fields<'static> = Vec::with_capacity(16);
+        // The largest kind (book) has 22 fields.
+        let mut data: Fields<'static> = Vec::with_capacity(24);
         let mut put = |k: &'static str, v: Value<'static>| data.push((Cow::Borrowed(k), v));
         match ch {
             "ticker" => {
