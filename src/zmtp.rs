@@ -32,6 +32,9 @@ pub const HIGH_WATER_BYTES: usize = 1 << 20;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Frames a subscriber may send us are subscriptions and small commands.
 const MAX_INBOUND_FRAME: u64 = 64 * 1024;
+/// Subscriptions one peer may hold; a peer past it is dropped, so a
+/// misbehaving client cannot grow the publisher's memory without bound.
+const MAX_SUBSCRIPTIONS: usize = 10_000;
 
 const FLAG_MORE: u8 = 0x01;
 const FLAG_LONG: u8 = 0x02;
@@ -207,7 +210,8 @@ impl Peer {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn apply(&self, ev: &Event) {
+    /// Applies a subscription change; returns how many the peer now holds.
+    fn apply(&self, ev: &Event) -> usize {
         let mut st = self.lock();
         match ev {
             Event::Subscribe(t) => st.subs.push(t.clone()),
@@ -217,6 +221,7 @@ impl Peer {
                 }
             }
         }
+        st.subs.len()
     }
 
     fn close(&self) {
@@ -547,7 +552,11 @@ async fn serve_peer(mut stream: TcpStream, addr: SocketAddr, shared: Arc<Shared>
                     }
                 };
                 if let Some(ev) = change {
-                    peer.apply(&ev);
+                    if peer.apply(&ev) > MAX_SUBSCRIPTIONS {
+                        return protocol(format!(
+                            "more than {MAX_SUBSCRIPTIONS} subscriptions from one peer"
+                        ));
+                    }
                     let _ = shared.events.send(ev);
                 }
             }
@@ -677,6 +686,39 @@ mod tests {
         }
         gone.sort();
         assert_eq!(gone, vec![b"abc".to_vec(), b"zz".to_vec()]);
+        assert_eq!(p.peers(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_peer_with_endless_subscriptions_is_dropped() {
+        let mut p = Publisher::bind("127.0.0.1", 0).await.unwrap();
+        let mut s = raw_sub(p.local_addr(), b"SUB").await;
+        let _ready = read_frame(&mut s).await.unwrap();
+        let mut burst = Vec::new();
+        for i in 0..=MAX_SUBSCRIPTIONS as u32 {
+            let mut body = vec![1];
+            body.extend_from_slice(&i.to_be_bytes());
+            encode_frame(0, &body, &mut burst);
+        }
+        // The publisher may close mid-burst; what matters is what it does.
+        let _ = s.write_all(&burst).await;
+        // Every subscription it made is cancelled when it is dropped.
+        let mut subscribed = 0usize;
+        let dropped = tokio::time::timeout(Duration::from_secs(10), async {
+            while let Some(ev) = p.next_event().await {
+                match ev {
+                    Event::Subscribe(_) => subscribed += 1,
+                    Event::Unsubscribe(_) => {
+                        subscribed -= 1;
+                        if subscribed == 0 {
+                            return;
+                        }
+                    }
+                }
+            }
+        })
+        .await;
+        assert!(dropped.is_ok(), "the peer was not dropped");
         assert_eq!(p.peers(), 0);
     }
 
