@@ -7,6 +7,7 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -74,6 +75,9 @@ impl LocalInfluxd {
             None => (Stdio::null(), Stdio::null()),
         };
         let child = Command::new(binary.unwrap_or(Path::new("influxd")))
+            // Not in our process group: a Ctrl-C meant for `nbpy up` must not
+            // stop InfluxDB before the subscribers have drained into it.
+            .process_group(0)
             .arg("run")
             .arg("-config")
             .arg(&config)

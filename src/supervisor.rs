@@ -392,6 +392,11 @@ fn start(c: &mut Child) -> Result<(), Failure> {
         .try_clone()
         .map_err(|e| Failure::new(CANTCREAT, anyhow::anyhow!("{}: {e}", log_path.display())))?;
     let child = tokio::process::Command::new(&c.bin)
+        // A group of its own: a terminal's Ctrl-C (SIGINT to the whole
+        // foreground group) must reach `nbpy up` only, which then stops the
+        // children in order. A subscriber that heard it too would take our
+        // SIGTERM as a second signal and abandon what it holds.
+        .process_group(0)
         .args(&c.args)
         .env("NOTIFY_SOCKET", &c.notify)
         .env("WATCHDOG_USEC", "10000000")
@@ -544,6 +549,18 @@ pub async fn up(mut cfg: Config, opts: UpOptions) -> Result<(), Failure> {
     let stop = crate::service::Service::start("nbpy-up", Duration::from_secs(3600), || {
         "the supervised children".into()
     });
+    // A closed terminal sends SIGHUP to its foreground group, which holds
+    // `nbpy up` alone (children have groups of their own): stop in order as
+    // for Ctrl-C rather than die and leave the children running.
+    if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        let token = stop.shutdown.clone();
+        tokio::spawn(async move {
+            if hup.recv().await.is_some() {
+                tracing::info!("SIGHUP: the terminal is gone; stopping the appliance in order");
+                token.cancel();
+            }
+        });
+    }
     say(&format!("nbpy up: state in {}", dir.display()));
 
     // Phase 1.

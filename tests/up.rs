@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -57,8 +58,11 @@ fn up_runs_five_phases_reports_status_and_stops_in_order_without_loss() {
     )
     .unwrap();
     let out = dir.path().join("up.out");
+    // Its own process group, as a shell gives a foreground job, so the stop
+    // below can be a terminal's Ctrl-C: SIGINT to every process in the group.
     let mut up = StopOnDrop(
         up_cmd(&cfg, None)
+            .process_group(0)
             .stdout(std::fs::File::create(&out).unwrap())
             .stderr(std::fs::File::create(dir.path().join("up.err")).unwrap())
             .spawn()
@@ -106,9 +110,12 @@ fn up_runs_five_phases_reports_status_and_stops_in_order_without_loss() {
     );
     assert!(st.contains("running"), "{st}");
 
-    nix::sys::signal::kill(
+    // Ctrl-C. The children must hear it from `nbpy up` only, in order: a
+    // subscriber that also got the terminal's SIGINT would take `nbpy up`'s
+    // SIGTERM as a second signal and abandon what it holds.
+    nix::sys::signal::killpg(
         nix::unistd::Pid::from_raw(up.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
+        nix::sys::signal::Signal::SIGINT,
     )
     .unwrap();
     let t0 = Instant::now();
@@ -123,7 +130,14 @@ fn up_runs_five_phases_reports_status_and_stops_in_order_without_loss() {
         std::thread::sleep(Duration::from_millis(20));
     };
     let text = std::fs::read_to_string(&out).unwrap();
-    assert!(code.success(), "{code}\n{text}");
+    let logs: String = ["main", "synth", "influxd"]
+        .iter()
+        .map(|n| {
+            std::fs::read_to_string(state.join("logs").join(format!("{n}.log"))).unwrap_or_default()
+        })
+        .collect();
+    assert!(code.success(), "{code}\n{text}\n{logs}");
+    assert!(!logs.contains("abandoning"), "{logs}");
     let subs = text
         .find("stopped subscribers")
         .expect("subscribers stopped");
@@ -188,9 +202,10 @@ fn without_influxdb_up_falls_back_to_the_file_sink_and_says_how_to_get_influxdb(
     );
     assert!(text.contains("file sink"), "{text}");
     let points = state.join("points.lp");
+    // The terminal closing (SIGHUP) stops it in order, like Ctrl-C.
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(up.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
+        nix::sys::signal::Signal::SIGHUP,
     )
     .unwrap();
     let status = up.wait().unwrap();
