@@ -118,8 +118,9 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
                 let (t, n) = last;
                 let rate = (published - n) as f64 / t.elapsed().as_secs_f64().max(1e-3);
                 last = (Instant::now(), published);
+                let upstream = stats.problem().map(|p| format!("; upstream: {p}")).unwrap_or_default();
                 svc.status(&format!(
-                    "{} on {}: {published} sent, {rate:.0} msg/s, {} subscription(s), {} dropped",
+                    "{} on {}: {published} sent, {rate:.0} msg/s, {} subscription(s), {} dropped{upstream}",
                     pcfg.feed.name(), bus.endpoint, bus.subscriptions(), stats.dropped.load(Ordering::Relaxed)
                 ));
             }

@@ -779,8 +779,23 @@ async fn validate_flow(cfg: &Config, within: Duration) -> Result<String, String>
     crate::validate::verdict(&report).map_err(|e| e.to_string())?;
     let published: u64 = report.publishers.iter().map(|p| p.published).sum();
     let stored: u64 = report.publishers.iter().map(|p| p.stored).sum();
+    // "No loss" of nothing is not a healthy start: name the silent feeds
+    // (a live venue that cannot be reached stays silent while it retries).
+    let silent: Vec<&str> = report
+        .publishers
+        .iter()
+        .filter(|p| p.published == 0)
+        .map(|p| p.name.as_str())
+        .collect();
+    let quiet = match silent.first() {
+        None => String::new(),
+        Some(first) => format!(
+            "; NO DATA from {} in {within:?} — is the venue reachable? see `nbpy logs {first}`",
+            silent.join(", ")
+        ),
+    };
     Ok(format!(
-        "{} publisher(s) reconciled: {published} published, {stored} stored, no loss",
+        "{} publisher(s) reconciled: {published} published, {stored} stored, no loss{quiet}",
         report.publishers.len()
     ))
 }

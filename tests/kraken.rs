@@ -947,10 +947,20 @@ async fn a_dropped_connection_is_reconnected_and_resubscribed() {
         GUIDE_TS,
     ));
     feed.next().await;
+    assert_eq!(feed.fstats.problem(), None);
 
     // The TCP connection vanishes without a close frame.
     c1.drop_tcp();
     let mut c2 = srv.next_conn().await;
+    // While nothing arrives, the publisher's STATUS can say why.
+    let problem = feed
+        .fstats
+        .problem()
+        .expect("the lost connection is reported");
+    assert!(
+        problem.starts_with("Kraken: ") && problem.contains("reconnecting in"),
+        "{problem}"
+    );
     let sub2 = c2.request().await;
     assert_eq!(sub2["method"], "subscribe");
     assert_eq!(sub2["params"], sub1["params"]);
@@ -981,6 +991,11 @@ async fn a_dropped_connection_is_reconnected_and_resubscribed() {
     let e = feed.next().await;
     assert_depth_matches(&e, &model, 10);
     assert_eq!(e.ts, ns("2023-10-06T17:36:00.000000Z"));
+    assert_eq!(
+        feed.fstats.problem(),
+        None,
+        "data flows again: nothing to report"
+    );
 
     // A close frame (Kraken going into maintenance) is survived as well.
     c2.close();

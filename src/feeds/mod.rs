@@ -99,6 +99,28 @@ pub struct FeedStats {
     pub malformed: AtomicU64,
     /// Upstream (re)connections.
     pub connects: AtomicU64,
+    /// The last upstream connection problem and `accepted` at that moment.
+    upstream: std::sync::Mutex<Option<(u64, String)>>,
+}
+
+impl FeedStats {
+    /// Records why the upstream connection was lost (or never made).
+    pub fn lost(&self, why: String) {
+        let n = self.accepted.load(Ordering::Relaxed);
+        if let Ok(mut u) = self.upstream.lock() {
+            *u = Some((n, why));
+        }
+    }
+
+    /// The last upstream problem, as long as no message has arrived since:
+    /// what a STATUS line should say about a feed that is silent.
+    pub fn problem(&self) -> Option<String> {
+        let n = self.accepted.load(Ordering::Relaxed);
+        let u = self.upstream.lock().ok()?;
+        u.as_ref()
+            .filter(|(at, _)| *at == n)
+            .map(|(_, w)| w.clone())
+    }
 }
 
 /// Stamps and queues a feed's messages for the publisher socket.

@@ -123,6 +123,10 @@ pub(crate) async fn reconnect_loop(
                     ctx.name,
                     d.as_millis()
                 );
+                ctx.out.stats.lost(format!(
+                    "{venue} stream {why}; reconnecting in {} ms",
+                    d.as_millis()
+                ));
                 if !pause(&ctx.shutdown, d).await {
                     return Ok(());
                 }

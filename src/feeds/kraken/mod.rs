@@ -368,6 +368,9 @@ pub async fn run_with_stats(ctx: FeedContext, stats: Arc<KrakenStats>) -> Result
                     "{}: Kraken connection lost: {why}; reconnecting in {delay:.1?}",
                     ctx.name
                 );
+                ctx.out
+                    .stats
+                    .lost(format!("Kraken: {why}; reconnecting in {delay:.1?}"));
                 tokio::select! {
                     _ = ctx.shutdown.cancelled() => break Ok(()),
                     _ = tokio::time::sleep(delay) => {}
