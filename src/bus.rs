@@ -94,7 +94,8 @@ impl BusPublisher {
         let rest = endpoint.trim_start_matches("tcp://");
         let (host, port) = rest.rsplit_once(':').unwrap_or((rest, "0"));
         let port: u16 = port.parse().unwrap_or(0);
-        let socket = zmtp::Publisher::bind(host, port).await?;
+        // Monitors mark themselves with MONITOR_TOPIC: never wait for them.
+        let socket = zmtp::Publisher::bind(host, port, Some(MONITOR_TOPIC.as_bytes())).await?;
         let bound = socket.local_addr();
         Ok(BusPublisher {
             endpoint: format!("tcp://{bound}"),
@@ -115,6 +116,11 @@ impl BusPublisher {
     /// Connected subscribers and monitors.
     pub fn peers(&self) -> usize {
         self.socket.peers()
+    }
+
+    /// Messages a stalled monitor did not get (it was not waited for).
+    pub fn monitor_drops(&self) -> u64 {
+        self.socket.dropped()
     }
 
     /// Waits for the next subscription change and accounts for it. Cancel-safe.

@@ -119,8 +119,12 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
                 let rate = (published - n) as f64 / t.elapsed().as_secs_f64().max(1e-3);
                 last = (Instant::now(), published);
                 let upstream = stats.problem().map(|p| format!("; upstream: {p}")).unwrap_or_default();
+                let monitors = match bus.monitor_drops() {
+                    0 => String::new(),
+                    n => format!(", {n} not sent to stalled monitors"),
+                };
                 svc.status(&format!(
-                    "{} on {}: {published} sent, {rate:.0} msg/s, {} subscription(s), {} dropped{upstream}",
+                    "{} on {}: {published} sent, {rate:.0} msg/s, {} subscription(s), {} dropped{monitors}{upstream}",
                     pcfg.feed.name(), bus.endpoint, bus.subscriptions(), stats.dropped.load(Ordering::Relaxed)
                 ));
             }

@@ -16,6 +16,11 @@
 //! over its high-water mark (a slow subscriber slows the publisher rather
 //! than losing messages); subscription changes are handed to the
 //! application ([`Publisher::next_event`]).
+//!
+//! One addition: a peer that subscribes to the publisher's "lossy" topic (a
+//! topic no message has; nbpy's monitors send it) is not waited for. A
+//! health daemon or validator that stalls loses messages itself, counted,
+//! instead of stalling every feed behind it.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -201,6 +206,8 @@ struct PeerState {
     subs: Vec<Vec<u8>>,
     writing: bool,
     closed: bool,
+    /// Subscribed to the lossy topic: full buffer → drop, not wait.
+    lossy: bool,
 }
 
 impl Peer {
@@ -211,7 +218,7 @@ impl Peer {
     }
 
     /// Applies a subscription change; returns how many the peer now holds.
-    fn apply(&self, ev: &Event) -> usize {
+    fn apply(&self, ev: &Event, lossy: Option<&[u8]>) -> usize {
         let mut st = self.lock();
         match ev {
             Event::Subscribe(t) => st.subs.push(t.clone()),
@@ -221,6 +228,7 @@ impl Peer {
                 }
             }
         }
+        st.lossy = lossy.is_some_and(|l| st.subs.iter().any(|s| s == l));
         st.subs.len()
     }
 
@@ -235,6 +243,8 @@ impl Peer {
 enum Offer {
     /// Closed, or not subscribed to this topic.
     Skipped,
+    /// A lossy peer over its high-water mark: not queued.
+    Dropped,
     /// Appended; `wake` when the buffer was empty (the writer may sleep).
     Queued { wake: bool },
     /// Over the high-water mark: wait for the writer.
@@ -248,7 +258,11 @@ impl Peer {
             return Offer::Skipped;
         }
         if st.buf.len() >= HIGH_WATER_BYTES {
-            return Offer::Full;
+            return if st.lossy {
+                Offer::Dropped
+            } else {
+                Offer::Full
+            };
         }
         let wake = st.buf.is_empty();
         encode_message(frames, &mut st.buf);
@@ -262,6 +276,9 @@ fn matches(subs: &[Vec<u8>], topic: &[u8]) -> bool {
 
 struct Shared {
     peers: Mutex<Vec<Arc<Peer>>>,
+    lossy: Option<Vec<u8>>,
+    /// Messages not queued for lossy peers that were full.
+    dropped: AtomicU64,
     /// Bumped on every change of `peers`, so `send` re-reads its copy only then.
     generation: AtomicU64,
     events: mpsc::UnboundedSender<Event>,
@@ -302,8 +319,9 @@ impl Drop for Publisher {
 }
 
 impl Publisher {
-    /// Binds `host:port` (`*` for every interface, port 0 for any).
-    pub async fn bind(host: &str, port: u16) -> Result<Self, ZmtpError> {
+    /// Binds `host:port` (`*` for every interface, port 0 for any). Peers
+    /// that subscribe to `lossy` are never waited for.
+    pub async fn bind(host: &str, port: u16, lossy: Option<&[u8]>) -> Result<Self, ZmtpError> {
         let host = match host {
             "*" => "0.0.0.0",
             h => h.trim_start_matches('[').trim_end_matches(']'),
@@ -313,6 +331,8 @@ impl Publisher {
         let (tx, rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             peers: Mutex::new(Vec::new()),
+            lossy: lossy.map(|l| l.to_vec()),
+            dropped: AtomicU64::new(0),
             generation: AtomicU64::new(0),
             events: tx,
         });
@@ -334,6 +354,11 @@ impl Publisher {
     /// Number of connected subscribers that finished the handshake.
     pub fn peers(&self) -> usize {
         self.shared.peers().len()
+    }
+
+    /// Messages lossy peers did not get because they were not reading.
+    pub fn dropped(&self) -> u64 {
+        self.shared.dropped.load(Ordering::Relaxed)
     }
 
     /// The next subscription change. Cancel-safe.
@@ -365,6 +390,10 @@ impl Publisher {
                 let space = peer.space.notified();
                 match peer.offer(frames, topic) {
                     Offer::Skipped => break,
+                    Offer::Dropped => {
+                        self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
                     Offer::Queued { wake } => {
                         if wake {
                             peer.data.notify_one();
@@ -378,7 +407,7 @@ impl Publisher {
     }
 
     /// Waits until everything queued so far has been handed to the kernel
-    /// (or its peer is gone).
+    /// (or its peer is gone). Lossy peers are not waited for here either.
     pub async fn flush(&mut self) {
         self.refresh();
         for peer in &self.local {
@@ -386,7 +415,7 @@ impl Publisher {
                 let space = peer.space.notified();
                 let done = {
                     let st = peer.lock();
-                    st.closed || (st.buf.is_empty() && !st.writing)
+                    st.closed || st.lossy || (st.buf.is_empty() && !st.writing)
                 };
                 if done {
                     break;
@@ -552,7 +581,7 @@ async fn serve_peer(mut stream: TcpStream, addr: SocketAddr, shared: Arc<Shared>
                     }
                 };
                 if let Some(ev) = change {
-                    if peer.apply(&ev) > MAX_SUBSCRIPTIONS {
+                    if peer.apply(&ev, shared.lossy.as_deref()) > MAX_SUBSCRIPTIONS {
                         return protocol(format!(
                             "more than {MAX_SUBSCRIPTIONS} subscriptions from one peer"
                         ));
@@ -646,7 +675,7 @@ mod tests {
 
     #[tokio::test]
     async fn subscribe_receive_and_see_the_subscriber_leave() {
-        let mut p = Publisher::bind("127.0.0.1", 0).await.unwrap();
+        let mut p = Publisher::bind("127.0.0.1", 0, None).await.unwrap();
         let mut s = raw_sub(p.local_addr(), b"SUB").await;
         let ready = read_frame(&mut s).await.unwrap();
         assert_eq!(command(&ready.body).unwrap().0, b"READY");
@@ -691,7 +720,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_peer_with_endless_subscriptions_is_dropped() {
-        let mut p = Publisher::bind("127.0.0.1", 0).await.unwrap();
+        let mut p = Publisher::bind("127.0.0.1", 0, None).await.unwrap();
         let mut s = raw_sub(p.local_addr(), b"SUB").await;
         let _ready = read_frame(&mut s).await.unwrap();
         let mut burst = Vec::new();
@@ -723,8 +752,51 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_stalled_lossy_peer_does_not_stall_the_others() {
+        let mut p = Publisher::bind("127.0.0.1", 0, Some(b"\0mon"))
+            .await
+            .unwrap();
+        // A monitor that subscribes to everything and then never reads.
+        let mut mon = raw_sub(p.local_addr(), b"SUB").await;
+        let _ready = read_frame(&mut mon).await.unwrap();
+        mon.write_all(&[0x00, 5, 1, 0, b'm', b'o', b'n'])
+            .await
+            .unwrap();
+        mon.write_all(&[0x00, 1, 1]).await.unwrap();
+        let mut s = raw_sub(p.local_addr(), b"SUB").await;
+        let _ready = read_frame(&mut s).await.unwrap();
+        s.write_all(&[0x00, 1, 1]).await.unwrap();
+        for _ in 0..3 {
+            p.next_event().await.unwrap();
+        }
+        let n = 20_000u32;
+        let reader = tokio::spawn(async move {
+            // Every message, in order: the topic frame is the number.
+            for i in 0..n {
+                let topic = read_frame(&mut s).await.unwrap();
+                assert_eq!(topic.body, i.to_be_bytes());
+                let body = read_frame(&mut s).await.unwrap();
+                assert_eq!(body.body.len(), 1000);
+            }
+        });
+        let payload = vec![b'x'; 1000];
+        let sent = tokio::time::timeout(Duration::from_secs(30), async {
+            for i in 0..n {
+                p.send(&[&i.to_be_bytes(), &payload]).await;
+            }
+            p.flush().await;
+        })
+        .await;
+        assert!(sent.is_ok(), "a stalled monitor stalled the publisher");
+        reader.await.unwrap();
+        // 20 MB cannot all fit in its 1 MiB buffer and socket buffers.
+        assert!(p.dropped() > 10_000, "dropped {}", p.dropped());
+        drop(mon);
+    }
+
+    #[tokio::test]
     async fn a_pub_socket_cannot_subscribe() {
-        let p = Publisher::bind("127.0.0.1", 0).await.unwrap();
+        let p = Publisher::bind("127.0.0.1", 0, None).await.unwrap();
         let mut s = raw_sub(p.local_addr(), b"PUB").await;
         let _ready = read_frame(&mut s).await.unwrap();
         // The publisher closes the connection instead of taking it as a peer.
@@ -739,7 +811,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_slow_subscriber_makes_send_wait_and_loses_nothing() {
-        let mut p = Publisher::bind("127.0.0.1", 0).await.unwrap();
+        let mut p = Publisher::bind("127.0.0.1", 0, None).await.unwrap();
         let mut s = raw_sub(p.local_addr(), b"SUB").await;
         let _ready = read_frame(&mut s).await.unwrap();
         s.write_all(&[0x00, 1, 1]).await.unwrap();
