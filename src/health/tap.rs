@@ -12,10 +12,11 @@
 //! So a [`Tap`] ends at the first disconnect, and [`Tap::connect`] is simply
 //! called again in a loop by its owner, at whatever pace it wants.
 //!
-//! A tap is a real subscriber of the publisher: its XPUB waits for it like
-//! for any other, so its owner must keep reading. It also subscribes to
-//! [`crate::bus::MONITOR_TOPIC`], which tells the publisher not to count it
-//! towards `wait_for_subscribers`.
+//! A tap is a real subscriber of the publisher, marked as a monitor by its
+//! subscription to [`crate::bus::MONITOR_TOPIC`]: the publisher does not
+//! count it towards `wait_for_subscribers` and does not wait for it, so an
+//! owner that stops reading misses messages (seen here as `seq` gaps)
+//! rather than stalling the feed.
 
 use std::time::Duration;
 
