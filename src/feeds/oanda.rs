@@ -221,14 +221,7 @@ pub fn decode(line: &[u8]) -> Result<Message, String> {
 }
 
 pub async fn run(ctx: FeedContext) -> Result<(), Failure> {
-    let problems = check(&ctx.cfg);
-    if !problems.is_empty() {
-        return Err(Failure::config(anyhow::anyhow!(
-            "publisher {}: {}",
-            ctx.name,
-            problems.join("; ")
-        )));
-    }
+    upstream::config_ok(&ctx.name, check(&ctx.cfg))?;
     let o = &ctx.cfg.oanda;
     let (Some(account), Some(token_file)) = (o.account.as_deref(), o.token_file.as_deref()) else {
         return Err(Failure::config(anyhow::anyhow!("oanda: unreachable")));
@@ -239,15 +232,7 @@ pub async fn run(ctx: FeedContext) -> Result<(), Failure> {
         "{base}/v3/accounts/{account}/pricing/stream?instruments={}",
         ctx.cfg.instruments.join("%2C")
     );
-    let client = reqwest::Client::builder()
-        .no_gzip()
-        .connect_timeout(Duration::from_secs(10))
-        .tcp_keepalive(Duration::from_secs(30))
-        .user_agent(concat!("nbpy/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .map_err(|e| {
-            Failure::config(anyhow::anyhow!("publisher {}: HTTP client: {e}", ctx.name))
-        })?;
+    let client = upstream::stream_client(&ctx.name)?;
     let mut stream = Stream {
         ctx: &ctx,
         client,

@@ -240,6 +240,31 @@ impl LineSplitter {
     }
 }
 
+/// A feed's configuration problems (its module's `check`) as the one
+/// error it starts with, or nothing when there are none.
+pub fn config_ok(name: &str, problems: Vec<String>) -> Result<(), Failure> {
+    if problems.is_empty() {
+        return Ok(());
+    }
+    Err(Failure::config(anyhow::anyhow!(
+        "publisher {name}: {}",
+        problems.join("; ")
+    )))
+}
+
+/// The HTTP client of a streaming feed (OANDA, X): the body is a
+/// long-lived stream of lines, so no gzip, and TCP keepalive so a dead
+/// peer is noticed even between the venue's heartbeats.
+pub fn stream_client(name: &str) -> Result<reqwest::Client, Failure> {
+    reqwest::Client::builder()
+        .no_gzip()
+        .connect_timeout(Duration::from_secs(10))
+        .tcp_keepalive(Duration::from_secs(30))
+        .user_agent(concat!("nbpy/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| Failure::config(anyhow::anyhow!("publisher {name}: HTTP client: {e}")))
+}
+
 /// Reads a credential named by a `*_file` key. A missing or unreadable file
 /// is a configuration problem (the key points at nothing), reported with
 /// the key's name and path but never the content.

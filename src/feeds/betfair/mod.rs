@@ -158,14 +158,7 @@ pub fn check(cfg: &PublisherConfig) -> Vec<String> {
 }
 
 pub async fn run(ctx: FeedContext) -> Result<(), Failure> {
-    let problems = check(&ctx.cfg);
-    if !problems.is_empty() {
-        return Err(Failure::config(anyhow::anyhow!(
-            "publisher {}: {}",
-            ctx.name,
-            problems.join("; ")
-        )));
-    }
+    super::upstream::config_ok(&ctx.name, check(&ctx.cfg))?;
     stream::run(ctx).await
 }
 

@@ -227,27 +227,12 @@ async fn json_body<T: serde::de::DeserializeOwned>(resp: reqwest::Response) -> R
 }
 
 pub async fn run(ctx: FeedContext) -> Result<(), Failure> {
-    let problems = check(&ctx.cfg);
-    if !problems.is_empty() {
-        return Err(Failure::config(anyhow::anyhow!(
-            "publisher {}: {}",
-            ctx.name,
-            problems.join("; ")
-        )));
-    }
+    upstream::config_ok(&ctx.name, check(&ctx.cfg))?;
     let Some(token_file) = ctx.cfg.social.bearer_token_file.as_deref() else {
         return Err(Failure::config(anyhow::anyhow!("social: unreachable")));
     };
     let token = upstream::secret(&ctx.name, "social.bearer_token_file", token_file)?;
-    let client = reqwest::Client::builder()
-        .no_gzip()
-        .connect_timeout(Duration::from_secs(10))
-        .tcp_keepalive(Duration::from_secs(30))
-        .user_agent(concat!("nbpy/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .map_err(|e| {
-            Failure::config(anyhow::anyhow!("publisher {}: HTTP client: {e}", ctx.name))
-        })?;
+    let client = upstream::stream_client(&ctx.name)?;
     let mut x = Stream {
         ctx: &ctx,
         base: upstream::base_url(ctx.cfg.url.as_deref(), DEFAULT_URL),
