@@ -23,6 +23,11 @@ use crate::zmtp;
 
 /// Checks an endpoint is `tcp://host:port` (the transport this build carries).
 pub fn check_endpoint(ep: &str) -> Result<(), String> {
+    parse_endpoint(ep).map(|_| ())
+}
+
+/// `tcp://host:port` → host and port (1..=65535).
+fn parse_endpoint(ep: &str) -> Result<(&str, u16), String> {
     let Some(rest) = ep.strip_prefix("tcp://") else {
         return Err("only tcp://HOST:PORT endpoints are supported".into());
     };
@@ -33,7 +38,7 @@ pub fn check_endpoint(ep: &str) -> Result<(), String> {
         return Err("missing host".into());
     }
     match port.parse::<u16>() {
-        Ok(p) if p > 0 => Ok(()),
+        Ok(p) if p > 0 => Ok((host, p)),
         _ => Err(format!("port {port:?} is not 1..=65535")),
     }
 }
@@ -89,11 +94,8 @@ pub struct BusPublisher {
 
 impl BusPublisher {
     pub async fn bind(endpoint: &str) -> Result<Self, zmtp::ZmtpError> {
-        check_endpoint(endpoint)
+        let (host, port) = parse_endpoint(endpoint)
             .map_err(|e| zmtp::ZmtpError::Protocol(format!("endpoint {endpoint:?}: {e}")))?;
-        let rest = endpoint.trim_start_matches("tcp://");
-        let (host, port) = rest.rsplit_once(':').unwrap_or((rest, "0"));
-        let port: u16 = port.parse().unwrap_or(0);
         // Monitors mark themselves with MONITOR_TOPIC: never wait for them.
         let socket = zmtp::Publisher::bind(host, port, Some(MONITOR_TOPIC.as_bytes())).await?;
         let bound = socket.local_addr();
