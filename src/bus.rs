@@ -115,11 +115,6 @@ impl BusPublisher {
         self.subscriptions.saturating_sub(self.monitors)
     }
 
-    /// Connected subscribers and monitors.
-    pub fn peers(&self) -> usize {
-        self.socket.peers()
-    }
-
     /// Messages a stalled monitor did not get (it was not waited for).
     pub fn monitor_drops(&self) -> u64 {
         self.socket.dropped()

@@ -540,7 +540,6 @@ async fn serve_peer(mut stream: TcpStream, addr: SocketAddr, shared: Arc<Shared>
     let reader = {
         let (peer, shared) = (peer.clone(), shared.clone());
         async move {
-            let mut pong = Vec::new();
             loop {
                 let f = match read_frame(&mut rd).await {
                     Ok(f) => f,
@@ -559,9 +558,7 @@ async fn serve_peer(mut stream: TcpStream, addr: SocketAddr, shared: Arc<Shared>
                             let mut body = vec![4];
                             body.extend_from_slice(b"PONG");
                             body.extend_from_slice(data.get(2..).unwrap_or(&[]));
-                            pong.clear();
-                            encode_frame(FLAG_COMMAND, &body, &mut pong);
-                            peer.lock().buf.extend_from_slice(&pong);
+                            encode_frame(FLAG_COMMAND, &body, &mut peer.lock().buf);
                             peer.data.notify_one();
                             None
                         }
@@ -792,6 +789,27 @@ mod tests {
         // 20 MB cannot all fit in its 1 MiB buffer and socket buffers.
         assert!(p.dropped() > 10_000, "dropped {}", p.dropped());
         drop(mon);
+    }
+
+    #[tokio::test]
+    async fn a_ping_is_answered_with_its_context() {
+        let p = Publisher::bind("127.0.0.1", 0, None).await.unwrap();
+        let mut s = raw_sub(p.local_addr(), b"SUB").await;
+        let _ready = read_frame(&mut s).await.unwrap();
+        // PING: name, 2-byte TTL (deciseconds), context.
+        let mut ping = vec![4];
+        ping.extend_from_slice(b"PING");
+        ping.extend_from_slice(&[0, 30, b'c', b'x']);
+        s.write_all(&[FLAG_COMMAND, ping.len() as u8])
+            .await
+            .unwrap();
+        s.write_all(&ping).await.unwrap();
+        let pong = tokio::time::timeout(Duration::from_secs(5), read_frame(&mut s))
+            .await
+            .expect("no PONG")
+            .unwrap();
+        assert_eq!(pong.flags, FLAG_COMMAND);
+        assert_eq!(command(&pong.body).unwrap(), (&b"PONG"[..], &b"cx"[..]));
     }
 
     #[tokio::test]
