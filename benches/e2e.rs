@@ -248,11 +248,15 @@ async fn nbpy_run(
         publisher: per(cpu_secs(publisher.id()) - p0),
     };
     let rss = vm_hwm_kib(subscriber.id());
-    while count(&c).await < n {
+    let stored = loop {
+        let got = count(&c).await;
+        if got >= n {
+            break got;
+        }
         assert!(t0.elapsed() < deadline, "nbpy run did not store everything");
         tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    assert_eq!(count(&c).await, n, "nbpy run stored each point once");
+    };
+    assert_eq!(stored, n, "nbpy run stored each point once");
     for child in [&mut subscriber, &mut publisher] {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(child.id() as i32),
