@@ -46,13 +46,36 @@ pub fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
         .map_err(|e| Failure::new(crate::exit::SOFTWARE, e))
 }
 
+/// A runtime on the calling thread alone, for a process that is one
+/// pipeline: its tasks hand messages to each other without cross-thread
+/// wake-ups (see `nbpy-publisher`).
+pub fn runtime_current_thread() -> Result<tokio::runtime::Runtime, Failure> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::new(crate::exit::SOFTWARE, e))
+}
+
 /// Runs `fut` to completion on a fresh runtime, then leaves without waiting
 /// for blocking reads still parked in the pool (a FIFO or stdin with no
 /// writer would otherwise hold the exit forever).
 pub fn block_on<T>(
     fut: impl std::future::Future<Output = Result<T, Failure>>,
 ) -> Result<T, Failure> {
-    let rt = runtime()?;
+    finish(runtime()?, fut)
+}
+
+/// [`block_on`] on [`runtime_current_thread`].
+pub fn block_on_current_thread<T>(
+    fut: impl std::future::Future<Output = Result<T, Failure>>,
+) -> Result<T, Failure> {
+    finish(runtime_current_thread()?, fut)
+}
+
+fn finish<T>(
+    rt: tokio::runtime::Runtime,
+    fut: impl std::future::Future<Output = Result<T, Failure>>,
+) -> Result<T, Failure> {
     let r = rt.block_on(fut);
     rt.shutdown_background();
     r

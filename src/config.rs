@@ -387,8 +387,9 @@ pub struct PublisherConfig {
     /// No data for this long means the feed is stale: the watchdog stops.
     #[serde(with = "humantime_serde")]
     pub stale_after: Duration,
-    /// Messages buffered between the feed and the socket; beyond it the
-    /// newest are dropped and show up downstream as sequence gaps.
+    /// Messages buffered between a venue feed and the socket; beyond it the
+    /// newest are dropped and show up downstream as sequence gaps. Feeds
+    /// that wait instead (synthetic, replay) use at most 1,024.
     pub queue: usize,
     /// Upstream URL override (tests point it at a local server).
     pub url: Option<String>,

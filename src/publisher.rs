@@ -24,7 +24,7 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
         .publisher(name)
         .map_err(|e| Failure::config(anyhow::anyhow!(e)))?
         .clone();
-    let (tx, mut rx) = mpsc::channel::<Envelope<'static>>(pcfg.queue);
+    let (tx, mut rx) = mpsc::channel::<Envelope<'static>>(pcfg.feed.queue_capacity(pcfg.queue));
     let queued = {
         let weak = tx.downgrade();
         move || {

@@ -26,6 +26,9 @@ use crate::exit::Failure;
 use crate::service::Liveness;
 use crate::wire::Envelope;
 
+/// See [`FeedKind::queue_capacity`].
+pub const WAITING_QUEUE: usize = 1024;
+
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum FeedKind {
@@ -41,6 +44,24 @@ pub enum FeedKind {
 }
 
 impl FeedKind {
+    /// Feeds that make their own data wait for the socket rather than drop
+    /// it (synthetic, replay). They gain nothing from a deep queue: it only
+    /// lets them run ahead into memory, which in the e2e bench cost the
+    /// publisher a third of its CPU in page faults and cache misses.
+    pub fn waits_for_bus(self) -> bool {
+        matches!(self, FeedKind::Synthetic | FeedKind::Replay)
+    }
+
+    /// The queue between feed and socket: as configured for venue feeds,
+    /// which drop beyond it; at most [`WAITING_QUEUE`] for those that wait.
+    pub fn queue_capacity(self, configured: usize) -> usize {
+        if self.waits_for_bus() {
+            configured.min(WAITING_QUEUE)
+        } else {
+            configured
+        }
+    }
+
     /// Ports from DESIGN.md; every feed has its own so defaults never collide.
     pub fn default_port(self) -> u16 {
         match self {

@@ -140,9 +140,18 @@ impl Generator {
         }
         let ts = now_ns().max(self.last_ts + 1);
         self.last_ts = ts;
-        let mut env = Envelope::new(SOURCE, ch, self.instruments[idx].clone(), ts, data);
-        env.rx = ts;
-        env
+        // Built in place: `Envelope::new` would read the clock a second time.
+        Envelope {
+            src: Cow::Borrowed(SOURCE),
+            ch: Cow::Borrowed(ch),
+            sym: Cow::Owned(self.instruments[idx].clone()),
+            publisher: Cow::Borrowed(""),
+            seq: 0,
+            epoch: 0,
+            ts,
+            rx: ts,
+            data,
+        }
     }
 }
 

@@ -167,7 +167,7 @@ impl LineEncoder {
                     if !f.is_finite() {
                         return Err(MapError::NonFinite(field.name.into()));
                     }
-                    out.extend_from_slice(ryu::Buffer::new().format_finite(f).as_bytes());
+                    crate::wire::push_f64(out, f);
                 }
                 (Kind::Int, Value::Int(i)) => {
                     out.extend_from_slice(ib.format(*i).as_bytes());
