@@ -5,8 +5,9 @@
 //! crate's PUB drops silently on a full queue), and the subscription frames
 //! reach us, so "wait for N subscribers" means N subscriptions really
 //! arrived, not N TCP connections that may not have subscribed yet.
-//! Subscribers see an ordinary publisher (libzmq SUBs included); they use
-//! the `zeromq` crate's SUB.
+//! Subscribers see an ordinary publisher (libzmq SUBs included). The
+//! subscriber role reads with [`zmtp::sub`]; the monitors' taps use the
+//! `zeromq` crate's SUB.
 //!
 //! Loss that still happens (a publisher restart, a live feed dropping under
 //! back-pressure, a subscriber reconnecting) is made visible by the
@@ -15,7 +16,7 @@
 use std::collections::HashMap;
 
 use bytes::Bytes;
-use zeromq::{Socket, ZmqMessage};
+use zeromq::ZmqMessage;
 
 use crate::config::Codec;
 use crate::wire::{self, EncodeError, Envelope};
@@ -27,7 +28,7 @@ pub fn check_endpoint(ep: &str) -> Result<(), String> {
 }
 
 /// `tcp://host:port` → host and port (1..=65535).
-fn parse_endpoint(ep: &str) -> Result<(&str, u16), String> {
+pub fn parse_endpoint(ep: &str) -> Result<(&str, u16), String> {
     let Some(rest) = ep.strip_prefix("tcp://") else {
         return Err("only tcp://HOST:PORT endpoints are supported".into());
     };
@@ -63,15 +64,24 @@ pub fn encode(
 
 /// Decodes a received message: two frames are v1, one frame is legacy.
 pub fn decode(msg: &ZmqMessage) -> Result<Envelope<'_>, wire::DecodeError> {
-    match msg.len() {
+    let part = |i| msg.get(i).map(|b: &Bytes| b.as_ref()).unwrap_or(&[]);
+    decode_parts(&[part(0), part(1)], msg.len())
+}
+
+/// [`decode`] for a message given as its first two frames and its frame
+/// count (see [`crate::zmtp::sub::Message`]).
+pub fn decode_parts<'a>(
+    parts: &[&'a [u8]; 2],
+    count: usize,
+) -> Result<Envelope<'a>, wire::DecodeError> {
+    match count {
         2 => {
-            let topic = msg.get(0).map(|b| b.len()).unwrap_or(0);
-            if topic > wire::MAX_FRAME {
-                return Err(wire::DecodeError::TooLarge(topic));
+            if parts[0].len() > wire::MAX_FRAME {
+                return Err(wire::DecodeError::TooLarge(parts[0].len()));
             }
-            wire::decode_v1(msg.get(1).map(|b| b.as_ref()).unwrap_or(&[]))
+            wire::decode_v1(parts[1])
         }
-        1 => wire::decode_legacy(msg.get(0).map(|b| b.as_ref()).unwrap_or(&[])),
+        1 => wire::decode_legacy(parts[0]),
         0 => Err(wire::DecodeError::Empty),
         n => Err(wire::DecodeError::FrameCount(n)),
     }
@@ -166,22 +176,6 @@ impl BusPublisher {
     pub async fn flush(&mut self) {
         self.socket.flush().await
     }
-}
-
-/// Connects a SUB socket to one endpoint with prefix filters. The `zeromq`
-/// crate reconnects by itself after a publisher restart.
-pub async fn connect_sub(
-    endpoint: &str,
-    topics: &[String],
-) -> Result<zeromq::SubSocket, zeromq::ZmqError> {
-    let mut options = zeromq::SocketOptions::default();
-    options.no_connect_timeout();
-    let mut sub = zeromq::SubSocket::with_options(options);
-    for t in topics {
-        sub.subscribe(t).await?;
-    }
-    sub.connect(endpoint).await?;
-    Ok(sub)
 }
 
 /// Per-publisher sequence accounting.

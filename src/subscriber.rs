@@ -24,7 +24,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
-use zeromq::{SocketRecv, ZmqMessage};
 
 use crate::bus::{self, GapTracker};
 use crate::config::{Config, SubscriberConfig};
@@ -37,6 +36,11 @@ use crate::sink::spool::{Spool, SpoolOptions};
 use crate::sink::writer::{SharedSpool, WriterPool, WriterStats};
 use crate::sink::RateLimitedLog;
 use crate::wire::{now_ns, Envelope, Value};
+use crate::zmtp::sub::{self, Chunk, Message, SubEvent};
+
+/// Chunks (whole messages as read, up to ~64 KiB each) waiting for the
+/// intake: a bound of ~16 MiB per subscriber.
+const RAW_CHUNKS: usize = 256;
 
 /// The subscriber's own counters (see also [`WriterStats`]).
 #[derive(Default, Debug)]
@@ -107,7 +111,7 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
     }
 
     let intake = Arc::new(IntakeStats::default());
-    let (raw_tx, mut raw_rx) = mpsc::channel::<ZmqMessage>(65_536);
+    let (raw_tx, mut raw_rx) = mpsc::channel::<Chunk>(RAW_CHUNKS);
     let mut readers = Vec::new();
     for ep in &scfg.connect {
         readers.push(tokio::spawn(read_endpoint(
@@ -185,14 +189,14 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
                     st.pipeline_point(name, &wstats, &pool).await;
                 }
             }
-            m = raw_rx.recv() => {
-                let Some(m) = m else { break };
-                st.process(&m, &pool).await;
+            c = raw_rx.recv() => {
+                let Some(c) = c else { break };
+                st.process_chunk(&c, &pool).await;
                 svc.liveness.data();
                 // Drain a burst without going back through select.
-                for _ in 0..1024 {
+                for _ in 0..16 {
                     match raw_rx.try_recv() {
-                        Ok(m) => st.process(&m, &pool).await,
+                        Ok(c) => st.process_chunk(&c, &pool).await,
                         Err(_) => break,
                     }
                 }
@@ -208,8 +212,8 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
     for r in readers {
         let _ = r.await;
     }
-    while let Some(m) = raw_rx.recv().await {
-        st.process(&m, &pool).await;
+    while let Some(c) = raw_rx.recv().await {
+        st.process_chunk(&c, &pool).await;
     }
     st.pipeline_point(name, &wstats, &pool).await;
     for b in st.batcher.due(true) {
@@ -439,33 +443,54 @@ impl Watermark {
     }
 }
 
+/// Reads one publisher into the intake's channel, reconnecting for ever.
 async fn read_endpoint(
     ep: String,
     topics: Vec<String>,
-    out: mpsc::Sender<ZmqMessage>,
+    out: mpsc::Sender<Chunk>,
     stats: Arc<IntakeStats>,
 ) {
-    let mut sock = loop {
-        match bus::connect_sub(&ep, &topics).await {
-            Ok(s) => break s,
-            Err(e) => {
-                tracing::warn!("cannot connect to {ep}: {e}; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
+    let (host, port) = match bus::parse_endpoint(&ep) {
+        Ok(hp) => hp,
+        Err(e) => {
+            // `config check` refuses this; never reached from a checked config.
+            tracing::error!("cannot connect to {ep:?}: {e}");
+            return;
         }
     };
-    stats.connected.fetch_add(1, Ordering::Relaxed);
-    tracing::info!("connected to {ep}");
+    let mut sock = sub::Subscriber::new(host, port, &topics, crate::wire::MAX_FRAME);
+    let mut retry_log = RateLimitedLog::new(Duration::from_secs(60));
+    let mut oversized_log = RateLimitedLog::new(Duration::from_secs(5));
     loop {
-        match sock.recv().await {
-            Ok(m) => {
-                if out.send(m).await.is_err() {
+        match sock.next().await {
+            SubEvent::Chunk(c) => {
+                if out.send(c).await.is_err() {
                     break;
                 }
             }
-            Err(e) => {
-                tracing::warn!("{ep}: receive failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+            SubEvent::Connected => {
+                stats.connected.fetch_add(1, Ordering::Relaxed);
+                tracing::info!("connected to {ep}");
+            }
+            SubEvent::Down {
+                reason,
+                was_connected: true,
+            } => {
+                stats.connected.fetch_sub(1, Ordering::Relaxed);
+                tracing::warn!("lost {ep}: {reason}; reconnecting");
+            }
+            SubEvent::Down { reason, .. } => {
+                retry_log.warn(|| format!("cannot reach {ep}: {reason}; retrying every 2 s"));
+            }
+            SubEvent::Oversized(n) => {
+                stats.received.fetch_add(1, Ordering::Relaxed);
+                stats.malformed.fetch_add(1, Ordering::Relaxed);
+                oversized_log.warn(|| {
+                    format!(
+                        "{ep}: malformed message: a {n}-byte frame exceeds the {}-byte limit; skipped",
+                        crate::wire::MAX_FRAME
+                    )
+                });
             }
         }
     }
@@ -493,22 +518,25 @@ impl Intake {
         }
     }
 
-    pub async fn process(&mut self, m: &ZmqMessage, pool: &WriterPool) {
-        if let Some(b) = self.accept(m) {
-            pool.submit(b).await;
+    pub async fn process_chunk(&mut self, chunk: &[u8], pool: &WriterPool) {
+        for m in sub::messages(chunk) {
+            if let Some(b) = self.accept(&m) {
+                pool.submit(b).await;
+            }
         }
     }
 
     /// The synchronous part, for benchmarks: returns a full batch, if any.
-    pub fn accept(&mut self, m: &ZmqMessage) -> Option<crate::sink::batch::Batch> {
+    pub fn accept(&mut self, m: &Message<'_>) -> Option<crate::sink::batch::Batch> {
         self.stats.received.fetch_add(1, Ordering::Relaxed);
-        let env = match bus::decode(m) {
+        let env = match bus::decode_parts(&m.parts, m.count) {
             Ok(e) => e,
             Err(e) => {
                 self.stats.malformed.fetch_add(1, Ordering::Relaxed);
-                let topic = m
-                    .get(0)
-                    .map(|t| String::from_utf8_lossy(&t[..t.len().min(80)]).into_owned());
+                let topic = (m.count > 0).then(|| {
+                    let t = m.parts[0];
+                    String::from_utf8_lossy(&t[..t.len().min(80)]).into_owned()
+                });
                 self.log
                     .warn(|| format!("{}: malformed message (topic {topic:?}): {e}", self.name));
                 return None;

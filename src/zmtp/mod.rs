@@ -1,7 +1,9 @@
-//! The publishing end of the bus, speaking ZMTP 3.0 (RFC 23, NULL
-//! mechanism) itself, with XPUB semantics.
+//! The bus's own ZMTP 3.0 (RFC 23, NULL mechanism): framing and handshake,
+//! the publishing end with XPUB semantics (here), and the subscribing end
+//! ([`sub`]).
 //!
-//! Why not the `zeromq` crate here (it is still every subscriber's SUB):
+//! Why not the `zeromq` crate for publishing (the monitors' taps still use
+//! its SUB):
 //! its XPUB flushes each message to the socket on its own, one `sendto`
 //! per message per subscriber. Profiled under the end-to-end benchmark
 //! that was the largest cost of a publisher (about half its CPU, plus a
@@ -30,6 +32,8 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Notify};
+
+pub mod sub;
 
 /// Bytes buffered per subscriber before `send` waits for it.
 pub const HIGH_WATER_BYTES: usize = 1 << 20;
