@@ -485,6 +485,18 @@ async fn serve_peer(mut stream: TcpStream, addr: SocketAddr, shared: Arc<Shared>
     let _ = stream.set_nodelay(true);
     let kind = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut stream)).await {
         Ok(Ok(kind)) => kind,
+        // A connect-and-close (a port probe, `nbpy doctor`, a load
+        // balancer's check) is not worth a warning; a peer that talks
+        // nonsense is.
+        Ok(Err(ZmtpError::Io(e)))
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
+            ) =>
+        {
+            tracing::debug!("bus: {addr} closed before the ZMTP handshake: {e}");
+            return;
+        }
         Ok(Err(e)) => {
             tracing::warn!("bus: connection from {addr} rejected: {e}");
             return;
