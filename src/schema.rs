@@ -252,6 +252,29 @@ mod tests {
             assert!(m.field(m.headline).is_some(), "{} headline", m.name);
         }
         assert_eq!(by_channel("book").map(|m| m.name), Some("kraken_depth"));
+    }
+
+    /// The line encoder writes these names unescaped.
+    #[test]
+    fn names_need_no_escaping_in_line_protocol() {
+        let plain = |s: &str| {
+            !s.is_empty()
+                && s.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        };
+        for m in MEASUREMENTS {
+            assert!(plain(m.name), "{}", m.name);
+            for t in m
+                .tags
+                .iter()
+                .chain(&[TAG_INSTRUMENT, TAG_SOURCE, TAG_PUBLISHER])
+            {
+                assert!(plain(t), "{}.{t}", m.name);
+            }
+            for f in m.fields {
+                assert!(plain(f.name), "{}.{}", m.name, f.name);
+            }
+        }
         assert_eq!(
             by_name("kraken_depth").map(|m| m.fields.len()),
             Some(4 * BOOK_LEVELS + 5)
