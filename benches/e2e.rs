@@ -6,8 +6,9 @@
 //! - nbpy: synthetic publisher → ZeroMQ TCP → subscriber → the same influxd,
 //!   timed from the subscriber's start until every point is stored.
 //!
-//! Runs alternate (ceiling, nbpy, ceiling, …) into fresh databases so both
-//! see the same server state; medians are reported with their ratio, and
+//! Runs alternate (ceiling, nbpy, ceiling, …) into fresh databases, each
+//! starting once influxd is idle again (`settle`), so both see the same
+//! server state; medians are reported with their ratio, and
 //! the subscriber's peak RSS (VmHWM). Run: `cargo bench --bench e2e`
 //! (E2E_POINTS, E2E_RUNS to change the size).
 //!
@@ -102,6 +103,7 @@ async fn ceiling(url: &str, db: &str, n: u64, cfg: &InfluxConfig, influxd: u32) 
             .collect::<std::collections::VecDeque<_>>(),
     ));
     let me = std::process::id();
+    settle(influxd).await;
     let (i0, m0) = (cpu_secs(influxd), cpu_secs(me));
     let t0 = Instant::now();
     let workers: Vec<_> = (0..cfg.concurrency)
@@ -139,6 +141,23 @@ async fn points_written(url: &str) -> u64 {
         return 0;
     };
     v["write"]["values"]["pointReqLocal"].as_u64().unwrap_or(0)
+}
+
+/// Waits until influxd is idle (under ~8% of a core over 250 ms), at most
+/// 20 s. After a run it keeps working for a while (cache snapshots, TSM
+/// compactions of what was just written); without this the run that
+/// starts right after another paid for its predecessor's data. Each run
+/// now starts from a quiet server, as the ceiling runs did by accident
+/// (they pre-encode their batches first).
+async fn settle(influxd: u32) {
+    let t0 = Instant::now();
+    loop {
+        let c0 = cpu_secs(influxd);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if cpu_secs(influxd) - c0 < 0.02 || t0.elapsed() > Duration::from_secs(20) {
+            return;
+        }
+    }
 }
 
 /// User + system CPU seconds a process has used so far.
@@ -229,6 +248,7 @@ async fn nbpy_run(
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    settle(influxd).await;
     let written0 = points_written(url).await;
     let (i0, p0) = (cpu_secs(influxd), cpu_secs(publisher.id()));
     let t0 = Instant::now();
