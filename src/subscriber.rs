@@ -487,7 +487,7 @@ async fn read_endpoint(
                 stats.malformed.fetch_add(1, Ordering::Relaxed);
                 oversized_log.warn(|| {
                     format!(
-                        "{ep}: malformed message: a {n}-byte frame exceeds the {}-byte limit; skipped",
+                        "{ep}: malformed message skipped: {n}+ bytes, over the limit of {} per frame or twice that per message",
                         crate::wire::MAX_FRAME
                     )
                 });

@@ -10,8 +10,9 @@
 //! it goes to the caller as one [`Chunk`], whose frames are parsed in place
 //! ([`messages`]). Reconnects back off from 100 ms to at most 2 s.
 //!
-//! A message with a frame over the size limit is never buffered: its bytes
-//! are skipped as they arrive and it is reported as
+//! A message with a frame over the size limit (or more than twice the limit
+//! in all its frames) is never buffered: its bytes are skipped as they
+//! arrive and it is reported as
 //! [`SubEvent::Oversized`], so a huge frame costs no memory and cannot
 //! stall the messages behind it.
 
@@ -44,7 +45,9 @@ pub enum SubEvent {
     Down { reason: String, was_connected: bool },
     /// One or more whole messages.
     Chunk(Chunk),
-    /// A message with a frame of this many bytes, over the limit, skipped.
+    /// A message with a frame over the limit (or frames over twice the
+    /// limit in all), skipped; its size in bytes (with frame headers) as
+    /// far as it was seen.
     Oversized(u64),
 }
 
@@ -252,7 +255,11 @@ impl Subscriber {
                 self.answer(&body)?;
                 continue;
             }
-            if len > self.max_frame || self.discarding {
+            // A message may hold two frames at the limit (topic and body);
+            // past that, a publisher that never ends a multipart message
+            // would grow the buffer without bound.
+            let so_far = (self.pos - self.msg_start) as u64;
+            if len > self.max_frame || self.discarding || so_far + len > 2 * self.max_frame {
                 if let Some(chunk) = self.take_whole() {
                     return Ok(Some(SubEvent::Chunk(chunk)));
                 }
@@ -263,7 +270,7 @@ impl Subscriber {
                 let first = !self.discarding;
                 self.discarding = flags & FLAG_MORE != 0;
                 if first {
-                    return Ok(Some(SubEvent::Oversized(len)));
+                    return Ok(Some(SubEvent::Oversized(so_far + len)));
                 }
                 continue;
             }
@@ -534,7 +541,8 @@ mod tests {
         }
         let bodies: Vec<_> = got.iter().map(|m| m.1.clone()).collect();
         assert_eq!(bodies, vec![b"before".to_vec(), b"after".to_vec()]);
-        assert_eq!(oversized, vec![5000]);
+        // The topic frame (2 + 1 bytes) and the oversized body.
+        assert_eq!(oversized, vec![3 + 5000]);
         assert!(
             s.peak < 1000,
             "the big frame was buffered: {} bytes",
@@ -551,6 +559,44 @@ mod tests {
         }
         let pong = server.await.unwrap();
         assert_eq!(&pong, b"\x04\x08\x04PONGctx");
+    }
+
+    #[tokio::test]
+    async fn a_multipart_message_that_never_ends_is_skipped_not_buffered() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let mut s = Subscriber::new("127.0.0.1", port, &["".into()], 1000);
+        tokio::spawn(async move {
+            let mut c = raw_pub(&l, b"PUB").await;
+            read_ready_and_subscription(&mut c).await;
+            // 100 KB of 100-byte frames, every one with MORE, then an end
+            // and a good message.
+            let mut out = Vec::new();
+            for _ in 0..1000 {
+                encode_frame(FLAG_MORE, &[5u8; 100], &mut out);
+            }
+            encode_frame(0, b"end", &mut out);
+            encode_message(&[b"t", b"good"], &mut out);
+            c.write_all(&out).await.unwrap();
+            // Held open until the test is done.
+            let mut rest = Vec::new();
+            let _ = c.read_to_end(&mut rest).await;
+        });
+        expect_connected(&mut s).await;
+        let mut oversized = 0;
+        let got = loop {
+            match tokio::time::timeout(Duration::from_secs(10), s.next()).await {
+                Ok(SubEvent::Oversized(n)) => {
+                    assert!(n > 2000, "{n}");
+                    oversized += 1;
+                }
+                Ok(SubEvent::Chunk(c)) => break collect(&c),
+                other => panic!("unexpected {other:?}"),
+            }
+        };
+        assert_eq!(oversized, 1);
+        assert_eq!(got, vec![(b"t".to_vec(), b"good".to_vec(), 2)]);
+        assert!(s.peak < 64 * 1024 + 2100, "buffered {} bytes", s.peak);
     }
 
     #[tokio::test]
