@@ -622,6 +622,37 @@ async fn serve_peer(mut stream: TcpStream, addr: SocketAddr, shared: Arc<Shared>
     }
 }
 
+/// The peer side of a handshake written from RFC 23's bytes, not from this
+/// module's encoder, for the tests of both ends.
+#[cfg(test)]
+mod rfc_peer {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    /// Greets as ZMTP 3.1 NULL and sends READY with `socket_type`; leaves
+    /// the other side's READY unread.
+    pub async fn handshake(s: &mut TcpStream, socket_type: &[u8]) {
+        let mut g = [0u8; 64];
+        g[0] = 0xFF;
+        g[9] = 0x7F;
+        g[10] = 3;
+        g[11] = 1;
+        g[12..16].copy_from_slice(b"NULL");
+        s.write_all(&g).await.unwrap();
+        let mut theirs = [0u8; 64];
+        s.read_exact(&mut theirs).await.unwrap();
+        assert_eq!(&theirs[12..16], b"NULL");
+        let mut body = vec![5];
+        body.extend_from_slice(b"READY");
+        body.push(11);
+        body.extend_from_slice(b"Socket-Type");
+        body.extend_from_slice(&(socket_type.len() as u32).to_be_bytes());
+        body.extend_from_slice(socket_type);
+        s.write_all(&[0x04, body.len() as u8]).await.unwrap();
+        s.write_all(&body).await.unwrap();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -662,27 +693,10 @@ mod tests {
         assert!(socket_type(&data[..data.len() - 1]).is_err());
     }
 
-    /// A peer written from the RFC's bytes, not from this module's encoder.
+    /// A subscriber written from the RFC's bytes, not from this module's encoder.
     async fn raw_sub(addr: SocketAddr, socket_type: &[u8]) -> TcpStream {
         let mut s = TcpStream::connect(addr).await.unwrap();
-        let mut g = [0u8; 64];
-        g[0] = 0xFF;
-        g[9] = 0x7F;
-        g[10] = 3;
-        g[11] = 1;
-        g[12..16].copy_from_slice(b"NULL");
-        s.write_all(&g).await.unwrap();
-        let mut theirs = [0u8; 64];
-        s.read_exact(&mut theirs).await.unwrap();
-        assert_eq!(&theirs[12..16], b"NULL");
-        let mut body = vec![5];
-        body.extend_from_slice(b"READY");
-        body.push(11);
-        body.extend_from_slice(b"Socket-Type");
-        body.extend_from_slice(&(socket_type.len() as u32).to_be_bytes());
-        body.extend_from_slice(socket_type);
-        s.write_all(&[0x04, body.len() as u8]).await.unwrap();
-        s.write_all(&body).await.unwrap();
+        rfc_peer::handshake(&mut s, socket_type).await;
         s
     }
 

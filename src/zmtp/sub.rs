@@ -466,23 +466,7 @@ mod tests {
     /// A publisher written from RFC 23's bytes: greeting, READY as `kind`.
     async fn raw_pub(l: &TcpListener, kind: &[u8]) -> TcpStream {
         let (mut c, _) = l.accept().await.unwrap();
-        let mut g = [0u8; 64];
-        g[0] = 0xFF;
-        g[9] = 0x7F;
-        g[10] = 3;
-        g[11] = 1;
-        g[12..16].copy_from_slice(b"NULL");
-        c.write_all(&g).await.unwrap();
-        let mut theirs = [0u8; 64];
-        c.read_exact(&mut theirs).await.unwrap();
-        let mut body = vec![5];
-        body.extend_from_slice(b"READY");
-        body.push(11);
-        body.extend_from_slice(b"Socket-Type");
-        body.extend_from_slice(&(kind.len() as u32).to_be_bytes());
-        body.extend_from_slice(kind);
-        c.write_all(&[0x04, body.len() as u8]).await.unwrap();
-        c.write_all(&body).await.unwrap();
+        super::super::rfc_peer::handshake(&mut c, kind).await;
         c
     }
 
