@@ -49,7 +49,11 @@ pub struct IntakeStats {
     pub accepted: AtomicU64,
     pub malformed: AtomicU64,
     pub gaps: AtomicU64,
+    /// Publishers connected now.
     pub connected: AtomicU64,
+    /// Connections ever made: readiness latches on the first, because a
+    /// publisher can connect, send and leave before the gauge is looked at.
+    pub connections: AtomicU64,
 }
 
 pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
@@ -123,7 +127,7 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
     }
     drop(raw_tx);
     // Ready once data has somewhere to go and a publisher is connected.
-    while intake.connected.load(Ordering::Relaxed) == 0 {
+    while intake.connections.load(Ordering::Relaxed) == 0 {
         svc.status(&format!(
             "waiting for publishers: {}",
             scfg.connect.join(", ")
@@ -146,7 +150,13 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
         client.url()
     ));
 
-    let mut st = Intake::new(name, &cfg.influxdb, intake.clone());
+    let mut st = Intake::new(name, &cfg.influxdb, intake.clone()).with_topics(&scfg.topics);
+    if !gaps_countable(&scfg.topics) {
+        tracing::info!(
+            "subscriber {name}: topics {:?}: sequence gaps are not counted (seq numbers are per publisher, and a topic filter skips some of them by design)",
+            scfg.topics
+        );
+    }
     let mut marks = Watermark::load(cfg.state_dir.join("seen").join(format!("{name}.json")));
     for (publisher, epoch, seq) in marks.resumed() {
         st.gaps.resume(&publisher, epoch, seq);
@@ -263,10 +273,14 @@ fn beat(svc: &Service, pool: &WriterPool, scfg: &SubscriberConfig) {
 
 fn status_line(i: &IntakeStats, w: &WriterStats, rate: f64, scfg: &SubscriberConfig) -> String {
     let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let gaps = if gaps_countable(&scfg.topics) {
+        format!("{} gaps", n(&i.gaps))
+    } else {
+        "gaps not counted (topic filter)".to_string()
+    };
     let mut s = format!(
-        "{rate:.0} msg/s, {} written, {} gaps, {} malformed, {}/{} publishers, {} queued",
+        "{rate:.0} msg/s, {} written, {gaps}, {} malformed, {}/{} publishers, {} queued",
         n(&w.written),
-        n(&i.gaps),
         n(&i.malformed),
         n(&i.connected),
         scfg.connect.len(),
@@ -470,6 +484,7 @@ async fn read_endpoint(
             }
             SubEvent::Connected => {
                 stats.connected.fetch_add(1, Ordering::Relaxed);
+                stats.connections.fetch_add(1, Ordering::Relaxed);
                 tracing::info!("connected to {ep}");
             }
             SubEvent::Down {
@@ -504,6 +519,15 @@ pub struct Intake {
     stats: Arc<IntakeStats>,
     log: RateLimitedLog,
     name: String,
+    /// False under a topic filter (see [`gaps_countable`]).
+    count_gaps: bool,
+}
+
+/// `seq` counts every message of a publisher, so a subscriber that filters
+/// by topic sees jumps that are not loss: gaps can be counted only when it
+/// takes everything (a `""` prefix).
+pub fn gaps_countable(topics: &[String]) -> bool {
+    topics.iter().any(|t| t.is_empty())
 }
 
 impl Intake {
@@ -515,6 +539,7 @@ impl Intake {
             stats,
             log: RateLimitedLog::new(Duration::from_secs(5)),
             name: name.to_string(),
+            count_gaps: true,
         }
     }
 
@@ -547,7 +572,7 @@ impl Intake {
 
     pub fn accept_envelope(&mut self, env: &Envelope<'_>) -> Option<crate::sink::batch::Batch> {
         let missed = self.gaps.observe(&env.publisher, env.epoch, env.seq);
-        if missed > 0 {
+        if missed > 0 && self.count_gaps {
             self.stats.gaps.fetch_add(missed, Ordering::Relaxed);
             self.log.warn(|| {
                 format!(
@@ -578,6 +603,12 @@ impl Intake {
                 None
             }
         }
+    }
+
+    /// Subscribed to these topics only (see [`gaps_countable`]).
+    pub fn with_topics(mut self, topics: &[String]) -> Self {
+        self.count_gaps = gaps_countable(topics);
+        self
     }
 
     pub fn gaps(&self) -> &GapTracker {

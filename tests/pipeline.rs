@@ -109,3 +109,69 @@ async fn wait_for_subscribers_does_not_count_monitors() {
     let q = "SELECT last(\"gaps\") FROM \"tick\".\"default\".\"nbpy_pipeline\" WHERE component = 'main'";
     assert_eq!(env.client.query_number(q).await.unwrap(), 0.0);
 }
+
+/// A short-lived publisher can connect, send everything and leave before
+/// the subscriber has looked at whether anyone is connected: its messages
+/// are already in hand and must be stored (the subscriber once waited for
+/// a connection that had come and gone, and never got ready).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_that_sends_and_leaves_at_once_is_still_stored() {
+    let env = Env::start().await;
+    let ep = free_endpoint();
+    let n = 50u64;
+    let cfg = env.config(&format!(
+        "[publishers.synth]\nendpoint = \"{ep}\"\ncount = {n}\nwait_for_subscribers = 1\n\
+         [subscribers.main]\nconnect = [\"{ep}\"]\n"
+    ));
+    let cfg = cfg.to_str().unwrap();
+    let mut publisher = env.spawn("nbpy-publisher", &["--config", cfg, "synth"], &[]);
+    publisher.wait_log("bound", Duration::from_secs(20));
+    let mut subscriber = env.spawn("nbpy-subscriber", &["--config", cfg, "main"], &[]);
+    assert!(publisher.wait(Duration::from_secs(60)).success());
+    assert_eq!(
+        env.wait_for_points(n, Duration::from_secs(30)).await,
+        n,
+        "{}",
+        subscriber.log_text()
+    );
+    subscriber.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(subscriber.wait(Duration::from_secs(30)).success());
+}
+
+/// `seq` counts every message of a publisher, so a subscriber that filters
+/// by topic sees jumps that are not loss: it must not report them as gaps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_filter_stores_its_topics_and_reports_no_false_gaps() {
+    let env = Env::start().await;
+    let ep = free_endpoint();
+    let n = 1000u64;
+    let cfg = env.config(&format!(
+        "[publishers.synth]\nendpoint = \"{ep}\"\ncount = {n}\nwait_for_subscribers = 1\n\
+         [subscribers.main]\nconnect = [\"{ep}\"]\ntopics = [\"synthetic.ticker\"]\nstats_interval = \"1s\"\n"
+    ));
+    let cfg = cfg.to_str().unwrap();
+    let mut publisher = env.spawn("nbpy-publisher", &["--config", cfg, "synth"], &[]);
+    publisher.wait_log("bound", Duration::from_secs(20));
+    let mut subscriber = env.spawn("nbpy-subscriber", &["--config", cfg, "main"], &[]);
+    assert!(publisher.wait(Duration::from_secs(120)).success());
+    // Channels rotate, so the ticker is every fifth message.
+    assert_eq!(
+        env.wait_for_points(n / 5, Duration::from_secs(120)).await,
+        n / 5
+    );
+    subscriber.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(subscriber.wait(Duration::from_secs(30)).success());
+    assert_eq!(env.count("kraken_tick").await, n / 5);
+    assert_eq!(env.count("kraken_depth").await, 0);
+    assert_eq!(
+        env.pipeline_last("main", &["gaps", "received"]).await,
+        vec![Some(0), Some((n / 5) as i64)],
+        "{}",
+        subscriber.log_text()
+    );
+    assert!(
+        subscriber.log_text().contains("gaps are not counted"),
+        "the subscriber says why it counts no gaps\n{}",
+        subscriber.log_text()
+    );
+}
