@@ -12,7 +12,7 @@
 //! starting once influxd is idle again (`settle`), so both see the same
 //! server state; medians are reported with their ratio, and
 //! the subscriber's peak RSS (VmHWM). Run: `cargo bench --bench e2e`
-//! (E2E_POINTS, E2E_RUNS to change the size).
+//! (E2E_POINTS, E2E_RUNS to change the size, E2E_GZIP=true|false|auto).
 //!
 //! The end of an nbpy run is seen in InfluxDB's own write counter
 //! (`/debug/vars`), not by `count()` queries: on two cores, polling a scan
@@ -45,10 +45,22 @@ fn env_num(k: &str, d: u64) -> u64 {
         .unwrap_or(d)
 }
 
+/// `E2E_GZIP=true|false|auto` (default auto: off for this local influxd),
+/// for the ceiling's client and the subscriber alike.
+fn gzip() -> nbpy::config::Gzip {
+    use nbpy::config::Gzip;
+    match std::env::var("E2E_GZIP").as_deref() {
+        Ok("true") => Gzip::On,
+        Ok("false") => Gzip::Off,
+        _ => Gzip::Auto,
+    }
+}
+
 fn client(url: &str, db: &str) -> InfluxClient {
     InfluxClient::new(&InfluxConfig {
         url: url.into(),
         database: db.into(),
+        gzip: gzip(),
         ..Default::default()
     })
     .unwrap()
@@ -249,10 +261,15 @@ async fn nbpy_run(
     std::fs::write(
         &cfg,
         format!(
-            "state_dir = {:?}\n[influxdb]\nurl = \"{url}\"\ndatabase = \"{db}\"\n\
+            "state_dir = {:?}\n[influxdb]\nurl = \"{url}\"\ndatabase = \"{db}\"\ngzip = {}\n\
              [publishers.synth]\nendpoint = \"tcp://127.0.0.1:{port}\"\ncount = {n}\nwait_for_subscribers = 1\n\
              [subscribers.main]\nconnect = [\"tcp://127.0.0.1:{port}\"]\n",
-            dir.join("state").display().to_string()
+            dir.join("state").display().to_string(),
+            match gzip() {
+                nbpy::config::Gzip::On => "true",
+                nbpy::config::Gzip::Off => "false",
+                nbpy::config::Gzip::Auto => "\"auto\"",
+            }
         ),
     )
     .unwrap();
@@ -332,7 +349,11 @@ async fn main() {
         LocalInfluxd::spawn(None, &dir.path().join("influx"), 0, None).expect("influxd on PATH");
     influx.wait_ready(Duration::from_secs(30)).unwrap();
     let url = influx.url();
-    let cfg = InfluxConfig::default();
+    let cfg = InfluxConfig {
+        url: url.clone(),
+        gzip: gzip(),
+        ..Default::default()
+    };
     let influxd = influx.pid().expect("influxd running");
     if pinned() {
         pin(influxd, 0);
@@ -343,7 +364,9 @@ async fn main() {
     let mut cpus: [Vec<f64>; 5] = Default::default();
     println!(
         "{n} points per run, batch {} , concurrency {}, gzip {}",
-        cfg.batch_size, cfg.concurrency, cfg.gzip
+        cfg.batch_size,
+        cfg.concurrency,
+        cfg.gzip_enabled()
     );
     println!("CPU µs/point: ceiling influxd + poster | nbpy influxd + subscriber + publisher");
     println!(

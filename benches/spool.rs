@@ -4,7 +4,8 @@
 //! appending real line protocol (synthetic feed → encoder → 5000-point
 //! batches) to a spool, replaying it (read + CRC check + ack + segment
 //! deletion), and writing the same batches to a private influxd the way
-//! the writer pool does (gzip, 2 requests in flight). The spool must be far
+//! the writer pool does (2 requests in flight; gzip as `auto` decides, so
+//! off for this local influxd). The spool must be far
 //! faster than InfluxDB, or replay would be the bottleneck after an outage.
 //!
 //! `NBPY_BENCH_POINTS` (default 500000) and `NBPY_BENCH_RUNS` (default 5)
@@ -204,7 +205,7 @@ fn main() {
         Some((median(p), median(b)))
     });
     if let Some((p, b)) = influx {
-        table.push(("InfluxDB ingest (gzip, 2 in flight)".into(), p, b));
+        table.push(("InfluxDB ingest (2 in flight)".into(), p, b));
     }
     println!(
         "{:<40} {:>14} {:>10} {:>10}",

@@ -175,3 +175,33 @@ async fn a_topic_filter_stores_its_topics_and_reports_no_false_gaps() {
         subscriber.log_text()
     );
 }
+
+/// The default (`gzip = "auto"`) sends this local influxd plain bodies; a
+/// remote one gets gzip. Both paths against the real server: compressed
+/// bodies must be taken whole (a bad one would be refused and counted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gzipped_writes_are_stored_like_plain_ones() {
+    let env = Env::start().await;
+    let ep = free_endpoint();
+    let n = 12_000u64;
+    let cfg = env.config(&format!(
+        "gzip = true\n\
+         [publishers.synth]\nendpoint = \"{ep}\"\ncount = {n}\nwait_for_subscribers = 1\n\
+         [subscribers.main]\nconnect = [\"{ep}\"]\nstats_interval = \"1s\"\n"
+    ));
+    let cfg = cfg.to_str().unwrap();
+    let mut publisher = env.spawn("nbpy-publisher", &["--config", cfg, "synth"], &[]);
+    publisher.wait_log("bound", Duration::from_secs(20));
+    let mut subscriber = env.spawn("nbpy-subscriber", &["--config", cfg, "main"], &[]);
+    assert!(publisher.wait(Duration::from_secs(60)).success());
+    assert_eq!(env.wait_for_points(n, Duration::from_secs(60)).await, n);
+    subscriber.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(subscriber.wait(Duration::from_secs(30)).success());
+    assert_eq!(
+        env.pipeline_last("main", &["write_errors", "dead_lettered", "received"])
+            .await,
+        vec![Some(0), Some(0), Some(n as i64)],
+        "{}",
+        subscriber.log_text()
+    );
+}

@@ -79,7 +79,7 @@ impl InfluxClient {
             base,
             database: cfg.database.clone(),
             auth,
-            gzip: cfg.gzip,
+            gzip: cfg.gzip_enabled(),
         })
     }
 
