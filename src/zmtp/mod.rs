@@ -152,7 +152,7 @@ async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Frame, ZmtpError>
     };
     if len > MAX_INBOUND_FRAME {
         return protocol(format!(
-            "peer sent a {len}-byte frame; a subscriber sends subscriptions of at most {MAX_INBOUND_FRAME}"
+            "peer sent a {len}-byte frame where at most {MAX_INBOUND_FRAME} are expected (handshake, subscriptions)"
         ));
     }
     let mut body = vec![0; len as usize];
@@ -445,12 +445,15 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
-async fn handshake(stream: &mut TcpStream) -> Result<String, ZmtpError> {
+/// Both ends' handshake (RFC 23): greetings, our READY as `ours`, the
+/// peer's READY (or ERROR). Returns the peer's socket type, for the caller
+/// to judge.
+async fn handshake(stream: &mut TcpStream, ours: &str) -> Result<String, ZmtpError> {
     stream.write_all(&greeting()).await?;
     let mut g = [0u8; 64];
     stream.read_exact(&mut g).await?;
     check_greeting(&g)?;
-    stream.write_all(&ready_command("XPUB")).await?;
+    stream.write_all(&ready_command(ours)).await?;
     let f = read_frame(stream).await?;
     if f.flags & FLAG_COMMAND == 0 {
         return protocol("expected READY, got a message");
@@ -472,7 +475,12 @@ async fn handshake(stream: &mut TcpStream) -> Result<String, ZmtpError> {
             ))
         }
     }
-    let kind = socket_type(data)?.unwrap_or_default();
+    Ok(socket_type(data)?.unwrap_or_default())
+}
+
+/// The publisher's side: only a SUB or XSUB may connect.
+async fn subscriber_handshake(stream: &mut TcpStream) -> Result<String, ZmtpError> {
+    let kind = handshake(stream, "XPUB").await?;
     match kind.as_str() {
         "SUB" | "XSUB" => Ok(kind),
         other => protocol(format!(
@@ -483,7 +491,9 @@ async fn handshake(stream: &mut TcpStream) -> Result<String, ZmtpError> {
 
 async fn serve_peer(mut stream: TcpStream, addr: SocketAddr, shared: Arc<Shared>) {
     let _ = stream.set_nodelay(true);
-    let kind = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut stream)).await {
+    let kind = match tokio::time::timeout(HANDSHAKE_TIMEOUT, subscriber_handshake(&mut stream))
+        .await
+    {
         Ok(Ok(kind)) => kind,
         // A connect-and-close (a port probe, `nbpy doctor`, a load
         // balancer's check) is not worth a warning; a peer that talks

@@ -23,15 +23,16 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::{
-    check_greeting, command, encode_frame, greeting, protocol, ready_command, socket_type,
-    ZmtpError, FLAG_COMMAND, FLAG_LONG, FLAG_MORE, HANDSHAKE_TIMEOUT, MAX_INBOUND_FRAME,
+    command, encode_frame, handshake, protocol, ZmtpError, FLAG_COMMAND, FLAG_LONG, FLAG_MORE,
+    HANDSHAKE_TIMEOUT, MAX_INBOUND_FRAME,
 };
 
 /// Whole messages as received: ZMTP frames, back to back.
 pub type Chunk = Bytes;
 
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// The longest wait between reconnect attempts.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// What one read asks the kernel for, at least.
 const READ_SIZE: usize = 64 * 1024;
 
@@ -173,32 +174,7 @@ impl Subscriber {
     async fn connect(&self) -> Result<TcpStream, ZmtpError> {
         let mut s = TcpStream::connect((self.host.as_str(), self.port)).await?;
         let _ = s.set_nodelay(true);
-        s.write_all(&greeting()).await?;
-        let mut g = [0u8; 64];
-        s.read_exact(&mut g).await?;
-        check_greeting(&g)?;
-        s.write_all(&ready_command("SUB")).await?;
-        let (flags, body) = read_command(&mut s).await?;
-        if flags & FLAG_COMMAND == 0 {
-            return protocol("expected READY, got a message");
-        }
-        let (name, data) = command(&body)?;
-        match name {
-            b"READY" => {}
-            b"ERROR" => {
-                return protocol(format!(
-                    "publisher refused the handshake: {}",
-                    String::from_utf8_lossy(data.get(1..).unwrap_or(&[]))
-                ))
-            }
-            other => {
-                return protocol(format!(
-                    "expected READY, got {}",
-                    String::from_utf8_lossy(other)
-                ))
-            }
-        }
-        match socket_type(data)?.unwrap_or_default().as_str() {
+        match handshake(&mut s, "SUB").await?.as_str() {
             "PUB" | "XPUB" => {}
             other => {
                 return protocol(format!(
@@ -340,26 +316,6 @@ fn header(b: &[u8]) -> Result<Option<(u8, usize, u64)>, ZmtpError> {
     }))
 }
 
-/// The publisher's READY (or ERROR), read before any buffering starts.
-async fn read_command(s: &mut TcpStream) -> Result<(u8, Vec<u8>), ZmtpError> {
-    let mut head = [0u8; 9];
-    s.read_exact(&mut head[..2]).await?;
-    let (flags, len) = if head[0] & FLAG_LONG != 0 {
-        s.read_exact(&mut head[2..9]).await?;
-        let mut n = [0u8; 8];
-        n.copy_from_slice(&head[1..9]);
-        (head[0], u64::from_be_bytes(n))
-    } else {
-        (head[0], head[1] as u64)
-    };
-    if len > MAX_INBOUND_FRAME {
-        return protocol(format!("{len}-byte handshake frame"));
-    }
-    let mut body = vec![0; len as usize];
-    s.read_exact(&mut body).await?;
-    Ok((flags, body))
-}
-
 /// One message of a [`Chunk`]: its first two frames (a v1 message has two,
 /// a legacy one one) and how many it had.
 #[derive(Debug, Clone, Copy)]
@@ -403,7 +359,7 @@ impl<'a> Iterator for Messages<'a> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{encode_message, Publisher};
+    use super::super::{encode_message, socket_type, Publisher};
     use super::*;
     use tokio::net::TcpListener;
 
