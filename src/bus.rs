@@ -44,24 +44,6 @@ pub fn parse_endpoint(ep: &str) -> Result<(&str, u16), String> {
     }
 }
 
-/// Encodes envelopes into ZeroMQ messages in the chosen codec.
-pub fn encode(
-    env: &Envelope<'_>,
-    codec: Codec,
-    buf: &mut Vec<u8>,
-) -> Result<ZmqMessage, EncodeError> {
-    match codec {
-        Codec::V1 => {
-            buf.clear();
-            wire::encode_v1(env, buf)?;
-            let mut msg = ZmqMessage::from(Bytes::from(env.topic()));
-            msg.push_back(Bytes::copy_from_slice(buf));
-            Ok(msg)
-        }
-        Codec::Legacy => Ok(ZmqMessage::from(Bytes::from(wire::encode_legacy(env)?))),
-    }
-}
-
 /// Decodes a received message: two frames are v1, one frame is legacy.
 pub fn decode(msg: &ZmqMessage) -> Result<Envelope<'_>, wire::DecodeError> {
     let part = |i| msg.get(i).map(|b: &Bytes| b.as_ref()).unwrap_or(&[]);

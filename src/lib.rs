@@ -14,7 +14,8 @@
 //! - [`schema`]: the measurements, their tags, fields and retention policy.
 //! - [`feeds`]: one module per upstream; [`feeds::synthetic`] is the default.
 //! - [`bus`]: ZeroMQ publisher and subscriber sockets, gap accounting;
-//!   [`zmtp`]: the publisher's own ZMTP 3.0 socket (batched writes).
+//!   [`zmtp`]: the bus's own ZMTP 3.0, publishing end (batched writes)
+//!   and subscribing end (buffers parsed in place).
 //! - [`publisher`] / [`subscriber`]: the two long-running roles.
 //! - [`sink`]: line protocol, batching, InfluxDB client.
 //! - [`service`]: sd_notify, watchdog, signals, logging.

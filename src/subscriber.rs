@@ -495,7 +495,12 @@ async fn read_endpoint(
                 tracing::warn!("lost {ep}: {reason}; reconnecting");
             }
             SubEvent::Down { reason, .. } => {
-                retry_log.warn(|| format!("cannot reach {ep}: {reason}; retrying every 2 s"));
+                retry_log.warn(|| {
+                    format!(
+                        "cannot reach {ep}: {reason}; retrying at least every {:?}",
+                        sub::BACKOFF_MAX
+                    )
+                });
             }
             SubEvent::Oversized(n) => {
                 stats.received.fetch_add(1, Ordering::Relaxed);

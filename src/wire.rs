@@ -280,7 +280,9 @@ pub fn push_f64(out: &mut Vec<u8>, f: f64) {
         None
     }
     .or_else(|| (0..POW10.len()).find_map(|k| shortest(k).filter(|&(_, kk)| kk == k)));
-    let Some((r, k)) = found.filter(|_| a.is_finite() && a < 1e15) else {
+    // NaN, infinities and anything of 10^15 or more fail `shortest` for
+    // every `k`.
+    let Some((r, k)) = found else {
         out.extend_from_slice(ryu::Buffer::new().format_finite(f).as_bytes());
         return;
     };
