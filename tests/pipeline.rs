@@ -110,18 +110,15 @@ async fn wait_for_subscribers_does_not_count_monitors() {
     assert_eq!(env.client.query_number(q).await.unwrap(), 0.0);
 }
 
-/// A short-lived publisher can connect, send everything and leave before
-/// the subscriber has looked at whether anyone is connected: its messages
-/// are already in hand and must be stored (the subscriber once waited for
-/// a connection that had come and gone, and never got ready).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_publisher_that_sends_and_leaves_at_once_is_still_stored() {
-    let env = Env::start().await;
+/// A synthetic publisher of `n` messages into subscriber `main` (`influx`
+/// and `sub` are extra lines for `[influxdb]` and `[subscribers.main]`):
+/// waits for the publisher to finish and for `want` points, stops the
+/// subscriber cleanly and returns it, for its log.
+async fn synth_into_main(env: &Env, n: u64, influx: &str, sub: &str, want: u64) -> Proc {
     let ep = free_endpoint();
-    let n = 50u64;
     let cfg = env.config(&format!(
-        "[publishers.synth]\nendpoint = \"{ep}\"\ncount = {n}\nwait_for_subscribers = 1\n\
-         [subscribers.main]\nconnect = [\"{ep}\"]\n"
+        "{influx}[publishers.synth]\nendpoint = \"{ep}\"\ncount = {n}\nwait_for_subscribers = 1\n\
+         [subscribers.main]\nconnect = [\"{ep}\"]\n{sub}"
     ));
     let cfg = cfg.to_str().unwrap();
     let mut publisher = env.spawn("nbpy-publisher", &["--config", cfg, "synth"], &[]);
@@ -129,13 +126,24 @@ async fn a_publisher_that_sends_and_leaves_at_once_is_still_stored() {
     let mut subscriber = env.spawn("nbpy-subscriber", &["--config", cfg, "main"], &[]);
     assert!(publisher.wait(Duration::from_secs(60)).success());
     assert_eq!(
-        env.wait_for_points(n, Duration::from_secs(30)).await,
-        n,
+        env.wait_for_points(want, Duration::from_secs(30)).await,
+        want,
         "{}",
         subscriber.log_text()
     );
     subscriber.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(subscriber.wait(Duration::from_secs(30)).success());
+    subscriber
+}
+
+/// A short-lived publisher can connect, send everything and leave before
+/// the subscriber has looked at whether anyone is connected: its messages
+/// are already in hand and must be stored (the subscriber once waited for
+/// a connection that had come and gone, and never got ready).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_that_sends_and_leaves_at_once_is_still_stored() {
+    let env = Env::start().await;
+    synth_into_main(&env, 50, "", "", 50).await;
 }
 
 /// `seq` counts every message of a publisher, so a subscriber that filters
@@ -143,24 +151,10 @@ async fn a_publisher_that_sends_and_leaves_at_once_is_still_stored() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_topic_filter_stores_its_topics_and_reports_no_false_gaps() {
     let env = Env::start().await;
-    let ep = free_endpoint();
     let n = 1000u64;
-    let cfg = env.config(&format!(
-        "[publishers.synth]\nendpoint = \"{ep}\"\ncount = {n}\nwait_for_subscribers = 1\n\
-         [subscribers.main]\nconnect = [\"{ep}\"]\ntopics = [\"synthetic.ticker\"]\nstats_interval = \"1s\"\n"
-    ));
-    let cfg = cfg.to_str().unwrap();
-    let mut publisher = env.spawn("nbpy-publisher", &["--config", cfg, "synth"], &[]);
-    publisher.wait_log("bound", Duration::from_secs(20));
-    let mut subscriber = env.spawn("nbpy-subscriber", &["--config", cfg, "main"], &[]);
-    assert!(publisher.wait(Duration::from_secs(120)).success());
     // Channels rotate, so the ticker is every fifth message.
-    assert_eq!(
-        env.wait_for_points(n / 5, Duration::from_secs(120)).await,
-        n / 5
-    );
-    subscriber.signal(nix::sys::signal::Signal::SIGTERM);
-    assert!(subscriber.wait(Duration::from_secs(30)).success());
+    let filter = "topics = [\"synthetic.ticker\"]\nstats_interval = \"1s\"\n";
+    let subscriber = synth_into_main(&env, n, "", filter, n / 5).await;
     assert_eq!(env.count("kraken_tick").await, n / 5);
     assert_eq!(env.count("kraken_depth").await, 0);
     assert_eq!(
@@ -182,21 +176,9 @@ async fn a_topic_filter_stores_its_topics_and_reports_no_false_gaps() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gzipped_writes_are_stored_like_plain_ones() {
     let env = Env::start().await;
-    let ep = free_endpoint();
     let n = 12_000u64;
-    let cfg = env.config(&format!(
-        "gzip = true\n\
-         [publishers.synth]\nendpoint = \"{ep}\"\ncount = {n}\nwait_for_subscribers = 1\n\
-         [subscribers.main]\nconnect = [\"{ep}\"]\nstats_interval = \"1s\"\n"
-    ));
-    let cfg = cfg.to_str().unwrap();
-    let mut publisher = env.spawn("nbpy-publisher", &["--config", cfg, "synth"], &[]);
-    publisher.wait_log("bound", Duration::from_secs(20));
-    let mut subscriber = env.spawn("nbpy-subscriber", &["--config", cfg, "main"], &[]);
-    assert!(publisher.wait(Duration::from_secs(60)).success());
-    assert_eq!(env.wait_for_points(n, Duration::from_secs(60)).await, n);
-    subscriber.signal(nix::sys::signal::Signal::SIGTERM);
-    assert!(subscriber.wait(Duration::from_secs(30)).success());
+    let subscriber =
+        synth_into_main(&env, n, "gzip = true\n", "stats_interval = \"1s\"\n", n).await;
     assert_eq!(
         env.pipeline_last("main", &["write_errors", "dead_lettered", "received"])
             .await,
