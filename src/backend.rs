@@ -12,9 +12,46 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// A free TCP port on loopback (bound, then released).
+/// A free TCP port on loopback for a listener someone else will open.
+///
+/// The port is checked by binding and then released, so it can be taken
+/// before its new owner binds it. `bind(0)` would hand out a port from the
+/// kernel's ephemeral range, the same range every outgoing connection on the
+/// machine draws its local port from: under load (a test suite, a busy
+/// host) one of those can land on it in that window, and influxd then exits
+/// with "address already in use". So the port is drawn at random from below
+/// (else above) the ephemeral range, where only another listener can take it.
 pub fn free_port() -> std::io::Result<u16> {
+    use rand::Rng;
+    let (lo, hi) = ephemeral_range();
+    let span = if lo >= 11_024 {
+        Some((10_000, lo - 1))
+    } else if hi <= 64_511 {
+        Some((hi + 1, 65_535))
+    } else {
+        None
+    };
+    if let Some((a, b)) = span {
+        let mut rng = rand::thread_rng();
+        for _ in 0..64 {
+            let port = rng.gen_range(a..=b);
+            if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return Ok(port);
+            }
+        }
+    }
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// The kernel's ephemeral port range (Linux's default when unreadable).
+fn ephemeral_range() -> (u16, u16) {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| {
+            let mut it = t.split_whitespace().map(|v| v.parse::<u16>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .unwrap_or((32_768, 60_999))
 }
 
 /// `GET /ping` without an HTTP client: true when the server answers 2xx.
@@ -38,6 +75,10 @@ pub struct LocalInfluxd {
     pub addr: String,
     pub dir: PathBuf,
     pub config: PathBuf,
+    /// What `wait_ready` needs to start it again after an early exit.
+    binary: PathBuf,
+    http_port: u16,
+    log: Option<std::fs::File>,
 }
 
 impl LocalInfluxd {
@@ -50,6 +91,7 @@ impl LocalInfluxd {
         log: Option<std::fs::File>,
     ) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
+        let requested_port = http_port;
         let http_port = if http_port == 0 {
             free_port()?
         } else {
@@ -70,11 +112,12 @@ impl LocalInfluxd {
                  [continuous_queries]\n  run-interval = \"1s\"\n"
             ),
         )?;
-        let (out, err) = match log {
-            Some(f) => (Stdio::from(f.try_clone()?), Stdio::from(f)),
+        let (out, err) = match &log {
+            Some(f) => (Stdio::from(f.try_clone()?), Stdio::from(f.try_clone()?)),
             None => (Stdio::null(), Stdio::null()),
         };
-        let child = Command::new(binary.unwrap_or(Path::new("influxd")))
+        let binary = binary.unwrap_or(Path::new("influxd"));
+        let child = Command::new(binary)
             // Not in our process group: a Ctrl-C meant for `nbpy up` must not
             // stop InfluxDB before the subscribers have drained into it.
             .process_group(0)
@@ -90,6 +133,9 @@ impl LocalInfluxd {
             addr,
             dir: dir.to_path_buf(),
             config,
+            binary: binary.to_path_buf(),
+            http_port: requested_port,
+            log,
         })
     }
 
@@ -101,17 +147,41 @@ impl LocalInfluxd {
         self.child.as_ref().map(|c| c.id())
     }
 
-    /// Polls `/ping` until it answers or `timeout` passes; fails early if
-    /// the process has exited.
+    /// Polls `/ping` until it answers or `timeout` passes. An influxd that
+    /// exits before answering is started again, at most `RESPAWNS` times,
+    /// on fresh ports: the ports were free when chosen, but another
+    /// listener may have taken one since (its log says "address already in
+    /// use"). `addr` and `url()` name the instance that answered.
     pub fn wait_ready(&mut self, timeout: Duration) -> Result<Duration, String> {
+        const RESPAWNS: u32 = 3;
         let t0 = Instant::now();
+        let mut respawns = 0;
         while t0.elapsed() < timeout {
             if ping(&self.addr) {
                 return Ok(t0.elapsed());
             }
             if let Some(c) = self.child.as_mut() {
                 if let Ok(Some(status)) = c.try_wait() {
-                    return Err(format!("influxd exited with {status} before answering"));
+                    if respawns == RESPAWNS {
+                        return Err(format!(
+                            "influxd exited with {status} before answering \
+                             ({} attempts on fresh ports)",
+                            RESPAWNS + 1
+                        ));
+                    }
+                    respawns += 1;
+                    tracing::warn!(
+                        "influxd on {} exited with {status} before answering; starting it again",
+                        self.addr
+                    );
+                    self.child = None;
+                    let log = match &self.log {
+                        Some(f) => Some(f.try_clone().map_err(|e| format!("influxd log: {e}"))?),
+                        None => None,
+                    };
+                    *self = LocalInfluxd::spawn(Some(&self.binary), &self.dir, self.http_port, log)
+                        .map_err(|e| format!("starting influxd again: {e}"))?;
+                    continue;
                 }
             }
             std::thread::sleep(Duration::from_millis(25));
@@ -149,7 +219,7 @@ impl LocalInfluxd {
             .next()
             .and_then(|p| p.parse().ok())
             .unwrap_or(0);
-        let fresh = LocalInfluxd::spawn(None, &self.dir.clone(), port, log)?;
+        let fresh = LocalInfluxd::spawn(Some(&self.binary), &self.dir, port, log)?;
         *self = fresh;
         Ok(())
     }
@@ -191,5 +261,65 @@ pub async fn wait_answering(
         }
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(1));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn chosen_ports_avoid_the_ephemeral_range() {
+        let (lo, hi) = ephemeral_range();
+        for _ in 0..200 {
+            let p = free_port().unwrap();
+            assert!(!(lo..=hi).contains(&p), "{p} is in {lo}..={hi}");
+            assert!(p >= 1024);
+        }
+    }
+
+    /// Stands in for influxd: fails its first `fail` starts, then serves
+    /// a directory holding `ping` (so `GET /ping` answers 200) on the HTTP
+    /// address from the config it was given.
+    fn flaky_influxd(dir: &Path, fail: u32) -> PathBuf {
+        let bin = dir.join("flaky-influxd");
+        std::fs::write(
+            &bin,
+            format!(
+                "#!/bin/sh\n\
+                 n=$(cat {d}/starts 2>/dev/null || echo 0); echo $((n+1)) > {d}/starts\n\
+                 [ \"$n\" -lt {fail} ] && exit 1\n\
+                 addr=$(sed -n 's/^  bind-address = \"\\(.*\\)\"/\\1/p' \"$3\")\n\
+                 mkdir -p {d}/www && touch {d}/www/ping\n\
+                 exec python3 -m http.server -b \"${{addr%:*}}\" -d {d}/www \"${{addr##*:}}\"\n",
+                d = dir.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        bin
+    }
+
+    #[test]
+    fn an_influxd_that_exits_before_answering_is_started_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = flaky_influxd(dir.path(), 2);
+        let mut db = LocalInfluxd::spawn(Some(&bin), &dir.path().join("db"), 0, None).unwrap();
+        db.wait_ready(Duration::from_secs(30)).unwrap();
+        assert!(ping(&db.addr));
+        let starts = std::fs::read_to_string(dir.path().join("starts")).unwrap();
+        assert_eq!(starts.trim(), "3");
+    }
+
+    #[test]
+    fn an_influxd_that_keeps_exiting_is_reported_after_four_attempts() {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = flaky_influxd(dir.path(), 100);
+        let mut db = LocalInfluxd::spawn(Some(&bin), &dir.path().join("db"), 0, None).unwrap();
+        let err = db.wait_ready(Duration::from_secs(30)).unwrap_err();
+        assert!(err.contains("before answering (4 attempts"), "{err}");
+        let starts = std::fs::read_to_string(dir.path().join("starts")).unwrap();
+        assert_eq!(starts.trim(), "4");
     }
 }
