@@ -109,25 +109,54 @@ impl<'a> Cur<'a> {
         t.parse().ok()
     }
 
-    fn value(&mut self) -> Option<Value<'a>> {
+    fn raw(&mut self) -> Option<Raw<'a>> {
         match self.peek()? {
-            b'"' => self.string().map(|s| Value::Str(Cow::Borrowed(s))),
-            b't' => self.lit(b"true").map(|_| Value::Bool(true)),
-            b'f' => self.lit(b"false").map(|_| Value::Bool(false)),
-            _ => {
-                let (t, int) = self.number()?;
-                if int {
-                    t.parse().ok().map(Value::Int)
-                } else {
-                    Some(Value::Num(Cow::Borrowed(t)))
-                }
-            }
+            b'"' => self.string().map(Raw::Str),
+            b't' => self.lit(b"true").map(|_| Raw::Bool(true)),
+            b'f' => self.lit(b"false").map(|_| Raw::Bool(false)),
+            _ => self.number().map(|(t, int)| Raw::Num(t, int)),
         }
     }
 }
 
-/// Decodes `body` if it is in canonical form; `None` means "ask serde_json".
-pub fn decode(body: &[u8]) -> Option<Envelope<'_>> {
+/// The envelope's members before `data`, borrowed from the body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Header<'a> {
+    pub src: &'a str,
+    pub ch: &'a str,
+    pub sym: &'a str,
+    pub publisher: &'a str,
+    pub seq: u64,
+    pub epoch: u64,
+    pub ts: i64,
+    pub rx: i64,
+}
+
+/// One `data` value as written: a string (it has no escapes), a boolean,
+/// or a number's text and whether it is an integer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Raw<'a> {
+    Str(&'a str),
+    Bool(bool),
+    Num(&'a str, bool),
+}
+
+/// A canonical body, read as far as the first `data` member; the members
+/// follow from [`Body::member`]. The subscriber writes line protocol from
+/// them directly (`LineEncoder::encode_canonical`), without an
+/// [`Envelope`] in between.
+pub struct Body<'a> {
+    pub head: Header<'a>,
+    cur: Cur<'a>,
+    first: bool,
+}
+
+/// Not in canonical form (ask serde_json).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NotCanonical;
+
+/// Reads the header of `body` if it is in canonical form.
+pub fn parse(body: &[u8]) -> Option<Body<'_>> {
     let text = std::str::from_utf8(body).ok()?;
     let mut c = Cur {
         text,
@@ -154,33 +183,75 @@ pub fn decode(body: &[u8]) -> Option<Envelope<'_>> {
     c.lit(b",\"rx\":")?;
     let rx = c.int()?;
     c.lit(b",\"data\":{")?;
-    let mut data: Fields<'_> = Vec::with_capacity(16);
-    if c.peek()? != b'}' {
-        loop {
-            let k = c.string()?;
-            c.lit(b":")?;
-            let v = c.value()?;
-            data.push((Cow::Borrowed(k), v));
-            match c.peek()? {
-                b',' => c.i += 1,
-                b'}' => break,
-                _ => return None,
+    Some(Body {
+        head: Header {
+            src,
+            ch,
+            sym,
+            publisher,
+            seq,
+            epoch,
+            ts,
+            rx,
+        },
+        cur: c,
+        first: true,
+    })
+}
+
+impl<'a> Body<'a> {
+    /// The next `data` member; `Ok(None)` once the body has ended exactly
+    /// where it should.
+    pub fn member(&mut self) -> Result<Option<(&'a str, Raw<'a>)>, NotCanonical> {
+        let c = &mut self.cur;
+        let more = match c.peek() {
+            Some(b'}') => false,
+            Some(b',') if !self.first => {
+                c.i += 1;
+                true
             }
+            Some(_) if self.first => true,
+            _ => return Err(NotCanonical),
+        };
+        self.first = false;
+        if !more {
+            c.lit(b"}}").ok_or(NotCanonical)?;
+            return if c.i == c.b.len() {
+                Ok(None)
+            } else {
+                Err(NotCanonical)
+            };
         }
+        let k = c.string().ok_or(NotCanonical)?;
+        c.lit(b":").ok_or(NotCanonical)?;
+        let v = c.raw().ok_or(NotCanonical)?;
+        Ok(Some((k, v)))
     }
-    c.lit(b"}}")?;
-    if c.i != body.len() {
-        return None;
+}
+
+/// Decodes `body` if it is in canonical form; `None` means "ask serde_json".
+pub fn decode(body: &[u8]) -> Option<Envelope<'_>> {
+    let mut b = parse(body)?;
+    let mut data: Fields<'_> = Vec::with_capacity(16);
+    while let Some((k, v)) = b.member().ok()? {
+        let v = match v {
+            Raw::Str(s) => Value::Str(Cow::Borrowed(s)),
+            Raw::Bool(b) => Value::Bool(b),
+            Raw::Num(t, true) => Value::Int(t.parse().ok()?),
+            Raw::Num(t, false) => Value::Num(Cow::Borrowed(t)),
+        };
+        data.push((Cow::Borrowed(k), v));
     }
+    let h = b.head;
     Some(Envelope {
-        src: Cow::Borrowed(src),
-        ch: Cow::Borrowed(ch),
-        sym: Cow::Borrowed(sym),
-        publisher: Cow::Borrowed(publisher),
-        seq,
-        epoch,
-        ts,
-        rx,
+        src: Cow::Borrowed(h.src),
+        ch: Cow::Borrowed(h.ch),
+        sym: Cow::Borrowed(h.sym),
+        publisher: Cow::Borrowed(h.publisher),
+        seq: h.seq,
+        epoch: h.epoch,
+        ts: h.ts,
+        rx: h.rx,
         data,
     })
 }
