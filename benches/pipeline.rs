@@ -2,6 +2,10 @@
 //! ZMTP frames as read from the socket in, line protocol in batches out
 //! (`zmtp::sub::messages` + `Intake::accept`).
 //! Target: ≥ 1,000,000 ticker messages/s.
+//!
+//! And the synthetic publisher's own work per message, for comparison:
+//! generate, encode the v1 envelope, frame it for ZMTP (`publish/mixed`,
+//! all five channels in turn, as the e2e benchmark publishes them).
 
 use std::sync::Arc;
 
@@ -56,5 +60,33 @@ fn hot_path(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, hot_path);
+fn publish_path(c: &mut Criterion) {
+    let mut g = c.benchmark_group("publish");
+    let n = 20_000u64;
+    g.throughput(Throughput::Elements(n));
+    g.bench_function("mixed", |b| {
+        let mut gen = Generator::new(1, &[]);
+        let (mut buf, mut topic, mut out) = (Vec::new(), Vec::new(), Vec::new());
+        let mut seq = 0u64;
+        b.iter(|| {
+            out.clear();
+            for _ in 0..n {
+                let mut env = gen.next_message();
+                seq += 1;
+                env.seq = seq;
+                env.epoch = 1;
+                env.publisher = "bench".into();
+                buf.clear();
+                nbpy::wire::encode_v1(&env, &mut buf).unwrap();
+                topic.clear();
+                env.write_topic(&mut topic);
+                nbpy::zmtp::encode_message(&[&topic, &buf], &mut out);
+            }
+            out.len()
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, hot_path, publish_path);
 criterion_main!(benches);

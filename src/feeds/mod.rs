@@ -148,7 +148,9 @@ impl FeedStats {
 #[derive(Clone)]
 pub struct FeedSender {
     tx: mpsc::Sender<Envelope<'static>>,
-    publisher: Arc<str>,
+    /// Leaked once per publisher process, so that stamping a message
+    /// borrows it instead of allocating a copy.
+    publisher: &'static str,
     epoch: u64,
     seq: Arc<AtomicU64>,
     pub stats: Arc<FeedStats>,
@@ -165,7 +167,7 @@ impl FeedSender {
     ) -> Self {
         FeedSender {
             tx,
-            publisher: publisher.into(),
+            publisher: Box::leak(publisher.into()),
             epoch,
             seq: Arc::new(AtomicU64::new(0)),
             stats,
@@ -174,7 +176,7 @@ impl FeedSender {
     }
 
     fn stamp(&self, env: &mut Envelope<'static>) {
-        env.publisher = std::borrow::Cow::Owned(self.publisher.to_string());
+        env.publisher = std::borrow::Cow::Borrowed(self.publisher);
         env.epoch = self.epoch;
         env.seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
         self.stats.accepted.fetch_add(1, Ordering::Relaxed);

@@ -23,7 +23,10 @@ pub const DEFAULT_INSTRUMENTS: [&str; 4] = ["BTC/USD", "ETH/USD", "EUR_USD", "GB
 /// The generator, separate from the async loop so benches can drive it.
 pub struct Generator {
     rng: StdRng,
-    instruments: Vec<String>,
+    /// Leaked, a few bytes once per generator (one per feed run): messages
+    /// borrow them instead of allocating a copy each.
+    instruments: Vec<&'static str>,
+    selection_ids: Vec<&'static str>,
     mids: Vec<f64>,
     n: u64,
     last_ts: i64,
@@ -32,11 +35,17 @@ pub struct Generator {
 
 impl Generator {
     pub fn new(seed: u64, instruments: &[String]) -> Self {
-        let instruments: Vec<String> = if instruments.is_empty() {
-            DEFAULT_INSTRUMENTS.iter().map(|s| s.to_string()).collect()
+        let instruments: Vec<&'static str> = if instruments.is_empty() {
+            DEFAULT_INSTRUMENTS.to_vec()
         } else {
-            instruments.to_vec()
+            instruments
+                .iter()
+                .map(|s| &*Box::leak(s.clone().into_boxed_str()))
+                .collect()
         };
+        let selection_ids = (0..instruments.len())
+            .map(|i| &*Box::leak(format!("{}", 1000 + i).into_boxed_str()))
+            .collect();
         let mids = instruments
             .iter()
             .enumerate()
@@ -45,6 +54,7 @@ impl Generator {
         Generator {
             rng: StdRng::seed_from_u64(seed),
             instruments,
+            selection_ids,
             mids,
             n: 0,
             last_ts: 0,
@@ -54,7 +64,8 @@ impl Generator {
 
     /// The next message: channels rotate fastest, then instruments.
     pub fn next_message(&mut self) -> Envelope<'static> {
-        let ch = CHANNELS[(self.n % CHANNELS.len() as u64) as usize];
+        let chi = (self.n % CHANNELS.len() as u64) as usize;
+        let ch = CHANNELS[chi];
         let idx = ((self.n / CHANNELS.len() as u64) % self.instruments.len() as u64) as usize;
         self.n += 1;
         let step: f64 = self.rng.gen_range(-0.0005..0.0005);
@@ -66,8 +77,8 @@ impl Generator {
         // The largest kind (book) has 22 fields.
         let mut data: Fields<'static> = Vec::with_capacity(24);
         let mut put = |k: &'static str, v: Value<'static>| data.push((Cow::Borrowed(k), v));
-        match ch {
-            "ticker" => {
+        match chi {
+            0 => {
                 put("bid", Value::Float(bid));
                 put("bid_qty", Value::Float(q(&mut self.rng)));
                 put("ask", Value::Float(ask));
@@ -83,7 +94,7 @@ impl Generator {
                 put("change", Value::Float(round(mid * step)));
                 put("change_pct", Value::Float(round(step * 100.0)));
             }
-            "book" => {
+            1 => {
                 for level in 0..5 {
                     let off = half * (level as f64 * 2.0 + 1.0);
                     put(BID[level], Value::Float(round(mid - off)));
@@ -94,7 +105,7 @@ impl Generator {
                 put("mid", Value::Float(round(mid)));
                 put("spread", Value::Float(round(ask - bid)));
             }
-            "trade" => {
+            2 => {
                 self.trade_id += 1;
                 let buy = self.rng.gen_bool(0.5);
                 put(
@@ -106,7 +117,7 @@ impl Generator {
                 put("qty", Value::Float(q(&mut self.rng)));
                 put("trade_id", Value::Int(self.trade_id));
             }
-            "price" => {
+            3 => {
                 put("bid", Value::Float(bid));
                 put("ask", Value::Float(ask));
                 put("spread", Value::Float(round(ask - bid)));
@@ -119,7 +130,7 @@ impl Generator {
                 put("market_id", Value::Str(Cow::Borrowed("1.000000001")));
                 put(
                     "selection_id",
-                    Value::Str(Cow::Owned(format!("{}", 1000 + idx))),
+                    Value::Str(Cow::Borrowed(self.selection_ids[idx])),
                 );
                 put("status", Value::Str(Cow::Borrowed("OPEN")));
                 for level in 0..3 {
@@ -144,7 +155,7 @@ impl Generator {
         Envelope {
             src: Cow::Borrowed(SOURCE),
             ch: Cow::Borrowed(ch),
-            sym: Cow::Owned(self.instruments[idx].clone()),
+            sym: Cow::Borrowed(self.instruments[idx]),
             publisher: Cow::Borrowed(""),
             seq: 0,
             epoch: 0,
