@@ -52,7 +52,7 @@ async fn pyzmq_reads_our_publisher(codec: &'static str) -> serde_json::Value {
         String::from_utf8_lossy(&out.stderr),
         publisher.log_text()
     );
-    assert!(publisher.wait(Duration::from_secs(30)).success());
+    publisher.wait_success(Duration::from_secs(30));
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
@@ -129,7 +129,7 @@ async fn pyzmq_prefix_subscriptions_are_understood() {
             _ => assert_eq!(kinds, ["price"], "{s}"),
         }
     }
-    assert!(publisher.wait(Duration::from_secs(30)).success());
+    publisher.wait_success(Duration::from_secs(30));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -102,10 +102,10 @@ async fn wait_for_subscribers_does_not_count_monitors() {
         Ok(nbpy::health::tap::TapEvent::Disconnected(why)) => panic!("tap disconnected: {why}"),
     }
     let mut subscriber = env.spawn("nbpy-subscriber", &["--config", cfg, "main"], &[]);
-    assert!(publisher.wait(Duration::from_secs(120)).success());
+    publisher.wait_success(Duration::from_secs(120));
     assert_eq!(env.wait_for_points(n, Duration::from_secs(120)).await, n);
     subscriber.signal(nix::sys::signal::Signal::SIGTERM);
-    assert!(subscriber.wait(Duration::from_secs(30)).success());
+    subscriber.wait_success(Duration::from_secs(30));
     let q = "SELECT last(\"gaps\") FROM \"tick\".\"default\".\"nbpy_pipeline\" WHERE component = 'main'";
     assert_eq!(env.client.query_number(q).await.unwrap(), 0.0);
 }
@@ -124,7 +124,7 @@ async fn synth_into_main(env: &Env, n: u64, influx: &str, sub: &str, want: u64) 
     let mut publisher = env.spawn("nbpy-publisher", &["--config", cfg, "synth"], &[]);
     publisher.wait_log("bound", Duration::from_secs(20));
     let mut subscriber = env.spawn("nbpy-subscriber", &["--config", cfg, "main"], &[]);
-    assert!(publisher.wait(Duration::from_secs(60)).success());
+    publisher.wait_success(Duration::from_secs(60));
     assert_eq!(
         env.wait_for_points(want, Duration::from_secs(30)).await,
         want,
@@ -132,7 +132,7 @@ async fn synth_into_main(env: &Env, n: u64, influx: &str, sub: &str, want: u64) 
         subscriber.log_text()
     );
     subscriber.signal(nix::sys::signal::Signal::SIGTERM);
-    assert!(subscriber.wait(Duration::from_secs(30)).success());
+    subscriber.wait_success(Duration::from_secs(30));
     subscriber
 }
 

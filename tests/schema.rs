@@ -306,10 +306,10 @@ stats_interval = "1s"
     let mut publisher = env.spawn("nbpy-publisher", &["--config", cfg_s, "synth"], &[]);
     publisher.wait_log("bound", Duration::from_secs(20));
     let mut subscriber = env.spawn("nbpy-subscriber", &["--config", cfg_s, "main"], &[]);
-    assert!(publisher.wait(Duration::from_secs(120)).success());
+    publisher.wait_success(Duration::from_secs(120));
     assert_eq!(env.wait_for_points(N, Duration::from_secs(120)).await, N);
     subscriber.signal(nix::sys::signal::Signal::SIGTERM);
-    assert!(subscriber.wait(Duration::from_secs(60)).success());
+    subscriber.wait_success(Duration::from_secs(60));
 
     let (code, out) = nbpy(&cfg, &["schema", "stats", "--json"]);
     assert_eq!(code, 0, "{out}");

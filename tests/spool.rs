@@ -263,7 +263,7 @@ stats_interval = "1s"
     let mut publisher = env.spawn("nbpy-publisher", &["--config", cfg, "synth"], &[]);
     publisher.wait_log("bound", Duration::from_secs(20));
     let mut subscriber = env.spawn("nbpy-subscriber", &["--config", cfg, "main"], &[]);
-    assert!(publisher.wait(Duration::from_secs(120)).success());
+    publisher.wait_success(Duration::from_secs(120));
     wait_stored(&env, N / 5 * 4, Duration::from_secs(120)).await;
     let dead = env.path("state").join("dead-letter").join("main.lp");
     wait_until("the dead letters", Duration::from_secs(60), || {
@@ -457,7 +457,7 @@ stats_interval = "1s"
     }
     assert!(status.contains("database not found"), "{status}");
     assert!(status.contains("nbpy schema apply"), "{status}");
-    assert!(publisher.wait(Duration::from_secs(120)).success());
+    publisher.wait_success(Duration::from_secs(120));
     let dir = spool_dir(&env);
     wait_until("the data to be spooled", Duration::from_secs(60), || {
         spool_files(&dir).1 > 0
@@ -545,7 +545,7 @@ when_full = "block"
     );
     // Everything is sent and sits in the blocked subscriber's memory (its
     // bus buffer holds more than N); a stop must not lose any of it.
-    assert!(publisher.wait(Duration::from_secs(120)).success());
+    publisher.wait_success(Duration::from_secs(120));
     first.signal(Signal::SIGTERM);
     let status = first.wait(Duration::from_secs(60));
     assert!(
@@ -576,7 +576,7 @@ when_full = "block"
         spool_files(&dir).0 == 0
     });
     second.signal(Signal::SIGTERM);
-    assert!(second.wait(Duration::from_secs(60)).success());
+    second.wait_success(Duration::from_secs(60));
     assert_eq!(n, N);
     assert_eq!(stored(&env).await, (N, N));
     let gaps = env.pipeline_last("main", &["gaps"]).await[0];

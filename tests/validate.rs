@@ -250,7 +250,7 @@ stats_interval = "1s"
     assert!(env.wait_for_points(1000, Duration::from_secs(30)).await >= 1000);
     publisher.signal(nix::sys::signal::Signal::SIGTERM);
     let mut publisher = publisher;
-    assert!(publisher.wait(Duration::from_secs(30)).success());
+    publisher.wait_success(Duration::from_secs(30));
     let _publisher = env.spawn("nbpy-publisher", &["--config", cfg, "synth"], &[]);
     let status = validator.wait_with_output().unwrap().status;
     let text = std::fs::read_to_string(&out).unwrap();

@@ -150,6 +150,18 @@ impl Proc {
         }
     }
 
+    /// [`Proc::wait`], and the exit must be a success: else the panic
+    /// shows how it ended and the process's log.
+    pub fn wait_success(&mut self, deadline: Duration) {
+        let s = self.wait(deadline);
+        assert!(
+            s.success(),
+            "{} ended with {s}; log:\n{}",
+            self.log.display(),
+            self.log_text()
+        );
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
