@@ -110,10 +110,12 @@ async fn ceiling(url: &str, db: &str, n: u64, cfg: &InfluxConfig, influxd: u32) 
         }
     }
     batches.extend(batcher.due(true));
-    // Oldest first, as the subscriber sends them.
+    // Oldest first, as the subscriber sends them; as Bytes, the form the
+    // subscriber's writer hands to the client.
     let queue = std::sync::Arc::new(std::sync::Mutex::new(
         batches
             .into_iter()
+            .map(|b| (b.rp, bytes::Bytes::from(b.lines)))
             .collect::<std::collections::VecDeque<_>>(),
     ));
     let me = std::process::id();
@@ -126,8 +128,8 @@ async fn ceiling(url: &str, db: &str, n: u64, cfg: &InfluxConfig, influxd: u32) 
             tokio::spawn(async move {
                 loop {
                     let next = q.lock().unwrap().pop_front();
-                    let Some(b) = next else { break };
-                    c.write(b.rp, &b.lines).await.unwrap();
+                    let Some((rp, lines)) = next else { break };
+                    c.write(rp, lines).await.unwrap();
                 }
             })
         })

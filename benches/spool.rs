@@ -126,7 +126,7 @@ async fn influx_run(client: &InfluxClient, data: Vec<Batch>) -> Rate {
                 loop {
                     let next = q.lock().ok().and_then(|mut v| v.pop());
                     let Some(b) = next else { break };
-                    c.write(b.rp, &b.lines).await.expect("influx write");
+                    c.write(b.rp, b.lines.into()).await.expect("influx write");
                 }
             })
         })

@@ -244,7 +244,7 @@ async fn field_type_conflicts_are_dead_lettered_and_the_rest_is_stored() {
         "kraken_tick,instrument=OLD bid=1i {now}\nkraken_tick,instrument=OLD bid=1i {}\n",
         now + 1_800_000_000_000
     );
-    env.client.write("default", pre.as_bytes()).await.unwrap();
+    env.client.write("default", pre.into()).await.unwrap();
     let ep = free_endpoint();
     let cfg = env.config(&format!(
         r#"

@@ -54,6 +54,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use rand::Rng;
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
@@ -116,7 +117,9 @@ impl WriterStats {
 /// Encoded points on their way: a batch, or part of one after a split.
 #[derive(Debug, Clone, PartialEq)]
 struct Piece {
-    lines: Vec<u8>,
+    /// Shared, not copied: the same bytes go to each write attempt, the
+    /// spool and the dead-letter file, and a split takes two views of them.
+    lines: Bytes,
     points: usize,
 }
 
@@ -340,7 +343,7 @@ impl WriterPool {
             id,
             rp: batch.rp,
             piece: Piece {
-                lines: batch.lines,
+                lines: batch.lines.into(),
                 points: batch.points,
             },
         };
@@ -713,7 +716,7 @@ impl Shared {
         let (segment, points) = (rec.segment, rec.points);
         let rp = rec.rp;
         let mut left = vec![Piece {
-            lines: rec.lines,
+            lines: rec.lines.into(),
             points: points as usize,
         }];
         let mut delay = self.retry_min;
@@ -904,7 +907,7 @@ impl Shared {
     async fn write_once(&self, rp: &str, pc: &Piece) -> Result<(), WriteError> {
         let t0 = Instant::now();
         let r = tokio::select! {
-            r = self.client.write(rp, &pc.lines) => r,
+            r = self.client.write(rp, pc.lines.clone()) => r,
             _ = self.hurry.cancelled() => Err(WriteError::Transient("stopping: write abandoned".into())),
         };
         match &r {
@@ -981,16 +984,7 @@ fn dropped_count(msg: &str) -> Option<usize> {
 fn set_apart_conflict(pc: &Piece, msg: &str) -> Option<(Piece, Piece)> {
     let field = between(msg, "input field \"", "\"")?;
     let meas = between(msg, "on measurement \"", "\"")?;
-    let (mut bad, mut good) = (
-        Piece {
-            lines: Vec::new(),
-            points: 0,
-        },
-        Piece {
-            lines: Vec::new(),
-            points: 0,
-        },
-    );
+    let (mut bad, mut good) = ((Vec::new(), 0), (Vec::new(), 0));
     for line in pc.lines.split_inclusive(|b| *b == b'\n') {
         if line.iter().all(|b| b.is_ascii_whitespace()) {
             continue;
@@ -1000,10 +994,14 @@ fn set_apart_conflict(pc: &Piece, msg: &str) -> Option<(Piece, Piece)> {
         } else {
             &mut good
         };
-        target.lines.extend_from_slice(line);
-        target.points += 1;
+        target.0.extend_from_slice(line);
+        target.1 += 1;
     }
-    (bad.points > 0 && good.points > 0).then_some((bad, good))
+    let piece = |(lines, points): (Vec<u8>, usize)| Piece {
+        lines: lines.into(),
+        points,
+    };
+    (bad.1 > 0 && good.1 > 0).then(|| (piece(bad), piece(good)))
 }
 
 fn between<'a>(s: &'a str, open: &str, close: &str) -> Option<&'a str> {
@@ -1055,11 +1053,11 @@ fn split(b: &Piece) -> (Piece, Piece) {
     }
     (
         Piece {
-            lines: b.lines[..cut].to_vec(),
+            lines: b.lines.slice(..cut),
             points: half,
         },
         Piece {
-            lines: b.lines[cut..].to_vec(),
+            lines: b.lines.slice(cut..),
             points: b.points - half,
         },
     )
@@ -1072,12 +1070,12 @@ mod tests {
     #[test]
     fn split_keeps_every_line() {
         let b = Piece {
-            lines: b"a\nb\nc\n".to_vec(),
+            lines: Bytes::from_static(b"a\nb\nc\n"),
             points: 3,
         };
         let (l, r) = split(&b);
-        assert_eq!((l.lines.as_slice(), l.points), (&b"a\n"[..], 1));
-        assert_eq!((r.lines.as_slice(), r.points), (&b"b\nc\n"[..], 2));
+        assert_eq!((l.lines.as_ref(), l.points), (&b"a\n"[..], 1));
+        assert_eq!((r.lines.as_ref(), r.points), (&b"b\nc\n"[..], 2));
     }
 
     #[test]
@@ -1087,7 +1085,8 @@ mod tests {
 kraken_orders,instrument=A price=3.0 2\n\
 kraken_tick,instrument=B\\ x ask=2.0 3\n\
 kraken_tick,instrument=C last=1.0,bid=4.0 4\n"
-                .to_vec(),
+                .to_vec()
+                .into(),
             points: 4,
         };
         let msg = "partial write: field type conflict: input field \"bid\" on measurement \"kraken_tick\" is type float, already exists as type integer dropped=2";
@@ -1095,7 +1094,7 @@ kraken_tick,instrument=C last=1.0,bid=4.0 4\n"
         let (bad, good) = set_apart_conflict(&pc, msg).unwrap();
         assert_eq!(bad.points, 2);
         assert_eq!(
-            bad.lines,
+            bad.lines.as_ref(),
             b"kraken_tick,instrument=A bid=1.0,ask=2.0 1\nkraken_tick,instrument=C last=1.0,bid=4.0 4\n"
         );
         assert_eq!(good.points, 2);
