@@ -93,20 +93,33 @@ impl<'a> Cur<'a> {
         Some((self.text.get(start..self.i)?, integer))
     }
 
+    /// An unsigned JSON integer, valued as it is scanned (the header's four
+    /// integers are read for every message: one pass, not scan + parse).
+    /// `None` for a fraction, an exponent, a sign or more than `u64` holds.
     fn uint(&mut self) -> Option<u64> {
-        let (t, int) = self.number()?;
-        if !int || t.starts_with('-') {
+        let start = self.i;
+        let mut v: u64 = 0;
+        while let Some(d) = self.peek().filter(u8::is_ascii_digit) {
+            v = v.checked_mul(10)?.checked_add(u64::from(d - b'0'))?;
+            self.i += 1;
+        }
+        let n = self.i - start;
+        if n == 0 || (self.b[start] == b'0' && n > 1) {
             return None;
         }
-        t.parse().ok()
+        if matches!(self.peek(), Some(b'.' | b'e' | b'E')) {
+            return None;
+        }
+        Some(v)
     }
 
     fn int(&mut self) -> Option<i64> {
-        let (t, int) = self.number()?;
-        if !int {
-            return None;
+        if self.peek() == Some(b'-') {
+            self.i += 1;
+            let v = self.uint()?;
+            return 0i64.checked_sub_unsigned(v);
         }
-        t.parse().ok()
+        i64::try_from(self.uint()?).ok()
     }
 
     fn raw(&mut self) -> Option<Raw<'a>> {

@@ -266,6 +266,11 @@ pub fn push_f64(out: &mut Vec<u8>, f: f64) {
         // baseline x86-64); the check below makes any rounding safe.
         let mut r = (m + 0.5) as u64;
         let mut k = k;
+        // Prices carry at most 6 decimals of the 9: three zeros at once.
+        while k >= 3 && r % 1000 == 0 {
+            r /= 1000;
+            k -= 3;
+        }
         while k > 0 && r % 10 == 0 {
             r /= 10;
             k -= 1;
@@ -289,16 +294,21 @@ pub fn push_f64(out: &mut Vec<u8>, f: f64) {
     if f.is_sign_negative() {
         out.push(b'-');
     }
-    let scale = 10u64.pow(k as u32);
+    // `r` printed once, the point put in its place.
     let mut ibuf = itoa::Buffer::new();
-    out.extend_from_slice(ibuf.format(r / scale).as_bytes());
-    out.push(b'.');
+    let digits = ibuf.format(r).as_bytes();
     if k == 0 {
-        out.push(b'0');
+        out.extend_from_slice(digits);
+        out.extend_from_slice(b".0");
+    } else if digits.len() > k {
+        let (int, frac) = digits.split_at(digits.len() - k);
+        out.extend_from_slice(int);
+        out.push(b'.');
+        out.extend_from_slice(frac);
     } else {
-        let frac = ibuf.format(r % scale);
-        out.extend(std::iter::repeat_n(b'0', k - frac.len()));
-        out.extend_from_slice(frac.as_bytes());
+        out.extend_from_slice(b"0.");
+        out.extend(std::iter::repeat_n(b'0', k - digits.len()));
+        out.extend_from_slice(digits);
     }
 }
 
