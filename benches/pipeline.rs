@@ -13,26 +13,39 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use nbpy::config::InfluxConfig;
 use nbpy::feeds::synthetic::Generator;
 use nbpy::subscriber::{Intake, IntakeStats};
+use nbpy::wire::Envelope;
 use nbpy::zmtp::sub::messages;
+
+/// Stamps `env` as publisher "bench" would (number `seq`) and appends it
+/// to `out` as ZMTP frames, topic and v1 body; `buf` and `topic` are scratch.
+fn publish(
+    mut env: Envelope<'_>,
+    seq: u64,
+    (buf, topic): (&mut Vec<u8>, &mut Vec<u8>),
+    out: &mut Vec<u8>,
+) {
+    env.seq = seq;
+    env.epoch = 1;
+    env.publisher = "bench".into();
+    buf.clear();
+    nbpy::wire::encode_v1(&env, buf).unwrap();
+    topic.clear();
+    env.write_topic(topic);
+    nbpy::zmtp::encode_message(&[topic, buf], out);
+}
 
 /// `n` messages of one channel as one buffer of ZMTP frames.
 fn frames(channel: &str, n: usize) -> Vec<u8> {
     let mut gen = Generator::new(1, &[]);
-    let mut out = Vec::new();
-    let mut buf = Vec::new();
+    let (mut out, mut buf, mut topic) = (Vec::new(), Vec::new(), Vec::new());
     let mut seq = 0;
     while seq < n as u64 {
-        let mut env = gen.next_message();
+        let env = gen.next_message();
         if env.ch != channel {
             continue;
         }
         seq += 1;
-        env.seq = seq;
-        env.epoch = 1;
-        env.publisher = "bench".into();
-        buf.clear();
-        nbpy::wire::encode_v1(&env, &mut buf).unwrap();
-        nbpy::zmtp::encode_message(&[env.topic().as_bytes(), &buf], &mut out);
+        publish(env, seq, (&mut buf, &mut topic), &mut out);
     }
     out
 }
@@ -71,16 +84,8 @@ fn publish_path(c: &mut Criterion) {
         b.iter(|| {
             out.clear();
             for _ in 0..n {
-                let mut env = gen.next_message();
                 seq += 1;
-                env.seq = seq;
-                env.epoch = 1;
-                env.publisher = "bench".into();
-                buf.clear();
-                nbpy::wire::encode_v1(&env, &mut buf).unwrap();
-                topic.clear();
-                env.write_topic(&mut topic);
-                nbpy::zmtp::encode_message(&[&topic, &buf], &mut out);
+                publish(gen.next_message(), seq, (&mut buf, &mut topic), &mut out);
             }
             out.len()
         })

@@ -108,9 +108,29 @@ fn field_of(m: &'static Measurement, key: &str, hint: &mut usize) -> Option<&'st
     Some(&m.fields[i])
 }
 
-/// Fields the envelope carries outside `data`, written once at the end.
-fn is_envelope_field(f: &Field) -> bool {
-    f.name == "seq" || f.name == "epoch"
+/// Starts data member `key` as a field of `m` in `out` (`name=`, after a
+/// comma unless it is the `n`th = first), or says to skip it: not in the
+/// schema, or one the envelope carries outside `data` (`seq`, `epoch`, written
+/// once at the end of the line).
+#[inline]
+fn start_field(
+    m: &'static Measurement,
+    key: &str,
+    hint: &mut usize,
+    n: &mut usize,
+    out: &mut Vec<u8>,
+) -> Option<&'static Field> {
+    let field = field_of(m, key, hint)?;
+    if field.name == "seq" || field.name == "epoch" {
+        return None;
+    }
+    if *n > 0 {
+        out.push(b',');
+    }
+    *n += 1;
+    out.extend_from_slice(field.name.as_bytes());
+    out.push(b'=');
+    Some(field)
 }
 
 impl LineEncoder {
@@ -173,18 +193,9 @@ impl LineEncoder {
         let mut ib = itoa::Buffer::new();
         let mut hint = 0usize;
         for (k, v) in &env.data {
-            let Some(field) = field_of(m, k, &mut hint) else {
+            let Some(field) = start_field(m, k, &mut hint, &mut n, out) else {
                 continue;
             };
-            if is_envelope_field(field) {
-                continue;
-            }
-            if n > 0 {
-                out.push(b',');
-            }
-            n += 1;
-            out.extend_from_slice(field.name.as_bytes());
-            out.push(b'=');
             match (field.kind, v) {
                 (Kind::Float, Value::Num(t)) => out.extend_from_slice(t.as_bytes()),
                 (Kind::Float, Value::Float(_) | Value::Int(_)) => {
@@ -357,18 +368,9 @@ fn canonical_fields(
                 _ => return None,
             }
         }
-        let Some(field) = field_of(m, k, &mut hint) else {
+        let Some(field) = start_field(m, k, &mut hint, &mut n, out) else {
             continue;
         };
-        if is_envelope_field(field) {
-            continue;
-        }
-        if n > 0 {
-            out.push(b',');
-        }
-        n += 1;
-        out.extend_from_slice(field.name.as_bytes());
-        out.push(b'=');
         match (field.kind, v) {
             (Kind::Float, Raw::Num(t, false)) => out.extend_from_slice(t.as_bytes()),
             (Kind::Float, Raw::Num(t, true)) => {
