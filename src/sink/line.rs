@@ -109,9 +109,9 @@ fn field_of(m: &'static Measurement, key: &str, hint: &mut usize) -> Option<&'st
 }
 
 /// Starts data member `key` as a field of `m` in `out` (`name=`, after a
-/// comma unless it is the `n`th = first), or says to skip it: not in the
-/// schema, or one the envelope carries outside `data` (`seq`, `epoch`, written
-/// once at the end of the line).
+/// comma unless `n`, the fields so far, is 0), or says to skip it: not in
+/// the schema, or one the envelope carries outside `data` (`seq`, `epoch`,
+/// written once at the end of the line).
 #[inline]
 fn start_field(
     m: &'static Measurement,
