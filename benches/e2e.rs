@@ -11,8 +11,8 @@
 //! throughput).
 //!
 //! Runs alternate (ceiling, nbpy, ceiling, …) into fresh databases, each
-//! starting once influxd is idle again (`settle`), so both see the same
-//! server state; medians are reported with their ratio, and
+//! dropped once counted (`drop_database`) and each run starting once
+//! influxd is idle again (`settle`), so both see the same server state; medians are reported with their ratio, and
 //! the subscriber's peak RSS (VmHWM). Run: `cargo bench --bench e2e`
 //! (E2E_POINTS, E2E_RUNS to change the size, E2E_GZIP=true|false|auto).
 //!
@@ -85,6 +85,16 @@ async fn count(c: &InfluxClient) -> u64 {
     n
 }
 
+/// Once a run is counted. The schema's downsampling queries re-aggregate
+/// the last two minutes of every database every 30 s; with a database kept
+/// per run they piled up into bursts of work that hit whichever run was
+/// going, the largest part of the run-to-run spread.
+async fn drop_database(c: &InfluxClient) {
+    c.query(&format!("DROP DATABASE \"{}\"", c.database()))
+        .await
+        .unwrap();
+}
+
 /// CPU microseconds per point, by process.
 #[derive(Default, Clone, Copy)]
 struct Cpu {
@@ -153,6 +163,7 @@ async fn ceiling(
         publisher: 0.0,
     };
     assert_eq!(count(&c).await, n, "ceiling run stored everything");
+    drop_database(&c).await;
     (rate, cpu)
 }
 
@@ -359,6 +370,7 @@ async fn nbpy_run(
         );
         let _ = child.wait();
     }
+    drop_database(&c).await;
     (rate, rss, cpu)
 }
 
