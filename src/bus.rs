@@ -57,16 +57,22 @@ pub fn decode_parts<'a>(
     count: usize,
 ) -> Result<Envelope<'a>, wire::DecodeError> {
     match count {
-        2 => {
-            if parts[0].len() > wire::MAX_FRAME {
-                return Err(wire::DecodeError::TooLarge(parts[0].len()));
-            }
-            wire::decode_v1(parts[1])
-        }
+        2 => wire::decode_v1(v1_body(parts)?),
         1 => wire::decode_legacy(parts[0]),
         0 => Err(wire::DecodeError::Empty),
         n => Err(wire::DecodeError::FrameCount(n)),
     }
+}
+
+/// The body of a two-frame (v1) message, once both frames are within the
+/// limits: the checks [`decode_parts`] makes before decoding, which the
+/// subscriber's fast path makes through here too.
+pub fn v1_body<'a>(parts: &[&'a [u8]; 2]) -> Result<&'a [u8], wire::DecodeError> {
+    if parts[0].len() > wire::MAX_FRAME {
+        return Err(wire::DecodeError::TooLarge(parts[0].len()));
+    }
+    wire::check_v1_body(parts[1])?;
+    Ok(parts[1])
 }
 
 /// A topic no message ever has (topics start with a venue name). Monitors

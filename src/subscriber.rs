@@ -583,13 +583,10 @@ impl Intake {
     /// straight from the frame to line protocol. `None` leaves the message
     /// to the general path, as if this had not looked at it.
     fn accept_canonical(&mut self, m: &Message<'_>) -> Option<Option<crate::sink::batch::Batch>> {
-        let [topic, body] = m.parts;
-        if m.count != 2
-            || topic.len() > crate::wire::MAX_FRAME
-            || body.len() > crate::wire::MAX_FRAME
-        {
+        if m.count != 2 {
             return None;
         }
+        let body = bus::v1_body(&m.parts).ok()?;
         let mut parsed = crate::canonical::parse(body)?;
         let meas = crate::schema::by_channel(parsed.head.ch)?;
         let buf = self.batcher.buffer(meas.rp);

@@ -337,14 +337,21 @@ fn json_str(out: &mut Vec<u8>, s: &str) {
     }
 }
 
-/// Decodes a v1 body.
-pub fn decode_v1(body: &[u8]) -> Result<Envelope<'_>, DecodeError> {
+/// What rules a v1 body out before anything in it is read: empty, or over
+/// the frame limit.
+pub fn check_v1_body(body: &[u8]) -> Result<(), DecodeError> {
     if body.is_empty() {
         return Err(DecodeError::Empty);
     }
     if body.len() > MAX_FRAME {
         return Err(DecodeError::TooLarge(body.len()));
     }
+    Ok(())
+}
+
+/// Decodes a v1 body.
+pub fn decode_v1(body: &[u8]) -> Result<Envelope<'_>, DecodeError> {
+    check_v1_body(body)?;
     if let Some(env) = crate::canonical::decode(body) {
         return Ok(env);
     }
