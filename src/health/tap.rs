@@ -39,7 +39,36 @@ pub struct Tap {
 impl Tap {
     /// Connects to `endpoint` (retrying inside `within`) and subscribes to
     /// every topic. Cancel-safe: dropping the future drops the socket.
+    ///
+    /// The `zeromq` crate retries only a refused TCP connect; a peer that
+    /// accepts and then fails the ZMTP handshake ends its `connect` at once.
+    /// That is what a publisher that is shutting down looks like (its
+    /// listener still accepts while the process exits), and right after a
+    /// disconnect is when owners reconnect: so a failed attempt is tried
+    /// again, on a fresh socket, until `within` is spent.
     pub async fn connect(endpoint: &str, within: Duration) -> Result<Tap, String> {
+        const AGAIN: Duration = Duration::from_millis(100);
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match tokio::time::timeout(left, Self::connect_once(endpoint)).await {
+                Ok(Ok(tap)) => return Ok(tap),
+                Ok(Err(e)) if tokio::time::Instant::now() + AGAIN < deadline => {
+                    tracing::debug!("{e}; trying again");
+                    tokio::time::sleep(AGAIN).await;
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => {
+                    return Err(format!(
+                        "no connection to {endpoint} within {}",
+                        humantime::format_duration(within)
+                    ))
+                }
+            }
+        }
+    }
+
+    async fn connect_once(endpoint: &str) -> Result<Tap, String> {
         let mut options = zeromq::SocketOptions::default();
         options.no_connect_timeout();
         let mut sock = zeromq::SubSocket::with_options(options);
@@ -54,23 +83,17 @@ impl Tap {
         sock.subscribe(crate::bus::MONITOR_TOPIC)
             .await
             .map_err(|e| format!("subscribe: {e}"))?;
-        match tokio::time::timeout(within, sock.connect(endpoint)).await {
-            Ok(Ok(())) => {
-                sock.subscribe("")
-                    .await
-                    .map_err(|e| format!("subscribe: {e}"))?;
-                Ok(Tap {
-                    sock,
-                    monitor,
-                    closed: false,
-                })
-            }
-            Ok(Err(e)) => Err(format!("cannot connect to {endpoint}: {e}")),
-            Err(_) => Err(format!(
-                "no connection to {endpoint} within {}",
-                humantime::format_duration(within)
-            )),
-        }
+        sock.connect(endpoint)
+            .await
+            .map_err(|e| format!("cannot connect to {endpoint}: {e}"))?;
+        sock.subscribe("")
+            .await
+            .map_err(|e| format!("subscribe: {e}"))?;
+        Ok(Tap {
+            sock,
+            monitor,
+            closed: false,
+        })
     }
 
     /// The next message, or the end of the connection. After
@@ -98,5 +121,36 @@ impl Tap {
                 },
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A listener that accepts and hangs up (a publisher on its way out)
+    /// must not end the attempt: the real publisher that binds the port
+    /// after it is reached within the window.
+    #[tokio::test]
+    async fn a_failed_handshake_is_tried_again_within_the_window() {
+        let port = crate::backend::free_port().unwrap();
+        let endpoint = format!("tcp://127.0.0.1:{port}");
+        let dying = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let tap = tokio::spawn({
+            let endpoint = endpoint.clone();
+            async move { Tap::connect(&endpoint, Duration::from_secs(20)).await }
+        });
+        let (conn, _) = dying.accept().await.unwrap();
+        drop(conn);
+        drop(dying);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let _publisher = crate::bus::BusPublisher::bind(&endpoint).await.unwrap();
+        let r = tokio::time::timeout(Duration::from_secs(20), tap)
+            .await
+            .expect("the tap gave an answer within the window")
+            .unwrap();
+        assert!(r.is_ok(), "{:?}", r.err());
     }
 }
