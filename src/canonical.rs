@@ -34,8 +34,8 @@ impl<'a> Cur<'a> {
         self.b.get(self.i).copied()
     }
 
-    /// A string without escapes or control characters.
-    fn string(&mut self) -> Option<&'a str> {
+    /// A string without escapes or control characters, as its byte range.
+    fn span(&mut self) -> Option<(usize, usize)> {
         self.lit(b"\"")?;
         let start = self.i;
         loop {
@@ -46,9 +46,15 @@ impl<'a> Cur<'a> {
                 _ => self.i += 1,
             }
         }
-        let s = self.text.get(start..self.i)?;
+        let end = self.i;
         self.i += 1;
-        Some(s)
+        Some((start, end))
+    }
+
+    /// A string without escapes or control characters.
+    fn string(&mut self) -> Option<&'a str> {
+        let (s, e) = self.span()?;
+        self.text.get(s..e)
     }
 
     fn digits(&mut self) -> usize {
@@ -154,12 +160,26 @@ pub enum Raw<'a> {
     Num(&'a str, bool),
 }
 
+/// Where the header's strings lie in a body, and where they end (at
+/// `,"seq":`). Bodies from one publisher, channel and instrument share
+/// these bytes, so the subscriber learns them once
+/// (`LineEncoder`'s shapes) and reads only the rest with [`parse_known`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prefix {
+    pub len: usize,
+    src: (usize, usize),
+    ch: (usize, usize),
+    sym: (usize, usize),
+    publisher: Option<(usize, usize)>,
+}
+
 /// A canonical body, read as far as the first `data` member; the members
 /// follow from [`Body::member`]. The subscriber writes line protocol from
 /// them directly (`LineEncoder::encode_canonical`), without an
 /// [`Envelope`] in between.
 pub struct Body<'a> {
     pub head: Header<'a>,
+    pub prefix: Prefix,
     cur: Cur<'a>,
     first: bool,
 }
@@ -177,16 +197,42 @@ pub fn parse(body: &[u8]) -> Option<Body<'_>> {
         i: 0,
     };
     c.lit(b"{\"v\":1,\"src\":")?;
-    let src = c.string()?;
+    let src = c.span()?;
     c.lit(b",\"ch\":")?;
-    let ch = c.string()?;
+    let ch = c.span()?;
     c.lit(b",\"sym\":")?;
-    let sym = c.string()?;
+    let sym = c.span()?;
     let publisher = if c.lit(b",\"pub\":").is_some() {
-        c.string()?
+        Some(c.span()?)
     } else {
-        ""
+        None
     };
+    let prefix = Prefix {
+        len: c.i,
+        src,
+        ch,
+        sym,
+        publisher,
+    };
+    rest(c, prefix)
+}
+
+/// Reads the header of `body`, whose first `prefix.len` bytes are those of
+/// a body [`parse`] read before and gave `prefix` for; the caller has
+/// compared them. Only the rest is read: the sequence, times and the start
+/// of `data`.
+pub fn parse_known<'a>(body: &'a [u8], prefix: &Prefix) -> Option<Body<'a>> {
+    let text = std::str::from_utf8(body).ok()?;
+    let c = Cur {
+        text,
+        b: body,
+        i: prefix.len,
+    };
+    rest(c, prefix.clone())
+}
+
+/// The header after its strings, from `,"seq":` to the start of `data`.
+fn rest(mut c: Cur<'_>, prefix: Prefix) -> Option<Body<'_>> {
     c.lit(b",\"seq\":")?;
     let seq = c.uint()?;
     c.lit(b",\"epoch\":")?;
@@ -196,17 +242,23 @@ pub fn parse(body: &[u8]) -> Option<Body<'_>> {
     c.lit(b",\"rx\":")?;
     let rx = c.int()?;
     c.lit(b",\"data\":{")?;
+    let text = c.text;
+    let at = |(s, e): (usize, usize)| text.get(s..e);
     Some(Body {
         head: Header {
-            src,
-            ch,
-            sym,
-            publisher,
+            src: at(prefix.src)?,
+            ch: at(prefix.ch)?,
+            sym: at(prefix.sym)?,
+            publisher: match prefix.publisher {
+                Some(r) => at(r)?,
+                None => "",
+            },
             seq,
             epoch,
             ts,
             rx,
         },
+        prefix,
         cur: c,
         first: true,
     })
@@ -239,6 +291,25 @@ impl<'a> Body<'a> {
         c.lit(b":").ok_or(NotCanonical)?;
         let v = c.raw().ok_or(NotCanonical)?;
         Ok(Some((k, v)))
+    }
+
+    /// The next `data` member, if its key as written (`"bid":`) is `key`:
+    /// for a body whose members are expected in a known order.
+    pub fn member_is(&mut self, key: &[u8]) -> Option<Raw<'a>> {
+        let c = &mut self.cur;
+        if !self.first {
+            c.lit(b",")?;
+        }
+        self.first = false;
+        c.lit(key)?;
+        c.raw()
+    }
+
+    /// The body ends here, exactly.
+    pub fn end(&mut self) -> Option<()> {
+        let c = &mut self.cur;
+        c.lit(b"}}")?;
+        (c.i == c.b.len()).then_some(())
     }
 }
 

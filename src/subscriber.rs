@@ -587,13 +587,13 @@ impl Intake {
             return None;
         }
         let body = bus::v1_body(&m.parts).ok()?;
-        let mut parsed = crate::canonical::parse(body)?;
-        let meas = crate::schema::by_channel(parsed.head.ch)?;
+        let mut parsed = self.encoder.prepare(body)?;
+        let meas = parsed.m;
         let buf = self.batcher.buffer(meas.rp);
-        if !self.encoder.encode_canonical(&mut parsed, meas, buf) {
+        if !self.encoder.encode_prepared(&mut parsed, buf) {
             return None;
         }
-        let h = &parsed.head;
+        let h = &parsed.body.head;
         self.observe_gaps(h.publisher, h.epoch, h.seq);
         self.stats.accepted.fetch_add(1, Ordering::Relaxed);
         Some(self.batcher.commit(meas.rp))

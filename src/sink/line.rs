@@ -50,6 +50,56 @@ pub struct LineEncoder {
     hasher: foldhash::fast::RandomState,
     tags: Tags,
     fields: Vec<u8>,
+    shapes: Shapes,
+    /// Lines written by a learned shape (for the tests).
+    shape_hits: u64,
+}
+
+/// What the encoder learned of the bodies it wrote: for each header prefix
+/// (publisher, channel and instrument, as bytes up to `,"seq":`), the data
+/// keys in the order they came and what each becomes. A publisher sends
+/// one layout per channel, so the next body with that prefix is read
+/// against it: its header strings are not scanned again, its keys are
+/// compared as bytes instead of looked up in the schema, and, without
+/// tags in the data, its series key and hash are reused as they are.
+/// Anything that does not fit is read the ordinary way and learned anew.
+#[derive(Default)]
+struct Shapes {
+    index: HashMap<Box<[u8]>, usize, foldhash::fast::RandomState>,
+    list: Vec<Shape>,
+}
+
+/// Bound on the shapes kept: instrument churn starts over rather than grow.
+const MAX_SHAPES: usize = 16_384;
+
+struct Shape {
+    m: &'static Measurement,
+    prefix: crate::canonical::Prefix,
+    /// The series key as written and its hash, where no tag comes from the
+    /// data.
+    series: Option<(Box<[u8]>, u64)>,
+    members: Box<[Member]>,
+}
+
+/// One data member: its key as written (`"bid":`), the tag it sets, if
+/// any, and the field it writes with the bytes before its value (`bid=`
+/// or `,bid=`), if any.
+struct Member {
+    key: Box<[u8]>,
+    tag: Option<&'static str>,
+    field: Option<(Kind, Box<[u8]>)>,
+}
+
+/// `,"seq":` ends the header's strings in a canonical body.
+static SEQ: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+    std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b",\"seq\":"));
+
+/// A body read as far as its data, for [`LineEncoder::encode_prepared`].
+pub struct Prepared<'b> {
+    pub body: crate::canonical::Body<'b>,
+    pub m: &'static Measurement,
+    shape: Option<usize>,
+    raw: &'b [u8],
 }
 
 /// The tags of the line being written, as keys and ranges of escaped bytes:
@@ -304,8 +354,183 @@ impl LineEncoder {
             .ok()
     }
 
-    /// Appends the sequence fields and the time, moved past a collision in
-    /// its series (`out[start..series_end]`), and ends the line.
+    /// The subscriber's hot path, first step: reads a canonical v1 body
+    /// (see [`crate::canonical`]) of a known channel as far as its data,
+    /// the header strings from a learned shape where the body starts with
+    /// its bytes. `None`: not canonical or no measurement (the general path
+    /// decides).
+    pub fn prepare<'b>(&self, body: &'b [u8]) -> Option<Prepared<'b>> {
+        if let Some(at) = SEQ.find(body) {
+            if let Some(&i) = self.shapes.index.get(&body[..at]) {
+                let shape = &self.shapes.list[i];
+                // Past the same prefix, `parse` reads what this reads.
+                let b = crate::canonical::parse_known(body, &shape.prefix)?;
+                return Some(Prepared {
+                    body: b,
+                    m: shape.m,
+                    shape: Some(i),
+                    raw: body,
+                });
+            }
+        }
+        let b = crate::canonical::parse(body)?;
+        let m = schema::by_channel(b.head.ch)?;
+        Some(Prepared {
+            body: b,
+            m,
+            shape: None,
+            raw: body,
+        })
+    }
+
+    /// Second step: the line for a prepared body, as
+    /// [`Self::encode_canonical`] writes it (and declines it), by its shape
+    /// where it has one that fits. A body written without one teaches its
+    /// shape for the next.
+    pub fn encode_prepared(&mut self, p: &mut Prepared<'_>, out: &mut Vec<u8>) -> bool {
+        if let Some(i) = p.shape.take() {
+            let start = out.len();
+            if self.shape_inner(i, &mut p.body, out).is_some() {
+                self.shape_hits += 1;
+                return true;
+            }
+            out.truncate(start);
+            // Another layout, a value it cannot take, or damage: from the
+            // start, the ordinary way.
+            match crate::canonical::parse(p.raw) {
+                Some(b) => p.body = b,
+                None => return false,
+            }
+        }
+        if !self.encode_canonical(&mut p.body, p.m, out) {
+            return false;
+        }
+        self.learn(p.raw, p.m);
+        true
+    }
+
+    /// Writes `body`'s line by shape `i`; `None` (with `out` to be cut
+    /// back) when the body does not fit it or `encode` would refuse it.
+    fn shape_inner(
+        &mut self,
+        i: usize,
+        body: &mut crate::canonical::Body<'_>,
+        out: &mut Vec<u8>,
+    ) -> Option<()> {
+        let LineEncoder {
+            last,
+            hasher,
+            tags,
+            fields,
+            shapes,
+            ..
+        } = self;
+        let shape = &shapes.list[i];
+        let h = body.head.clone();
+        let start = out.len();
+        let mut ib = itoa::Buffer::new();
+        let hash = match &shape.series {
+            Some((series, hash)) => {
+                out.extend_from_slice(series);
+                out.push(b' ');
+                for mb in shape.members.iter() {
+                    let v = body.member_is(&mb.key)?;
+                    if let Some((kind, pre)) = &mb.field {
+                        out.extend_from_slice(pre);
+                        put_value(*kind, v, out, &mut ib)?;
+                    }
+                }
+                *hash
+            }
+            None => {
+                tags.clear();
+                tags.add(schema::TAG_INSTRUMENT, h.sym).ok()?;
+                tags.add(schema::TAG_SOURCE, h.src).ok()?;
+                tags.add(schema::TAG_PUBLISHER, h.publisher).ok()?;
+                fields.clear();
+                for mb in shape.members.iter() {
+                    let v = body.member_is(&mb.key)?;
+                    if let Some(t) = mb.tag {
+                        put_tag(tags, t, v, &mut ib)?;
+                    }
+                    if let Some((kind, pre)) = &mb.field {
+                        fields.extend_from_slice(pre);
+                        put_value(*kind, v, fields, &mut ib)?;
+                    }
+                }
+                out.extend_from_slice(shape.m.name.as_bytes());
+                tags.write(out);
+                let end = out.len();
+                out.push(b' ');
+                out.extend_from_slice(fields);
+                series_hash(hasher, &out[start..end])
+            }
+        };
+        body.end()?;
+        let time = if h.ts > 0 { h.ts } else { h.rx };
+        end_line(last, out, hash, h.seq, h.epoch, time).ok()
+    }
+
+    /// Records the shape of `raw`, a body the canonical path just wrote.
+    fn learn(&mut self, raw: &[u8], m: &'static Measurement) {
+        let Some(mut b) = crate::canonical::parse(raw) else {
+            return;
+        };
+        let (mut hint, mut n) = (0usize, 0usize);
+        let mut members = Vec::new();
+        loop {
+            let (k, _) = match b.member() {
+                Ok(Some(kv)) => kv,
+                Ok(None) => break,
+                Err(_) => return,
+            };
+            let mut pre = Vec::new();
+            let field = start_field(m, k, &mut hint, &mut n, &mut pre)
+                .map(|f| (f.kind, pre.into_boxed_slice()));
+            members.push(Member {
+                key: [b"\"", k.as_bytes(), b"\":"].concat().into_boxed_slice(),
+                tag: m.tags.iter().find(|t| **t == k).copied(),
+                field,
+            });
+        }
+        let series = if m.tags.is_empty() {
+            let h = &b.head;
+            self.tags.clear();
+            let ok = self.tags.add(schema::TAG_INSTRUMENT, h.sym).is_ok()
+                && self.tags.add(schema::TAG_SOURCE, h.src).is_ok()
+                && self.tags.add(schema::TAG_PUBLISHER, h.publisher).is_ok();
+            if !ok {
+                return;
+            }
+            let mut series = m.name.as_bytes().to_vec();
+            self.tags.write(&mut series);
+            let hash = series_hash(&self.hasher, &series);
+            Some((series.into_boxed_slice(), hash))
+        } else {
+            None
+        };
+        let shapes = &mut self.shapes;
+        if shapes.list.len() >= MAX_SHAPES {
+            shapes.index.clear();
+            shapes.list.clear();
+        }
+        let shape = Shape {
+            m,
+            prefix: b.prefix.clone(),
+            series,
+            members: members.into_boxed_slice(),
+        };
+        let key = &raw[..b.prefix.len];
+        match shapes.index.get(key) {
+            Some(&i) => shapes.list[i] = shape,
+            None => {
+                shapes.index.insert(key.into(), shapes.list.len());
+                shapes.list.push(shape);
+            }
+        }
+    }
+
+    /// [`end_line`] for the series `out[start..series_end]`.
     fn finish(
         &mut self,
         out: &mut Vec<u8>,
@@ -315,35 +540,53 @@ impl LineEncoder {
         epoch: u64,
         time: i64,
     ) -> Result<(), MapError> {
-        let mut t = time;
-        if t <= 0 {
-            return Err(MapError::NoTime);
-        }
-        let mut ib = itoa::Buffer::new();
-        if seq > 0 {
-            out.extend_from_slice(b",seq=");
-            out.extend_from_slice(ib.format(seq).as_bytes());
-            out.extend_from_slice(b"i,epoch=");
-            out.extend_from_slice(ib.format(epoch).as_bytes());
-            out.push(b'i');
-        }
-        let mut h = self.hasher.build_hasher();
-        h.write(&out[start..series_end]);
-        let slot = self.last.entry(h.finish()).or_insert(i64::MIN);
-        if t <= *slot && *slot - t < COLLISION_WINDOW_NS {
-            t = *slot + 1;
-        }
-        *slot = (*slot).max(t);
-        if self.last.len() > 1_000_000 {
-            // Bounded memory under instrument churn; collisions only matter
-            // between neighbours in time, which a fresh map still sees.
-            self.last.clear();
-        }
-        out.push(b' ');
-        out.extend_from_slice(ib.format(t).as_bytes());
-        out.push(b'\n');
-        Ok(())
+        let hash = series_hash(&self.hasher, &out[start..series_end]);
+        end_line(&mut self.last, out, hash, seq, epoch, time)
     }
+}
+
+fn series_hash(hasher: &foldhash::fast::RandomState, series: &[u8]) -> u64 {
+    let mut h = hasher.build_hasher();
+    h.write(series);
+    h.finish()
+}
+
+/// Appends the sequence fields and the time, moved past a collision in
+/// the series of hash `hash`, and ends the line.
+fn end_line(
+    last: &mut HashMap<u64, i64, foldhash::fast::RandomState>,
+    out: &mut Vec<u8>,
+    hash: u64,
+    seq: u64,
+    epoch: u64,
+    time: i64,
+) -> Result<(), MapError> {
+    let mut t = time;
+    if t <= 0 {
+        return Err(MapError::NoTime);
+    }
+    let mut ib = itoa::Buffer::new();
+    if seq > 0 {
+        out.extend_from_slice(b",seq=");
+        out.extend_from_slice(ib.format(seq).as_bytes());
+        out.extend_from_slice(b"i,epoch=");
+        out.extend_from_slice(ib.format(epoch).as_bytes());
+        out.push(b'i');
+    }
+    let slot = last.entry(hash).or_insert(i64::MIN);
+    if t <= *slot && *slot - t < COLLISION_WINDOW_NS {
+        t = *slot + 1;
+    }
+    *slot = (*slot).max(t);
+    if last.len() > 1_000_000 {
+        // Bounded memory under instrument churn; collisions only matter
+        // between neighbours in time, which a fresh map still sees.
+        last.clear();
+    }
+    out.push(b' ');
+    out.extend_from_slice(ib.format(t).as_bytes());
+    out.push(b'\n');
+    Ok(())
 }
 
 /// The `data` members of a canonical body as line-protocol fields into
@@ -356,41 +599,67 @@ fn canonical_fields(
     m: &'static Measurement,
     out: &mut Vec<u8>,
 ) -> Option<()> {
-    use crate::canonical::Raw;
     let mut n = 0usize;
     let mut ib = itoa::Buffer::new();
     let mut hint = 0usize;
     while let Some((k, v)) = body.member().ok()? {
         if let Some(key) = m.tags.iter().find(|t| **t == k) {
-            match v {
-                Raw::Str(s) => tags.add(key, s).ok()?,
-                Raw::Num(t, true) => tags.add(key, ib.format(t.parse::<i64>().ok()?)).ok()?,
-                _ => return None,
-            }
+            put_tag(tags, key, v, &mut ib)?;
         }
         let Some(field) = start_field(m, k, &mut hint, &mut n, out) else {
             continue;
         };
-        match (field.kind, v) {
-            (Kind::Float, Raw::Num(t, false)) => out.extend_from_slice(t.as_bytes()),
-            (Kind::Float, Raw::Num(t, true)) => {
-                crate::wire::push_f64(out, t.parse::<i64>().ok()? as f64)
-            }
-            (Kind::Int, Raw::Num(t, true)) => {
-                out.extend_from_slice(ib.format(t.parse::<i64>().ok()?).as_bytes());
-                out.push(b'i');
-            }
-            (Kind::Bool, Raw::Bool(b)) => out.extend_from_slice(if b { b"true" } else { b"false" }),
-            (Kind::Str, Raw::Str(s)) => {
-                // Canonical strings have no control characters: no newline.
-                out.push(b'"');
-                escape(out, s.as_bytes(), b"\"\\");
-                out.push(b'"');
-            }
-            _ => return None,
-        }
+        put_value(field.kind, v, out, &mut ib)?;
     }
     (n > 0).then_some(())
+}
+
+/// A data member that is a tag, as `encode` takes it: a string, or an
+/// integer written out.
+#[inline]
+fn put_tag(
+    tags: &mut Tags,
+    key: &'static str,
+    v: crate::canonical::Raw<'_>,
+    ib: &mut itoa::Buffer,
+) -> Option<()> {
+    use crate::canonical::Raw;
+    match v {
+        Raw::Str(s) => tags.add(key, s).ok(),
+        Raw::Num(t, true) => tags.add(key, ib.format(t.parse::<i64>().ok()?)).ok(),
+        _ => None,
+    }
+}
+
+/// A data member's value as a field of `kind`, as `encode` writes it;
+/// `None` where `encode` would refuse it.
+#[inline]
+fn put_value(
+    kind: Kind,
+    v: crate::canonical::Raw<'_>,
+    out: &mut Vec<u8>,
+    ib: &mut itoa::Buffer,
+) -> Option<()> {
+    use crate::canonical::Raw;
+    match (kind, v) {
+        (Kind::Float, Raw::Num(t, false)) => out.extend_from_slice(t.as_bytes()),
+        (Kind::Float, Raw::Num(t, true)) => {
+            crate::wire::push_f64(out, t.parse::<i64>().ok()? as f64)
+        }
+        (Kind::Int, Raw::Num(t, true)) => {
+            out.extend_from_slice(ib.format(t.parse::<i64>().ok()?).as_bytes());
+            out.push(b'i');
+        }
+        (Kind::Bool, Raw::Bool(b)) => out.extend_from_slice(if b { b"true" } else { b"false" }),
+        (Kind::Str, Raw::Str(s)) => {
+            // Canonical strings have no control characters: no newline.
+            out.push(b'"');
+            escape(out, s.as_bytes(), b"\"\\");
+            out.push(b'"');
+        }
+        _ => return None,
+    }
+    Some(())
 }
 
 fn kind_name(v: &Value<'_>) -> &'static str {
@@ -538,10 +807,9 @@ mod tests {
                 plain.encode(&env, &mut o).ok().map(|_| o)
             });
             let mut out = b"keep".to_vec();
-            let wrote = crate::canonical::parse(body).is_some_and(|mut p| {
-                schema::by_channel(p.head.ch)
-                    .is_some_and(|m| fused.encode_canonical(&mut p, m, &mut out))
-            });
+            let wrote = fused
+                .prepare(body)
+                .is_some_and(|mut p| fused.encode_prepared(&mut p, &mut out));
             if wrote {
                 assert_eq!(
                     String::from_utf8_lossy(&out[4..]),
@@ -612,9 +880,10 @@ mod tests {
                 check(&damage.apply(&body), false);
             }
         }
+        let hits = fused.shape_hits;
         assert!(
-            same > 4000 && declined > 4000 && refused > 100,
-            "{same} same, {declined} declined, {refused} refused"
+            same > 4000 && declined > 4000 && refused > 100 && hits > 2000,
+            "{same} same, {declined} declined, {refused} refused, {hits} by shape"
         );
     }
 }

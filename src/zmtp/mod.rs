@@ -275,7 +275,9 @@ impl Peer {
 }
 
 fn matches(subs: &[Vec<u8>], topic: &[u8]) -> bool {
-    subs.iter().any(|s| topic.starts_with(s))
+    // The empty prefix (everything) is the common subscription: answered
+    // without a comparison call per message.
+    subs.iter().any(|s| s.is_empty() || topic.starts_with(s))
 }
 
 struct Shared {
