@@ -69,7 +69,12 @@ struct Shapes {
     list: Vec<Shape>,
 }
 
-/// Bound on the shapes kept: instrument churn starts over rather than grow.
+/// Bound on the shapes kept (one to two KiB each, so ~25 MiB at the
+/// bound): instrument churn
+/// starts the table over rather than grow it. A feed with more live
+/// prefixes than this cycling through them would find none and pay a
+/// learning pass per body on top of the ordinary path: slower, still
+/// correct.
 const MAX_SHAPES: usize = 16_384;
 
 struct Shape {
@@ -786,6 +791,48 @@ mod tests {
             times,
             ["1000000000", "1000000001", "1000000002", "1000000000"]
         );
+    }
+
+    /// Shapes are per publisher, channel and instrument: more instruments
+    /// than `MAX_SHAPES` start the table over instead of growing it, and
+    /// the lines stay what the general path writes, first time and again.
+    #[test]
+    fn shapes_stay_bounded_under_instrument_churn() {
+        use crate::wire::{decode_v1, encode_v1};
+        let (mut plain, mut fused) = (LineEncoder::new(), LineEncoder::new());
+        let mut gen = crate::feeds::synthetic::Generator::new(9, &[]);
+        let mut check = |body: &[u8], fused: &mut LineEncoder| {
+            let mut want = Vec::new();
+            plain.encode(&decode_v1(body).unwrap(), &mut want).unwrap();
+            let mut got = Vec::new();
+            let mut p = fused.prepare(body).unwrap();
+            assert!(fused.encode_prepared(&mut p, &mut got));
+            assert_eq!(got, want, "{}", String::from_utf8_lossy(body));
+        };
+        let (n, tail) = (MAX_SHAPES + 100, 100);
+        let mut bodies = Vec::new();
+        let mut most = 0;
+        for i in 0..n {
+            let mut e = gen.next_message();
+            e.sym = format!("I{i}/USD").into();
+            e.publisher = "p".into();
+            e.seq = i as u64 + 1;
+            e.epoch = 1;
+            let mut body = Vec::new();
+            encode_v1(&e, &mut body).unwrap();
+            check(&body, &mut fused);
+            most = most.max(fused.shapes.list.len());
+            assert_eq!(fused.shapes.index.len(), fused.shapes.list.len());
+            bodies.push(body);
+        }
+        assert_eq!(most, MAX_SHAPES, "the table filled up to its bound");
+        assert_eq!(fused.shapes.list.len(), tail, "and started over");
+        assert_eq!(fused.shape_hits, 0);
+        // What was learned since is used.
+        for body in &bodies[n - tail..] {
+            check(body, &mut fused);
+        }
+        assert_eq!(fused.shape_hits, tail as u64);
     }
 
     /// Holds `encode_canonical` to its promise: wherever it writes a line,
