@@ -454,8 +454,30 @@ async fn main() {
             col.push(x);
         }
     }
-    let medians = cols.map(|mut c| median(&mut c));
+    let medians = cols.clone().map(|mut c| median(&mut c));
     println!("{}", line("median", &medians));
+    // On a shared machine single pairs swing widely; the spread says how
+    // far a set's median can be trusted, and the ratio of the median
+    // rates is a second estimate that should agree with it.
+    let (q1, q3) = (
+        cols.clone().map(|mut c| quantile(&mut c, 1, 4)),
+        cols.map(|mut c| quantile(&mut c, 3, 4)),
+    );
+    println!("{}", line("q1", &q1));
+    println!("{}", line("q3", &q3));
+    println!(
+        "ratio: median of pairs {:.3} (quartiles {:.3}–{:.3}); ratio of median rates {:.3}",
+        medians[2],
+        q1[2],
+        q3[2],
+        medians[1] / medians[0]
+    );
+}
+
+/// The `num/den` quantile of `v` (nearest rank below).
+fn quantile(v: &mut [f64], num: usize, den: usize) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[(v.len() - 1) * num / den]
 }
 
 /// One row of the table: pts/s, ratios, RSS, CPU.
