@@ -151,6 +151,13 @@ pub struct Header<'a> {
     pub rx: i64,
 }
 
+impl Header<'_> {
+    /// The time a point is stored at (as [`Envelope::time`]).
+    pub fn time(&self) -> i64 {
+        crate::wire::point_time(self.ts, self.rx)
+    }
+}
+
 /// One `data` value as written: a string (it has no escapes), a boolean,
 /// or a number's text and whether it is an integer.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -106,11 +106,7 @@ impl<'a> Envelope<'a> {
 
     /// The time a point is stored at: exchange time, else receive time.
     pub fn time(&self) -> i64 {
-        if self.ts > 0 {
-            self.ts
-        } else {
-            self.rx
-        }
+        point_time(self.ts, self.rx)
     }
 
     pub fn get(&self, key: &str) -> Option<&Value<'a>> {
@@ -149,6 +145,16 @@ impl<'a> Envelope<'a> {
         out.extend_from_slice(self.ch.as_bytes());
         out.push(b'.');
         out.extend_from_slice(self.sym.as_bytes());
+    }
+}
+
+/// The time a point is stored at: exchange time `ts` when the venue gave
+/// one, else receive time `rx`.
+pub fn point_time(ts: i64, rx: i64) -> i64 {
+    if ts > 0 {
+        ts
+    } else {
+        rx
     }
 }
 

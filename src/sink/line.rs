@@ -70,11 +70,10 @@ struct Shapes {
 }
 
 /// Bound on the shapes kept (one to two KiB each, so ~25 MiB at the
-/// bound): instrument churn
-/// starts the table over rather than grow it. A feed with more live
-/// prefixes than this cycling through them would find none and pay a
-/// learning pass per body on top of the ordinary path: slower, still
-/// correct.
+/// bound): instrument churn starts the table over rather than grow it. A
+/// feed with more live prefixes than this cycling through them would find
+/// none and pay a learning pass per body on top of the ordinary path:
+/// slower, still correct.
 const MAX_SHAPES: usize = 16_384;
 
 struct Shape {
@@ -120,6 +119,15 @@ impl Tags {
     fn clear(&mut self) {
         self.list.clear();
         self.buf.clear();
+    }
+
+    /// Starts a line's tags with the three every measurement carries,
+    /// from the envelope's header.
+    fn header(&mut self, sym: &str, src: &str, publisher: &str) -> Result<(), MapError> {
+        self.clear();
+        self.add(schema::TAG_INSTRUMENT, sym)?;
+        self.add(schema::TAG_SOURCE, src)?;
+        self.add(schema::TAG_PUBLISHER, publisher)
     }
 
     /// An empty value is no tag.
@@ -221,10 +229,7 @@ impl LineEncoder {
         let start = out.len();
         // Schema names are plain (schema test `names_need_no_escaping…`).
         out.extend_from_slice(m.name.as_bytes());
-        self.tags.clear();
-        self.tags.add(schema::TAG_INSTRUMENT, &env.sym)?;
-        self.tags.add(schema::TAG_SOURCE, &env.src)?;
-        self.tags.add(schema::TAG_PUBLISHER, &env.publisher)?;
+        self.tags.header(&env.sym, &env.src, &env.publisher)?;
         for (k, v) in &env.data {
             if let Some(key) = m.tags.iter().find(|t| **t == k.as_ref()) {
                 match v {
@@ -292,16 +297,16 @@ impl LineEncoder {
         Ok(m)
     }
 
-    /// The subscriber's hot path: a canonical v1 body (see
-    /// [`crate::canonical`]) of measurement `m` straight to its line, with
-    /// no [`Envelope`] in between (no field vector to fill and drop, each
-    /// value copied once). It writes exactly the bytes [`Self::encode`]
+    /// A canonical v1 body (see [`crate::canonical`]) of measurement `m`
+    /// straight to its line (what [`Self::encode_prepared`] does for a
+    /// body without a shape that fits), with no [`Envelope`] in between
+    /// (no field vector to fill and drop, each value copied once). It writes exactly the bytes [`Self::encode`]
     /// writes for the decoded envelope (a differential test holds it to
     /// that), and only where `encode` would succeed: for anything else (a
     /// type error, a number out of range, no fields) it returns false with
     /// `out` unchanged, and the caller decodes the message and calls
     /// `encode`, which stores it or says why not.
-    pub fn encode_canonical(
+    fn encode_canonical(
         &mut self,
         body: &mut crate::canonical::Body<'_>,
         m: &'static Measurement,
@@ -327,10 +332,7 @@ impl LineEncoder {
         }
         let start = out.len();
         out.extend_from_slice(m.name.as_bytes());
-        self.tags.clear();
-        self.tags.add(schema::TAG_INSTRUMENT, h.sym).ok()?;
-        self.tags.add(schema::TAG_SOURCE, h.src).ok()?;
-        self.tags.add(schema::TAG_PUBLISHER, h.publisher).ok()?;
+        self.tags.header(h.sym, h.src, h.publisher).ok()?;
         let series_end;
         if m.tags.is_empty() {
             // Every tag is known: fields go straight after them.
@@ -354,8 +356,7 @@ impl LineEncoder {
             self.fields = fields;
             r?;
         }
-        let time = if h.ts > 0 { h.ts } else { h.rx };
-        self.finish(out, start, series_end, h.seq, h.epoch, time)
+        self.finish(out, start, series_end, h.seq, h.epoch, h.time())
             .ok()
     }
 
@@ -448,10 +449,7 @@ impl LineEncoder {
                 *hash
             }
             None => {
-                tags.clear();
-                tags.add(schema::TAG_INSTRUMENT, h.sym).ok()?;
-                tags.add(schema::TAG_SOURCE, h.src).ok()?;
-                tags.add(schema::TAG_PUBLISHER, h.publisher).ok()?;
+                tags.header(h.sym, h.src, h.publisher).ok()?;
                 fields.clear();
                 for mb in shape.members.iter() {
                     let v = body.member_is(&mb.key)?;
@@ -472,8 +470,7 @@ impl LineEncoder {
             }
         };
         body.end()?;
-        let time = if h.ts > 0 { h.ts } else { h.rx };
-        end_line(last, out, hash, h.seq, h.epoch, time).ok()
+        end_line(last, out, hash, h.seq, h.epoch, h.time()).ok()
     }
 
     /// Records the shape of `raw`, a body the canonical path just wrote.
@@ -500,11 +497,7 @@ impl LineEncoder {
         }
         let series = if m.tags.is_empty() {
             let h = &b.head;
-            self.tags.clear();
-            let ok = self.tags.add(schema::TAG_INSTRUMENT, h.sym).is_ok()
-                && self.tags.add(schema::TAG_SOURCE, h.src).is_ok()
-                && self.tags.add(schema::TAG_PUBLISHER, h.publisher).is_ok();
-            if !ok {
+            if self.tags.header(h.sym, h.src, h.publisher).is_err() {
                 return;
             }
             let mut series = m.name.as_bytes().to_vec();
