@@ -11,7 +11,8 @@
 //! ```
 //!
 //! `gen` generates, encodes and frames N synthetic messages (all five
-//! channels in turn, publisher "synth"): the publisher's own work per
+//! channels in turn, as `common::publish` does for the pipeline bench):
+//! the publisher's own work per
 //! message. `sub` does the same and then feeds the frames through the
 //! subscriber's intake (`zmtp::sub::messages` + `Intake::accept`: ZMTP in,
 //! line-protocol batches out), so `sub − gen` is the intake's count. Run
@@ -23,6 +24,9 @@ use std::sync::Arc;
 use nbpy::config::InfluxConfig;
 use nbpy::feeds::synthetic::Generator;
 use nbpy::subscriber::{Intake, IntakeStats};
+
+mod common;
+use common::publish;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -40,15 +44,12 @@ fn main() {
     let mut gen = Generator::new(1, &[]);
     let (mut frames, mut body, mut topic) = (Vec::new(), Vec::new(), Vec::new());
     for seq in 1..=n {
-        let mut e = gen.next_message();
-        e.seq = seq;
-        e.epoch = 1;
-        e.publisher = "synth".into();
-        body.clear();
-        nbpy::wire::encode_v1(&e, &mut body).unwrap();
-        topic.clear();
-        e.write_topic(&mut topic);
-        nbpy::zmtp::encode_message(&[&topic, &body], &mut frames);
+        publish(
+            gen.next_message(),
+            seq,
+            (&mut body, &mut topic),
+            &mut frames,
+        );
     }
     let mut batches = 0;
     if mode == "sub" {

@@ -13,26 +13,10 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use nbpy::config::InfluxConfig;
 use nbpy::feeds::synthetic::Generator;
 use nbpy::subscriber::{Intake, IntakeStats};
-use nbpy::wire::Envelope;
 use nbpy::zmtp::sub::messages;
 
-/// Stamps `env` as publisher "bench" would (number `seq`) and appends it
-/// to `out` as ZMTP frames, topic and v1 body; `buf` and `topic` are scratch.
-fn publish(
-    mut env: Envelope<'_>,
-    seq: u64,
-    (buf, topic): (&mut Vec<u8>, &mut Vec<u8>),
-    out: &mut Vec<u8>,
-) {
-    env.seq = seq;
-    env.epoch = 1;
-    env.publisher = "bench".into();
-    buf.clear();
-    nbpy::wire::encode_v1(&env, buf).unwrap();
-    topic.clear();
-    env.write_topic(topic);
-    nbpy::zmtp::encode_message(&[topic, buf], out);
-}
+mod common;
+use common::publish;
 
 /// `n` messages of one channel as one buffer of ZMTP frames.
 fn frames(channel: &str, n: usize) -> Vec<u8> {
