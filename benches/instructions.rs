@@ -11,7 +11,7 @@
 //! ```
 //!
 //! `gen` generates, encodes and frames N synthetic messages (all five
-//! channels in turn, as `common::publish` does for the pipeline bench):
+//! channels in turn, as `common::Publish` does for the pipeline bench):
 //! the publisher's own work per
 //! message. `sub` does the same and then feeds the frames through the
 //! subscriber's intake (`zmtp::sub::messages` + `Intake::accept`: ZMTP in,
@@ -26,7 +26,7 @@ use nbpy::feeds::synthetic::Generator;
 use nbpy::subscriber::{Intake, IntakeStats};
 
 mod common;
-use common::publish;
+use common::Publish;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -42,14 +42,9 @@ fn main() {
     let mode = words.first().copied().unwrap_or("sub");
     let n: u64 = words.get(1).and_then(|s| s.parse().ok()).unwrap_or(100_000);
     let mut gen = Generator::new(1, &[]);
-    let (mut frames, mut body, mut topic) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut frames, mut publish) = (Vec::new(), Publish::default());
     for seq in 1..=n {
-        publish(
-            gen.next_message(),
-            seq,
-            (&mut body, &mut topic),
-            &mut frames,
-        );
+        publish.frame(gen.next_message(), seq, &mut frames);
     }
     let mut batches = 0;
     if mode == "sub" {

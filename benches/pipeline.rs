@@ -16,12 +16,12 @@ use nbpy::subscriber::{Intake, IntakeStats};
 use nbpy::zmtp::sub::messages;
 
 mod common;
-use common::publish;
+use common::Publish;
 
 /// `n` messages of one channel as one buffer of ZMTP frames.
 fn frames(channel: &str, n: usize) -> Vec<u8> {
     let mut gen = Generator::new(1, &[]);
-    let (mut out, mut buf, mut topic) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut out, mut publish) = (Vec::new(), Publish::default());
     let mut seq = 0;
     while seq < n as u64 {
         let env = gen.next_message();
@@ -29,7 +29,7 @@ fn frames(channel: &str, n: usize) -> Vec<u8> {
             continue;
         }
         seq += 1;
-        publish(env, seq, (&mut buf, &mut topic), &mut out);
+        publish.frame(env, seq, &mut out);
     }
     out
 }
@@ -63,13 +63,13 @@ fn publish_path(c: &mut Criterion) {
     g.throughput(Throughput::Elements(n));
     g.bench_function("mixed", |b| {
         let mut gen = Generator::new(1, &[]);
-        let (mut buf, mut topic, mut out) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut publish, mut out) = (Publish::default(), Vec::new());
         let mut seq = 0u64;
         b.iter(|| {
             out.clear();
             for _ in 0..n {
                 seq += 1;
-                publish(gen.next_message(), seq, (&mut buf, &mut topic), &mut out);
+                publish.frame(gen.next_message(), seq, &mut out);
             }
             out.len()
         })

@@ -88,6 +88,7 @@ pub struct BusPublisher {
     subscriptions: usize,
     monitors: usize,
     topic: Vec<u8>,
+    encoder: crate::v1_encoder::V1Encoder,
 }
 
 impl BusPublisher {
@@ -103,6 +104,7 @@ impl BusPublisher {
             subscriptions: 0,
             monitors: 0,
             topic: Vec::new(),
+            encoder: Default::default(),
         })
     }
 
@@ -146,7 +148,7 @@ impl BusPublisher {
         buf.clear();
         match codec {
             Codec::V1 => {
-                wire::encode_v1(env, buf)?;
+                self.encoder.encode(env, buf)?;
                 self.topic.clear();
                 env.write_topic(&mut self.topic);
                 self.socket.send(&[&self.topic, buf]).await;

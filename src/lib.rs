@@ -10,7 +10,8 @@
 //!
 //! Modules:
 //! - [`config`]: figment layering (defaults < file < `NBPY_*`), validation.
-//! - [`wire`]: envelope v1 and the legacy single-frame text codec.
+//! - [`wire`]: envelope v1 and the legacy single-frame text codec;
+//!   [`v1_encoder`]: the publisher's v1 encoder, from learned layouts.
 //! - [`schema`]: the measurements, their tags, fields and retention policy.
 //! - [`feeds`]: one module per upstream; [`feeds::synthetic`] is the default.
 //! - [`bus`]: ZeroMQ publisher and subscriber sockets, gap accounting;
@@ -46,6 +47,7 @@ pub mod status;
 pub mod subscriber;
 pub mod supervisor;
 pub mod units;
+pub mod v1_encoder;
 pub mod validate;
 pub mod wire;
 pub mod zmtp;

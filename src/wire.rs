@@ -190,6 +190,10 @@ pub enum EncodeError {
 }
 
 /// Appends the v1 JSON body of `env` to `out`.
+///
+/// This is the reference form: [`crate::canonical`] reads exactly it, and
+/// [`crate::v1_encoder::V1Encoder`], the publisher's encoder, writes the
+/// same bytes faster.
 pub fn encode_v1(env: &Envelope<'_>, out: &mut Vec<u8>) -> Result<(), EncodeError> {
     out.extend_from_slice(b"{\"v\":1,\"src\":");
     json_str(out, &env.src);
@@ -201,46 +205,51 @@ pub fn encode_v1(env: &Envelope<'_>, out: &mut Vec<u8>) -> Result<(), EncodeErro
         out.extend_from_slice(b",\"pub\":");
         json_str(out, &env.publisher);
     }
-    let mut ibuf = itoa::Buffer::new();
-    for (k, v) in [
-        ("seq", env.seq as i64),
-        ("epoch", env.epoch as i64),
-        ("ts", env.ts),
-        ("rx", env.rx),
-    ] {
-        out.extend_from_slice(b",\"");
-        out.extend_from_slice(k.as_bytes());
-        out.extend_from_slice(b"\":");
-        if k == "seq" || k == "epoch" {
-            out.extend_from_slice(ibuf.format(v as u64).as_bytes());
-        } else {
-            out.extend_from_slice(ibuf.format(v).as_bytes());
-        }
-    }
-    out.extend_from_slice(b",\"data\":{");
+    out.extend_from_slice(b",\"seq\":");
+    put_counters(env, out);
     for (n, (k, v)) in env.data.iter().enumerate() {
         if n > 0 {
             out.push(b',');
         }
         json_str(out, k);
         out.push(b':');
-        match v {
-            Value::Float(f) => {
-                if !f.is_finite() {
-                    return Err(EncodeError::NonFinite {
-                        key: k.to_string(),
-                        value: *f,
-                    });
-                }
-                push_f64(out, *f);
-            }
-            Value::Int(i) => out.extend_from_slice(ibuf.format(*i).as_bytes()),
-            Value::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
-            Value::Str(s) => json_str(out, s),
-            Value::Num(t) => out.extend_from_slice(t.as_bytes()),
-        }
+        put_data_value(out, k, v)?;
     }
     out.extend_from_slice(b"}}");
+    Ok(())
+}
+
+/// Appends the envelope's numbers after `"seq":`, up to and including
+/// `,"data":{`.
+pub(crate) fn put_counters(env: &Envelope<'_>, out: &mut Vec<u8>) {
+    let mut ibuf = itoa::Buffer::new();
+    out.extend_from_slice(ibuf.format(env.seq).as_bytes());
+    out.extend_from_slice(b",\"epoch\":");
+    out.extend_from_slice(ibuf.format(env.epoch).as_bytes());
+    out.extend_from_slice(b",\"ts\":");
+    out.extend_from_slice(ibuf.format(env.ts).as_bytes());
+    out.extend_from_slice(b",\"rx\":");
+    out.extend_from_slice(ibuf.format(env.rx).as_bytes());
+    out.extend_from_slice(b",\"data\":{");
+}
+
+/// Appends one data value as JSON; `k` names it in the error.
+pub(crate) fn put_data_value(out: &mut Vec<u8>, k: &str, v: &Value<'_>) -> Result<(), EncodeError> {
+    match v {
+        Value::Float(f) => {
+            if !f.is_finite() {
+                return Err(EncodeError::NonFinite {
+                    key: k.to_string(),
+                    value: *f,
+                });
+            }
+            push_f64(out, *f);
+        }
+        Value::Int(i) => out.extend_from_slice(itoa::Buffer::new().format(*i).as_bytes()),
+        Value::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
+        Value::Str(s) => json_str(out, s),
+        Value::Num(t) => out.extend_from_slice(t.as_bytes()),
+    }
     Ok(())
 }
 
@@ -331,7 +340,7 @@ const JSON_ESCAPE: [bool; 256] = {
     t
 };
 
-fn json_str(out: &mut Vec<u8>, s: &str) {
+pub(crate) fn json_str(out: &mut Vec<u8>, s: &str) {
     if !s.bytes().any(|b| JSON_ESCAPE[b as usize]) {
         out.reserve(s.len() + 2);
         out.push(b'"');
