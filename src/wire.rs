@@ -279,7 +279,9 @@ pub fn push_f64(out: &mut Vec<u8>, f: f64) {
         }
         // Rounds half up without a libm call (f64::round is one on
         // baseline x86-64); the check below makes any rounding safe.
-        let mut r = (m + 0.5) as u64;
+        // `as i64` is one instruction; `as u64` of a double is a dozen
+        // (m < 10^15 fits either).
+        let mut r = (m + 0.5) as i64 as u64;
         let mut k = k;
         // Prices carry at most 6 decimals of the 9: three zeros at once.
         while k >= 3 && r % 1000 == 0 {
@@ -306,24 +308,78 @@ pub fn push_f64(out: &mut Vec<u8>, f: f64) {
         out.extend_from_slice(ryu::Buffer::new().format_finite(f).as_bytes());
         return;
     };
-    if f.is_sign_negative() {
-        out.push(b'-');
-    }
-    // `r` printed once, the point put in its place.
-    let mut ibuf = itoa::Buffer::new();
-    let digits = ibuf.format(r).as_bytes();
+    // Built in a fixed-size buffer and appended whole, then cut to length:
+    // a fixed-size append is a few moves, where appending the pieces (sign,
+    // integer part, point, decimals) was a `memcpy` call each.
+    let mut buf = [0u8; 40];
+    let mut n = usize::from(f.is_sign_negative());
+    buf[0] = b'-';
+    let scale = POW10_U64[k];
+    n += put_uint(&mut buf[n..], r / scale);
+    buf[n] = b'.';
+    n += 1;
     if k == 0 {
-        out.extend_from_slice(digits);
-        out.extend_from_slice(b".0");
-    } else if digits.len() > k {
-        let (int, frac) = digits.split_at(digits.len() - k);
-        out.extend_from_slice(int);
-        out.push(b'.');
-        out.extend_from_slice(frac);
+        buf[n] = b'0';
+        n += 1;
     } else {
-        out.extend_from_slice(b"0.");
-        out.extend(std::iter::repeat_n(b'0', k - digits.len()));
-        out.extend_from_slice(digits);
+        put_digits(&mut buf[n..n + k], r % scale);
+        n += k;
+    }
+    let len = out.len();
+    out.extend_from_slice(&buf);
+    out.truncate(len + n);
+}
+
+const POW10_U64: [u64; 10] = [
+    1,
+    10,
+    100,
+    1_000,
+    10_000,
+    100_000,
+    1_000_000,
+    10_000_000,
+    100_000_000,
+    1_000_000_000,
+];
+
+/// "00" to "99".
+const DIGIT_PAIRS: [[u8; 2]; 100] = {
+    let mut t = [[0u8; 2]; 100];
+    let mut i = 0;
+    while i < 100 {
+        t[i] = [b'0' + (i / 10) as u8, b'0' + (i % 10) as u8];
+        i += 1;
+    }
+    t
+};
+
+/// Writes `v` at the start of `out` (which must have room: 20 bytes
+/// holds any u64) and returns its length.
+fn put_uint(out: &mut [u8], v: u64) -> usize {
+    // Prices' integer parts are short: a few compares beat `ilog10`.
+    let len = match v {
+        0..10 => 1,
+        10..100 => 2,
+        100..1_000 => 3,
+        1_000..10_000 => 4,
+        _ => v.ilog10() as usize + 1,
+    };
+    put_digits(&mut out[..len], v);
+    len
+}
+
+/// Fills `out` with the last `out.len()` decimal digits of `v`, zero-padded
+/// on the left.
+fn put_digits(out: &mut [u8], mut v: u64) {
+    let mut i = out.len();
+    while i >= 2 {
+        out[i - 2..i].copy_from_slice(&DIGIT_PAIRS[(v % 100) as usize]);
+        v /= 100;
+        i -= 2;
+    }
+    if i == 1 {
+        out[0] = b'0' + (v % 10) as u8;
     }
 }
 
