@@ -180,7 +180,7 @@ impl FeedSender {
         env.epoch = self.epoch;
         env.seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
         self.stats.accepted.fetch_add(1, Ordering::Relaxed);
-        self.liveness.data();
+        self.liveness.mark_data();
     }
 
     /// Waits for room: for generated and replayed data, which can wait.
