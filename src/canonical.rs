@@ -186,7 +186,7 @@ fn eight_digits(w: u64) -> u64 {
 /// the short ones (keys such as `,"bid_qty":`, compared for every member
 /// of every message): two overlapping word loads each.
 #[inline]
-fn same(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn same(a: &[u8], b: &[u8]) -> bool {
     fn words<const N: usize>(a: &[u8], b: &[u8]) -> Option<bool> {
         Some(
             a.first_chunk::<N>()? == b.first_chunk::<N>()?

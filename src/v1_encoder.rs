@@ -19,6 +19,7 @@
 
 use std::collections::HashMap;
 
+use crate::canonical::same;
 use crate::wire::{json_str, put_counters, put_data_value, EncodeError, Envelope};
 
 /// Channels remembered; a publisher has a handful. One that sends more
@@ -104,7 +105,7 @@ impl V1Encoder {
         put_counters(env, out);
         for (n, (k, v)) in env.data.iter().enumerate() {
             match layout.keys.get_mut(n) {
-                Some(key) if *key.name == **k => self.reused_keys += 1,
+                Some(key) if same(key.name.as_bytes(), k.as_bytes()) => self.reused_keys += 1,
                 Some(key) => {
                     *key = Key {
                         name: (**k).into(),
