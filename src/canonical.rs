@@ -109,8 +109,9 @@ impl<'a> Cur<'a> {
         Some((self.text.get(start..self.i)?, integer))
     }
 
-    /// An unsigned JSON integer, valued as it is scanned (the header's four
-    /// integers are read for every message: one pass, not scan + parse).
+    /// An unsigned JSON integer. The header's four integers (two of them
+    /// 19 digits long) are read for every message, so the run is found and
+    /// valued eight digits at a time rather than digit by digit.
     /// `None` for a fraction, an exponent, a sign or more than `u64` holds.
     fn uint(&mut self) -> Option<u64> {
         let start = self.i;

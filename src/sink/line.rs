@@ -666,10 +666,11 @@ fn put_tag(
 
 /// A data member's value as a field of `kind`, as `encode` writes it;
 /// `None` where `encode` would refuse it.
-#[inline]
+///
 /// `window`: the body from the value on, or empty. Where it holds 32
 /// bytes, a number is copied as that fixed-size block and cut to length,
 /// which is cheaper than a `memcpy` call for its few bytes.
+#[inline]
 fn put_value(
     kind: Kind,
     v: crate::canonical::Raw<'_>,
