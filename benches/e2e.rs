@@ -30,6 +30,15 @@
 //! answers the other question, whether nbpy keeps up with InfluxDB when
 //! each has its own core: influxd on CPU 0, everything else on CPU 1, in
 //! both the ceiling and the nbpy runs (needs `taskset` and two CPUs).
+//!
+//! `E2E_BASELINE=DIR` compares two builds in the same run: DIR holds
+//! another build's `nbpy-publisher` and `nbpy-subscriber` (for instance a
+//! `git worktree` of the last release, built with `cargo build --release
+//! --bins`). Each ceiling run is then followed by an nbpy run of each
+//! build, in alternating order, both divided by that ceiling. Sets run
+//! an hour apart on a shared machine differ by more than a 10% change
+//! in nbpy's CPU moves the ratio, so a change is judged by the per-run
+//! difference against the baseline, not by two sets' medians.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -293,12 +302,41 @@ fn vm_hwm_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// The two binaries an nbpy run starts.
+struct Build {
+    publisher: std::path::PathBuf,
+    subscriber: std::path::PathBuf,
+}
+
+impl Build {
+    fn this() -> Self {
+        Build {
+            publisher: env!("CARGO_BIN_EXE_nbpy-publisher").into(),
+            subscriber: env!("CARGO_BIN_EXE_nbpy-subscriber").into(),
+        }
+    }
+
+    /// `E2E_BASELINE`'s build, if set.
+    fn baseline() -> Option<Self> {
+        let dir = std::path::PathBuf::from(std::env::var_os("E2E_BASELINE")?);
+        let b = Build {
+            publisher: dir.join("nbpy-publisher"),
+            subscriber: dir.join("nbpy-subscriber"),
+        };
+        for p in [&b.publisher, &b.subscriber] {
+            assert!(p.is_file(), "E2E_BASELINE: {} is not there", p.display());
+        }
+        Some(b)
+    }
+}
+
 async fn nbpy_run(
     dir: &std::path::Path,
     url: &str,
     db: &str,
     (n, tail): (u64, u64),
     influxd: u32,
+    build: &Build,
 ) -> (Rates, u64, Cpu) {
     let c = client(url, db);
     nbpy::admin::schema::ensure(&c).await.unwrap();
@@ -316,10 +354,10 @@ async fn nbpy_run(
         ),
     )
     .unwrap();
-    let spawn = |bin: &str, name: &str| {
+    let spawn = |bin: &std::path::Path, name: &str| {
         let mut cmd = if pinned() {
             let mut c = Command::new("taskset");
-            c.args(["-c", "1", bin]);
+            c.args(["-c", "1"]).arg(bin);
             c
         } else {
             Command::new(bin)
@@ -330,7 +368,7 @@ async fn nbpy_run(
             .spawn()
             .unwrap()
     };
-    let mut publisher = spawn(env!("CARGO_BIN_EXE_nbpy-publisher"), "synth");
+    let mut publisher = spawn(&build.publisher, "synth");
     // Start the clock once the publisher is bound, so the subscriber's
     // connect does not sit in ZeroMQ's reconnect backoff on our time.
     let bound = Instant::now();
@@ -345,7 +383,7 @@ async fn nbpy_run(
     let written0 = points_written(url).await;
     let (i0, p0) = (cpu_secs(influxd), cpu_secs(publisher.id()));
     let t0 = Instant::now();
-    let mut subscriber = spawn(env!("CARGO_BIN_EXE_nbpy-subscriber"), "main");
+    let mut subscriber = spawn(&build.subscriber, "main");
     let deadline = Duration::from_secs(600);
     let rate = steady_rate(url, written0, n, tail).await;
     let per = |d: f64| d * 1e6 / n as f64;
@@ -434,26 +472,46 @@ async fn main() {
         "ceiling cpu ifx/post",
         "nbpy cpu ifx/sub/pub"
     );
+    let (this, baseline) = (Build::this(), Build::baseline());
+    if baseline.is_some() {
+        println!("'base' rows: the E2E_BASELINE build against the same ceiling run");
+    }
+    let mut base_cols: [Vec<f64>; 10] = Default::default();
     for i in 0..runs {
         let (c, cc) = ceiling(&url, &format!("ceil{i}"), (n, tail), &cfg, influxd).await;
-        let (o, r, oc) = nbpy_run(dir.path(), &url, &format!("nbpy{i}"), (n, tail), influxd).await;
-        let row = [
-            c.steady,
-            o.steady,
-            o.steady / c.steady,
-            o.whole / c.whole,
-            r as f64 / 1024.0,
-            cc.influxd,
-            cc.client,
-            oc.influxd,
-            oc.client,
-            oc.publisher,
-        ];
-        println!("{}", line(&format!("{i:>6}"), &row));
-        for (col, x) in cols.iter_mut().zip(row) {
-            col.push(x);
+        // With a baseline, which build goes first alternates, so neither
+        // always follows the ceiling run directly.
+        let mut order = vec![(&this, false)];
+        if let Some(b) = &baseline {
+            order.insert(i as usize % 2, (b, true));
+        }
+        for (build, is_base) in order {
+            let db = format!("nbpy{i}{}", if is_base { "b" } else { "" });
+            let (o, r, oc) = nbpy_run(dir.path(), &url, &db, (n, tail), influxd, build).await;
+            let row = [
+                c.steady,
+                o.steady,
+                o.steady / c.steady,
+                o.whole / c.whole,
+                r as f64 / 1024.0,
+                cc.influxd,
+                cc.client,
+                oc.influxd,
+                oc.client,
+                oc.publisher,
+            ];
+            let (label, cols) = if is_base {
+                ("  base".to_string(), &mut base_cols)
+            } else {
+                (format!("{i:>6}"), &mut cols)
+            };
+            println!("{}", line(&label, &row));
+            for (col, x) in cols.iter_mut().zip(row) {
+                col.push(x);
+            }
         }
     }
+    let this_ratios = cols[2].clone();
     let medians = cols.clone().map(|mut c| median(&mut c));
     println!("{}", line("median", &medians));
     // On a shared machine single pairs swing widely; the spread says how
@@ -471,6 +529,27 @@ async fn main() {
         q1[2],
         q3[2],
         medians[1] / medians[0]
+    );
+    if baseline.is_some() {
+        compare(&this_ratios, &base_cols[2], &base_cols);
+    }
+}
+
+/// This build against the baseline, run by run (each against the same
+/// ceiling run), then the baseline's own summary.
+fn compare(this: &[f64], base: &[f64], base_cols: &[Vec<f64>; 10]) {
+    let mut diff: Vec<f64> = this.iter().zip(base).map(|(t, b)| t - b).collect();
+    let ahead = diff.iter().filter(|d| **d > 0.0).count();
+    let medians = base_cols.clone().map(|mut c| median(&mut c));
+    println!("{}", line("b.med", &medians));
+    println!(
+        "baseline: median of pairs {:.3}; this − baseline per run: median {:+.3} \
+         (quartiles {:+.3} to {:+.3}), this build ahead in {ahead} of {} runs",
+        medians[2],
+        median(&mut diff.clone()),
+        quantile(&mut diff.clone(), 1, 4),
+        quantile(&mut diff, 3, 4),
+        this.len()
     );
 }
 
