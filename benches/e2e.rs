@@ -172,7 +172,19 @@ async fn ceiling(
         client: per(cpu_secs(me) - m0),
         publisher: 0.0,
     };
-    assert_eq!(count(&c).await, n, "ceiling run stored everything");
+    // Every write was acknowledged, yet a count taken at once came back
+    // one batch short once (295,000 of 300,000, on a busy host; the cause
+    // is not known). Read it as nbpy's count is read: until it is
+    // complete, or still short after 30 s, which fails the run.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let stored = loop {
+        let got = count(&c).await;
+        if got >= n || Instant::now() > deadline {
+            break got;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(stored, n, "ceiling run stored everything");
     drop_database(&c).await;
     (rate, cpu)
 }
