@@ -20,7 +20,9 @@
 use std::collections::HashMap;
 
 use crate::canonical::same;
-use crate::wire::{json_str, put_counters, put_data_value, EncodeError, Envelope};
+use crate::wire::{
+    json_str, put_counters, put_data_value, put_head, put_key, put_publisher, EncodeError, Envelope,
+};
 
 /// Channels remembered; a publisher has a handful. One that sends more
 /// starts over rather than growing without bound.
@@ -41,29 +43,27 @@ struct Layout {
     /// `{"v":1,"src":"…","ch":"…","sym":`
     head: Vec<u8>,
     publisher: Box<str>,
-    /// `,"pub":"…","seq":`
+    /// `,"pub":"…","seq":`, or `,"seq":` for no publisher.
     pub_seq: Vec<u8>,
     keys: Vec<Key>,
 }
 
 struct Key {
     name: Box<str>,
-    /// `"name":` at position 0, `,"name":` after it.
+    /// `"name":` at position 0, `,"name":` after it ([`put_key`]).
     frag: Box<[u8]>,
 }
 
 impl Layout {
     fn new(src: &str, ch: &str) -> Self {
-        let mut head = b"{\"v\":1,\"src\":".to_vec();
-        json_str(&mut head, src);
-        head.extend_from_slice(b",\"ch\":");
-        json_str(&mut head, ch);
-        head.extend_from_slice(b",\"sym\":");
+        let (mut head, mut pub_seq) = (Vec::new(), Vec::new());
+        put_head(&mut head, src, ch);
+        put_publisher(&mut pub_seq, "");
         Layout {
             src: src.into(),
             head,
             publisher: "".into(),
-            pub_seq: Vec::new(),
+            pub_seq,
             keys: Vec::new(),
         }
     }
@@ -71,11 +71,7 @@ impl Layout {
 
 fn key_frag(n: usize, k: &str) -> Box<[u8]> {
     let mut f = Vec::with_capacity(k.len() + 4);
-    if n > 0 {
-        f.push(b',');
-    }
-    json_str(&mut f, k);
-    f.push(b':');
+    put_key(&mut f, n, k);
     f.into_boxed_slice()
 }
 
@@ -90,19 +86,13 @@ impl V1Encoder {
         let layout = Self::layout(&mut self.layouts, &env.src, &env.ch);
         out.extend_from_slice(&layout.head);
         json_str(out, &env.sym);
-        if env.publisher.is_empty() {
-            out.extend_from_slice(b",\"seq\":");
-        } else {
-            if *layout.publisher != *env.publisher {
-                layout.publisher = (*env.publisher).into();
-                layout.pub_seq.clear();
-                layout.pub_seq.extend_from_slice(b",\"pub\":");
-                json_str(&mut layout.pub_seq, &env.publisher);
-                layout.pub_seq.extend_from_slice(b",\"seq\":");
-            }
-            out.extend_from_slice(&layout.pub_seq);
+        if *layout.publisher != *env.publisher {
+            layout.publisher = (*env.publisher).into();
+            layout.pub_seq.clear();
+            put_publisher(&mut layout.pub_seq, &env.publisher);
         }
-        put_counters(env, out);
+        out.extend_from_slice(&layout.pub_seq);
+        put_counters(out, env);
         for (n, (k, v)) in env.data.iter().enumerate() {
             match layout.keys.get_mut(n) {
                 Some(key) if same(key.name.as_bytes(), k.as_bytes()) => self.reused_keys += 1,
@@ -117,9 +107,7 @@ impl V1Encoder {
                     frag: key_frag(n, k),
                 }),
                 None => {
-                    out.push(b',');
-                    json_str(out, k);
-                    out.push(b':');
+                    put_key(out, n, k);
                     put_data_value(out, k, v)?;
                     continue;
                 }

@@ -195,33 +195,51 @@ pub enum EncodeError {
 /// [`crate::v1_encoder::V1Encoder`], the publisher's encoder, writes the
 /// same bytes faster.
 pub fn encode_v1(env: &Envelope<'_>, out: &mut Vec<u8>) -> Result<(), EncodeError> {
-    out.extend_from_slice(b"{\"v\":1,\"src\":");
-    json_str(out, &env.src);
-    out.extend_from_slice(b",\"ch\":");
-    json_str(out, &env.ch);
-    out.extend_from_slice(b",\"sym\":");
+    put_head(out, &env.src, &env.ch);
     json_str(out, &env.sym);
-    if !env.publisher.is_empty() {
-        out.extend_from_slice(b",\"pub\":");
-        json_str(out, &env.publisher);
-    }
-    out.extend_from_slice(b",\"seq\":");
-    put_counters(env, out);
+    put_publisher(out, &env.publisher);
+    put_counters(out, env);
     for (n, (k, v)) in env.data.iter().enumerate() {
-        if n > 0 {
-            out.push(b',');
-        }
-        json_str(out, k);
-        out.push(b':');
+        put_key(out, n, k);
         put_data_value(out, k, v)?;
     }
     out.extend_from_slice(b"}}");
     Ok(())
 }
 
+/// The pieces of a v1 body, in order; [`crate::v1_encoder`] keeps what
+/// the first three write for reuse.
+///
+/// `{"v":1,"src":…,"ch":…,"sym":`
+pub(crate) fn put_head(out: &mut Vec<u8>, src: &str, ch: &str) {
+    out.extend_from_slice(b"{\"v\":1,\"src\":");
+    json_str(out, src);
+    out.extend_from_slice(b",\"ch\":");
+    json_str(out, ch);
+    out.extend_from_slice(b",\"sym\":");
+}
+
+/// `,"pub":…` (nothing for an empty publisher), then `,"seq":`.
+pub(crate) fn put_publisher(out: &mut Vec<u8>, publisher: &str) {
+    if !publisher.is_empty() {
+        out.extend_from_slice(b",\"pub\":");
+        json_str(out, publisher);
+    }
+    out.extend_from_slice(b",\"seq\":");
+}
+
+/// The `n`th data key: `"key":`, with a comma before all but the first.
+pub(crate) fn put_key(out: &mut Vec<u8>, n: usize, k: &str) {
+    if n > 0 {
+        out.push(b',');
+    }
+    json_str(out, k);
+    out.push(b':');
+}
+
 /// Appends the envelope's numbers after `"seq":`, up to and including
 /// `,"data":{`.
-pub(crate) fn put_counters(env: &Envelope<'_>, out: &mut Vec<u8>) {
+pub(crate) fn put_counters(out: &mut Vec<u8>, env: &Envelope<'_>) {
     let mut ibuf = itoa::Buffer::new();
     out.extend_from_slice(ibuf.format(env.seq).as_bytes());
     out.extend_from_slice(b",\"epoch\":");
