@@ -326,9 +326,8 @@ pub fn push_f64(out: &mut Vec<u8>, f: f64) {
         out.extend_from_slice(ryu::Buffer::new().format_finite(f).as_bytes());
         return;
     };
-    // Built in a fixed-size buffer and appended whole, then cut to length:
-    // a fixed-size append is a few moves, where appending the pieces (sign,
-    // integer part, point, decimals) was a `memcpy` call each.
+    // Built in a fixed-size buffer and appended by `append_cut`, instead
+    // of appending the pieces (sign, integer part, point, decimals).
     let mut buf = [0u8; 40];
     let mut n = usize::from(f.is_sign_negative());
     buf[0] = b'-';
@@ -343,9 +342,20 @@ pub fn push_f64(out: &mut Vec<u8>, f: f64) {
         put_digits(&mut buf[n..n + k], r % scale);
         n += k;
     }
-    let len = out.len();
-    out.extend_from_slice(&buf);
-    out.truncate(len + n);
+    append_cut(out, &buf, n);
+}
+
+/// Appends the first `len` bytes of `block` (`len <= N`). The whole block
+/// is appended, then cut to length: a fixed-size append is a few moves,
+/// where appending a few bytes of run-time length is a `memcpy` call,
+/// which for numbers and keys written per message was a visible part of
+/// both hot paths.
+#[inline]
+pub(crate) fn append_cut<const N: usize>(out: &mut Vec<u8>, block: &[u8; N], len: usize) {
+    debug_assert!(len <= N);
+    let at = out.len();
+    out.extend_from_slice(block);
+    out.truncate(at + len);
 }
 
 const POW10_U64: [u64; 10] = [

@@ -94,8 +94,8 @@ struct Member {
     field: Option<(Kind, Snippet)>,
 }
 
-/// A few bytes appended as a fixed-size block cut to length: a `memcpy`
-/// call per field prefix was a visible part of the hot path.
+/// A field prefix kept as a fixed-size block, for
+/// [`crate::wire::append_cut`].
 enum Snippet {
     Short([u8; 24], u8),
     Long(Box<[u8]>),
@@ -116,11 +116,7 @@ impl Snippet {
     #[inline]
     fn put(&self, out: &mut Vec<u8>) {
         match self {
-            Snippet::Short(a, n) => {
-                let len = out.len();
-                out.extend_from_slice(a);
-                out.truncate(len + usize::from(*n));
-            }
+            Snippet::Short(a, n) => crate::wire::append_cut(out, a, usize::from(*n)),
             Snippet::Long(b) => out.extend_from_slice(b),
         }
     }
@@ -332,12 +328,13 @@ impl LineEncoder {
     /// A canonical v1 body (see [`crate::canonical`]) of measurement `m`
     /// straight to its line (what [`Self::encode_prepared`] does for a
     /// body without a shape that fits), with no [`Envelope`] in between
-    /// (no field vector to fill and drop, each value copied once). It writes exactly the bytes [`Self::encode`]
-    /// writes for the decoded envelope (a differential test holds it to
-    /// that), and only where `encode` would succeed: for anything else (a
-    /// type error, a number out of range, no fields) it returns false with
-    /// `out` unchanged, and the caller decodes the message and calls
-    /// `encode`, which stores it or says why not.
+    /// (no field vector to fill and drop, each value copied once). It
+    /// writes exactly the bytes [`Self::encode`] writes for the decoded
+    /// envelope (a differential test holds it to that), and only where
+    /// `encode` would succeed: for anything else (a type error, a number
+    /// out of range, no fields) it returns false with `out` unchanged, and
+    /// the caller decodes the message and calls `encode`, which stores it
+    /// or says why not.
     fn encode_canonical(
         &mut self,
         body: &mut crate::canonical::Body<'_>,
@@ -668,8 +665,8 @@ fn put_tag(
 /// `None` where `encode` would refuse it.
 ///
 /// `window`: the body from the value on, or empty. Where it holds 32
-/// bytes, a number is copied as that fixed-size block and cut to length,
-/// which is cheaper than a `memcpy` call for its few bytes.
+/// bytes, a number is copied as that fixed-size block cut to length
+/// ([`crate::wire::append_cut`]).
 #[inline]
 fn put_value(
     kind: Kind,
@@ -684,9 +681,7 @@ fn put_value(
             // The value is where the window starts (a pointer compare,
             // not a byte compare), and fits in it.
             Some(w) if t.len() <= w.len() && t.as_ptr() == window.as_ptr() => {
-                let len = out.len();
-                out.extend_from_slice(w);
-                out.truncate(len + t.len());
+                crate::wire::append_cut(out, w, t.len())
             }
             _ => out.extend_from_slice(t.as_bytes()),
         },
