@@ -95,6 +95,19 @@ async fn count(c: &InfluxClient) -> u64 {
     n
 }
 
+/// The stored count, read until it reaches `n` or `within` has passed
+/// (the caller checks it is exactly `n`).
+async fn count_until(c: &InfluxClient, n: u64, within: Duration) -> u64 {
+    let deadline = Instant::now() + within;
+    loop {
+        let got = count(c).await;
+        if got >= n || Instant::now() > deadline {
+            return got;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Once a run is counted. The schema's downsampling queries re-aggregate
 /// the last two minutes of every database every 30 s; with a database kept
 /// per run they piled up into bursts of work that hit whichever run was
@@ -174,16 +187,8 @@ async fn ceiling(
     };
     // Every write was acknowledged, yet a count taken at once came back
     // one batch short once (295,000 of 300,000, on a busy host; the cause
-    // is not known). Read it as nbpy's count is read: until it is
-    // complete, or still short after 30 s, which fails the run.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let stored = loop {
-        let got = count(&c).await;
-        if got >= n || Instant::now() > deadline {
-            break got;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    // is not known), so it is read as nbpy's is.
+    let stored = count_until(&c, n, Duration::from_secs(30)).await;
     assert_eq!(stored, n, "ceiling run stored everything");
     drop_database(&c).await;
     (rate, cpu)
@@ -405,14 +410,7 @@ async fn nbpy_run(
         publisher: per(cpu_secs(publisher.id()) - p0),
     };
     let rss = vm_hwm_kib(subscriber.id());
-    let stored = loop {
-        let got = count(&c).await;
-        if got >= n {
-            break got;
-        }
-        assert!(t0.elapsed() < deadline, "nbpy run did not store everything");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let stored = count_until(&c, n, deadline.saturating_sub(t0.elapsed())).await;
     assert_eq!(stored, n, "nbpy run stored each point once");
     for child in [&mut subscriber, &mut publisher] {
         let _ = nix::sys::signal::kill(
@@ -543,14 +541,14 @@ async fn main() {
         medians[1] / medians[0]
     );
     if baseline.is_some() {
-        compare(&this_ratios, &base_cols[2], &base_cols);
+        compare(&this_ratios, &base_cols);
     }
 }
 
 /// This build against the baseline, run by run (each against the same
 /// ceiling run), then the baseline's own summary.
-fn compare(this: &[f64], base: &[f64], base_cols: &[Vec<f64>; 10]) {
-    let mut diff: Vec<f64> = this.iter().zip(base).map(|(t, b)| t - b).collect();
+fn compare(this: &[f64], base_cols: &[Vec<f64>; 10]) {
+    let mut diff: Vec<f64> = this.iter().zip(&base_cols[2]).map(|(t, b)| t - b).collect();
     let ahead = diff.iter().filter(|d| **d > 0.0).count();
     let medians = base_cols.clone().map(|mut c| median(&mut c));
     println!("{}", line("b.med", &medians));
