@@ -107,13 +107,14 @@ impl Liveness {
     /// Marked data counts as [`Liveness::data`] does, as a beat too.
     fn take_mark(&self, now: u64) {
         if self.moved.load(Ordering::Relaxed) && self.moved.swap(false, Ordering::Relaxed) {
-            self.beat_ms.store(now, Ordering::Relaxed);
-            self.data_ms.store(now, Ordering::Relaxed);
+            self.data_at(now);
         }
     }
     /// Data moved.
     pub fn data(&self) {
-        let now = self.now_ms();
+        self.data_at(self.now_ms());
+    }
+    fn data_at(&self, now: u64) {
         self.beat_ms.store(now, Ordering::Relaxed);
         self.data_ms.store(now, Ordering::Relaxed);
     }
