@@ -83,6 +83,9 @@ struct Shape {
     /// data.
     series: Option<(Box<[u8]>, u64)>,
     members: Box<[Member]>,
+    /// Where tags come from the data: their sorted order (see
+    /// [`Tags::write_in`]).
+    tag_order: Box<[u8]>,
 }
 
 /// One data member: its key as written (`"bid":`), the tag it sets, if
@@ -158,11 +161,9 @@ impl Tags {
         self.add(schema::TAG_PUBLISHER, publisher)
     }
 
-    /// An empty value is no tag.
+    /// An empty value is no tag. It still takes its place in the list, so
+    /// a shape's tags are always at the same places (see [`Self::write_in`]).
     fn add(&mut self, key: &'static str, val: &str) -> Result<(), MapError> {
-        if val.is_empty() {
-            return Ok(());
-        }
         if val.contains('\n') {
             return Err(MapError::Newline(key.into()));
         }
@@ -172,15 +173,57 @@ impl Tags {
         Ok(())
     }
 
+    /// Sorted by key, as InfluxDB keeps them. The sort is stable, so tags
+    /// with the same key keep their order, as [`tag_order`] does.
     fn write(&mut self, out: &mut Vec<u8>) {
-        self.list.sort_unstable_by_key(|t| t.0);
-        for (key, s, e) in &self.list {
+        self.list.sort_by_key(|t| t.0);
+        for i in 0..self.list.len() {
+            self.put(i, out);
+        }
+    }
+
+    /// Writes the tags in `order`, a shape's sorted order of the places
+    /// its tags are added at: the sort that [`Self::write`] does per line
+    /// (a `memcmp` per comparison, ~900 instructions for a line with five
+    /// tags) is done once, when the shape is learnt.
+    fn write_in(&self, order: &[u8], out: &mut Vec<u8>) -> Option<()> {
+        if order.len() != self.list.len() {
+            return None;
+        }
+        for &i in order {
+            self.put(usize::from(i), out);
+        }
+        Some(())
+    }
+
+    fn put(&self, i: usize, out: &mut Vec<u8>) {
+        let (key, s, e) = self.list[i];
+        if s < e {
             out.push(b',');
             out.extend_from_slice(key.as_bytes());
             out.push(b'=');
-            out.extend_from_slice(&self.buf[*s..*e]);
+            out.extend_from_slice(&self.buf[s..e]);
         }
     }
+}
+
+/// The sorted order of a line's tag places: the three header tags, then
+/// the data members' tags as they come.
+fn tag_order(data_tags: &[&'static str]) -> Option<Box<[u8]>> {
+    let keys: Vec<&str> = [
+        schema::TAG_INSTRUMENT,
+        schema::TAG_SOURCE,
+        schema::TAG_PUBLISHER,
+    ]
+    .into_iter()
+    .chain(data_tags.iter().copied())
+    .collect();
+    let mut order = (0..keys.len())
+        .map(u8::try_from)
+        .collect::<Result<Vec<u8>, _>>()
+        .ok()?;
+    order.sort_by_key(|&i| keys[usize::from(i)]);
+    Some(order.into_boxed_slice())
 }
 
 /// Collisions further apart than this are real out-of-order data, not
@@ -491,7 +534,7 @@ impl LineEncoder {
                     }
                 }
                 out.extend_from_slice(shape.m.name.as_bytes());
-                tags.write(out);
+                tags.write_in(&shape.tag_order, out)?;
                 let end = out.len();
                 out.push(b' ');
                 out.extend_from_slice(fields);
@@ -539,6 +582,10 @@ impl LineEncoder {
         } else {
             None
         };
+        let data_tags: Vec<&'static str> = members.iter().filter_map(|mb| mb.tag).collect();
+        let Some(tag_order) = tag_order(&data_tags) else {
+            return;
+        };
         let shapes = &mut self.shapes;
         if shapes.list.len() >= MAX_SHAPES {
             shapes.index.clear();
@@ -549,6 +596,7 @@ impl LineEncoder {
             prefix: b.prefix.clone(),
             series,
             members: members.into_boxed_slice(),
+            tag_order,
         };
         let key = &raw[..b.prefix.len];
         match shapes.index.get(key) {
@@ -954,6 +1002,24 @@ mod tests {
                 6 => e
                     .data
                     .insert(0, ("spread".into(), Value::Str("a type error".into()))),
+                // An empty tag value (no tag) and a tag key given twice.
+                7 => {
+                    for (k, v) in e.data.iter_mut() {
+                        if k == "side" || k == "market_id" {
+                            *v = Value::Str("".into());
+                        }
+                    }
+                }
+                8 => {
+                    if let Some(t) = e
+                        .data
+                        .iter()
+                        .find(|(k, _)| k == "side" || k == "selection_id")
+                        .cloned()
+                    {
+                        e.data.push((t.0, Value::Str("again".into())));
+                    }
+                }
                 _ => {}
             }
             last_ts = e.ts;
