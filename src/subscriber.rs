@@ -429,32 +429,44 @@ impl Watermark {
             if p != self.saved {
                 // Spooled batches must be on disk before the mark says so.
                 pool.sync_spool(false).await;
-                // An fsync: let the runtime move other tasks off this thread.
-                tokio::task::block_in_place(|| self.persist(&p));
+                // An fsync: off the runtime's thread, which intake shares.
+                let path = self.path.clone();
+                let (r, p) = tokio::task::spawn_blocking(move || (save_marks(&path, &p), p))
+                    .await
+                    .unwrap_or_else(|e| (Err(std::io::Error::other(e)), Vec::new()));
+                self.saved_or_warn(r, p);
             }
         }
     }
 
     fn persist(&mut self, positions: &[(String, u64, u64)]) {
-        let r = (|| -> std::io::Result<()> {
-            use std::io::Write;
-            if let Some(dir) = self.path.parent() {
-                std::fs::create_dir_all(dir)?;
-            }
-            let tmp = self.path.with_extension("json.tmp");
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&serde_json::to_vec(positions).map_err(std::io::Error::other)?)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &self.path)
-        })();
+        let r = save_marks(&self.path, positions);
+        self.saved_or_warn(r, positions.to_vec());
+    }
+
+    fn saved_or_warn(&mut self, r: std::io::Result<()>, positions: Vec<(String, u64, u64)>) {
         match r {
-            Ok(()) => self.saved = positions.to_vec(),
+            Ok(()) => self.saved = positions,
             Err(e) => {
                 let path = self.path.display().to_string();
                 self.log.warn(|| format!("cannot save {path}: {e}"));
             }
         }
     }
+}
+
+/// Writes the positions to `path` durably: a temporary file, fsynced, then
+/// renamed over it.
+fn save_marks(path: &std::path::Path, positions: &[(String, u64, u64)]) -> std::io::Result<()> {
+    use std::io::Write;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("json.tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(&serde_json::to_vec(positions).map_err(std::io::Error::other)?)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
 }
 
 /// Reads one publisher into the intake's channel, reconnecting for ever.
