@@ -38,7 +38,8 @@ impl Common {
     }
 }
 
-/// A multi-threaded runtime; every binary's async work runs on it.
+/// A multi-threaded runtime, for the commands and services that are not
+/// one pipeline.
 pub fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -48,7 +49,8 @@ pub fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
 
 /// A runtime on the calling thread alone, for a process that is one
 /// pipeline: its tasks hand messages to each other without cross-thread
-/// wake-ups (see `nbpy-publisher`).
+/// wake-ups (see `nbpy-publisher` and `nbpy-subscriber`). Blocking work
+/// (fsync, gzip) must go to `spawn_blocking`: `block_in_place` panics here.
 pub fn runtime_current_thread() -> Result<tokio::runtime::Runtime, Failure> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
