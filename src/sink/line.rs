@@ -156,9 +156,10 @@ impl Tags {
     /// from the envelope's header.
     fn header(&mut self, sym: &str, src: &str, publisher: &str) -> Result<(), MapError> {
         self.clear();
-        self.add(schema::TAG_INSTRUMENT, sym)?;
-        self.add(schema::TAG_SOURCE, src)?;
-        self.add(schema::TAG_PUBLISHER, publisher)
+        for (key, val) in HEADER_TAGS.into_iter().zip([sym, src, publisher]) {
+            self.add(key, val)?;
+        }
+        Ok(())
     }
 
     /// An empty value is no tag. It still takes its place in the list, so
@@ -207,17 +208,21 @@ impl Tags {
     }
 }
 
-/// The sorted order of a line's tag places: the three header tags, then
-/// the data members' tags as they come.
+/// The tags every line starts with ([`Tags::header`]), in the order they
+/// are added: [`tag_order`] counts on it.
+const HEADER_TAGS: [&str; 3] = [
+    schema::TAG_INSTRUMENT,
+    schema::TAG_SOURCE,
+    schema::TAG_PUBLISHER,
+];
+
+/// The sorted order of a line's tag places: the header tags, then the
+/// data members' tags as they come.
 fn tag_order(data_tags: &[&'static str]) -> Option<Box<[u8]>> {
-    let keys: Vec<&str> = [
-        schema::TAG_INSTRUMENT,
-        schema::TAG_SOURCE,
-        schema::TAG_PUBLISHER,
-    ]
-    .into_iter()
-    .chain(data_tags.iter().copied())
-    .collect();
+    let keys: Vec<&str> = HEADER_TAGS
+        .into_iter()
+        .chain(data_tags.iter().copied())
+        .collect();
     let mut order = (0..keys.len())
         .map(u8::try_from)
         .collect::<Result<Vec<u8>, _>>()
