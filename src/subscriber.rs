@@ -241,7 +241,7 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
         Ok(()) => {
             // Everything accepted is written or spooled: the tracker's
             // position is exact.
-            marks.persist(&st.gaps.positions());
+            marks.persist(st.gaps.positions()).await;
             tracing::info!(
                 "subscriber {name}: stopped in {:?}: {accepted} accepted, {written} points written, {} spooled for later ({} bytes), {} malformed, {} gaps",
                 t0.elapsed(),
@@ -429,24 +429,21 @@ impl Watermark {
             if p != self.saved {
                 // Spooled batches must be on disk before the mark says so.
                 pool.sync_spool(false).await;
-                // An fsync: off the runtime's thread, which intake shares.
-                let path = self.path.clone();
-                let (r, p) = tokio::task::spawn_blocking(move || (save_marks(&path, &p), p))
-                    .await
-                    .unwrap_or_else(|e| (Err(std::io::Error::other(e)), Vec::new()));
-                self.saved_or_warn(r, p);
+                self.persist(p).await;
             }
         }
     }
 
-    fn persist(&mut self, positions: &[(String, u64, u64)]) {
-        let r = save_marks(&self.path, positions);
-        self.saved_or_warn(r, positions.to_vec());
-    }
-
-    fn saved_or_warn(&mut self, r: std::io::Result<()>, positions: Vec<(String, u64, u64)>) {
+    /// Saves `positions`; the fsync runs off the runtime's thread, which
+    /// intake shares.
+    async fn persist(&mut self, positions: Vec<(String, u64, u64)>) {
+        let path = self.path.clone();
+        let r =
+            tokio::task::spawn_blocking(move || save_marks(&path, &positions).map(|()| positions))
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)));
         match r {
-            Ok(()) => self.saved = positions,
+            Ok(positions) => self.saved = positions,
             Err(e) => {
                 let path = self.path.display().to_string();
                 self.log.warn(|| format!("cannot save {path}: {e}"));
