@@ -49,7 +49,7 @@ pub fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
 
 /// A runtime on the calling thread alone, for a process that is one
 /// pipeline: its tasks hand messages to each other without cross-thread
-/// wake-ups (see `nbpy-publisher` and `nbpy-subscriber`). Blocking work
+/// wake-ups (see `publisher::serve` and `subscriber::serve`). Blocking work
 /// (fsync, gzip) must go to `spawn_blocking`: `block_in_place` panics here.
 pub fn runtime_current_thread() -> Result<tokio::runtime::Runtime, Failure> {
     tokio::runtime::Builder::new_current_thread()

@@ -222,13 +222,11 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Publisher { name } => {
             let loaded = cli.common.boot()?;
-            // On the runtime its binary uses (see `nbpy-publisher`).
-            crate::cli::block_on_current_thread(crate::publisher::run(&name, &loaded.config))
+            crate::publisher::serve(&name, &loaded.config)
         }
         Command::Subscriber { name } => {
             let loaded = cli.common.boot()?;
-            // On the runtime its binary uses (see `nbpy-subscriber`).
-            crate::cli::block_on_current_thread(crate::subscriber::run(&name, &loaded.config))
+            crate::subscriber::serve(&name, &loaded.config)
         }
         Command::Doctor => {
             crate::service::init_logging(crate::config::LogFormat::Text, "warn");

@@ -19,6 +19,13 @@ use crate::service::Service;
 use crate::sink::RateLimitedLog;
 use crate::wire::{now_ns, Envelope};
 
+/// Runs [`run`] on one thread, for `nbpy-publisher` and `nbpy publisher`:
+/// the feed and the bus hand each message over without cross-thread
+/// wake-ups.
+pub fn serve(name: &str, cfg: &Config) -> Result<(), Failure> {
+    crate::cli::block_on_current_thread(run(name, cfg))
+}
+
 pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
     let pcfg = cfg
         .publisher(name)

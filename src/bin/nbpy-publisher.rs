@@ -23,6 +23,6 @@ fn main() {
     let args = Args::parse();
     nbpy::exit::run_main(|| {
         let loaded = args.common.boot()?;
-        nbpy::cli::block_on_current_thread(nbpy::publisher::run(&args.name, &loaded.config))
+        nbpy::publisher::serve(&args.name, &loaded.config)
     })
 }

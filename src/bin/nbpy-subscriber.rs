@@ -15,10 +15,6 @@ fn main() {
     let args = Args::parse();
     nbpy::exit::run_main(|| {
         let loaded = args.common.boot()?;
-        // One thread: intake, the readers and the writers hand work to each
-        // other without cross-thread wake-ups; fsyncs and gzip go to the
-        // blocking pool. Against the multi-threaded runtime, over 30 paired
-        // e2e runs: CPU per point -3%, peak RSS -9%, throughput the same.
-        nbpy::cli::block_on_current_thread(nbpy::subscriber::run(&args.name, &loaded.config))
+        nbpy::subscriber::serve(&args.name, &loaded.config)
     })
 }
