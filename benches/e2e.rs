@@ -117,17 +117,14 @@ async fn count_until(c: &InfluxClient, n: u64, within: Duration) -> u64 {
 /// noise, not the measurement already taken (once, the answer to a drop
 /// came back cut off and ended a 30-run comparison).
 async fn drop_database(c: &InfluxClient) {
+    const TRIES: u32 = 5;
     let q = format!("DROP DATABASE \"{}\"", c.database());
-    let mut last = None;
-    for _ in 0..5 {
+    for attempt in 1..=TRIES {
         match c.query(&q).await {
             Ok(_) => return,
-            Err(e) => last = Some(e),
+            Err(e) if attempt == TRIES => eprintln!("could not drop {}: {e}", c.database()),
+            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    if let Some(e) = last {
-        eprintln!("could not drop {}: {e}", c.database());
     }
 }
 
