@@ -78,8 +78,9 @@ fn client(url: &str, db: &str) -> InfluxClient {
     .unwrap()
 }
 
-async fn count(c: &InfluxClient) -> u64 {
-    let mut n = 0;
+/// Stored points per measurement (`seq` is in every one of them).
+async fn counts(c: &InfluxClient) -> Vec<(&'static str, u64)> {
+    let mut out = Vec::new();
     for m in nbpy::schema::MEASUREMENTS
         .iter()
         .filter(|m| m.name != "nbpy_pipeline")
@@ -90,9 +91,13 @@ async fn count(c: &InfluxClient) -> u64 {
             m.rp,
             m.name
         );
-        n += c.query_number(&q).await.unwrap_or(0.0) as u64;
+        out.push((m.name, c.query_number(&q).await.unwrap_or(0.0) as u64));
     }
-    n
+    out
+}
+
+async fn count(c: &InfluxClient) -> u64 {
+    counts(c).await.iter().map(|(_, k)| k).sum()
 }
 
 /// The stored count, read until it reaches `n` or `within` has passed
@@ -142,7 +147,7 @@ async fn ceiling(
     (n, tail): (u64, u64),
     cfg: &InfluxConfig,
     influxd: u32,
-) -> (Rates, Cpu) {
+) -> Option<(Rates, Cpu)> {
     let c = client(url, db);
     nbpy::admin::schema::ensure(&c).await.unwrap();
     let mut gen = Generator::new(1, &[]);
@@ -195,13 +200,25 @@ async fn ceiling(
         client: per(cpu_secs(me) - m0),
         publisher: 0.0,
     };
-    // Every write was acknowledged, yet a count taken at once came back
-    // one batch short once (295,000 of 300,000, on a busy host; the cause
-    // is not known), so it is read as nbpy's is.
+    // InfluxDB answered 2xx to every write, yet twice in a few hundred
+    // runs the count stayed one batch short (295,000 of 300,000) for all of
+    // the 30 s; two concurrent first writes into a fresh database, tried 60
+    // times alone, did not reproduce it, so the cause is not known. Such a
+    // run has no valid ceiling: it is reported, per measurement, and its
+    // pair left out, instead of ending a long set. (A short nbpy run still
+    // ends the bench: that count is the pipeline's promise.)
     let stored = count_until(&c, n, Duration::from_secs(30)).await;
-    assert_eq!(stored, n, "ceiling run stored everything");
+    let result = if stored == n {
+        Some((rate, cpu))
+    } else {
+        println!(
+            "{db}: ceiling run stored {stored} of {n} acknowledged points ({:?}); pair left out",
+            counts(&c).await
+        );
+        None
+    };
     drop_database(&c).await;
-    (rate, cpu)
+    result
 }
 
 /// Points per second in InfluxDB's write counter, from the first write of
@@ -421,7 +438,12 @@ async fn nbpy_run(
     };
     let rss = vm_hwm_kib(subscriber.id());
     let stored = count_until(&c, n, deadline.saturating_sub(t0.elapsed())).await;
-    assert_eq!(stored, n, "nbpy run stored each point once");
+    if stored != n {
+        panic!(
+            "{db}: nbpy run stored {stored} of {n} points ({:?})",
+            counts(&c).await
+        );
+    }
     for child in [&mut subscriber, &mut publisher] {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(child.id() as i32),
@@ -497,8 +519,13 @@ async fn main() {
         println!("'base' rows: the E2E_BASELINE build against the same ceiling run");
     }
     let mut base_cols: [Vec<f64>; 10] = Default::default();
+    let mut left_out = 0;
     for i in 0..runs {
-        let (c, cc) = ceiling(&url, &format!("ceil{i}"), (n, tail), &cfg, influxd).await;
+        let Some((c, cc)) = ceiling(&url, &format!("ceil{i}"), (n, tail), &cfg, influxd).await
+        else {
+            left_out += 1;
+            continue;
+        };
         // With a baseline, which build goes first alternates, so neither
         // always follows the ceiling run directly.
         let mut order = vec![(&this, false)];
@@ -531,6 +558,10 @@ async fn main() {
             }
         }
     }
+    if cols[0].is_empty() {
+        println!("no run counted: every ceiling run lost acknowledged points");
+        return;
+    }
     let this_ratios = cols[2].clone();
     let medians = cols.clone().map(|mut c| median(&mut c));
     println!("{}", line("median", &medians));
@@ -552,6 +583,9 @@ async fn main() {
     );
     if baseline.is_some() {
         compare(&this_ratios, &base_cols);
+    }
+    if left_out > 0 {
+        println!("{left_out} of {runs} runs left out: their ceiling run lost acknowledged points");
     }
 }
 
