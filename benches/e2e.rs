@@ -118,20 +118,30 @@ async fn count_until(c: &InfluxClient, n: u64, within: Duration) -> u64 {
 /// per run they piled up into bursts of work that hit whichever run was
 /// going, the largest part of the run-to-run spread.
 ///
-/// A failed drop is retried, then only reported: it costs later runs some
-/// noise, not the measurement already taken (once, the answer to a drop
-/// came back cut off and ended a 30-run comparison).
+/// A failed drop is retried, then ends the set (see [`WEDGED`]); the run
+/// it follows was already measured and counts.
 async fn drop_database(c: &InfluxClient) {
     const TRIES: u32 = 5;
     let q = format!("DROP DATABASE \"{}\"", c.database());
     for attempt in 1..=TRIES {
         match c.query(&q).await {
             Ok(_) => return,
-            Err(e) if attempt == TRIES => eprintln!("could not drop {}: {e}", c.database()),
+            Err(e) if attempt == TRIES => {
+                eprintln!("could not drop {}: {e}", c.database());
+                WEDGED.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
             Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
         }
     }
 }
+
+/// Set when a `DROP DATABASE` never completed. Debian's influxd (1.6) can
+/// deadlock there: closing a shard waits for a TSM reader that is never
+/// released, and every later request that touches the shard, `/debug/vars`
+/// included, waits behind it (seen in a goroutine dump after a 30-run set
+/// hung at run 21). No later run could be timed, so the set ends with the
+/// runs it has.
+static WEDGED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// CPU microseconds per point, by process.
 #[derive(Default, Clone, Copy)]
@@ -278,7 +288,18 @@ struct Rates {
 
 /// Points InfluxDB has accepted for writing since it started, all databases.
 async fn points_written(url: &str) -> u64 {
-    let Ok(r) = reqwest::get(format!("{url}/debug/vars")).await else {
+    // One client for every poll (40 a second): `reqwest::get` built a
+    // client and a connection per call, CPU billed to the bench itself,
+    // the ceiling's "poster" column. The timeout turns a wedged influxd
+    // into `steady_rate`'s deadline instead of a hang.
+    static HTTP: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    let http = HTTP.get_or_init(|| {
+        reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .unwrap()
+    });
+    let Ok(r) = http.get(format!("{url}/debug/vars")).send().await else {
         return 0;
     };
     let Ok(v) = r.json::<serde_json::Value>().await else {
@@ -521,6 +542,10 @@ async fn main() {
     let mut base_cols: [Vec<f64>; 10] = Default::default();
     let mut left_out = 0;
     for i in 0..runs {
+        if WEDGED.load(std::sync::atomic::Ordering::Relaxed) {
+            println!("influxd did not drop a run's database; the set ends after {i} runs");
+            break;
+        }
         let Some((c, cc)) = ceiling(&url, &format!("ceil{i}"), (n, tail), &cfg, influxd).await
         else {
             left_out += 1;
