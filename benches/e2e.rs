@@ -540,12 +540,13 @@ async fn main() {
         println!("'base' rows: the E2E_BASELINE build against the same ceiling run");
     }
     let mut base_cols: [Vec<f64>; 10] = Default::default();
-    let mut left_out = 0;
+    let (mut left_out, mut tried) = (0, 0);
     for i in 0..runs {
         if WEDGED.load(std::sync::atomic::Ordering::Relaxed) {
             println!("influxd did not drop a run's database; the set ends after {i} runs");
             break;
         }
+        tried += 1;
         let Some((c, cc)) = ceiling(&url, &format!("ceil{i}"), (n, tail), &cfg, influxd).await
         else {
             left_out += 1;
@@ -584,7 +585,7 @@ async fn main() {
         }
     }
     if cols[0].is_empty() {
-        println!("no run counted: every ceiling run lost acknowledged points");
+        println!("no run counted ({left_out} of {tried} left out: their ceiling run lost acknowledged points)");
         return;
     }
     let this_ratios = cols[2].clone();
@@ -610,7 +611,7 @@ async fn main() {
         compare(&this_ratios, &base_cols);
     }
     if left_out > 0 {
-        println!("{left_out} of {runs} runs left out: their ceiling run lost acknowledged points");
+        println!("{left_out} of {tried} runs left out: their ceiling run lost acknowledged points");
     }
 }
 
