@@ -445,3 +445,122 @@ endpoint = "{ep}"
         .log_text()
         .contains("malformed message from publisher junk"));
 }
+
+/// An HTTP proxy in front of the real influxd that can be made to stop
+/// answering everything but `/ping`, as influxd 1.6.7 did when it
+/// deadlocked in `DROP DATABASE` during the e2e bench: `/ping` answered,
+/// every request touching the store waited. That state cannot be produced
+/// on demand, so the proxy stands in for it; the answers it does pass on
+/// are the real server's.
+async fn stuck_store_proxy(upstream: String) -> (String, Arc<AtomicBool>) {
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::rt::TokioIo;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let stuck = Arc::new(AtomicBool::new(false));
+    let flag = stuck.clone();
+    let http = reqwest::Client::new();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let (flag, http, upstream) = (flag.clone(), http.clone(), upstream.clone());
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let (flag, http, upstream) = (flag.clone(), http.clone(), upstream.clone());
+                        async move {
+                            let ping = req.uri().path() == "/ping";
+                            while !ping && flag.load(Ordering::Relaxed) {
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                            }
+                            let (parts, body) = req.into_parts();
+                            let body = body.collect().await?.to_bytes();
+                            let pq = parts
+                                .uri
+                                .path_and_query()
+                                .map(|p| p.as_str())
+                                .unwrap_or("/");
+                            let mut fwd = http.request(parts.method, format!("{upstream}{pq}"));
+                            if let Some(ct) = parts.headers.get(hyper::header::CONTENT_TYPE) {
+                                fwd = fwd.header(hyper::header::CONTENT_TYPE, ct);
+                            }
+                            let r = fwd.body(body).send().await.expect("upstream influxd");
+                            let status = r.status().as_u16();
+                            let mut out = hyper::Response::new(Full::new(
+                                r.bytes().await.unwrap_or_default(),
+                            ));
+                            *out.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
+                            Ok::<_, hyper::Error>(out)
+                        }
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (url, stuck)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn influxdb_answering_ping_but_not_queries_is_down_until_it_answers_again() {
+    let env = Env::start().await;
+    let (proxy, stuck) = stuck_store_proxy(env.influx.url()).await;
+    let (cfg, base, _) = config(&env, None);
+    // Only the daemon looks through the proxy; the pipeline writes straight
+    // to influxd, so its counters keep landing while the daemon is blind.
+    let p = env.spawn(
+        "nbpy-health",
+        &["--config", &cfg, "--log-format", "text"],
+        &[
+            ("NBPY_INFLUXDB__URL", proxy.as_str()),
+            ("NBPY_INFLUXDB__TIMEOUT", "2s"),
+        ],
+    );
+    p.wait_log("health: serving on", Duration::from_secs(20));
+    let h = Health {
+        base,
+        http: reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .unwrap(),
+    };
+    let _publisher = env.spawn("nbpy-publisher", &["--config", &cfg, "synth"], &[]);
+    let _subscriber = env.spawn("nbpy-subscriber", &["--config", &cfg, "main"], &[]);
+    h.wait("ready through the proxy", Duration::from_secs(60), |s| {
+        s.ready
+    })
+    .await;
+    assert_eq!(h.get("/readyz").await.0, 200);
+
+    stuck.store(true, Ordering::Relaxed);
+    let took = h
+        .wait(
+            "influxdb down while /ping answers",
+            Duration::from_secs(30),
+            |s| s.influxdb.state == State::Down,
+        )
+        .await;
+    eprintln!("stuck store reported after {took:?}");
+    let s = h.status().await.unwrap();
+    let err = s.influxdb.error.clone().unwrap_or_default();
+    assert!(
+        err.contains("answers /ping") && err.contains("within 2s"),
+        "{err}"
+    );
+    assert!(!s.ready);
+    assert_eq!(subscriber_state(&s, "main"), Some(State::Unknown));
+    let (code, body) = h.get("/readyz").await;
+    assert_eq!(code, 503);
+    assert!(body.contains("InfluxDB down: answers /ping"), "{body}");
+
+    stuck.store(false, Ordering::Relaxed);
+    h.wait("ready again", Duration::from_secs(30), |s| {
+        s.ready && s.influxdb.state == State::Up
+    })
+    .await;
+}

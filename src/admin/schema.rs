@@ -574,7 +574,7 @@ impl SchemaError {
     pub fn exit_code(&self) -> i32 {
         match self.error {
             WriteError::Auth(_) => crate::exit::NOPERM,
-            WriteError::Transient(_) => crate::exit::UNAVAILABLE,
+            WriteError::Transient(_) | WriteError::Timeout(_) => crate::exit::UNAVAILABLE,
             _ => crate::exit::SOFTWARE,
         }
     }

@@ -32,7 +32,9 @@
 //!   the bus that are not (yet) in InfluxDB, and the age of the oldest such
 //!   message, from `max(seq)` of the publisher's current epoch.
 //! - **InfluxDB `/ping`**, and **Grafana `/api/health`** when `grafana.url`
-//!   is set.
+//!   is set. InfluxDB is also down when it answers `/ping` but the
+//!   counters query above gets no answer within `influxdb.timeout`: a
+//!   server with a stuck store answers `/ping` and nothing else.
 //! - **systemd**, when it is the init system (or `health.systemd = "on"`):
 //!   `systemctl show nbpy-*` gives every unit's state and restart count; a
 //!   failed `nbpy-publisher@NAME` / `nbpy-subscriber@NAME` unit marks that
@@ -60,7 +62,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, HealthSystemd};
 use crate::exit::{Failure, UNAVAILABLE};
 use crate::service::Service;
-use crate::sink::influx::InfluxClient;
+use crate::sink::influx::{InfluxClient, WriteError};
 use crate::wire::now_ns;
 use feeds::FeedWatch;
 use probe::PipelinePoint;
@@ -150,13 +152,25 @@ impl Monitor {
     /// One round of checks (InfluxDB, counters, lag, Grafana, systemd),
     /// then an uptime sample of every component.
     pub async fn poll(&self) {
-        let ping = self.client.ping().await.map_err(|e| e.to_string());
-        let influx_up = ping.is_ok();
-        let pipeline = if influx_up {
+        let mut ping = self.client.ping().await.map_err(|e| e.to_string());
+        let pipeline = if ping.is_ok() {
             Some(probe::pipeline(&self.client, PIPELINE_LOOKBACK).await)
         } else {
             None
         };
+        // `/ping` is answered without touching the store. A server whose
+        // store is stuck (influxd 1.6 deadlocked in `DROP DATABASE` here:
+        // queries and writes waited for ever while `/ping` answered) or
+        // whose disk has stalled still answers it, so one small query that
+        // times out counts as InfluxDB down, and the lag queries, which
+        // would each wait as long, are skipped.
+        if let Some(Err(WriteError::Timeout(_))) = &pipeline {
+            ping = Err(format!(
+                "answers /ping, but a query of nbpy_pipeline got no answer within {}: its store may be stuck",
+                humantime::format_duration(self.cfg.influxdb.timeout)
+            ));
+        }
+        let influx_up = ping.is_ok();
         let mut lags = BTreeMap::new();
         if influx_up {
             for f in &self.feeds {

@@ -16,9 +16,16 @@ use crate::exit::Failure;
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq)]
 pub enum WriteError {
-    /// Connection refused/reset, timeout, 5xx: retry with backoff.
+    /// Connection refused/reset, 5xx: retry with backoff.
     #[error("InfluxDB unavailable: {0}")]
     Transient(String),
+    /// No answer within `influxdb.timeout`: retried like [`Transient`], but
+    /// told apart, because a server that answers `/ping` and not this is
+    /// stuck (see [`crate::health`]), not away.
+    ///
+    /// [`Transient`]: WriteError::Transient
+    #[error("InfluxDB did not answer in time: {0}")]
+    Timeout(String),
     /// 400: some points were refused (field-type conflict, bad line); the
     /// rest were stored. Carries InfluxDB's message.
     #[error("InfluxDB refused points: {0}")]
@@ -36,7 +43,7 @@ pub enum WriteError {
 
 impl WriteError {
     pub fn is_transient(&self) -> bool {
-        matches!(self, WriteError::Transient(_))
+        matches!(self, WriteError::Transient(_) | WriteError::Timeout(_))
     }
 }
 
@@ -144,7 +151,7 @@ impl InfluxClient {
             .timeout(Duration::from_secs(2))
             .send()
             .await
-            .map_err(|e| WriteError::Transient(describe(&e)))?;
+            .map_err(request_failed)?;
         if r.status().is_success() {
             Ok(())
         } else {
@@ -190,11 +197,7 @@ impl InfluxClient {
         } else {
             lines
         };
-        let r = req
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| WriteError::Transient(describe(&e)))?;
+        let r = req.body(body).send().await.map_err(request_failed)?;
         let status = r.status().as_u16();
         if (200..300).contains(&status) {
             return Ok(());
@@ -222,7 +225,7 @@ impl InfluxClient {
             .form(&[("q", q)])
             .send()
             .await
-            .map_err(|e| WriteError::Transient(describe(&e)))?;
+            .map_err(request_failed)?;
         let status = r.status().as_u16();
         let v: serde_json::Value = r
             .json()
@@ -267,13 +270,13 @@ pub fn classify(status: u16, msg: String) -> WriteError {
     }
 }
 
-fn describe(e: &reqwest::Error) -> String {
+fn request_failed(e: reqwest::Error) -> WriteError {
     if e.is_timeout() {
-        format!("timeout: {e}")
+        WriteError::Timeout(e.to_string())
     } else if e.is_connect() {
-        format!("cannot connect: {e}")
+        WriteError::Transient(format!("cannot connect: {e}"))
     } else {
-        e.to_string()
+        WriteError::Transient(e.to_string())
     }
 }
 
