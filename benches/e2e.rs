@@ -187,7 +187,7 @@ async fn ceiling(
     let me = std::process::id();
     settle(influxd).await;
     let (i0, m0) = (cpu_secs(influxd), cpu_secs(me));
-    let w0 = points_written(url).await;
+    let w0 = start_count(url).await;
     let workers: Vec<_> = (0..cfg.concurrency)
         .map(|_| {
             let (q, c) = (queue.clone(), c.clone());
@@ -247,7 +247,7 @@ async fn steady_rate(url: &str, w0: u64, n: u64, tail: u64) -> Rates {
     // Each poll costs influxd and the bench a /debug/vars document.
     let poll = Duration::from_millis(25);
     let (t1, w1) = loop {
-        let w = points_written(url).await;
+        let w = points_written(url).await.unwrap_or(0);
         if w > w0 {
             break (Instant::now(), w);
         }
@@ -261,7 +261,7 @@ async fn steady_rate(url: &str, w0: u64, n: u64, tail: u64) -> Rates {
     let target = w0 + n.saturating_sub(tail);
     let mut cut = None;
     let (t3, w3) = loop {
-        let w = points_written(url).await;
+        let w = points_written(url).await.unwrap_or(0);
         if cut.is_none() && target > w1 && w >= target {
             cut = Some((Instant::now(), w));
         }
@@ -287,11 +287,11 @@ struct Rates {
 }
 
 /// Points InfluxDB has accepted for writing since it started, all databases.
-async fn points_written(url: &str) -> u64 {
+async fn points_written(url: &str) -> Result<u64, String> {
     // One client for every poll (40 a second): `reqwest::get` built a
     // client and a connection per call, CPU billed to the bench itself,
     // the ceiling's "poster" column. The timeout turns a wedged influxd
-    // into `steady_rate`'s deadline instead of a hang.
+    // into an error instead of a hang.
     static HTTP: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
     let http = HTTP.get_or_init(|| {
         reqwest::Client::builder()
@@ -299,13 +299,27 @@ async fn points_written(url: &str) -> u64 {
             .build()
             .unwrap()
     });
-    let Ok(r) = http.get(format!("{url}/debug/vars")).send().await else {
-        return 0;
-    };
-    let Ok(v) = r.json::<serde_json::Value>().await else {
-        return 0;
-    };
-    v["write"]["values"]["pointReqLocal"].as_u64().unwrap_or(0)
+    let r = http
+        .get(format!("{url}/debug/vars"))
+        .send()
+        .await
+        .map_err(|e| format!("GET /debug/vars: {e}"))?;
+    let v = r
+        .json::<serde_json::Value>()
+        .await
+        .map_err(|e| format!("/debug/vars answer: {e}"))?;
+    v["write"]["values"]["pointReqLocal"]
+        .as_u64()
+        .ok_or_else(|| "/debug/vars has no write.values.pointReqLocal".to_string())
+}
+
+/// The count a run is timed from. Polls during a run may miss (they then
+/// count as no progress, and the run's deadline ends a stuck one), but a
+/// wrong starting point would time the whole run wrongly and silently.
+async fn start_count(url: &str) -> u64 {
+    points_written(url)
+        .await
+        .unwrap_or_else(|e| panic!("cannot read InfluxDB's write counter before a run: {e}"))
 }
 
 /// Waits until influxd is idle (under ~8% of a core over 250 ms), at most
@@ -445,7 +459,7 @@ async fn nbpy_run(
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     settle(influxd).await;
-    let written0 = points_written(url).await;
+    let written0 = start_count(url).await;
     let (i0, p0) = (cpu_secs(influxd), cpu_secs(publisher.id()));
     let t0 = Instant::now();
     let mut subscriber = spawn(&build.subscriber, "main");
