@@ -185,9 +185,30 @@ impl FeedSender {
 
     /// Waits for room: for generated and replayed data, which can wait.
     /// Returns false once the publisher has gone away.
-    pub async fn send(&self, mut env: Envelope<'static>) -> bool {
+    pub async fn send(&self, env: Envelope<'static>) -> bool {
+        self.send_unless(env, &CancellationToken::new()).await
+    }
+
+    /// [`send`](Self::send), giving up once `stop` is cancelled. The queue
+    /// has room for all but about one message in a thousand, so that case
+    /// is a plain `try_send`: waiting on `stop` and the queue together for
+    /// every message (a `select!`, two futures and a registration with
+    /// `stop`'s waiters) cost a flat-out feed more than the queueing did.
+    pub async fn send_unless(&self, mut env: Envelope<'static>, stop: &CancellationToken) -> bool {
+        if stop.is_cancelled() {
+            return false;
+        }
         self.stamp(&mut env);
-        self.tx.send(env).await.is_ok()
+        let env = match self.tx.try_send(env) {
+            Ok(()) => return true,
+            Err(mpsc::error::TrySendError::Closed(_)) => return false,
+            Err(mpsc::error::TrySendError::Full(env)) => env,
+        };
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => false,
+            r = self.tx.send(env) => r.is_ok(),
+        }
     }
 
     /// Never waits: for live venues, whose socket must keep being read. A

@@ -74,8 +74,7 @@ impl Generator {
         let half = mid * 0.0001;
         let (bid, ask) = (round(mid - half), round(mid + half));
         let q = |r: &mut StdRng| round(r.gen_range(0.01..5.0));
-        // The largest kind (book) has 22 fields.
-        let mut data: Fields<'static> = Vec::with_capacity(24);
+        let mut data: Fields<'static> = Vec::with_capacity(FIELDS[chi]);
         let mut put = |k: &'static str, v: Value<'static>| data.push((Cow::Borrowed(k), v));
         match chi {
             0 => {
@@ -149,6 +148,7 @@ impl Generator {
                 );
             }
         }
+        debug_assert_eq!(data.len(), FIELDS[chi], "FIELDS is out of date");
         let ts = now_ns().max(self.last_ts + 1);
         self.last_ts = ts;
         // Built in place: `Envelope::new` would read the clock a second time.
@@ -165,6 +165,12 @@ impl Generator {
         }
     }
 }
+
+/// Fields per message of each channel, to allocate them exactly: the
+/// allocator's fast path takes up to 1 KiB (18 fields), and a book's 22
+/// take the slower one anyway, but a common capacity for all (24) sent
+/// every message there, 5% of the publisher's instructions.
+const FIELDS: [usize; 5] = [11, 22, 5, 5, 17];
 
 const BID: [&str; 5] = ["bid1", "bid2", "bid3", "bid4", "bid5"];
 const BID_QTY: [&str; 5] = ["bid1_qty", "bid2_qty", "bid3_qty", "bid4_qty", "bid5_qty"];
@@ -215,10 +221,8 @@ pub async fn run(ctx: FeedContext) -> Result<(), Failure> {
     let mut sent = 0u64;
     while ctx.cfg.count == 0 || sent < ctx.cfg.count {
         let env = gen.next_message();
-        tokio::select! {
-            biased;
-            _ = ctx.shutdown.cancelled() => break,
-            ok = ctx.out.send(env) => if !ok { break },
+        if !ctx.out.send_unless(env, &ctx.shutdown).await {
+            break;
         }
         sent += 1;
         pacer.tick().await;
