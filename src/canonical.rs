@@ -258,13 +258,20 @@ pub struct Body<'a> {
     first: bool,
 }
 
+/// The body as text. Checked whole, once per message, with SIMD: std's
+/// check was 4% of the subscriber's instructions per message.
+#[inline]
+fn utf8(body: &[u8]) -> Option<&str> {
+    simdutf8::basic::from_utf8(body).ok()
+}
+
 /// Not in canonical form (ask serde_json).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct NotCanonical;
 
 /// Reads the header of `body` if it is in canonical form.
 pub fn parse(body: &[u8]) -> Option<Body<'_>> {
-    let text = std::str::from_utf8(body).ok()?;
+    let text = utf8(body)?;
     let mut c = Cur {
         text,
         b: body,
@@ -296,7 +303,7 @@ pub fn parse(body: &[u8]) -> Option<Body<'_>> {
 /// compared them. Only the rest is read: the sequence, times and the start
 /// of `data`.
 pub fn parse_known<'a>(body: &'a [u8], prefix: &Prefix) -> Option<Body<'a>> {
-    let text = std::str::from_utf8(body).ok()?;
+    let text = utf8(body)?;
     let c = Cur {
         text,
         b: body,
