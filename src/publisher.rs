@@ -19,6 +19,9 @@ use crate::service::Service;
 use crate::sink::RateLimitedLog;
 use crate::wire::{now_ns, Envelope};
 
+/// Messages moved from the feed's queue to the socket per turn of the loop.
+const BURST: usize = 1024;
+
 /// Runs [`run`] on one thread, for `nbpy-publisher` and `nbpy publisher`:
 /// the feed and the bus hand each message over without cross-thread
 /// wake-ups.
@@ -76,6 +79,7 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
     let mut published = 0u64;
     let mut errors = RateLimitedLog::new(Duration::from_secs(5));
     let mut buf = Vec::with_capacity(1024);
+    let mut burst = Vec::with_capacity(BURST);
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut last = (Instant::now(), 0u64);
     let mut feed_result: Option<Result<(), Failure>> = None;
@@ -106,15 +110,14 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
                     svc.liveness.set_idle(false);
                 }
             }
-            env = rx.recv(), if sending => {
-                let Some(env) = env else { break };
-                send(&mut bus, &env, pcfg.codec, &mut buf, &mut errors).await;
-                published += 1;
-                // Drain a burst without going back through select.
-                while let Ok(env) = rx.try_recv() {
+            // A burst at a time, without going back through select: and
+            // `recv` gave each message's queue slot back under the queue's
+            // lock, one lock per message, where `recv_many` takes it once.
+            n = rx.recv_many(&mut burst, BURST), if sending => {
+                if n == 0 { break }
+                for env in burst.drain(..) {
                     send(&mut bus, &env, pcfg.codec, &mut buf, &mut errors).await;
                     published += 1;
-                    if published % 1024 == 0 { break; }
                 }
                 // A flat-out feed keeps this branch ready, and the tick
                 // below waits behind it: the loop is alive, say so.

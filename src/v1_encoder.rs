@@ -21,7 +21,8 @@ use std::collections::HashMap;
 
 use crate::canonical::same;
 use crate::wire::{
-    json_str, put_counters, put_data_value, put_head, put_key, put_publisher, EncodeError, Envelope,
+    append_cut, json_str, put_counters, put_data_value, put_head, put_key, put_publisher,
+    EncodeError, Envelope,
 };
 
 /// Channels remembered; a publisher has a handful. One that sends more
@@ -51,7 +52,49 @@ struct Layout {
 struct Key {
     name: Box<str>,
     /// `"name":` at position 0, `,"name":` after it ([`put_key`]).
-    frag: Box<[u8]>,
+    frag: Frag,
+}
+
+/// A key's bytes: up to 32 in a fixed block, appended as that block cut
+/// to length ([`append_cut`]) instead of a `memcpy` call of run-time length
+/// per key, which was about one in thirty of the publisher's instructions.
+struct Frag {
+    block: [u8; 32],
+    len: usize,
+    /// Longer ones; empty when the block holds it.
+    long: Box<[u8]>,
+}
+
+impl Frag {
+    fn new(n: usize, k: &str) -> Self {
+        let mut f = Vec::with_capacity(k.len() + 4);
+        put_key(&mut f, n, k);
+        let mut block = [0u8; 32];
+        match block.get_mut(..f.len()) {
+            Some(b) => {
+                b.copy_from_slice(&f);
+                Frag {
+                    block,
+                    len: f.len(),
+                    long: Box::default(),
+                }
+            }
+            None => Frag {
+                block,
+                len: 0,
+                long: f.into_boxed_slice(),
+            },
+        }
+    }
+
+    #[inline]
+    fn put(&self, out: &mut Vec<u8>) {
+        if self.long.is_empty() {
+            append_cut(out, &self.block, self.len);
+        } else {
+            out.extend_from_slice(&self.long);
+        }
+    }
 }
 
 impl Layout {
@@ -67,12 +110,6 @@ impl Layout {
             keys: Vec::new(),
         }
     }
-}
-
-fn key_frag(n: usize, k: &str) -> Box<[u8]> {
-    let mut f = Vec::with_capacity(k.len() + 4);
-    put_key(&mut f, n, k);
-    f.into_boxed_slice()
 }
 
 impl V1Encoder {
@@ -99,12 +136,12 @@ impl V1Encoder {
                 Some(key) => {
                     *key = Key {
                         name: (**k).into(),
-                        frag: key_frag(n, k),
+                        frag: Frag::new(n, k),
                     }
                 }
                 None if n < MAX_KEYS => layout.keys.push(Key {
                     name: (**k).into(),
-                    frag: key_frag(n, k),
+                    frag: Frag::new(n, k),
                 }),
                 None => {
                     put_key(out, n, k);
@@ -112,7 +149,7 @@ impl V1Encoder {
                     continue;
                 }
             }
-            out.extend_from_slice(&layout.keys[n].frag);
+            layout.keys[n].frag.put(out);
             put_data_value(out, k, v)?;
         }
         out.extend_from_slice(b"}}");
@@ -174,7 +211,7 @@ mod tests {
                 _ => Cow::Borrowed("synth"),
             };
             // A layout that changes: a key renamed, one dropped, one
-            // added past the end, one that needs escaping.
+            // added past the end, one that needs escaping, a long one.
             match i % 11 {
                 3 => e.data[0].0 = Cow::Borrowed("renamed"),
                 4 => {
@@ -184,6 +221,8 @@ mod tests {
                     .data
                     .push((Cow::Owned("extra\n\"key\"".into()), Value::Int(-7))),
                 6 => e.src = Cow::Borrowed("elsewhere"),
+                // Longer than a key's fixed block.
+                7 => e.data[1].0 = Cow::Borrowed("a_key_that_is_longer_than_thirty_two_bytes"),
                 _ => {}
             }
             let (a, b) = both(&mut enc, &e);
