@@ -185,8 +185,9 @@ impl FeedSender {
 
     /// Waits for room: for generated and replayed data, which can wait.
     /// Returns false once the publisher has gone away.
-    pub async fn send(&self, env: Envelope<'static>) -> bool {
-        self.send_unless(env, &CancellationToken::new()).await
+    pub async fn send(&self, mut env: Envelope<'static>) -> bool {
+        self.stamp(&mut env);
+        self.tx.send(env).await.is_ok()
     }
 
     /// [`send`](Self::send), giving up once `stop` is cancelled. The queue

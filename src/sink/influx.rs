@@ -227,10 +227,14 @@ impl InfluxClient {
             .await
             .map_err(request_failed)?;
         let status = r.status().as_u16();
-        let v: serde_json::Value = r
-            .json()
-            .await
-            .map_err(|e| WriteError::Transient(format!("query answer: {e}")))?;
+        let v: serde_json::Value = r.json().await.map_err(|e| {
+            let why = format!("query answer: {e}");
+            if e.is_timeout() {
+                WriteError::Timeout(why)
+            } else {
+                WriteError::Transient(why)
+            }
+        })?;
         if !(200..300).contains(&status) {
             let msg = v
                 .get("error")
