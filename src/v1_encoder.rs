@@ -21,8 +21,8 @@ use std::collections::HashMap;
 
 use crate::canonical::same;
 use crate::wire::{
-    append_cut, json_str, put_counters, put_data_value, put_head, put_key, put_publisher,
-    EncodeError, Envelope,
+    json_str, put_counters, put_data_value, put_head, put_key, put_publisher, EncodeError,
+    Envelope, Snippet,
 };
 
 /// Channels remembered; a publisher has a handful. One that sends more
@@ -51,50 +51,10 @@ struct Layout {
 
 struct Key {
     name: Box<str>,
-    /// `"name":` at position 0, `,"name":` after it ([`put_key`]).
-    frag: Frag,
-}
-
-/// A key's bytes: up to 32 in a fixed block, appended as that block cut
-/// to length ([`append_cut`]) instead of a `memcpy` call of run-time length
-/// per key, which was about one in thirty of the publisher's instructions.
-struct Frag {
-    block: [u8; 32],
-    len: usize,
-    /// Longer ones; empty when the block holds it.
-    long: Box<[u8]>,
-}
-
-impl Frag {
-    fn new(n: usize, k: &str) -> Self {
-        let mut f = Vec::with_capacity(k.len() + 4);
-        put_key(&mut f, n, k);
-        let mut block = [0u8; 32];
-        match block.get_mut(..f.len()) {
-            Some(b) => {
-                b.copy_from_slice(&f);
-                Frag {
-                    block,
-                    len: f.len(),
-                    long: Box::default(),
-                }
-            }
-            None => Frag {
-                block,
-                len: 0,
-                long: f.into_boxed_slice(),
-            },
-        }
-    }
-
-    #[inline]
-    fn put(&self, out: &mut Vec<u8>) {
-        if self.long.is_empty() {
-            append_cut(out, &self.block, self.len);
-        } else {
-            out.extend_from_slice(&self.long);
-        }
-    }
+    /// `"name":` at position 0, `,"name":` after it ([`put_key`]), as a
+    /// [`Snippet`]: a `memcpy` call of run-time length per key was about
+    /// one in thirty of the publisher's instructions.
+    frag: Snippet,
 }
 
 impl Layout {
@@ -110,6 +70,12 @@ impl Layout {
             keys: Vec::new(),
         }
     }
+}
+
+fn key_frag(n: usize, k: &str) -> Snippet {
+    let mut f = Vec::with_capacity(k.len() + 4);
+    put_key(&mut f, n, k);
+    Snippet::new(&f)
 }
 
 impl V1Encoder {
@@ -136,12 +102,12 @@ impl V1Encoder {
                 Some(key) => {
                     *key = Key {
                         name: (**k).into(),
-                        frag: Frag::new(n, k),
+                        frag: key_frag(n, k),
                     }
                 }
                 None if n < MAX_KEYS => layout.keys.push(Key {
                     name: (**k).into(),
-                    frag: Frag::new(n, k),
+                    frag: key_frag(n, k),
                 }),
                 None => {
                     put_key(out, n, k);
@@ -221,7 +187,7 @@ mod tests {
                     .data
                     .push((Cow::Owned("extra\n\"key\"".into()), Value::Int(-7))),
                 6 => e.src = Cow::Borrowed("elsewhere"),
-                // Longer than a key's fixed block.
+                // Longer than a key's fixed block (a `Snippet`).
                 7 => e.data[1].0 = Cow::Borrowed("a_key_that_is_longer_than_thirty_two_bytes"),
                 _ => {}
             }

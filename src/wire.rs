@@ -345,6 +345,34 @@ pub fn push_f64(out: &mut Vec<u8>, f: f64) {
     append_cut(out, &buf, n);
 }
 
+/// Bytes written again and again (a field prefix, a remembered JSON key),
+/// kept as a fixed-size block where they fit, for [`append_cut`].
+pub(crate) enum Snippet {
+    Short([u8; 24], u8),
+    Long(Box<[u8]>),
+}
+
+impl Snippet {
+    pub(crate) fn new(b: &[u8]) -> Self {
+        let mut a = [0u8; 24];
+        match a.get_mut(..b.len()) {
+            Some(to) => {
+                to.copy_from_slice(b);
+                Snippet::Short(a, b.len() as u8)
+            }
+            None => Snippet::Long(b.into()),
+        }
+    }
+
+    #[inline]
+    pub(crate) fn put(&self, out: &mut Vec<u8>) {
+        match self {
+            Snippet::Short(a, n) => append_cut(out, a, usize::from(*n)),
+            Snippet::Long(b) => out.extend_from_slice(b),
+        }
+    }
+}
+
 /// Appends the first `len` bytes of `block` (`len <= N`). The whole block
 /// is appended, then cut to length: a fixed-size append is a few moves,
 /// where appending a few bytes of run-time length is a `memcpy` call,

@@ -94,35 +94,7 @@ struct Shape {
 struct Member {
     key: Box<[u8]>,
     tag: Option<&'static str>,
-    field: Option<(Kind, Snippet)>,
-}
-
-/// A field prefix kept as a fixed-size block, for
-/// [`crate::wire::append_cut`].
-enum Snippet {
-    Short([u8; 24], u8),
-    Long(Box<[u8]>),
-}
-
-impl Snippet {
-    fn new(b: &[u8]) -> Self {
-        let mut a = [0u8; 24];
-        match a.get_mut(..b.len()) {
-            Some(to) => {
-                to.copy_from_slice(b);
-                Snippet::Short(a, b.len() as u8)
-            }
-            None => Snippet::Long(b.into()),
-        }
-    }
-
-    #[inline]
-    fn put(&self, out: &mut Vec<u8>) {
-        match self {
-            Snippet::Short(a, n) => crate::wire::append_cut(out, a, usize::from(*n)),
-            Snippet::Long(b) => out.extend_from_slice(b),
-        }
-    }
+    field: Option<(Kind, crate::wire::Snippet)>,
 }
 
 /// `,"seq":` ends the header's strings in a canonical body.
@@ -565,7 +537,7 @@ impl LineEncoder {
             };
             let mut pre = Vec::new();
             let field = start_field(m, k, &mut hint, &mut n, &mut pre)
-                .map(|f| (f.kind, Snippet::new(&pre)));
+                .map(|f| (f.kind, crate::wire::Snippet::new(&pre)));
             let comma: &[u8] = if members.is_empty() { b"" } else { b"," };
             members.push(Member {
                 key: [comma, b"\"", k.as_bytes(), b"\":"]
