@@ -463,6 +463,22 @@ mod tests {
     use crate::wire::{decode_v1_general, encode_v1};
 
     #[test]
+    fn same_is_slice_equality_at_every_length_and_position() {
+        for len in 0..=40usize {
+            let a: Vec<u8> = (0..len as u8).map(|i| b'a' + i % 26).collect();
+            assert!(same(&a, &a.clone()), "len {len}");
+            for at in 0..len {
+                let mut b = a.clone();
+                b[at] ^= 0x20;
+                assert!(!same(&a, &b), "len {len}, byte {at} differs");
+            }
+            let mut longer = a.clone();
+            longer.push(b'z');
+            assert!(!same(&a, &longer) && !same(&longer, &a), "len {len}");
+        }
+    }
+
+    #[test]
     fn digit_words_read_what_a_byte_loop_reads() {
         // Every byte value after every run length, and runs cut by the end.
         for len in 0..=8usize {
