@@ -12,21 +12,23 @@ pub struct Batch {
 }
 
 /// Room per point in the first batch: a ticker line is ~260 bytes, a book
-/// line ~600. Later batches are sized from the last full one (see
-/// [`Batcher::room`]).
+/// line ~600. Later batches are sized from the last full one of their
+/// retention policy (see [`Batcher::room`]).
 const LINE_BYTES: usize = 320;
 
 struct Open {
     batch: Batch,
     since: Instant,
+    /// Bytes to reserve for this retention policy's next batch.
+    room: usize,
 }
 
 pub struct Batcher {
     size: usize,
     age: Duration,
     open: Vec<Open>,
-    /// Bytes to reserve for a fresh batch.
-    room: usize,
+    /// Bytes to reserve for the first batch of a retention policy.
+    first_room: usize,
 }
 
 impl Batcher {
@@ -35,7 +37,7 @@ impl Batcher {
             size,
             age,
             open: Vec::new(),
-            room: size.saturating_mul(LINE_BYTES),
+            first_room: size.saturating_mul(LINE_BYTES),
         }
     }
 
@@ -46,13 +48,15 @@ impl Batcher {
     /// for the next ones: its size and an eighth more. Room reserved and
     /// not written costs address space only, no memory. It follows the last
     /// full batch, not the largest, so one burst of huge lines does not
-    /// keep every later buffer huge.
-    pub fn room(&self) -> usize {
-        self.room
-    }
-
-    fn learn(&mut self, full: usize) {
-        self.room = full.saturating_add(full / 8);
+    /// keep every later buffer huge. Each retention policy learns its
+    /// own: with one room for all, a book batch (600-byte lines, its own
+    /// policy) that followed a full ticker batch was given half what it
+    /// needed, and outgrew it.
+    pub fn room(&self, rp: &str) -> usize {
+        match self.open.iter().find(|o| o.batch.rp == rp) {
+            Some(o) => o.room,
+            None => self.first_room,
+        }
     }
 
     /// The buffer to append one point for `rp` to; call [`Batcher::commit`]
@@ -64,10 +68,11 @@ impl Batcher {
                 self.open.push(Open {
                     batch: Batch {
                         rp,
-                        lines: Vec::with_capacity(self.room),
+                        lines: Vec::with_capacity(self.first_room),
                         points: 0,
                     },
                     since: Instant::now(),
+                    room: self.first_room,
                 });
                 self.open.len() - 1
             }
@@ -91,15 +96,16 @@ impl Batcher {
     }
 
     fn take(&mut self, i: usize) -> Batch {
-        if self.open[i].batch.points >= self.size {
-            self.learn(self.open[i].batch.lines.len());
-        }
-        let room = self.room;
         let o = &mut self.open[i];
+        if o.batch.points >= self.size {
+            let full = o.batch.lines.len();
+            o.room = full.saturating_add(full / 8);
+        }
+        let lines = Vec::with_capacity(o.room);
         o.since = Instant::now();
         let fresh = Batch {
             rp: o.batch.rp,
-            lines: Vec::with_capacity(room),
+            lines,
             points: 0,
         };
         std::mem::replace(&mut o.batch, fresh)
@@ -151,7 +157,7 @@ mod tests {
     #[test]
     fn a_full_batch_sizes_the_next_ones() {
         let mut b = Batcher::new(4, Duration::from_secs(3600));
-        assert_eq!(b.room(), 4 * LINE_BYTES);
+        assert_eq!(b.room("a"), 4 * LINE_BYTES);
         let line = vec![b'x'; 1000];
         let mut full = None;
         for _ in 0..4 {
@@ -159,19 +165,25 @@ mod tests {
             full = b.commit("a");
         }
         assert_eq!(full.as_ref().map(|f| f.lines.len()), Some(4000));
-        assert_eq!(b.room(), 4500);
+        assert_eq!(b.room("a"), 4500);
         assert!(b.buffer("a").capacity() >= 4500);
         // A batch flushed by age, partly filled, does not shrink it.
         b.buffer("a").extend_from_slice(b"y\n");
         b.commit("a");
         assert_eq!(b.due(true).len(), 1);
-        assert_eq!(b.room(), 4500);
+        assert_eq!(b.room("a"), 4500);
         // The next full batch, of short lines, sets it again.
         for _ in 0..4 {
             b.buffer("a").extend_from_slice(b"z\n");
             full = b.commit("a");
         }
         assert_eq!(full.map(|f| f.points), Some(4));
-        assert_eq!(b.room(), 9);
+        assert_eq!(b.room("a"), 9);
+        // Another retention policy's batches do not size this one's.
+        for _ in 0..4 {
+            b.buffer("b").extend_from_slice(&line);
+            b.commit("b");
+        }
+        assert_eq!((b.room("a"), b.room("b")), (9, 4500));
     }
 }
