@@ -342,12 +342,8 @@ pub fn push_f64(out: &mut Vec<u8>, f: f64) {
     // Built in a fixed-size buffer and appended by `append_cut`, instead
     // of appending the pieces (sign, integer part, point, decimals).
     let mut buf = [0u8; 40];
-    let mut n = usize::from(f.is_sign_negative());
-    buf[0] = b'-';
     let scale = POW10_U64[k];
-    n += put_uint(&mut buf[n..], r / scale);
-    buf[n] = b'.';
-    n += 1;
+    let mut n = put_int_point(&mut buf, f.is_sign_negative(), r / scale);
     if k == 0 {
         buf[n] = b'0';
         n += 1;
@@ -356,6 +352,17 @@ pub fn push_f64(out: &mut Vec<u8>, f: f64) {
         n += k;
     }
     append_cut(out, &buf, n);
+}
+
+/// Writes a decimal's sign, integer part and point at the start of `buf`
+/// (room for 22 bytes); returns their length.
+#[inline]
+fn put_int_point(buf: &mut [u8], negative: bool, int: u64) -> usize {
+    buf[0] = b'-';
+    let n = usize::from(negative);
+    let n = n + put_uint(&mut buf[n..], int);
+    buf[n] = b'.';
+    n + 1
 }
 
 /// Appends `r` millionths (`r < 10^15`) as a decimal with the fewest
@@ -367,11 +374,7 @@ fn put_micros(out: &mut Vec<u8>, negative: bool, r: u64) {
     let int = r / 1_000_000;
     let frac = (r - int * 1_000_000) as usize;
     let mut buf = [0u8; 24];
-    buf[0] = b'-';
-    let mut n = usize::from(negative);
-    n += put_uint(&mut buf[n..], int);
-    buf[n] = b'.';
-    n += 1;
+    let mut n = put_int_point(&mut buf, negative, int);
     if frac == 0 {
         buf[n] = b'0';
         n += 1;
