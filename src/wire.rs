@@ -283,10 +283,9 @@ pub(crate) fn put_data_value(out: &mut Vec<u8>, k: &str, v: &Value<'_>) -> Resul
 /// Decimals of at most 15 significant digits are distinct doubles
 /// (DBL_DIG), so the one found, its trailing zeros stripped, is the
 /// shortest: the text ryu prints. `r` comes from a scaling by 10^6, which
-/// is what feeds round to; failing that, by 10^9 (10^6 for larger values);
-/// should that be off by one unit (the check fails), the decimals are
-/// searched one by one, and anything that is not a short decimal goes to
-/// ryu.
+/// is what feeds round to; failing that, below 10^6, by 10^9; should that
+/// be off by one unit (the check fails), the decimals are searched one by
+/// one, and anything that is not a short decimal goes to ryu.
 pub fn push_f64(out: &mut Vec<u8>, f: f64) {
     let a = f.abs();
     // Feeds round prices and sizes to at most six decimals, so that
@@ -325,14 +324,10 @@ pub fn push_f64(out: &mut Vec<u8>, f: f64) {
         }
         (r as f64 / POW10[k] == a).then_some((r, k))
     };
-    let found = if a < 1e6 {
-        shortest(9)
-    } else if a < 1e9 {
-        shortest(6)
-    } else {
-        None
-    }
-    .or_else(|| (0..POW10.len()).find_map(|k| shortest(k).filter(|&(_, kk)| kk == k)));
+    // Below 10^9, the scaling by 10^6 above already failed; below 10^6,
+    // one by 10^9 finds up to nine decimals.
+    let found = if a < 1e6 { shortest(9) } else { None }
+        .or_else(|| (0..POW10.len()).find_map(|k| shortest(k).filter(|&(_, kk)| kk == k)));
     // NaN, infinities and anything of 10^15 or more fail `shortest` for
     // every `k`.
     let Some((r, k)) = found else {
