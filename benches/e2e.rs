@@ -603,6 +603,9 @@ async fn main() {
         return;
     }
     let this_ratios = cols[2].clone();
+    // Pinned, influxd has a core to itself and the runs are not bound by
+    // the same CPU, so the model does not apply.
+    let share = (!pinned()).then(|| cpu_share(&cols));
     let medians = cols.clone().map(|mut c| median(&mut c));
     println!("{}", line("median", &medians));
     // On a shared machine single pairs swing widely; the spread says how
@@ -621,6 +624,9 @@ async fn main() {
         q3[2],
         medians[1] / medians[0]
     );
+    if let Some(s) = share {
+        println!("{s}");
+    }
     if baseline.is_some() {
         compare(&this_ratios, &base_cols);
     }
@@ -645,6 +651,31 @@ fn compare(this: &[f64], base_cols: &[Vec<f64>; 10]) {
         quantile(&mut diff, 3, 4),
         this.len()
     );
+}
+
+/// The ratio the CPU columns predict when both kinds of run keep both
+/// cores busy, as they do unpinned on a small machine: points per second
+/// are then the cores over the CPU per point of everyone, so the ratio is
+/// (ceiling influxd + poster) / (ceiling influxd + subscriber + publisher),
+/// with influxd's cost per point taken from the same pair's ceiling run.
+/// Unlike the measured ratio, it does not swing with influxd's cost per
+/// point from one run to the next (9–17 µs on this shared machine), so it
+/// says what nbpy's own CPU allows, and how much of it that is.
+fn cpu_share(cols: &[Vec<f64>; 10]) -> String {
+    let model: Vec<f64> = (0..cols[0].len())
+        .map(|i| (cols[5][i] + cols[6][i]) / (cols[5][i] + cols[8][i] + cols[9][i]))
+        .collect();
+    let share: Vec<f64> = (0..cols[0].len())
+        .map(|i| (cols[8][i] + cols[9][i]) / cols[5][i])
+        .collect();
+    format!(
+        "cpu model: ratio {:.3} (quartiles {:.3}–{:.3}) if all runs are CPU-bound; \
+         nbpy's CPU per point is {:.1}% of influxd's",
+        median(&mut model.clone()),
+        quantile(&mut model.clone(), 1, 4),
+        quantile(&mut model.clone(), 3, 4),
+        100.0 * median(&mut share.clone())
+    )
 }
 
 /// The `num/den` quantile of `v` (nearest rank below).
