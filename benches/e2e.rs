@@ -602,7 +602,7 @@ async fn main() {
         println!("no run counted ({left_out} of {tried} left out: their ceiling run lost acknowledged points)");
         return;
     }
-    let this_ratios = cols[2].clone();
+    let this_cols = cols.clone();
     // Pinned, influxd has a core to itself and the runs are not bound by
     // the same CPU, so the model does not apply.
     let share = (!pinned()).then(|| cpu_share(&cols));
@@ -628,7 +628,7 @@ async fn main() {
         println!("{s}");
     }
     if baseline.is_some() {
-        compare(&this_ratios, &base_cols);
+        compare(&this_cols, &base_cols);
     }
     if left_out > 0 {
         println!("{left_out} of {tried} runs left out: their ceiling run lost acknowledged points");
@@ -637,7 +637,8 @@ async fn main() {
 
 /// This build against the baseline, run by run (each against the same
 /// ceiling run), then the baseline's own summary.
-fn compare(this: &[f64], base_cols: &[Vec<f64>; 10]) {
+fn compare(this_cols: &[Vec<f64>; 10], base_cols: &[Vec<f64>; 10]) {
+    let this = &this_cols[2];
     let mut diff: Vec<f64> = this.iter().zip(&base_cols[2]).map(|(t, b)| t - b).collect();
     let ahead = diff.iter().filter(|d| **d > 0.0).count();
     let medians = base_cols.clone().map(|mut c| median(&mut c));
@@ -650,6 +651,22 @@ fn compare(this: &[f64], base_cols: &[Vec<f64>; 10]) {
         quantile(&mut diff.clone(), 1, 4),
         quantile(&mut diff, 3, 4),
         this.len()
+    );
+    if pinned() {
+        return;
+    }
+    println!("baseline {}", cpu_share(base_cols));
+    // nbpy's CPU per point (subscriber + publisher), run against run: a
+    // change to either binary shows here long before it shows in a ratio.
+    let nbpy = |c: &[Vec<f64>; 10], i: usize| c[8][i] + c[9][i];
+    let mut d: Vec<f64> = (0..this.len())
+        .map(|i| nbpy(this_cols, i) - nbpy(base_cols, i))
+        .collect();
+    println!(
+        "nbpy CPU µs/point, this − baseline per run: median {:+.3} (quartiles {:+.3} to {:+.3})",
+        median(&mut d.clone()),
+        quantile(&mut d.clone(), 1, 4),
+        quantile(&mut d, 3, 4)
     );
 }
 
