@@ -639,17 +639,15 @@ async fn main() {
 /// ceiling run), then the baseline's own summary.
 fn compare(this_cols: &[Vec<f64>; 10], base_cols: &[Vec<f64>; 10]) {
     let this = &this_cols[2];
-    let mut diff: Vec<f64> = this.iter().zip(&base_cols[2]).map(|(t, b)| t - b).collect();
+    let diff: Vec<f64> = this.iter().zip(&base_cols[2]).map(|(t, b)| t - b).collect();
     let ahead = diff.iter().filter(|d| **d > 0.0).count();
     let medians = base_cols.clone().map(|mut c| median(&mut c));
     println!("{}", line("b.med", &medians));
+    let [mid, q1, q3] = spread(&diff);
     println!(
-        "baseline: median of pairs {:.3}; this − baseline per run: median {:+.3} \
-         (quartiles {:+.3} to {:+.3}), this build ahead in {ahead} of {} runs",
+        "baseline: median of pairs {:.3}; this − baseline per run: median {mid:+.3} \
+         (quartiles {q1:+.3} to {q3:+.3}), this build ahead in {ahead} of {} runs",
         medians[2],
-        median(&mut diff.clone()),
-        quantile(&mut diff.clone(), 1, 4),
-        quantile(&mut diff, 3, 4),
         this.len()
     );
     if pinned() {
@@ -658,15 +656,12 @@ fn compare(this_cols: &[Vec<f64>; 10], base_cols: &[Vec<f64>; 10]) {
     println!("baseline {}", cpu_share(base_cols));
     // nbpy's CPU per point (subscriber + publisher), run against run: a
     // change to either binary shows here long before it shows in a ratio.
-    let nbpy = |c: &[Vec<f64>; 10], i: usize| c[8][i] + c[9][i];
-    let mut d: Vec<f64> = (0..this.len())
-        .map(|i| nbpy(this_cols, i) - nbpy(base_cols, i))
+    let d: Vec<f64> = (0..this.len())
+        .map(|i| nbpy_cpu(this_cols, i) - nbpy_cpu(base_cols, i))
         .collect();
+    let [mid, q1, q3] = spread(&d);
     println!(
-        "nbpy CPU µs/point, this − baseline per run: median {:+.3} (quartiles {:+.3} to {:+.3})",
-        median(&mut d.clone()),
-        quantile(&mut d.clone(), 1, 4),
-        quantile(&mut d, 3, 4)
+        "nbpy CPU µs/point, this − baseline per run: median {mid:+.3} (quartiles {q1:+.3} to {q3:+.3})"
     );
 }
 
@@ -680,19 +675,32 @@ fn compare(this_cols: &[Vec<f64>; 10], base_cols: &[Vec<f64>; 10]) {
 /// says what nbpy's own CPU allows, and how much of it that is.
 fn cpu_share(cols: &[Vec<f64>; 10]) -> String {
     let model: Vec<f64> = (0..cols[0].len())
-        .map(|i| (cols[5][i] + cols[6][i]) / (cols[5][i] + cols[8][i] + cols[9][i]))
+        .map(|i| (cols[5][i] + cols[6][i]) / (cols[5][i] + nbpy_cpu(cols, i)))
         .collect();
     let share: Vec<f64> = (0..cols[0].len())
-        .map(|i| (cols[8][i] + cols[9][i]) / cols[5][i])
+        .map(|i| nbpy_cpu(cols, i) / cols[5][i])
         .collect();
+    let [mid, q1, q3] = spread(&model);
     format!(
-        "cpu model: ratio {:.3} (quartiles {:.3}–{:.3}) if all runs are CPU-bound; \
+        "cpu model: ratio {mid:.3} (quartiles {q1:.3}–{q3:.3}) if all runs are CPU-bound; \
          nbpy's CPU per point is {:.1}% of influxd's",
-        median(&mut model.clone()),
-        quantile(&mut model.clone(), 1, 4),
-        quantile(&mut model.clone(), 3, 4),
-        100.0 * median(&mut share.clone())
+        100.0 * spread(&share)[0]
     )
+}
+
+/// Subscriber + publisher CPU µs per point in run `i` (see [`line`]).
+fn nbpy_cpu(cols: &[Vec<f64>; 10], i: usize) -> f64 {
+    cols[8][i] + cols[9][i]
+}
+
+/// Median, first and third quartile of `v`.
+fn spread(v: &[f64]) -> [f64; 3] {
+    let mut v = v.to_vec();
+    [
+        median(&mut v),
+        quantile(&mut v, 1, 4),
+        quantile(&mut v, 3, 4),
+    ]
 }
 
 /// The `num/den` quantile of `v` (nearest rank below).
