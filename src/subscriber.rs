@@ -39,7 +39,13 @@ use crate::wire::{now_ns, Envelope, Value};
 use crate::zmtp::sub::{self, Chunk, Message, SubEvent};
 
 /// Chunks (whole messages as read, up to ~64 KiB each) waiting for the
-/// intake: a bound of ~16 MiB per subscriber.
+/// intake: a bound of ~16 MiB per subscriber. While intake waits for a
+/// full spool (`when_full = "block"`), the readers keep taking what the
+/// publishers send, up to this bound, so a publisher that ends meanwhile
+/// does not leave it in socket buffers that a stop then closes. At 8
+/// chunks the e2e bench's peak RSS was 10 MiB lower (88.6 against 98.8
+/// MiB, same CPU per point), but the blocked subscriber in
+/// `tests/spool.rs` kept 3,521 of 5,000 messages.
 const RAW_CHUNKS: usize = 256;
 
 /// The subscriber's own counters (see also [`WriterStats`]).
