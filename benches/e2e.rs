@@ -602,7 +602,6 @@ async fn main() {
         println!("no run counted ({left_out} of {tried} left out: their ceiling run lost acknowledged points)");
         return;
     }
-    let this_cols = cols.clone();
     // Pinned, influxd has a core to itself and the runs are not bound by
     // the same CPU, so the model does not apply.
     let share = (!pinned()).then(|| cpu_share(&cols));
@@ -613,7 +612,7 @@ async fn main() {
     // rates is a second estimate that should agree with it.
     let (q1, q3) = (
         cols.clone().map(|mut c| quantile(&mut c, 1, 4)),
-        cols.map(|mut c| quantile(&mut c, 3, 4)),
+        cols.clone().map(|mut c| quantile(&mut c, 3, 4)),
     );
     println!("{}", line("q1", &q1));
     println!("{}", line("q3", &q3));
@@ -628,7 +627,7 @@ async fn main() {
         println!("{s}");
     }
     if baseline.is_some() {
-        compare(&this_cols, &base_cols);
+        compare(&cols, &base_cols);
     }
     if left_out > 0 {
         println!("{left_out} of {tried} runs left out: their ceiling run lost acknowledged points");
@@ -677,14 +676,14 @@ fn cpu_share(cols: &[Vec<f64>; 10]) -> String {
     let model: Vec<f64> = (0..cols[0].len())
         .map(|i| (cols[5][i] + cols[6][i]) / (cols[5][i] + nbpy_cpu(cols, i)))
         .collect();
-    let share: Vec<f64> = (0..cols[0].len())
+    let mut share: Vec<f64> = (0..cols[0].len())
         .map(|i| nbpy_cpu(cols, i) / cols[5][i])
         .collect();
     let [mid, q1, q3] = spread(&model);
     format!(
         "cpu model: ratio {mid:.3} (quartiles {q1:.3}–{q3:.3}) if all runs are CPU-bound; \
          nbpy's CPU per point is {:.1}% of influxd's",
-        100.0 * spread(&share)[0]
+        100.0 * median(&mut share)
     )
 }
 
