@@ -10,12 +10,14 @@
 //! run's final partial batches wait for the flush interval, which is not
 //! throughput).
 //!
-//! Runs alternate (ceiling, nbpy, ceiling, …) into fresh databases, each
-//! dropped once counted (`drop_database`) and each run starting once
-//! influxd is idle again (`settle`), so both see the same server state;
+//! Runs alternate (ceiling, nbpy, taxed ceiling, ceiling, …) into fresh
+//! databases, each dropped once counted (`drop_database`) and each run
+//! starting once influxd is idle again (`settle`), so all see the same
+//! server state;
 //! medians are reported with their ratio, and the subscriber's peak RSS
 //! (VmHWM). Run: `cargo bench --bench e2e`
-//! (E2E_POINTS, E2E_RUNS to change the size, E2E_GZIP=true|false|auto).
+//! (E2E_POINTS, E2E_RUNS to change the size, E2E_GZIP=true|false|auto,
+//! E2E_TAX_US to tax the third run by a fixed CPU cost per point).
 //!
 //! The end of an nbpy run is seen in InfluxDB's own write counter
 //! (`/debug/vars`), not by `count()` queries: on two cores, polling a scan
@@ -30,6 +32,17 @@
 //! answers the other question, whether nbpy keeps up with InfluxDB when
 //! each has its own core: influxd on CPU 0, everything else on CPU 1, in
 //! both the ceiling and the nbpy runs (needs `taskset` and two CPUs).
+//!
+//! The third run of each set, the taxed ceiling, measures that bound
+//! instead of modelling it: the ceiling again, while a child process burns
+//! exactly the CPU seconds that the paired nbpy run's publisher and
+//! subscriber used (from the start of the posting, at full speed, as the
+//! pipeline spends its CPU in the burst at the start). A pipeline that
+//! costs nothing but its CPU delivers what the taxed ceiling does; the
+//! taxed ceiling over the ceiling is then the most that any pipeline with
+//! nbpy's CPU per point can reach on this machine, and nbpy over the taxed
+//! ceiling is what is left to explain by anything else (latency, batching,
+//! cache and scheduling effects).
 //!
 //! `E2E_BASELINE=DIR` compares two builds in the same run: DIR holds
 //! another build's `nbpy-publisher` and `nbpy-subscriber` (for instance a
@@ -151,12 +164,16 @@ struct Cpu {
     publisher: f64,
 }
 
+/// A ceiling run; with `tax`, a burner child spends that many CPU seconds
+/// alongside it (see the module doc), and the CPU seconds it really spent
+/// by the time the run was complete are returned with the rates.
 async fn ceiling(
     url: &str,
     db: &str,
     (n, tail): (u64, u64),
     cfg: &InfluxConfig,
     influxd: u32,
+    tax: Option<f64>,
 ) -> Option<(Rates, Cpu)> {
     let c = client(url, db);
     nbpy::admin::schema::ensure(&c).await.unwrap();
@@ -188,6 +205,13 @@ async fn ceiling(
     settle(influxd).await;
     let (i0, m0) = (cpu_secs(influxd), cpu_secs(me));
     let w0 = start_count(url).await;
+    let mut burner = tax.map(|secs| {
+        command(&std::env::current_exe().unwrap())
+            .args(["--burn", &secs.to_string()])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap()
+    });
     let workers: Vec<_> = (0..cfg.concurrency)
         .map(|_| {
             let (q, c) = (queue.clone(), c.clone());
@@ -205,10 +229,18 @@ async fn ceiling(
         w.await.unwrap();
     }
     let per = |d: f64| d * 1e6 / n as f64;
+    // What the burner spent within the run; one still burning when the
+    // last point landed is stopped there, and the row shows the shortfall.
+    let burned = burner.as_mut().map_or(0.0, |b| {
+        let spent = cpu_secs(b.id());
+        let _ = b.kill();
+        let _ = b.wait();
+        spent
+    });
     let cpu = Cpu {
         influxd: per(cpu_secs(influxd) - i0),
         client: per(cpu_secs(me) - m0),
-        publisher: 0.0,
+        publisher: per(burned),
     };
     // InfluxDB answered 2xx to every write, yet twice in a few hundred
     // runs the count stayed one batch short (295,000 of 300,000) for all of
@@ -370,6 +402,53 @@ fn pinned() -> bool {
     std::env::var("E2E_PIN").is_ok_and(|v| v == "1")
 }
 
+/// A command for a process that takes nbpy's place: on CPU 1 when pinned.
+fn command(bin: &std::path::Path) -> Command {
+    if pinned() {
+        let mut c = Command::new("taskset");
+        c.args(["-c", "1"]).arg(bin);
+        c
+    } else {
+        Command::new(bin)
+    }
+}
+
+/// `E2E_TAX_US`: a fixed tax in CPU µs per point for the taxed ceiling,
+/// to find the CPU budget a target ratio leaves a pipeline on this machine.
+fn tax_us() -> Option<f64> {
+    let v = std::env::var("E2E_TAX_US").ok()?;
+    Some(
+        v.parse()
+            .unwrap_or_else(|_| panic!("E2E_TAX_US={v:?}: not a number of CPU µs per point")),
+    )
+}
+
+/// `--burn SECS`: this binary as the taxed ceiling's burner.
+fn burn_arg() -> Option<f64> {
+    let args: Vec<String> = std::env::args().collect();
+    let at = args.iter().position(|a| a == "--burn")?;
+    args.get(at + 1).and_then(|v| v.parse().ok())
+}
+
+/// Spins until this process has used `secs` of CPU. The work is integer
+/// hashing over a small array, so it takes a core without filling its
+/// caches; a pipeline's memory traffic is not reproduced, and that is one
+/// of the things nbpy against the taxed ceiling shows.
+fn burn(secs: f64) {
+    let me = std::process::id();
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut a = [0u64; 64];
+    while cpu_secs(me) < secs {
+        for _ in 0..200_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            a[(x & 63) as usize] = a[(x & 63) as usize].wrapping_add(x);
+        }
+    }
+    std::hint::black_box(a);
+}
+
 fn vm_hwm_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -434,14 +513,8 @@ async fn nbpy_run(
     )
     .unwrap();
     let spawn = |bin: &std::path::Path, name: &str| {
-        let mut cmd = if pinned() {
-            let mut c = Command::new("taskset");
-            c.args(["-c", "1"]).arg(bin);
-            c
-        } else {
-            Command::new(bin)
-        };
-        cmd.args(["--config", cfg.to_str().unwrap(), name])
+        command(bin)
+            .args(["--config", cfg.to_str().unwrap(), name])
             .env("RUST_LOG", "warn,zeromq=error")
             .stdin(Stdio::null())
             .spawn()
@@ -501,6 +574,10 @@ async fn main() {
         println!("e2e: bench");
         return;
     }
+    if let Some(secs) = burn_arg() {
+        burn(secs);
+        return;
+    }
     let n = env_num("E2E_POINTS", 300_000);
     let runs = env_num("E2E_RUNS", 5);
     let dir = tempfile::tempdir().unwrap();
@@ -528,7 +605,7 @@ async fn main() {
         .collect();
     let tail = rps.len() as u64 * cfg.batch_size as u64;
     // One column per field of a row (see `line`).
-    let mut cols: [Vec<f64>; 10] = Default::default();
+    let mut cols: [Vec<f64>; COLS] = Default::default();
     println!(
         "{n} points per run, batch {}, concurrency {}, gzip {}; pts/s and ratio to {} points, \
          'to last' = ratio to the last point",
@@ -538,8 +615,18 @@ async fn main() {
         n - tail.min(n)
     );
     println!("CPU µs/point: ceiling influxd + poster | nbpy influxd + subscriber + publisher");
+    match tax_us() {
+        Some(us) => println!(
+            "taxed: the ceiling again while a burner spends {us} CPU µs per point (E2E_TAX_US); \
+             tax/ceil = what a pipeline of that CPU allows"
+        ),
+        None => println!(
+            "taxed: the ceiling again while a burner spends nbpy's CPU (sub + pub) of the pair; \
+             tax/ceil = what nbpy's CPU alone allows, nbpy/tax = the rest"
+        ),
+    }
     println!(
-        "{:>6} {:>14} {:>14} {:>7} {:>7} {:>8} {:>22} {:>22}",
+        "{:>6} {:>14} {:>14} {:>7} {:>7} {:>8} {:>22} {:>22} {:>7} {:>7} {:>6}",
         "run",
         "ceiling pts/s",
         "nbpy pts/s",
@@ -547,13 +634,16 @@ async fn main() {
         "to last",
         "RSS MiB",
         "ceiling cpu ifx/post",
-        "nbpy cpu ifx/sub/pub"
+        "nbpy cpu ifx/sub/pub",
+        "tax/ceil",
+        "nbpy/tax",
+        "burned"
     );
     let (this, baseline) = (Build::this(), Build::baseline());
     if baseline.is_some() {
         println!("'base' rows: the E2E_BASELINE build against the same ceiling run");
     }
-    let mut base_cols: [Vec<f64>; 10] = Default::default();
+    let mut base_cols: [Vec<f64>; COLS] = Default::default();
     let (mut left_out, mut tried) = (0, 0);
     for i in 0..runs {
         if WEDGED.load(std::sync::atomic::Ordering::Relaxed) {
@@ -561,7 +651,8 @@ async fn main() {
             break;
         }
         tried += 1;
-        let Some((c, cc)) = ceiling(&url, &format!("ceil{i}"), (n, tail), &cfg, influxd).await
+        let Some((c, cc)) =
+            ceiling(&url, &format!("ceil{i}"), (n, tail), &cfg, influxd, None).await
         else {
             left_out += 1;
             continue;
@@ -572,9 +663,33 @@ async fn main() {
         if let Some(b) = &baseline {
             order.insert(i as usize % 2, (b, true));
         }
+        let mut runs = Vec::new();
         for (build, is_base) in order {
             let db = format!("nbpy{i}{}", if is_base { "b" } else { "" });
-            let (o, r, oc) = nbpy_run(dir.path(), &url, &db, (n, tail), influxd, build).await;
+            runs.push((
+                is_base,
+                nbpy_run(dir.path(), &url, &db, (n, tail), influxd, build).await,
+            ));
+        }
+        // The ceiling again, taxed with this build's CPU from its run, or
+        // with E2E_TAX_US per point.
+        let (_, (_, _, this_cpu)) = runs.iter().find(|(b, _)| !b).unwrap();
+        let tax_us = tax_us().unwrap_or(this_cpu.client + this_cpu.publisher);
+        let tax = tax_us * n as f64 / 1e6;
+        let Some((t, tc)) = ceiling(
+            &url,
+            &format!("tax{i}"),
+            (n, tail),
+            &cfg,
+            influxd,
+            Some(tax),
+        )
+        .await
+        else {
+            left_out += 1;
+            continue;
+        };
+        for (is_base, (o, r, oc)) in runs {
             let row = [
                 c.steady,
                 o.steady,
@@ -586,6 +701,9 @@ async fn main() {
                 oc.influxd,
                 oc.client,
                 oc.publisher,
+                t.steady / c.steady,
+                o.steady / t.steady,
+                tc.publisher,
             ];
             let (label, cols) = if is_base {
                 ("  base".to_string(), &mut base_cols)
@@ -626,6 +744,10 @@ async fn main() {
     if let Some(s) = share {
         println!("{s}");
     }
+    println!(
+        "taxed ceiling: median {:.3} of the ceiling (quartiles {:.3}–{:.3}); nbpy against it: median {:.3} (quartiles {:.3}–{:.3})",
+        medians[10], q1[10], q3[10], medians[11], q1[11], q3[11]
+    );
     if baseline.is_some() {
         compare(&cols, &base_cols);
     }
@@ -636,7 +758,7 @@ async fn main() {
 
 /// This build against the baseline, run by run (each against the same
 /// ceiling run), then the baseline's own summary.
-fn compare(this_cols: &[Vec<f64>; 10], base_cols: &[Vec<f64>; 10]) {
+fn compare(this_cols: &[Vec<f64>; COLS], base_cols: &[Vec<f64>; COLS]) {
     let this = &this_cols[2];
     let diff: Vec<f64> = this.iter().zip(&base_cols[2]).map(|(t, b)| t - b).collect();
     let ahead = diff.iter().filter(|d| **d > 0.0).count();
@@ -672,7 +794,7 @@ fn compare(this_cols: &[Vec<f64>; 10], base_cols: &[Vec<f64>; 10]) {
 /// Unlike the measured ratio, it does not swing with influxd's cost per
 /// point from one run to the next (9–17 µs on this shared machine), so it
 /// says what nbpy's own CPU allows, and how much of it that is.
-fn cpu_share(cols: &[Vec<f64>; 10]) -> String {
+fn cpu_share(cols: &[Vec<f64>; COLS]) -> String {
     let model: Vec<f64> = (0..cols[0].len())
         .map(|i| (cols[5][i] + cols[6][i]) / (cols[5][i] + nbpy_cpu(cols, i)))
         .collect();
@@ -688,7 +810,7 @@ fn cpu_share(cols: &[Vec<f64>; 10]) -> String {
 }
 
 /// Subscriber + publisher CPU µs per point in run `i` (see [`line`]).
-fn nbpy_cpu(cols: &[Vec<f64>; 10], i: usize) -> f64 {
+fn nbpy_cpu(cols: &[Vec<f64>; COLS], i: usize) -> f64 {
     cols[8][i] + cols[9][i]
 }
 
@@ -708,10 +830,15 @@ fn quantile(v: &mut [f64], num: usize, den: usize) -> f64 {
     v[(v.len() - 1) * num / den]
 }
 
-/// One row of the table: pts/s, ratios, RSS, CPU.
-fn line(label: &str, v: &[f64; 10]) -> String {
+/// Fields of a row (see [`line`]).
+const COLS: usize = 13;
+
+/// One row of the table: pts/s, ratios, RSS, CPU; then the taxed
+/// ceiling's ratio to the ceiling, nbpy's ratio to the taxed ceiling and
+/// the burner's CPU µs per point (nbpy's, when it burned all it was given).
+fn line(label: &str, v: &[f64; COLS]) -> String {
     format!(
-        "{label:>6} {:>14.0} {:>14.0} {:>7.3} {:>7.3} {:>8.1} {:>12.2} /{:>7.2} {:>8.2} /{:>5.2} /{:>5.2}",
-        v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], v[9]
+        "{label:>6} {:>14.0} {:>14.0} {:>7.3} {:>7.3} {:>8.1} {:>12.2} /{:>7.2} {:>8.2} /{:>5.2} /{:>5.2} {:>7.3} {:>7.3} {:>6.2}",
+        v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], v[9], v[10], v[11], v[12]
     )
 }
