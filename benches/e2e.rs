@@ -563,9 +563,10 @@ async fn nbpy_run(
     (rate, rss, cpu)
 }
 
+/// The middle value, or the mean of the two middle ones: `E2E_RUNS` is
+/// often even, and the upper of the two middles overstated a set's ratio.
 fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
+    quantile(v, 1, 2)
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -824,10 +825,17 @@ fn spread(v: &[f64]) -> [f64; 3] {
     ]
 }
 
-/// The `num/den` quantile of `v` (nearest rank below).
+/// The `num/den` quantile of `v`, interpolated between the two nearest
+/// ranks (R's default, type 7), so the quartiles of an even set are not
+/// biased towards one end; NaN for no values.
 fn quantile(v: &mut [f64], num: usize, den: usize) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
     v.sort_by(|a, b| a.total_cmp(b));
-    v[(v.len() - 1) * num / den]
+    let pos = (v.len() - 1) as f64 * num as f64 / den as f64;
+    let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
+    v[lo] + (v[hi] - v[lo]) * (pos - lo as f64)
 }
 
 /// Fields of a row (see [`line`]).
