@@ -63,6 +63,9 @@ use nbpy::sink::batch::Batcher;
 use nbpy::sink::influx::InfluxClient;
 use nbpy::sink::line::LineEncoder;
 
+mod stats;
+use stats::{median, quantile};
+
 fn env_num(k: &str, d: u64) -> u64 {
     std::env::var(k)
         .ok()
@@ -563,12 +566,6 @@ async fn nbpy_run(
     (rate, rss, cpu)
 }
 
-/// The middle value, or the mean of the two middle ones: `E2E_RUNS` is
-/// often even, and the upper of the two middles overstated a set's ratio.
-fn median(v: &mut [f64]) -> f64 {
-    quantile(v, 1, 2)
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     if std::env::args().any(|a| a == "--list") {
@@ -823,19 +820,6 @@ fn spread(v: &[f64]) -> [f64; 3] {
         quantile(&mut v, 1, 4),
         quantile(&mut v, 3, 4),
     ]
-}
-
-/// The `num/den` quantile of `v`, interpolated between the two nearest
-/// ranks (R's default, type 7), so the quartiles of an even set are not
-/// biased towards one end; NaN for no values.
-fn quantile(v: &mut [f64], num: usize, den: usize) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    let pos = (v.len() - 1) as f64 * num as f64 / den as f64;
-    let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
-    v[lo] + (v[hi] - v[lo]) * (pos - lo as f64)
 }
 
 /// Fields of a row (see [`line`]).

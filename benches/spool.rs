@@ -20,6 +20,9 @@ use nbpy::sink::influx::InfluxClient;
 use nbpy::sink::line::LineEncoder;
 use nbpy::sink::spool::{Fsync, Spool, SpoolOptions};
 
+mod stats;
+use stats::median;
+
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
@@ -50,16 +53,6 @@ fn batches(gen: &mut Generator, seq: &mut u64, points: u64) -> Vec<Batch> {
     }
     out.extend(b.due(true));
     out
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
 }
 
 struct Rate {
@@ -166,8 +159,16 @@ fn main() {
             rp.push(r.points);
             rb.push(r.bytes);
         }
-        table.push((format!("spool append, {name}"), median(ap), median(ab)));
-        table.push((format!("spool replay, {name}"), median(rp), median(rb)));
+        table.push((
+            format!("spool append, {name}"),
+            median(&mut ap),
+            median(&mut ab),
+        ));
+        table.push((
+            format!("spool replay, {name}"),
+            median(&mut rp),
+            median(&mut rb),
+        ));
     }
 
     // InfluxDB's own ingest of the same kind of batches, fresh points each run.
@@ -202,7 +203,7 @@ fn main() {
             b.push(r.bytes);
         }
         drop(influx);
-        Some((median(p), median(b)))
+        Some((median(&mut p), median(&mut b)))
     });
     if let Some((p, b)) = influx {
         table.push(("InfluxDB ingest (2 in flight)".into(), p, b));
