@@ -2,7 +2,9 @@
 //! same run on the same machine:
 //!
 //! - ceiling: the same synthetic points, pre-encoded, POSTed straight to
-//!   /write with the subscriber's batch size, concurrency and gzip;
+//!   /write with the subscriber's batch size, concurrency and gzip (and
+//!   stamped as the nbpy run's publisher stamps them: its name, a
+//!   nanosecond epoch);
 //! - nbpy: synthetic publisher → ZeroMQ TCP → subscriber → the same influxd.
 //!
 //! Both are timed the same way, in InfluxDB's write counter from the first
@@ -25,7 +27,10 @@
 //! The exact count is checked once the clock has stopped.
 //!
 //! CPU columns are user+system seconds per point of each process over the
-//! run, so a lower ratio can be traced to whoever spent the cycles.
+//! run, so a lower ratio can be traced to whoever spent the cycles. The
+//! machine's idle share over each timed window (/proc/stat, all CPUs) is
+//! summed up per kind of run at the end: it says whether the runs were
+//! CPU-bound, which the CPU model and the taxed ceiling assume.
 //!
 //! On a small machine the processes compete for the same cores, so the
 //! ratio is mostly nbpy's CPU per point against influxd's. `E2E_PIN=1`
@@ -184,11 +189,15 @@ async fn ceiling(
     let mut enc = LineEncoder::new();
     let mut batcher = Batcher::new(cfg.batch_size, Duration::from_secs(3600));
     let mut batches = Vec::new();
+    let epoch = nbpy::wire::now_ns() as u64;
     for seq in 1..=n {
         let mut e = gen.next_message();
+        // As the nbpy run's publisher stamps them: its name, and its
+        // start in ns as the epoch (a 19-digit field in every line; `1`
+        // here was 18 bytes a point shorter than what nbpy writes).
         e.seq = seq;
-        e.epoch = 1;
-        e.publisher = "ceiling".into();
+        e.epoch = epoch;
+        e.publisher = "synth".into();
         let rp = nbpy::schema::by_channel(&e.ch).unwrap().rp;
         enc.encode(&e, batcher.buffer(rp)).unwrap();
         if let Some(b) = batcher.commit(rp) {
@@ -281,10 +290,10 @@ async fn steady_rate(url: &str, w0: u64, n: u64, tail: u64) -> Rates {
     let deadline = Instant::now() + Duration::from_secs(600);
     // Each poll costs influxd and the bench a /debug/vars document.
     let poll = Duration::from_millis(25);
-    let (t1, w1) = loop {
+    let (t1, w1, k1) = loop {
         let w = points_written(url).await.unwrap_or(0);
         if w > w0 {
-            break (Instant::now(), w);
+            break (Instant::now(), w, cpu_ticks());
         }
         assert!(Instant::now() < deadline, "no write landed");
         tokio::time::sleep(poll).await;
@@ -295,22 +304,23 @@ async fn steady_rate(url: &str, w0: u64, n: u64, tail: u64) -> Rates {
     // passed the cut) is timed to its last point.
     let target = w0 + n.saturating_sub(tail);
     let mut cut = None;
-    let (t3, w3) = loop {
+    let (t3, w3, k3) = loop {
         let w = points_written(url).await.unwrap_or(0);
         if cut.is_none() && target > w1 && w >= target {
-            cut = Some((Instant::now(), w));
+            cut = Some((Instant::now(), w, cpu_ticks()));
         }
         if w >= w0 + n {
-            break (Instant::now(), w);
+            break (Instant::now(), w, cpu_ticks());
         }
         assert!(Instant::now() < deadline, "the run did not finish");
         tokio::time::sleep(poll).await;
     };
-    let (t2, w2) = cut.unwrap_or((t3, w3));
+    let (t2, w2, k2) = cut.unwrap_or((t3, w3, k3));
     let per_s = |w: u64, t: Instant| (w - w1) as f64 / (t - t1).as_secs_f64().max(1e-3);
     Rates {
         steady: per_s(w2, t2),
         whole: per_s(w3, t3),
+        idle: (k2.0 - k1.0) as f64 / (k2.1 - k1.1).max(1) as f64,
     }
 }
 
@@ -319,6 +329,26 @@ async fn steady_rate(url: &str, w0: u64, n: u64, tail: u64) -> Rates {
 struct Rates {
     steady: f64,
     whole: f64,
+    /// Share of all CPUs' time left idle over the steady window.
+    idle: f64,
+}
+
+/// All CPUs' idle (with iowait) and total time so far, in ticks, from
+/// the first line of /proc/stat (user nice system idle iowait irq softirq
+/// steal; guest time is already in user).
+fn cpu_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let v: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    (idle, v.iter().sum())
 }
 
 /// Points InfluxDB has accepted for writing since it started, all databases.
@@ -642,6 +672,8 @@ async fn main() {
         println!("'base' rows: the E2E_BASELINE build against the same ceiling run");
     }
     let mut base_cols: [Vec<f64>; COLS] = Default::default();
+    // Idle share of the machine per run kind: ceiling, nbpy, taxed.
+    let mut idle: [Vec<f64>; 3] = Default::default();
     let (mut left_out, mut tried) = (0, 0);
     for i in 0..runs {
         if WEDGED.load(std::sync::atomic::Ordering::Relaxed) {
@@ -706,6 +738,9 @@ async fn main() {
             let (label, cols) = if is_base {
                 ("  base".to_string(), &mut base_cols)
             } else {
+                for (v, x) in idle.iter_mut().zip([c.idle, o.idle, t.idle]) {
+                    v.push(100.0 * x);
+                }
                 (format!("{i:>6}"), &mut cols)
             };
             println!("{}", line(&label, &row));
@@ -745,6 +780,23 @@ async fn main() {
     println!(
         "taxed ceiling: median {:.3} of the ceiling (quartiles {:.3}–{:.3}); nbpy against it: median {:.3} (quartiles {:.3}–{:.3})",
         medians[10], q1[10], q3[10], medians[11], q1[11], q3[11]
+    );
+    // The CPU model and the taxed ceiling assume every run keeps both
+    // cores busy; this says how far each kind of run fell short of that.
+    let pct = |v: &[f64]| {
+        let mut v = v.to_vec();
+        format!(
+            "{:.1}% ({:.1}–{:.1})",
+            median(&mut v),
+            quantile(&mut v, 1, 4),
+            quantile(&mut v, 3, 4)
+        )
+    };
+    println!(
+        "machine idle in the timed window (all CPUs, /proc/stat): ceiling {}, nbpy {}, taxed {}",
+        pct(&idle[0]),
+        pct(&idle[1]),
+        pct(&idle[2])
     );
     if baseline.is_some() {
         compare(&cols, &base_cols);
