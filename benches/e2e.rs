@@ -784,13 +784,8 @@ async fn main() {
     // The CPU model and the taxed ceiling assume every run keeps both
     // cores busy; this says how far each kind of run fell short of that.
     let pct = |v: &[f64]| {
-        let mut v = v.to_vec();
-        format!(
-            "{:.1}% ({:.1}–{:.1})",
-            median(&mut v),
-            quantile(&mut v, 1, 4),
-            quantile(&mut v, 3, 4)
-        )
+        let [mid, q1, q3] = spread(v);
+        format!("{mid:.1}% ({q1:.1}–{q3:.1})")
     };
     println!(
         "machine idle in the timed window (all CPUs, /proc/stat): ceiling {}, nbpy {}, taxed {}",
