@@ -88,7 +88,8 @@ fn writable(dir: &Path) -> bool {
 /// `--live`, Kraken's public feeds) into one subscriber; and a subscriber
 /// for configured publishers that have none.
 pub fn with_defaults(mut cfg: Config, live: bool) -> Config {
-    if cfg.publishers.is_empty() {
+    let demo = cfg.publishers.is_empty();
+    if demo {
         let feeds: Vec<(&str, FeedKind)> = if live {
             vec![
                 ("kraken-tick", FeedKind::KrakenTick),
@@ -122,6 +123,18 @@ pub fn with_defaults(mut cfg: Config, live: bool) -> Config {
                 ..Default::default()
             },
         );
+        if demo {
+            // Publishers start before subscribers (phase 3), and a PUB
+            // socket drops what it sends before anyone subscribed: the demo
+            // feed lost its first ~20 ms, which a second `nbpy up` (whose
+            // subscriber resumes from the first one's positions) reported
+            // as 40 gaps. The demo's own subscriber is the one to wait for.
+            for p in cfg.publishers.values_mut() {
+                if p.feed.waits_for_bus() {
+                    p.wait_for_subscribers = 1;
+                }
+            }
+        }
     }
     cfg
 }
@@ -938,5 +951,32 @@ pub fn logs(cfg: &Config, name: &str, follow: bool) -> Result<(), Failure> {
         {
             let _ = f.seek(std::io::SeekFrom::Start(0));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_demo_feed_waits_for_the_demo_subscriber_only() {
+        let cfg = with_defaults(Config::default(), false);
+        assert_eq!(cfg.publishers["synth"].wait_for_subscribers, 1);
+        assert_eq!(
+            cfg.subscribers["main"].connect,
+            vec![cfg.publishers["synth"].endpoint()]
+        );
+        // Live venues cannot wait: their sockets must keep being read.
+        let live = with_defaults(Config::default(), true);
+        assert!(live
+            .publishers
+            .values()
+            .all(|p| p.wait_for_subscribers == 0));
+        // With subscribers of the user's own, who connects is theirs to say.
+        let mut own = Config::default();
+        own.subscribers
+            .insert("mine".into(), SubscriberConfig::default());
+        let own = with_defaults(own, false);
+        assert_eq!(own.publishers["synth"].wait_for_subscribers, 0);
     }
 }
