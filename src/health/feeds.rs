@@ -27,6 +27,8 @@ const SAMPLE_EVERY: Duration = Duration::from_millis(100);
 pub const LAG_HORIZON: Duration = Duration::from_secs(600);
 /// Rates are measured over this much recent history.
 const RATE_WINDOW: Duration = Duration::from_secs(10);
+/// Before a topic has a full window, its rate so far, once it spans this.
+const FIRST_RATE_AFTER: Duration = Duration::from_millis(500);
 
 #[derive(Debug, Default)]
 pub struct TopicState {
@@ -120,12 +122,19 @@ impl FeedState {
         let topic_frame = (m.len() == 2)
             .then(|| m.get(0).and_then(|t| std::str::from_utf8(t).ok()))
             .flatten();
+        // A topic's rate is counted from its first message, not from the
+        // next tick: a status probe watches for a second or two, and its
+        // topics showed 0.0 msg/s while their publisher showed 2,000.
+        let new_topic = || TopicState {
+            mark: Some((now, 0)),
+            ..Default::default()
+        };
         let t = match topic_frame {
             Some(t) => match self.topics.get_mut(t) {
                 Some(s) => s,
-                None => self.topics.entry(t.to_string()).or_default(),
+                None => self.topics.entry(t.to_string()).or_insert_with(new_topic),
             },
-            None => self.topics.entry(env.topic()).or_default(),
+            None => self.topics.entry(env.topic()).or_insert_with(new_topic),
         };
         t.received += 1;
         t.last = Some(now);
@@ -190,7 +199,7 @@ impl FeedState {
                     t.rate = (t.received - n) as f64 / now.duration_since(at).as_secs_f64();
                     t.mark = Some((now, t.received));
                 }
-                Some((at, n)) if now.duration_since(at) >= Duration::from_secs(1) => {
+                Some((at, n)) if now.duration_since(at) >= FIRST_RATE_AFTER => {
                     t.rate = (t.received - n) as f64 / now.duration_since(at).as_secs_f64();
                 }
                 Some(_) => {}
@@ -274,6 +283,42 @@ impl FeedWatch {
                     }
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::feeds::synthetic::Generator;
+
+    fn frame(env: &crate::wire::Envelope<'_>) -> ZmqMessage {
+        let mut body = Vec::new();
+        crate::wire::encode_v1(env, &mut body).unwrap();
+        let mut m = ZmqMessage::from(env.topic());
+        m.push_back(body.into());
+        m
+    }
+
+    /// `nbpy status` without the health daemon probes for a second or two:
+    /// each topic must have a rate by then, as its publisher does.
+    #[test]
+    fn a_topic_has_a_rate_by_the_first_tick_after_its_first_message() {
+        let mut st = FeedState::new();
+        // The monitor's interval ticks at once, before any message.
+        st.tick();
+        let mut gen = Generator::new(1, &[]);
+        for seq in 1..=40 {
+            let mut e = gen.next_message();
+            (e.seq, e.epoch) = (seq, 1);
+            st.observe("synth", &frame(&e));
+        }
+        std::thread::sleep(FIRST_RATE_AFTER);
+        st.tick();
+        assert_eq!(st.topics.len(), 20, "five channels × four instruments");
+        for (name, t) in &st.topics {
+            // Two messages each, over at least FIRST_RATE_AFTER.
+            assert!(t.rate > 0.0 && t.rate <= 4.0, "{name}: {}", t.rate);
         }
     }
 }
