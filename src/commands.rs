@@ -189,7 +189,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             let loaded = cli.common.boot()?;
             // Against a running `nbpy up`, what it runs: on built-in
             // defaults the configuration has no publishers of its own.
-            let cfg = match running_up(&loaded.config) {
+            let cfg = match crate::supervisor::running_up(&loaded.config) {
                 Some((_, Some(effective))) => effective,
                 _ => loaded.config,
             };
@@ -200,7 +200,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             // Against a running `nbpy up`: its children, then the health
             // picture of the configuration it actually runs.
             let mut cfg = loaded.config;
-            if let Some((up, effective)) = running_up(&cfg) {
+            if let Some((up, effective)) = crate::supervisor::running_up(&cfg) {
                 if !json {
                     print!("{}", crate::supervisor::render_status(&up, true));
                 }
@@ -334,61 +334,5 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             }
             Ok(())
         }
-    }
-}
-
-/// A running `nbpy up`, with the configuration it runs (its defaults filled
-/// in, as it wrote them to `<state_dir>/run/nbpy.toml`) where that reads.
-fn running_up(
-    cfg: &crate::config::Config,
-) -> Option<(crate::supervisor::UpStatus, Option<crate::config::Config>)> {
-    let (up, running) = crate::supervisor::read_status(cfg).ok()?;
-    running.then(|| {
-        let effective = crate::supervisor::state_dir(cfg).join("run/nbpy.toml");
-        (
-            up,
-            crate::config::load(Some(&effective)).ok().map(|l| l.config),
-        )
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// `nbpy validate` and `nbpy status` beside `nbpy up` on built-in
-    /// defaults: the configuration has no publishers, what `up` runs has.
-    #[test]
-    fn a_running_up_lends_its_effective_configuration() {
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = crate::config::Config {
-            state_dir: dir.path().to_path_buf(),
-            ..Default::default()
-        };
-        assert!(running_up(&cfg).is_none(), "no `nbpy up` here yet");
-
-        let run = dir.path().join("run");
-        std::fs::create_dir_all(&run).unwrap();
-        let effective = crate::supervisor::with_defaults(cfg.clone(), false);
-        std::fs::write(
-            run.join("nbpy.toml"),
-            toml::to_string_pretty(&effective).unwrap(),
-        )
-        .unwrap();
-        std::fs::write(
-            run.join("status.json"),
-            serde_json::to_vec(&crate::supervisor::UpStatus::default()).unwrap(),
-        )
-        .unwrap();
-        // A pid file naming a live process (this one) is a running `up`.
-        std::fs::write(dir.path().join("up.pid"), std::process::id().to_string()).unwrap();
-        let (_, lent) = running_up(&cfg).expect("a running up");
-        let lent = lent.expect("its configuration reads");
-        assert!(cfg.publishers.is_empty());
-        assert_eq!(
-            lent.publishers.keys().collect::<Vec<_>>(),
-            vec!["synth"],
-            "the demo publisher `up` runs"
-        );
     }
 }

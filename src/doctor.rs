@@ -138,7 +138,20 @@ pub async fn check(explicit: Option<&std::path::Path>) -> Vec<Finding> {
             return f;
         }
     };
-    let cfg = crate::supervisor::with_defaults(loaded.config.clone(), false);
+    // Beside a running `nbpy up`, what it runs (its ports are then its own).
+    let up = crate::supervisor::running_up(&loaded.config);
+    let cfg = match &up {
+        Some((_, Some(effective))) => effective.clone(),
+        _ => crate::supervisor::with_defaults(loaded.config.clone(), false),
+    };
+    let held_by_up = |name: &str| {
+        up.as_ref().and_then(|(s, _)| {
+            s.children
+                .iter()
+                .any(|c| c.role == "publisher" && c.name == name)
+                .then_some(s.pid)
+        })
+    };
 
     // InfluxDB.
     // /ping needs no credentials; a missing password file is reported below.
@@ -193,10 +206,15 @@ pub async fn check(explicit: Option<&std::path::Path>) -> Vec<Finding> {
         if let Some(addr) = ep.strip_prefix("tcp://") {
             match TcpListener::bind(addr) {
                 Ok(_) => f.push(ok(format!("publishers.{name}: {ep} is free"))),
-                Err(e) => f.push(problem(
-                    format!("publishers.{name}: cannot bind {ep}: {e}"),
-                    "stop what holds the port (a running nbpy?) or set publishers.NAME.endpoint",
-                )),
+                Err(e) => match held_by_up(name) {
+                    Some(pid) => f.push(ok(format!(
+                        "publishers.{name}: {ep} is bound by the running nbpy up (pid {pid})"
+                    ))),
+                    None => f.push(problem(
+                        format!("publishers.{name}: cannot bind {ep}: {e}"),
+                        "stop what holds the port (a running nbpy?) or set publishers.NAME.endpoint",
+                    )),
+                },
             }
         }
     }

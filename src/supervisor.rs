@@ -864,6 +864,19 @@ pub fn down(cfg: &Config, timeout: Duration) -> Result<(), Failure> {
     Ok(())
 }
 
+/// A running `nbpy up`, with the configuration it runs (its defaults filled
+/// in, as it wrote them to `<state_dir>/run/nbpy.toml`) where that reads.
+pub fn running_up(cfg: &Config) -> Option<(UpStatus, Option<Config>)> {
+    let (up, running) = read_status(cfg).ok()?;
+    running.then(|| {
+        let effective = state_dir(cfg).join("run/nbpy.toml");
+        (
+            up,
+            crate::config::load(Some(&effective)).ok().map(|l| l.config),
+        )
+    })
+}
+
 /// What a running (or the last) `nbpy up` wrote to `run/status.json`.
 pub fn read_status(cfg: &Config) -> Result<(UpStatus, bool), Failure> {
     let dir = state_dir(cfg);
@@ -978,5 +991,41 @@ mod tests {
             .insert("mine".into(), SubscriberConfig::default());
         let own = with_defaults(own, false);
         assert_eq!(own.publishers["synth"].wait_for_subscribers, 0);
+    }
+
+    /// `nbpy validate` and `nbpy status` beside `nbpy up` on built-in
+    /// defaults: the configuration has no publishers, what `up` runs has.
+    #[test]
+    fn a_running_up_lends_its_effective_configuration() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = crate::config::Config {
+            state_dir: dir.path().to_path_buf(),
+            ..Default::default()
+        };
+        assert!(running_up(&cfg).is_none(), "no `nbpy up` here yet");
+
+        let run = dir.path().join("run");
+        std::fs::create_dir_all(&run).unwrap();
+        let effective = with_defaults(cfg.clone(), false);
+        std::fs::write(
+            run.join("nbpy.toml"),
+            toml::to_string_pretty(&effective).unwrap(),
+        )
+        .unwrap();
+        std::fs::write(
+            run.join("status.json"),
+            serde_json::to_vec(&UpStatus::default()).unwrap(),
+        )
+        .unwrap();
+        // A pid file naming a live process (this one) is a running `up`.
+        std::fs::write(dir.path().join("up.pid"), std::process::id().to_string()).unwrap();
+        let (_, lent) = running_up(&cfg).expect("a running up");
+        let lent = lent.expect("its configuration reads");
+        assert!(cfg.publishers.is_empty());
+        assert_eq!(
+            lent.publishers.keys().collect::<Vec<_>>(),
+            vec!["synth"],
+            "the demo publisher `up` runs"
+        );
     }
 }

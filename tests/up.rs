@@ -110,6 +110,24 @@ fn up_runs_five_phases_reports_status_and_stops_in_order_without_loss() {
     );
     assert!(st.contains("running"), "{st}");
 
+    // `nbpy doctor` alongside: the publisher's port is up's own, no problem.
+    let doc = Command::new(bin_path("nbpy"))
+        .args(["--config", cfg.to_str().unwrap(), "doctor"])
+        .output()
+        .unwrap();
+    let d = String::from_utf8_lossy(&doc.stdout);
+    assert!(
+        d.contains(&format!(
+            "publishers.synth: tcp://127.0.0.1:{ep_port} is bound by the running nbpy up"
+        )),
+        "{d}"
+    );
+    assert!(
+        doc.status.success(),
+        "{d}\n{}",
+        String::from_utf8_lossy(&doc.stderr)
+    );
+
     // Ctrl-C. The children must hear it from `nbpy up` only, in order: a
     // subscriber that also got the terminal's SIGINT would take `nbpy up`'s
     // SIGTERM as a second signal and abandon what it holds.
