@@ -82,3 +82,26 @@ fn finish<T>(
     rt.shutdown_background();
     r
 }
+
+/// Command output to stdout. A reader that went away (`nbpy config show |
+/// head -1`) is not worth the panic and backtrace `print!` makes of it: the
+/// rest is dropped and the command ends with its own exit code. False once
+/// stdout cannot take more (`nbpy logs -f` stops there).
+pub fn emit(text: &str) -> bool {
+    emit_bytes(text.as_bytes())
+}
+
+/// [`emit`] for bytes (a log file as it is).
+pub fn emit_bytes(bytes: &[u8]) -> bool {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(bytes).and_then(|_| out.flush()).is_ok()
+}
+
+/// `println!` through [`emit`].
+#[macro_export]
+macro_rules! outln {
+    ($($t:tt)*) => {
+        $crate::cli::emit(&format!("{}\n", format_args!($($t)*)))
+    };
+}

@@ -182,7 +182,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
                 }
             };
             let status = crate::probe::check(&url, timeout).map_err(Failure::unavailable)?;
-            println!("{url}: {status}");
+            crate::outln!("{url}: {status}");
             Ok(())
         }
         Command::Validate { duration, json } => {
@@ -202,7 +202,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             let mut cfg = loaded.config;
             if let Some((up, effective)) = crate::supervisor::running_up(&cfg) {
                 if !json {
-                    print!("{}", crate::supervisor::render_status(&up, true));
+                    crate::cli::emit(&crate::supervisor::render_status(&up, true));
                 }
                 if let Some(effective) = effective {
                     cfg = effective;
@@ -261,7 +261,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             let waited = crate::cli::runtime()?
                 .block_on(crate::backend::wait_answering(&client, timeout))
                 .map_err(|e| Failure::unavailable(anyhow::anyhow!(e)))?;
-            println!(
+            crate::outln!(
                 "influxdb: {} answers /ping (waited {:.1}s)",
                 client.url(),
                 waited.as_secs_f64()
@@ -290,11 +290,11 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
                 ("unlinked", &report.unlinked),
             ] {
                 for p in paths {
-                    println!("{what} {}", p.display());
+                    crate::outln!("{what} {}", p.display());
                 }
             }
             let instances = crate::units::instances(&loaded.config);
-            println!(
+            crate::outln!(
                 "{} unit file(s) up to date; instances: {}",
                 report.unchanged.len(),
                 if instances.is_empty() {
@@ -304,7 +304,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
                 }
             );
             if root == std::path::Path::new("/") {
-                println!("next: systemctl daemon-reload && systemctl start nbpy.target");
+                crate::outln!("next: systemctl daemon-reload && systemctl start nbpy.target");
             }
             Ok(())
         }
@@ -314,14 +314,14 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             match action {
                 ConfigAction::Show => {
                     if let Some(f) = &loaded.file {
-                        println!("# from {} (+ NBPY_* environment)", f.display());
+                        crate::outln!("# from {} (+ NBPY_* environment)", f.display());
                     } else {
-                        println!("# built-in defaults (+ NBPY_* environment); no config file");
+                        crate::outln!("# built-in defaults (+ NBPY_* environment); no config file");
                     }
-                    print!("{}", loaded.config.to_redacted_toml());
+                    crate::cli::emit(&loaded.config.to_redacted_toml());
                 }
                 ConfigAction::Check => {
-                    println!(
+                    crate::outln!(
                         "ok: {} publisher(s), {} subscriber(s){}",
                         loaded.config.publishers.len(),
                         loaded.config.subscribers.len(),

@@ -282,13 +282,13 @@ pub fn render(findings: &[Finding]) -> String {
 
 pub async fn command(explicit: Option<&std::path::Path>) -> Result<(), Failure> {
     let findings = check(explicit).await;
-    print!("{}", render(&findings));
+    crate::cli::emit(&render(&findings));
     let problems: Vec<&Finding> = findings
         .iter()
         .filter(|f| f.level == Level::Problem)
         .collect();
     if problems.is_empty() {
-        println!("no problems found");
+        crate::outln!("no problems found");
         return Ok(());
     }
     let code = if problems.iter().any(|p| p.what.starts_with("configuration")) {

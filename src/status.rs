@@ -11,7 +11,6 @@ use std::time::Duration;
 use crate::config::Config;
 use crate::exit::{Failure, UNAVAILABLE};
 use crate::health::report::{self, Status};
-use crate::validate::emit;
 
 /// How long a direct probe watches the bus when no daemon answers.
 pub const PROBE_FOR: Duration = Duration::from_secs(3);
@@ -55,9 +54,9 @@ pub async fn command(cfg: &Config, json: bool) -> Result<(), Failure> {
     if json {
         let text = serde_json::to_string_pretty(&status)
             .map_err(|e| Failure::from(anyhow::anyhow!("status as JSON: {e}")))?;
-        emit(&format!("{text}\n"));
+        crate::cli::emit(&format!("{text}\n"));
     } else {
-        emit(&format!("# {note}\n{}", report::render(&status)));
+        crate::cli::emit(&format!("# {note}\n{}", report::render(&status)));
     }
     if status.ready {
         Ok(())

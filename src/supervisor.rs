@@ -142,7 +142,7 @@ pub fn with_defaults(mut cfg: Config, live: bool) -> Config {
 /// Progress for the person at the terminal (the children's own logs are
 /// in their files).
 fn say(msg: &str) {
-    println!("{msg}");
+    crate::outln!("{msg}");
 }
 
 struct Child {
@@ -860,7 +860,7 @@ pub fn down(cfg: &Config, timeout: Duration) -> Result<(), Failure> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    println!("nbpy up (pid {pid}) stopped in {:.1?}", t0.elapsed());
+    crate::outln!("nbpy up (pid {pid}) stopped in {:.1?}", t0.elapsed());
     Ok(())
 }
 
@@ -924,7 +924,7 @@ pub fn render_status(s: &UpStatus, running: bool) -> String {
 
 /// `nbpy logs NAME [-f]`.
 pub fn logs(cfg: &Config, name: &str, follow: bool) -> Result<(), Failure> {
-    use std::io::{Read, Seek, Write};
+    use std::io::{Read, Seek};
     let dir = state_dir(cfg).join("logs");
     let path = dir.join(format!("{name}.log"));
     let mut f = std::fs::File::open(&path).map_err(|e| {
@@ -945,15 +945,13 @@ pub fn logs(cfg: &Config, name: &str, follow: bool) -> Result<(), Failure> {
             anyhow::anyhow!("{}: {e}; logs here: {}", path.display(), known.join(", ")),
         )
     })?;
-    let mut out = std::io::stdout();
     let mut buf = Vec::new();
     loop {
         buf.clear();
         f.read_to_end(&mut buf)
             .map_err(|e| Failure::new(SOFTWARE, e))?;
-        let _ = out.write_all(&buf);
-        let _ = out.flush();
-        if !follow {
+        // A reader that went away (`nbpy logs NAME -f | head`) ends it.
+        if !crate::cli::emit_bytes(&buf) || !follow {
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(200));

@@ -965,24 +965,19 @@ pub fn render(r: &Report) -> String {
     s
 }
 
-/// Writes to stdout; a closed pipe (`| head`) is not an error worth a panic.
-pub fn emit(text: &str) {
-    use std::io::Write;
-    let mut out = std::io::stdout().lock();
-    let _ = out.write_all(text.as_bytes()).and_then(|_| out.flush());
-}
-
 /// `nbpy validate`.
 pub async fn command(cfg: &Config, duration: Option<Duration>, json: bool) -> Result<(), Failure> {
     let duration = duration.unwrap_or(cfg.validate.duration);
     let report = run(cfg, duration).await?;
     if json {
         match serde_json::to_string_pretty(&report) {
-            Ok(s) => emit(&format!("{s}\n")),
+            Ok(s) => {
+                crate::cli::emit(&format!("{s}\n"));
+            }
             Err(e) => return Err(Failure::from(anyhow::anyhow!("report as JSON: {e}"))),
         }
     } else {
-        emit(&render(&report));
+        crate::cli::emit(&render(&report));
     }
     verdict(&report)
 }

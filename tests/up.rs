@@ -299,3 +299,22 @@ fn doctor_names_each_problem_with_its_fix() {
     assert!(text.matches("fix:").count() >= 4, "{text}");
     drop(busy);
 }
+
+/// `nbpy config show | head -1`: once the reader has gone, the rest of the
+/// output is dropped, without the panic and backtrace `print!` makes of a
+/// closed pipe, and the command keeps its own exit code.
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    let (read, write) = nix::unistd::pipe().unwrap();
+    // The reader is gone before the command writes a byte.
+    drop(read);
+    let out = Command::new(bin_path("nbpy"))
+        .args(["config", "show"])
+        .env_remove("NBPY_CONFIG")
+        .stdout(Stdio::from(write))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(out.status.success(), "{:?}: {stderr}", out.status);
+}

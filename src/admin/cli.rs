@@ -17,12 +17,12 @@ pub fn schema(cfg: &Config, action: SchemaAction) -> Result<(), Failure> {
         SchemaAction::Apply { prune } => {
             let r = rt.block_on(super::schema::apply(&client, cfg, prune))?;
             for c in &r.changes {
-                println!("{c}");
+                crate::outln!("{c}");
             }
             for k in &r.kept {
-                println!("  kept, not declared (--prune removes it): {k}");
+                crate::outln!("  kept, not declared (--prune removes it): {k}");
             }
-            println!(
+            crate::outln!(
                 "schema: {} change(s) applied to database {:?} at {}",
                 r.changes.len(),
                 client.database(),
@@ -33,16 +33,16 @@ pub fn schema(cfg: &Config, action: SchemaAction) -> Result<(), Failure> {
         SchemaAction::Diff { prune } => {
             let r = rt.block_on(super::schema::diff(&client, cfg, prune))?;
             for c in &r.changes {
-                println!("{c}");
+                crate::outln!("{c}");
             }
             for k in &r.kept {
-                println!("  not declared (only --prune counts it): {k}");
+                crate::outln!("  not declared (only --prune counts it): {k}");
             }
             if r.changes.is_empty() {
-                println!("schema: no drift");
+                crate::outln!("schema: no drift");
                 Ok(())
             } else {
-                println!("schema: {} difference(s)", r.changes.len());
+                crate::outln!("schema: {} difference(s)", r.changes.len());
                 let _ = std::io::stdout().flush();
                 drop(rt);
                 std::process::exit(DRIFT)
@@ -51,13 +51,13 @@ pub fn schema(cfg: &Config, action: SchemaAction) -> Result<(), Failure> {
         SchemaAction::Stats { json } => {
             let s = rt.block_on(super::schema::stats(&client))?;
             if json {
-                println!(
+                crate::outln!(
                     "{}",
                     serde_json::to_string_pretty(&s)
                         .map_err(|e| Failure::new(crate::exit::SOFTWARE, e))?
                 );
             } else {
-                print!("{}", s.render());
+                crate::cli::emit(&s.render());
             }
             Ok(())
         }
@@ -77,9 +77,9 @@ pub fn grafana(cfg: &Config, action: GrafanaAction) -> Result<(), Failure> {
                 })?;
             let files = super::grafana::render_to(cfg, &dir)?;
             for f in &files {
-                println!("{}", f.display());
+                crate::outln!("{}", f.display());
             }
-            println!(
+            crate::outln!(
                 "grafana: {} file(s) written under {}",
                 files.len(),
                 dir.display()
@@ -88,18 +88,20 @@ pub fn grafana(cfg: &Config, action: GrafanaAction) -> Result<(), Failure> {
         }
         GrafanaAction::Provision { dir } => {
             let line = crate::cli::block_on(super::grafana::provision(cfg, dir.as_deref()))?;
-            println!("grafana: {line}");
+            crate::outln!("grafana: {line}");
             Ok(())
         }
         GrafanaAction::Apply => {
             let rt = crate::cli::runtime()?;
             let r = rt.block_on(super::grafana::apply(cfg))?;
             for line in &r.lines {
-                println!("{line}");
+                crate::outln!("{line}");
             }
-            println!(
+            crate::outln!(
                 "grafana: {} created, {} updated, {} unchanged",
-                r.created, r.updated, r.unchanged
+                r.created,
+                r.updated,
+                r.unchanged
             );
             Ok(())
         }
