@@ -30,12 +30,13 @@ const RATE_WINDOW: Duration = Duration::from_secs(10);
 /// Before a topic has a full window, its rate so far, once it spans this.
 const FIRST_RATE_AFTER: Duration = Duration::from_millis(500);
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct TopicState {
     pub received: u64,
     pub last: Option<Instant>,
-    /// (when, received) a RATE_WINDOW ago, for the rate.
-    pub mark: Option<(Instant, u64)>,
+    /// (when, received) a RATE_WINDOW ago, for the rate: at first, the
+    /// topic's first message.
+    pub mark: (Instant, u64),
     pub rate: f64,
 }
 
@@ -126,8 +127,10 @@ impl FeedState {
         // next tick: a status probe watches for a second or two, and its
         // topics showed 0.0 msg/s while their publisher showed 2,000.
         let new_topic = || TopicState {
-            mark: Some((now, 0)),
-            ..Default::default()
+            received: 0,
+            last: None,
+            mark: (now, 0),
+            rate: 0.0,
         };
         let t = match topic_frame {
             Some(t) => match self.topics.get_mut(t) {
@@ -194,16 +197,13 @@ impl FeedState {
             self.rate_marks.pop_front();
         }
         for t in self.topics.values_mut() {
-            match t.mark {
-                Some((at, n)) if now.duration_since(at) >= RATE_WINDOW => {
-                    t.rate = (t.received - n) as f64 / now.duration_since(at).as_secs_f64();
-                    t.mark = Some((now, t.received));
-                }
-                Some((at, n)) if now.duration_since(at) >= FIRST_RATE_AFTER => {
-                    t.rate = (t.received - n) as f64 / now.duration_since(at).as_secs_f64();
-                }
-                Some(_) => {}
-                None => t.mark = Some((now, t.received)),
+            let (at, n) = t.mark;
+            let span = now.duration_since(at);
+            if span >= FIRST_RATE_AFTER {
+                t.rate = (t.received - n) as f64 / span.as_secs_f64();
+            }
+            if span >= RATE_WINDOW {
+                t.mark = (now, t.received);
             }
         }
     }
