@@ -47,6 +47,8 @@ use crate::zmtp::sub::{self, Chunk, Message, SubEvent};
 /// MiB, same CPU per point), but the blocked subscriber in
 /// `tests/spool.rs` kept 3,521 of 5,000 messages.
 const RAW_CHUNKS: usize = 256;
+/// When the second `nbpy_pipeline` report is due (see `run`).
+const EARLY_REPORT: Duration = Duration::from_secs(2);
 
 /// The subscriber's own counters (see also [`WriterStats`]).
 #[derive(Default, Debug)]
@@ -183,6 +185,10 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     let mut last_status = (Instant::now(), 0u64);
     let mut last_stats = Instant::now();
+    // The second report comes early, past the first flush: until then the
+    // stored counters are the start's zeros, which `nbpy status` showed
+    // for a whole interval beside a subscriber writing thousands.
+    let mut stats_every = scfg.stats_interval.min(EARLY_REPORT);
     loop {
         tokio::select! {
             biased;
@@ -209,8 +215,9 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
                     last_status = (Instant::now(), acc);
                     svc.status(&status_line(&intake, &wstats, rate, &scfg));
                 }
-                if last_stats.elapsed() >= scfg.stats_interval {
+                if last_stats.elapsed() >= stats_every {
                     last_stats = Instant::now();
+                    stats_every = scfg.stats_interval;
                     st.pipeline_point(name, &wstats, &pool).await;
                 }
             }

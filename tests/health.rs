@@ -564,3 +564,29 @@ async fn influxdb_answering_ping_but_not_queries_is_down_until_it_answers_again(
     })
     .await;
 }
+
+/// With the default stats interval (10 s), the subscriber's second
+/// `nbpy_pipeline` report comes ~2 s after its start, so `nbpy status`
+/// does not show the start's zeros for a whole interval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_second_pipeline_report_comes_early() {
+    let env = Env::start().await;
+    let ep = free_endpoint();
+    let cfg = env.config(&format!(
+        "[publishers.synth]\nendpoint = \"{ep}\"\nrate = 500\n\
+         [subscribers.main]\nconnect = [\"{ep}\"]\n"
+    ));
+    let cfg = cfg.to_str().unwrap();
+    let _publisher = env.spawn("nbpy-publisher", &["--config", cfg, "synth"], &[]);
+    let subscriber = env.spawn("nbpy-subscriber", &["--config", cfg, "main"], &[]);
+    subscriber.wait_log("ready", Duration::from_secs(30));
+    let t0 = Instant::now();
+    let q = "SELECT last(\"received\") FROM \"tick\".\"default\".\"nbpy_pipeline\" WHERE component = 'main'";
+    while env.client.query_number(q).await.unwrap_or(0.0) == 0.0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(6),
+            "only the start's report within 6 s of ready"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
