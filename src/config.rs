@@ -614,6 +614,10 @@ pub struct Loaded {
 pub enum ConfigError {
     #[error("config file {0} does not exist")]
     Missing(PathBuf),
+    /// Found but not readable as a file (a directory, no permission):
+    /// figment's own error for that names no file.
+    #[error("config file {0}: {1}")]
+    Unreadable(PathBuf, String),
     #[error("{0}")]
     Parse(Box<figment::Error>),
     #[error("invalid configuration{}: {}", .file.as_ref().map(|f| format!(" ({})", f.display())).unwrap_or_default(), .problems.join("; "))]
@@ -628,10 +632,20 @@ pub fn resolve_file(explicit: Option<&Path>) -> Result<Option<PathBuf>, ConfigEr
     let chosen = explicit
         .map(Path::to_path_buf)
         .or_else(|| std::env::var_os("NBPY_CONFIG").map(PathBuf::from));
-    match chosen {
-        Some(p) if p.exists() => Ok(Some(p)),
-        Some(p) => Err(ConfigError::Missing(p)),
-        None => Ok(Some(PathBuf::from(DEFAULT_FILE)).filter(|p| p.exists())),
+    let file = match chosen {
+        Some(p) if p.exists() => p,
+        Some(p) => return Err(ConfigError::Missing(p)),
+        None => match Some(PathBuf::from(DEFAULT_FILE)).filter(|p| p.exists()) {
+            Some(p) => p,
+            None => return Ok(None),
+        },
+    };
+    if file.is_dir() {
+        return Err(ConfigError::Unreadable(file, "is a directory".into()));
+    }
+    match std::fs::File::open(&file) {
+        Ok(_) => Ok(Some(file)),
+        Err(e) => Err(ConfigError::Unreadable(file, e.to_string())),
     }
 }
 
@@ -1013,6 +1027,19 @@ impl std::error::Error for SecretError {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_config_path_that_is_no_readable_file_is_named_in_the_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = load(Some(dir.path())).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!("config file {}: is a directory", dir.path().display())
+        );
+        let missing = dir.path().join("nbpy.toml");
+        let e = load(Some(&missing)).unwrap_err().to_string();
+        assert!(e.contains(&missing.display().to_string()), "{e}");
+    }
 
     fn influx(toml_text: &str) -> Result<InfluxConfig, String> {
         Figment::from(Serialized::defaults(InfluxConfig::default()))
