@@ -990,19 +990,25 @@ pub fn redact_url(url: &str) -> String {
 /// name is looked up in `$CREDENTIALS_DIRECTORY` first (systemd
 /// `LoadCredential=`), so units can say `password_file = "influxdb-password"`.
 pub fn read_secret(path: &Path) -> Result<String, SecretError> {
-    let resolved = if path.is_relative() {
+    let resolved = secret_path(path);
+    let text = std::fs::read_to_string(&resolved).map_err(|e| SecretError {
+        path: resolved.clone(),
+        error: e,
+    })?;
+    Ok(text.trim_end_matches(['\n', '\r']).to_string())
+}
+
+/// Where a secret file is read from: a relative name is a systemd
+/// credential (under `$CREDENTIALS_DIRECTORY`) when there is one.
+pub fn secret_path(path: &Path) -> PathBuf {
+    if path.is_relative() {
         std::env::var_os("CREDENTIALS_DIRECTORY")
             .map(|d| PathBuf::from(d).join(path))
             .filter(|p| p.exists())
             .unwrap_or_else(|| path.to_path_buf())
     } else {
         path.to_path_buf()
-    };
-    let text = std::fs::read_to_string(&resolved).map_err(|e| SecretError {
-        path: resolved.clone(),
-        error: e,
-    })?;
-    Ok(text.trim_end_matches(['\n', '\r']).to_string())
+    }
 }
 
 #[derive(Debug)]

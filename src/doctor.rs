@@ -233,7 +233,22 @@ pub async fn check(explicit: Option<&std::path::Path>) -> Vec<Finding> {
                 format!("{key}: {} is empty", path.display()),
                 "write the secret into the file",
             )),
-            Ok(_) => f.push(ok(format!("{key}: {} readable", path.display()))),
+            Ok(_) => {
+                use std::os::unix::fs::PermissionsExt;
+                let at = config::secret_path(&path);
+                // Group-readable (root:nbpy 0640) is how a service reads
+                // it; readable by every user is a leak. A credential (a
+                // relative name found under $CREDENTIALS_DIRECTORY) is the
+                // service manager's to protect, as compose secrets are.
+                let credential = at != path;
+                match std::fs::metadata(&at).map(|m| m.permissions().mode() & 0o777) {
+                    Ok(mode) if mode & 0o004 != 0 && !credential => f.push(warn(
+                        format!("{key}: {} is readable by every user (mode {mode:04o})", at.display()),
+                        format!("chmod 0600 {} (or 0640 with the service's group), or use a systemd credential", at.display()),
+                    )),
+                    _ => f.push(ok(format!("{key}: {} readable", path.display()))),
+                }
+            }
             Err(e) => f.push(problem(
                 format!("{key}: {e}"),
                 "create the file (mode 0600) or, under systemd, a LoadCredential= of that name",

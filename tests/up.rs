@@ -297,6 +297,28 @@ fn doctor_names_each_problem_with_its_fix() {
         assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
     }
     assert!(text.matches("fix:").count() >= 4, "{text}");
+
+    // A secret every user can read is named, with the chmod that fixes it.
+    let pw = dir.path().join("influx-pw");
+    std::fs::write(&pw, "s3cret\n").unwrap();
+    std::fs::set_permissions(&pw, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("/nonexistent/influx-pw", pw.to_str().unwrap());
+    std::fs::write(&cfg, text).unwrap();
+    let out = Command::new(bin_path("nbpy"))
+        .args(["--config", cfg.to_str().unwrap(), "doctor"])
+        .env("PATH", "/nonexistent")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!(
+            "{} is readable by every user (mode 0644)",
+            pw.display()
+        )) && text.contains(&format!("chmod 0600 {}", pw.display())),
+        "{text}"
+    );
     drop(busy);
 }
 
