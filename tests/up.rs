@@ -281,11 +281,14 @@ fn doctor_names_each_problem_with_its_fix() {
         ),
     )
     .unwrap();
-    let out = Command::new(bin_path("nbpy"))
-        .args(["--config", cfg.to_str().unwrap(), "doctor"])
-        .env("PATH", "/nonexistent")
-        .output()
-        .unwrap();
+    let doctor = || {
+        Command::new(bin_path("nbpy"))
+            .args(["--config", cfg.to_str().unwrap(), "doctor"])
+            .env("PATH", "/nonexistent")
+            .output()
+            .unwrap()
+    };
+    let out = doctor();
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(69), "{text}");
     for needle in [
@@ -306,11 +309,7 @@ fn doctor_names_each_problem_with_its_fix() {
         .unwrap()
         .replace("/nonexistent/influx-pw", pw.to_str().unwrap());
     std::fs::write(&cfg, text).unwrap();
-    let out = Command::new(bin_path("nbpy"))
-        .args(["--config", cfg.to_str().unwrap(), "doctor"])
-        .env("PATH", "/nonexistent")
-        .output()
-        .unwrap();
+    let out = doctor();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains(&format!(
