@@ -633,12 +633,10 @@ pub fn resolve_file(explicit: Option<&Path>) -> Result<Option<PathBuf>, ConfigEr
         .map(Path::to_path_buf)
         .or_else(|| std::env::var_os("NBPY_CONFIG").map(PathBuf::from));
     let file = match chosen {
-        Some(p) if p.exists() => p,
-        Some(p) => return Err(ConfigError::Missing(p)),
-        None => match Some(PathBuf::from(DEFAULT_FILE)).filter(|p| p.exists()) {
-            Some(p) => p,
-            None => return Ok(None),
-        },
+        Some(p) if !p.exists() => return Err(ConfigError::Missing(p)),
+        Some(p) => p,
+        None if !Path::new(DEFAULT_FILE).exists() => return Ok(None),
+        None => PathBuf::from(DEFAULT_FILE),
     };
     if file.is_dir() {
         return Err(ConfigError::Unreadable(file, "is a directory".into()));
