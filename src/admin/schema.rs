@@ -837,9 +837,9 @@ pub struct MeasurementStats {
     pub newest_ns: Option<i64>,
     /// Its age when the figures were taken, seconds.
     pub newest_age_s: Option<f64>,
-    /// The policy's figures, repeated per row for convenience.
-    pub shards: u64,
-    pub disk_bytes: u64,
+    // No shards or disk size: InfluxDB keeps those per shard, and a shard
+    // holds every measurement of its policy. Repeated on each row they
+    // read as per-measurement sizes and sum to several times the disk.
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -862,6 +862,26 @@ pub async fn stats(client: &InfluxClient) -> Result<Stats, SchemaError> {
     let db = client.database().to_string();
     let now_ns = crate::wire::now_ns();
     let mut policies: BTreeMap<String, PolicyStats> = BTreeMap::new();
+    // Every policy gets a row, also one with no shard yet (`long_term`
+    // before its first bar): absent would read as "not created".
+    let v = client
+        .query(&format!("SHOW RETENTION POLICIES ON {}", ident(&db)))
+        .await
+        .map_err(ctx("reading retention policies"))?;
+    for s in series(&v, 0) {
+        for row in &s.values {
+            if let Some(rp) = s.get(row, "name").as_str() {
+                policies.insert(
+                    rp.to_string(),
+                    PolicyStats {
+                        rp: rp.to_string(),
+                        shards: 0,
+                        disk_bytes: 0,
+                    },
+                );
+            }
+        }
+    }
     let v = client
         .query("SHOW SHARDS")
         .await
@@ -947,7 +967,6 @@ pub async fn stats(client: &InfluxClient) -> Result<Stats, SchemaError> {
             .first()
             .and_then(|s| s.values.first().map(|r| s.get(r, "time").clone()))
             .and_then(|t| t.as_str().and_then(parse_rfc3339_ns));
-        let p = policies.get(rp_name);
         measurements.push(MeasurementStats {
             measurement: name,
             rp: rp_name.to_string(),
@@ -955,8 +974,6 @@ pub async fn stats(client: &InfluxClient) -> Result<Stats, SchemaError> {
             points,
             newest_ns,
             newest_age_s: newest_ns.map(|t| (now_ns - t) as f64 / 1e9),
-            shards: p.map(|p| p.shards).unwrap_or(0),
-            disk_bytes: p.map(|p| p.disk_bytes).unwrap_or(0),
         });
     }
     Ok(Stats {
@@ -1006,8 +1023,8 @@ impl Stats {
     /// A table for people.
     pub fn render(&self) -> String {
         let mut out = format!(
-            "database {:?}\n{:<28} {:<15} {:>7} {:>11} {:>12} {:>6} {:>12}\n",
-            self.database, "measurement", "rp", "series", "points", "newest age", "shards", "disk"
+            "database {:?}\n{:<28} {:<15} {:>7} {:>11} {:>12}\n",
+            self.database, "measurement", "rp", "series", "points", "newest age"
         );
         for m in &self.measurements {
             let age = m
@@ -1015,17 +1032,11 @@ impl Stats {
                 .map(|a| format!("{:.1}s", a.max(0.0)))
                 .unwrap_or_else(|| "-".into());
             out.push_str(&format!(
-                "{:<28} {:<15} {:>7} {:>11} {:>12} {:>6} {:>12}\n",
-                m.measurement,
-                m.rp,
-                m.series,
-                m.points,
-                age,
-                m.shards,
-                human_bytes(m.disk_bytes)
+                "{:<28} {:<15} {:>7} {:>11} {:>12}\n",
+                m.measurement, m.rp, m.series, m.points, age
             ));
         }
-        out.push_str("\nretention policy  shards  disk\n");
+        out.push_str("\nretention policy  shards  disk (all its measurements)\n");
         for p in &self.policies {
             out.push_str(&format!(
                 "{:<17} {:>6}  {}\n",
