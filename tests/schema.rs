@@ -381,6 +381,20 @@ stats_interval = "1s"
     for m in nbpy::schema::MEASUREMENTS {
         assert!(out.contains(m.name), "{out}");
     }
+
+    // A database that does not exist is named as such (InfluxDB itself
+    // answers the figures' two-statement query with "not executed").
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let missing = cfg.with_file_name("missing-db.toml");
+    std::fs::write(
+        &missing,
+        text.replacen("database = ", "database = \"nosuchdb\"\n# was: ", 1),
+    )
+    .unwrap();
+    let (code, out) = nbpy(&missing, &["schema", "stats"]);
+    assert_eq!(code, nbpy::exit::UNAVAILABLE, "{out}");
+    assert!(out.contains("\"nosuchdb\" not found"), "{out}");
+    assert!(out.contains("nbpy schema apply"), "{out}");
 }
 
 /// An influxd with `auth-enabled = true` (LocalInfluxd's layout plus auth).

@@ -574,7 +574,10 @@ impl SchemaError {
     pub fn exit_code(&self) -> i32 {
         match self.error {
             WriteError::Auth(_) => crate::exit::NOPERM,
-            WriteError::Transient(_) | WriteError::Timeout(_) => crate::exit::UNAVAILABLE,
+            // Missing: phase 2 has not run (yet); a later try can succeed.
+            WriteError::Transient(_) | WriteError::Timeout(_) | WriteError::Missing(_) => {
+                crate::exit::UNAVAILABLE
+            }
             _ => crate::exit::SOFTWARE,
         }
     }
@@ -602,7 +605,9 @@ pub async fn read(
     match login(client, cfg, Some(("nbpy-auth-probe", ""))).await {
         Ok(true) => {}
         Ok(false) => a.auth = true,
-        Err(WriteError::Rejected(m)) if m.contains("create admin user first") => {
+        Err(WriteError::Rejected(m) | WriteError::Refused(m))
+            if m.contains("create admin user first") =>
+        {
             a.auth = true;
             a.needs_first_admin = true;
         }
@@ -861,6 +866,21 @@ pub struct Stats {
 pub async fn stats(client: &InfluxClient) -> Result<Stats, SchemaError> {
     let db = client.database().to_string();
     let now_ns = crate::wire::now_ns();
+    // Asked first: InfluxDB answers a query of several statements on a
+    // missing database with a bare "not executed".
+    let v = client
+        .query("SHOW DATABASES")
+        .await
+        .map_err(ctx("reading databases"))?;
+    let exists = series(&v, 0)
+        .iter()
+        .flat_map(|s| s.values.iter())
+        .any(|r| r.first().and_then(|x| x.as_str()) == Some(db.as_str()));
+    if !exists {
+        return Err(ctx("reading figures")(WriteError::Missing(format!(
+            "database {db:?} not found"
+        ))));
+    }
     let mut policies: BTreeMap<String, PolicyStats> = BTreeMap::new();
     // Every policy gets a row, also one with no shard yet (`long_term`
     // before its first bar): absent would read as "not created".

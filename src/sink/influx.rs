@@ -30,6 +30,13 @@ pub enum WriteError {
     /// rest were stored. Carries InfluxDB's message.
     #[error("InfluxDB refused points: {0}")]
     Rejected(String),
+    /// A query's statement failed (InfluxQL error, or a later statement
+    /// of several "not executed" because an earlier one failed). Told
+    /// apart from [`Rejected`] so no message speaks of points for a query.
+    ///
+    /// [`Rejected`]: WriteError::Rejected
+    #[error("InfluxDB refused the statement: {0}")]
+    Refused(String),
     /// 413: the request is too large; split it.
     #[error("request too large for InfluxDB")]
     TooLarge,
@@ -241,10 +248,27 @@ impl InfluxClient {
                 .and_then(|e| e.as_str())
                 .unwrap_or("")
                 .to_string();
-            return Err(classify(status, msg));
+            return Err(match classify(status, msg) {
+                WriteError::Rejected(m) => WriteError::Refused(m),
+                e => e,
+            });
         }
-        if let Some(err) = v.pointer("/results/0/error").and_then(|e| e.as_str()) {
-            return Err(WriteError::Rejected(err.to_string()));
+        // Every statement's error, not only the first's: with several
+        // statements a later one can fail alone.
+        let errors = v
+            .get("results")
+            .and_then(|r| r.as_array())
+            .map(|rs| {
+                rs.iter()
+                    .filter_map(|r| r.get("error").and_then(|e| e.as_str()))
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default();
+        if let Some(first) = errors.first() {
+            return Err(match classify(400, first.to_string()) {
+                WriteError::Rejected(m) => WriteError::Refused(m),
+                e => e,
+            });
         }
         Ok(v)
     }
