@@ -81,12 +81,10 @@ pub fn v1_body<'a>(parts: &[&'a [u8]; 2]) -> Result<&'a [u8], wire::DecodeError>
 /// waits for with `wait_for_subscribers`.
 pub const MONITOR_TOPIC: &str = "\u{0}nbpy-monitor";
 
-/// The publishing end: a [`zmtp::Publisher`] and the subscriptions it has seen.
+/// The publishing end: a [`zmtp::Publisher`] and its v1 encoder.
 pub struct BusPublisher {
     socket: zmtp::Publisher,
     pub endpoint: String,
-    subscriptions: usize,
-    monitors: usize,
     topic: Vec<u8>,
     encoder: crate::v1_encoder::V1Encoder,
 }
@@ -101,18 +99,16 @@ impl BusPublisher {
         Ok(BusPublisher {
             endpoint: format!("tcp://{bound}"),
             socket,
-            subscriptions: 0,
-            monitors: 0,
             topic: Vec::new(),
             encoder: Default::default(),
         })
     }
 
-    /// Subscriptions from subscribers (subscribe minus unsubscribe, a
-    /// subscriber leaving cancels its own), not counting monitors' (each
-    /// monitor sends the marker and one more).
-    pub fn subscriptions(&self) -> usize {
-        self.subscriptions.saturating_sub(self.monitors)
+    /// Connected subscribers holding a subscription, monitors aside: what
+    /// `wait_for_subscribers` waits for. A subscriber with several topic
+    /// prefixes counts once.
+    pub fn subscribers(&self) -> usize {
+        self.socket.subscribers()
     }
 
     /// Messages a stalled monitor did not get (it was not waited for).
@@ -120,22 +116,19 @@ impl BusPublisher {
         self.socket.dropped()
     }
 
-    /// Waits for the next subscription change and accounts for it. Cancel-safe.
+    /// Messages no subscriber was subscribed to (none connected, or all
+    /// had cancelled, as a stopping subscriber does): gone, and counted.
+    pub fn unheard(&self) -> u64 {
+        self.socket.unheard()
+    }
+
+    /// Waits for the next subscription change (a subscribe, a cancel, a
+    /// subscriber leaving). Cancel-safe.
     pub async fn next_subscription(&mut self) {
-        let Some(ev) = self.socket.next_event().await else {
+        if self.socket.next_event().await.is_none() {
             // The socket owns the sending side: this cannot end while it lives.
-            return std::future::pending().await;
-        };
-        let (topic, delta) = match &ev {
-            zmtp::Event::Subscribe(t) => (t, 1isize),
-            zmtp::Event::Unsubscribe(t) => (t, -1),
-        };
-        let count = if topic.as_slice() == MONITOR_TOPIC.as_bytes() {
-            &mut self.monitors
-        } else {
-            &mut self.subscriptions
-        };
-        *count = count.saturating_add_signed(delta);
+            std::future::pending::<()>().await
+        }
     }
 
     /// Encodes and queues one envelope for every matching subscriber.

@@ -88,7 +88,9 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
         // Holding applies to the first message only: once sending, a
         // subscriber that leaves sees what it missed as a gap when it is
         // back, while the others keep getting data.
-        started |= bus.subscriptions() >= want;
+        if !started {
+            started = bus.subscribers() >= want;
+        }
         let sending = started;
         tokio::select! {
             biased;
@@ -105,8 +107,8 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
                 // it still goes out below.
             }
             _ = bus.next_subscription() => {
-                if !started && bus.subscriptions() >= want && want > 0 {
-                    tracing::info!("publisher {name}: {} subscription(s), sending", bus.subscriptions());
+                if !started && bus.subscribers() >= want && want > 0 {
+                    tracing::info!("publisher {name}: {} subscriber(s), sending", bus.subscribers());
                     svc.liveness.set_idle(false);
                 }
             }
@@ -136,9 +138,13 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
                     0 => String::new(),
                     n => format!(", {n} not sent to stalled monitors"),
                 };
+                let unheard = match bus.unheard() {
+                    0 => String::new(),
+                    n => format!(", {n} to no subscriber"),
+                };
                 svc.status(&format!(
-                    "{} on {}: {published} sent, {rate:.0} msg/s, {} subscription(s), {} dropped{monitors}{upstream}",
-                    pcfg.feed.name(), bus.endpoint, bus.subscriptions(), stats.dropped.load(Ordering::Relaxed)
+                    "{} on {}: {published} sent{unheard}, {rate:.0} msg/s, {} subscriber(s), {} dropped{monitors}{upstream}",
+                    pcfg.feed.name(), bus.endpoint, bus.subscribers(), stats.dropped.load(Ordering::Relaxed)
                 ));
             }
         }
@@ -165,8 +171,16 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
         };
     }
     let dropped = stats.dropped.load(Ordering::Relaxed);
-    svc.stopping(&format!("sent {published}"));
-    tracing::info!("publisher {name}: sent {published} messages, dropped {dropped}, stopping");
+    // Sent to no subscriber: before the first arrived (without
+    // wait_for_subscribers), or after the last cancelled (subscribers
+    // stop first and cancel, see `zmtp::sub`). Counted here because no
+    // subscriber can see them as a gap.
+    let unheard = bus.unheard();
+    svc.stopping(&format!("sent {published}, {unheard} to no subscriber"));
+    tracing::info!(
+        "publisher {name}: sent {published} messages ({} to subscribers, {unheard} to no subscriber), dropped {dropped}, stopping",
+        published.saturating_sub(unheard)
+    );
     match feed_result {
         Some(Err(f)) => Err(f),
         _ => Ok(()),

@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::bus::{self, GapTracker};
 use crate::config::{Config, SubscriberConfig};
@@ -134,38 +135,46 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
     let intake = Arc::new(IntakeStats::default());
     let (raw_tx, mut raw_rx) = mpsc::channel::<Chunk>(RAW_CHUNKS);
     let mut readers = Vec::new();
+    let leave = CancellationToken::new();
     for ep in &scfg.connect {
         readers.push(tokio::spawn(read_endpoint(
             ep.clone(),
             scfg.topics.clone(),
             raw_tx.clone(),
             intake.clone(),
+            leave.clone(),
         )));
     }
     drop(raw_tx);
     // Ready once data has somewhere to go and a publisher is connected.
-    while intake.connections.load(Ordering::Relaxed) == 0 {
+    // STATUS once: it is a datagram to systemd, not for every poll.
+    if intake.connections.load(Ordering::Relaxed) == 0 {
         svc.status(&format!(
             "waiting for publishers: {}",
             scfg.connect.join(", ")
         ));
+    }
+    while intake.connections.load(Ordering::Relaxed) == 0 {
         svc.liveness.beat();
         tokio::select! {
             _ = svc.shutdown.cancelled() => break,
             _ = tokio::time::sleep(Duration::from_millis(20)) => {}
         }
     }
-    svc.ready(&format!(
-        "connected to {}/{} publishers, {} {}",
-        intake.connected.load(Ordering::Relaxed),
-        scfg.connect.len(),
-        if pool.is_healthy() {
-            "writing to"
-        } else {
-            "spooling while InfluxDB is unreachable at"
-        },
-        client.url()
-    ));
+    // Stopped while waiting: STOPPING=1 went out, READY=1 must not follow.
+    if !svc.shutdown.is_cancelled() {
+        svc.ready(&format!(
+            "connected to {}/{} publishers, {} {}",
+            intake.connected.load(Ordering::Relaxed),
+            scfg.connect.len(),
+            if pool.is_healthy() {
+                "writing to"
+            } else {
+                "spooling while InfluxDB is unreachable at"
+            },
+            client.url()
+        ));
+    }
 
     let mut st = Intake::new(name, &cfg.influxdb, intake.clone()).with_topics(&scfg.topics);
     if !gaps_countable(&scfg.topics) {
@@ -236,15 +245,37 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
         }
     }
 
-    // Drain: no more reading, but everything received is processed.
+    // Drain: every publisher is left cleanly (it stops sending to us and
+    // counts what it sends later as sent to no subscriber), and everything
+    // it sent before is processed. The readers end by themselves, within
+    // LEAVE_TIMEOUT; the channel closes with the last of them.
     let t0 = Instant::now();
-    for r in &readers {
-        r.abort();
+    leave.cancel();
+    // A bound for readers blocked handing over a chunk while the writers
+    // are slow; half the stop timeout, so flushing keeps the other half.
+    let until = tokio::time::Instant::now()
+        + (cfg.service.stop_timeout / 2).max(LEAVE_TIMEOUT + Duration::from_secs(1));
+    loop {
+        // Only the wait is cancelled, never a chunk being processed.
+        let c = tokio::select! {
+            c = raw_rx.recv() => c,
+            _ = tokio::time::sleep_until(until) => {
+                tracing::warn!("subscriber {name}: publishers not left within {:?}; stopped reading", until - tokio::time::Instant::from_std(t0));
+                for r in &readers {
+                    r.abort();
+                }
+                None
+            }
+        };
+        match c {
+            Some(c) => st.process_chunk(&c, &pool).await,
+            None => break,
+        }
     }
     for r in readers {
         let _ = r.await;
     }
-    while let Some(c) = raw_rx.recv().await {
+    while let Ok(c) = raw_rx.try_recv() {
         st.process_chunk(&c, &pool).await;
     }
     st.pipeline_point(name, &wstats, &pool).await;
@@ -488,12 +519,21 @@ fn save_marks(path: &std::path::Path, positions: &[(String, u64, u64)]) -> std::
     std::fs::rename(&tmp, path)
 }
 
-/// Reads one publisher into the intake's channel, reconnecting for ever.
+/// How long a stopping subscriber waits for a publisher to answer its
+/// leave fence (see [`sub::Subscriber::leave_on`]) before it stops reading
+/// anyway. nbpy's publishers answer within a round trip plus what was
+/// queued for us (at most the high-water mark); foreign ones may not.
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Reads one publisher into the intake's channel, reconnecting until
+/// `leave` is cancelled; then leaves cleanly (every message the publisher
+/// sent us is handed over) and returns.
 async fn read_endpoint(
     ep: String,
     topics: Vec<String>,
     out: mpsc::Sender<Chunk>,
     stats: Arc<IntakeStats>,
+    leave: CancellationToken,
 ) {
     let (host, port) = match bus::parse_endpoint(&ep) {
         Ok(hp) => hp,
@@ -503,11 +543,31 @@ async fn read_endpoint(
             return;
         }
     };
-    let mut sock = sub::Subscriber::new(host, port, &topics, crate::wire::MAX_FRAME);
+    let mut sock =
+        sub::Subscriber::new(host, port, &topics, crate::wire::MAX_FRAME).leave_on(leave.clone());
     let mut retry_log = RateLimitedLog::new(Duration::from_secs(60));
     let mut oversized_log = RateLimitedLog::new(Duration::from_secs(5));
+    let mut deadline: Option<tokio::time::Instant> = None;
     loop {
-        match sock.next().await {
+        if deadline.is_none() && leave.is_cancelled() {
+            deadline = Some(tokio::time::Instant::now() + LEAVE_TIMEOUT);
+        }
+        let ev = tokio::select! {
+            ev = sock.next() => ev,
+            _ = leave.cancelled(), if deadline.is_none() => continue,
+            _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => {
+                tracing::warn!(
+                    "{ep}: no answer to the leave fence within {LEAVE_TIMEOUT:?}: stopped reading; messages in flight are not counted"
+                );
+                return;
+            }
+        };
+        match ev {
+            SubEvent::Left => {
+                tracing::debug!("{ep}: left cleanly");
+                return;
+            }
+            SubEvent::Down { .. } if leave.is_cancelled() => return,
             SubEvent::Chunk(c) => {
                 if out.send(c).await.is_err() {
                     break;

@@ -35,8 +35,12 @@ connect = ["{ep}"]
     let status = subscriber.wait(Duration::from_secs(30));
     let stop_time = t0.elapsed();
     assert_eq!(status.code(), Some(0), "{}", subscriber.log_text());
+    // The publisher keeps sending after the subscriber left (subscribers
+    // stop first): to no one, and it counts those.
+    std::thread::sleep(Duration::from_millis(300));
     publisher.signal(nix::sys::signal::Signal::SIGTERM);
     assert_eq!(publisher.wait(Duration::from_secs(30)).code(), Some(0));
+    let (sent, to_subscribers, unheard) = publisher_counts(&publisher.log_text());
 
     // What the subscriber accepted, by its own final count …
     let q = "SELECT last(\"received\"), last(\"malformed\"), last(\"gaps\") FROM \"tick\".\"default\".\"nbpy_pipeline\" WHERE component = 'main'";
@@ -70,11 +74,43 @@ connect = ["{ep}"]
         lo = lo.min(r[1].as_u64().unwrap());
         hi = hi.max(r[2].as_u64().unwrap());
     }
-    eprintln!("stop under load: {stop_time:?} to stop; {received} accepted, {stored} stored, seq {lo}..={hi}");
+    eprintln!("stop under load: {stop_time:?} to stop; {sent} sent, {to_subscribers} to the subscriber, {unheard} to no one; {received} accepted, {stored} stored, seq {lo}..={hi}");
+    // Nothing in flight is lost uncounted: the subscriber left cleanly, so
+    // what the publisher sent it is exactly what it accepted, and the rest
+    // the publisher counted as sent to no subscriber.
+    assert_eq!(
+        to_subscribers, received,
+        "sent to the subscriber vs accepted"
+    );
+    assert_eq!(to_subscribers + unheard, sent);
+    assert!(
+        unheard > 0,
+        "the publisher ran on after the subscriber left"
+    );
     assert_eq!(stored, received, "accepted vs stored");
     assert_eq!(
         (lo, hi - lo + 1),
         (1, stored),
         "stored seqs are 1..=N with no hole"
     );
+}
+
+/// (sent, to subscribers, to no subscriber) from the publisher's stop line:
+/// "sent N messages (A to subscribers, B to no subscriber)".
+fn publisher_counts(log: &str) -> (u64, u64, u64) {
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains(" to no subscriber)"))
+        .unwrap_or_else(|| panic!("no stop line in {log}"));
+    let num = |after: &str| -> u64 {
+        let i = line.find(after).unwrap() + after.len();
+        line[i..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    (num("sent "), num(" messages ("), num(" to subscribers, "))
 }

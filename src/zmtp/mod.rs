@@ -249,8 +249,9 @@ enum Offer {
     Skipped,
     /// A lossy peer over its high-water mark: not queued.
     Dropped,
-    /// Appended; `wake` when the buffer was empty (the writer may sleep).
-    Queued { wake: bool },
+    /// Appended; `wake` when the buffer was empty (the writer may sleep);
+    /// `lossy` when the peer is a monitor, not a subscriber.
+    Queued { wake: bool, lossy: bool },
     /// Over the high-water mark: wait for the writer.
     Full,
 }
@@ -270,7 +271,10 @@ impl Peer {
         }
         let wake = st.buf.is_empty();
         encode_message(frames, &mut st.buf);
-        Offer::Queued { wake }
+        Offer::Queued {
+            wake,
+            lossy: st.lossy,
+        }
     }
 }
 
@@ -285,6 +289,10 @@ struct Shared {
     lossy: Option<Vec<u8>>,
     /// Messages not queued for lossy peers that were full.
     dropped: AtomicU64,
+    /// Messages no subscriber (monitors aside) was subscribed to: sent into
+    /// the void, as PUB does, but counted, so a stop that leaves them
+    /// undelivered is accounted for.
+    unheard: AtomicU64,
     /// Bumped on every change of `peers`, so `send` re-reads its copy only then.
     generation: AtomicU64,
     events: mpsc::UnboundedSender<Event>,
@@ -339,6 +347,7 @@ impl Publisher {
             peers: Mutex::new(Vec::new()),
             lossy: lossy.map(|l| l.to_vec()),
             dropped: AtomicU64::new(0),
+            unheard: AtomicU64::new(0),
             generation: AtomicU64::new(0),
             events: tx,
         });
@@ -367,6 +376,26 @@ impl Publisher {
         self.shared.dropped.load(Ordering::Relaxed)
     }
 
+    /// Messages that went to no subscriber: none was subscribed to their
+    /// topic (lossy peers, the monitors, do not count as subscribers).
+    pub fn unheard(&self) -> u64 {
+        self.shared.unheard.load(Ordering::Relaxed)
+    }
+
+    /// Connected peers that are not lossy and hold at least one
+    /// subscription: the subscribers `wait_for_subscribers` counts. A
+    /// subscriber with several topic prefixes is still one.
+    pub fn subscribers(&self) -> usize {
+        self.shared
+            .peers()
+            .iter()
+            .filter(|p| {
+                let st = p.lock();
+                !st.closed && !st.lossy && !st.subs.is_empty()
+            })
+            .count()
+    }
+
     /// The next subscription change. Cancel-safe.
     pub async fn next_event(&mut self) -> Option<Event> {
         self.events.recv().await
@@ -389,6 +418,7 @@ impl Publisher {
     pub async fn send(&mut self, frames: &[&[u8]]) {
         let topic = frames.first().copied().unwrap_or(&[]);
         self.refresh();
+        let mut heard = false;
         for peer in &self.local {
             loop {
                 // The wait is set up only when the queue is full (it was
@@ -402,7 +432,8 @@ impl Publisher {
                         self.shared.dropped.fetch_add(1, Ordering::Relaxed);
                         break;
                     }
-                    Offer::Queued { wake } => {
+                    Offer::Queued { wake, lossy } => {
+                        heard |= !lossy;
                         if wake {
                             peer.data.notify_one();
                         }
@@ -411,6 +442,9 @@ impl Publisher {
                     Offer::Full => peer.space.notified().await,
                 }
             }
+        }
+        if !heard {
+            self.shared.unheard.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -732,10 +766,13 @@ mod tests {
             Some(Event::Subscribe(b"abc".to_vec()))
         );
         assert_eq!(p.next_event().await, Some(Event::Subscribe(b"zz".to_vec())));
+        // Two subscriptions, one subscriber.
+        assert_eq!(p.subscribers(), 1);
 
         p.send(&[b"other", b"x"]).await; // nobody wants it
         p.send(&[b"abcd", b"payload"]).await;
         p.send(&[b"zz", &[1u8; 300]]).await;
+        assert_eq!(p.unheard(), 1);
         p.flush().await;
         let f = read_frame(&mut s).await.unwrap();
         assert_eq!((f.flags, f.body.as_slice()), (FLAG_MORE, &b"abcd"[..]));
@@ -810,6 +847,8 @@ mod tests {
         for _ in 0..3 {
             p.next_event().await.unwrap();
         }
+        // The monitor (lossy) is not a subscriber.
+        assert_eq!(p.subscribers(), 1);
         let n = 20_000u32;
         let reader = tokio::spawn(async move {
             // Every message, in order: the topic frame is the number.

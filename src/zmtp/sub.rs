@@ -21,6 +21,7 @@ use std::time::Duration;
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
 
 use super::{
     command, encode_frame, handshake, protocol, ZmtpError, FLAG_COMMAND, FLAG_LONG, FLAG_MORE,
@@ -50,7 +51,13 @@ pub enum SubEvent {
     /// limit in all), skipped; its size in bytes (with frame headers) as
     /// far as it was seen.
     Oversized(u64),
+    /// After [`Subscriber::leave`]: the publisher answered the fence, so
+    /// every message it sent this subscriber has been handed over.
+    Left,
 }
+
+/// The PING context of the leave fence, told apart from any other PONG.
+const LEAVE_CONTEXT: &[u8] = b"nbpy-leave";
 
 /// A SUB connection to one `host:port`.
 pub struct Subscriber {
@@ -71,6 +78,13 @@ pub struct Subscriber {
     backoff: Option<Duration>,
     /// Commands to send (PONGs), written before the next read.
     out: Vec<u8>,
+    /// [`Subscriber::leave`] was called: no reconnect; `left` once the
+    /// publisher's PONG arrived.
+    leaving: bool,
+    left: bool,
+    /// Cancelled when the owner wants to leave (see [`Subscriber::leave`]);
+    /// looked at while waiting, so a leave needs no cancelled future.
+    leave_when: CancellationToken,
     /// The most bytes ever buffered, for tests of the skipping.
     #[cfg(test)]
     peak: usize,
@@ -97,6 +111,9 @@ impl Subscriber {
             discarding: false,
             backoff: None,
             out: Vec::new(),
+            leaving: false,
+            left: false,
+            leave_when: CancellationToken::new(),
             #[cfg(test)]
             peak: 0,
         }
@@ -106,11 +123,25 @@ impl Subscriber {
     /// was already handed over; a partly read message is lost, as it would
     /// be with any ZeroMQ socket that is closed.
     pub async fn next(&mut self) -> SubEvent {
+        if self.conn.is_none() && (self.leaving || self.leave_when.is_cancelled()) {
+            self.leaving = true;
+            return SubEvent::Down {
+                reason: "left".into(),
+                was_connected: false,
+            };
+        }
         if self.conn.is_none() {
+            let leave = self.leave_when.clone();
             if let Some(d) = self.backoff {
-                tokio::time::sleep(d).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(d) => {}
+                    _ = leave.cancelled() => return self.down("left".into(), false),
+                }
             }
-            let attempt = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.connect()).await;
+            let attempt = tokio::select! {
+                a = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.connect()) => a,
+                _ = leave.cancelled() => return self.down("left".into(), false),
+            };
             return match attempt {
                 Ok(Ok(stream)) => {
                     self.conn = Some(stream);
@@ -143,7 +174,15 @@ impl Subscriber {
                 READ_SIZE
             };
             self.buf.reserve(want);
-            match stream.read_buf(&mut self.buf).await {
+            let read = tokio::select! {
+                // `read_buf` is cancel-safe: what it read is in `buf`.
+                r = stream.read_buf(&mut self.buf) => r,
+                _ = self.leave_when.cancelled(), if !self.leaving => {
+                    self.leave();
+                    continue;
+                }
+            };
+            match read {
                 Ok(0) => return self.down("publisher closed the connection".into(), true),
                 Ok(_) => {
                     #[cfg(test)]
@@ -154,6 +193,43 @@ impl Subscriber {
                 Err(e) => return self.down(e.to_string(), true),
             }
         }
+    }
+
+    /// Leaves cleanly once `token` is cancelled (see `leave`). Keep
+    /// calling [`Subscriber::next`] until [`SubEvent::Left`] or
+    /// [`SubEvent::Down`], bounding the wait: a publisher that does not
+    /// answer PINGs never sends `Left`.
+    pub fn leave_on(mut self, token: CancellationToken) -> Self {
+        self.leave_when = token;
+        self
+    }
+
+    /// Cancels every subscription, then sends a PING. The publisher
+    /// handles both in order and queues its PONG behind the messages it
+    /// queued for us before the cancel, after which it queues none: so
+    /// [`SubEvent::Left`] comes after the last message this subscriber will
+    /// ever be sent, and what the publisher sends later it counts as sent
+    /// to no subscriber. Without it, the messages in flight when a
+    /// subscriber stops reading were lost with neither side counting them.
+    /// Returns false when not connected: nothing to wait for.
+    fn leave(&mut self) -> bool {
+        self.leaving = true;
+        if self.conn.is_none() {
+            return false;
+        }
+        for t in &self.topics {
+            let mut body = Vec::with_capacity(t.len() + 1);
+            body.push(0);
+            body.extend_from_slice(t);
+            encode_frame(0, &body, &mut self.out);
+        }
+        // PING: name, 2-byte TTL (0: none), context.
+        let mut ping = vec![4];
+        ping.extend_from_slice(b"PING");
+        ping.extend_from_slice(&[0, 0]);
+        ping.extend_from_slice(LEAVE_CONTEXT);
+        encode_frame(FLAG_COMMAND, &ping, &mut self.out);
+        true
     }
 
     fn down(&mut self, reason: String, was_connected: bool) -> SubEvent {
@@ -229,6 +305,9 @@ impl Subscriber {
                 let body = self.buf.split_to(end).split_off(head);
                 (self.pos, self.msg_start) = (0, 0);
                 self.answer(&body)?;
+                if self.left {
+                    return Ok(Some(SubEvent::Left));
+                }
                 continue;
             }
             // A message may hold two frames at the limit (topic and body);
@@ -275,6 +354,10 @@ impl Subscriber {
                 pong.extend_from_slice(b"PONG");
                 pong.extend_from_slice(data.get(2..).unwrap_or(&[]));
                 encode_frame(FLAG_COMMAND, &pong, &mut self.out);
+                Ok(())
+            }
+            b"PONG" if self.leaving && data == LEAVE_CONTEXT => {
+                self.left = true;
                 Ok(())
             }
             b"ERROR" => protocol(format!(
@@ -417,6 +500,49 @@ mod tests {
         want.push((b"a.legacy".to_vec(), Vec::new(), 1));
         p.flush().await;
         assert_eq!(receive(&mut s, want.len()).await, want);
+    }
+
+    #[tokio::test]
+    async fn a_leave_hands_over_every_message_sent_and_the_rest_is_unheard() {
+        let mut p = Publisher::bind("127.0.0.1", 0, None).await.unwrap();
+        let port = p.local_addr().port();
+        let leave = CancellationToken::new();
+        let topics = ["a.".to_string(), "c".to_string()];
+        let mut s = Subscriber::new("127.0.0.1", port, &topics, 1 << 20).leave_on(leave.clone());
+        expect_connected(&mut s).await;
+        for _ in 0..2 {
+            p.next_event().await.unwrap();
+        }
+        // Two prefixes, one subscriber.
+        assert_eq!(p.subscribers(), 1);
+        // Queued and partly in the kernel, none read yet when leaving.
+        for i in 0..3000u32 {
+            p.send(&[b"a.x", &i.to_be_bytes()]).await;
+        }
+        leave.cancel();
+        let mut got = 0;
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), s.next()).await {
+                Ok(SubEvent::Chunk(c)) => got += collect(&c).len(),
+                Ok(SubEvent::Left) => break,
+                other => panic!("expected data or Left, got {other:?}"),
+            }
+        }
+        assert_eq!(got, 3000, "every message sent before the leave");
+        assert_eq!(p.unheard(), 0);
+        // The cancels were applied before the PONG: later sends reach no one.
+        assert_eq!(p.subscribers(), 0);
+        for i in 0..10u32 {
+            p.send(&[b"a.x", &i.to_be_bytes()]).await;
+        }
+        assert_eq!(p.unheard(), 10);
+        // Leaving means no reconnect.
+        drop(p);
+        match tokio::time::timeout(Duration::from_secs(10), s.next()).await {
+            Ok(SubEvent::Down { .. }) => {}
+            other => panic!("expected Down, got {other:?}"),
+        }
+        assert!(matches!(s.next().await, SubEvent::Down { .. }));
     }
 
     /// A publisher written from RFC 23's bytes: greeting, READY as `kind`.
