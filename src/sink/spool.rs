@@ -194,6 +194,11 @@ struct Segment {
     /// Records (and their points) handed out and not yet acked.
     in_flight: u64,
     in_flight_points: u64,
+    /// Records (and their points) handed out and given back by
+    /// [`Spool::release`]: they are past the read cursor but still only
+    /// on disk, so they count as held and keep their segment's file.
+    released: u64,
+    released_points: u64,
 }
 
 impl Segment {
@@ -411,6 +416,8 @@ impl Spool {
                 read_points: 0,
                 in_flight: 0,
                 in_flight_points: 0,
+                released: 0,
+                released_points: 0,
             });
         }
         let next_id = ids.last().map(|i| i + 1).unwrap_or(1);
@@ -442,11 +449,12 @@ impl Spool {
         self.bytes
     }
 
-    /// Points not yet acked (unread or in flight).
+    /// Points not yet acked (unread, in flight, or released for the next
+    /// start).
     pub fn points(&self) -> u64 {
         self.segments
             .iter()
-            .map(|s| s.points - s.read_points + s.in_flight_points)
+            .map(|s| s.points - s.read_points + s.in_flight_points + s.released_points)
             .sum()
     }
 
@@ -578,6 +586,8 @@ impl Spool {
             read_points: 0,
             in_flight: 0,
             in_flight_points: 0,
+            released: 0,
+            released_points: 0,
         });
         self.bytes += HEADER_LEN;
         self.active = Some((id, f));
@@ -599,7 +609,7 @@ impl Spool {
         }
         self.bytes = self.bytes.saturating_sub(seg.len);
         remove(&seg_path(&self.opts.dir, seg.id))?;
-        Ok(seg.points - seg.read_points)
+        Ok(seg.points - seg.read_points + seg.released_points)
     }
 
     /// Forces appended data (and new segments' directory entries) to disk.
@@ -721,6 +731,10 @@ impl Spool {
     /// stopping): it stays on disk for the next start.
     pub fn release(&mut self, segment: u64, points: u32) {
         self.settle(segment, points);
+        if let Some(s) = self.segments.iter_mut().find(|s| s.id == segment) {
+            s.released += 1;
+            s.released_points += points as u64;
+        }
     }
 
     fn settle(&mut self, segment: u64, points: u32) {
@@ -732,7 +746,7 @@ impl Spool {
 
     fn collect(&mut self) -> io::Result<()> {
         while let Some(front) = self.segments.front() {
-            if !(front.fully_read() && front.in_flight == 0) {
+            if !(front.fully_read() && front.in_flight == 0 && front.released == 0) {
                 break;
             }
             let id = front.id;
@@ -838,6 +852,33 @@ mod tests {
         assert_eq!(rec.records, 2);
         let got: Vec<_> = drain(&mut s).into_iter().map(|r| r.lines).collect();
         assert_eq!(got, vec![lines(2, "a"), lines(2, "b")]);
+    }
+
+    /// A record given back on stop is still the spool's to hold: `points`
+    /// (the stop summary and the `spool_points` gauge) keeps counting it,
+    /// and acking a later record of its segment does not delete the file
+    /// it lives in. An ack is what lets it go.
+    #[test]
+    fn released_records_stay_counted_and_on_disk() {
+        let d = tempfile::tempdir().unwrap();
+        let (mut s, _) = Spool::open(opts(d.path())).unwrap();
+        s.append("x", 2, &lines(2, "a"), false).unwrap();
+        s.append("x", 3, &lines(3, "b"), false).unwrap();
+        assert_eq!(s.points(), 5);
+        let a = s.next_record().unwrap().unwrap();
+        let b = s.next_record().unwrap().unwrap();
+        assert_eq!(s.points(), 5, "in flight still counts");
+        s.release(a.segment, a.points);
+        assert_eq!(s.points(), 5, "released still counts");
+        s.ack(b.segment, b.points).unwrap();
+        assert_eq!(s.points(), 2, "acked does not");
+        assert!(!s.is_empty(), "the released record's segment stays");
+        drop(s);
+        let (mut s, rec) = Spool::open(opts(d.path())).unwrap();
+        assert_eq!((rec.records, rec.points), (2, 5), "both still on disk");
+        let a = s.next_record().unwrap().unwrap();
+        s.ack(a.segment, a.points).unwrap();
+        assert_eq!(s.points(), 3);
     }
 
     #[test]
