@@ -456,8 +456,8 @@ impl WriterPool {
         };
         if tokio::time::timeout(patient, &mut all).await.is_err() {
             tracing::warn!(
-                "stop deadline near: abandoning writes to InfluxDB, spooling {} points still in memory",
-                WriterStats::get(&stats.pending)
+                "{}",
+                abandon_note(shared.spool.is_some(), WriterStats::get(&stats.pending))
             );
             shared.hurry.cancel();
             shared.wake.notify_one();
@@ -1063,9 +1063,31 @@ fn split(b: &Piece) -> (Piece, Piece) {
     )
 }
 
+/// What the stop deadline does to the points still in memory: with a
+/// spool they go to disk; without one they are lost, and the log must not
+/// promise otherwise.
+fn abandon_note(spool: bool, points: u64) -> String {
+    if spool {
+        format!("stop deadline near: abandoning writes to InfluxDB, spooling {points} points still in memory")
+    } else {
+        format!("stop deadline near: abandoning writes to InfluxDB; no spool, so {points} points still in memory will be lost")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_stop_note_promises_spooling_only_with_a_spool() {
+        assert!(abandon_note(true, 7).contains("spooling 7 points"));
+        let none = abandon_note(false, 2003);
+        assert!(!none.contains("spooling"), "{none}");
+        assert!(
+            none.contains("2003 points still in memory will be lost"),
+            "{none}"
+        );
+    }
 
     #[test]
     fn split_keeps_every_line() {
