@@ -315,9 +315,9 @@ pub fn parse_known<'a>(body: &'a [u8], prefix: &Prefix) -> Option<Body<'a>> {
 /// The header after its strings, from `,"seq":` to the start of `data`.
 fn rest(mut c: Cur<'_>, prefix: Prefix) -> Option<Body<'_>> {
     c.lit(b",\"seq\":")?;
-    let seq = c.uint()?;
+    let seq = crate::wire::sequence_number(c.uint()?)?;
     c.lit(b",\"epoch\":")?;
-    let epoch = c.uint()?;
+    let epoch = crate::wire::sequence_number(c.uint()?)?;
     c.lit(b",\"ts\":")?;
     let ts = c.int()?;
     c.lit(b",\"rx\":")?;

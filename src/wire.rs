@@ -556,7 +556,9 @@ struct RawEnvelope<'a> {
     sym: Cow<'a, str>,
     #[serde(borrow, rename = "pub", default)]
     publisher: Option<Cow<'a, str>>,
+    #[serde(deserialize_with = "de_sequence_number")]
     seq: u64,
+    #[serde(deserialize_with = "de_sequence_number")]
     epoch: u64,
     #[serde(default)]
     ts: i64,
@@ -564,6 +566,24 @@ struct RawEnvelope<'a> {
     rx: i64,
     #[serde(borrow)]
     data: Data<'a>,
+}
+
+/// `seq` or `epoch` if it is one: InfluxDB stores them as signed 64-bit
+/// integers (and refuses a larger one, sending the point to dead-letter),
+/// and gap accounting on a number that cannot be stored is meaningless, so
+/// a value above `i64::MAX` makes the message malformed.
+pub fn sequence_number(v: u64) -> Option<u64> {
+    (v <= i64::MAX as u64).then_some(v)
+}
+
+fn de_sequence_number<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    let v = u64::deserialize(d)?;
+    sequence_number(v).ok_or_else(|| {
+        serde::de::Error::custom(format_args!(
+            "{v} is above {}, the largest integer InfluxDB stores",
+            i64::MAX
+        ))
+    })
 }
 
 struct Data<'a>(Fields<'a>);
@@ -906,6 +926,36 @@ mod tests {
             decode_v1(&vec![b' '; MAX_FRAME + 1]),
             Err(DecodeError::TooLarge(_))
         ));
+    }
+
+    /// `seq` and `epoch` above `i64::MAX` are malformed in both decoders:
+    /// InfluxDB cannot store them, and gap accounting would take the jump
+    /// for 2^64 lost messages.
+    #[test]
+    fn sequence_numbers_above_i64_are_malformed() {
+        let body = |seq: &str, epoch: &str| {
+            format!(
+                r#"{{"v":1,"src":"a","ch":"ticker","sym":"X","pub":"p","seq":{seq},"epoch":{epoch},"ts":1,"rx":2,"data":{{"bid":1.5}}}}"#
+            )
+        };
+        let max = i64::MAX.to_string();
+        let over = (i64::MAX as u64 + 1).to_string();
+        let top = u64::MAX.to_string();
+        let ok = body(&max, &max);
+        assert_eq!(decode_v1(ok.as_bytes()).unwrap().seq, i64::MAX as u64);
+        assert!(crate::canonical::decode(ok.as_bytes()).is_some());
+        for b in [
+            body(&over, "1"),
+            body(&top, "1"),
+            body("1", &over),
+            body("1", &top),
+        ] {
+            assert!(crate::canonical::decode(b.as_bytes()).is_none(), "{b}");
+            match decode_v1(b.as_bytes()) {
+                Err(DecodeError::Json(e)) => assert!(e.contains("largest integer"), "{e}"),
+                other => panic!("{b}: {other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -61,6 +61,18 @@ fn bad_kinds() -> Vec<ZmqMessage> {
             br#"{"v":1,"src":"a","ch":"ticker","sym":"X","seq":"one","epoch":1,"data":{}}"#
                 .to_vec(),
         ),
+        // Sequence numbers InfluxDB cannot store, from the good messages'
+        // publisher: accepted, they would also wreck its gap accounting.
+        two(
+            "t.ticker.X",
+            br#"{"v":1,"src":"test","ch":"ticker","sym":"X","pub":"fuzz","seq":18446744073709551615,"epoch":42,"ts":1,"rx":1,"data":{"bid":1.0}}"#
+                .to_vec(),
+        ),
+        two(
+            "t.ticker.X",
+            br#"{"v":1,"src":"test","ch":"ticker","sym":"X","pub":"fuzz","seq":1,"epoch":9223372036854775808,"ts":1,"rx":1,"data":{"bid":1.0}}"#
+                .to_vec(),
+        ),
         two("t.ticker.X", env(r#"{"bid":"a string"}"#)),
         two("t.ticker.X", env(r#"{"bid":[1,2]}"#)),
         two("t.ticker.X", env(r#"{"nothing":1.0}"#)),
