@@ -73,6 +73,12 @@ fn bad_kinds() -> Vec<ZmqMessage> {
             br#"{"v":1,"src":"test","ch":"ticker","sym":"X","pub":"fuzz","seq":1,"epoch":9223372036854775808,"ts":1,"rx":1,"data":{"bid":1.0}}"#
                 .to_vec(),
         ),
+        // A time past InfluxDB's last storable instant (2262-04-11).
+        two(
+            "t.ticker.X",
+            br#"{"v":1,"src":"test","ch":"ticker","sym":"X","seq":1,"epoch":1,"ts":9223372036854775807,"rx":1,"data":{"bid":1.0}}"#
+                .to_vec(),
+        ),
         two("t.ticker.X", env(r#"{"bid":"a string"}"#)),
         two("t.ticker.X", env(r#"{"bid":[1,2]}"#)),
         two("t.ticker.X", env(r#"{"nothing":1.0}"#)),

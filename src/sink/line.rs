@@ -38,7 +38,15 @@ pub enum MapError {
     EmptyInstrument,
     #[error("no timestamp")]
     NoTime,
+    #[error("time {0} ns is past InfluxDB's last storable instant ({MAX_NANO_TIME})")]
+    TimeOutOfRange(i64),
 }
+
+/// InfluxDB 1.x's last storable time (`models.MaxNanoTime`, 2262-04-11):
+/// it keeps `i64::MAX` for itself. Its first one (`MinNanoTime`) is far
+/// below what we store: times at or before the Unix epoch are refused as
+/// no time at all.
+pub const MAX_NANO_TIME: i64 = i64::MAX - 1;
 
 /// Encodes points, remembering series times to keep colliding points apart.
 /// Series are hashed with foldhash, seeded per process: SipHash's DoS
@@ -620,6 +628,9 @@ fn end_line(
     if t <= 0 {
         return Err(MapError::NoTime);
     }
+    if t > MAX_NANO_TIME {
+        return Err(MapError::TimeOutOfRange(t));
+    }
     let mut ib = itoa::Buffer::new();
     if seq > 0 {
         out.extend_from_slice(b",seq=");
@@ -630,7 +641,11 @@ fn end_line(
     }
     let slot = last.entry(hash).or_insert(i64::MIN);
     if t <= *slot && *slot - t < COLLISION_WINDOW_NS {
-        t = *slot + 1;
+        // Past the last storable instant there is nowhere to move it.
+        t = match slot.checked_add(1) {
+            Some(next) if next <= MAX_NANO_TIME => next,
+            _ => return Err(MapError::TimeOutOfRange(*slot)),
+        };
     }
     *slot = (*slot).max(t);
     if last.len() > 1_000_000 {
@@ -853,6 +868,45 @@ mod tests {
             times,
             ["1000000000", "1000000001", "1000000002", "1000000000"]
         );
+    }
+
+    /// Times InfluxDB cannot store are refused, and moving a colliding
+    /// point never wraps: at the last storable instant a second point of
+    /// the series has nowhere to go and is refused, not written at
+    /// `i64::MIN`.
+    #[test]
+    fn times_past_influxdbs_range_are_refused_and_shifts_never_wrap() {
+        let at = |ts: i64| {
+            let mut e = env("x", vec![("price", Value::Float(1.0))]);
+            e.ts = ts;
+            e
+        };
+        let mut enc = LineEncoder::new();
+        let mut out = Vec::new();
+        assert_eq!(
+            enc.encode(&at(i64::MAX), &mut out).err(),
+            Some(MapError::TimeOutOfRange(i64::MAX))
+        );
+        assert!(out.is_empty());
+        enc.encode(&at(MAX_NANO_TIME - 1), &mut out).unwrap();
+        enc.encode(&at(MAX_NANO_TIME - 1), &mut out).unwrap();
+        assert_eq!(
+            enc.encode(&at(MAX_NANO_TIME - 1), &mut out).err(),
+            Some(MapError::TimeOutOfRange(MAX_NANO_TIME))
+        );
+        let times: Vec<i64> = std::str::from_utf8(&out)
+            .unwrap()
+            .lines()
+            .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+            .collect();
+        assert_eq!(times, [MAX_NANO_TIME - 1, MAX_NANO_TIME]);
+        // The canonical path refuses the same (and leaves it to `encode`).
+        let mut body = Vec::new();
+        crate::wire::encode_v1(&at(MAX_NANO_TIME), &mut body).unwrap();
+        let mut p = enc.prepare(&body).unwrap();
+        let mut o = Vec::new();
+        assert!(!enc.encode_prepared(&mut p, &mut o));
+        assert!(o.is_empty());
     }
 
     /// Shapes are per publisher, channel and instrument: more instruments
