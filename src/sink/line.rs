@@ -4,7 +4,11 @@
 //! commas and spaces; tag keys, tag values and field keys escape commas,
 //! equals signs and spaces; string field values escape `"` and `\`.
 //! What InfluxDB would misread is refused instead of escaped: a newline
-//! anywhere, NaN and infinities, an empty instrument.
+//! anywhere, NaN and infinities, an empty instrument, and a tag value that
+//! ends in a backslash. InfluxDB 1.x takes any character after a backslash
+//! as escaped (`\\` is not an escaped backslash), so the comma or space
+//! after such a value would be read as part of it and the line refused;
+//! a backslash anywhere else is stored as it is.
 //!
 //! Two messages of one series with the same timestamp would overwrite each
 //! other in InfluxDB (trades in the same microsecond do happen), so the
@@ -32,6 +36,8 @@ pub enum MapError {
     NonFinite(String),
     #[error("{0}: newlines cannot be stored")]
     Newline(String),
+    #[error("tag {0} ends in a backslash, which line protocol cannot carry")]
+    TrailingBackslash(&'static str),
     #[error("{0}: no field of the measurement present")]
     NoFields(&'static str),
     #[error("empty instrument")]
@@ -147,6 +153,9 @@ impl Tags {
     fn add(&mut self, key: &'static str, val: &str) -> Result<(), MapError> {
         if val.contains('\n') {
             return Err(MapError::Newline(key.into()));
+        }
+        if val.ends_with('\\') {
+            return Err(MapError::TrailingBackslash(key));
         }
         let s = self.buf.len();
         escape(&mut self.buf, val.as_bytes(), b",= ");
@@ -842,11 +851,53 @@ mod tests {
             ),
             env("x", vec![("nothing", Value::Float(1.0))]),
             env("", vec![("price", Value::Float(1.0))]),
+            env("BACK\\", vec![("price", Value::Float(1.0))]),
+            env(
+                "x",
+                vec![
+                    ("side", Value::Str("buy\\".into())),
+                    ("price", Value::Float(1.0)),
+                ],
+            ),
+            {
+                let mut e = env("x", vec![("price", Value::Float(1.0))]);
+                e.publisher = "p\\".into();
+                e
+            },
         ];
         for e in &bad {
             assert!(enc.encode(e, &mut out).is_err(), "{e:?}");
             assert_eq!(out, b"keep", "a refused point leaves nothing behind");
         }
+    }
+
+    /// InfluxDB 1.x reads the byte after any backslash as escaped, so a
+    /// tag value ending in one would swallow the comma after it: refused,
+    /// saying why. Backslashes elsewhere are written as they are.
+    #[test]
+    fn a_tag_ending_in_a_backslash_is_refused_and_others_kept() {
+        let mut enc = LineEncoder::new();
+        let mut out = Vec::new();
+        let e = env("BACK\\", vec![("price", Value::Float(1.0))]);
+        let err = enc.encode(&e, &mut out).err().unwrap();
+        assert_eq!(
+            err.to_string(),
+            "tag instrument ends in a backslash, which line protocol cannot carry"
+        );
+        let mut e = env("x", vec![("price", Value::Float(1.0))]);
+        e.publisher = "p\\".into();
+        assert_eq!(
+            enc.encode(&e, &mut out).err(),
+            Some(MapError::TrailingBackslash("publisher"))
+        );
+        assert!(out.is_empty());
+        let e = env("a\\,b\\c", vec![("price", Value::Float(1.0))]);
+        enc.encode(&e, &mut out).unwrap();
+        assert!(
+            out.starts_with(b"kraken_orders,instrument=a\\\\,b\\c,publisher=k-1,"),
+            "{}",
+            String::from_utf8_lossy(&out)
+        );
     }
 
     #[test]
