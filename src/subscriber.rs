@@ -295,8 +295,14 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
             // Everything accepted is written or spooled: the tracker's
             // position is exact.
             marks.persist(st.gaps.positions()).await;
+            // Accepted points InfluxDB refused are neither written nor
+            // spooled: the summary must not leave them unaccounted.
+            let dead = match wstats.dead_lettered.load(Ordering::Relaxed) {
+                0 => String::new(),
+                n => format!(", {n} refused by InfluxDB (dead-letter file)"),
+            };
             tracing::info!(
-                "subscriber {name}: stopped in {:?}: {accepted} accepted, {written} points written, {} spooled for later ({} bytes), {} malformed, {} gaps",
+                "subscriber {name}: stopped in {:?}: {accepted} accepted, {written} points written{dead}, {} spooled for later ({} bytes), {} malformed, {} gaps",
                 t0.elapsed(),
                 wstats.spool_points.load(Ordering::Relaxed),
                 wstats.spool_bytes.load(Ordering::Relaxed),

@@ -297,6 +297,17 @@ stats_interval = "1s"
         .all(|l| l.starts_with("kraken_tick,")));
     let c = env.pipeline_last("main", &["dead_lettered"]).await;
     assert_eq!(c[0], Some((N / 5) as i64));
+    // The stop summary accounts for them too.
+    let log = subscriber.log_text();
+    let want = format!(
+        "points written, {} refused by InfluxDB (dead-letter file),",
+        N / 5
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.contains("stopped in") && l.contains(&want)),
+        "{log}"
+    );
 }
 
 /// (point lines, reason comments) in a dead-letter file.
