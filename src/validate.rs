@@ -267,7 +267,20 @@ impl Seen {
 pub struct Report {
     /// Window start, ns since the Unix epoch.
     pub start_ns: i64,
+    /// How long the bus was really listened to (the longest of the
+    /// publishers' windows): waiting for a publisher that never connects is
+    /// not validation.
     pub duration_s: f64,
+    /// How long the run took in all before reconciling, when that is more
+    /// than `duration_s`: the rest was spent waiting for connections.
+    #[serde(default)]
+    pub elapsed_s: f64,
+    /// Why the stored counts are unknown (InfluxDB could not be queried).
+    /// Then every `stored`, `lost` and `loss_ratio` is 0 and means nothing:
+    /// the data may well be safe in a subscriber's spool, so no loss is
+    /// claimed or judged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stored_unknown: Option<String>,
     /// How long the stored counts took to settle after the window.
     pub settle_s: f64,
     pub database: String,
@@ -416,10 +429,20 @@ pub async fn run(cfg: &Config, duration: Duration) -> Result<Report, Failure> {
         },
     };
     let settle = settle_t0.elapsed();
+    let stored_unknown = stored
+        .is_none()
+        .then(|| unavailable.last().cloned().unwrap_or_default());
+    let listened_for = listened
+        .iter()
+        .map(|l| l.listened_for)
+        .max()
+        .unwrap_or_default();
 
     let mut report = Report {
         start_ns,
-        duration_s: window.as_secs_f64(),
+        duration_s: listened_for.as_secs_f64(),
+        elapsed_s: window.as_secs_f64(),
+        stored_unknown,
         settle_s: settle.as_secs_f64(),
         database: cfg.influxdb.database.clone(),
         thresholds: Thresholds {
@@ -434,9 +457,11 @@ pub async fn run(cfg: &Config, duration: Duration) -> Result<Report, Failure> {
     };
     for (i, l) in listened.iter().enumerate() {
         let counts = stored.as_ref().map(|s| &s[i]);
-        report
-            .publishers
-            .push(publisher_report(l, counts, start_ns));
+        let mut p = publisher_report(l, counts, start_ns);
+        if counts.is_none() {
+            p.forget_loss();
+        }
+        report.publishers.push(p);
     }
     judge(&mut report, v);
     Ok(report)
@@ -815,21 +840,23 @@ fn judge(r: &mut Report, v: &ValidateConfig) {
                 p.name, p.rate, v.min_rate
             ));
         }
-        if p.loss_ratio > v.max_loss_ratio {
+        if r.stored_unknown.is_some() {
+            // Loss cannot be told from data not yet stored.
+        } else if p.loss_ratio > v.max_loss_ratio {
             b.push(format!(
                 "publisher {}: lost {} of {} messages (loss ratio {:.6} > validate.max_loss_ratio = {})",
                 p.name, p.lost, p.published, p.loss_ratio, v.max_loss_ratio
             ));
         }
         for m in &p.measurements {
-            if m.loss_ratio > v.max_loss_ratio {
+            if r.stored_unknown.is_none() && m.loss_ratio > v.max_loss_ratio {
                 b.push(format!(
                     "publisher {} / {}: {} of {} messages not stored (loss ratio {:.6} > {})",
                     p.name, m.name, m.lost, m.seen, m.loss_ratio, v.max_loss_ratio
                 ));
             }
         }
-        if p.unattributed.lost > 0 && v.max_loss_ratio < 1.0 {
+        if r.stored_unknown.is_none() && p.unattributed.lost > 0 && v.max_loss_ratio < 1.0 {
             b.push(format!(
                 "publisher {}: {} message(s) never seen on the bus nor stored (measurement unknown)",
                 p.name, p.unattributed.lost
@@ -852,6 +879,21 @@ fn judge(r: &mut Report, v: &ValidateConfig) {
 }
 
 impl PublisherReport {
+    /// Stored counts unknown: zero what was worked out from them rather
+    /// than report everything published as lost.
+    fn forget_loss(&mut self) {
+        self.stored = 0;
+        self.lost = 0;
+        self.loss_ratio = 0.0;
+        self.unattributed.stored = 0;
+        self.unattributed.lost = 0;
+        for m in &mut self.measurements {
+            m.stored = 0;
+            m.lost = 0;
+            m.loss_ratio = 0.0;
+        }
+    }
+
     /// A legacy-codec publisher: nothing to reconcile.
     fn all_unsequenced(&self) -> bool {
         self.received > 0 && self.unsequenced == self.received
@@ -878,11 +920,34 @@ pub fn verdict(r: &Report) -> Result<(), Failure> {
 pub fn render(r: &Report) -> String {
     use std::fmt::Write;
     let mut s = String::new();
-    let _ = writeln!(
+    let _ = write!(
         s,
         "validated {:.1} s of the bus against InfluxDB database {:?} (writes settled in {:.1} s)",
         r.duration_s, r.database, r.settle_s
     );
+    if r.elapsed_s - r.duration_s >= 0.5 {
+        let _ = write!(
+            s,
+            "; {:.1} s in all, the rest waiting for publishers to connect",
+            r.elapsed_s
+        );
+    }
+    let _ = writeln!(s);
+    if let Some(why) = &r.stored_unknown {
+        let _ = writeln!(
+            s,
+            "stored: unknown — InfluxDB unreachable: {why}; loss is not judged (the subscribers may hold the data in their spools)"
+        );
+    }
+    // Stored counts, or "?" where they are unknown.
+    let known = |n: u64| match r.stored_unknown {
+        Some(_) => "?".to_string(),
+        None => n.to_string(),
+    };
+    let pct = |x: f64| match r.stored_unknown {
+        Some(_) => "?".to_string(),
+        None => format!("{:.4}%", x * 100.0),
+    };
     let _ = writeln!(
         s,
         "{:<16} {:<16} {:>10} {:>10} {:>8} {:>9} {:>10} {:>10}",
@@ -911,33 +976,37 @@ pub fn render(r: &Report) -> String {
             .unwrap_or_else(|| "-".into());
         let _ = writeln!(
             s,
-            "{:<16} {:<16} {:>10} {:>10} {:>8} {:>8.4}% {:>10.1} {:>10}",
+            "{:<16} {:<16} {:>10} {:>10} {:>8} {:>9} {:>10.1} {:>10}",
             p.name,
             "(all)",
             p.seen,
-            p.stored,
-            p.lost,
-            p.loss_ratio * 100.0,
+            known(p.stored),
+            known(p.lost),
+            pct(p.loss_ratio),
             p.rate,
             lat
         );
         for m in &p.measurements {
             let _ = writeln!(
                 s,
-                "{:<16} {:<16} {:>10} {:>10} {:>8} {:>8.4}%",
+                "{:<16} {:<16} {:>10} {:>10} {:>8} {:>9}",
                 "",
                 m.name,
                 m.seen,
-                m.stored,
-                m.lost,
-                m.loss_ratio * 100.0
+                known(m.stored),
+                known(m.lost),
+                pct(m.loss_ratio)
             );
         }
         if p.unattributed.missed > 0 {
             let _ = writeln!(
                 s,
                 "{:<16} {:<16} {:>10} {:>10} {:>8}",
-                "", "(not seen)", p.unattributed.missed, p.unattributed.stored, p.unattributed.lost
+                "",
+                "(not seen)",
+                p.unattributed.missed,
+                known(p.unattributed.stored),
+                known(p.unattributed.lost)
             );
         }
         if p.unsequenced > 0 {
@@ -968,6 +1037,14 @@ pub fn render(r: &Report) -> String {
 /// `nbpy validate`.
 pub async fn command(cfg: &Config, duration: Option<Duration>, json: bool) -> Result<(), Failure> {
     let duration = duration.unwrap_or(cfg.validate.duration);
+    if duration.is_zero() {
+        // As `validate.duration = "0s"` is refused: a window that sees
+        // nothing cannot vouch for anything.
+        return Err(Failure::new(
+            crate::exit::USAGE,
+            anyhow::anyhow!("--duration must be more than 0"),
+        ));
+    }
     let report = run(cfg, duration).await?;
     if json {
         match serde_json::to_string_pretty(&report) {

@@ -208,6 +208,57 @@ endpoint = "{ep}"
         "{:?}",
         r.breaches
     );
+    // Waiting for the connection that never came is not listening.
+    assert_eq!(r.duration_s, 0.0, "{r:#?}");
+    assert!(r.elapsed_s >= 1.0, "{r:#?}");
+    // A window of nothing is a usage error, as in the configuration.
+    let out = Command::new(bin_path("nbpy"))
+        .args(["--config", cfg.to_str().unwrap(), "validate"])
+        .args(["--duration", "0s"])
+        .env_remove("NOTIFY_SOCKET")
+        .output()
+        .expect("run nbpy validate");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(nbpy::exit::USAGE), "{text}");
+    assert!(!text.contains("OK"), "{text}");
+}
+
+/// InfluxDB down while the pipeline runs: the subscriber spools, and the
+/// validator cannot tell stored from lost. It says so, claims no loss, and
+/// exits unavailable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn influxdb_down_leaves_stored_unknown_not_lost() {
+    let mut env = Env::start().await;
+    let (_p, _s) = pipeline(&env, "", "[\"\"]").await;
+    env.stop_influx();
+    let cfg = env.path("nbpy.toml");
+    let cfg = cfg.to_str().unwrap();
+    let (code, r, stderr) = validate(cfg, "2s");
+    assert_eq!(code, nbpy::exit::UNAVAILABLE, "{stderr}\n{r:#?}");
+    assert!(!r.ok);
+    assert!(r.stored_unknown.is_some(), "{r:#?}");
+    let p = &r.publishers[0];
+    assert!(p.seen > 0, "{r:#?}");
+    assert_eq!((p.lost, p.loss_ratio), (0, 0.0), "{r:#?}");
+    assert!(
+        !r.breaches
+            .iter()
+            .any(|b| b.contains("lost") || b.contains("not stored")),
+        "{:?}",
+        r.breaches
+    );
+    let out = Command::new(bin_path("nbpy"))
+        .args(["--config", cfg, "validate", "--duration", "1s"])
+        .env_remove("NOTIFY_SOCKET")
+        .output()
+        .expect("run nbpy validate");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(nbpy::exit::UNAVAILABLE), "{text}");
+    assert!(
+        text.contains("stored: unknown — InfluxDB unreachable: "),
+        "{text}"
+    );
+    assert!(!text.contains("lost"), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
