@@ -195,6 +195,9 @@ async fn send(
     errors: &mut RateLimitedLog,
 ) {
     if let Err(e) = bus.publish(env, codec, buf).await {
-        errors.warn(|| format!("cannot encode message seq {}: {e}", env.seq));
+        crate::warn_limited!(errors, || format!(
+            "cannot encode message seq {}: {e}",
+            env.seq
+        ));
     }
 }

@@ -505,7 +505,7 @@ impl Watermark {
             Ok(positions) => self.saved = positions,
             Err(e) => {
                 let path = self.path.display().to_string();
-                self.log.warn(|| format!("cannot save {path}: {e}"));
+                crate::warn_limited!(self.log, || format!("cannot save {path}: {e}"));
             }
         }
     }
@@ -592,7 +592,7 @@ async fn read_endpoint(
                 tracing::warn!("lost {ep}: {reason}; reconnecting");
             }
             SubEvent::Down { reason, .. } => {
-                retry_log.warn(|| {
+                crate::warn_limited!(retry_log, || {
                     format!(
                         "cannot reach {ep}: {reason}; retrying at least every {:?}",
                         sub::BACKOFF_MAX
@@ -602,7 +602,7 @@ async fn read_endpoint(
             SubEvent::Oversized(n) => {
                 stats.received.fetch_add(1, Ordering::Relaxed);
                 stats.malformed.fetch_add(1, Ordering::Relaxed);
-                oversized_log.warn(|| {
+                crate::warn_limited!(oversized_log, || {
                     format!(
                         "{ep}: malformed message skipped: {n}+ bytes, over the limit of {} per frame or twice that per message",
                         crate::wire::MAX_FRAME
@@ -667,8 +667,10 @@ impl Intake {
                     let t = m.parts[0];
                     String::from_utf8_lossy(&t[..t.len().min(80)]).into_owned()
                 });
-                self.log
-                    .warn(|| format!("{}: malformed message (topic {topic:?}): {e}", self.name));
+                crate::warn_limited!(self.log, || format!(
+                    "{}: malformed message (topic {topic:?}): {e}",
+                    self.name
+                ));
                 return None;
             }
         };
@@ -700,7 +702,7 @@ impl Intake {
         let missed = self.gaps.observe(publisher, epoch, seq);
         if missed > 0 && self.count_gaps {
             self.stats.gaps.fetch_add(missed, Ordering::Relaxed);
-            self.log.warn(|| {
+            crate::warn_limited!(self.log, || {
                 format!(
                     "{}: {missed} message(s) missing from publisher {publisher:?} before seq {seq}",
                     self.name
@@ -715,8 +717,10 @@ impl Intake {
             Some(m) => m.rp,
             None => {
                 self.stats.malformed.fetch_add(1, Ordering::Relaxed);
-                self.log
-                    .warn(|| format!("{}: unknown channel {:?}", self.name, env.ch));
+                crate::warn_limited!(self.log, || format!(
+                    "{}: unknown channel {:?}",
+                    self.name, env.ch
+                ));
                 return None;
             }
         };
@@ -728,8 +732,11 @@ impl Intake {
             }
             Err(e) => {
                 self.stats.malformed.fetch_add(1, Ordering::Relaxed);
-                self.log
-                    .warn(|| format!("{}: cannot store {}: {e}", self.name, env.topic()));
+                crate::warn_limited!(self.log, || format!(
+                    "{}: cannot store {}: {e}",
+                    self.name,
+                    env.topic()
+                ));
                 None
             }
         }

@@ -209,11 +209,12 @@ impl Seen {
             Ok(e) => e,
             Err(e) => {
                 self.malformed += 1;
-                self.log
-                    .get_or_insert_with(|| {
-                        crate::sink::RateLimitedLog::new(Duration::from_secs(10))
-                    })
-                    .warn(|| format!("validate: malformed message from publisher {name}: {e}"));
+                let log = self.log.get_or_insert_with(|| {
+                    crate::sink::RateLimitedLog::new(Duration::from_secs(10))
+                });
+                crate::warn_limited!(log, || format!(
+                    "validate: malformed message from publisher {name}: {e}"
+                ));
                 return;
             }
         };

@@ -342,7 +342,7 @@ impl Stream<'_> {
                 let line = match line {
                     Line::TooLong => {
                         out.malformed();
-                        self.log.warn(|| {
+                        crate::warn_limited!(self.log, || {
                             format!("publisher {name}: OANDA line over {MAX_LINE} bytes skipped")
                         });
                         continue;
@@ -372,8 +372,9 @@ impl Stream<'_> {
                     }
                     Err(e) => {
                         out.malformed();
-                        self.log
-                            .warn(|| format!("publisher {name}: skipping OANDA line: {e}"));
+                        crate::warn_limited!(self.log, || format!(
+                            "publisher {name}: skipping OANDA line: {e}"
+                        ));
                     }
                 }
             }

@@ -114,8 +114,9 @@ impl FeedState {
             Ok(e) => e,
             Err(e) => {
                 self.malformed += 1;
-                self.log
-                    .warn(|| format!("health: malformed message from publisher {name}: {e}"));
+                crate::warn_limited!(self.log, || format!(
+                    "health: malformed message from publisher {name}: {e}"
+                ));
                 return;
             }
         };

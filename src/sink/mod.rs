@@ -8,7 +8,10 @@ pub mod spool;
 pub mod writer;
 
 /// Logs at most one line per interval, counting what it held back, so a
-/// flood of bad input cannot flood the journal.
+/// flood of bad input cannot flood the journal. The lines go out through
+/// [`warn_limited!`](crate::warn_limited), expanded where it is called, so
+/// they carry the caller's target (`nbpy::subscriber`, not `nbpy::sink`)
+/// and `RUST_LOG` filters them with the rest of the caller's logs.
 pub struct RateLimitedLog {
     every: std::time::Duration,
     last: Option<std::time::Instant>,
@@ -23,21 +26,36 @@ impl RateLimitedLog {
             suppressed: 0,
         }
     }
-    pub fn warn(&mut self, what: impl FnOnce() -> String) {
+
+    /// Whether a line may go out now: `Some(lines held back since the last
+    /// one)`, or `None` (counted as held back).
+    pub fn admit(&mut self) -> Option<u64> {
         let now = std::time::Instant::now();
         if self
             .last
             .is_some_and(|l| now.duration_since(l) < self.every)
         {
             self.suppressed += 1;
-            return;
-        }
-        let held = std::mem::take(&mut self.suppressed);
-        if held > 0 {
-            tracing::warn!("{} ({held} similar messages suppressed)", what());
-        } else {
-            tracing::warn!("{}", what());
+            return None;
         }
         self.last = Some(now);
+        Some(std::mem::take(&mut self.suppressed))
     }
+}
+
+/// `warn_limited!(log, || message)`: a WARN line through the
+/// [`RateLimitedLog`] `log`, under the calling module's target; the
+/// message is only formatted when the line goes out.
+#[macro_export]
+macro_rules! warn_limited {
+    ($log:expr, $what:expr) => {{
+        if let Some(held) = $log.admit() {
+            let what: String = ($what)();
+            if held > 0 {
+                ::tracing::warn!("{what} ({held} similar messages suppressed)");
+            } else {
+                ::tracing::warn!("{what}");
+            }
+        }
+    }};
 }

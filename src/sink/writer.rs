@@ -479,13 +479,13 @@ impl WriterPool {
 impl Shared {
     fn log_warn(&self, what: impl FnOnce() -> String) {
         if let Ok(mut log) = self.log.lock() {
-            log.warn(what);
+            crate::warn_limited!(log, what);
         }
     }
 
     fn spool_warn(&self, what: impl FnOnce() -> String) {
         if let Ok(mut log) = self.spool_log.lock() {
-            log.warn(what);
+            crate::warn_limited!(log, what);
         }
     }
 

@@ -563,7 +563,7 @@ impl Feed<'_> {
                 Read::Line(l) => l,
                 Read::TooLong => {
                     out.malformed();
-                    self.log.warn(|| {
+                    crate::warn_limited!(self.log, || {
                         format!("publisher {name}: Betfair line over {MAX_LINE} bytes skipped")
                     });
                     continue;
@@ -583,8 +583,9 @@ impl Feed<'_> {
                 Ok(r) => r,
                 Err(e) => {
                     out.malformed();
-                    self.log
-                        .warn(|| format!("publisher {name}: skipping Betfair line: {e}"));
+                    crate::warn_limited!(self.log, || format!(
+                        "publisher {name}: skipping Betfair line: {e}"
+                    ));
                     continue;
                 }
             };
@@ -612,8 +613,9 @@ impl Feed<'_> {
                 "connection" => {}
                 other => {
                     out.malformed();
-                    self.log
-                        .warn(|| format!("publisher {name}: unexpected Betfair op {other:?}"));
+                    crate::warn_limited!(self.log, || format!(
+                        "publisher {name}: unexpected Betfair op {other:?}"
+                    ));
                 }
             }
         }
@@ -664,7 +666,7 @@ impl Feed<'_> {
             if odd.bad_levels > 0 {
                 out.malformed();
                 let name = &self.ctx.name;
-                self.log.warn(|| {
+                crate::warn_limited!(self.log, || {
                     format!(
                         "publisher {name}: {} malformed ladder entries skipped",
                         odd.bad_levels

@@ -519,7 +519,7 @@ async fn session(
                     }
                     Some(Ok(Message::Binary(b))) => {
                         ctx.out.stats.malformed.fetch_add(1, Ordering::Relaxed);
-                        malformed_log.warn(|| format!("{}: unexpected binary frame of {} bytes from Kraken", ctx.name, b.len()));
+                        crate::warn_limited!(malformed_log, || format!("{}: unexpected binary frame of {} bytes from Kraken", ctx.name, b.len()));
                         continue;
                     }
                     // Protocol pings are answered by tungstenite itself.
@@ -527,7 +527,7 @@ async fn session(
                 };
                 if let Err(e) = h.handle(text.as_str()) {
                     ctx.out.stats.malformed.fetch_add(1, Ordering::Relaxed);
-                    malformed_log.warn(|| format!("{}: {e}: {}", ctx.name, excerpt(text.as_str())));
+                    crate::warn_limited!(malformed_log, || format!("{}: {e}: {}", ctx.name, excerpt(text.as_str())));
                 }
                 for env in h.out.drain(..) {
                     if !ctx.out.offer(env) {

@@ -527,13 +527,15 @@ impl Stream<'_> {
                         })
                     }
                     Ok(Decoded::Notice(what)) => {
-                        self.log
-                            .warn(|| format!("publisher {name}: X stream reports: {what}"));
+                        crate::warn_limited!(self.log, || format!(
+                            "publisher {name}: X stream reports: {what}"
+                        ));
                     }
                     Err(e) => {
                         out.malformed();
-                        self.log
-                            .warn(|| format!("publisher {name}: skipping X stream line: {e}"));
+                        crate::warn_limited!(self.log, || format!(
+                            "publisher {name}: skipping X stream line: {e}"
+                        ));
                     }
                 }
             }
