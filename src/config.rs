@@ -984,45 +984,105 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
-/// Reads a secret from a file, trimming one trailing newline. A relative
-/// name is looked up in `$CREDENTIALS_DIRECTORY` first (systemd
-/// `LoadCredential=`), so units can say `password_file = "influxdb-password"`.
-pub fn read_secret(path: &Path) -> Result<String, SecretError> {
-    let resolved = secret_path(path);
-    let text = std::fs::read_to_string(&resolved).map_err(|e| SecretError {
+/// Reads the secret that the config key `key` names, trimming trailing
+/// newlines. A relative name is looked up in `$CREDENTIALS_DIRECTORY` first
+/// (systemd `LoadCredential=`), so units can say `password_file =
+/// "influxdb-password"`, and in the working directory after that.
+///
+/// A file that is empty or only whitespace is refused: read as a password
+/// it would set (or log in with) the empty string, which is never what
+/// whoever pointed a key at the file meant.
+pub fn read_secret(key: &str, path: &Path) -> Result<String, SecretError> {
+    read_secret_in(
+        key,
+        path,
+        std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from),
+    )
+}
+
+fn read_secret_in(key: &str, path: &Path, creds: Option<PathBuf>) -> Result<String, SecretError> {
+    let credential = credential_path(path, creds.as_deref());
+    let resolved = match &credential {
+        Some(c) if c.exists() => c.clone(),
+        _ => path.to_path_buf(),
+    };
+    let error = |problem| SecretError {
+        key: key.to_string(),
         path: resolved.clone(),
-        error: e,
-    })?;
+        // Both places were tried only when the credential was not there.
+        credential: credential.clone().filter(|c| *c != resolved),
+        problem,
+    };
+    let text = std::fs::read_to_string(&resolved).map_err(|e| error(SecretProblem::Io(e)))?;
+    if text.trim().is_empty() {
+        return Err(error(SecretProblem::Empty));
+    }
     Ok(text.trim_end_matches(['\n', '\r']).to_string())
 }
 
 /// Where a secret file is read from: a relative name is a systemd
 /// credential (under `$CREDENTIALS_DIRECTORY`) when there is one.
 pub fn secret_path(path: &Path) -> PathBuf {
-    if path.is_relative() {
-        std::env::var_os("CREDENTIALS_DIRECTORY")
-            .map(|d| PathBuf::from(d).join(path))
-            .filter(|p| p.exists())
-            .unwrap_or_else(|| path.to_path_buf())
-    } else {
-        path.to_path_buf()
-    }
+    let creds = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+    credential_path(path, creds.as_deref())
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| path.to_path_buf())
+}
+
+/// A relative name under the credentials directory, when there is one.
+fn credential_path(path: &Path, creds: Option<&Path>) -> Option<PathBuf> {
+    creds.filter(|_| path.is_relative()).map(|d| d.join(path))
 }
 
 #[derive(Debug)]
 pub struct SecretError {
+    /// The config key that names the file.
+    pub key: String,
+    /// The file read (or tried last).
     pub path: PathBuf,
-    pub error: std::io::Error,
+    /// `$CREDENTIALS_DIRECTORY/<name>`, when it was tried first and was not
+    /// there: a relative name that is in neither place is easier to fix
+    /// when the message says where it was looked for.
+    pub credential: Option<PathBuf>,
+    pub problem: SecretProblem,
+}
+
+#[derive(Debug)]
+pub enum SecretProblem {
+    Io(std::io::Error),
+    /// Empty, or nothing but whitespace.
+    Empty,
+}
+
+impl SecretError {
+    pub fn is_empty(&self) -> bool {
+        matches!(self.problem, SecretProblem::Empty)
+    }
 }
 
 impl fmt::Display for SecretError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "cannot read secret file {}: {}",
-            self.path.display(),
-            self.error
-        )
+        let key = &self.key;
+        let path = self.path.display();
+        match (&self.problem, &self.credential) {
+            (SecretProblem::Empty, _) => {
+                write!(f, "{key}: secret file {path} is empty (or only whitespace)")
+            }
+            (SecretProblem::Io(e), None) => {
+                write!(f, "{key}: cannot read secret file {path}: {e}")
+            }
+            (SecretProblem::Io(e), Some(c)) => {
+                let cwd = std::env::current_dir()
+                    .map(|d| d.join(&self.path))
+                    .unwrap_or_else(|_| self.path.clone());
+                write!(
+                    f,
+                    "{key}: cannot read secret file {path}: {e} (looked in $CREDENTIALS_DIRECTORY as {} and in the working directory as {})",
+                    c.display(),
+                    cwd.display()
+                )
+            }
+        }
     }
 }
 
@@ -1043,6 +1103,64 @@ mod tests {
         let missing = dir.path().join("nbpy.toml");
         let e = load(Some(&missing)).unwrap_err().to_string();
         assert!(e.contains(&missing.display().to_string()), "{e}");
+    }
+
+    #[test]
+    fn an_empty_or_blank_secret_file_is_refused_naming_key_and_file() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in [("empty", ""), ("newline", "\n"), ("blank", " \t\r\n ")] {
+            let f = dir.path().join(name);
+            std::fs::write(&f, text).unwrap();
+            let e = read_secret_in("influxdb.password_file", &f, None).unwrap_err();
+            assert!(e.is_empty(), "{name}: {e}");
+            assert_eq!(
+                e.to_string(),
+                format!(
+                    "influxdb.password_file: secret file {} is empty (or only whitespace)",
+                    f.display()
+                )
+            );
+        }
+        let f = dir.path().join("pw");
+        std::fs::write(&f, "s3 cret\r\n").unwrap();
+        assert_eq!(read_secret_in("k", &f, None).unwrap(), "s3 cret");
+    }
+
+    #[test]
+    fn a_missing_relative_secret_names_both_places_it_was_looked_for() {
+        let creds = tempfile::tempdir().unwrap();
+        let name = Path::new("nbpy-test-no-such-credential");
+        let e = read_secret_in(
+            "schema.users.w.password_file",
+            name,
+            Some(creds.path().into()),
+        )
+        .unwrap_err()
+        .to_string();
+        let cwd = std::env::current_dir().unwrap().join(name);
+        assert!(
+            e.starts_with(
+                "schema.users.w.password_file: cannot read secret file nbpy-test-no-such-credential: "
+            ) && e.ends_with(&format!(
+                "(looked in $CREDENTIALS_DIRECTORY as {} and in the working directory as {})",
+                creds.path().join(name).display(),
+                cwd.display()
+            )),
+            "{e}"
+        );
+        // Found as a credential: read from there, and an empty one names it.
+        std::fs::write(creds.path().join(name), "").unwrap();
+        let e = read_secret_in("k", name, Some(creds.path().into())).unwrap_err();
+        assert!(e.is_empty());
+        assert_eq!(e.path, creds.path().join(name));
+        std::fs::write(creds.path().join(name), "pw\n").unwrap();
+        assert_eq!(
+            read_secret_in("k", name, Some(creds.path().into())).unwrap(),
+            "pw"
+        );
+        // Without a credentials directory only the file itself is named.
+        let e = read_secret_in("k", name, None).unwrap_err().to_string();
+        assert!(!e.contains("CREDENTIALS_DIRECTORY"), "{e}");
     }
 
     fn influx(toml_text: &str) -> Result<InfluxConfig, String> {

@@ -228,11 +228,10 @@ pub async fn check(explicit: Option<&std::path::Path>) -> Vec<Finding> {
 
     // Secrets.
     for (key, path) in secret_files(&cfg) {
-        match config::read_secret(&path) {
-            Ok(s) if s.is_empty() => f.push(problem(
-                format!("{key}: {} is empty", path.display()),
-                "write the secret into the file",
-            )),
+        match config::read_secret(&key, &path) {
+            Err(e) if e.is_empty() => {
+                f.push(problem(e.to_string(), "write the secret into the file"))
+            }
             Ok(_) => {
                 use std::os::unix::fs::PermissionsExt;
                 let at = config::secret_path(&path);
@@ -250,7 +249,7 @@ pub async fn check(explicit: Option<&std::path::Path>) -> Vec<Finding> {
                 }
             }
             Err(e) => f.push(problem(
-                format!("{key}: {e}"),
+                e.to_string(),
                 "create the file (mode 0600) or, under systemd, a LoadCredential= of that name",
             )),
         }

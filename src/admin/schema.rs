@@ -185,8 +185,8 @@ fn user(name: &str, u: &InfluxUserConfig) -> Result<User, Failure> {
             "schema.users.{name}.password_file is required"
         ))
     })?;
-    let password =
-        crate::config::read_secret(file).map_err(|e| Failure::new(crate::exit::NOPERM, e))?;
+    let password = crate::config::read_secret(&format!("schema.users.{name}.password_file"), file)
+        .map_err(|e| Failure::new(crate::exit::NOPERM, e))?;
     Ok(User {
         name: name.to_string(),
         admin: u.admin,

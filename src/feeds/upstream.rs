@@ -269,14 +269,8 @@ pub fn stream_client(name: &str) -> Result<reqwest::Client, Failure> {
 /// is a configuration problem (the key points at nothing), reported with
 /// the key's name and path but never the content.
 pub fn secret(name: &str, key: &str, path: &Path) -> Result<String, Failure> {
-    let s = crate::config::read_secret(path)
-        .map_err(|e| Failure::config(anyhow::anyhow!("publisher {name}: {key}: {e}")))?;
-    if s.trim().is_empty() {
-        return Err(Failure::config(anyhow::anyhow!(
-            "publisher {name}: {key}: {} is empty",
-            path.display()
-        )));
-    }
+    let s = crate::config::read_secret(&format!("publishers.{name}.{key}"), path)
+        .map_err(Failure::config)?;
     Ok(s.trim().to_string())
 }
 

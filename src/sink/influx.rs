@@ -73,7 +73,8 @@ impl InfluxClient {
         let auth = match (&cfg.username, &cfg.password_file) {
             (Some(u), Some(p)) => Some((
                 u.clone(),
-                read_secret(p).map_err(|e| Failure::new(crate::exit::NOPERM, e))?,
+                read_secret("influxdb.password_file", p)
+                    .map_err(|e| Failure::new(crate::exit::NOPERM, e))?,
             )),
             (Some(u), None) => Some((u.clone(), String::new())),
             _ => None,

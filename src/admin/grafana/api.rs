@@ -148,7 +148,8 @@ pub async fn apply(cfg: &Config) -> Result<ApplyReport, Failure> {
             anyhow::anyhow!("grafana.admin_password_file is not set (the admin password is only read from a file)"),
         )
     })?;
-    let password = read_secret(pw_file).map_err(|e| Failure::new(NOPERM, e))?;
+    let password =
+        read_secret("grafana.admin_password_file", pw_file).map_err(|e| Failure::new(NOPERM, e))?;
     let http = reqwest::Client::builder()
         .timeout(g.timeout)
         .connect_timeout(std::time::Duration::from_secs(3))
@@ -200,7 +201,8 @@ pub async fn apply(cfg: &Config) -> Result<ApplyReport, Failure> {
         report.note('=', format!("datasource {uid}"));
     } else {
         if let Some(p) = &g.influxdb_password_file {
-            let secret = read_secret(p).map_err(|e| Failure::new(NOPERM, e))?;
+            let secret = read_secret("grafana.influxdb_password_file", p)
+                .map_err(|e| Failure::new(NOPERM, e))?;
             ds["secureJsonData"] = json!({"password": secret});
         }
         if st == 404 {

@@ -1,0 +1,83 @@
+//! The command line as a user meets it: exit codes, and messages that name
+//! the key, the file and what is allowed. No backend runs here: each case
+//! fails (or passes) before anything would be contacted.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::bin_path;
+
+/// Runs `bin` with `args`, outside any configuration the machine has.
+fn run(bin: &str, args: &[&str], envs: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(bin_path(bin));
+    c.args(args)
+        .env_remove("NBPY_CONFIG")
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .env_remove("RUST_LOG")
+        .env_remove("NO_COLOR");
+    for (k, v) in envs {
+        c.env(k, v);
+    }
+    c.output().expect("run the binary")
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn write_config(dir: &Path, body: &str) -> String {
+    let p = dir.join("nbpy.toml");
+    std::fs::write(&p, body).expect("write config");
+    p.to_str().expect("utf-8 path").to_string()
+}
+
+/// An InfluxDB URL nothing answers on: the commands below must fail
+/// before they would try it.
+fn closed_url() -> String {
+    format!("http://127.0.0.1:{}", nbpy::backend::free_port().unwrap())
+}
+
+#[test]
+fn schema_apply_refuses_an_empty_password_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty");
+    std::fs::write(&empty, "\n").unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &format!(
+            "[influxdb]\nurl = {:?}\n[schema.users.writer]\nprivilege = \"write\"\npassword_file = {:?}\n",
+            closed_url(),
+            empty.display().to_string()
+        ),
+    );
+    let out = run("nbpy", &["--config", &cfg, "schema", "apply"], &[]);
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(77), "{t}");
+    assert!(
+        t.contains(&format!(
+            "schema.users.writer.password_file: secret file {} is empty",
+            empty.display()
+        )),
+        "{t}"
+    );
+    // `nbpy doctor` names it too, with its fix.
+    let out = run(
+        "nbpy",
+        &["--config", &cfg, "doctor"],
+        &[("PATH", "/nonexistent")],
+    );
+    let t = text(&out);
+    assert!(
+        t.contains(&format!(
+            "PROBLEM schema.users.writer.password_file: secret file {} is empty (or only whitespace)\n        fix: write the secret into the file",
+            empty.display()
+        )),
+        "{t}"
+    );
+}
