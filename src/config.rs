@@ -412,11 +412,16 @@ pub enum HealthSystemd {
     Off,
 }
 
+/// What a subscriber needs past `service.stop_timeout` to spool what it
+/// could not write and exit; `nbpy up` gives its children the same.
+const STOP_MARGIN: Duration = Duration::from_secs(5);
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServiceConfig {
-    /// How long a stop may take to drain; keep it below the unit's
-    /// `TimeoutStopSec` so the service, not systemd's SIGKILL, ends it.
+    /// How long a stop may take to drain. Refused above the subscriber
+    /// unit's `TimeoutStopSec` less [`STOP_MARGIN`], so the service, not
+    /// systemd's SIGKILL, ends the stop.
     #[serde(with = "humantime_serde")]
     pub stop_timeout: Duration,
 }
@@ -690,14 +695,28 @@ impl Config {
     /// Everything wrong with the configuration, each naming its key.
     pub fn problems(&self) -> Vec<String> {
         let mut p = Vec::new();
-        if let Err(e) = reqwest::Url::parse(&self.influxdb.url) {
+        if let Err(e) = log_level_problem(&self.log.level) {
             p.push(format!(
-                "influxdb.url = {:?}: {e} (expected e.g. http://127.0.0.1:8086)",
-                self.influxdb.url
+                "log.level = {:?}: {e} (allowed: trace, debug, info, warn, error or off, and TARGET=LEVEL directives, e.g. \"info,nbpy::sink=debug\")",
+                self.log.level
             ));
         }
-        if self.influxdb.database.is_empty() {
-            p.push("influxdb.database must not be empty".into());
+        p.extend(http_url_problem(
+            "influxdb.url",
+            &self.influxdb.url,
+            "http://127.0.0.1:8086",
+            true,
+        ));
+        if !influx_name_ok(&self.influxdb.database) {
+            p.push(format!(
+                "influxdb.database = {:?}: InfluxDB refuses that name; {INFLUX_NAMES}",
+                self.influxdb.database
+            ));
+        }
+        if self.influxdb.timeout.is_zero() {
+            p.push(
+                "influxdb.timeout = 0s: must be > 0 (every request would time out at once)".into(),
+            );
         }
         if !(1..=1_000_000).contains(&self.influxdb.batch_size) {
             p.push(format!(
@@ -797,6 +816,18 @@ impl Config {
             p.push("health.poll_interval must be > 0".into());
         }
         p.extend(self.validate.problems(&self.publishers));
+        if let Some(kill) = crate::units::subscriber_timeout_stop() {
+            let max = kill.saturating_sub(STOP_MARGIN);
+            if self.service.stop_timeout > max {
+                p.push(format!(
+                    "service.stop_timeout = {}: at most {}: nbpy-subscriber@.service has TimeoutStopSec={}, and a subscriber needs up to {} past its drain budget to spool what is left and exit, or systemd's SIGKILL ends the stop",
+                    humantime::format_duration(self.service.stop_timeout),
+                    humantime::format_duration(max),
+                    humantime::format_duration(kill),
+                    humantime::format_duration(STOP_MARGIN),
+                ));
+            }
+        }
         p
     }
 
@@ -875,9 +906,9 @@ impl SchemaConfig {
             ));
         }
         for (name, r) in &self.retention {
-            if name.is_empty() || name.contains(['"', '\\', '\n']) {
+            if !influx_name_ok(name) || name.contains('"') {
                 p.push(format!(
-                    "schema.retention.{name:?}: not a usable policy name"
+                    "schema.retention.{name:?}: not a usable policy name: {INFLUX_NAMES}, and no '\"'"
                 ));
             }
             if !r.duration.is_zero() && r.duration < hour {
@@ -943,12 +974,22 @@ impl GrafanaConfig {
                 self.folder
             ));
         }
-        for (key, url) in [("url", &self.url), ("influxdb_url", &self.influxdb_url)] {
+        for (key, url, example) in [
+            ("grafana.url", &self.url, "http://127.0.0.1:3000"),
+            (
+                "grafana.influxdb_url",
+                &self.influxdb_url,
+                "http://127.0.0.1:8086",
+            ),
+        ] {
             if let Some(u) = url {
-                if let Err(e) = reqwest::Url::parse(u) {
-                    p.push(format!("grafana.{key} = {u:?}: {e}"));
-                }
+                p.extend(http_url_problem(key, u, example, false));
             }
+        }
+        if self.timeout.is_zero() {
+            p.push(
+                "grafana.timeout = 0s: must be > 0 (every request would time out at once)".into(),
+            );
         }
         if self.influxdb_password_file.is_some() && self.influxdb_user.is_none() {
             p.push("grafana.influxdb_password_file is set but grafana.influxdb_user is not".into());
@@ -964,6 +1005,71 @@ fn list<'a>(names: impl Iterator<Item = &'a String>) -> String {
     } else {
         v.join(", ")
     }
+}
+
+/// `log.level` must be an `EnvFilter` whose every directive names a level.
+/// EnvFilter reads a bare word that is no level (`verbose`, `inf`,
+/// `warning`) as a target to log at every level, so a typo would silently
+/// leave nbpy logging nothing at all; a bare target is refused here (it
+/// can be written `TARGET=trace`).
+fn log_level_problem(level: &str) -> Result<(), String> {
+    tracing_subscriber::EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+    for d in level.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        if !d.contains('=') && d.parse::<tracing::level_filters::LevelFilter>().is_err() {
+            return Err(format!("{d:?} is not a level"));
+        }
+    }
+    Ok(())
+}
+
+/// `key = url` must be http(s) with a host. A bare `localhost:8086` parses
+/// as a URL (scheme "localhost"), so only the HTTP client would refuse it,
+/// later, as "builder error for url". `influxdb.url` may also be
+/// `file:///PATH`: the line-protocol file sink that `nbpy up` falls back to
+/// (and writes into the configuration its children read).
+fn http_url_problem(key: &str, url: &str, example: &str, file_ok: bool) -> Option<String> {
+    let allowed = if file_ok {
+        format!("must start with http:// or https:// (e.g. {example}), or be file:///PATH for a line-protocol file")
+    } else {
+        format!("must start with http:// or https:// (e.g. {example})")
+    };
+    match reqwest::Url::parse(url) {
+        Err(e) => Some(format!("{key} = {url:?}: {e}; {allowed}")),
+        Ok(u)
+            if matches!(u.scheme(), "http" | "https")
+                && u.host_str().is_some_and(|h| !h.is_empty()) =>
+        {
+            None
+        }
+        Ok(u) if file_ok && u.scheme() == "file" && u.to_file_path().is_ok() => None,
+        Ok(_) => Some(format!("{key} = {url:?}: {allowed}")),
+    }
+}
+
+/// What [`influx_name_ok`] allows, for messages.
+const INFLUX_NAMES: &str = "allowed: 1-255 bytes of letters, digits, ASCII punctuation and inner spaces, not \".\" or \"..\", without '/' or '\\'";
+
+/// Whether InfluxDB 1.x takes `name` for a database or retention policy.
+/// It refuses (tried against influxd 1.6) names that are empty, `.` or
+/// `..`, contain `/` or `\` (names become directories under its data dir)
+/// or any character Go's `unicode.IsPrint` rejects (controls, tabs, other
+/// spaces than ' ', zero-width and format characters), and names over 255
+/// bytes; `CREATE DATABASE` then fails with just "invalid name". Rust's std
+/// cannot tell format characters apart, so beyond ASCII only letters and
+/// digits pass here: a subset of InfluxDB's rule, so a name that passes is
+/// one it takes. Leading and trailing spaces are refused too: later 1.x
+/// releases trim them, so the name would change under an upgrade.
+fn influx_name_ok(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 255
+        && name != "."
+        && name != ".."
+        && !name.starts_with(' ')
+        && !name.ends_with(' ')
+        && name.chars().all(|c| {
+            (c.is_ascii() && (' '..='~').contains(&c) && c != '/' && c != '\\')
+                || (!c.is_ascii() && c.is_alphanumeric())
+        })
 }
 
 fn valid_name(name: &str) -> bool {
@@ -1161,6 +1267,160 @@ mod tests {
         // Without a credentials directory only the file itself is named.
         let e = read_secret_in("k", name, None).unwrap_err().to_string();
         assert!(!e.contains("CREDENTIALS_DIRECTORY"), "{e}");
+    }
+
+    /// The problems of `toml_text` over the built-in defaults.
+    fn problems_of(toml_text: &str) -> Vec<String> {
+        let c: Config = Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::string(toml_text))
+            .extract()
+            .unwrap();
+        c.problems()
+    }
+
+    fn assert_one_problem(toml_text: &str, starts: &str, says: &str) {
+        let p = problems_of(toml_text);
+        assert!(
+            p.len() == 1 && p[0].starts_with(starts) && p[0].contains(says),
+            "{toml_text}: {p:?}"
+        );
+    }
+
+    #[test]
+    fn urls_without_http_are_refused_naming_the_key() {
+        for (toml_text, key) in [
+            (
+                "[influxdb]\nurl = \"localhost:8086\"",
+                "influxdb.url = \"localhost:8086\"",
+            ),
+            (
+                "[influxdb]\nurl = \"ftp://h/x\"",
+                "influxdb.url = \"ftp://h/x\"",
+            ),
+            (
+                "[influxdb]\nurl = \"127.0.0.1:8086\"",
+                "influxdb.url = \"127.0.0.1:8086\"",
+            ),
+            (
+                "[grafana]\nurl = \"localhost:3000\"",
+                "grafana.url = \"localhost:3000\"",
+            ),
+            (
+                "[grafana]\ninfluxdb_url = \"influxdb:8086\"",
+                "grafana.influxdb_url = \"influxdb:8086\"",
+            ),
+            (
+                "[grafana]\nurl = \"file:///tmp/g\"",
+                "grafana.url = \"file:///tmp/g\"",
+            ),
+        ] {
+            assert_one_problem(toml_text, key, "must start with http:// or https://");
+        }
+        for ok in [
+            "[influxdb]\nurl = \"https://influx.example.com/sub\"",
+            "[influxdb]\nurl = \"file:///var/lib/nbpy/points.lp\"",
+            "[grafana]\nurl = \"http://127.0.0.1:3000\"",
+        ] {
+            assert_eq!(problems_of(ok), Vec::<String>::new(), "{ok}");
+        }
+    }
+
+    #[test]
+    fn a_zero_timeout_is_refused() {
+        assert_one_problem(
+            "[influxdb]\ntimeout = \"0s\"",
+            "influxdb.timeout = 0s",
+            "> 0",
+        );
+        assert_one_problem("[grafana]\ntimeout = \"0s\"", "grafana.timeout = 0s", "> 0");
+    }
+
+    #[test]
+    fn database_names_influxdb_refuses_are_refused() {
+        for bad in [
+            "",
+            ".",
+            "..",
+            "a/b",
+            "x\\\\y",
+            "a\\tb",
+            "a\\nb",
+            "a\\u0001b",
+            "a\\u007fb",
+            "a\\u00a0b",
+            "a\\u200bb",
+            " tick",
+            "tick ",
+        ] {
+            assert_one_problem(
+                &format!("[influxdb]\ndatabase = \"{bad}\""),
+                "influxdb.database = ",
+                "allowed: 1-255 bytes",
+            );
+        }
+        assert_one_problem(
+            &format!("[influxdb]\ndatabase = \"{}\"", "x".repeat(256)),
+            "influxdb.database = ",
+            "allowed",
+        );
+        for good in [
+            "tick",
+            "tick-1",
+            "a.b",
+            "a b",
+            "1m",
+            "t\\u00e9st",
+            "_x",
+            &"x".repeat(255),
+        ] {
+            let t = format!("[influxdb]\ndatabase = \"{good}\"");
+            assert_eq!(problems_of(&t), Vec::<String>::new(), "{t}");
+        }
+        assert_one_problem(
+            "[schema.retention.\"a/b\"]\nduration = \"1d\"\nshard_duration = \"1h\"",
+            "schema.retention.\"a/b\": not a usable policy name",
+            "allowed",
+        );
+    }
+
+    #[test]
+    fn a_log_level_that_is_no_filter_is_refused() {
+        for bad in [
+            "verbose!!",
+            "verbose",
+            "inf",
+            "info,nbpy::sink",
+            "nbpy=loud",
+        ] {
+            assert_one_problem(
+                &format!("[log]\nlevel = \"{bad}\""),
+                &format!("log.level = {bad:?}: "),
+                "allowed: trace, debug, info, warn, error or off",
+            );
+        }
+        for ok in [
+            "debug",
+            "info,nbpy::sink=debug",
+            "WARN",
+            "off",
+            "nbpy=trace",
+        ] {
+            let t = format!("[log]\nlevel = \"{ok}\"");
+            assert_eq!(problems_of(&t), Vec::<String>::new(), "{t}");
+        }
+    }
+
+    #[test]
+    fn a_stop_timeout_the_unit_would_cut_short_is_refused() {
+        let kill = crate::units::subscriber_timeout_stop()
+            .expect("the subscriber unit has TimeoutStopSec=");
+        assert_eq!(kill, Duration::from_secs(45));
+        assert_one_problem(
+            "[service]\nstop_timeout = \"41s\"",
+            "service.stop_timeout = 41s: at most 40s: nbpy-subscriber@.service has TimeoutStopSec=45s",
+            "SIGKILL",
+        );
+        assert!(problems_of("[service]\nstop_timeout = \"40s\"").is_empty());
     }
 
     fn influx(toml_text: &str) -> Result<InfluxConfig, String> {

@@ -55,6 +55,17 @@ pub const UNITS: &[Unit] = &[
 pub const TARGET: &str = "nbpy.target";
 pub const PUBLISHER_TEMPLATE: &str = "nbpy-publisher@.service";
 pub const SUBSCRIBER_TEMPLATE: &str = "nbpy-subscriber@.service";
+/// How long systemd waits for a stopping subscriber before SIGKILL: the
+/// `TimeoutStopSec=` of the embedded subscriber unit, so the limit
+/// `service.stop_timeout` is checked against cannot drift from the unit.
+pub fn subscriber_timeout_stop() -> Option<std::time::Duration> {
+    let unit = UNITS.iter().find(|u| u.name == SUBSCRIBER_TEMPLATE)?;
+    unit.text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("TimeoutStopSec="))
+        .and_then(|v| humantime::parse_duration(v.trim()).ok())
+}
+
 /// Where `install` puts the units, relative to the root.
 pub const UNIT_DIR: &str = "etc/systemd/system";
 

@@ -81,3 +81,46 @@ fn schema_apply_refuses_an_empty_password_file() {
         "{t}"
     );
 }
+
+/// Settings that parse but make every command fail later, with an error
+/// that points elsewhere: `config check` refuses each, naming its key.
+#[test]
+fn config_check_refuses_settings_every_command_would_trip_over() {
+    let dir = tempfile::tempdir().unwrap();
+    for (body, says) in [
+        (
+            "[influxdb]\nurl = \"localhost:8086\"\n",
+            "influxdb.url = \"localhost:8086\": must start with http:// or https://",
+        ),
+        (
+            "[grafana]\nurl = \"ftp://grafana\"\n",
+            "grafana.url = \"ftp://grafana\": must start with http:// or https://",
+        ),
+        (
+            "[influxdb]\ntimeout = \"0s\"\n",
+            "influxdb.timeout = 0s: must be > 0",
+        ),
+        (
+            "[influxdb]\ndatabase = \"a/b\"\n",
+            "influxdb.database = \"a/b\": InfluxDB refuses that name",
+        ),
+        (
+            "[influxdb]\ndatabase = \"..\"\n",
+            "influxdb.database = \"..\": InfluxDB refuses that name",
+        ),
+        (
+            "[log]\nlevel = \"verbose!!\"\n",
+            "log.level = \"verbose!!\": \"verbose!!\" is not a level",
+        ),
+        (
+            "[service]\nstop_timeout = \"60s\"\n",
+            "service.stop_timeout = 1m: at most 40s: nbpy-subscriber@.service has TimeoutStopSec=45s",
+        ),
+    ] {
+        let cfg = write_config(dir.path(), body);
+        let out = run("nbpy", &["--config", &cfg, "config", "check"], &[]);
+        let t = text(&out);
+        assert_eq!(out.status.code(), Some(78), "{body}: {t}");
+        assert!(t.contains(says), "{body}: missing {says:?} in {t}");
+    }
+}
