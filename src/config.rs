@@ -623,8 +623,9 @@ pub enum ConfigError {
     /// figment's own error for that names no file.
     #[error("config file {0}: {1}")]
     Unreadable(PathBuf, String),
-    #[error("{0}")]
-    Parse(Box<figment::Error>),
+    /// Keys that do not parse, each as `key: what (source)`.
+    #[error("invalid configuration: {}", .0.join("; "))]
+    Parse(Vec<String>),
     #[error("invalid configuration{}: {}", .file.as_ref().map(|f| format!(" ({})", f.display())).unwrap_or_default(), .problems.join("; "))]
     Invalid {
         file: Option<PathBuf>,
@@ -666,12 +667,104 @@ pub fn figment(file: Option<&Path>) -> Figment {
     )
 }
 
+/// Extracts the configuration, or every key that does not parse. serde
+/// stops at the first bad key, so each one found is taken out and the rest
+/// extracted again: a file with two typos is fixed in one round, not two.
+fn extract(fig: &Figment) -> Result<Config, Vec<String>> {
+    let mut err = match fig.extract::<Config>() {
+        Ok(c) => return Ok(c),
+        Err(e) => e,
+    };
+    let mut problems = Vec::new();
+    // A syntax error leaves no data to retry with.
+    let Ok(mut data) = figment::Provider::data(fig) else {
+        return Err(err.into_iter().map(|e| describe(fig, &e)).collect());
+    };
+    // Each round takes out at least one key, so this bounds nothing real.
+    for _ in 0..100 {
+        let mut removed = false;
+        for e in err {
+            let p = describe(fig, &e);
+            if !problems.contains(&p) {
+                problems.push(p);
+            }
+            for dict in data.values_mut() {
+                removed |= remove_key(dict, &e.path);
+            }
+        }
+        if !removed {
+            break;
+        }
+        let rest = data.iter().fold(Figment::new(), |f, (profile, dict)| {
+            f.merge(Serialized::from(dict, profile.clone()))
+        });
+        match rest.extract::<Config>() {
+            Ok(_) => break,
+            Err(e) => err = e,
+        }
+    }
+    Err(problems)
+}
+
+/// `key: what (source)`. figment's own message names the key with the
+/// profile in front (`"default.influxdb.batchsize"`), which means nothing
+/// to whoever wrote the file, and lists allowed keys in nested backquotes.
+fn describe(fig: &Figment, e: &figment::Error) -> String {
+    use figment::error::Kind;
+    let key = e.path.join(".");
+    let what = match &e.kind {
+        Kind::UnknownField(_, allowed) => {
+            format!("unknown key (allowed here: {})", allowed.join(", "))
+        }
+        Kind::UnknownVariant(v, allowed) => {
+            format!("unknown value {v:?} (allowed: {})", allowed.join(", "))
+        }
+        other => other.to_string(),
+    };
+    // The longest part of the path that is a key of its own (an array's
+    // items are not) says where the value came from.
+    let found = (1..=e.path.len())
+        .rev()
+        .find_map(|n| Some((n, fig.find_metadata(&e.path[..n].join("."))?)));
+    let source = match found {
+        Some((n, md)) => match &md.source {
+            Some(figment::Source::File(p)) => format!(" (in {})", p.display()),
+            _ if md.name.contains("environment") => {
+                let var: Vec<String> = e.path[..n].iter().map(|k| k.to_ascii_uppercase()).collect();
+                format!(" (from NBPY_{})", var.join("__"))
+            }
+            _ => String::new(),
+        },
+        None => match e.metadata.as_ref().and_then(|md| md.source.as_ref()) {
+            Some(figment::Source::File(p)) => format!(" (in {})", p.display()),
+            _ => String::new(),
+        },
+    };
+    if key.is_empty() {
+        format!("{what}{source}")
+    } else {
+        format!("{key}: {what}{source}")
+    }
+}
+
+/// Takes `path` out of `dict` (all of an array, for a path into one);
+/// false when it is not there.
+fn remove_key(dict: &mut figment::value::Dict, path: &[String]) -> bool {
+    match path {
+        [] => false,
+        [last] => dict.remove(last).is_some(),
+        [first, rest @ ..] => match dict.get_mut(first) {
+            Some(figment::value::Value::Dict(_, inner)) => remove_key(inner, rest),
+            Some(_) => dict.remove(first).is_some(),
+            None => false,
+        },
+    }
+}
+
 /// Loads, layers and validates the configuration.
 pub fn load(explicit: Option<&Path>) -> Result<Loaded, ConfigError> {
     let file = resolve_file(explicit)?;
-    let mut config: Config = figment(file.as_deref())
-        .extract()
-        .map_err(|e| ConfigError::Parse(Box::new(e)))?;
+    let mut config = extract(&figment(file.as_deref())).map_err(ConfigError::Parse)?;
     if let Some(dir) = std::env::var_os("STATE_DIRECTORY") {
         // systemd may pass several, colon-separated; the first is ours.
         let first = dir
@@ -1267,6 +1360,54 @@ mod tests {
         // Without a credentials directory only the file itself is named.
         let e = read_secret_in("k", name, None).unwrap_err().to_string();
         assert!(!e.contains("CREDENTIALS_DIRECTORY"), "{e}");
+    }
+
+    #[test]
+    fn every_key_that_does_not_parse_is_reported_without_the_profile() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("nbpy.toml");
+        std::fs::write(
+            &f,
+            "bogus = 1\n[influxdb]\nbatchsize = 5\ntimeout = \"soon\"\n\
+             [subscribers.s]\nconnect = [1]\nqueue_batches = \"x\"\n",
+        )
+        .unwrap();
+        let fig =
+            Figment::from(Serialized::defaults(Config::default())).merge(Toml::file_exact(&f));
+        let p = extract(&fig).unwrap_err();
+        let at = format!(" (in {})", f.display());
+        let keys: Vec<&str> = p.iter().map(|p| p.split(':').next().unwrap()).collect();
+        assert_eq!(
+            keys,
+            [
+                "bogus",
+                "influxdb.batchsize",
+                "influxdb.timeout",
+                "subscribers.s.connect.0",
+                "subscribers.s.queue_batches"
+            ],
+            "{p:#?}"
+        );
+        assert!(
+            p.iter()
+                .all(|p| p.ends_with(&at) && !p.contains("default.")),
+            "{p:#?}"
+        );
+        assert!(
+            p[0].starts_with("bogus: unknown key (allowed here: state_dir, log, influxdb,"),
+            "{}",
+            p[0]
+        );
+
+        // A syntax error is one problem, still naming the file.
+        std::fs::write(&f, "[influxdb\n").unwrap();
+        let fig =
+            Figment::from(Serialized::defaults(Config::default())).merge(Toml::file_exact(&f));
+        let p = extract(&fig).unwrap_err();
+        assert!(
+            p.len() == 1 && p[0].contains("TOML parse error") && p[0].ends_with(&at),
+            "{p:?}"
+        );
     }
 
     /// The problems of `toml_text` over the built-in defaults.

@@ -124,3 +124,27 @@ fn config_check_refuses_settings_every_command_would_trip_over() {
         assert!(t.contains(says), "{body}: missing {says:?} in {t}");
     }
 }
+
+/// `config check` promises every problem: two unknown keys, one from the
+/// file and one from the environment, are both named, as written.
+#[test]
+fn config_check_names_every_key_that_does_not_parse() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "bogus = 1\n[influxdb]\nbatchsize = 5\n");
+    let out = run(
+        "nbpy",
+        &["--config", &cfg, "config", "check"],
+        &[("NBPY_INFLUXDB__CONCURENCY", "2")],
+    );
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(78), "{t}");
+    for says in [
+        format!("bogus: unknown key (allowed here: state_dir, log, influxdb, grafana, schema, health, validate, service, publishers, subscribers) (in {cfg})"),
+        format!("influxdb.batchsize: unknown key (allowed here: url, database, username, password_file, batch_size, flush_interval, concurrency, timeout, gzip, retry_min, retry_max) (in {cfg})"),
+        "influxdb.concurency: unknown key (allowed here: url,".to_string(),
+        "(from NBPY_INFLUXDB__CONCURENCY)".to_string(),
+    ] {
+        assert!(t.contains(&says), "missing {says:?} in {t}");
+    }
+    assert!(!t.contains("default."), "{t}");
+}
