@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use clap::Args;
+use clap::{Args, Parser};
 
 use crate::config::{self, Loaded, LogFormat};
 use crate::exit::Failure;
@@ -16,6 +16,23 @@ pub struct Common {
     /// Log format: auto (journald when stderr is the journal), text, json, journald.
     #[arg(long, global = true, value_parser = parse_format)]
     pub log_format: Option<LogFormat>,
+}
+
+/// `P::parse()`, but a usage error exits 64 (EX_USAGE), as every other
+/// failure follows sysexits, instead of clap's 2: the units'
+/// `RestartPreventExitStatus=64 78` then do not restart a unit whose
+/// command line is wrong. `--help` and `--version` still print and exit 0.
+pub fn parse<P: Parser>() -> P {
+    P::try_parse().unwrap_or_else(|e| {
+        let code = if e.use_stderr() {
+            crate::exit::USAGE
+        } else {
+            crate::exit::OK
+        };
+        // Nothing left to tell if stdout or stderr is gone.
+        let _ = e.print();
+        std::process::exit(code)
+    })
 }
 
 fn parse_format(s: &str) -> Result<LogFormat, String> {

@@ -148,3 +148,37 @@ fn config_check_names_every_key_that_does_not_parse() {
     }
     assert!(!t.contains("default."), "{t}");
 }
+
+/// A command line that is wrong is EX_USAGE (64), which the units name in
+/// `RestartPreventExitStatus=`; clap's own 2 would be restarted forever.
+/// Asking for help or the version is not an error.
+#[test]
+fn usage_errors_exit_64_and_help_exits_0_in_every_binary() {
+    let bins = ["nbpy", "nbpy-publisher", "nbpy-subscriber", "nbpy-health"];
+    let mut cases: Vec<(&str, Vec<&str>)> = vec![
+        ("nbpy", vec!["bogus"]),
+        ("nbpy", vec!["schema", "apply", "--bogus"]),
+        ("nbpy", vec!["wait", "influxdb", "--timeout", "abc"]),
+        ("nbpy", vec![]),
+        ("nbpy-publisher", vec![]),
+    ];
+    cases.extend(bins.iter().map(|b| (*b, vec!["--bogus"])));
+    for (bin, args) in cases {
+        let out = run(bin, &args, &[]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{bin} {args:?}: {err}");
+        assert!(
+            err.contains("Usage:") || err.contains("try '--help'"),
+            "{bin} {args:?}: clap's message: {err}"
+        );
+    }
+    for bin in bins {
+        for flag in ["--help", "--version"] {
+            let out = run(bin, &[flag], &[]);
+            assert_eq!(out.status.code(), Some(0), "{bin} {flag}");
+            assert!(!out.stdout.is_empty(), "{bin} {flag} prints to stdout");
+        }
+    }
+    let out = run("nbpy", &["schema", "--help"], &[]);
+    assert_eq!(out.status.code(), Some(0));
+}

@@ -13,7 +13,7 @@ struct Args {
 }
 
 fn main() {
-    let args = Args::parse();
+    let args: Args = nbpy::cli::parse();
     nbpy::exit::run_main(|| {
         let loaded = args.common.boot()?;
         nbpy::cli::runtime()?.block_on(nbpy::health::run(&loaded.config, args.listen.as_deref()))

@@ -21,7 +21,7 @@ struct Args {
 }
 
 fn main() {
-    let args = Args::parse();
+    let args: Args = nbpy::cli::parse();
     nbpy::exit::run_main(|| {
         let loaded = args.common.boot()?;
         nbpy::publisher::serve(&args.name, &loaded.config)

@@ -26,7 +26,7 @@ struct Args {
 }
 
 fn main() {
-    let args = Args::parse();
+    let args: Args = nbpy::cli::parse();
     nbpy::exit::run_main(|| {
         let loaded = args.common.boot()?;
         nbpy::subscriber::serve(&args.name, &loaded.config)

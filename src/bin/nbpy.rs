@@ -1,8 +1,6 @@
 //! `nbpy`: the appliance's command line.
 
-use clap::Parser;
-
 fn main() {
-    let cli = nbpy::commands::Cli::parse();
+    let cli: nbpy::commands::Cli = nbpy::cli::parse();
     nbpy::exit::run_main(|| nbpy::commands::run(cli))
 }
