@@ -309,15 +309,41 @@ pub fn init_logging(format: LogFormat, level: &str) {
             )
             .try_init();
     } else {
+        use std::io::IsTerminal;
+        let ansi = colour(
+            io::stderr().is_terminal(),
+            std::env::var_os("NO_COLOR").as_deref(),
+        );
         let _ = registry
-            .with(tracing_subscriber::fmt::layer().with_writer(io::stderr))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(ansi)
+                    .with_writer(io::stderr),
+            )
             .try_init();
     }
+}
+
+/// Text logs are coloured only on a terminal: in a file, a pipe or a log
+/// collector the escape codes are noise that breaks grep. `NO_COLOR`
+/// (no-color.org: set and not empty) turns colour off on a terminal too.
+fn colour(stderr_is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    stderr_is_terminal && no_color.is_none_or(|v| v.is_empty())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        use std::ffi::OsStr;
+        assert!(colour(true, None));
+        assert!(colour(true, Some(OsStr::new(""))));
+        assert!(!colour(true, Some(OsStr::new("1"))));
+        assert!(!colour(false, None));
+        assert!(!colour(false, Some(OsStr::new(""))));
+    }
 
     #[test]
     fn journal_stream_must_match_stderr() {

@@ -182,3 +182,25 @@ fn usage_errors_exit_64_and_help_exits_0_in_every_binary() {
     let out = run("nbpy", &["schema", "--help"], &[]);
     assert_eq!(out.status.code(), Some(0));
 }
+
+/// Text logs written to a file carry no colour escape codes.
+#[test]
+fn text_logs_into_a_file_have_no_colour_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &format!(
+            "[publishers.p]\nfeed = \"synthetic\"\nendpoint = {:?}\ncount = 3\n",
+            common::free_endpoint()
+        ),
+    );
+    let out = run(
+        "nbpy-publisher",
+        &["--config", &cfg, "--log-format", "text", "p"],
+        &[("RUST_LOG", "info")],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("INFO"), "the publisher logged nothing: {err}");
+    assert!(!err.contains('\x1b'), "colour codes in a file: {err:?}");
+}
