@@ -658,13 +658,16 @@ pub fn figment(file: Option<&Path>) -> Figment {
     if let Some(f) = file {
         fig = fig.merge(Toml::file_exact(f));
     }
-    // NBPY_ALLOW_SKIP tells the test suite which tests may skip; it is not
-    // configuration, and must not make every binary reject its environment.
-    fig.merge(
-        Env::prefixed("NBPY_")
-            .ignore(&["config", "allow_skip"])
-            .split("__"),
-    )
+    fig.merge(env())
+}
+
+/// The `NBPY_*` layer. NBPY_ALLOW_SKIP tells the test suite which tests
+/// may skip; it is not configuration, and must not make every binary
+/// reject its environment.
+fn env() -> Env {
+    Env::prefixed("NBPY_")
+        .ignore(&["config", "allow_skip"])
+        .split("__")
 }
 
 /// Extracts the configuration, or every key that does not parse. serde
@@ -680,30 +683,83 @@ fn extract(fig: &Figment) -> Result<Config, Vec<String>> {
     let Ok(mut data) = figment::Provider::data(fig) else {
         return Err(err.into_iter().map(|e| describe(fig, &e)).collect());
     };
-    // Each round takes out at least one key, so this bounds nothing real.
+    // Each round changes at least one key, so this bounds nothing real.
     for _ in 0..100 {
-        let mut removed = false;
+        let mut changed = false;
         for e in err {
+            if let Some(raw) = env_text_for_string(&e) {
+                let set = data
+                    .values_mut()
+                    .fold(false, |set, dict| set | set_string(dict, &e.path, &raw));
+                if set {
+                    changed = true;
+                    continue;
+                }
+            }
             let p = describe(fig, &e);
             if !problems.contains(&p) {
                 problems.push(p);
             }
             for dict in data.values_mut() {
-                removed |= remove_key(dict, &e.path);
+                changed |= remove_key(dict, &e.path);
             }
         }
-        if !removed {
+        if !changed {
             break;
         }
         let rest = data.iter().fold(Figment::new(), |f, (profile, dict)| {
             f.merge(Serialized::from(dict, profile.clone()))
         });
         match rest.extract::<Config>() {
+            Ok(c) if problems.is_empty() => return Ok(c),
             Ok(_) => break,
             Err(e) => err = e,
         }
     }
     Err(problems)
+}
+
+/// The text of the `NBPY_*` variable behind `e`, when `e` is a string key
+/// refusing the number or boolean figment read that text as:
+/// `NBPY_INFLUXDB__DATABASE=123` means the database "123". The variable's
+/// own text is used, not the number printed back, so `007` or `1.10` stay
+/// as written; keys of other types still get numbers and booleans.
+fn env_text_for_string(e: &figment::Error) -> Option<String> {
+    use figment::error::{Actual, Kind};
+    let Kind::InvalidType(actual, expected) = &e.kind else {
+        return None;
+    };
+    let scalar = matches!(
+        actual,
+        Actual::Bool(_) | Actual::Unsigned(_) | Actual::Signed(_) | Actual::Float(_)
+    );
+    if !scalar || !matches!(expected.as_str(), "a string" | "path string") {
+        return None;
+    }
+    let key = e.path.join(".");
+    env()
+        .iter()
+        .find(|(k, _)| k.as_str().eq_ignore_ascii_case(&key))
+        .map(|(_, v)| v)
+}
+
+/// Replaces the value at `path` with `text`; false when it is not there.
+fn set_string(dict: &mut figment::value::Dict, path: &[String], text: &str) -> bool {
+    use figment::value::{Tag, Value};
+    match path {
+        [] => false,
+        [last] => match dict.get_mut(last) {
+            Some(v) => {
+                *v = Value::String(Tag::Default, text.to_string());
+                true
+            }
+            None => false,
+        },
+        [first, rest @ ..] => match dict.get_mut(first) {
+            Some(Value::Dict(_, inner)) => set_string(inner, rest, text),
+            _ => false,
+        },
+    }
 }
 
 /// `key: what (source)`. figment's own message names the key with the

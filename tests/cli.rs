@@ -204,3 +204,42 @@ fn text_logs_into_a_file_have_no_colour_codes() {
     assert!(err.contains("INFO"), "the publisher logged nothing: {err}");
     assert!(!err.contains('\x1b'), "colour codes in a file: {err:?}");
 }
+
+/// A string key set from the environment keeps the variable's text, even
+/// when it reads as a number or a boolean; numeric keys still take numbers.
+#[test]
+fn env_values_that_look_numeric_or_boolean_fit_string_keys_as_written() {
+    let envs = [
+        ("NBPY_INFLUXDB__DATABASE", "007"),
+        ("NBPY_INFLUXDB__USERNAME", "true"),
+        ("NBPY_GRAFANA__DATASOURCE_NAME", "1.10"),
+        ("NBPY_INFLUXDB__BATCH_SIZE", "100"),
+    ];
+    let out = run("nbpy", &["config", "show"], &envs);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    for line in [
+        "database = \"007\"",
+        "username = \"true\"",
+        "datasource_name = \"1.10\"",
+        "batch_size = 100",
+    ] {
+        assert!(t.lines().any(|l| l == line), "missing {line:?} in {t}");
+    }
+    // A number where a number is wanted is still checked as one.
+    let out = run(
+        "nbpy",
+        &["config", "check"],
+        &[
+            ("NBPY_INFLUXDB__DATABASE", "123"),
+            ("NBPY_INFLUXDB__BATCH_SIZE", "many"),
+        ],
+    );
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(78), "{t}");
+    assert!(
+        t.contains("influxdb.batch_size: invalid type: found string \"many\", expected usize (from NBPY_INFLUXDB__BATCH_SIZE)")
+            && !t.contains("influxdb.database"),
+        "{t}"
+    );
+}
