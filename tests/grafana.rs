@@ -485,6 +485,73 @@ async fn apply_names_the_problem_on_401_403_and_connection_refused() {
     assert_eq!(code, nbpy::exit::CONFIG, "{out}");
 }
 
+/// grafana.url at something else (InfluxDB, which answers 404 to every
+/// `/api/...` path; a web server with the same HTML page on every path):
+/// `apply` and `provision` fail with EX_UNAVAILABLE and say that grafana.url
+/// is not Grafana, instead of counting 404s (or HTML) as objects created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_and_provision_fail_when_grafana_url_is_not_grafana() {
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("grafana-admin.pw");
+    std::fs::write(&pw, "hunter2\n").unwrap();
+    // InfluxDB's answer to every path it does not serve.
+    let influx_404 = FixedHttp::start(
+        "404 Not Found",
+        &["Content-Type: text/plain; charset=utf-8"],
+        "404 page not found\n",
+    );
+    let html = FixedHttp::nginx();
+    for server in [&influx_404, &html] {
+        let cfg = grafana_config(dir.path(), &server.url, &pw);
+        let provision_dir = dir.path().join("provisioning");
+        for args in [
+            &["grafana", "apply"][..],
+            &["grafana", "provision", provision_dir.to_str().unwrap()][..],
+        ] {
+            let (code, out) = nbpy(&cfg, args);
+            assert_eq!(
+                code,
+                nbpy::exit::UNAVAILABLE,
+                "{args:?} {}: {out}",
+                server.url
+            );
+            assert!(
+                out.contains("grafana.url does not point at Grafana")
+                    && out.contains(&format!("{}/api/health", server.url)),
+                "{args:?}: {out}"
+            );
+            assert!(!out.contains("created"), "{args:?}: {out}");
+            assert!(!out.contains("hunter2"), "{args:?}: {out}");
+        }
+    }
+}
+
+/// A Grafana whose writes all answer 404 (a proxy passing only reads on,
+/// a wrong sub-path for writes): every lookup says "absent", and the first
+/// write's 404 is an error naming the URL, not "created".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_fails_on_a_404_to_a_write() {
+    let g = StandIn::start("admin", "hunter2").await;
+    *g.mode.lock().unwrap() = Mode::WritesNotFound;
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("grafana-admin.pw");
+    std::fs::write(&pw, "hunter2\n").unwrap();
+    let cfg = grafana_config(dir.path(), &g.url(), &pw);
+    let (code, out) = nbpy(&cfg, &["grafana", "apply"]);
+    assert_eq!(code, nbpy::exit::UNAVAILABLE, "{out}");
+    assert!(
+        out.contains(&format!("POST {}/api/folders answered 404", g.url()))
+            && out.contains("grafana.url"),
+        "{out}"
+    );
+    assert!(!out.contains("created"), "{out}");
+    assert_eq!(
+        g.writes(),
+        ["POST /api/folders"],
+        "stops at the first failed write"
+    );
+}
+
 /// `npm`, or a failure (a skip only with NBPY_ALLOW_SKIP=1).
 fn npm_or_skip() -> bool {
     let ok = Command::new("npm")

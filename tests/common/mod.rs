@@ -310,3 +310,92 @@ impl Drop for StopOnDrop {
         }
     }
 }
+
+/// An HTTP server that is not the one a URL should point at: it answers
+/// every request, whatever its path, with one fixed status line, headers
+/// and body (InfluxDB's 404 for Grafana's `/api/...`, a web server's HTML
+/// page on every path), until dropped.
+pub struct FixedHttp {
+    pub url: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FixedHttp {
+    /// `status` is the status line's tail (`"200 OK"`), `headers` are
+    /// `Name: value` lines added to Content-Length and Connection.
+    pub fn start(
+        status: &'static str,
+        headers: &'static [&'static str],
+        body: &'static str,
+    ) -> FixedHttp {
+        use std::io::{Read, Write};
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        std::thread::spawn(move || {
+            while !stopped.load(Ordering::Relaxed) {
+                let Ok((mut s, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                let _ = s.set_nonblocking(false);
+                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                // The whole request (headers, then Content-Length bytes),
+                // so the client never sees a reset while still sending.
+                let mut req = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    let n = s.read(&mut buf).unwrap_or(0);
+                    if n == 0 {
+                        break;
+                    }
+                    req.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&req).to_string();
+                    if let Some(end) = text.find("\r\n\r\n") {
+                        let len: usize = text[..end]
+                            .lines()
+                            .find_map(|l| {
+                                let (k, v) = l.split_once(':')?;
+                                k.eq_ignore_ascii_case("content-length")
+                                    .then(|| v.trim().parse().ok())?
+                            })
+                            .unwrap_or(0);
+                        if req.len() >= end + 4 + len {
+                            break;
+                        }
+                    }
+                }
+                let mut head = format!("HTTP/1.1 {status}\r\n");
+                for h in headers {
+                    head.push_str(h);
+                    head.push_str("\r\n");
+                }
+                let _ = write!(
+                    s,
+                    "{head}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        FixedHttp { url, stop }
+    }
+
+    /// Nginx's welcome page with 200 on every path.
+    pub fn nginx() -> FixedHttp {
+        FixedHttp::start(
+            "200 OK",
+            &["Server: nginx/1.22.1", "Content-Type: text/html"],
+            "<!DOCTYPE html>\n<html><head><title>Welcome to nginx!</title></head>\
+             <body><h1>Welcome to nginx!</h1></body></html>\n",
+        )
+    }
+}
+
+impl Drop for FixedHttp {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}

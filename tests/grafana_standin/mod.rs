@@ -7,7 +7,8 @@
 //! in one way: unknown top-level keys in a request body are refused (400),
 //! so a misspelt key (`folderUID`) fails the test instead of being ignored.
 //!
-//! Endpoints: `GET/POST /api/folders[/:uid]`, `PUT /api/folders/:uid`,
+//! Endpoints: `GET /api/health` (no credentials, as in Grafana),
+//! `GET/POST /api/folders[/:uid]`, `PUT /api/folders/:uid`,
 //! `GET /api/datasources/uid/:uid`, `POST /api/datasources`,
 //! `PUT /api/datasources/uid/:uid`, `GET /api/dashboards/uid/:uid`,
 //! `POST /api/dashboards/db`.
@@ -27,6 +28,10 @@ pub enum Mode {
     Normal,
     /// Every request is refused with 403 (a Viewer's credentials).
     Forbidden,
+    /// Every write (POST, PUT) answers 404, as a reverse proxy that passes
+    /// only reads on to Grafana would: the lookups say "absent", the
+    /// writes find no route.
+    WritesNotFound,
 }
 
 #[derive(Default)]
@@ -187,6 +192,15 @@ async fn handle(
     let path = req.uri().path().to_string();
     let line = format!("{method} {path}");
     st.lock().unwrap().log.push(line.clone());
+    if method == "GET" && path == "/api/health" {
+        return reply(
+            200,
+            json!({"commit": "standin", "database": "ok", "version": "11.3.0"}),
+        );
+    }
+    if method != "GET" && *md.lock().unwrap() == Mode::WritesNotFound {
+        return reply(404, json!({"message": "Not found"}));
+    }
     if !basic_ok(&req, creds) {
         return reply(401, json!({"message": "Invalid username or password"}));
     }

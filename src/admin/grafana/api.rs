@@ -50,39 +50,100 @@ struct Grafana {
     password: String,
 }
 
+/// `base` with `path` appended to its own path (Grafana may be served
+/// under a sub-path, `http://host/grafana`).
+fn endpoint(base: &reqwest::Url, path: &str) -> reqwest::Url {
+    let mut url = base.clone();
+    url.set_path(&format!("{}{path}", base.path().trim_end_matches('/')));
+    url
+}
+
+fn unreachable(base: &reqwest::Url, e: reqwest::Error) -> Failure {
+    let why = if e.is_connect() {
+        "connection refused or host unreachable"
+    } else if e.is_timeout() {
+        "timed out"
+    } else {
+        "request failed"
+    };
+    Failure::new(
+        UNAVAILABLE,
+        anyhow::anyhow!(
+            "cannot reach Grafana at {} ({why}): {e}",
+            crate::config::redact_url(base.as_str())
+        ),
+    )
+}
+
+/// Is the server at `base` Grafana? Every Grafana answers `GET
+/// /api/health` without credentials with a JSON object that has a
+/// `database` field ("ok", or "failing" with a 503). Anything else — an
+/// InfluxDB, a reverse proxy's 404 for a wrong sub-path, a web server's
+/// HTML on every path — is not, and the API calls made to it would
+/// "succeed" or fail in ways that say nothing about the real mistake. Asked
+/// first, and without the admin credentials, so they are never sent to
+/// whatever else answers at that URL.
+pub async fn identify(http: &reqwest::Client, base: &reqwest::Url) -> Result<(), Failure> {
+    let url = endpoint(base, "/api/health");
+    let shown = crate::config::redact_url(url.as_str());
+    let r = http
+        .get(url)
+        .header("Accept", "application/json")
+        .send()
+        .await
+        .map_err(|e| unreachable(base, e))?;
+    let status = r.status();
+    let text = r.text().await.unwrap_or_default();
+    let health: Option<Value> = serde_json::from_str(&text).ok();
+    let database = health
+        .as_ref()
+        .and_then(|v| v.get("database"))
+        .and_then(Value::as_str);
+    match (status.as_u16(), database) {
+        (200..=299, Some(_)) => Ok(()),
+        (500..=599, Some(db)) => Err(Failure::new(
+            TEMPFAIL,
+            anyhow::anyhow!(
+                "Grafana is not healthy (GET {shown}: {status}, database {db:?}); retry once its database is back"
+            ),
+        )),
+        (500..=599, None) => Err(Failure::new(
+            TEMPFAIL,
+            anyhow::anyhow!(
+                "GET {shown} answered {status}: Grafana (or the proxy in front of it) is failing; retry later"
+            ),
+        )),
+        _ => Err(Failure::new(
+            UNAVAILABLE,
+            anyhow::anyhow!(
+                "grafana.url does not point at Grafana: GET {shown} answered {status} without Grafana's health JSON (a \"database\" field); \
+                 set grafana.url to Grafana's root URL (its port, 3000 by default, and its sub-path when served under one, e.g. http://host/grafana)"
+            ),
+        )),
+    }
+}
+
 impl Grafana {
+    /// One API request. 404 means "absent" only for a lookup (GET of an
+    /// object by uid); on a write it means the route itself is missing —
+    /// the URL is not Grafana's API, e.g. a proxy path without Grafana's
+    /// sub-path — and taking it for success would report objects as
+    /// created that were never stored.
     async fn call(
         &self,
         method: reqwest::Method,
         path: &str,
         body: Option<&Value>,
     ) -> Result<(u16, Value), Failure> {
-        let mut url = self.base.clone();
-        url.set_path(&format!("{}{path}", self.base.path().trim_end_matches('/')));
         let mut req = self
             .http
-            .request(method.clone(), url)
+            .request(method.clone(), endpoint(&self.base, path))
             .basic_auth(&self.user, Some(&self.password))
             .header("Accept", "application/json");
         if let Some(b) = body {
             req = req.json(b);
         }
-        let r = req.send().await.map_err(|e| {
-            let why = if e.is_connect() {
-                "connection refused or host unreachable"
-            } else if e.is_timeout() {
-                "timed out"
-            } else {
-                "request failed"
-            };
-            Failure::new(
-                UNAVAILABLE,
-                anyhow::anyhow!(
-                    "cannot reach Grafana at {} ({why}): {e}",
-                    crate::config::redact_url(self.base.as_str())
-                ),
-            )
-        })?;
+        let r = req.send().await.map_err(|e| unreachable(&self.base, e))?;
         let status = r.status().as_u16();
         let text = r.text().await.unwrap_or_default();
         let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
@@ -106,7 +167,16 @@ impl Grafana {
                     self.user
                 ),
             )),
-            200..=299 | 404 => Ok((status, v)),
+            200..=299 => Ok((status, v)),
+            404 if method == reqwest::Method::GET => Ok((status, v)),
+            404 => Err(Failure::new(
+                UNAVAILABLE,
+                anyhow::anyhow!(
+                    "{method} {} answered 404 ({msg}): Grafana's API is not served there; \
+                     check that grafana.url is Grafana's root URL, with its sub-path when served under one",
+                    crate::config::redact_url(endpoint(&self.base, path).as_str())
+                ),
+            )),
             500..=599 => Err(Failure::new(
                 TEMPFAIL,
                 anyhow::anyhow!("Grafana failed {method} {path}: {status} {msg}"),
@@ -155,6 +225,7 @@ pub async fn apply(cfg: &Config) -> Result<ApplyReport, Failure> {
         .connect_timeout(std::time::Duration::from_secs(3))
         .build()
         .map_err(|e| Failure::new(SOFTWARE, e))?;
+    identify(&http, &base).await?;
     let api = Grafana {
         http,
         base,
