@@ -178,17 +178,22 @@ pub async fn check(explicit: Option<&std::path::Path>) -> Vec<Finding> {
     // Grafana.
     match &cfg.grafana.url {
         Some(u) => {
-            let ok_health = reqwest::Client::new()
-                .get(format!("{}/api/health", u.trim_end_matches('/')))
+            let http = reqwest::Client::builder()
                 .timeout(Duration::from_secs(3))
-                .send()
-                .await
-                .map(|r| r.status().is_success())
-                .unwrap_or(false);
-            if ok_health {
-                f.push(ok(format!("Grafana answers at {}", config::redact_url(u))));
-            } else {
-                f.push(problem(format!("Grafana does not answer at {}", config::redact_url(u)), "start Grafana or fix grafana.url"));
+                .build();
+            let identified = match (reqwest::Url::parse(u), http) {
+                (Ok(base), Ok(http)) => crate::admin::grafana::api::identify(&http, &base)
+                    .await
+                    .map_err(|e| e.to_string()),
+                (Err(e), _) => Err(format!("grafana.url {:?}: {e}", config::redact_url(u))),
+                (_, Err(e)) => Err(e.to_string()),
+            };
+            match identified {
+                Ok(()) => f.push(ok(format!("Grafana answers at {}", config::redact_url(u)))),
+                Err(e) => f.push(problem(
+                    e,
+                    "start Grafana, or correct grafana.url",
+                )),
             }
         }
         None => match on_path("grafana-server").or_else(|| on_path("grafana")) {

@@ -321,6 +321,40 @@ fn doctor_names_each_problem_with_its_fix() {
     drop(busy);
 }
 
+/// A URL where something answers HTTP but is not the service it names (a
+/// web server's page on every path) is a problem with its fix, not "answers".
+#[test]
+fn doctor_tells_a_web_server_from_grafana() {
+    let dir = tempfile::tempdir().unwrap();
+    let nginx = FixedHttp::nginx();
+    let cfg = dir.path().join("nbpy.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "state_dir = {:?}\n[grafana]\nurl = \"{}\"\n",
+            dir.path().join("state").display().to_string(),
+            nginx.url
+        ),
+    )
+    .unwrap();
+    let out = Command::new(bin_path("nbpy"))
+        .args(["--config", cfg.to_str().unwrap(), "doctor"])
+        .env("PATH", "/nonexistent")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(69), "{text}");
+    let grafana = text
+        .lines()
+        .find(|l| l.contains("/api/health"))
+        .unwrap_or_else(|| panic!("no Grafana finding in:\n{text}"));
+    assert!(
+        grafana.starts_with("PROBLEM") && grafana.contains("does not point at Grafana"),
+        "{text}"
+    );
+    assert!(!text.contains("Grafana answers"), "{text}");
+}
+
 /// `nbpy config show | head -1`: once the reader has gone, the rest of the
 /// output is dropped, without the panic and backtrace `print!` makes of a
 /// closed pipe, and the command keeps its own exit code.
