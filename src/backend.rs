@@ -236,23 +236,32 @@ impl Drop for LocalInfluxd {
 /// `timeout` passes, backing off from 100 ms to 1 s. A distro `influxdb`
 /// unit is `Type=simple`, so systemd calls it started long before it
 /// answers; this is what makes phase 2 wait for the real thing. Returns how
-/// long it waited, or what the last attempt said.
+/// long it waited; else EX_UNAVAILABLE with what the last attempt said, or
+/// at once EX_CONFIG when something that is not InfluxDB answers at the
+/// URL: that does not change by waiting, and 78 tells the service manager
+/// (and `RestartPreventExitStatus=`) that the configuration must.
 pub async fn wait_answering(
     client: &crate::sink::influx::InfluxClient,
     timeout: Duration,
-) -> Result<Duration, String> {
+) -> Result<Duration, crate::exit::Failure> {
+    use crate::exit::{Failure, CONFIG, UNAVAILABLE};
+    use crate::sink::influx::WriteError;
     let t0 = Instant::now();
     let mut delay = Duration::from_millis(100);
     let mut told = false;
     loop {
         let err = match client.ping().await {
             Ok(()) => return Ok(t0.elapsed()),
+            Err(e @ WriteError::NotInfluxDb(_)) => return Err(Failure::new(CONFIG, e)),
             Err(e) => e,
         };
         if t0.elapsed() + delay > timeout {
-            return Err(format!(
-                "InfluxDB at {} did not answer /ping within {timeout:?}: {err}",
-                client.url()
+            return Err(Failure::new(
+                UNAVAILABLE,
+                anyhow::anyhow!(
+                    "InfluxDB at {} did not answer /ping within {timeout:?}: {err}",
+                    client.url()
+                ),
             ));
         }
         if !told {

@@ -103,7 +103,8 @@ pub enum Command {
 
 #[derive(Subcommand)]
 pub enum WaitFor {
-    /// Until the configured InfluxDB answers /ping; exit 69 (EX_UNAVAILABLE) at the timeout.
+    /// Until the configured InfluxDB answers /ping; exit 69 (EX_UNAVAILABLE) at the timeout,
+    /// 78 (EX_CONFIG) at once when what answers there is not InfluxDB.
     Influxdb {
         #[arg(long, default_value = "90s", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
@@ -259,8 +260,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             let loaded = cli.common.boot()?;
             let client = crate::sink::influx::InfluxClient::new(&loaded.config.influxdb)?;
             let waited = crate::cli::runtime()?
-                .block_on(crate::backend::wait_answering(&client, timeout))
-                .map_err(|e| Failure::unavailable(anyhow::anyhow!(e)))?;
+                .block_on(crate::backend::wait_answering(&client, timeout))?;
             crate::outln!(
                 "influxdb: {} answers /ping (waited {:.1}s)",
                 client.url(),

@@ -164,6 +164,12 @@ pub async fn check(explicit: Option<&std::path::Path>) -> Vec<Finding> {
         Ok(c) if c.file_sink().is_some() => f.push(warn("influxdb.url is a file sink", "set influxdb.url to an InfluxDB server to query and graph the data")),
         Ok(c) => match c.ping().await {
             Ok(()) => f.push(ok(format!("InfluxDB answers at {}", config::redact_url(&cfg.influxdb.url)))),
+            // Not "not running": `nbpy up` would start its own beside it,
+            // and every other command would talk to the wrong server.
+            Err(e @ crate::sink::influx::WriteError::NotInfluxDb(_)) => f.push(problem(
+                e.to_string(),
+                "point influxdb.url at InfluxDB, or stop what answers there",
+            )),
             Err(e) => match on_path("influxd") {
                 Some(p) => f.push(ok(format!("InfluxDB not running at {} ({e}); `nbpy up` will start {}", config::redact_url(&cfg.influxdb.url), p.display()))),
                 None => f.push(problem(

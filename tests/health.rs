@@ -489,10 +489,21 @@ async fn stuck_store_proxy(upstream: String) -> (String, Arc<AtomicBool>) {
                             }
                             let r = fwd.body(body).send().await.expect("upstream influxd");
                             let status = r.status().as_u16();
+                            // Its headers too: X-Influxdb-Version is how
+                            // nbpy tells InfluxDB from another server.
+                            let headers = r.headers().clone();
                             let mut out = hyper::Response::new(Full::new(
                                 r.bytes().await.unwrap_or_default(),
                             ));
                             *out.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
+                            for (k, v) in &headers {
+                                if k != hyper::header::CONTENT_LENGTH
+                                    && k != hyper::header::TRANSFER_ENCODING
+                                    && k != hyper::header::CONNECTION
+                                {
+                                    out.headers_mut().append(k, v.clone());
+                                }
+                            }
                             Ok::<_, hyper::Error>(out)
                         }
                     },

@@ -284,6 +284,44 @@ async fn unreachable_server_and_bad_config_have_their_exit_codes() {
     );
 }
 
+/// influxdb.url at a web server that answers 200 with its page on every
+/// path: the phase-1 gate does not take it for InfluxDB (it fails at once
+/// with EX_CONFIG instead of waiting), and `schema apply` says the answer
+/// was not InfluxDB's instead of "error decoding response body".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_web_server_at_influxdb_url_is_not_taken_for_influxdb() {
+    let nginx = FixedHttp::nginx();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("nbpy.toml");
+    std::fs::write(&cfg, format!("[influxdb]\nurl = \"{}\"\n", nginx.url)).unwrap();
+
+    let t0 = Instant::now();
+    let (code, out) = nbpy(&cfg, &["wait", "influxdb", "--timeout", "30s"]);
+    assert_eq!(code, nbpy::exit::CONFIG, "{out}");
+    assert!(
+        out.contains(&format!(
+            "something at {}/ answers HTTP but is not InfluxDB (no X-Influxdb-Version header on /ping)",
+            nginx.url
+        )) && out.contains("check influxdb.url"),
+        "{out}"
+    );
+    assert!(!out.contains("answers /ping (waited"), "{out}");
+    assert!(t0.elapsed() < Duration::from_secs(20), "it waited: {out}");
+
+    for args in [&["schema", "apply"][..], &["schema", "diff"][..]] {
+        let (code, out) = nbpy(&cfg, args);
+        assert_eq!(code, nbpy::exit::CONFIG, "{args:?}: {out}");
+        assert!(
+            out.contains("is not InfluxDB's JSON") && out.contains("check influxdb.url"),
+            "{args:?}: {out}"
+        );
+        assert!(
+            !out.contains("error decoding response body"),
+            "{args:?}: {out}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stats_match_the_points_of_a_synthetic_run() {
     const N: u64 = 5_000;

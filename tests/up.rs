@@ -324,16 +324,16 @@ fn doctor_names_each_problem_with_its_fix() {
 /// A URL where something answers HTTP but is not the service it names (a
 /// web server's page on every path) is a problem with its fix, not "answers".
 #[test]
-fn doctor_tells_a_web_server_from_grafana() {
+fn doctor_tells_a_web_server_from_influxdb_and_grafana() {
     let dir = tempfile::tempdir().unwrap();
     let nginx = FixedHttp::nginx();
     let cfg = dir.path().join("nbpy.toml");
     std::fs::write(
         &cfg,
         format!(
-            "state_dir = {:?}\n[grafana]\nurl = \"{}\"\n",
+            "state_dir = {:?}\n[influxdb]\nurl = \"{url}\"\n[grafana]\nurl = \"{url}\"\n",
             dir.path().join("state").display().to_string(),
-            nginx.url
+            url = nginx.url
         ),
     )
     .unwrap();
@@ -344,15 +344,31 @@ fn doctor_tells_a_web_server_from_grafana() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(69), "{text}");
-    let grafana = text
-        .lines()
-        .find(|l| l.contains("/api/health"))
-        .unwrap_or_else(|| panic!("no Grafana finding in:\n{text}"));
+    let finding = |needle: &str| {
+        let lines: Vec<&str> = text.lines().collect();
+        let i = lines
+            .iter()
+            .position(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no finding with {needle:?} in:\n{text}"));
+        (lines[i], lines.get(i + 1).copied().unwrap_or(""))
+    };
+    let (influx, fix) = finding("is not InfluxDB");
+    assert!(
+        influx.starts_with("PROBLEM")
+            && influx.contains("no X-Influxdb-Version header on /ping")
+            && fix.contains("fix:")
+            && fix.contains("influxdb.url"),
+        "{text}"
+    );
+    let (grafana, _) = finding("/api/health");
     assert!(
         grafana.starts_with("PROBLEM") && grafana.contains("does not point at Grafana"),
         "{text}"
     );
-    assert!(!text.contains("Grafana answers"), "{text}");
+    assert!(
+        !text.contains("InfluxDB answers") && !text.contains("Grafana answers"),
+        "{text}"
+    );
 }
 
 /// `nbpy config show | head -1`: once the reader has gone, the rest of the

@@ -570,10 +570,12 @@ pub struct SchemaError {
 }
 
 impl SchemaError {
-    /// Its sysexits code: denied → NOPERM, unreachable → UNAVAILABLE.
+    /// Its sysexits code: denied → NOPERM, unreachable → UNAVAILABLE,
+    /// something else at influxdb.url → CONFIG (the URL must change).
     pub fn exit_code(&self) -> i32 {
         match self.error {
             WriteError::Auth(_) => crate::exit::NOPERM,
+            WriteError::NotInfluxDb(_) => crate::exit::CONFIG,
             // Missing: phase 2 has not run (yet); a later try can succeed.
             WriteError::Transient(_) | WriteError::Timeout(_) | WriteError::Missing(_) => {
                 crate::exit::UNAVAILABLE

@@ -46,6 +46,11 @@ pub enum WriteError {
     /// Database or retention policy missing (phase 2 has not run).
     #[error("InfluxDB: {0} (run `nbpy schema apply`)")]
     Missing(String),
+    /// Something answers HTTP at `influxdb.url`, but not InfluxDB (a web
+    /// server, a proxy's error page, Grafana). Waiting or retrying will
+    /// not change that: the URL is wrong.
+    #[error("{0}: check influxdb.url (InfluxDB's HTTP API, port 8086 by default)")]
+    NotInfluxDb(String),
 }
 
 impl WriteError {
@@ -148,7 +153,17 @@ impl InfluxClient {
         out.sync_data().map_err(io)
     }
 
-    /// `/ping`: is the server answering?
+    /// `influxdb.url` for messages: a password in it shows as `***`.
+    pub fn shown_url(&self) -> String {
+        crate::config::redact_url(self.base.as_str())
+    }
+
+    /// `/ping`: is InfluxDB answering? Any web server answers 2xx to
+    /// `GET /ping` (the same page on every path), so the answer counts only
+    /// with the `X-Influxdb-Version` header, which every InfluxDB sets on
+    /// it (1.x, and 2.x's 1.x-compatible API): a gate that let anything
+    /// through would have `nbpy schema apply` fail later with a message
+    /// about decoding JSON.
     pub async fn ping(&self) -> Result<(), WriteError> {
         if self.file.is_some() {
             return self.append_file(b"");
@@ -160,14 +175,19 @@ impl InfluxClient {
             .send()
             .await
             .map_err(request_failed)?;
-        if r.status().is_success() {
-            Ok(())
-        } else {
-            Err(WriteError::Transient(format!(
+        if !r.status().is_success() {
+            return Err(WriteError::Transient(format!(
                 "/ping answered {}",
                 r.status()
-            )))
+            )));
         }
+        if !r.headers().contains_key("x-influxdb-version") {
+            return Err(WriteError::NotInfluxDb(format!(
+                "something at {} answers HTTP but is not InfluxDB (no X-Influxdb-Version header on /ping)",
+                self.shown_url()
+            )));
+        }
+        Ok(())
     }
 
     /// Gzips (when configured) and writes newline-separated points.
@@ -235,12 +255,33 @@ impl InfluxClient {
             .await
             .map_err(request_failed)?;
         let status = r.status().as_u16();
-        let v: serde_json::Value = r.json().await.map_err(|e| {
+        let body = r.bytes().await.map_err(|e| {
             let why = format!("query answer: {e}");
             if e.is_timeout() {
                 WriteError::Timeout(why)
             } else {
                 WriteError::Transient(why)
+            }
+        })?;
+        // InfluxDB answers every query, refused ones included, with JSON.
+        // Anything else came from another server: a proxy's 5xx page while
+        // InfluxDB is away (retry) or its 401/403 (credentials), else
+        // something that is not InfluxDB at all — "error decoding response
+        // body" would not say which.
+        let v: serde_json::Value = serde_json::from_slice(&body).map_err(|_| {
+            let start: String = String::from_utf8_lossy(&body)
+                .chars()
+                .filter(|c| !c.is_control())
+                .take(60)
+                .collect();
+            match status {
+                500..=599 | 401 | 403 => {
+                    classify(status, format!("no JSON from /query: {start:?}"))
+                }
+                _ => WriteError::NotInfluxDb(format!(
+                    "the answer from {} ({status}) is not InfluxDB's JSON: {start:?}",
+                    crate::config::redact_url(self.endpoint("query").as_str())
+                )),
             }
         })?;
         if !(200..300).contains(&status) {

@@ -507,7 +507,10 @@ impl Shared {
         if let Ok(mut last) = self.stats.last_error.lock() {
             *last = Some(e.to_string());
         }
-        let human = matches!(e, WriteError::Auth(_) | WriteError::Missing(_));
+        let human = matches!(
+            e,
+            WriteError::Auth(_) | WriteError::Missing(_) | WriteError::NotInfluxDb(_)
+        );
         self.stats.needs_human.store(human, Ordering::Relaxed);
         let spooling = if self.spool.is_some() {
             "; spooling to disk until it recovers"
