@@ -260,12 +260,12 @@ pub async fn wait_answering(
                 UNAVAILABLE,
                 anyhow::anyhow!(
                     "InfluxDB at {} did not answer /ping within {timeout:?}: {err}",
-                    client.url()
+                    client.shown_url()
                 ),
             ));
         }
         if !told {
-            tracing::info!("waiting for InfluxDB at {}: {err}", client.url());
+            tracing::info!("waiting for InfluxDB at {}: {err}", client.shown_url());
             told = true;
         }
         tokio::time::sleep(delay).await;

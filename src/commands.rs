@@ -263,7 +263,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
                 .block_on(crate::backend::wait_answering(&client, timeout))?;
             crate::outln!(
                 "influxdb: {} answers /ping (waited {:.1}s)",
-                client.url(),
+                client.shown_url(),
                 waited.as_secs_f64()
             );
             Ok(())

@@ -111,16 +111,19 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
             Err(e) if spooling => {
                 tracing::warn!(
                     "subscriber {name}: InfluxDB at {} unreachable ({e}); spooling until it answers",
-                    client.url()
+                    client.shown_url()
                 );
                 pool.set_healthy(Err(e));
                 break;
             }
             Err(e) => {
-                svc.status(&format!("waiting for InfluxDB at {}: {e}", client.url()));
+                svc.status(&format!(
+                    "waiting for InfluxDB at {}: {e}",
+                    client.shown_url()
+                ));
                 tracing::warn!(
                     "subscriber {name}: waiting for InfluxDB at {}: {e}",
-                    client.url()
+                    client.shown_url()
                 );
                 svc.liveness.beat();
                 tokio::select! {
@@ -172,7 +175,7 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
             } else {
                 "spooling while InfluxDB is unreachable at"
             },
-            client.url()
+            client.shown_url()
         ));
     }
 

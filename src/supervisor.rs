@@ -483,7 +483,10 @@ async fn backends(cfg: &mut Config, dir: &Path) -> Result<(Option<LocalInfluxd>,
     if client.file_sink().is_none() && client.ping().await.is_ok() {
         return Ok((
             None,
-            format!("InfluxDB at {} (already running)", cfg.influxdb.url),
+            format!(
+                "InfluxDB at {} (already running)",
+                crate::config::redact_url(&cfg.influxdb.url)
+            ),
         ));
     }
     if let Some(p) = client.file_sink() {
@@ -527,7 +530,7 @@ async fn backends(cfg: &mut Config, dir: &Path) -> Result<(Option<LocalInfluxd>,
     say(&format!(
         "No InfluxDB answers at {} and no `influxd` is on PATH: writing line protocol to {} instead.\n\
          To get InfluxDB: `apt-get install influxdb` (Debian/Ubuntu), `nix run` (the flake brings it), or docker/compose.yaml.",
-        crate::config::redact_url(client.url().as_ref()),
+        client.shown_url(),
         file.display()
     ));
     Ok((None, format!("file sink {}", file.display())))
@@ -580,7 +583,7 @@ pub async fn up(mut cfg: Config, opts: UpOptions) -> Result<(), Failure> {
     let t = Instant::now();
     let (mut influxd, influx_what) = backends(&mut cfg, &dir).await?;
     let grafana_what = match &cfg.grafana.url {
-        Some(u) => format!("Grafana at {u}"),
+        Some(u) => format!("Grafana at {}", crate::config::redact_url(u)),
         None => "no Grafana configured: dashboards are rendered for file provisioning".to_string(),
     };
     say(&format!(

@@ -418,7 +418,7 @@ pub async fn run(cfg: &Config, duration: Duration) -> Result<Report, Failure> {
     let settle_t0 = Instant::now();
     let stored = match client.ping().await {
         Err(e) => {
-            unavailable.push(format!("InfluxDB at {}: {e}", client.url()));
+            unavailable.push(format!("InfluxDB at {}: {e}", client.shown_url()));
             None
         }
         Ok(()) => match reconcile(&client, &listened, start_ns, cfg).await {

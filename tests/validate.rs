@@ -330,3 +330,86 @@ stats_interval = "1s"
         .as_deref()
         .is_some_and(|s| s.contains("reconnected 1 time")));
 }
+
+/// A password in influxdb.url (`http://user:password@host`) is shown as
+/// `***` by the phase-1 gate, when InfluxDB answers and when it does not,
+/// and by `nbpy validate`'s report and its message on stderr.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_in_influxdb_url_is_never_printed() {
+    const SECRET: &str = "s3cretpw";
+    let env = Env::start().await;
+    let answering = env
+        .influx
+        .url()
+        .replace("http://", &format!("http://bob:{SECRET}@"));
+    let closed = format!(
+        "http://bob:{SECRET}@127.0.0.1:{}",
+        nbpy::backend::free_port().unwrap()
+    );
+    let wait = |url: &str| {
+        let out = Command::new(bin_path("nbpy"))
+            .args(["wait", "influxdb", "--timeout", "2s"])
+            .env("NBPY_INFLUXDB__URL", url)
+            .env_remove("NBPY_CONFIG")
+            .env("RUST_LOG", "info")
+            .output()
+            .expect("run nbpy wait influxdb");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.code(), text)
+    };
+    let (code, text) = wait(&answering);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains("influxdb: http://bob:***@127.0.0.1:"),
+        "{text}"
+    );
+    assert!(!text.contains(SECRET), "{text}");
+    let (code, text) = wait(&closed);
+    assert_eq!(code, Some(nbpy::exit::UNAVAILABLE), "{text}");
+    assert!(
+        text.contains("InfluxDB at http://bob:***@127.0.0.1:"),
+        "{text}"
+    );
+    assert!(!text.contains(SECRET), "{text}");
+
+    let cfg = env.path("creds.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "state_dir = {:?}\n[influxdb]\nurl = \"{closed}\"\n\
+             [validate]\nconnect_timeout = \"1s\"\n\
+             [publishers.ghost]\nendpoint = \"{}\"\n",
+            env.path("state").display().to_string(),
+            free_endpoint()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(bin_path("nbpy"))
+        .args([
+            "--config",
+            cfg.to_str().unwrap(),
+            "validate",
+            "--duration",
+            "1s",
+        ])
+        .env("RUST_LOG", "info")
+        .output()
+        .expect("run nbpy validate");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(nbpy::exit::UNAVAILABLE), "{text}");
+    assert!(
+        text.contains("InfluxDB at http://bob:***@127.0.0.1:"),
+        "{text}"
+    );
+    assert!(!text.contains(SECRET), "{text}");
+    let (code, r, stderr) = validate(cfg.to_str().unwrap(), "1s");
+    assert_eq!(code, nbpy::exit::UNAVAILABLE, "{stderr}");
+    let json = serde_json::to_string(&r).unwrap();
+    assert!(json.contains("bob:***@"), "{json}");
+    assert!(
+        !json.contains(SECRET) && !stderr.contains(SECRET),
+        "{json}\n{stderr}"
+    );
+}

@@ -26,7 +26,7 @@ pub fn schema(cfg: &Config, action: SchemaAction) -> Result<(), Failure> {
                 "schema: {} change(s) applied to database {:?} at {}",
                 r.changes.len(),
                 client.database(),
-                crate::config::redact_url(client.url().as_str())
+                client.shown_url()
             );
             Ok(())
         }

@@ -308,7 +308,7 @@ impl Monitor {
                 .map(|q| 100.0 * q.iter().filter(|(_, up)| *up).count() as f64 / q.len() as f64)
         };
         let influxdb = Backend {
-            url: self.client.url().to_string(),
+            url: self.client.shown_url(),
             state: match &p.influx {
                 None => State::Unknown,
                 Some((_, Ok(()))) => State::Up,

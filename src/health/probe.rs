@@ -132,23 +132,25 @@ pub async fn max_stored_seq(
 /// Grafana's own health answer: `{"database":"ok","version":…}`.
 pub async fn grafana(http: &reqwest::Client, base: &str) -> Result<String, String> {
     let url = format!("{}/api/health", base.trim_end_matches('/'));
+    // What /status and the log show: never a password from grafana.url.
+    let shown = crate::config::redact_url(&url);
     let r = http
         .get(&url)
         .timeout(Duration::from_secs(3))
         .send()
         .await
-        .map_err(|e| format!("{url}: {e}"))?;
+        .map_err(|e| format!("{shown}: {e}"))?;
     let status = r.status();
     let body: Json = r
         .json()
         .await
-        .map_err(|e| format!("{url}: answer is not JSON: {e}"))?;
+        .map_err(|e| format!("{shown}: answer is not JSON: {e}"))?;
     let db = body.get("database").and_then(|d| d.as_str()).unwrap_or("?");
     let version = body.get("version").and_then(|d| d.as_str()).unwrap_or("?");
     if status.is_success() && db == "ok" {
         Ok(format!("version {version}, database ok"))
     } else {
-        Err(format!("{url}: {status}, database {db}"))
+        Err(format!("{shown}: {status}, database {db}"))
     }
 }
 
