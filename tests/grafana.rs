@@ -485,6 +485,90 @@ async fn apply_names_the_problem_on_401_403_and_connection_refused() {
     assert_eq!(code, nbpy::exit::CONFIG, "{out}");
 }
 
+/// Credentials in the InfluxDB URL (`http://bob:pw@host`) never reach the
+/// datasource's `url`: the user goes to `user`, the password to
+/// `secureJsonData` (Grafana's encrypted store), and a rendered file that
+/// holds it is not readable by every user. Configured datasource
+/// credentials win over the URL's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_in_the_influxdb_url_stay_out_of_the_datasource_url() {
+    use std::os::unix::fs::PermissionsExt;
+    const SECRET: &str = "s3c$ret";
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("provisioning");
+    let ds_file = out_dir.join("datasources/nbpy.yaml");
+    let render = |cfg: &Path| {
+        let (code, out) = nbpy(cfg, &["grafana", "render", out_dir.to_str().unwrap()]);
+        assert_eq!(code, 0, "{out}");
+        assert!(!out.contains("s3c"), "{out}");
+        let text = std::fs::read_to_string(&ds_file).unwrap();
+        let yaml: serde_json::Value = serde_yaml_ng::from_str(&text).unwrap();
+        let mode = std::fs::metadata(&ds_file).unwrap().permissions().mode() & 0o777;
+        (text, yaml["datasources"][0].clone(), mode)
+    };
+
+    // Only the URL carries credentials.
+    let cfg = write_config(
+        dir.path(),
+        "[influxdb]\nurl = \"http://bob:s3c%24ret@127.0.0.1:28086\"\n",
+    );
+    let (text, ds, mode) = render(&cfg);
+    assert_eq!(ds["url"], "http://127.0.0.1:28086", "{text}");
+    assert_eq!(ds["user"], "bob", "{text}");
+    // `$$` is Grafana's escape for a literal `$` in provisioning files.
+    assert_eq!(ds["secureJsonData"]["password"], "s3c$$ret", "{text}");
+    assert!(!text.contains("bob:"), "{text}");
+    assert_eq!(mode, 0o640, "{text}");
+
+    // grafana.influxdb_user and its password file win; the URL's password
+    // is not written at all.
+    let cfg = write_config(
+        dir.path(),
+        "[influxdb]\nurl = \"http://bob:s3c%24ret@127.0.0.1:28086\"\n\
+         [grafana]\ninfluxdb_user = \"grafana\"\n\
+         influxdb_password_file = \"/run/credentials/grafana.service/influxdb-password\"\n",
+    );
+    let (text, ds, mode) = render(&cfg);
+    assert_eq!(ds["url"], "http://127.0.0.1:28086", "{text}");
+    assert_eq!(ds["user"], "grafana", "{text}");
+    assert_eq!(
+        ds["secureJsonData"]["password"],
+        "$__file{/run/credentials/grafana.service/influxdb-password}",
+        "{text}"
+    );
+    assert!(!text.contains("s3c") && !text.contains("bob"), "{text}");
+    assert_ne!(mode & 0o600, 0, "{text}");
+
+    // Through the API: the same split, the password in secureJsonData only.
+    let g = StandIn::start("admin", "hunter2").await;
+    let pw = dir.path().join("grafana-admin.pw");
+    std::fs::write(&pw, "hunter2\n").unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &format!(
+            "[influxdb]\nurl = \"http://bob:s3c%24ret@127.0.0.1:28086\"\n\
+             [grafana]\nurl = \"{}\"\nadmin_password_file = {pw:?}\n",
+            g.url()
+        ),
+    );
+    for run in 0..2 {
+        let (code, out) = nbpy(&cfg, &["grafana", "apply"]);
+        assert_eq!(code, 0, "{out}");
+        let want = if run == 0 {
+            "+ datasource"
+        } else {
+            "= datasource"
+        };
+        assert!(out.contains(want), "run {run}: {out}");
+    }
+    let s = g.state.lock().unwrap();
+    let ds = &s.datasources["nbpy-influxdb"];
+    assert_eq!(ds["url"], "http://127.0.0.1:28086");
+    assert_eq!(ds["user"], "bob");
+    assert_eq!(s.secrets["nbpy-influxdb"]["password"], SECRET);
+    assert!(!ds.to_string().contains("s3c"), "{ds}");
+}
+
 /// grafana.url at something else (InfluxDB, which answers 404 to every
 /// `/api/...` path; a web server with the same HTML page on every path):
 /// `apply` and `provision` fail with EX_UNAVAILABLE and say that grafana.url

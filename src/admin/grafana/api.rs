@@ -266,14 +266,18 @@ pub async fn apply(cfg: &Config) -> Result<ApplyReport, Failure> {
     let (st, have) = api
         .call(Method::GET, &format!("/api/datasources/uid/{uid}"), None)
         .await?;
+    let password = super::influx_target(cfg).password;
     let has_secret = have["secureJsonFields"]["password"] == json!(true);
-    let same = st != 404 && covers(&have, &ds) && has_secret == g.influxdb_password_file.is_some();
+    let same = st != 404 && covers(&have, &ds) && has_secret == password.is_some();
     if same {
         report.note('=', format!("datasource {uid}"));
     } else {
-        if let Some(p) = &g.influxdb_password_file {
-            let secret = read_secret("grafana.influxdb_password_file", p)
-                .map_err(|e| Failure::new(NOPERM, e))?;
+        if let Some(p) = password {
+            let secret = match p {
+                super::Password::File(p) => read_secret("grafana.influxdb_password_file", &p)
+                    .map_err(|e| Failure::new(NOPERM, e))?,
+                super::Password::InUrl(s) => s,
+            };
             ds["secureJsonData"] = json!({"password": secret});
         }
         if st == 404 {

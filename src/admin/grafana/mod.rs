@@ -24,16 +24,84 @@ use crate::exit::Failure;
 
 pub use api::{apply, ApplyReport};
 
+/// Where the datasource's InfluxDB password comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Password {
+    /// `grafana.influxdb_password_file`, a path as Grafana sees it.
+    File(PathBuf),
+    /// The password part of the InfluxDB URL (`http://user:password@host`).
+    InUrl(String),
+}
+
+/// The InfluxDB that Grafana's datasource queries: its URL without
+/// userinfo, and the credentials. A datasource's URL is shown to everyone
+/// who may edit or inspect it and is written into provisioning files, so
+/// credentials from the URL go where Grafana keeps credentials instead:
+/// the user in `user`, the password in `secureJsonData` (which Grafana
+/// encrypts and never shows back). `grafana.influxdb_user` and
+/// `influxdb_password_file`, when set, win over the URL's.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InfluxTarget {
+    pub url: String,
+    pub user: Option<String>,
+    pub password: Option<Password>,
+}
+
+pub fn influx_target(cfg: &Config) -> InfluxTarget {
+    let g = &cfg.grafana;
+    let raw = g
+        .influxdb_url
+        .clone()
+        .unwrap_or_else(|| cfg.influxdb.url.clone());
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    let (url, url_user, url_password) = match reqwest::Url::parse(&raw) {
+        Ok(mut u) if !u.username().is_empty() || u.password().is_some() => {
+            let user = Some(decode(u.username())).filter(|s| !s.is_empty());
+            let password = u.password().map(decode);
+            let _ = u.set_username("");
+            let _ = u.set_password(None);
+            let mut url = u.to_string();
+            // Url adds a "/" to a bare host; keep the URL as it was written.
+            if u.path() == "/"
+                && u.query().is_none()
+                && u.fragment().is_none()
+                && !raw.ends_with('/')
+            {
+                url.pop();
+            }
+            (url, user, password)
+        }
+        _ => (raw, None, None),
+    };
+    match &g.influxdb_user {
+        Some(user) => InfluxTarget {
+            url,
+            user: Some(user.clone()),
+            password: g.influxdb_password_file.clone().map(Password::File),
+        },
+        None => InfluxTarget {
+            url,
+            user: url_user,
+            password: url_password.map(Password::InUrl),
+        },
+    }
+}
+
 /// The datasource as the HTTP API takes it (`POST /api/datasources`),
-/// without credentials.
+/// without the password.
 pub fn datasource(cfg: &Config) -> Value {
     let g = &cfg.grafana;
+    let target = influx_target(cfg);
     let mut ds = json!({
         "uid": g.datasource_uid,
         "name": g.datasource_name,
         "type": "influxdb",
         "access": "proxy",
-        "url": g.influxdb_url.clone().unwrap_or_else(|| cfg.influxdb.url.clone()),
+        "url": target.url,
         "database": cfg.influxdb.database,
         "basicAuth": false,
         "isDefault": false,
@@ -44,14 +112,16 @@ pub fn datasource(cfg: &Config) -> Value {
             "timeInterval": "1s"
         }
     });
-    if let Some(u) = &g.influxdb_user {
+    if let Some(u) = target.user {
         ds["user"] = json!(u);
     }
     ds
 }
 
-/// `datasources/nbpy.yaml`: the datasource for file provisioning. The
-/// password is a `$__file{PATH}` reference, never its value.
+/// `datasources/nbpy.yaml`: the datasource for file provisioning. A
+/// password file is a `$__file{PATH}` reference, never its value; a
+/// password that came in the URL has no file, so it is written as is
+/// (and [`render_to`] keeps the file from other users).
 pub fn datasource_yaml(cfg: &Config) -> String {
     let ds = datasource(cfg);
     let q = |v: &Value| serde_json::to_string(v).unwrap_or_else(|_| "\"\"".into());
@@ -82,10 +152,16 @@ pub fn datasource_yaml(cfg: &Config) -> String {
             y.push_str(&format!("      {k}: {}\n", q(v)));
         }
     }
-    if let Some(p) = &cfg.grafana.influxdb_password_file {
+    let password = match influx_target(cfg).password {
+        Some(Password::File(p)) => Some(format!("$__file{{{}}}", p.display())),
+        // Grafana expands $NAME in provisioning files; $$ is a literal $.
+        Some(Password::InUrl(p)) => Some(p.replace('$', "$$")),
+        None => None,
+    };
+    if let Some(p) = password {
         y.push_str(&format!(
             "    secureJsonData:\n      password: {}\n",
-            q(&json!(format!("$__file{{{}}}", p.display())))
+            q(&json!(p))
         ));
     }
     y
@@ -133,11 +209,9 @@ pub fn render_to(cfg: &Config, dir: &Path) -> Result<Vec<PathBuf>, Failure> {
         Some(p) => p.clone(),
         None => std::path::absolute(&boards_dir).map_err(|e| io(&boards_dir, e))?,
     };
+    let ds_file = dir.join("datasources").join("nbpy.yaml");
     let mut files = vec![
-        (
-            dir.join("datasources").join("nbpy.yaml"),
-            datasource_yaml(cfg),
-        ),
+        (ds_file.clone(), datasource_yaml(cfg)),
         (
             dir.join("dashboards").join("nbpy.yaml"),
             provider_yaml(cfg, &seen_path),
@@ -152,10 +226,23 @@ pub fn render_to(cfg: &Config, dir: &Path) -> Result<Vec<PathBuf>, Failure> {
             serde_json::to_string_pretty(&d).map_err(|e| Failure::new(crate::exit::SOFTWARE, e))?;
         files.push((boards_dir.join(name), text + "\n"));
     }
+    // A password from the URL is in the datasource file itself: not for
+    // every user's eyes. 0640 lets Grafana read it through the group (give
+    // DIR Grafana's group, setgid); a password file keeps the YAML free of
+    // secrets and its mode as before.
+    let secret_inside = matches!(influx_target(cfg).password, Some(Password::InUrl(_)));
+    if secret_inside {
+        tracing::warn!(
+            "{}: holds the InfluxDB password from the URL (mode 0640); \
+             set grafana.influxdb_user and grafana.influxdb_password_file to keep it out",
+            ds_file.display()
+        );
+    }
     let mut written = Vec::new();
     for (path, text) in files {
         let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, text).map_err(|e| io(&tmp, e))?;
+        let mode = (path == ds_file && secret_inside).then_some(0o640);
+        write_file(&tmp, &text, mode).map_err(|e| io(&tmp, e))?;
         std::fs::rename(&tmp, &path).map_err(|e| io(&path, e))?;
         written.push(path);
     }
@@ -169,6 +256,24 @@ pub fn render_to(cfg: &Config, dir: &Path) -> Result<Vec<PathBuf>, Failure> {
         }
     }
     Ok(written)
+}
+
+/// Writes `text` to `path`, with `mode` (when given) from the moment the
+/// file exists, so a secret is never readable by others, not even
+/// between create and chmod; a left-over file gets the mode too.
+fn write_file(path: &Path, text: &str, mode: Option<u32>) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut open = std::fs::OpenOptions::new();
+    open.write(true).create(true).truncate(true);
+    if let Some(m) = mode {
+        open.mode(m);
+    }
+    let mut f = open.open(path)?;
+    if let Some(m) = mode {
+        f.set_permissions(std::fs::Permissions::from_mode(m))?;
+    }
+    f.write_all(text.as_bytes())
 }
 
 /// Phase 4 as the unit and `nbpy up` run it: always render the files for
