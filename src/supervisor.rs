@@ -536,6 +536,23 @@ async fn backends(cfg: &mut Config, dir: &Path) -> Result<(Option<LocalInfluxd>,
     Ok((None, format!("file sink {}", file.display())))
 }
 
+/// Writes a file only its owner may read (0600, also when it existed
+/// before): the effective configuration holds `influxdb.url` as given,
+/// credentials included, and the children that read it run as the same
+/// user.
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    f.write_all(text.as_bytes())
+}
+
 /// Runs the appliance until SIGTERM/SIGINT, then stops it in order.
 pub async fn up(mut cfg: Config, opts: UpOptions) -> Result<(), Failure> {
     let t_start = Instant::now();
@@ -616,9 +633,9 @@ pub async fn up(mut cfg: Config, opts: UpOptions) -> Result<(), Failure> {
         return Err(Failure::config(anyhow::anyhow!(problems.join("; "))));
     }
     let config_file = dir.join("run/nbpy.toml");
-    std::fs::write(
+    write_private(
         &config_file,
-        toml::to_string_pretty(&cfg).map_err(|e| Failure::new(SOFTWARE, e))?,
+        &toml::to_string_pretty(&cfg).map_err(|e| Failure::new(SOFTWARE, e))?,
     )
     .map_err(|e| Failure::new(CANTCREAT, anyhow::anyhow!("{}: {e}", config_file.display())))?;
     let status = Arc::new(Mutex::new(UpStatus {

@@ -198,7 +198,7 @@ fn without_influxdb_up_falls_back_to_the_file_sink_and_says_how_to_get_influxdb(
     std::fs::write(
         &cfg,
         format!(
-            "state_dir = {:?}\n[influxdb]\nurl = \"http://127.0.0.1:{dead}\"\n\
+            "state_dir = {:?}\n[influxdb]\nurl = \"http://bob:s3cretpw@127.0.0.1:{dead}\"\n\
              [publishers.synth]\nendpoint = \"tcp://127.0.0.1:{ep_port}\"\nrate = 2000\n",
             state.display().to_string()
         ),
@@ -219,6 +219,20 @@ fn without_influxdb_up_falls_back_to_the_file_sink_and_says_how_to_get_influxdb(
         "says how to get InfluxDB:\n{text}"
     );
     assert!(text.contains("file sink"), "{text}");
+    // The URL's password is never shown, and the effective configuration
+    // the children read is its owner's alone.
+    assert!(
+        text.contains("http://bob:***@127.0.0.1") && !text.contains("s3cretpw"),
+        "{text}"
+    );
+    let mode = std::fs::metadata(state.join("run/nbpy.toml"))
+        .unwrap()
+        .permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o600,
+        "run/nbpy.toml"
+    );
     let points = state.join("points.lp");
     // The terminal closing (SIGHUP) stops it in order, like Ctrl-C.
     nix::sys::signal::kill(
