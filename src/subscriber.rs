@@ -108,6 +108,15 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
     loop {
         match client.ping().await {
             Ok(()) => break,
+            // Not a store at all: its /write would answer 2xx and keep
+            // nothing, so neither writing nor spooling-then-replaying there
+            // is safe. A configuration error, not an outage.
+            Err(e @ crate::sink::influx::WriteError::NotInfluxDb(_)) => {
+                return Err(Failure::new(
+                    crate::exit::CONFIG,
+                    anyhow::anyhow!("subscriber {name}: {e}"),
+                ));
+            }
             Err(e) if spooling => {
                 tracing::warn!(
                     "subscriber {name}: InfluxDB at {} unreachable ({e}); spooling until it answers",
