@@ -320,6 +320,23 @@ async fn a_web_server_at_influxdb_url_is_not_taken_for_influxdb() {
             "{args:?}: {out}"
         );
     }
+
+    // A subscriber, even one that could spool through an outage, refuses
+    // to start: the server's 2xx to /write would keep nothing.
+    let sub_cfg = dir.path().join("sub.toml");
+    std::fs::write(
+        &sub_cfg,
+        format!(
+            "state_dir = {:?}\n[influxdb]\nurl = \"{}\"\n[subscribers.main]\nconnect = [\"{}\"]\n[subscribers.main.spool]\nenabled = true\n",
+            dir.path().join("state"),
+            nginx.url,
+            free_endpoint()
+        ),
+    )
+    .unwrap();
+    let (code, out) = nbpy(&sub_cfg, &["subscriber", "main"]);
+    assert_eq!(code, nbpy::exit::CONFIG, "{out}");
+    assert!(out.contains("is not InfluxDB"), "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
