@@ -565,15 +565,18 @@ async fn read_endpoint(
         sub::Subscriber::new(host, port, &topics, crate::wire::MAX_FRAME).leave_on(leave.clone());
     let mut retry_log = RateLimitedLog::new(Duration::from_secs(60));
     let mut oversized_log = RateLimitedLog::new(Duration::from_secs(5));
-    let mut deadline: Option<tokio::time::Instant> = None;
+    // Armed by the leave: `sock` itself reacts to the token (it sends the
+    // fence), so only the bound on waiting for the answer lives here, and
+    // `next` is never dropped on the leave itself.
+    let give_up = async {
+        leave.cancelled().await;
+        tokio::time::sleep(LEAVE_TIMEOUT).await;
+    };
+    tokio::pin!(give_up);
     loop {
-        if deadline.is_none() && leave.is_cancelled() {
-            deadline = Some(tokio::time::Instant::now() + LEAVE_TIMEOUT);
-        }
         let ev = tokio::select! {
             ev = sock.next() => ev,
-            _ = leave.cancelled(), if deadline.is_none() => continue,
-            _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => {
+            _ = &mut give_up => {
                 tracing::warn!(
                     "{ep}: no answer to the leave fence within {LEAVE_TIMEOUT:?}: stopped reading; messages in flight are not counted"
                 );
