@@ -414,7 +414,7 @@ pub enum HealthSystemd {
 
 /// What a subscriber needs past `service.stop_timeout` to spool what it
 /// could not write and exit; `nbpy up` gives its children the same.
-const STOP_MARGIN: Duration = Duration::from_secs(5);
+pub const STOP_MARGIN: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -782,19 +782,20 @@ fn describe(fig: &Figment, e: &figment::Error) -> String {
     let found = (1..=e.path.len())
         .rev()
         .find_map(|n| Some((n, fig.find_metadata(&e.path[..n].join("."))?)));
-    let source = match found {
-        Some((n, md)) => match &md.source {
+    let (n, md) = match found {
+        Some((n, md)) => (n, Some(md)),
+        None => (0, e.metadata.as_ref()),
+    };
+    let source = match md {
+        Some(md) => match &md.source {
             Some(figment::Source::File(p)) => format!(" (in {})", p.display()),
-            _ if md.name.contains("environment") => {
+            _ if n > 0 && md.name.contains("environment") => {
                 let var: Vec<String> = e.path[..n].iter().map(|k| k.to_ascii_uppercase()).collect();
                 format!(" (from NBPY_{})", var.join("__"))
             }
             _ => String::new(),
         },
-        None => match e.metadata.as_ref().and_then(|md| md.source.as_ref()) {
-            Some(figment::Source::File(p)) => format!(" (in {})", p.display()),
-            _ => String::new(),
-        },
+        None => String::new(),
     };
     if key.is_empty() {
         format!("{what}{source}")

@@ -753,7 +753,7 @@ pub async fn up(mut cfg: Config, opts: UpOptions) -> Result<(), Failure> {
     say("stopping: subscribers drain first, then publishers");
     up.write_status("stopping");
     let clean = up
-        .stop_all(cfg.service.stop_timeout + Duration::from_secs(5))
+        .stop_all(cfg.service.stop_timeout + crate::config::STOP_MARGIN)
         .await;
     if let Some(mut i) = influxd.take() {
         tokio::task::spawn_blocking(move || i.stop()).await.ok();
