@@ -290,10 +290,7 @@ impl InfluxClient {
                 .and_then(|e| e.as_str())
                 .unwrap_or("")
                 .to_string();
-            return Err(match classify(status, msg) {
-                WriteError::Rejected(m) => WriteError::Refused(m),
-                e => e,
-            });
+            return Err(classify_query(status, msg));
         }
         // Every statement's error, not only the first's: with several
         // statements a later one can fail alone.
@@ -307,10 +304,7 @@ impl InfluxClient {
             })
             .unwrap_or_default();
         if let Some(first) = errors.first() {
-            return Err(match classify(400, first.to_string()) {
-                WriteError::Rejected(m) => WriteError::Refused(m),
-                e => e,
-            });
+            return Err(classify_query(400, first.to_string()));
         }
         Ok(v)
     }
@@ -321,6 +315,15 @@ impl InfluxClient {
         Ok(v.pointer("/results/0/series/0/values/0/1")
             .and_then(|x| x.as_f64())
             .unwrap_or(0.0))
+    }
+}
+
+/// [`classify`] for a query: what it calls refused points is a refused
+/// statement here.
+fn classify_query(status: u16, msg: String) -> WriteError {
+    match classify(status, msg) {
+        WriteError::Rejected(m) => WriteError::Refused(m),
+        e => e,
     }
 }
 
