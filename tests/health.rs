@@ -351,7 +351,7 @@ async fn grafana_is_reported_but_not_needed_for_readiness_and_nbpy_status_shows_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nbpy_status_probes_directly_when_no_daemon_answers() {
     let env = Env::start().await;
-    let (cfg, _base, _) = config(&env, None);
+    let (cfg, _base, listen) = config(&env, None);
     let publisher = env.spawn("nbpy-publisher", &["--config", &cfg, "synth"], &[]);
     let subscriber = env.spawn("nbpy-subscriber", &["--config", &cfg, "main"], &[]);
     subscriber.wait_log("ready", Duration::from_secs(30));
@@ -379,6 +379,27 @@ async fn nbpy_status_probes_directly_when_no_daemon_answers() {
     assert!(out.status.success());
     assert_eq!(s.publishers[0].state, State::Up);
     assert!(s.publishers[0].received > 0);
+
+    // A hung daemon (its port takes connections, nothing answers) is no
+    // reason to give up: the picture is probed directly, and says why.
+    let hung = std::net::TcpListener::bind(&listen).unwrap();
+    let out = Command::new(bin_path("nbpy"))
+        .args(["--config", &cfg, "status"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains(&format!(
+            "nbpy-health at {listen} did not answer within 3 s; probed directly"
+        )),
+        "{text}"
+    );
+    drop(hung);
 
     // And with the publisher gone, it says so and exits non-zero.
     drop(publisher);
