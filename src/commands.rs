@@ -288,6 +288,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
                 ("wrote", &report.written),
                 ("linked", &report.linked),
                 ("unlinked", &report.unlinked),
+                ("removed", &report.removed),
             ] {
                 for p in paths {
                     crate::outln!("{what} {}", p.display());

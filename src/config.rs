@@ -1276,6 +1276,32 @@ fn read_secret_in(key: &str, path: &Path, creds: Option<PathBuf>) -> Result<Stri
     Ok(text.trim_end_matches(['\n', '\r']).to_string())
 }
 
+/// Every `*_file` key in the configuration, with its dotted name.
+pub fn secret_files(cfg: &Config) -> Vec<(String, PathBuf)> {
+    fn walk(prefix: &str, v: &toml::Value, out: &mut Vec<(String, PathBuf)>) {
+        if let toml::Value::Table(t) = v {
+            for (k, v) in t {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                match v {
+                    toml::Value::String(s) if k.ends_with("_file") && k != "file" => {
+                        out.push((key, PathBuf::from(s)))
+                    }
+                    _ => walk(&key, v, out),
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    if let Ok(v) = toml::Value::try_from(cfg) {
+        walk("", &v, &mut out);
+    }
+    out
+}
+
 /// Where a secret file is read from: a relative name is a systemd
 /// credential (under `$CREDENTIALS_DIRECTORY`) when there is one.
 pub fn secret_path(path: &Path) -> PathBuf {

@@ -5,7 +5,7 @@ use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::config::{self, Config};
+use crate::config;
 use crate::exit::{Failure, CONFIG, UNAVAILABLE};
 use crate::feeds::FeedKind;
 
@@ -89,32 +89,6 @@ pub fn upstream(p: &config::PublisherConfig) -> Option<(String, u16)> {
         FeedKind::Social => Some(("api.x.com".into(), 443)),
         FeedKind::Synthetic | FeedKind::Replay => None,
     }
-}
-
-/// Every `*_file` key in the configuration, with its dotted name.
-fn secret_files(cfg: &Config) -> Vec<(String, PathBuf)> {
-    fn walk(prefix: &str, v: &toml::Value, out: &mut Vec<(String, PathBuf)>) {
-        if let toml::Value::Table(t) = v {
-            for (k, v) in t {
-                let key = if prefix.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{prefix}.{k}")
-                };
-                match v {
-                    toml::Value::String(s) if k.ends_with("_file") && k != "file" => {
-                        out.push((key, PathBuf::from(s)))
-                    }
-                    _ => walk(&key, v, out),
-                }
-            }
-        }
-    }
-    let mut out = Vec::new();
-    if let Ok(v) = toml::Value::try_from(cfg) {
-        walk("", &v, &mut out);
-    }
-    out
 }
 
 pub async fn check(explicit: Option<&std::path::Path>) -> Vec<Finding> {
@@ -238,7 +212,7 @@ pub async fn check(explicit: Option<&std::path::Path>) -> Vec<Finding> {
     }
 
     // Secrets.
-    for (key, path) in secret_files(&cfg) {
+    for (key, path) in config::secret_files(&cfg) {
         match config::read_secret(&key, &path) {
             Err(e) if e.is_empty() => {
                 f.push(problem(e.to_string(), "write the secret into the file"))

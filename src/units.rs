@@ -100,6 +100,104 @@ pub struct Report {
     pub unchanged: Vec<PathBuf>,
     pub linked: Vec<PathBuf>,
     pub unlinked: Vec<PathBuf>,
+    /// Credential drop-ins the configuration no longer needs.
+    pub removed: Vec<PathBuf>,
+}
+
+/// The drop-in `install` writes into `<unit>.d/` for the credentials a
+/// unit's own `LoadCredential=` lines do not load.
+pub const CREDENTIALS_DROPIN: &str = "50-nbpy-credentials.conf";
+
+/// The units that read secrets, each with the config keys (by prefix) it
+/// reads them from; a template's entry covers all its instances.
+fn secret_readers(cfg: &Config) -> Vec<(String, Vec<String>)> {
+    let influx = || "influxdb.".to_string();
+    let mut v: Vec<(String, Vec<String>)> = [
+        "nbpy-influxdb-ready.service",
+        "nbpy-health.service",
+        "nbpy-validate.service",
+        "nbpy-validate-periodic.service",
+        SUBSCRIBER_TEMPLATE,
+    ]
+    .iter()
+    .map(|u| (u.to_string(), vec![influx()]))
+    .collect();
+    v.push((
+        "nbpy-schema.service".into(),
+        vec![influx(), "schema.".into()],
+    ));
+    v.push((
+        "nbpy-grafana.service".into(),
+        vec![influx(), "grafana.".into()],
+    ));
+    for name in cfg.publishers.keys() {
+        v.push((
+            instance(PUBLISHER_TEMPLATE, name),
+            vec![format!("publishers.{name}.")],
+        ));
+    }
+    v
+}
+
+/// A `*_file` value that is a bare name is a systemd credential (see
+/// `config::read_secret`); paths are read as they are.
+fn credential_name(path: &Path) -> Option<String> {
+    let name = path.to_str()?;
+    let ok = !name.is_empty()
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.@".contains(&b));
+    ok.then(|| name.to_string())
+}
+
+/// Per unit, the credentials its `*_file` keys name that the unit file
+/// does not load already: what its drop-in must add. The shipped units load
+/// only `influxdb-password` (and Grafana's admin password); schema users'
+/// passwords and venue tokens are named by the configuration alone.
+pub fn missing_credentials(cfg: &Config) -> Vec<(String, Vec<String>)> {
+    let secrets = crate::config::secret_files(cfg);
+    let mut out = Vec::new();
+    for (unit, prefixes) in secret_readers(cfg) {
+        let template = if unit.starts_with("nbpy-publisher@") {
+            PUBLISHER_TEMPLATE
+        } else {
+            unit.as_str()
+        };
+        let loaded: Vec<&str> = get(template)
+            .map(|u| {
+                u.text
+                    .lines()
+                    .filter_map(|l| l.trim().strip_prefix("LoadCredential="))
+                    .map(|v| v.split(':').next().unwrap_or(v).trim())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut names: Vec<String> = secrets
+            .iter()
+            .filter(|(k, _)| prefixes.iter().any(|p| k.starts_with(p.as_str())))
+            .filter_map(|(_, p)| credential_name(p))
+            .filter(|n| !loaded.contains(&n.as_str()))
+            .collect();
+        names.sort();
+        names.dedup();
+        if !names.is_empty() {
+            out.push((unit, names));
+        }
+    }
+    out
+}
+
+fn dropin_text(names: &[String]) -> String {
+    let mut t = String::from(
+        "# Written by `nbpy units install` from the configuration: the systemd\n\
+         # credentials its *_file keys name that the unit does not load itself.\n\
+         # Re-run `nbpy units install` after changing them; do not edit.\n[Service]\n",
+    );
+    for n in names {
+        t.push_str(&format!("LoadCredential={n}\n"));
+    }
+    t
 }
 
 /// Writes the units under `root/etc/systemd/system`, links the configured
@@ -150,6 +248,38 @@ pub fn install(root: &Path, cfg: &Config, enable: bool) -> io::Result<Report> {
             &Path::new("/").join(UNIT_DIR).join(template),
         )? {
             report.linked.push(wants.join(inst));
+        }
+    }
+    // Credentials the units do not load themselves, as drop-ins; ours that
+    // the configuration no longer needs go.
+    let dropins = missing_credentials(cfg);
+    for (unit, names) in &dropins {
+        let d = dir.join(format!("{unit}.d"));
+        fs::create_dir_all(&d)?;
+        let path = d.join(CREDENTIALS_DROPIN);
+        let text = dropin_text(names);
+        if fs::read_to_string(&path).ok().as_deref() == Some(text.as_str()) {
+            report.unchanged.push(path);
+            continue;
+        }
+        let tmp = d.join(format!(".{CREDENTIALS_DROPIN}.tmp"));
+        fs::write(&tmp, &text)?;
+        set_mode(&tmp, 0o644)?;
+        fs::rename(&tmp, &path)?;
+        report.written.push(path);
+    }
+    for entry in fs::read_dir(&dir)? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(unit) = name.strip_suffix(".d") else {
+            continue;
+        };
+        let ours = entry.path().join(CREDENTIALS_DROPIN);
+        if unit.starts_with("nbpy-") && ours.exists() && !dropins.iter().any(|(u, _)| u == unit) {
+            fs::remove_file(&ours)?;
+            // Only when nothing else (an admin's own drop-in) is left.
+            let _ = fs::remove_dir(entry.path());
+            report.removed.push(ours);
         }
     }
     if enable {
@@ -326,5 +456,83 @@ mod tests {
         // Idempotent.
         let r = install(root.path(), &cfg(&["b", "kraken-tick"], &["main"]), true).unwrap();
         assert!(r.written.is_empty() && r.linked.is_empty() && r.unlinked.is_empty());
+    }
+
+    #[test]
+    fn credentials_the_units_do_not_load_get_drop_ins_and_lose_them_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("nbpy.toml");
+        std::fs::write(
+            &file,
+            r#"
+[influxdb]
+username = "nbpy"
+password_file = "influxdb-password"
+[schema.users.writer]
+privilege = "write"
+password_file = "influxdb-writer-password"
+[publishers.fx]
+feed = "oanda-tick"
+endpoint = "tcp://127.0.0.1:5599"
+instruments = ["EUR_USD"]
+[publishers.fx.oanda]
+account = "101-004-1234567-001"
+token_file = "oanda-token"
+[publishers.odds]
+feed = "betfair-stream"
+endpoint = "tcp://127.0.0.1:5598"
+[publishers.odds.betfair]
+app_key_file = "betfair-app-key"
+cert_file = "/etc/nbpy/betfair-client.crt"
+key_file = "/etc/nbpy/betfair-client.key"
+username = "punter"
+password_file = "betfair-password"
+event_types = ["7"]
+"#,
+        )
+        .unwrap();
+        let cfg = crate::config::load(Some(&file)).unwrap().config;
+        let root = tempfile::tempdir().unwrap();
+        let units = root.path().join(UNIT_DIR);
+        let dropin = |unit: &str| units.join(format!("{unit}.d")).join(CREDENTIALS_DROPIN);
+        let loads = |unit: &str| -> Vec<String> {
+            fs::read_to_string(dropin(unit))
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| l.strip_prefix("LoadCredential="))
+                .map(str::to_string)
+                .collect()
+        };
+        let r = install(root.path(), &cfg, false).unwrap();
+        // The schema unit loads influxdb-password itself; the writer's is
+        // the configuration's alone. Paths (the certificate) are no
+        // credentials.
+        assert_eq!(loads("nbpy-schema.service"), ["influxdb-writer-password"]);
+        assert_eq!(loads("nbpy-publisher@fx.service"), ["oanda-token"]);
+        assert_eq!(
+            loads("nbpy-publisher@odds.service"),
+            ["betfair-app-key", "betfair-password"]
+        );
+        for unit in [
+            SUBSCRIBER_TEMPLATE,
+            "nbpy-health.service",
+            "nbpy-grafana.service",
+        ] {
+            assert!(!dropin(unit).exists(), "{unit}");
+        }
+        assert!(r.written.contains(&dropin("nbpy-publisher@fx.service")));
+        // Idempotent.
+        let again = install(root.path(), &cfg, false).unwrap();
+        assert!(again.written.is_empty() && again.removed.is_empty());
+
+        // The venues go and the writer is declared no more: the drop-ins
+        // go too, but an admin's own drop-in beside ours stays.
+        let own = units.join("nbpy-schema.service.d").join("90-local.conf");
+        fs::write(&own, "[Service]\nEnvironment=X=1\n").unwrap();
+        let r = install(root.path(), &Config::default(), false).unwrap();
+        assert_eq!(r.removed.len(), 3, "{r:?}");
+        assert!(!dropin("nbpy-schema.service").exists());
+        assert!(own.exists());
+        assert!(!units.join("nbpy-publisher@fx.service.d").exists());
     }
 }
