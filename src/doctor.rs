@@ -195,10 +195,17 @@ pub async fn check(explicit: Option<&std::path::Path>) -> Vec<Finding> {
                     Some(pid) => f.push(ok(format!(
                         "publishers.{name}: {ep} is bound by the running nbpy up (pid {pid})"
                     ))),
-                    None => f.push(problem(
-                        format!("publishers.{name}: cannot bind {ep}: {e}"),
-                        "stop what holds the port (a running nbpy?) or set publishers.NAME.endpoint",
-                    )),
+                    // Beside an appliance run by systemd (or by hand) its
+                    // publisher holds the port: that is no problem.
+                    None => match crate::zmtp::socket_type_at(addr).await {
+                        Ok(kind) if kind == "XPUB" || kind == "PUB" => f.push(ok(format!(
+                            "publishers.{name}: {ep} is served by a running publisher (it answers ZeroMQ as {kind})"
+                        ))),
+                        _ => f.push(problem(
+                            format!("publishers.{name}: cannot bind {ep}: {e}"),
+                            "stop what holds the port or set publishers.NAME.endpoint",
+                        )),
+                    },
                 },
             }
         }

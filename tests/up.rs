@@ -279,6 +279,53 @@ fn without_influxdb_up_falls_back_to_the_file_sink_and_says_how_to_get_influxdb(
     assert_eq!(data, accepted, "accepted vs in the file");
 }
 
+/// Beside an appliance run by systemd or by hand (not `nbpy up`), the
+/// publisher's own port is held by the publisher: no problem to report.
+#[test]
+fn doctor_beside_a_running_publisher_does_not_report_its_port() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = nbpy::backend::free_port().unwrap();
+    let closed = nbpy::backend::free_port().unwrap();
+    let cfg = dir.path().join("nbpy.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "state_dir = {:?}\n[influxdb]\nurl = \"http://127.0.0.1:{closed}\"\n\
+             [publishers.synth]\nendpoint = \"tcp://127.0.0.1:{port}\"\nwait_for_subscribers = 1\n",
+            dir.path().join("state").display().to_string()
+        ),
+    )
+    .unwrap();
+    let mut publisher = Command::new(bin_path("nbpy-publisher"))
+        .args(["--config", cfg.to_str().unwrap(), "synth"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "publisher not bound"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = Command::new(bin_path("nbpy"))
+        .args(["--config", cfg.to_str().unwrap(), "doctor"])
+        .output()
+        .unwrap();
+    let _ = publisher.kill();
+    let _ = publisher.wait();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!(
+            "publishers.synth: tcp://127.0.0.1:{port} is served by a running publisher (it answers ZeroMQ as XPUB)"
+        )),
+        "{text}"
+    );
+    assert!(!text.contains("cannot bind"), "{text}");
+}
+
 #[test]
 fn doctor_names_each_problem_with_its_fix() {
     let dir = tempfile::tempdir().unwrap();

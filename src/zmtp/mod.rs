@@ -483,6 +483,20 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
+/// What ZeroMQ socket listens at `addr`: connects, greets as SUB and
+/// returns the peer's socket type (`"XPUB"` for an nbpy publisher). It
+/// subscribes to nothing, so a publisher sends it nothing; for telling a
+/// running publisher from a stranger holding its port.
+pub async fn socket_type_at(addr: &str) -> Result<String, ZmtpError> {
+    let attempt = async {
+        let mut s = TcpStream::connect(addr).await?;
+        handshake(&mut s, "SUB").await
+    };
+    tokio::time::timeout(HANDSHAKE_TIMEOUT.min(Duration::from_secs(2)), attempt)
+        .await
+        .map_err(|_| ZmtpError::Protocol("no ZMTP greeting within 2 s".into()))?
+}
+
 /// Both ends' handshake (RFC 23): greetings, our READY as `ours`, the
 /// peer's READY (or ERROR). Returns the peer's socket type, for the caller
 /// to judge.
