@@ -150,6 +150,23 @@ impl Compose {
 }
 
 #[test]
+fn compose_gives_the_subscriber_the_units_stop_time() {
+    // `config check` allows service.stop_timeout up to the subscriber
+    // unit's TimeoutStopSec less a margin; a shorter grace period would
+    // SIGKILL a drain the configuration allowed.
+    let c = Compose::load();
+    let grace = c.service("subscriber-main")["stop_grace_period"]
+        .as_str()
+        .expect("subscriber-main has a stop_grace_period");
+    let grace = humantime::parse_duration(grace).unwrap();
+    let unit = nbpy::units::subscriber_timeout_stop().unwrap();
+    assert!(
+        grace >= unit,
+        "stop_grace_period {grace:?} < TimeoutStopSec {unit:?}"
+    );
+}
+
+#[test]
 fn compose_expresses_the_five_phases_with_depends_on_conditions() {
     let c = Compose::load();
     for s in [
