@@ -219,6 +219,12 @@ pub async fn check(explicit: Option<&std::path::Path>) -> Vec<Finding> {
     }
 
     // Secrets.
+    if let (Some(user), None) = (&cfg.influxdb.username, &cfg.influxdb.password_file) {
+        f.push(warn(
+            format!("influxdb.username = {user:?} without influxdb.password_file: nbpy logs in with an empty password"),
+            "set influxdb.password_file (a credential name or a path), or drop influxdb.username when InfluxDB has no auth",
+        ));
+    }
     for (key, path) in config::secret_files(&cfg) {
         match config::read_secret(&key, &path) {
             Err(e) if e.is_empty() => {

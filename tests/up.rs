@@ -324,6 +324,21 @@ fn doctor_beside_a_running_publisher_does_not_report_its_port() {
         "{text}"
     );
     assert!(!text.contains("cannot bind"), "{text}");
+
+    // A user without a password file is worth a word.
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("[influxdb]\n", "[influxdb]\nusername = \"nbpy\"\n");
+    std::fs::write(&cfg, text).unwrap();
+    let out = Command::new(bin_path("nbpy"))
+        .args(["--config", cfg.to_str().unwrap(), "doctor"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("influxdb.username = \"nbpy\" without influxdb.password_file"),
+        "{text}"
+    );
 }
 
 #[test]
