@@ -213,16 +213,7 @@ pub fn install(root: &Path, cfg: &Config, enable: bool) -> io::Result<Report> {
     fs::create_dir_all(&dir)?;
     let mut report = Report::default();
     for u in UNITS {
-        let path = dir.join(u.name);
-        if fs::read_to_string(&path).ok().as_deref() == Some(u.text) {
-            report.unchanged.push(path);
-            continue;
-        }
-        let tmp = dir.join(format!(".{}.tmp", u.name));
-        fs::write(&tmp, u.text)?;
-        set_mode(&tmp, 0o644)?;
-        fs::rename(&tmp, &path)?;
-        report.written.push(path);
+        put(dir.join(u.name), u.text, &mut report)?;
     }
 
     let wants = dir.join(format!("{TARGET}.wants"));
@@ -256,17 +247,7 @@ pub fn install(root: &Path, cfg: &Config, enable: bool) -> io::Result<Report> {
     for (unit, names) in &dropins {
         let d = dir.join(format!("{unit}.d"));
         fs::create_dir_all(&d)?;
-        let path = d.join(CREDENTIALS_DROPIN);
-        let text = dropin_text(names);
-        if fs::read_to_string(&path).ok().as_deref() == Some(text.as_str()) {
-            report.unchanged.push(path);
-            continue;
-        }
-        let tmp = d.join(format!(".{CREDENTIALS_DROPIN}.tmp"));
-        fs::write(&tmp, &text)?;
-        set_mode(&tmp, 0o644)?;
-        fs::rename(&tmp, &path)?;
-        report.written.push(path);
+        put(d.join(CREDENTIALS_DROPIN), &dropin_text(names), &mut report)?;
     }
     for entry in fs::read_dir(&dir)? {
         let entry = entry?;
@@ -293,6 +274,25 @@ pub fn install(root: &Path, cfg: &Config, enable: bool) -> io::Result<Report> {
         }
     }
     Ok(report)
+}
+
+/// Puts `text` at `path` (mode 0644, renamed into place so systemd never
+/// reads half a file) unless it is there already.
+fn put(path: PathBuf, text: &str, report: &mut Report) -> io::Result<()> {
+    if fs::read_to_string(&path).ok().as_deref() == Some(text) {
+        report.unchanged.push(path);
+        return Ok(());
+    }
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    fs::write(&tmp, text)?;
+    set_mode(&tmp, 0o644)?;
+    fs::rename(&tmp, &path)?;
+    report.written.push(path);
+    Ok(())
 }
 
 /// Makes `at` a symlink to `to`; false when it already was exactly that.
