@@ -3,8 +3,9 @@
 //! The test boots `/lib/systemd/systemd` as PID 1 in private PID, mount and
 //! network namespaces, over a throw-away overlay of `/` (upper layer on a
 //! tmpfs), with the built binaries bind-mounted into `/usr/bin`, the units
-//! installed by `nbpy units install`, Debian's own `influxdb.service`, and a
-//! synthetic-feed configuration. Inside, a oneshot unit runs *this same test
+//! installed by `nbpy units install`, Debian's own `influxdb.service` (with
+//! auth on), credentials in `/etc/credstore`, and a synthetic-feed
+//! configuration. Inside, a oneshot unit runs *this same test
 //! binary* again with `HARNESS_SYSTEMD_INNER` set: that is the driver, which
 //! starts and stops `nbpy.target`, kills and stalls publishers, and asserts on
 //! what systemd itself reports (`systemctl show`, the journal) and on what
@@ -42,6 +43,13 @@ const TEST_NAME: &str = "appliance_under_real_systemd";
 /// Where the driver binary is bind-mounted inside the namespace.
 const DRIVER: &str = "/usr/local/libexec/nbpy-systemd-driver";
 const FIFO: &str = "/run/nbpy-test/stall.fifo";
+/// Credentials in `/etc/credstore`, where a bare-named `LoadCredential=`
+/// finds them: the admin's is the one the shipped units load
+/// (`influxdb-password`); the writer's no unit file names.
+const ADMIN_CREDENTIAL: &str = "influxdb-password";
+const WRITER_CREDENTIAL: &str = "nbpy-writer-password";
+const ADMIN_PASSWORD: &str = "adm1n-systemd";
+const WRITER_PASSWORD: &str = "wr1ter-systemd";
 
 #[test]
 fn appliance_under_real_systemd() {
@@ -56,10 +64,22 @@ fn appliance_under_real_systemd() {
 fn config() -> String {
     format!(
         r#"# nbpy systemd test: a synthetic publisher, a replay publisher whose feed
-# the test can stall, and one subscriber for both.
+# the test can stall, and one subscriber for both. InfluxDB has auth on:
+# every unit logs in with the credential its unit file loads, and the
+# schema's writer user with one only `nbpy units install`'s drop-in loads.
 [influxdb]
 url = "http://127.0.0.1:8086"
 database = "tick"
+username = "admin"
+password_file = "{ADMIN_CREDENTIAL}"
+
+[schema.users.admin]
+admin = true
+password_file = "{ADMIN_CREDENTIAL}"
+
+[schema.users.writer]
+privilege = "write"
+password_file = "{WRITER_CREDENTIAL}"
 
 [service]
 stop_timeout = "20s"
@@ -267,6 +287,22 @@ exec /usr/bin/env -i container=nbpy-test /lib/systemd/systemd --system --unit=nb
              Wants=nbpy-subscriber@main.service nbpy-publisher@synth.service nbpy-publisher@stall.service nbpy-health.service\n\
              [Service]\nType=oneshot\nRemainAfterExit=yes\nExecStart=/bin/true\n",
         );
+        // InfluxDB with auth on (Debian's unit, configured by environment),
+        // and the credentials the units load, readable by root only.
+        put(
+            "etc/systemd/system/influxdb.service.d/auth.conf",
+            "[Service]\nEnvironment=INFLUXDB_HTTP_AUTH_ENABLED=true\n",
+        );
+        for (name, secret) in [
+            (ADMIN_CREDENTIAL, ADMIN_PASSWORD),
+            (WRITER_CREDENTIAL, WRITER_PASSWORD),
+        ] {
+            let rel = format!("etc/credstore/{name}");
+            put(&rel, &format!("{secret}\n"));
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(stage.join(rel), std::fs::Permissions::from_mode(0o600))
+                .unwrap();
+        }
         // The stalled-feed check: a short watchdog for the publisher the
         // driver will starve (its config has stale_after = 2s).
         put(
@@ -546,12 +582,30 @@ mod inner {
                 .enable_all()
                 .build()
                 .unwrap();
-            let client = InfluxClient::new(&InfluxConfig {
-                url: "http://127.0.0.1:8086".into(),
-                ..Default::default()
-            })
-            .unwrap();
+            let client = InfluxClient::new(&Self::login("admin", ADMIN_CREDENTIAL)).unwrap();
             Influx { rt, client }
+        }
+
+        fn login(user: &str, credential: &str) -> InfluxConfig {
+            InfluxConfig {
+                url: "http://127.0.0.1:8086".into(),
+                username: Some(user.into()),
+                password_file: Some(Path::new("/etc/credstore").join(credential)),
+                ..Default::default()
+            }
+        }
+
+        /// HTTP status of a query as `user` (None: anonymous).
+        fn status_as(&self, user: Option<(&str, &str)>, q: &str) -> u16 {
+            self.rt.block_on(async {
+                let mut req = reqwest::Client::new()
+                    .post("http://127.0.0.1:8086/query")
+                    .form(&[("q", q), ("db", "tick")]);
+                if let Some((u, pw)) = user {
+                    req = req.basic_auth(u, Some(pw));
+                }
+                req.send().await.map(|r| r.status().as_u16()).unwrap_or(0)
+            })
         }
 
         fn number(&self, q: &str) -> u64 {
@@ -732,6 +786,35 @@ mod inner {
             .find(|l| l.contains("answers /ping"))
             .unwrap_or_else(|| panic!("the readiness gate never saw InfluxDB answer:\n{gate}"));
         println!("phase 1 gate: {answered}");
+
+        // ---- credentials ---------------------------------------------------
+        // Auth is really on, so every unit that reached InfluxDB above
+        // logged in with its loaded credential; and phase 2 created the
+        // writer with the password only the drop-in loads.
+        let q = "SHOW MEASUREMENTS";
+        let anonymous = influx.status_as(None, q);
+        assert_eq!(anonymous, 401, "InfluxDB should refuse anonymous queries");
+        // 403, not 401: the password is right and the user may not read,
+        // as declared (`privilege = "write"`).
+        let writer = influx.status_as(Some(("writer", WRITER_PASSWORD)), q);
+        let wrong = influx.status_as(Some(("writer", "not-its-password")), q);
+        assert_eq!(
+            (writer, wrong),
+            (403, 401),
+            "the writer user should log in with {WRITER_CREDENTIAL} (and only with it) and not read"
+        );
+        let dropin = std::fs::read_to_string(format!(
+            "/etc/systemd/system/{SCHEMA}.d/{}",
+            nbpy::units::CREDENTIALS_DROPIN
+        ))
+        .unwrap_or_default();
+        assert!(
+            dropin.contains(&format!("LoadCredential={WRITER_CREDENTIAL}")),
+            "{SCHEMA}'s credential drop-in: {dropin:?}"
+        );
+        println!(
+            "credentials: anonymous query {anonymous}; writer (password from {WRITER_CREDENTIAL}, loaded by {SCHEMA}'s drop-in) {writer}, wrong password {wrong}"
+        );
 
         // ---- points arrive -------------------------------------------------
         let (synth, stall) = poll(
