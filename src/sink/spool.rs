@@ -504,8 +504,13 @@ impl Spool {
             match self.opts.when_full {
                 WhenFull::Block => return Ok(Appended::Full),
                 WhenFull::DropOldest => {
-                    while self.bytes + rec_len > self.opts.max_bytes && !self.segments.is_empty() {
-                        dropped += self.drop_oldest()?;
+                    while self.bytes + rec_len > self.opts.max_bytes {
+                        match self.drop_oldest()? {
+                            Some(points) => dropped += points,
+                            // Only segments with records in flight are
+                            // left: the append goes over the limit by them.
+                            None => break,
+                        }
                     }
                 }
             }
@@ -596,10 +601,25 @@ impl Spool {
         Ok(())
     }
 
-    /// Deletes the oldest segment; returns its points that were never read.
-    fn drop_oldest(&mut self) -> io::Result<u64> {
-        let Some(seg) = self.segments.pop_front() else {
-            return Ok(0);
+    /// Deletes the oldest segment no record is in flight from; returns its
+    /// points that were never read, or None when there is no such segment.
+    ///
+    /// A segment with a record in flight (the one the writer keeps retrying
+    /// while InfluxDB is down) stays: were its file deleted, that record
+    /// would live only in memory, and a stop or a crash before InfluxDB came
+    /// back would lose it without a count. So the spool can exceed
+    /// `max_bytes` by the segments records are in flight from (one, while
+    /// InfluxDB is down).
+    fn drop_oldest(&mut self) -> io::Result<Option<u64>> {
+        let Some(i) = self
+            .segments
+            .iter()
+            .position(|s| s.in_flight == 0 && s.released == 0)
+        else {
+            return Ok(None);
+        };
+        let Some(seg) = self.segments.remove(i) else {
+            return Ok(None);
         };
         if self.active.as_ref().is_some_and(|(id, _)| *id == seg.id) {
             self.active = None;
@@ -609,7 +629,7 @@ impl Spool {
         }
         self.bytes = self.bytes.saturating_sub(seg.len);
         remove(&seg_path(&self.opts.dir, seg.id))?;
-        Ok(seg.points - seg.read_points + seg.released_points)
+        Ok(Some(seg.points - seg.read_points))
     }
 
     /// Forces appended data (and new segments' directory entries) to disk.
@@ -1026,21 +1046,61 @@ mod tests {
         drop(s);
         std::fs::remove_dir_all(d.path()).unwrap();
         o.when_full = WhenFull::DropOldest;
-        let (mut s, _) = Spool::open(o).unwrap();
+        let (mut s, _) = Spool::open(o.clone()).unwrap();
         for _ in 0..6 {
             s.append("default", 10, &l, false).unwrap();
         }
+        assert_eq!(
+            s.append("default", 10, &l, false).unwrap(),
+            Appended::Stored { dropped: 20 },
+            "the oldest segment goes, its two unread records counted as dropped"
+        );
+        assert_eq!(s.counters.dropped_points, 20);
+        assert!(s.bytes() <= s.options().max_bytes);
+        assert_eq!(s.segments(), 3);
+
+        assert_eq!(
+            s.append("default", 10, &l, false).unwrap(),
+            Appended::Stored { dropped: 0 },
+            "room for one more"
+        );
+
+        // A record in flight (retried while InfluxDB is down) keeps its
+        // segment: the next oldest goes instead.
         let first = s.next_record().unwrap().unwrap();
         assert_eq!(
             s.append("default", 10, &l, false).unwrap(),
-            Appended::Stored { dropped: 10 },
-            "the oldest segment goes; its one unread record counts as dropped"
+            Appended::Stored { dropped: 20 },
         );
-        assert_eq!(s.counters.dropped_points, 10);
-        assert!(s.bytes() <= s.options().max_bytes);
-        // The in-flight record's ack for a deleted segment is harmless.
-        s.ack(first.segment, first.points).unwrap();
-        assert_eq!(drain(&mut s).len(), 5);
+        assert!(segment_files(d.path())
+            .iter()
+            .any(|f| f.ends_with(format!("{:020}.seg", first.segment))));
+        // Released at a stop, it is still on disk for the next start, with
+        // the rest of its segment (one unread record).
+        s.release(first.segment, first.points);
+        assert_eq!(s.points(), 20 + 20 + 10);
+        assert_eq!(s.counters.dropped_points, 40);
+        drop(s);
+        let (mut s, rec) = Spool::open(o.clone()).unwrap();
+        assert_eq!(rec.points, 50, "{rec:?}");
+        let replayed = drain(&mut s);
+        assert_eq!(replayed.len(), 5);
+        assert_eq!(replayed[0].lines, first.lines, "oldest first");
+
+        // With every segment in flight, an append goes over the limit
+        // rather than drop what only memory would then hold.
+        std::fs::remove_dir_all(d.path()).unwrap();
+        let mut one = o;
+        one.max_bytes = one.segment_bytes;
+        let (mut s, _) = Spool::open(one).unwrap();
+        s.append("default", 10, &l, false).unwrap();
+        let held = s.next_record().unwrap().unwrap();
+        assert_eq!(
+            s.append("default", 10, &l, false).unwrap(),
+            Appended::Stored { dropped: 0 }
+        );
+        s.ack(held.segment, held.points).unwrap();
+        assert_eq!(drain(&mut s).len(), 1);
     }
 
     #[test]
