@@ -364,13 +364,18 @@ fn status_line(i: &IntakeStats, w: &WriterStats, rate: f64, scfg: &SubscriberCon
             n(&w.spool_bytes) as f64 / 1e6
         ));
     }
-    for (what, a) in [
-        ("dead-lettered", &w.dead_lettered),
-        ("dropped", &w.dropped),
-        ("damaged spool records", &w.spool_damaged),
-    ] {
+    for (what, a) in [("dead-lettered", &w.dead_lettered), ("dropped", &w.dropped)] {
         if n(a) > 0 {
             s.push_str(&format!(", {} {what}", n(a)));
+        }
+    }
+    if n(&w.spool_damaged) > 0 {
+        s.push_str(&format!(", spool damage: {} cut(s)", n(&w.spool_damaged)));
+        if n(&w.spool_uncounted_bytes) > 0 {
+            s.push_str(&format!(
+                " ({} bytes of points that cannot be counted)",
+                n(&w.spool_uncounted_bytes)
+            ));
         }
     }
     if w.spool_failing.load(Ordering::Relaxed) {

@@ -405,6 +405,19 @@ async fn a_damaged_spool_is_replayed_up_to_the_damage() {
     let log = subscriber.log_text();
     assert!(log.contains("checksum mismatch"), "{log}");
     assert!(log.contains("torn record"), "{log}");
+    // What is cut says whether its loss is counted: a corrupted record was
+    // safe (no gap will show it), a torn one was not (the gap covers it).
+    let said = |needle: &str| {
+        log.lines()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("{needle:?} in {log}"))
+            .to_string()
+    };
+    assert!(
+        said("checksum mismatch").contains("cannot be counted"),
+        "{log}"
+    );
+    assert!(said("torn record").contains("sequence gap"), "{log}");
     for s in &segs[1..] {
         let mut d = s.as_os_str().to_owned();
         d.push(".damaged");
@@ -414,7 +427,6 @@ async fn a_damaged_spool_is_replayed_up_to_the_damage() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_database_is_reported_in_status_and_spooled_until_it_exists() {
-    use std::os::unix::net::UnixDatagram;
     const N: u64 = 10_000;
     let env = Env::start().await;
     let ep = free_endpoint();
@@ -433,11 +445,8 @@ stats_interval = "1s"
 "#
     ));
     let cfg = cfg.to_str().unwrap();
-    // The service manager's end of sd_notify, to read STATUS= lines.
     let sock_path = env.path("notify.sock");
-    let sock = UnixDatagram::bind(&sock_path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(100)))
-        .unwrap();
+    let mut statuses = StatusReader::bind(&sock_path);
     let sock_env = sock_path.to_str().unwrap();
     let mut publisher = env.spawn("nbpy-publisher", &["--config", cfg, "synth"], &[]);
     publisher.wait_log("bound", Duration::from_secs(20));
@@ -450,22 +459,9 @@ stats_interval = "1s"
             ("NBPY_INFLUXDB__DATABASE", "elsewhere"),
         ],
     );
-    let mut buf = vec![0u8; 4096];
-    let mut status = String::new();
-    let t0 = Instant::now();
-    while !status.contains("NEEDS ATTENTION") {
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "STATUS never said so; last: {status:?}\n{}",
-            subscriber.log_text()
-        );
-        if let Ok(n) = sock.recv(&mut buf) {
-            let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
-            if let Some(s) = msg.lines().find_map(|l| l.strip_prefix("STATUS=")) {
-                status = s.to_string();
-            }
-        }
-    }
+    let status = statuses.until("saying NEEDS ATTENTION", Duration::from_secs(60), |s| {
+        s.contains("NEEDS ATTENTION")
+    });
     assert!(status.contains("database not found"), "{status}");
     assert!(status.contains("nbpy schema apply"), "{status}");
     publisher.wait_success(Duration::from_secs(120));
@@ -592,4 +588,139 @@ when_full = "block"
     assert_eq!(stored(&env).await, (N, N));
     let gaps = env.pipeline_last("main", &["gaps"]).await[0];
     assert_eq!(gaps, Some(0), "nothing lost");
+}
+
+/// The service manager's end of sd_notify, read all along as systemd
+/// does: a reader that stopped would leave the service blocked in its
+/// next notification once the socket's queue is full.
+struct StatusReader {
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    seen: usize,
+}
+
+impl StatusReader {
+    fn bind(path: &Path) -> StatusReader {
+        let sock = std::os::unix::net::UnixDatagram::bind(path).unwrap();
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let to = lines.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 4096];
+            while let Ok(n) = sock.recv(&mut buf) {
+                let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+                if let Some(s) = msg.lines().find_map(|l| l.strip_prefix("STATUS=")) {
+                    to.lock().unwrap().push(s.to_string());
+                }
+            }
+        });
+        StatusReader { lines, seen: 0 }
+    }
+
+    fn last(&self) -> String {
+        self.lines
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// The first STATUS not looked at yet for which `f` holds.
+    fn until(&mut self, what: &str, deadline: Duration, f: impl Fn(&str) -> bool) -> String {
+        let t0 = Instant::now();
+        loop {
+            {
+                let lines = self.lines.lock().unwrap();
+                while self.seen < lines.len() {
+                    self.seen += 1;
+                    if f(&lines[self.seen - 1]) {
+                        return lines[self.seen - 1].clone();
+                    }
+                }
+            }
+            assert!(
+                t0.elapsed() < deadline,
+                "no STATUS {what} within {deadline:?}; last: {:?}",
+                self.last()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// A spool that could not take data during an outage (its directory gone)
+/// is an alarm while InfluxDB is down; once InfluxDB takes the writes
+/// again, the alarm goes (it stayed until the next successful append,
+/// which a healthy InfluxDB never asks for), and what the spool refused,
+/// held in memory, is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spool_failure_alarm_ends_when_influxdb_takes_writes_again() {
+    const N: u64 = 20_000;
+    let mut env = Env::start().await;
+    let ep = free_endpoint();
+    let dir = env.path("spool-dir");
+    let cfg = env.config(&format!(
+        r#"retry_max = "1s"
+
+[publishers.synth]
+feed = "synthetic"
+endpoint = "{ep}"
+rate = 1000
+count = {N}
+wait_for_subscribers = 1
+
+[subscribers.main]
+connect = ["{ep}"]
+stats_interval = "1s"
+
+[subscribers.main.spool]
+dir = "{}"
+"#,
+        dir.display()
+    ));
+    let cfg = cfg.to_str().unwrap();
+    let mut status = StatusReader::bind(&env.path("notify.sock"));
+    let sock_env = env.path("notify.sock");
+    let mut publisher = env.spawn("nbpy-publisher", &["--config", cfg, "synth"], &[]);
+    publisher.wait_log("bound", Duration::from_secs(20));
+    let mut subscriber = env.spawn(
+        "nbpy-subscriber",
+        &["--config", cfg, "main"],
+        &[("NOTIFY_SOCKET", sock_env.to_str().unwrap())],
+    );
+    wait_stored(&env, 1_000, Duration::from_secs(60)).await;
+    // No segment exists yet (nothing was spooled): the first append must
+    // create one, in a directory that is now a file.
+    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::write(&dir, b"not a directory").unwrap();
+    env.stop_influx();
+    let failing = status.until("saying SPOOL FAILING", Duration::from_secs(60), |s| {
+        s.contains("SPOOL FAILING")
+    });
+    println!("during the outage: {failing}");
+    env.start_influx_again();
+    let healthy = status.until(
+        "without an InfluxDB failure",
+        Duration::from_secs(60),
+        |s| !s.contains("InfluxDB failing"),
+    );
+    assert!(
+        !healthy.contains("SPOOL FAILING"),
+        "a stale alarm once InfluxDB takes writes again: {healthy}"
+    );
+    publisher.wait_success(Duration::from_secs(120));
+    let t0 = Instant::now();
+    while env.count_data().await < N {
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "only {} of {N} points stored; last STATUS {:?}\n{}",
+            env.count_data().await,
+            status.last(),
+            subscriber.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    subscriber.signal(Signal::SIGTERM);
+    let st = subscriber.wait(Duration::from_secs(60));
+    assert!(st.success(), "subscriber: {st}\n{}", subscriber.log_text());
+    assert_eq!(stored(&env).await, (N, N), "everything, once");
 }

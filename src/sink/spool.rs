@@ -151,15 +151,31 @@ pub struct Damage {
     pub reason: String,
 }
 
+impl Damage {
+    /// A tail cut short mid-append (a crash), not damage to data the
+    /// subscriber had already called safe.
+    pub fn is_torn(&self) -> bool {
+        self.reason.starts_with("torn ")
+    }
+}
+
 impl std::fmt::Display for Damage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{}: {} at byte {}, {} byte(s) cut",
+            "{}: {} at byte {}, {} byte(s) cut and kept in {}.damaged; {}",
             self.segment.display(),
             self.reason,
             self.offset,
-            self.cut_bytes
+            self.cut_bytes,
+            self.segment.display(),
+            if self.is_torn() {
+                "a write cut short by a crash: that data was not yet safe, so the \
+                 sequence gap reported after this start covers it"
+            } else {
+                "the points in them cannot be counted (their records cannot be \
+                 trusted) and no sequence gap shows them: they were safe on disk"
+            }
         )
     }
 }
@@ -214,6 +230,8 @@ pub struct SpoolCounters {
     pub dropped_points: u64,
     pub damaged_records: u64,
     pub damaged_bytes: u64,
+    /// Of those, bytes cut on open: their points were never counted.
+    pub uncounted_bytes: u64,
 }
 
 pub struct Spool {
@@ -391,12 +409,16 @@ impl Spool {
                 let cut_bytes = cut(&path, good)?;
                 counters.damaged_records += 1;
                 counters.damaged_bytes += cut_bytes;
-                rec.damage.push(Damage {
+                let d = Damage {
                     segment: path.clone(),
                     offset: good,
                     cut_bytes,
                     reason,
-                });
+                };
+                if !d.is_torn() {
+                    counters.uncounted_bytes += cut_bytes;
+                }
+                rec.damage.push(d);
             }
             if records == 0 {
                 // Nothing worth keeping (an empty or unreadable segment).

@@ -99,8 +99,11 @@ pub struct WriterStats {
     pub spool_high_water: AtomicU64,
     /// Times a batch found the spool full and waited (block policy).
     pub spool_full: AtomicU64,
-    /// Damaged spool records found (on open or while replaying).
+    /// Damaged places cut from the spool (on open or while replaying).
     pub spool_damaged: AtomicU64,
+    /// Bytes cut on open, whose points cannot be counted (damage found
+    /// while replaying counts its points in `dropped`).
+    pub spool_uncounted_bytes: AtomicU64,
     /// The spool refused the last append (disk error).
     pub spool_failing: AtomicBool,
 }
@@ -457,7 +460,15 @@ impl WriterPool {
         if tokio::time::timeout(patient, &mut all).await.is_err() {
             tracing::warn!(
                 "{}",
-                abandon_note(shared.spool.is_some(), WriterStats::get(&stats.pending))
+                abandon_note(
+                    match shared.spool {
+                        None => StopSpool::None,
+                        Some(_) if stats.spool_failing.load(Ordering::Relaxed) =>
+                            StopSpool::Failing,
+                        Some(_) => StopSpool::Working,
+                    },
+                    WriterStats::get(&stats.pending)
+                )
             );
             shared.hurry.cancel();
             shared.wake.notify_one();
@@ -532,6 +543,11 @@ impl Shared {
         if !self.healthy.swap(true, Ordering::Relaxed) {
             self.stats.failing_since_ms.store(0, Ordering::Relaxed);
             self.stats.needs_human.store(false, Ordering::Relaxed);
+            // What the spool could not take during the outage now goes to
+            // InfluxDB; until the spool is needed again (and fails again),
+            // "SPOOL FAILING" would be a stale alarm. Only a successful
+            // append cleared it, and while InfluxDB is healthy there is none.
+            self.stats.spool_failing.store(false, Ordering::Relaxed);
             tracing::info!(
                 "InfluxDB writes succeed again; {} spooled points to replay",
                 WriterStats::get(&self.stats.spool_points)
@@ -557,6 +573,8 @@ impl Shared {
             .store(s.counters.dropped_points, Ordering::Relaxed);
         st.spool_damaged
             .store(s.counters.damaged_records, Ordering::Relaxed);
+        st.spool_uncounted_bytes
+            .store(s.counters.uncounted_bytes, Ordering::Relaxed);
     }
 
     fn replay_available(&self) -> bool {
@@ -1066,14 +1084,24 @@ fn split(b: &Piece) -> (Piece, Piece) {
     )
 }
 
+/// The spool as the stop deadline finds it.
+#[derive(Clone, Copy)]
+enum StopSpool {
+    None,
+    /// Its last append failed (a full or broken disk).
+    Failing,
+    Working,
+}
+
 /// What the stop deadline does to the points still in memory: with a
-/// spool they go to disk; without one they are lost, and the log must not
-/// promise otherwise.
-fn abandon_note(spool: bool, points: u64) -> String {
-    if spool {
-        format!("stop deadline near: abandoning writes to InfluxDB, spooling {points} points still in memory")
-    } else {
-        format!("stop deadline near: abandoning writes to InfluxDB; no spool, so {points} points still in memory will be lost")
+/// working spool they go to disk; without one they are lost; with a failing
+/// one they are tried, and what it refuses is lost. The log must not
+/// promise more (the final summary counts what was lost).
+fn abandon_note(spool: StopSpool, points: u64) -> String {
+    match spool {
+        StopSpool::Working => format!("stop deadline near: abandoning writes to InfluxDB, spooling {points} points still in memory"),
+        StopSpool::Failing => format!("stop deadline near: abandoning writes to InfluxDB; trying to spool {points} points still in memory, but the spool is failing: what it refuses is lost"),
+        StopSpool::None => format!("stop deadline near: abandoning writes to InfluxDB; no spool, so {points} points still in memory will be lost"),
     }
 }
 
@@ -1082,9 +1110,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_stop_note_promises_spooling_only_with_a_spool() {
-        assert!(abandon_note(true, 7).contains("spooling 7 points"));
-        let none = abandon_note(false, 2003);
+    fn the_stop_note_promises_spooling_only_with_a_working_spool() {
+        assert!(abandon_note(StopSpool::Working, 7).contains(", spooling 7 points"));
+        let failing = abandon_note(StopSpool::Failing, 27798);
+        assert!(
+            failing.contains("trying to spool 27798 points")
+                && failing.contains("the spool is failing"),
+            "{failing}"
+        );
+        let none = abandon_note(StopSpool::None, 2003);
         assert!(!none.contains("spooling"), "{none}");
         assert!(
             none.contains("2003 points still in memory will be lost"),
