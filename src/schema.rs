@@ -213,6 +213,9 @@ pub static MEASUREMENTS: &[Measurement] = &[
             f("rate"),
             f("write_latency_ms"),
             i("restarts"),
+            // True on a subscriber's last report of a clean stop: that
+            // report is fresh, and health would otherwise take it for "up".
+            b("stopped"),
             i("seq"),
             i("epoch"),
         ],

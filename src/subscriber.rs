@@ -202,7 +202,7 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
     let mut last_cut = Instant::now();
     // Report at once, so health sees a live subscriber before the first
     // stats interval has passed.
-    st.pipeline_point(name, &wstats, &pool).await;
+    st.pipeline_point(name, &wstats, &pool, false).await;
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     let mut last_status = (Instant::now(), 0u64);
     let mut last_stats = Instant::now();
@@ -239,7 +239,7 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
                 if last_stats.elapsed() >= stats_every {
                     last_stats = Instant::now();
                     stats_every = scfg.stats_interval;
-                    st.pipeline_point(name, &wstats, &pool).await;
+                    st.pipeline_point(name, &wstats, &pool, false).await;
                 }
             }
             c = raw_rx.recv() => {
@@ -290,7 +290,10 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
     while let Ok(c) = raw_rx.try_recv() {
         st.process_chunk(&c, &pool).await;
     }
-    st.pipeline_point(name, &wstats, &pool).await;
+    // The last report says the stop was deliberate: without it, health
+    // would show a subscriber that has just stopped as up until this
+    // (fresh) report went stale.
+    st.pipeline_point(name, &wstats, &pool, true).await;
     for b in st.batcher.due(true) {
         pool.submit(b).await;
     }
@@ -772,8 +775,15 @@ impl Intake {
         &self.gaps
     }
 
-    /// Writes this subscriber's counters to `nbpy_pipeline`.
-    async fn pipeline_point(&mut self, name: &str, w: &WriterStats, pool: &WriterPool) {
+    /// Writes this subscriber's counters to `nbpy_pipeline`; `stopped` on
+    /// the last one of a clean stop.
+    async fn pipeline_point(
+        &mut self,
+        name: &str,
+        w: &WriterStats,
+        pool: &WriterPool,
+        stopped: bool,
+    ) {
         let i = &self.stats;
         let n = |a: &AtomicU64| Value::Int(a.load(Ordering::Relaxed) as i64);
         let data = vec![
@@ -800,6 +810,7 @@ impl Intake {
                 Cow::Borrowed("write_latency_ms"),
                 Value::Float(w.latency_us.load(Ordering::Relaxed) as f64 / 1000.0),
             ),
+            (Cow::Borrowed("stopped"), Value::Bool(stopped)),
         ];
         let env = Envelope::new("nbpy", "pipeline", name.to_string(), now_ns(), data);
         let rp = crate::schema::rp::DEFAULT;

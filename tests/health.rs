@@ -622,3 +622,82 @@ async fn the_second_pipeline_report_comes_early() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// `nbpy status --json`, probing directly (no daemon listens in these tests).
+fn nbpy_status(cfg: &str) -> Status {
+    let out = Command::new(bin_path("nbpy"))
+        .args(["--config", cfg, "status", "--json"])
+        .output()
+        .unwrap();
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// A subscriber that was stopped cleanly shows as down at once, though its
+/// last report is fresh: `subscriber_stale_after` is ten minutes here, so
+/// only its saying it stopped can make it down. A new start is up again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cleanly_stopped_subscriber_shows_down_at_once_not_up_until_stale() {
+    let env = Env::start().await;
+    let ep = free_endpoint();
+    let port = nbpy::backend::free_port().unwrap();
+    let cfg = env.config(&format!(
+        "[health]\nlisten = \"127.0.0.1:{port}\"\nsubscriber_stale_after = \"10m\"\n\
+         [publishers.synth]\nendpoint = \"{ep}\"\nrate = 200\n\
+         [subscribers.main]\nconnect = [\"{ep}\"]\n"
+    ));
+    let cfg = cfg.to_str().unwrap();
+    let mut publisher = env.spawn("nbpy-publisher", &["--config", cfg, "synth"], &[]);
+    let mut subscriber = env.spawn("nbpy-subscriber", &["--config", cfg, "main"], &[]);
+    let up = |s: &Status| subscriber_state(s, "main") == Some(State::Up);
+    let t0 = Instant::now();
+    while !up(&nbpy_status(cfg)) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "subscriber never up"
+        );
+    }
+
+    subscriber.signal(Signal::SIGTERM);
+    subscriber.wait_success(Duration::from_secs(30));
+    let s = nbpy_status(cfg);
+    let sub = &s.subscribers[0];
+    assert_eq!(sub.state, State::Down, "right after a clean stop: {s:#?}");
+    assert!(
+        sub.problem
+            .as_deref()
+            .is_some_and(|p| p.contains("stopped")),
+        "{s:#?}"
+    );
+    assert!(
+        !s.ready
+            && s.not_ready
+                .iter()
+                .any(|r| r.contains("subscriber main down")),
+        "{s:#?}"
+    );
+
+    // Started again: its first report supersedes the stopped one.
+    let mut subscriber = env.spawn("nbpy-subscriber", &["--config", cfg, "main"], &[]);
+    let t0 = Instant::now();
+    while !up(&nbpy_status(cfg)) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "subscriber not up again"
+        );
+    }
+
+    // `nbpy down`'s order: subscribers, then publishers. Both show down.
+    subscriber.signal(Signal::SIGTERM);
+    subscriber.wait_success(Duration::from_secs(30));
+    publisher.signal(Signal::SIGTERM);
+    publisher.wait_success(Duration::from_secs(30));
+    let s = nbpy_status(cfg);
+    assert_eq!(subscriber_state(&s, "main"), Some(State::Down), "{s:#?}");
+    assert_eq!(publisher_state(&s, "synth"), Some(State::Down), "{s:#?}");
+}

@@ -24,6 +24,10 @@
 //!   write_latency_ms, and spooled/replayed/spool_bytes when it spools).
 //!   The daemon reads the newest point per subscriber; a subscriber whose
 //!   newest point is too old (`health.subscriber_stale_after`) is down.
+//!   So is one whose newest point has `stopped`: the last report of a clean
+//!   stop says so, whoever stopped it (systemd, `nbpy down`, Ctrl-C), so a
+//!   deliberate stop shows at once rather than as up until that fresh
+//!   report is old. A killed subscriber writes nothing: staleness it is.
 //!   These are read from InfluxDB rather than the bus because that is where
 //!   subscribers already put them and where dashboards read them, and
 //!   because the newest point arriving proves the subscriber's whole write
@@ -436,6 +440,11 @@ impl Monitor {
                 (State::Unknown, Some(format!("reading nbpy_pipeline: {e}")))
             } else {
                 match report_age {
+                    // Its newest report is fresh, but it is the last one.
+                    Some(a) if point.is_some_and(|pt| pt.stopped) => (
+                        State::Down,
+                        Some(format!("stopped cleanly {} ago", report::age(Some(a)))),
+                    ),
                     None => (
                         State::Down,
                         Some(format!(

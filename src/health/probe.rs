@@ -16,6 +16,8 @@ pub struct PipelinePoint {
     pub component: String,
     pub time_ns: i64,
     pub counters: BTreeMap<String, f64>,
+    /// The point is the last report of a clean stop.
+    pub stopped: bool,
 }
 
 /// Reads the newest `nbpy_pipeline` point of every component written in
@@ -72,10 +74,13 @@ pub fn parse_pipeline(v: &Json) -> Vec<PipelinePoint> {
             component: component.to_string(),
             time_ns: 0,
             counters: BTreeMap::new(),
+            stopped: false,
         };
         for (c, x) in cols.iter().zip(row) {
             if *c == "time" {
                 p.time_ns = time_ns(x);
+            } else if *c == "stopped" {
+                p.stopped = x.as_bool() == Some(true);
             } else if *c != "seq" && *c != "epoch" {
                 if let Some(n) = x.as_f64() {
                     p.counters.insert(c.to_string(), n);
@@ -258,5 +263,20 @@ mod tests {
             1_700_000_000_500_000_000
         );
         assert!(!p[0].counters.contains_key("role"));
+        assert!(!p[0].stopped);
+    }
+
+    #[test]
+    fn a_last_report_says_stopped() {
+        let v: Json = serde_json::from_str(
+            r#"{"results":[{"statement_id":0,"series":[
+              {"name":"nbpy_pipeline","tags":{"component":"main"},
+               "columns":["time","received","stopped"],
+               "values":[[1700000000000000000,42,true]]}]}]}"#,
+        )
+        .unwrap();
+        let p = parse_pipeline(&v);
+        assert!(p[0].stopped);
+        assert!(!p[0].counters.contains_key("stopped"));
     }
 }
