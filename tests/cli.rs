@@ -125,6 +125,34 @@ fn config_check_refuses_settings_every_command_would_trip_over() {
     }
 }
 
+/// A venue URL its feed cannot speak is refused by `config check` (exit
+/// 78), naming the key, the file and what is allowed, instead of failing
+/// at the publisher's first connect.
+#[test]
+fn config_check_refuses_venue_urls_of_the_wrong_scheme() {
+    let dir = tempfile::tempdir().unwrap();
+    for (body, says) in [
+        (
+            "[publishers.k]\nfeed = \"kraken-tick\"\nurl = \"kraken.com\"\n",
+            "publishers.k.url = \"kraken.com\": relative URL without a base; must start with ws:// or wss:// (e.g. wss://ws.kraken.com/v2)",
+        ),
+        (
+            "[publishers.fx]\nfeed = \"oanda-tick\"\nurl = \"ftp://x\"\ninstruments = [\"EUR_USD\"]\n\
+             [publishers.fx.oanda]\naccount = \"101-004-1234567-001\"\ntoken_file = \"oanda-token\"\n",
+            "publishers.fx.url = \"ftp://x\": must start with http:// or https:// (e.g. https://stream-fxpractice.oanda.com)",
+        ),
+    ] {
+        let cfg = write_config(dir.path(), body);
+        let out = run("nbpy", &["--config", &cfg, "config", "check"], &[]);
+        let t = text(&out);
+        assert_eq!(out.status.code(), Some(78), "{body}: {t}");
+        assert!(
+            t.contains(&format!("invalid configuration ({cfg}): {says}")),
+            "{body}: missing {says:?} in {t}"
+        );
+    }
+}
+
 /// `config check` promises every problem: two unknown keys, one from the
 /// file and one from the environment, are both named, as written.
 #[test]
