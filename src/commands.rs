@@ -274,10 +274,11 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             let loaded =
                 crate::config::load(cli.common.config.as_deref()).map_err(Failure::config)?;
             let report = crate::units::install(&root, &loaded.config, enable).map_err(|e| {
-                let code = if e.kind() == std::io::ErrorKind::PermissionDenied {
-                    crate::exit::NOPERM
-                } else {
-                    crate::exit::CANTCREAT
+                let code = match e.kind() {
+                    std::io::ErrorKind::PermissionDenied => crate::exit::NOPERM,
+                    // Names the units cannot carry: a configuration mistake.
+                    std::io::ErrorKind::InvalidInput => crate::exit::CONFIG,
+                    _ => crate::exit::CANTCREAT,
                 };
                 Failure::new(
                     code,

@@ -885,13 +885,11 @@ impl Config {
         }
         p.extend(self.schema.problems());
         p.extend(self.grafana.problems());
+        // Names become systemd instance names: checked by the rule `nbpy
+        // units install` applies, so a name it would fail on fails here.
+        p.extend(crate::units::instance_name_problems(self));
         let mut seen: BTreeMap<String, &str> = BTreeMap::new();
         for (name, publ) in &self.publishers {
-            if !valid_name(name) {
-                p.push(format!(
-                    "publishers.{name}: names may use a-z, 0-9, '-' and '_' only (they become unit instance names)"
-                ));
-            }
             let ep = publ.endpoint();
             if let Err(e) = crate::bus::check_endpoint(&ep) {
                 p.push(format!("publishers.{name}.endpoint = {ep:?}: {e}"));
@@ -926,11 +924,6 @@ impl Config {
             );
         }
         for (name, sub) in &self.subscribers {
-            if !valid_name(name) {
-                p.push(format!(
-                    "subscribers.{name}: names may use a-z, 0-9, '-' and '_' only"
-                ));
-            }
             if sub.connect.is_empty() {
                 p.push(format!(
                     "subscribers.{name}.connect is empty: list at least one endpoint, e.g. [\"tcp://127.0.0.1:5558\"]"
@@ -1250,13 +1243,6 @@ fn influx_name_ok(name: &str) -> bool {
             (c.is_ascii() && (' '..='~').contains(&c) && c != '/' && c != '\\')
                 || (!c.is_ascii() && c.is_alphanumeric())
         })
-}
-
-fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
 
 /// `http://user:secret@host` → `http://user:***@host`.

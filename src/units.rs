@@ -87,10 +87,78 @@ pub fn instances(cfg: &Config) -> Vec<String> {
 }
 
 /// `nbpy-publisher@.service` + `kraken` → `nbpy-publisher@kraken.service`.
-/// Config names are limited to `[a-z0-9_-]` (see `Config::problems`), which
-/// systemd takes verbatim as instance names.
+/// Config names are limited by [`instance_name_problem`], so systemd takes
+/// them verbatim as instance names.
 pub fn instance(template: &str, name: &str) -> String {
     template.replacen("@.", &format!("@{name}."), 1)
+}
+
+/// The longest name systemd takes for a unit (`UNIT_NAME_MAX` less its NUL)
+/// and the longest file name Linux file systems take (`NAME_MAX`): 255.
+pub const NAME_MAX: usize = 255;
+
+/// The longest `[publishers.NAME]` / `[subscribers.NAME]` that `template`
+/// can carry: the instance's drop-in directory `<instance>.d` (where
+/// `install` puts credentials, and an admin their overrides) must still be
+/// a file name, and so, two bytes shorter, the unit and its link.
+pub fn max_instance_name(template: &str) -> usize {
+    NAME_MAX.saturating_sub(template.len() + ".d".len())
+}
+
+/// Why `name` cannot be an instance of `template`, or `None`. The one rule
+/// for both `config check` (`Config::problems`) and [`install`]: a name
+/// that passed the check but not the install would leave the units half
+/// written, found only at deploy time. `[a-z0-9_-]` is a subset of what
+/// systemd allows in instance names that needs no escaping (`%i` and
+/// `%I` agree on it but for '-', and the units use `%i`).
+pub fn instance_name_problem(template: &str, name: &str) -> Option<String> {
+    let max = max_instance_name(template);
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+    {
+        Some("names may use a-z, 0-9, '-' and '_' only (they become unit instance names)".into())
+    } else if name.len() > max {
+        Some(format!(
+            "the name is {} characters long; at most {max} allowed: it becomes the unit {}, whose drop-in directory {}.d must fit the {NAME_MAX}-character limit systemd and the file system put on names",
+            name.len(),
+            instance(template, "NAME"),
+            instance(template, "NAME"),
+        ))
+    } else {
+        None
+    }
+}
+
+/// `name` for a message: a name too long to be used is cut short, so the
+/// message stays readable and still points at the section.
+pub fn shown_name(name: &str) -> String {
+    const SHOWN: usize = 40;
+    match name.char_indices().nth(SHOWN) {
+        Some((at, _)) => format!("{}…", &name[..at]),
+        None => name.to_string(),
+    }
+}
+
+/// Every configured publisher or subscriber name its unit template cannot
+/// carry, as `section.NAME: why`.
+pub fn instance_name_problems(cfg: &Config) -> Vec<String> {
+    let publishers = cfg
+        .publishers
+        .keys()
+        .map(|n| ("publishers", PUBLISHER_TEMPLATE, n));
+    let subscribers = cfg
+        .subscribers
+        .keys()
+        .map(|n| ("subscribers", SUBSCRIBER_TEMPLATE, n));
+    publishers
+        .chain(subscribers)
+        .filter_map(|(section, template, name)| {
+            let why = instance_name_problem(template, name)?;
+            Some(format!("{section}.{}: {why}", shown_name(name)))
+        })
+        .collect()
 }
 
 /// What `install` did, for the command to print.
@@ -208,7 +276,15 @@ fn dropin_text(names: &[String]) -> String {
 /// Links point at `/etc/systemd/system/…` as seen from inside `root`, the
 /// way `systemctl enable` makes them, so a staged root stays correct once
 /// it is the real one.
+///
+/// Instance names the units cannot carry are refused (`InvalidInput`)
+/// before anything is written: `Config::problems` refuses them by the same
+/// rule, so this only guards callers that built a `Config` by hand.
 pub fn install(root: &Path, cfg: &Config, enable: bool) -> io::Result<Report> {
+    let bad = instance_name_problems(cfg);
+    if !bad.is_empty() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, bad.join("; ")));
+    }
     let dir = root.join(UNIT_DIR);
     fs::create_dir_all(&dir)?;
     let mut report = Report::default();
@@ -405,6 +481,75 @@ mod tests {
         assert_eq!(
             instance(PUBLISHER_TEMPLATE, "kraken-tick"),
             "nbpy-publisher@kraken-tick.service"
+        );
+    }
+
+    /// The longest name the rule allows installs, drop-in directory and
+    /// all; one more is refused before anything is written, and
+    /// `Config::problems` refuses it by the same words.
+    #[test]
+    fn names_too_long_for_a_unit_are_refused_before_anything_is_written() {
+        assert_eq!(max_instance_name(PUBLISHER_TEMPLATE), 230);
+        assert_eq!(max_instance_name(SUBSCRIBER_TEMPLATE), 229);
+        let longest = |template, n: usize| {
+            let mut c = cfg(&[], &[]);
+            let name = "p".repeat(n);
+            if template == PUBLISHER_TEMPLATE {
+                let mut p = PublisherConfig::default();
+                // A credential: the instance gets a drop-in directory.
+                p.oanda.token_file = Some("oanda-token".into());
+                c.publishers.insert(name, p);
+            } else {
+                let s = SubscriberConfig {
+                    connect: vec!["tcp://127.0.0.1:5570".into()],
+                    ..Default::default()
+                };
+                c.subscribers.insert(name, s);
+            }
+            c
+        };
+        for template in [PUBLISHER_TEMPLATE, SUBSCRIBER_TEMPLATE] {
+            let max = max_instance_name(template);
+            let root = tempfile::tempdir().unwrap();
+            install(root.path(), &longest(template, max), false).unwrap();
+            if template == PUBLISHER_TEMPLATE {
+                let inst = instance(template, &"p".repeat(max));
+                assert_eq!(inst.len() + 2, NAME_MAX);
+                let d = root.path().join(UNIT_DIR).join(format!("{inst}.d"));
+                assert!(d.join(CREDENTIALS_DROPIN).exists());
+            }
+
+            let root = tempfile::tempdir().unwrap();
+            let c = longest(template, max + 1);
+            let e = install(root.path(), &c, false).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+            let section = if template == PUBLISHER_TEMPLATE {
+                "publishers"
+            } else {
+                "subscribers"
+            };
+            let says = format!(
+                "{section}.{}…: the name is {} characters long; at most {max} allowed",
+                "p".repeat(40),
+                max + 1
+            );
+            assert!(e.to_string().starts_with(&says), "{e}");
+            assert!(
+                !root.path().join(UNIT_DIR).exists(),
+                "something was written"
+            );
+            assert_eq!(c.problems(), [e.to_string()]);
+        }
+        for bad in ["Kraken", "a.b", "a b", "a@b", "é", ""] {
+            assert!(
+                instance_name_problem(PUBLISHER_TEMPLATE, bad)
+                    .is_some_and(|e| e.contains("a-z, 0-9, '-' and '_' only")),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(
+            instance_name_problem(SUBSCRIBER_TEMPLATE, "kraken-tick_2"),
+            None
         );
     }
 

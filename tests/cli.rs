@@ -271,3 +271,46 @@ fn env_values_that_look_numeric_or_boolean_fit_string_keys_as_written() {
         "{t}"
     );
 }
+
+/// A publisher name too long for a systemd unit is refused by `config
+/// check`, naming the limit, not first by `units install` with exit 73
+/// after half the units were written.
+#[test]
+fn config_check_refuses_names_too_long_for_a_unit() {
+    let dir = tempfile::tempdir().unwrap();
+    let name = "x".repeat(300);
+    let cfg = write_config(
+        dir.path(),
+        &format!("[publishers.{name}]\nfeed = \"synthetic\"\n"),
+    );
+    let says = format!(
+        "publishers.{}…: the name is 300 characters long; at most 230 allowed: it becomes the unit nbpy-publisher@NAME.service",
+        "x".repeat(40)
+    );
+    let out = run("nbpy", &["--config", &cfg, "config", "check"], &[]);
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(78), "{t}");
+    assert!(t.contains(&says), "missing {says:?} in {t}");
+
+    // Where the units read it, so the install reads it too.
+    let root = dir.path().join("root");
+    let staged = root.join("etc/nbpy/nbpy.toml");
+    std::fs::create_dir_all(staged.parent().unwrap()).unwrap();
+    std::fs::copy(&cfg, &staged).unwrap();
+    let out = run(
+        "nbpy",
+        &[
+            "--config",
+            staged.to_str().unwrap(),
+            "units",
+            "install",
+            "--root",
+            root.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(78), "{t}");
+    assert!(t.contains(&says), "missing {says:?} in {t}");
+    assert!(!root.join("etc/systemd").exists(), "units written: {t}");
+}
