@@ -820,7 +820,13 @@ fn remove_key(dict: &mut figment::value::Dict, path: &[String]) -> bool {
 
 /// Loads, layers and validates the configuration.
 pub fn load(explicit: Option<&Path>) -> Result<Loaded, ConfigError> {
-    let file = resolve_file(explicit)?;
+    load_resolved(resolve_file(explicit)?)
+}
+
+/// [`load`] from `file` as chosen already (`None`: no file, built-in
+/// defaults), for a caller whose choice differs from [`resolve_file`]'s:
+/// `units install --root` reads the file inside the root.
+pub fn load_resolved(file: Option<PathBuf>) -> Result<Loaded, ConfigError> {
     let mut config = extract(&figment(file.as_deref())).map_err(ConfigError::Parse)?;
     if let Some(dir) = std::env::var_os("STATE_DIRECTORY") {
         // systemd may pass several, colon-separated; the first is ours.

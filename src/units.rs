@@ -161,6 +161,86 @@ pub fn instance_name_problems(cfg: &Config) -> Vec<String> {
         .collect()
 }
 
+/// The configuration file the installed units read: `/etc/nbpy/nbpy.toml`
+/// as seen from inside `root`. Their `ExecStart=` passes no `--config` and
+/// they set no `$NBPY_CONFIG`, so it is the loader's default file.
+pub fn config_path(root: &Path) -> PathBuf {
+    root.join(crate::config::DEFAULT_FILE.trim_start_matches('/'))
+}
+
+/// How a configuration file was chosen, for [`config_file`]'s message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Chosen {
+    /// `--config FILE`
+    Flag,
+    /// `$NBPY_CONFIG`
+    Env,
+}
+
+/// The configuration `install` wires the instances from: the one the units
+/// will read ([`config_path`]), when there is one. A file chosen with
+/// `--config` or `$NBPY_CONFIG` (`chosen`, with how it was chosen) must be
+/// that file, or a byte-for-byte copy of it; any other is refused, since
+/// the units would run another configuration than the one checked and
+/// wired, and nothing would say so until instances went missing.
+///
+/// Refused rather than wired in with a drop-in (`Environment=NBPY_CONFIG`):
+/// the units' sandbox hides most places such a file is kept (`ProtectHome=`,
+/// `PrivateTmp=`, and `DynamicUser=` reads only what anyone may read), so
+/// the failure would only move to start time; and `nbpy status`, `doctor`
+/// and `validate` run by hand, the NixOS module and the compose file all
+/// read `/etc/nbpy/nbpy.toml` too, so one place keeps them all agreeing.
+///
+/// A chosen file that cannot be read is returned as it is, for the loader
+/// to report as it reports every unreadable configuration.
+pub fn config_file(
+    root: &Path,
+    chosen: Option<(&Path, Chosen)>,
+) -> Result<Option<PathBuf>, String> {
+    let read = config_path(root);
+    let Some((file, by)) = chosen else {
+        return Ok(read.exists().then_some(read));
+    };
+    let Ok(meta) = fs::metadata(file) else {
+        return Ok(Some(file.to_path_buf()));
+    };
+    let same = |other: &fs::Metadata| {
+        use std::os::unix::fs::MetadataExt;
+        (meta.dev(), meta.ino()) == (other.dev(), other.ino())
+            || matches!((fs::read(file), fs::read(&read)), (Ok(a), Ok(b)) if a == b)
+    };
+    if fs::metadata(&read).is_ok_and(|m| same(&m)) {
+        return Ok(Some(file.to_path_buf()));
+    }
+    let seen = if root == Path::new("/") {
+        String::new()
+    } else {
+        format!(
+            " ({} once {} is the root)",
+            crate::config::DEFAULT_FILE,
+            root.display()
+        )
+    };
+    let differs = if read.exists() {
+        ", which holds another configuration"
+    } else {
+        ""
+    };
+    Err(format!(
+        "{how}{file} is not the file the units read: they start without --config and read {read}{seen}{differs}, so they would not run what is wired from {file}. Install it there (e.g. install -Dm644 {file} {read}), then run this again without {without}",
+        how = match by {
+            Chosen::Flag => "--config ",
+            Chosen::Env => "$NBPY_CONFIG=",
+        },
+        without = match by {
+            Chosen::Flag => "--config",
+            Chosen::Env => "$NBPY_CONFIG",
+        },
+        file = file.display(),
+        read = read.display(),
+    ))
+}
+
 /// What `install` did, for the command to print.
 #[derive(Debug, Default, PartialEq)]
 pub struct Report {
@@ -550,6 +630,60 @@ mod tests {
         assert_eq!(
             instance_name_problem(SUBSCRIBER_TEMPLATE, "kraken-tick_2"),
             None
+        );
+    }
+
+    /// `install` wires from the file the units read; another file chosen
+    /// is refused, saying where the units read and how to put it there.
+    #[test]
+    fn the_config_installed_from_is_the_one_the_units_read() {
+        let root = tempfile::tempdir().unwrap();
+        let root = root.path();
+        let read = config_path(root);
+        assert_eq!(read, root.join("etc/nbpy/nbpy.toml"));
+        let other = root.join("other.toml");
+        fs::write(&other, "[publishers.synth]\n").unwrap();
+
+        // Nothing chosen: the file inside the root, when there is one.
+        assert_eq!(config_file(root, None), Ok(None));
+        let e = config_file(root, Some((&other, Chosen::Flag))).unwrap_err();
+        assert_eq!(
+            e,
+            format!(
+                "--config {o} is not the file the units read: they start without --config and read {r} (/etc/nbpy/nbpy.toml once {root} is the root), so they would not run what is wired from {o}. Install it there (e.g. install -Dm644 {o} {r}), then run this again without --config",
+                o = other.display(),
+                r = read.display(),
+                root = root.display(),
+            )
+        );
+        fs::create_dir_all(read.parent().unwrap()).unwrap();
+        fs::write(&read, "[publishers.other]\n").unwrap();
+        assert_eq!(config_file(root, None), Ok(Some(read.clone())));
+        let e = config_file(root, Some((&other, Chosen::Env))).unwrap_err();
+        assert!(
+            e.starts_with(&format!("$NBPY_CONFIG={} is not the file", other.display()))
+                && e.contains(", which holds another configuration,")
+                && e.ends_with("without $NBPY_CONFIG"),
+            "{e}"
+        );
+        // The file itself by another path, or a copy of it: what the units
+        // read is what is wired.
+        let link = root.join("link.toml");
+        std::os::unix::fs::symlink(&read, &link).unwrap();
+        assert_eq!(
+            config_file(root, Some((&link, Chosen::Flag))),
+            Ok(Some(link))
+        );
+        fs::copy(&read, &other).unwrap();
+        assert_eq!(
+            config_file(root, Some((&other, Chosen::Flag))),
+            Ok(Some(other.clone()))
+        );
+        // A file that is not there is the loader's to report.
+        let gone = root.join("gone.toml");
+        assert_eq!(
+            config_file(root, Some((&gone, Chosen::Flag))),
+            Ok(Some(gone))
         );
     }
 

@@ -314,3 +314,66 @@ fn config_check_refuses_names_too_long_for_a_unit() {
     assert!(t.contains(&says), "missing {says:?} in {t}");
     assert!(!root.join("etc/systemd").exists(), "units written: {t}");
 }
+
+/// `units install` wires the instances of the file the units will read,
+/// `/etc/nbpy/nbpy.toml` inside the root: another file given with
+/// `--config` (or `$NBPY_CONFIG`) is refused with exit 64, saying where to
+/// put it, and nothing is written.
+#[test]
+fn units_install_refuses_a_config_the_units_will_not_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let other = write_config(dir.path(), "[publishers.synth]\nfeed = \"synthetic\"\n");
+    let root = dir.path().join("root");
+    let r = root.to_str().unwrap();
+    let read = root.join("etc/nbpy/nbpy.toml");
+    for (args, envs, how) in [
+        (
+            vec!["--config", other.as_str(), "units", "install", "--root", r],
+            vec![],
+            "--config ",
+        ),
+        (
+            vec!["units", "install", "--root", r],
+            vec![("NBPY_CONFIG", other.as_str())],
+            "$NBPY_CONFIG=",
+        ),
+    ] {
+        let out = run("nbpy", &args, &envs);
+        let t = text(&out);
+        assert_eq!(out.status.code(), Some(64), "{t}");
+        let says = format!(
+            "error: {how}{other} is not the file the units read: they start without --config and read {}",
+            read.display()
+        );
+        assert!(t.starts_with(&says), "missing {says:?} in {t}");
+        assert!(
+            t.contains(&format!("install -Dm644 {other} {}", read.display())),
+            "{t}"
+        );
+        assert!(!root.join("etc/systemd").exists(), "units written: {t}");
+    }
+
+    // Put where the units read it: wired from there, by default too.
+    std::fs::create_dir_all(read.parent().unwrap()).unwrap();
+    std::fs::copy(&other, &read).unwrap();
+    for args in [
+        vec!["units", "install", "--root", r],
+        vec![
+            "--config",
+            read.to_str().unwrap(),
+            "units",
+            "install",
+            "--root",
+            r,
+        ],
+        vec!["--config", other.as_str(), "units", "install", "--root", r],
+    ] {
+        let out = run("nbpy", &args, &[]);
+        let t = text(&out);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {t}");
+        assert!(
+            t.contains("instances (from ") && t.contains("): nbpy-publisher@synth.service"),
+            "{args:?}: {t}"
+        );
+    }
+}
