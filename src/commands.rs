@@ -271,13 +271,27 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         Command::Units {
             action: UnitsAction::Install { root, enable },
         } => {
-            let loaded =
-                crate::config::load(cli.common.config.as_deref()).map_err(Failure::config)?;
+            // The units read the file inside the root, so that is the one
+            // to wire from; another one chosen is a usage error (64).
+            let env = std::env::var_os("NBPY_CONFIG").map(std::path::PathBuf::from);
+            let chosen = match (&cli.common.config, &env) {
+                (Some(f), _) => Some((f.as_path(), crate::units::Chosen::Flag)),
+                (None, Some(f)) => Some((f.as_path(), crate::units::Chosen::Env)),
+                (None, None) => None,
+            };
+            let file = crate::units::config_file(&root, chosen)
+                .map_err(|e| Failure::new(crate::exit::USAGE, anyhow::anyhow!(e)))?;
+            let loaded = match &file {
+                Some(f) => crate::config::load(Some(f)),
+                None => crate::config::load_resolved(None),
+            }
+            .map_err(Failure::config)?;
             let report = crate::units::install(&root, &loaded.config, enable).map_err(|e| {
-                let code = if e.kind() == std::io::ErrorKind::PermissionDenied {
-                    crate::exit::NOPERM
-                } else {
-                    crate::exit::CANTCREAT
+                let code = match e.kind() {
+                    std::io::ErrorKind::PermissionDenied => crate::exit::NOPERM,
+                    // Names the units cannot carry: a configuration mistake.
+                    std::io::ErrorKind::InvalidInput => crate::exit::CONFIG,
+                    _ => crate::exit::CANTCREAT,
                 };
                 Failure::new(
                     code,
@@ -296,8 +310,11 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             }
             let instances = crate::units::instances(&loaded.config);
             crate::outln!(
-                "{} unit file(s) up to date; instances: {}",
+                "{} unit file(s) up to date; instances (from {}): {}",
                 report.unchanged.len(),
+                file.as_ref()
+                    .map(|f| f.display().to_string())
+                    .unwrap_or_else(|| "built-in defaults".into()),
                 if instances.is_empty() {
                     "none (the config has no [publishers.NAME] or [subscribers.NAME])".to_string()
                 } else {

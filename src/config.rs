@@ -820,7 +820,13 @@ fn remove_key(dict: &mut figment::value::Dict, path: &[String]) -> bool {
 
 /// Loads, layers and validates the configuration.
 pub fn load(explicit: Option<&Path>) -> Result<Loaded, ConfigError> {
-    let file = resolve_file(explicit)?;
+    load_resolved(resolve_file(explicit)?)
+}
+
+/// [`load`] from `file` as chosen already (`None`: no file, built-in
+/// defaults), for a caller whose choice differs from [`resolve_file`]'s:
+/// `units install --root` reads the file inside the root.
+pub fn load_resolved(file: Option<PathBuf>) -> Result<Loaded, ConfigError> {
     let mut config = extract(&figment(file.as_deref())).map_err(ConfigError::Parse)?;
     if let Some(dir) = std::env::var_os("STATE_DIRECTORY") {
         // systemd may pass several, colon-separated; the first is ours.
@@ -885,13 +891,11 @@ impl Config {
         }
         p.extend(self.schema.problems());
         p.extend(self.grafana.problems());
+        // Names become systemd instance names: checked by the rule `nbpy
+        // units install` applies, so a name it would fail on fails here.
+        p.extend(crate::units::instance_name_problems(self));
         let mut seen: BTreeMap<String, &str> = BTreeMap::new();
         for (name, publ) in &self.publishers {
-            if !valid_name(name) {
-                p.push(format!(
-                    "publishers.{name}: names may use a-z, 0-9, '-' and '_' only (they become unit instance names)"
-                ));
-            }
             let ep = publ.endpoint();
             if let Err(e) = crate::bus::check_endpoint(&ep) {
                 p.push(format!("publishers.{name}.endpoint = {ep:?}: {e}"));
@@ -910,6 +914,15 @@ impl Config {
             if publ.queue == 0 {
                 p.push(format!("publishers.{name}.queue must be at least 1"));
             }
+            for v in crate::feeds::venue_urls(publ) {
+                p.extend(url_problem(
+                    &format!("publishers.{name}.{}", v.key),
+                    v.url,
+                    v.schemes,
+                    v.example,
+                    false,
+                ));
+            }
             p.extend(
                 crate::feeds::check(publ)
                     .into_iter()
@@ -917,11 +930,6 @@ impl Config {
             );
         }
         for (name, sub) in &self.subscribers {
-            if !valid_name(name) {
-                p.push(format!(
-                    "subscribers.{name}: names may use a-z, 0-9, '-' and '_' only"
-                ));
-            }
             if sub.connect.is_empty() {
                 p.push(format!(
                     "subscribers.{name}.connect is empty: list at least one endpoint, e.g. [\"tcp://127.0.0.1:5558\"]"
@@ -1178,17 +1186,38 @@ fn log_level_problem(level: &str) -> Result<(), String> {
 /// `file:///PATH`: the line-protocol file sink that `nbpy up` falls back to
 /// (and writes into the configuration its children read).
 fn http_url_problem(key: &str, url: &str, example: &str, file_ok: bool) -> Option<String> {
+    url_problem(key, url, HTTP, example, file_ok)
+}
+
+/// The schemes of a URL that HTTP requests go to.
+const HTTP: &[&str] = &["http", "https"];
+
+/// `key = url` must use one of `schemes` and name a host (with `file_ok`,
+/// `file:///PATH` too). Every URL key is checked here, so each says what is
+/// wrong the same way: the key and value, then what is allowed with an
+/// example. A URL of the wrong kind otherwise parses and fails only when
+/// the service first connects, far from the file that holds it.
+pub(crate) fn url_problem(
+    key: &str,
+    url: &str,
+    schemes: &[&str],
+    example: &str,
+    file_ok: bool,
+) -> Option<String> {
+    let starts: Vec<String> = schemes.iter().map(|s| format!("{s}://")).collect();
+    let starts = match starts.split_last() {
+        Some((last, [])) => last.clone(),
+        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+        None => String::new(),
+    };
     let allowed = if file_ok {
-        format!("must start with http:// or https:// (e.g. {example}), or be file:///PATH for a line-protocol file")
+        format!("must start with {starts} (e.g. {example}), or be file:///PATH for a line-protocol file")
     } else {
-        format!("must start with http:// or https:// (e.g. {example})")
+        format!("must start with {starts} (e.g. {example})")
     };
     match reqwest::Url::parse(url) {
         Err(e) => Some(format!("{key} = {url:?}: {e}; {allowed}")),
-        Ok(u)
-            if matches!(u.scheme(), "http" | "https")
-                && u.host_str().is_some_and(|h| !h.is_empty()) =>
-        {
+        Ok(u) if schemes.contains(&u.scheme()) && u.host_str().is_some_and(|h| !h.is_empty()) => {
             None
         }
         Ok(u) if file_ok && u.scheme() == "file" && u.to_file_path().is_ok() => None,
@@ -1220,13 +1249,6 @@ fn influx_name_ok(name: &str) -> bool {
             (c.is_ascii() && (' '..='~').contains(&c) && c != '/' && c != '\\')
                 || (!c.is_ascii() && c.is_alphanumeric())
         })
-}
-
-fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
 
 /// `http://user:secret@host` → `http://user:***@host`.
@@ -1546,6 +1568,96 @@ mod tests {
             "[grafana]\nurl = \"http://127.0.0.1:3000\"",
         ] {
             assert_eq!(problems_of(ok), Vec::<String>::new(), "{ok}");
+        }
+    }
+
+    /// Each feed's venue URL keys take only the schemes its client speaks
+    /// (WebSocket for Kraken, HTTP for OANDA, X and Betfair's login), in
+    /// the words `influxdb.url` uses: the key, the value, what is allowed.
+    #[test]
+    fn venue_urls_of_the_wrong_kind_are_refused_naming_the_key() {
+        let oanda = "[publishers.fx]\nfeed = \"oanda-tick\"\ninstruments = [\"EUR_USD\"]\n\
+                     [publishers.fx.oanda]\naccount = \"1-2\"\ntoken_file = \"t\"\n";
+        let social = "[publishers.s]\nfeed = \"social\"\n[publishers.s.social]\n\
+                      bearer_token_file = \"t\"\nrules = [{ value = \"btc\" }]\n";
+        let betfair = "[publishers.odds]\nfeed = \"betfair-stream\"\n[publishers.odds.betfair]\n\
+                       app_key_file = \"k\"\nsession_token_file = \"t\"\nevent_types = [\"7\"]\n";
+        let kraken = "[publishers.k]\nfeed = \"kraken-tick\"\n";
+        let ws = "must start with ws:// or wss:// (e.g. wss://ws.kraken.com/v2)";
+        let http = |e: &str| format!("must start with http:// or https:// (e.g. {e})");
+        let oanda_http = http("https://stream-fxpractice.oanda.com");
+        let social_http = http("https://api.x.com");
+        let login_http = http("https://identitysso-cert.betfair.com/api/certlogin");
+        for (base, at, set, key, says) in [
+            (
+                kraken,
+                "publishers.k",
+                "url = \"kraken.com\"",
+                "publishers.k.url = \"kraken.com\"",
+                ws,
+            ),
+            (
+                kraken,
+                "publishers.k",
+                "url = \"https://ws.kraken.com\"",
+                "publishers.k.url = \"https://ws.kraken.com\"",
+                ws,
+            ),
+            (
+                oanda,
+                "publishers.fx",
+                "url = \"ftp://x\"",
+                "publishers.fx.url = \"ftp://x\"",
+                &oanda_http,
+            ),
+            (
+                oanda,
+                "publishers.fx",
+                "url = \"wss://x\"",
+                "publishers.fx.url = \"wss://x\"",
+                &oanda_http,
+            ),
+            (
+                oanda,
+                "publishers.fx",
+                "url = \"stream-fxtrade.oanda.com\"",
+                "publishers.fx.url = \"stream-fxtrade.oanda.com\"",
+                &oanda_http,
+            ),
+            (
+                social,
+                "publishers.s",
+                "url = \"api.x.com\"",
+                "publishers.s.url = \"api.x.com\"",
+                &social_http,
+            ),
+            (
+                betfair,
+                "publishers.odds.betfair",
+                "login_url = \"ftp://login\"",
+                "publishers.odds.betfair.login_url = \"ftp://login\"",
+                &login_http,
+            ),
+        ] {
+            let (head, rest) = base.split_at(base.find(&format!("[{at}]")).unwrap());
+            let (table, tail) = rest.split_at(rest.find('\n').unwrap() + 1);
+            let toml_text = format!("{head}{table}{set}\n{tail}");
+            assert_one_problem(&toml_text, key, says);
+        }
+        for ok in [
+            format!("{kraken}url = \"ws://127.0.0.1:9\"\n"),
+            oanda.replace("instruments", "url = \"http://127.0.0.1:9/\"\ninstruments"),
+            social.replace(
+                "[publishers.s.social]",
+                "url = \"https://api.x.com\"\n[publishers.s.social]",
+            ),
+            // Betfair's stream is a raw TLS endpoint, host:port allowed.
+            betfair.replace(
+                "[publishers.odds.betfair]",
+                "url = \"stream-api.betfair.com:443\"\n[publishers.odds.betfair]",
+            ) + "login_url = \"http://127.0.0.1:9/login\"\n",
+        ] {
+            assert_eq!(problems_of(&ok), Vec::<String>::new(), "{ok}");
         }
     }
 

@@ -87,10 +87,158 @@ pub fn instances(cfg: &Config) -> Vec<String> {
 }
 
 /// `nbpy-publisher@.service` + `kraken` → `nbpy-publisher@kraken.service`.
-/// Config names are limited to `[a-z0-9_-]` (see `Config::problems`), which
-/// systemd takes verbatim as instance names.
+/// Config names are limited by [`instance_name_problem`], so systemd takes
+/// them verbatim as instance names.
 pub fn instance(template: &str, name: &str) -> String {
     template.replacen("@.", &format!("@{name}."), 1)
+}
+
+/// The longest name systemd takes for a unit (`UNIT_NAME_MAX` less its NUL)
+/// and the longest file name Linux file systems take (`NAME_MAX`): 255.
+pub const NAME_MAX: usize = 255;
+
+/// The longest `[publishers.NAME]` / `[subscribers.NAME]` that `template`
+/// can carry: the instance's drop-in directory `<instance>.d` (where
+/// `install` puts credentials, and an admin their overrides) must still be
+/// a file name, and so, two bytes shorter, the unit and its link.
+pub fn max_instance_name(template: &str) -> usize {
+    NAME_MAX.saturating_sub(template.len() + ".d".len())
+}
+
+/// Why `name` cannot be an instance of `template`, or `None`. The one rule
+/// for both `config check` (`Config::problems`) and [`install`]: a name
+/// that passed the check but not the install would leave the units half
+/// written, found only at deploy time. `[a-z0-9_-]` is a subset of what
+/// systemd allows in instance names that needs no escaping (`%i` and
+/// `%I` agree on it but for '-', and the units use `%i`).
+pub fn instance_name_problem(template: &str, name: &str) -> Option<String> {
+    let max = max_instance_name(template);
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+    {
+        Some("names may use a-z, 0-9, '-' and '_' only (they become unit instance names)".into())
+    } else if name.len() > max {
+        Some(format!(
+            "the name is {} characters long; at most {max} allowed: it becomes the unit {}, whose drop-in directory {}.d must fit the {NAME_MAX}-character limit systemd and the file system put on names",
+            name.len(),
+            instance(template, "NAME"),
+            instance(template, "NAME"),
+        ))
+    } else {
+        None
+    }
+}
+
+/// `name` for a message: a name too long to be used is cut short, so the
+/// message stays readable and still points at the section.
+pub fn shown_name(name: &str) -> String {
+    const SHOWN: usize = 40;
+    match name.char_indices().nth(SHOWN) {
+        Some((at, _)) => format!("{}…", &name[..at]),
+        None => name.to_string(),
+    }
+}
+
+/// Every configured publisher or subscriber name its unit template cannot
+/// carry, as `section.NAME: why`.
+pub fn instance_name_problems(cfg: &Config) -> Vec<String> {
+    let publishers = cfg
+        .publishers
+        .keys()
+        .map(|n| ("publishers", PUBLISHER_TEMPLATE, n));
+    let subscribers = cfg
+        .subscribers
+        .keys()
+        .map(|n| ("subscribers", SUBSCRIBER_TEMPLATE, n));
+    publishers
+        .chain(subscribers)
+        .filter_map(|(section, template, name)| {
+            let why = instance_name_problem(template, name)?;
+            Some(format!("{section}.{}: {why}", shown_name(name)))
+        })
+        .collect()
+}
+
+/// The configuration file the installed units read: `/etc/nbpy/nbpy.toml`
+/// as seen from inside `root`. Their `ExecStart=` passes no `--config` and
+/// they set no `$NBPY_CONFIG`, so it is the loader's default file.
+pub fn config_path(root: &Path) -> PathBuf {
+    root.join(crate::config::DEFAULT_FILE.trim_start_matches('/'))
+}
+
+/// How a configuration file was chosen, for [`config_file`]'s message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Chosen {
+    /// `--config FILE`
+    Flag,
+    /// `$NBPY_CONFIG`
+    Env,
+}
+
+/// The configuration `install` wires the instances from: the one the units
+/// will read ([`config_path`]), when there is one. A file chosen with
+/// `--config` or `$NBPY_CONFIG` (`chosen`, with how it was chosen) must be
+/// that file, or a byte-for-byte copy of it; any other is refused, since
+/// the units would run another configuration than the one checked and
+/// wired, and nothing would say so until instances went missing.
+///
+/// Refused rather than wired in with a drop-in (`Environment=NBPY_CONFIG`):
+/// the units' sandbox hides most places such a file is kept (`ProtectHome=`,
+/// `PrivateTmp=`, and `DynamicUser=` reads only what anyone may read), so
+/// the failure would only move to start time; and `nbpy status`, `doctor`
+/// and `validate` run by hand, the NixOS module and the compose file all
+/// read `/etc/nbpy/nbpy.toml` too, so one place keeps them all agreeing.
+///
+/// A chosen file that cannot be read is returned as it is, for the loader
+/// to report as it reports every unreadable configuration.
+pub fn config_file(
+    root: &Path,
+    chosen: Option<(&Path, Chosen)>,
+) -> Result<Option<PathBuf>, String> {
+    let read = config_path(root);
+    let Some((file, by)) = chosen else {
+        return Ok(read.exists().then_some(read));
+    };
+    let Ok(meta) = fs::metadata(file) else {
+        return Ok(Some(file.to_path_buf()));
+    };
+    let same = |other: &fs::Metadata| {
+        use std::os::unix::fs::MetadataExt;
+        (meta.dev(), meta.ino()) == (other.dev(), other.ino())
+            || matches!((fs::read(file), fs::read(&read)), (Ok(a), Ok(b)) if a == b)
+    };
+    if fs::metadata(&read).is_ok_and(|m| same(&m)) {
+        return Ok(Some(file.to_path_buf()));
+    }
+    let seen = if root == Path::new("/") {
+        String::new()
+    } else {
+        format!(
+            " ({} once {} is the root)",
+            crate::config::DEFAULT_FILE,
+            root.display()
+        )
+    };
+    let differs = if read.exists() {
+        ", which holds another configuration"
+    } else {
+        ""
+    };
+    Err(format!(
+        "{how}{file} is not the file the units read: they start without --config and read {read}{seen}{differs}, so they would not run what is wired from {file}. Install it there (e.g. install -Dm644 {file} {read}), then run this again without {without}",
+        how = match by {
+            Chosen::Flag => "--config ",
+            Chosen::Env => "$NBPY_CONFIG=",
+        },
+        without = match by {
+            Chosen::Flag => "--config",
+            Chosen::Env => "$NBPY_CONFIG",
+        },
+        file = file.display(),
+        read = read.display(),
+    ))
 }
 
 /// What `install` did, for the command to print.
@@ -208,7 +356,15 @@ fn dropin_text(names: &[String]) -> String {
 /// Links point at `/etc/systemd/system/…` as seen from inside `root`, the
 /// way `systemctl enable` makes them, so a staged root stays correct once
 /// it is the real one.
+///
+/// Instance names the units cannot carry are refused (`InvalidInput`)
+/// before anything is written: `Config::problems` refuses them by the same
+/// rule, so this only guards callers that built a `Config` by hand.
 pub fn install(root: &Path, cfg: &Config, enable: bool) -> io::Result<Report> {
+    let bad = instance_name_problems(cfg);
+    if !bad.is_empty() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, bad.join("; ")));
+    }
     let dir = root.join(UNIT_DIR);
     fs::create_dir_all(&dir)?;
     let mut report = Report::default();
@@ -405,6 +561,129 @@ mod tests {
         assert_eq!(
             instance(PUBLISHER_TEMPLATE, "kraken-tick"),
             "nbpy-publisher@kraken-tick.service"
+        );
+    }
+
+    /// The longest name the rule allows installs, drop-in directory and
+    /// all; one more is refused before anything is written, and
+    /// `Config::problems` refuses it by the same words.
+    #[test]
+    fn names_too_long_for_a_unit_are_refused_before_anything_is_written() {
+        assert_eq!(max_instance_name(PUBLISHER_TEMPLATE), 230);
+        assert_eq!(max_instance_name(SUBSCRIBER_TEMPLATE), 229);
+        let longest = |template, n: usize| {
+            let mut c = cfg(&[], &[]);
+            let name = "p".repeat(n);
+            if template == PUBLISHER_TEMPLATE {
+                let mut p = PublisherConfig::default();
+                // A credential: the instance gets a drop-in directory.
+                p.oanda.token_file = Some("oanda-token".into());
+                c.publishers.insert(name, p);
+            } else {
+                let s = SubscriberConfig {
+                    connect: vec!["tcp://127.0.0.1:5570".into()],
+                    ..Default::default()
+                };
+                c.subscribers.insert(name, s);
+            }
+            c
+        };
+        for template in [PUBLISHER_TEMPLATE, SUBSCRIBER_TEMPLATE] {
+            let max = max_instance_name(template);
+            let root = tempfile::tempdir().unwrap();
+            install(root.path(), &longest(template, max), false).unwrap();
+            if template == PUBLISHER_TEMPLATE {
+                let inst = instance(template, &"p".repeat(max));
+                assert_eq!(inst.len() + 2, NAME_MAX);
+                let d = root.path().join(UNIT_DIR).join(format!("{inst}.d"));
+                assert!(d.join(CREDENTIALS_DROPIN).exists());
+            }
+
+            let root = tempfile::tempdir().unwrap();
+            let c = longest(template, max + 1);
+            let e = install(root.path(), &c, false).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+            let section = if template == PUBLISHER_TEMPLATE {
+                "publishers"
+            } else {
+                "subscribers"
+            };
+            let says = format!(
+                "{section}.{}…: the name is {} characters long; at most {max} allowed",
+                "p".repeat(40),
+                max + 1
+            );
+            assert!(e.to_string().starts_with(&says), "{e}");
+            assert!(
+                !root.path().join(UNIT_DIR).exists(),
+                "something was written"
+            );
+            assert_eq!(c.problems(), [e.to_string()]);
+        }
+        for bad in ["Kraken", "a.b", "a b", "a@b", "é", ""] {
+            assert!(
+                instance_name_problem(PUBLISHER_TEMPLATE, bad)
+                    .is_some_and(|e| e.contains("a-z, 0-9, '-' and '_' only")),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(
+            instance_name_problem(SUBSCRIBER_TEMPLATE, "kraken-tick_2"),
+            None
+        );
+    }
+
+    /// `install` wires from the file the units read; another file chosen
+    /// is refused, saying where the units read and how to put it there.
+    #[test]
+    fn the_config_installed_from_is_the_one_the_units_read() {
+        let root = tempfile::tempdir().unwrap();
+        let root = root.path();
+        let read = config_path(root);
+        assert_eq!(read, root.join("etc/nbpy/nbpy.toml"));
+        let other = root.join("other.toml");
+        fs::write(&other, "[publishers.synth]\n").unwrap();
+
+        // Nothing chosen: the file inside the root, when there is one.
+        assert_eq!(config_file(root, None), Ok(None));
+        let e = config_file(root, Some((&other, Chosen::Flag))).unwrap_err();
+        assert_eq!(
+            e,
+            format!(
+                "--config {o} is not the file the units read: they start without --config and read {r} (/etc/nbpy/nbpy.toml once {root} is the root), so they would not run what is wired from {o}. Install it there (e.g. install -Dm644 {o} {r}), then run this again without --config",
+                o = other.display(),
+                r = read.display(),
+                root = root.display(),
+            )
+        );
+        fs::create_dir_all(read.parent().unwrap()).unwrap();
+        fs::write(&read, "[publishers.other]\n").unwrap();
+        assert_eq!(config_file(root, None), Ok(Some(read.clone())));
+        let e = config_file(root, Some((&other, Chosen::Env))).unwrap_err();
+        assert!(
+            e.starts_with(&format!("$NBPY_CONFIG={} is not the file", other.display()))
+                && e.contains(", which holds another configuration,")
+                && e.ends_with("without $NBPY_CONFIG"),
+            "{e}"
+        );
+        // The file itself by another path, or a copy of it: what the units
+        // read is what is wired.
+        let link = root.join("link.toml");
+        std::os::unix::fs::symlink(&read, &link).unwrap();
+        assert_eq!(
+            config_file(root, Some((&link, Chosen::Flag))),
+            Ok(Some(link))
+        );
+        fs::copy(&read, &other).unwrap();
+        assert_eq!(
+            config_file(root, Some((&other, Chosen::Flag))),
+            Ok(Some(other.clone()))
+        );
+        // A file that is not there is the loader's to report.
+        let gone = root.join("gone.toml");
+        assert_eq!(
+            config_file(root, Some((&gone, Chosen::Flag))),
+            Ok(Some(gone))
         );
     }
 

@@ -125,6 +125,34 @@ fn config_check_refuses_settings_every_command_would_trip_over() {
     }
 }
 
+/// A venue URL its feed cannot speak is refused by `config check` (exit
+/// 78), naming the key, the file and what is allowed, instead of failing
+/// at the publisher's first connect.
+#[test]
+fn config_check_refuses_venue_urls_of_the_wrong_scheme() {
+    let dir = tempfile::tempdir().unwrap();
+    for (body, says) in [
+        (
+            "[publishers.k]\nfeed = \"kraken-tick\"\nurl = \"kraken.com\"\n",
+            "publishers.k.url = \"kraken.com\": relative URL without a base; must start with ws:// or wss:// (e.g. wss://ws.kraken.com/v2)",
+        ),
+        (
+            "[publishers.fx]\nfeed = \"oanda-tick\"\nurl = \"ftp://x\"\ninstruments = [\"EUR_USD\"]\n\
+             [publishers.fx.oanda]\naccount = \"101-004-1234567-001\"\ntoken_file = \"oanda-token\"\n",
+            "publishers.fx.url = \"ftp://x\": must start with http:// or https:// (e.g. https://stream-fxpractice.oanda.com)",
+        ),
+    ] {
+        let cfg = write_config(dir.path(), body);
+        let out = run("nbpy", &["--config", &cfg, "config", "check"], &[]);
+        let t = text(&out);
+        assert_eq!(out.status.code(), Some(78), "{body}: {t}");
+        assert!(
+            t.contains(&format!("invalid configuration ({cfg}): {says}")),
+            "{body}: missing {says:?} in {t}"
+        );
+    }
+}
+
 /// `config check` promises every problem: two unknown keys, one from the
 /// file and one from the environment, are both named, as written.
 #[test]
@@ -242,4 +270,110 @@ fn env_values_that_look_numeric_or_boolean_fit_string_keys_as_written() {
             && !t.contains("influxdb.database"),
         "{t}"
     );
+}
+
+/// A publisher name too long for a systemd unit is refused by `config
+/// check`, naming the limit, not first by `units install` with exit 73
+/// after half the units were written.
+#[test]
+fn config_check_refuses_names_too_long_for_a_unit() {
+    let dir = tempfile::tempdir().unwrap();
+    let name = "x".repeat(300);
+    let cfg = write_config(
+        dir.path(),
+        &format!("[publishers.{name}]\nfeed = \"synthetic\"\n"),
+    );
+    let says = format!(
+        "publishers.{}…: the name is 300 characters long; at most 230 allowed: it becomes the unit nbpy-publisher@NAME.service",
+        "x".repeat(40)
+    );
+    let out = run("nbpy", &["--config", &cfg, "config", "check"], &[]);
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(78), "{t}");
+    assert!(t.contains(&says), "missing {says:?} in {t}");
+
+    // Where the units read it, so the install reads it too.
+    let root = dir.path().join("root");
+    let staged = root.join("etc/nbpy/nbpy.toml");
+    std::fs::create_dir_all(staged.parent().unwrap()).unwrap();
+    std::fs::copy(&cfg, &staged).unwrap();
+    let out = run(
+        "nbpy",
+        &[
+            "--config",
+            staged.to_str().unwrap(),
+            "units",
+            "install",
+            "--root",
+            root.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(78), "{t}");
+    assert!(t.contains(&says), "missing {says:?} in {t}");
+    assert!(!root.join("etc/systemd").exists(), "units written: {t}");
+}
+
+/// `units install` wires the instances of the file the units will read,
+/// `/etc/nbpy/nbpy.toml` inside the root: another file given with
+/// `--config` (or `$NBPY_CONFIG`) is refused with exit 64, saying where to
+/// put it, and nothing is written.
+#[test]
+fn units_install_refuses_a_config_the_units_will_not_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let other = write_config(dir.path(), "[publishers.synth]\nfeed = \"synthetic\"\n");
+    let root = dir.path().join("root");
+    let r = root.to_str().unwrap();
+    let read = root.join("etc/nbpy/nbpy.toml");
+    for (args, envs, how) in [
+        (
+            vec!["--config", other.as_str(), "units", "install", "--root", r],
+            vec![],
+            "--config ",
+        ),
+        (
+            vec!["units", "install", "--root", r],
+            vec![("NBPY_CONFIG", other.as_str())],
+            "$NBPY_CONFIG=",
+        ),
+    ] {
+        let out = run("nbpy", &args, &envs);
+        let t = text(&out);
+        assert_eq!(out.status.code(), Some(64), "{t}");
+        let says = format!(
+            "error: {how}{other} is not the file the units read: they start without --config and read {}",
+            read.display()
+        );
+        assert!(t.starts_with(&says), "missing {says:?} in {t}");
+        assert!(
+            t.contains(&format!("install -Dm644 {other} {}", read.display())),
+            "{t}"
+        );
+        assert!(!root.join("etc/systemd").exists(), "units written: {t}");
+    }
+
+    // Put where the units read it: wired from there, by default too.
+    std::fs::create_dir_all(read.parent().unwrap()).unwrap();
+    std::fs::copy(&other, &read).unwrap();
+    for args in [
+        vec!["units", "install", "--root", r],
+        vec![
+            "--config",
+            read.to_str().unwrap(),
+            "units",
+            "install",
+            "--root",
+            r,
+        ],
+        vec!["--config", other.as_str(), "units", "install", "--root", r],
+    ] {
+        let out = run("nbpy", &args, &[]);
+        let t = text(&out);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {t}");
+        assert!(
+            t.contains("instances (from ") && t.contains("): nbpy-publisher@synth.service"),
+            "{args:?}: {t}"
+        );
+    }
 }

@@ -84,7 +84,10 @@ impl Root {
                 std::fs::copy(src, bin.join(name)).unwrap();
             }
         }
-        let cfg = path.join("nbpy.toml");
+        // Where the installed units read it: `units install` refuses
+        // to wire from any other file.
+        let cfg = path.join("etc/nbpy/nbpy.toml");
+        std::fs::create_dir_all(cfg.parent().unwrap()).unwrap();
         std::fs::write(
             &cfg,
             "[publishers.synth]\nfeed = \"synthetic\"\n\n\

@@ -109,6 +109,55 @@ pub fn check(cfg: &PublisherConfig) -> Vec<String> {
     }
 }
 
+/// A URL key of a publisher's venue and what it must look like.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VenueUrl<'a> {
+    /// The key, relative to `[publishers.NAME]`.
+    pub key: &'static str,
+    pub url: &'a str,
+    /// The schemes the feed's client speaks.
+    pub schemes: &'static [&'static str],
+    /// The venue's own URL, shown as the example.
+    pub example: &'static str,
+}
+
+/// The venue URLs `cfg` sets, each with the schemes its feed can use, for
+/// `config check` to refuse the wrong kind up front: a URL the feed's
+/// client cannot speak (`ftp://`, or a bare `kraken.com`) otherwise parses
+/// and fails only at the first connect, as a restart loop. Kraken speaks
+/// WebSocket; OANDA's and X's streams and Betfair's login are HTTP
+/// requests. Betfair's own `url` is no URL but a raw TLS endpoint
+/// (`tls://host:port` or `host:port`), which [`betfair::check`] reads as
+/// the stream does; synthetic and replay feeds connect nowhere.
+pub fn venue_urls(cfg: &PublisherConfig) -> Vec<VenueUrl<'_>> {
+    const WS: &[&str] = &["ws", "wss"];
+    const HTTP: &[&str] = &["http", "https"];
+    let url = |schemes, example| {
+        cfg.url.as_deref().map(|url| VenueUrl {
+            key: "url",
+            url,
+            schemes,
+            example,
+        })
+    };
+    let mut v = Vec::new();
+    match cfg.feed {
+        FeedKind::KrakenTick | FeedKind::KrakenDepth | FeedKind::KrakenOrders => {
+            v.extend(url(WS, kraken::protocol::DEFAULT_URL))
+        }
+        FeedKind::OandaTick => v.extend(url(HTTP, cfg.oanda.environment.stream_url())),
+        FeedKind::Social => v.extend(url(HTTP, social::DEFAULT_URL)),
+        FeedKind::BetfairStream => v.extend(cfg.betfair.login_url.as_deref().map(|url| VenueUrl {
+            key: "betfair.login_url",
+            url,
+            schemes: HTTP,
+            example: betfair::DEFAULT_LOGIN_URL,
+        })),
+        FeedKind::Synthetic | FeedKind::Replay => {}
+    }
+    v
+}
+
 /// Counters a feed shares with its publisher.
 #[derive(Default, Debug)]
 pub struct FeedStats {

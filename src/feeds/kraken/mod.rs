@@ -169,15 +169,7 @@ pub fn check(cfg: &PublisherConfig) -> Vec<String> {
             k.levels
         ));
     }
-    let u = url(cfg);
-    match reqwest::Url::parse(&u) {
-        Ok(parsed) if matches!(parsed.scheme(), "ws" | "wss") => {}
-        Ok(_) => p.push(format!(
-            "url = {u:?}: a Kraken feed needs a ws:// or wss:// URL (default {})",
-            protocol::DEFAULT_URL
-        )),
-        Err(e) => p.push(format!("url = {u:?}: {e}")),
-    }
+    // `url` is checked with every venue URL (`feeds::venue_urls`).
     for i in &cfg.instruments {
         let ok = i.split('/').count() == 2
             && i.split('/').all(|s| !s.is_empty())
@@ -664,14 +656,12 @@ mod tests {
         assert!(check(&cfg).is_empty(), "{:?}", check(&cfg));
         cfg.kraken.depth = 7;
         cfg.kraken.levels = 11;
-        cfg.url = Some("http://127.0.0.1:1".into());
         cfg.instruments = vec!["BTCUSD".into(), "ETH/USD".into()];
         cfg.kraken.max_connects_per_10min = 500;
         let p = check(&cfg).join("\n");
         for key in [
             "kraken.depth = 7",
             "kraken.levels = 11",
-            "url = \"http://127.0.0.1:1\"",
             "\"BTCUSD\"",
             "kraken.max_connects_per_10min = 500",
         ] {
