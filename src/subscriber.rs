@@ -63,6 +63,10 @@ pub struct IntakeStats {
     /// Connections ever made: readiness latches on the first, because a
     /// publisher can connect, send and leave before the gauge is looked at.
     pub connections: AtomicU64,
+    /// `nbpy_pipeline` points about itself handed to the writers: they are
+    /// written (or spooled, dropped…) like accepted messages, so the stop
+    /// summary's balance needs them.
+    pub reports: AtomicU64,
 }
 
 /// Runs [`run`] on one thread, for `nbpy-subscriber` and `nbpy subscriber`:
@@ -81,8 +85,13 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
         .clone();
     let client = InfluxClient::new(&cfg.influxdb)?;
     let dead_letter = cfg.state_dir.join("dead-letter").join(format!("{name}.lp"));
+    // Points an earlier run left in the spool: this run delivers them too,
+    // so the stop summary's balance counts them in.
+    let mut spooled_at_start = 0;
     let spool = if scfg.spool.enabled {
-        Some(open_spool(name, cfg, &scfg)?)
+        let (spool, points) = open_spool(name, cfg, &scfg)?;
+        spooled_at_start = points;
+        Some(spool)
     } else {
         None
     };
@@ -294,39 +303,132 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
     for b in st.batcher.due(true) {
         pool.submit(b).await;
     }
-    let accepted = intake.accepted.load(Ordering::Relaxed);
     svc.stopping(&format!(
         "flushing {} points",
         wstats.pending.load(Ordering::Relaxed)
     ));
     let deadline = cfg.service.stop_timeout.saturating_sub(t0.elapsed());
     let result = pool.close(deadline).await;
-    let written = wstats.written.load(Ordering::Relaxed);
+    let summary = stop_summary(
+        &intake,
+        &wstats,
+        spooled_at_start,
+        &scfg,
+        result.err().unwrap_or(0),
+    );
     match result {
         Ok(()) => {
             // Everything accepted is written or spooled: the tracker's
             // position is exact.
             marks.persist(st.gaps.positions()).await;
-            // Accepted points InfluxDB refused are neither written nor
-            // spooled: the summary must not leave them unaccounted.
-            let dead = match wstats.dead_lettered.load(Ordering::Relaxed) {
-                0 => String::new(),
-                n => format!(", {n} refused by InfluxDB (dead-letter file)"),
-            };
-            tracing::info!(
-                "subscriber {name}: stopped in {:?}: {accepted} accepted, {written} points written{dead}, {} spooled for later ({} bytes), {} malformed, {} gaps",
-                t0.elapsed(),
-                wstats.spool_points.load(Ordering::Relaxed),
-                wstats.spool_bytes.load(Ordering::Relaxed),
-                intake.malformed.load(Ordering::Relaxed),
-                intake.gaps.load(Ordering::Relaxed)
-            );
+            if summary.adds_up {
+                tracing::info!(
+                    "subscriber {name}: stopped in {:?}: {}",
+                    t0.elapsed(),
+                    summary.line
+                );
+            } else {
+                tracing::error!(
+                    "subscriber {name}: stopped in {:?}: {}",
+                    t0.elapsed(),
+                    summary.line
+                );
+            }
             Ok(())
         }
-        Err(left) => Err(Failure::new(
-            TEMPFAIL,
-            anyhow::anyhow!("subscriber {name}: stop timeout after {:?}: {left} points not written (InfluxDB: {})", t0.elapsed(), wstats.last_error.lock().ok().and_then(|e| e.clone()).unwrap_or_default()),
-        )),
+        Err(left) => {
+            tracing::error!(
+                "subscriber {name}: stopped in {:?}: {}",
+                t0.elapsed(),
+                summary.line
+            );
+            Err(Failure::new(
+                TEMPFAIL,
+                anyhow::anyhow!("subscriber {name}: stop timeout after {:?}: {left} points not written (InfluxDB: {})", t0.elapsed(), wstats.last_error.lock().ok().and_then(|e| e.clone()).unwrap_or_default()),
+            ))
+        }
+    }
+}
+
+/// The stop summary: one line, and whether its balance holds.
+struct Summary {
+    line: String,
+    adds_up: bool,
+}
+
+/// Names every outcome of the points this run handled, and checks they add
+/// up: what came in (accepted messages, the subscriber's own
+/// `nbpy_pipeline` points, and what an earlier run left in the spool) is
+/// what went out (written, refused into the dead-letter file, dropped by
+/// the spool, still spooled, or lost at a stop timeout). A line that leaves
+/// an outcome out cannot be checked by its reader; one that does not add
+/// up says so instead of passing for a clean account.
+fn stop_summary(
+    i: &IntakeStats,
+    w: &WriterStats,
+    spooled_at_start: u64,
+    scfg: &SubscriberConfig,
+    lost: u64,
+) -> Summary {
+    let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let (accepted, reports) = (n(&i.accepted), n(&i.reports));
+    let (written, dead, dropped, spooled) = (
+        n(&w.written),
+        n(&w.dead_lettered),
+        n(&w.dropped),
+        n(&w.spool_points),
+    );
+    let mut line = format!("{accepted} accepted, {written} points written");
+    if dead > 0 {
+        line.push_str(&format!(", {dead} refused by InfluxDB (dead-letter file)"));
+    }
+    line.push_str(&format!(
+        ", {spooled} spooled for later ({} bytes), {dropped} dropped",
+        n(&w.spool_bytes)
+    ));
+    if dropped > 0 {
+        let mut why = Vec::new();
+        if scfg.spool.when_full == crate::config::WhenFull::DropOldest {
+            why.push(
+                "oldest spooled points deleted when the spool was full, when_full = drop-oldest"
+                    .to_string(),
+            );
+        }
+        if n(&w.spool_damaged) > 0 {
+            why.push(format!("{} damaged spool records", n(&w.spool_damaged)));
+        }
+        if !why.is_empty() {
+            line.push_str(&format!(" ({})", why.join("; ")));
+        }
+    }
+    if lost > 0 {
+        line.push_str(&format!(
+            ", {lost} lost (neither written nor spooled by the stop timeout)"
+        ));
+    }
+    line.push_str(&format!(
+        ", {} malformed, {} gaps",
+        n(&i.malformed),
+        n(&i.gaps)
+    ));
+    let came = accepted + reports + spooled_at_start;
+    let went = written + dead + dropped + spooled + lost;
+    let terms = format!(
+        "{accepted} accepted + {reports} own nbpy_pipeline points + {spooled_at_start} left in the spool by an earlier run \
+         = written + refused + dropped + spooled{}",
+        if lost > 0 { " + lost" } else { "" }
+    );
+    if came == went {
+        line.push_str(&format!("; every point accounted for: {terms}"));
+    } else {
+        line.push_str(&format!(
+            "; DOES NOT ADD UP: {terms} should hold, but {came} came in and {went} went out ({} point(s) unaccounted for)",
+            came.abs_diff(went)
+        ));
+    }
+    Summary {
+        line,
+        adds_up: came == went,
     }
 }
 
@@ -388,12 +490,13 @@ fn status_line(i: &IntakeStats, w: &WriterStats, rate: f64, scfg: &SubscriberCon
     s
 }
 
-/// Opens the spool and reports what it found there.
+/// Opens the spool and reports what it found there: the spool, and the
+/// points it holds from an earlier run.
 fn open_spool(
     name: &str,
     cfg: &Config,
     scfg: &SubscriberConfig,
-) -> Result<Arc<SharedSpool>, Failure> {
+) -> Result<(Arc<SharedSpool>, u64), Failure> {
     let dir = scfg.spool_dir(&cfg.state_dir, name);
     let opts = SpoolOptions {
         dir: dir.clone(),
@@ -428,7 +531,7 @@ fn open_spool(
             rec.bytes
         );
     }
-    Ok(SharedSpool::new(spool))
+    Ok((SharedSpool::new(spool), rec.points))
 }
 
 /// `(publisher, epoch, last seq)`, as [`GapTracker::positions`] gives them.
@@ -800,6 +903,7 @@ impl Intake {
         let rp = crate::schema::rp::DEFAULT;
         let buf = self.batcher.buffer(rp);
         if self.encoder.encode(&env, buf).is_ok() {
+            self.stats.reports.fetch_add(1, Ordering::Relaxed);
             if let Some(b) = self.batcher.commit(rp) {
                 pool.submit(b).await;
             }
