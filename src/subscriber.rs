@@ -213,7 +213,7 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
     // stats interval has passed.
     st.pipeline_point(name, &wstats, &pool).await;
     let mut tick = tokio::time::interval(Duration::from_millis(200));
-    let mut last_status = (Instant::now(), 0u64);
+    let mut status = StatusClock::new();
     let mut last_stats = Instant::now();
     // The second report comes early, past the first flush: until then the
     // stored counters are the start's zeros, which `nbpy status` showed
@@ -239,11 +239,8 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
                 }
                 pool.sync_spool(true).await;
                 beat(&svc, &pool, &scfg);
-                if last_status.0.elapsed() >= Duration::from_secs(1) {
-                    let acc = intake.accepted.load(Ordering::Relaxed);
-                    let rate = (acc - last_status.1) as f64 / last_status.0.elapsed().as_secs_f64();
-                    last_status = (Instant::now(), acc);
-                    svc.status(&status_line(&intake, &wstats, rate, &scfg));
+                if status.due() {
+                    status.send(&svc, &intake, &wstats, &scfg, None);
                 }
                 if last_stats.elapsed() >= stats_every {
                     last_stats = Instant::now();
@@ -253,15 +250,25 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
             }
             c = raw_rx.recv() => {
                 let Some(c) = c else { break };
-                st.process_chunk(&c, &pool).await;
-                svc.liveness.data();
-                // Drain a burst without going back through select.
-                for _ in 0..16 {
-                    match raw_rx.try_recv() {
-                        Ok(c) => st.process_chunk(&c, &pool).await,
-                        Err(_) => break,
+                let work = async {
+                    st.process_chunk(&c, &pool).await;
+                    svc.liveness.data();
+                    // Drain a burst without going back through select.
+                    for _ in 0..16 {
+                        match raw_rx.try_recv() {
+                            Ok(c) => st.process_chunk(&c, &pool).await,
+                            Err(_) => break,
+                        }
                     }
-                }
+                };
+                let shown = Shown {
+                    svc: &svc,
+                    intake: &intake,
+                    wstats: &wstats,
+                    pool: &pool,
+                    scfg: &scfg,
+                };
+                report_while_waiting(work, &mut status, shown).await;
             }
         }
     }
@@ -440,6 +447,117 @@ fn beat(svc: &Service, pool: &WriterPool, scfg: &SubscriberConfig) {
         _ => {
             svc.liveness.set_idle(true);
             svc.liveness.data();
+        }
+    }
+}
+
+/// What STATUS is made of, borrowed from the main loop.
+struct Shown<'a> {
+    svc: &'a Service,
+    intake: &'a IntakeStats,
+    wstats: &'a WriterStats,
+    pool: &'a WriterPool,
+    scfg: &'a SubscriberConfig,
+}
+
+/// STATUS at most once a second (a datagram to systemd, not for every
+/// tick), with the intake rate since the last one.
+struct StatusClock {
+    at: Instant,
+    accepted: u64,
+    /// Since when intake has been seen blocked (see [`report_while_waiting`]).
+    blocked_since: Option<Instant>,
+}
+
+impl StatusClock {
+    fn new() -> Self {
+        StatusClock {
+            at: Instant::now(),
+            accepted: 0,
+            blocked_since: None,
+        }
+    }
+
+    fn due(&self) -> bool {
+        self.at.elapsed() >= Duration::from_secs(1)
+    }
+
+    /// Sends STATUS; `blocked` says why intake is waiting, if it is.
+    fn send(
+        &mut self,
+        svc: &Service,
+        intake: &IntakeStats,
+        wstats: &WriterStats,
+        scfg: &SubscriberConfig,
+        blocked: Option<&str>,
+    ) {
+        let acc = intake.accepted.load(Ordering::Relaxed);
+        let rate = acc.saturating_sub(self.accepted) as f64 / self.at.elapsed().as_secs_f64();
+        self.at = Instant::now();
+        self.accepted = acc;
+        let line = status_line(intake, wstats, rate, scfg);
+        match blocked {
+            Some(why) => {
+                let since = *self.blocked_since.get_or_insert_with(Instant::now);
+                svc.status(&format!(
+                    "INTAKE BLOCKED for {}s: {why}; {line}",
+                    since.elapsed().as_secs()
+                ));
+            }
+            None => {
+                self.blocked_since = None;
+                svc.status(&line);
+            }
+        }
+    }
+}
+
+/// Runs intake's `work` (handing messages to the writers) and keeps STATUS
+/// current while it waits. `WriterPool::submit` waits for room in a full
+/// spool (`when_full = "block"`) or, without a spool, in the writers'
+/// queue, for as long as an outage lasts; the main loop's tick cannot run
+/// meanwhile, and STATUS used to show the last healthy rate all along.
+/// Only STATUS is sent from here (a datagram made from counters): flushing,
+/// the checkpoint and the `nbpy_pipeline` point need the intake state that
+/// `work` holds, and that point would wait for the same room anyway. Nothing
+/// is read ahead here, so message order and the memory bound are unchanged.
+/// The main loop's tick is left alone (taking it here would starve its
+/// flushing under load, when `work` is pending at most ticks): a timer of
+/// its own starts only once `work` has had to wait.
+async fn report_while_waiting(
+    work: impl std::future::Future<Output = ()>,
+    status: &mut StatusClock,
+    s: Shown<'_>,
+) {
+    tokio::pin!(work);
+    if futures::poll!(&mut work).is_ready() {
+        return;
+    }
+    let full_before = s.wstats.spool_full.load(Ordering::Relaxed);
+    let second = Duration::from_secs(1);
+    let mut every = tokio::time::interval_at(tokio::time::Instant::now() + second, second);
+    loop {
+        tokio::select! {
+            biased;
+            () = &mut work => return,
+            _ = every.tick() => {
+                if !status.due() {
+                    continue;
+                }
+                // `spool_full` counts each batch that found the spool full
+                // and waited; one since `work` began, with `work` still
+                // pending, is intake's own batch waiting.
+                let why = if s.pool.has_spool() {
+                    (s.wstats.spool_full.load(Ordering::Relaxed) > full_before).then_some(
+                        "spool full (when_full = block), waiting for InfluxDB to take the replay and make room; the bus backs up to the publishers",
+                    )
+                } else {
+                    (!s.pool.has_room()).then_some(
+                        "the writers' queue is full (no spool; InfluxDB down or slower than the bus); the bus backs up to the publishers",
+                    )
+                };
+                status.send(s.svc, s.intake, s.wstats, s.scfg, why);
+            }
         }
     }
 }

@@ -1,13 +1,74 @@
 //! The subscriber's own account of what it handled, against real parts (a
-//! private influxd that is stopped, real publishers): the stop summary
-//! names every outcome and adds up.
+//! private influxd that is stopped, real publishers, a real NOTIFY_SOCKET):
+//! the stop summary names every outcome and adds up, and STATUS keeps
+//! coming while intake is blocked.
 
 mod common;
 
-use std::time::Duration;
+use std::os::unix::net::UnixDatagram;
+use std::path::Path;
+use std::time::{Duration, Instant};
 
 use common::*;
 use nix::sys::signal::Signal;
+
+async fn wait_stored(env: &Env, want: u64, deadline: Duration) -> u64 {
+    let t0 = Instant::now();
+    loop {
+        let n = env.count_data().await;
+        if n >= want {
+            return n;
+        }
+        assert!(t0.elapsed() < deadline, "only {n} of {want} points stored");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The service manager's end of sd_notify.
+fn notify_socket(path: &Path) -> UnixDatagram {
+    let sock = UnixDatagram::bind(path).expect("bind the notify socket");
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("timeout");
+    sock
+}
+
+/// The STATUS= lines that arrive within `wait`.
+fn statuses(sock: &UnixDatagram, wait: Duration) -> Vec<String> {
+    let mut buf = vec![0u8; 8192];
+    let mut out = Vec::new();
+    let t0 = Instant::now();
+    while t0.elapsed() < wait {
+        if let Ok(n) = sock.recv(&mut buf) {
+            let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+            out.extend(
+                msg.lines()
+                    .filter_map(|l| l.strip_prefix("STATUS="))
+                    .map(str::to_string),
+            );
+        }
+    }
+    out
+}
+
+/// Reads STATUS= lines until one satisfies `f`; panics with the last ones
+/// past the deadline.
+fn wait_status(sock: &UnixDatagram, deadline: Duration, f: impl Fn(&str) -> bool) -> String {
+    let t0 = Instant::now();
+    let mut seen = Vec::new();
+    loop {
+        for s in statuses(sock, Duration::from_millis(200)) {
+            if f(&s) {
+                return s;
+            }
+            seen.push(s);
+        }
+        assert!(
+            t0.elapsed() < deadline,
+            "no such STATUS within {deadline:?}; the last ones:\n{}",
+            seen[seen.len().saturating_sub(5)..].join("\n")
+        );
+    }
+}
 
 /// The number just before `word` in `line`.
 fn number_before(line: &str, word: &str) -> u64 {
@@ -86,6 +147,122 @@ when_full = "drop-oldest"
         + dropped
         + number_before(&line, " spooled for later");
     assert_eq!(came, went, "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_keeps_coming_while_a_full_spool_blocks_intake() {
+    let mut env = Env::start().await;
+    let ep = free_endpoint();
+    let cfg = env.config(&format!(
+        r#"batch_size = 100
+
+[publishers.synth]
+feed = "synthetic"
+endpoint = "{ep}"
+rate = 2000
+count = 0
+wait_for_subscribers = 1
+
+[subscribers.main]
+connect = ["{ep}"]
+stats_interval = "1s"
+
+[subscribers.main.spool]
+max_bytes = 131072
+segment_bytes = 65536
+when_full = "block"
+"#
+    ));
+    let cfg = cfg.to_str().unwrap();
+    let sock_path = env.path("notify.sock");
+    let sock = notify_socket(&sock_path);
+    env.stop_influx();
+    let mut publisher = env.spawn("nbpy-publisher", &["--config", cfg, "synth"], &[]);
+    publisher.wait_log("bound", Duration::from_secs(20));
+    let mut subscriber = env.spawn(
+        "nbpy-subscriber",
+        &["--config", cfg, "main"],
+        &[("NOTIFY_SOCKET", sock_path.to_str().unwrap())],
+    );
+    subscriber.wait_log("spool full", Duration::from_secs(60));
+    // Blocked for good (InfluxDB stays down): STATUS must say so, and keep
+    // coming, with intake's real rate.
+    let first = wait_status(&sock, Duration::from_secs(30), |s| {
+        s.contains("INTAKE BLOCKED")
+    });
+    assert!(first.contains("spool full"), "{first}");
+    let later = statuses(&sock, Duration::from_secs(4));
+    assert!(
+        later.len() >= 2,
+        "STATUS kept coming while blocked: {later:?}"
+    );
+    let last = later.last().unwrap();
+    println!("STATUS while blocked: {last}");
+    assert!(last.contains("INTAKE BLOCKED"), "{last}");
+    assert!(last.contains("; 0 msg/s,"), "nothing is accepted: {last}");
+
+    subscriber.signal(Signal::SIGTERM);
+    subscriber.wait_success(Duration::from_secs(60));
+    publisher.signal(Signal::SIGTERM);
+    publisher.wait_success(Duration::from_secs(30));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_keeps_coming_while_a_full_queue_blocks_intake_without_a_spool() {
+    let mut env = Env::start().await;
+    let ep = free_endpoint();
+    let cfg = env.config(&format!(
+        r#"batch_size = 100
+retry_max = "1s"
+
+[publishers.synth]
+feed = "synthetic"
+endpoint = "{ep}"
+rate = 2000
+count = 0
+wait_for_subscribers = 1
+
+[subscribers.main]
+connect = ["{ep}"]
+stats_interval = "1s"
+queue_batches = 1
+
+[subscribers.main.spool]
+enabled = false
+"#
+    ));
+    let cfg = cfg.to_str().unwrap();
+    let sock_path = env.path("notify.sock");
+    let sock = notify_socket(&sock_path);
+    let mut publisher = env.spawn("nbpy-publisher", &["--config", cfg, "synth"], &[]);
+    publisher.wait_log("bound", Duration::from_secs(20));
+    let mut subscriber = env.spawn(
+        "nbpy-subscriber",
+        &["--config", cfg, "main"],
+        &[("NOTIFY_SOCKET", sock_path.to_str().unwrap())],
+    );
+    wait_stored(&env, 2_000, Duration::from_secs(120)).await;
+    env.stop_influx();
+    let first = wait_status(&sock, Duration::from_secs(60), |s| {
+        s.contains("INTAKE BLOCKED")
+    });
+    println!("STATUS while blocked: {first}");
+    assert!(first.contains("queue is full"), "{first}");
+    let later = statuses(&sock, Duration::from_secs(4));
+    assert!(
+        later.len() >= 2 && later.iter().all(|s| s.contains("INTAKE BLOCKED")),
+        "STATUS kept coming while blocked: {later:?}"
+    );
+
+    // InfluxDB back: intake resumes, STATUS says so, and the stop is clean.
+    env.start_influx_again();
+    wait_status(&sock, Duration::from_secs(60), |s| {
+        !s.contains("INTAKE BLOCKED")
+    });
+    subscriber.signal(Signal::SIGTERM);
+    subscriber.wait_success(Duration::from_secs(60));
+    publisher.signal(Signal::SIGTERM);
+    publisher.wait_success(Duration::from_secs(30));
 }
 
 /// The record a replay writer holds while InfluxDB is down (the probe) can
