@@ -935,9 +935,24 @@ impl Intake {
     }
 
     fn observe_gaps(&mut self, publisher: &str, epoch: u64, seq: u64) {
-        let missed = self.gaps.observe(publisher, epoch, seq);
-        if missed > 0 && self.count_gaps {
-            self.stats.gaps.fetch_add(missed, Ordering::Relaxed);
+        let o = self.gaps.observe_detailed(publisher, epoch, seq);
+        if !self.count_gaps {
+            return;
+        }
+        let missed = o.missed;
+        if missed == 0 {
+            return;
+        }
+        self.stats.gaps.fetch_add(missed, Ordering::Relaxed);
+        if o.after_resume {
+            // Counted from the last safe position, which can trail what was
+            // really stored by about one flush_interval (see `Watermark`).
+            tracing::warn!(
+                "{}: at most {missed} message(s) missing from publisher {publisher:?} before seq {seq} \
+                 (counted from the last safe position saved before this start; some of them may have been stored before)",
+                self.name
+            );
+        } else {
             crate::warn_limited!(self.log, || {
                 format!(
                     "{}: {missed} message(s) missing from publisher {publisher:?} before seq {seq}",

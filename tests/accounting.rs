@@ -1,7 +1,7 @@
 //! The subscriber's own account of what it handled, against real parts (a
 //! private influxd that is stopped, real publishers, a real NOTIFY_SOCKET):
-//! the stop summary names every outcome and adds up, and STATUS keeps
-//! coming while intake is blocked.
+//! the stop summary names every outcome and adds up, STATUS keeps coming
+//! while intake is blocked, and a count that is only a bound says so.
 
 mod common;
 
@@ -261,6 +261,59 @@ enabled = false
     });
     subscriber.signal(Signal::SIGTERM);
     subscriber.wait_success(Duration::from_secs(60));
+    publisher.signal(Signal::SIGTERM);
+    publisher.wait_success(Duration::from_secs(30));
+}
+
+/// Publisher and subscriber config at 2,000 msg/s, forever.
+fn running_config(env: &Env) -> String {
+    let ep = free_endpoint();
+    env.config(&format!(
+        r#"
+[publishers.synth]
+feed = "synthetic"
+endpoint = "{ep}"
+rate = 2000
+count = 0
+wait_for_subscribers = 1
+
+[subscribers.main]
+connect = ["{ep}"]
+stats_interval = "1s"
+"#
+    ))
+    .to_str()
+    .unwrap()
+    .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gaps_counted_from_a_crash_position_are_worded_as_an_upper_bound() {
+    let env = Env::start().await;
+    let cfg = running_config(&env);
+    let cfg = cfg.as_str();
+    let mut publisher = env.spawn("nbpy-publisher", &["--config", cfg, "synth"], &[]);
+    publisher.wait_log("bound", Duration::from_secs(20));
+    let mut first = env.spawn_as("main-1", "nbpy-subscriber", &["--config", cfg, "main"]);
+    wait_stored(&env, 4_000, Duration::from_secs(120)).await;
+    first.signal(Signal::SIGKILL);
+    first.wait(Duration::from_secs(10));
+
+    // The publisher runs on (same epoch): what it sent meanwhile, and what
+    // the killed process held, is a gap counted from the saved position.
+    let mut second = env.spawn_as("main-2", "nbpy-subscriber", &["--config", cfg, "main"]);
+    second.wait_log("missing from publisher", Duration::from_secs(60));
+    let log = second.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("missing from publisher"))
+        .unwrap_or_default();
+    assert!(
+        line.contains("at most ") && line.contains("may have been stored"),
+        "a count from the resumed position is an upper bound: {line}"
+    );
+    second.signal(Signal::SIGTERM);
+    second.wait_success(Duration::from_secs(60));
     publisher.signal(Signal::SIGTERM);
     publisher.wait_success(Duration::from_secs(30));
 }
