@@ -187,6 +187,12 @@ pub struct Observed {
     /// resumed position is the last *safe* one, and messages after it may
     /// have been stored before the previous run ended.
     pub after_resume: bool,
+    /// This was the publisher's first message after [`GapTracker::resume`],
+    /// of a new epoch: `(old epoch, last safe seq)`. The publisher restarted
+    /// while this subscriber was down, and how many messages the old epoch
+    /// sent after that seq (and were not stored) cannot be known: only the
+    /// new epoch's missing start is in `missed`.
+    pub restart_unknown_loss: Option<(u64, u64)>,
 }
 
 /// Counts missing messages per publisher from `seq`/`epoch`.
@@ -198,8 +204,8 @@ pub struct Observed {
 /// because we were listening all along.
 ///
 /// After [`GapTracker::resume`] (a position saved by a previous run) the
-/// first message of each publisher is different: a jump is an upper bound
-/// ([`Observed`]).
+/// first message of each publisher is different: a jump is an upper bound,
+/// and a new epoch hides an unknown loss of the old one ([`Observed`]).
 ///
 /// Publisher names come off the bus, so the map is hashed with foldhash
 /// seeded per process (as the line encoder's series map is), not SipHash,
@@ -217,7 +223,7 @@ impl GapTracker {
 
     /// [`GapTracker::observe`], also saying when the count rests on a
     /// resumed position (see [`Observed`]): the subscriber must word those
-    /// as bounds, not as exact counts.
+    /// as bounds, or as loss it cannot count, not as exact counts.
     pub fn observe_detailed(&mut self, publisher: &str, epoch: u64, seq: u64) -> Observed {
         if seq == 0 {
             return Observed::default(); // unsequenced (legacy)
@@ -239,6 +245,7 @@ impl GapTracker {
         p.received += 1;
         let resumed = std::mem::take(&mut p.resumed);
         if epoch != p.epoch {
+            let old = (p.epoch, p.last_seq);
             p.restarts += 1;
             p.epoch = epoch;
             p.first_seq = seq;
@@ -248,6 +255,7 @@ impl GapTracker {
             return Observed {
                 missed,
                 after_resume: false,
+                restart_unknown_loss: resumed.then_some(old),
             };
         }
         if seq > p.last_seq {
@@ -257,6 +265,7 @@ impl GapTracker {
             Observed {
                 missed,
                 after_resume: resumed,
+                restart_unknown_loss: None,
             }
         } else {
             p.out_of_order += 1;
@@ -348,5 +357,21 @@ mod tests {
         assert_eq!((o.missed, o.after_resume), (49, true), "an upper bound");
         let o = g.observe_detailed("a", 7, 152);
         assert_eq!((o.missed, o.after_resume), (1, false), "exact again");
+    }
+
+    #[test]
+    fn a_restart_while_down_is_loss_that_cannot_be_counted() {
+        let mut g = GapTracker::default();
+        g.resume("a", 7, 100);
+        g.resume("b", 3, 10);
+        let o = g.observe_detailed("a", 8, 5);
+        assert_eq!(o.missed, 4, "the new epoch's start is counted");
+        assert_eq!(o.restart_unknown_loss, Some((7, 100)));
+        assert!(!o.after_resume);
+        // A restart while running is counted exactly, as always.
+        assert_eq!(g.observe_detailed("a", 9, 1), Observed::default());
+        g.observe_detailed("b", 3, 11);
+        let o = g.observe_detailed("b", 4, 1);
+        assert_eq!(o.restart_unknown_loss, None, "b was seen in this run");
     }
 }

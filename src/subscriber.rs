@@ -63,6 +63,12 @@ pub struct IntakeStats {
     /// Connections ever made: readiness latches on the first, because a
     /// publisher can connect, send and leave before the gauge is looked at.
     pub connections: AtomicU64,
+    /// Publishers that restarted while this subscriber was down (their
+    /// first message after a resume was of a new epoch): the old epoch's
+    /// messages after the last safe position that were not stored are lost
+    /// and cannot be counted, so `gaps` is short by an unknown amount for
+    /// each. Said in STATUS and the stop summary so the loss is not silent.
+    pub restarts_unknown_loss: AtomicU64,
     /// `nbpy_pipeline` points about itself handed to the writers: they are
     /// written (or spooled, dropped…) like accepted messages, so the stop
     /// summary's balance needs them.
@@ -418,6 +424,12 @@ fn stop_summary(
         n(&i.malformed),
         n(&i.gaps)
     ));
+    let unknown = n(&i.restarts_unknown_loss);
+    if unknown > 0 {
+        line.push_str(&format!(
+            ", {unknown} publisher restart(s) with uncounted loss"
+        ));
+    }
     let came = accepted + reports + spooled_at_start;
     let went = written + dead + dropped + spooled + lost;
     let terms = format!(
@@ -564,11 +576,17 @@ async fn report_while_waiting(
 
 fn status_line(i: &IntakeStats, w: &WriterStats, rate: f64, scfg: &SubscriberConfig) -> String {
     let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
-    let gaps = if gaps_countable(&scfg.topics) {
+    let mut gaps = if gaps_countable(&scfg.topics) {
         format!("{} gaps", n(&i.gaps))
     } else {
         "gaps not counted (topic filter)".to_string()
     };
+    if n(&i.restarts_unknown_loss) > 0 {
+        gaps.push_str(&format!(
+            " + {} publisher restart(s) with uncounted loss",
+            n(&i.restarts_unknown_loss)
+        ));
+    }
     let mut s = format!(
         "{rate:.0} msg/s, {} written, {gaps}, {} malformed, {}/{} publishers, {} queued",
         n(&w.written),
@@ -938,6 +956,18 @@ impl Intake {
         let o = self.gaps.observe_detailed(publisher, epoch, seq);
         if !self.count_gaps {
             return;
+        }
+        if let Some((old_epoch, safe_seq)) = o.restart_unknown_loss {
+            // Once per publisher and start at most: never rate-limited away.
+            self.stats
+                .restarts_unknown_loss
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                "{}: publisher {publisher:?} restarted while this subscriber was down (epoch {old_epoch} -> {epoch}): \
+                 its epoch {old_epoch} messages after seq {safe_seq} (the last safe position saved here) that were not stored \
+                 are lost and cannot be counted; counted as a publisher restart with uncounted loss",
+                self.name
+            );
         }
         let missed = o.missed;
         if missed == 0 {

@@ -1,7 +1,8 @@
 //! The subscriber's own account of what it handled, against real parts (a
 //! private influxd that is stopped, real publishers, a real NOTIFY_SOCKET):
 //! the stop summary names every outcome and adds up, STATUS keeps coming
-//! while intake is blocked, and a count that is only a bound says so.
+//! while intake is blocked, and loss it cannot count exactly is worded as
+//! a bound, or said to be uncounted, never left silent.
 
 mod common;
 
@@ -316,6 +317,67 @@ async fn gaps_counted_from_a_crash_position_are_worded_as_an_upper_bound() {
     second.wait_success(Duration::from_secs(60));
     publisher.signal(Signal::SIGTERM);
     publisher.wait_success(Duration::from_secs(30));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_restart_while_the_subscriber_was_down_is_reported_not_silent() {
+    let env = Env::start().await;
+    let cfg = running_config(&env);
+    let cfg = cfg.as_str();
+    let mut publisher = env.spawn_as("pub-1", "nbpy-publisher", &["--config", cfg, "synth"]);
+    publisher.wait_log("bound", Duration::from_secs(20));
+    let mut first = env.spawn_as("main-1", "nbpy-subscriber", &["--config", cfg, "main"]);
+    wait_stored(&env, 4_000, Duration::from_secs(120)).await;
+    // The crash, then the publisher restarts while no subscriber runs.
+    first.signal(Signal::SIGKILL);
+    first.wait(Duration::from_secs(10));
+    publisher.signal(Signal::SIGTERM);
+    publisher.wait_success(Duration::from_secs(30));
+    let mut publisher = env.spawn_as("pub-2", "nbpy-publisher", &["--config", cfg, "synth"]);
+    publisher.wait_log("bound", Duration::from_secs(20));
+    let mut second = env.spawn_as("main-2", "nbpy-subscriber", &["--config", cfg, "main"]);
+    let warning = "restarted while this subscriber was down";
+    second.wait_log(warning, Duration::from_secs(60));
+    let log = second.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains(warning))
+        .unwrap_or_default();
+    assert!(
+        line.contains("WARN") && line.contains("\"synth\"") && line.contains("cannot be counted"),
+        "{line}"
+    );
+    let seen = std::fs::read_to_string(env.path("state").join("seen").join("main.json"))
+        .unwrap_or_default();
+    println!("{line}\nposition now: {seen}");
+
+    // A restart while the subscriber runs is counted exactly, as before:
+    // no second warning.
+    let before = env.count_data().await;
+    publisher.signal(Signal::SIGTERM);
+    publisher.wait_success(Duration::from_secs(30));
+    let mut publisher = env.spawn_as("pub-3", "nbpy-publisher", &["--config", cfg, "synth"]);
+    publisher.wait_log("bound", Duration::from_secs(20));
+    // The new epoch's messages are stored only after the subscriber saw them.
+    let stored_then = env.count_data().await;
+    wait_stored(
+        &env,
+        stored_then.max(before) + 4_000,
+        Duration::from_secs(120),
+    )
+    .await;
+    second.signal(Signal::SIGTERM);
+    second.wait_success(Duration::from_secs(60));
+    publisher.signal(Signal::SIGTERM);
+    publisher.wait_success(Duration::from_secs(30));
+
+    let log = second.log_text();
+    assert_eq!(log.matches(warning).count(), 1, "{log}");
+    let line = summary(&log);
+    assert!(
+        line.contains(", 1 publisher restart(s) with uncounted loss"),
+        "{line}"
+    );
 }
 
 /// The record a replay writer holds while InfluxDB is down (the probe) can
