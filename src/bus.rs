@@ -171,6 +171,28 @@ pub struct PublisherSeen {
     pub gaps: u64,
     pub restarts: u64,
     pub out_of_order: u64,
+    /// Set by [`GapTracker::resume`] until this run's first message of the
+    /// publisher: the position came from a previous run, so what the first
+    /// message reveals is judged differently (see [`Observed`]).
+    pub resumed: bool,
+}
+
+/// What one message tells [`GapTracker::observe_detailed`].
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct Observed {
+    /// Messages this one reveals as missing.
+    pub missed: u64,
+    /// This was the publisher's first message after [`GapTracker::resume`],
+    /// of the resumed epoch: `missed` is then an upper bound, because the
+    /// resumed position is the last *safe* one, and messages after it may
+    /// have been stored before the previous run ended.
+    pub after_resume: bool,
+    /// This was the publisher's first message after [`GapTracker::resume`],
+    /// of a new epoch: `(old epoch, last safe seq)`. The publisher restarted
+    /// while this subscriber was down, and how many messages the old epoch
+    /// sent after that seq (and were not stored) cannot be known: only the
+    /// new epoch's missing start is in `missed`.
+    pub restart_unknown_loss: Option<(u64, u64)>,
 }
 
 /// Counts missing messages per publisher from `seq`/`epoch`.
@@ -180,6 +202,10 @@ pub struct PublisherSeen {
 /// jump counts the skipped numbers; a new epoch is a publisher restart, and
 /// whatever the new epoch sent before our first message of it is a gap,
 /// because we were listening all along.
+///
+/// After [`GapTracker::resume`] (a position saved by a previous run) the
+/// first message of each publisher is different: a jump is an upper bound,
+/// and a new epoch hides an unknown loss of the old one ([`Observed`]).
 ///
 /// Publisher names come off the bus, so the map is hashed with foldhash
 /// seeded per process (as the line encoder's series map is), not SipHash,
@@ -192,8 +218,15 @@ pub struct GapTracker {
 impl GapTracker {
     /// Returns how many messages this one reveals as missing.
     pub fn observe(&mut self, publisher: &str, epoch: u64, seq: u64) -> u64 {
+        self.observe_detailed(publisher, epoch, seq).missed
+    }
+
+    /// [`GapTracker::observe`], also saying when the count rests on a
+    /// resumed position (see [`Observed`]): the subscriber must word those
+    /// as bounds, or as loss it cannot count, not as exact counts.
+    pub fn observe_detailed(&mut self, publisher: &str, epoch: u64, seq: u64) -> Observed {
         if seq == 0 {
-            return 0; // unsequenced (legacy)
+            return Observed::default(); // unsequenced (legacy)
         }
         let key = if publisher.is_empty() { "?" } else { publisher };
         let Some(p) = self.seen.get_mut(key) else {
@@ -207,26 +240,36 @@ impl GapTracker {
                     ..Default::default()
                 },
             );
-            return 0;
+            return Observed::default();
         };
         p.received += 1;
+        let resumed = std::mem::take(&mut p.resumed);
         if epoch != p.epoch {
+            let old = (p.epoch, p.last_seq);
             p.restarts += 1;
             p.epoch = epoch;
             p.first_seq = seq;
             p.last_seq = seq;
             let missed = seq - 1;
             p.gaps += missed;
-            return missed;
+            return Observed {
+                missed,
+                after_resume: false,
+                restart_unknown_loss: resumed.then_some(old),
+            };
         }
         if seq > p.last_seq {
             let missed = seq - p.last_seq - 1;
             p.gaps += missed;
             p.last_seq = seq;
-            missed
+            Observed {
+                missed,
+                after_resume: resumed,
+                restart_unknown_loss: None,
+            }
         } else {
             p.out_of_order += 1;
-            0
+            Observed::default()
         }
     }
 
@@ -240,6 +283,7 @@ impl GapTracker {
                 epoch,
                 first_seq: seq,
                 last_seq: seq,
+                resumed: true,
                 ..Default::default()
             },
         );
@@ -303,5 +347,31 @@ mod tests {
         g.resume("a", 7, 100);
         assert_eq!(g.observe("a", 7, 150), 49);
         assert_eq!(g.positions(), vec![("a".to_string(), 7, 150)]);
+    }
+
+    #[test]
+    fn a_count_resting_on_a_resumed_position_says_so_once() {
+        let mut g = GapTracker::default();
+        g.resume("a", 7, 100);
+        let o = g.observe_detailed("a", 7, 150);
+        assert_eq!((o.missed, o.after_resume), (49, true), "an upper bound");
+        let o = g.observe_detailed("a", 7, 152);
+        assert_eq!((o.missed, o.after_resume), (1, false), "exact again");
+    }
+
+    #[test]
+    fn a_restart_while_down_is_loss_that_cannot_be_counted() {
+        let mut g = GapTracker::default();
+        g.resume("a", 7, 100);
+        g.resume("b", 3, 10);
+        let o = g.observe_detailed("a", 8, 5);
+        assert_eq!(o.missed, 4, "the new epoch's start is counted");
+        assert_eq!(o.restart_unknown_loss, Some((7, 100)));
+        assert!(!o.after_resume);
+        // A restart while running is counted exactly, as always.
+        assert_eq!(g.observe_detailed("a", 9, 1), Observed::default());
+        g.observe_detailed("b", 3, 11);
+        let o = g.observe_detailed("b", 4, 1);
+        assert_eq!(o.restart_unknown_loss, None, "b was seen in this run");
     }
 }

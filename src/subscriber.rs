@@ -63,6 +63,16 @@ pub struct IntakeStats {
     /// Connections ever made: readiness latches on the first, because a
     /// publisher can connect, send and leave before the gauge is looked at.
     pub connections: AtomicU64,
+    /// Publishers that restarted while this subscriber was down (their
+    /// first message after a resume was of a new epoch): the old epoch's
+    /// messages after the last safe position that were not stored are lost
+    /// and cannot be counted, so `gaps` is short by an unknown amount for
+    /// each. Said in STATUS and the stop summary so the loss is not silent.
+    pub restarts_unknown_loss: AtomicU64,
+    /// `nbpy_pipeline` points about itself handed to the writers: they are
+    /// written (or spooled, dropped…) like accepted messages, so the stop
+    /// summary's balance needs them.
+    pub reports: AtomicU64,
 }
 
 /// Runs [`run`] on one thread, for `nbpy-subscriber` and `nbpy subscriber`:
@@ -81,8 +91,13 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
         .clone();
     let client = InfluxClient::new(&cfg.influxdb)?;
     let dead_letter = cfg.state_dir.join("dead-letter").join(format!("{name}.lp"));
+    // Points an earlier run left in the spool: this run delivers them too,
+    // so the stop summary's balance counts them in.
+    let mut spooled_at_start = 0;
     let spool = if scfg.spool.enabled {
-        Some(open_spool(name, cfg, &scfg)?)
+        let (spool, points) = open_spool(name, cfg, &scfg)?;
+        spooled_at_start = points;
+        Some(spool)
     } else {
         None
     };
@@ -204,7 +219,7 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
     // stats interval has passed.
     st.pipeline_point(name, &wstats, &pool, false).await;
     let mut tick = tokio::time::interval(Duration::from_millis(200));
-    let mut last_status = (Instant::now(), 0u64);
+    let mut status = StatusClock::new();
     let mut last_stats = Instant::now();
     // The second report comes early, past the first flush: until then the
     // stored counters are the start's zeros, which `nbpy status` showed
@@ -230,11 +245,8 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
                 }
                 pool.sync_spool(true).await;
                 beat(&svc, &pool, &scfg);
-                if last_status.0.elapsed() >= Duration::from_secs(1) {
-                    let acc = intake.accepted.load(Ordering::Relaxed);
-                    let rate = (acc - last_status.1) as f64 / last_status.0.elapsed().as_secs_f64();
-                    last_status = (Instant::now(), acc);
-                    svc.status(&status_line(&intake, &wstats, rate, &scfg));
+                if status.due() {
+                    status.send(&svc, &intake, &wstats, &scfg, None);
                 }
                 if last_stats.elapsed() >= stats_every {
                     last_stats = Instant::now();
@@ -244,15 +256,25 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
             }
             c = raw_rx.recv() => {
                 let Some(c) = c else { break };
-                st.process_chunk(&c, &pool).await;
-                svc.liveness.data();
-                // Drain a burst without going back through select.
-                for _ in 0..16 {
-                    match raw_rx.try_recv() {
-                        Ok(c) => st.process_chunk(&c, &pool).await,
-                        Err(_) => break,
+                let work = async {
+                    st.process_chunk(&c, &pool).await;
+                    svc.liveness.data();
+                    // Drain a burst without going back through select.
+                    for _ in 0..16 {
+                        match raw_rx.try_recv() {
+                            Ok(c) => st.process_chunk(&c, &pool).await,
+                            Err(_) => break,
+                        }
                     }
-                }
+                };
+                let shown = Shown {
+                    svc: &svc,
+                    intake: &intake,
+                    wstats: &wstats,
+                    pool: &pool,
+                    scfg: &scfg,
+                };
+                report_while_waiting(work, &mut status, shown).await;
             }
         }
     }
@@ -297,39 +319,138 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
     for b in st.batcher.due(true) {
         pool.submit(b).await;
     }
-    let accepted = intake.accepted.load(Ordering::Relaxed);
     svc.stopping(&format!(
         "flushing {} points",
         wstats.pending.load(Ordering::Relaxed)
     ));
     let deadline = cfg.service.stop_timeout.saturating_sub(t0.elapsed());
     let result = pool.close(deadline).await;
-    let written = wstats.written.load(Ordering::Relaxed);
+    let summary = stop_summary(
+        &intake,
+        &wstats,
+        spooled_at_start,
+        &scfg,
+        result.err().unwrap_or(0),
+    );
     match result {
         Ok(()) => {
             // Everything accepted is written or spooled: the tracker's
             // position is exact.
             marks.persist(st.gaps.positions()).await;
-            // Accepted points InfluxDB refused are neither written nor
-            // spooled: the summary must not leave them unaccounted.
-            let dead = match wstats.dead_lettered.load(Ordering::Relaxed) {
-                0 => String::new(),
-                n => format!(", {n} refused by InfluxDB (dead-letter file)"),
-            };
-            tracing::info!(
-                "subscriber {name}: stopped in {:?}: {accepted} accepted, {written} points written{dead}, {} spooled for later ({} bytes), {} malformed, {} gaps",
-                t0.elapsed(),
-                wstats.spool_points.load(Ordering::Relaxed),
-                wstats.spool_bytes.load(Ordering::Relaxed),
-                intake.malformed.load(Ordering::Relaxed),
-                intake.gaps.load(Ordering::Relaxed)
-            );
+            if summary.adds_up {
+                tracing::info!(
+                    "subscriber {name}: stopped in {:?}: {}",
+                    t0.elapsed(),
+                    summary.line
+                );
+            } else {
+                tracing::error!(
+                    "subscriber {name}: stopped in {:?}: {}",
+                    t0.elapsed(),
+                    summary.line
+                );
+            }
             Ok(())
         }
-        Err(left) => Err(Failure::new(
-            TEMPFAIL,
-            anyhow::anyhow!("subscriber {name}: stop timeout after {:?}: {left} points not written (InfluxDB: {})", t0.elapsed(), wstats.last_error.lock().ok().and_then(|e| e.clone()).unwrap_or_default()),
-        )),
+        Err(left) => {
+            tracing::error!(
+                "subscriber {name}: stopped in {:?}: {}",
+                t0.elapsed(),
+                summary.line
+            );
+            Err(Failure::new(
+                TEMPFAIL,
+                anyhow::anyhow!("subscriber {name}: stop timeout after {:?}: {left} points not written (InfluxDB: {})", t0.elapsed(), wstats.last_error.lock().ok().and_then(|e| e.clone()).unwrap_or_default()),
+            ))
+        }
+    }
+}
+
+/// The stop summary: one line, and whether its balance holds.
+struct Summary {
+    line: String,
+    adds_up: bool,
+}
+
+/// Names every outcome of the points this run handled, and checks they add
+/// up: what came in (accepted messages, the subscriber's own
+/// `nbpy_pipeline` points, and what an earlier run left in the spool) is
+/// what went out (written, refused into the dead-letter file, dropped by
+/// the spool, still spooled, or lost at a stop timeout). A line that leaves
+/// an outcome out cannot be checked by its reader; one that does not add
+/// up says so instead of passing for a clean account.
+fn stop_summary(
+    i: &IntakeStats,
+    w: &WriterStats,
+    spooled_at_start: u64,
+    scfg: &SubscriberConfig,
+    lost: u64,
+) -> Summary {
+    let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let (accepted, reports) = (n(&i.accepted), n(&i.reports));
+    let (written, dead, dropped, spooled) = (
+        n(&w.written),
+        n(&w.dead_lettered),
+        n(&w.dropped),
+        n(&w.spool_points),
+    );
+    let mut line = format!("{accepted} accepted, {written} points written");
+    if dead > 0 {
+        line.push_str(&format!(", {dead} refused by InfluxDB (dead-letter file)"));
+    }
+    line.push_str(&format!(
+        ", {spooled} spooled for later ({} bytes), {dropped} dropped",
+        n(&w.spool_bytes)
+    ));
+    if dropped > 0 {
+        let mut why = Vec::new();
+        if scfg.spool.when_full == crate::config::WhenFull::DropOldest {
+            why.push(
+                "oldest spooled points deleted when the spool was full, when_full = drop-oldest"
+                    .to_string(),
+            );
+        }
+        if n(&w.spool_damaged) > 0 {
+            why.push(format!("{} damaged spool records", n(&w.spool_damaged)));
+        }
+        if !why.is_empty() {
+            line.push_str(&format!(" ({})", why.join("; ")));
+        }
+    }
+    if lost > 0 {
+        line.push_str(&format!(
+            ", {lost} lost (neither written nor spooled by the stop timeout)"
+        ));
+    }
+    line.push_str(&format!(
+        ", {} malformed, {} gaps",
+        n(&i.malformed),
+        n(&i.gaps)
+    ));
+    let unknown = n(&i.restarts_unknown_loss);
+    if unknown > 0 {
+        line.push_str(&format!(
+            ", {unknown} publisher restart(s) with uncounted loss"
+        ));
+    }
+    let came = accepted + reports + spooled_at_start;
+    let went = written + dead + dropped + spooled + lost;
+    let terms = format!(
+        "{accepted} accepted + {reports} own nbpy_pipeline points + {spooled_at_start} left in the spool by an earlier run \
+         = written + refused + dropped + spooled{}",
+        if lost > 0 { " + lost" } else { "" }
+    );
+    if came == went {
+        line.push_str(&format!("; every point accounted for: {terms}"));
+    } else {
+        line.push_str(&format!(
+            "; DOES NOT ADD UP: {terms} should hold, but {came} came in and {went} went out ({} point(s) unaccounted for)",
+            came.abs_diff(went)
+        ));
+    }
+    Summary {
+        line,
+        adds_up: came == went,
     }
 }
 
@@ -345,13 +466,130 @@ fn beat(svc: &Service, pool: &WriterPool, scfg: &SubscriberConfig) {
     }
 }
 
+/// What STATUS is made of, borrowed from the main loop.
+struct Shown<'a> {
+    svc: &'a Service,
+    intake: &'a IntakeStats,
+    wstats: &'a WriterStats,
+    pool: &'a WriterPool,
+    scfg: &'a SubscriberConfig,
+}
+
+/// STATUS at most once a second (a datagram to systemd, not for every
+/// tick), with the intake rate since the last one.
+struct StatusClock {
+    at: Instant,
+    accepted: u64,
+    /// Since when intake has been seen blocked (see [`report_while_waiting`]).
+    blocked_since: Option<Instant>,
+}
+
+impl StatusClock {
+    fn new() -> Self {
+        StatusClock {
+            at: Instant::now(),
+            accepted: 0,
+            blocked_since: None,
+        }
+    }
+
+    fn due(&self) -> bool {
+        self.at.elapsed() >= Duration::from_secs(1)
+    }
+
+    /// Sends STATUS; `blocked` says why intake is waiting, if it is.
+    fn send(
+        &mut self,
+        svc: &Service,
+        intake: &IntakeStats,
+        wstats: &WriterStats,
+        scfg: &SubscriberConfig,
+        blocked: Option<&str>,
+    ) {
+        let acc = intake.accepted.load(Ordering::Relaxed);
+        let rate = acc.saturating_sub(self.accepted) as f64 / self.at.elapsed().as_secs_f64();
+        self.at = Instant::now();
+        self.accepted = acc;
+        let line = status_line(intake, wstats, rate, scfg);
+        match blocked {
+            Some(why) => {
+                let since = *self.blocked_since.get_or_insert_with(Instant::now);
+                svc.status(&format!(
+                    "INTAKE BLOCKED for {}s: {why}; {line}",
+                    since.elapsed().as_secs()
+                ));
+            }
+            None => {
+                self.blocked_since = None;
+                svc.status(&line);
+            }
+        }
+    }
+}
+
+/// Runs intake's `work` (handing messages to the writers) and keeps STATUS
+/// current while it waits. `WriterPool::submit` waits for room in a full
+/// spool (`when_full = "block"`) or, without a spool, in the writers'
+/// queue, for as long as an outage lasts; the main loop's tick cannot run
+/// meanwhile, and STATUS used to show the last healthy rate all along.
+/// Only STATUS is sent from here (a datagram made from counters): flushing,
+/// the checkpoint and the `nbpy_pipeline` point need the intake state that
+/// `work` holds, and that point would wait for the same room anyway. Nothing
+/// is read ahead here, so message order and the memory bound are unchanged.
+/// The main loop's tick is left alone (taking it here would starve its
+/// flushing under load, when `work` is pending at most ticks): a timer of
+/// its own starts only once `work` has had to wait.
+async fn report_while_waiting(
+    work: impl std::future::Future<Output = ()>,
+    status: &mut StatusClock,
+    s: Shown<'_>,
+) {
+    tokio::pin!(work);
+    if futures::poll!(&mut work).is_ready() {
+        return;
+    }
+    let full_before = s.wstats.spool_full.load(Ordering::Relaxed);
+    let second = Duration::from_secs(1);
+    let mut every = tokio::time::interval_at(tokio::time::Instant::now() + second, second);
+    loop {
+        tokio::select! {
+            biased;
+            () = &mut work => return,
+            _ = every.tick() => {
+                if !status.due() {
+                    continue;
+                }
+                // `spool_full` counts each batch that found the spool full
+                // and waited; one since `work` began, with `work` still
+                // pending, is intake's own batch waiting.
+                let why = if s.pool.has_spool() {
+                    (s.wstats.spool_full.load(Ordering::Relaxed) > full_before).then_some(
+                        "spool full (when_full = block), waiting for InfluxDB to take the replay and make room; the bus backs up to the publishers",
+                    )
+                } else {
+                    (!s.pool.has_room()).then_some(
+                        "the writers' queue is full (no spool; InfluxDB down or slower than the bus); the bus backs up to the publishers",
+                    )
+                };
+                status.send(s.svc, s.intake, s.wstats, s.scfg, why);
+            }
+        }
+    }
+}
+
 fn status_line(i: &IntakeStats, w: &WriterStats, rate: f64, scfg: &SubscriberConfig) -> String {
     let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
-    let gaps = if gaps_countable(&scfg.topics) {
+    let mut gaps = if gaps_countable(&scfg.topics) {
         format!("{} gaps", n(&i.gaps))
     } else {
         "gaps not counted (topic filter)".to_string()
     };
+    if n(&i.restarts_unknown_loss) > 0 {
+        gaps.push_str(&format!(
+            " + {} publisher restart(s) with uncounted loss",
+            n(&i.restarts_unknown_loss)
+        ));
+    }
     let mut s = format!(
         "{rate:.0} msg/s, {} written, {gaps}, {} malformed, {}/{} publishers, {} queued",
         n(&w.written),
@@ -396,12 +634,13 @@ fn status_line(i: &IntakeStats, w: &WriterStats, rate: f64, scfg: &SubscriberCon
     s
 }
 
-/// Opens the spool and reports what it found there.
+/// Opens the spool and reports what it found there: the spool, and the
+/// points it holds from an earlier run.
 fn open_spool(
     name: &str,
     cfg: &Config,
     scfg: &SubscriberConfig,
-) -> Result<Arc<SharedSpool>, Failure> {
+) -> Result<(Arc<SharedSpool>, u64), Failure> {
     let dir = scfg.spool_dir(&cfg.state_dir, name);
     let opts = SpoolOptions {
         dir: dir.clone(),
@@ -436,7 +675,7 @@ fn open_spool(
             rec.bytes
         );
     }
-    Ok(SharedSpool::new(spool))
+    Ok((SharedSpool::new(spool), rec.points))
 }
 
 /// `(publisher, epoch, last seq)`, as [`GapTracker::positions`] gives them.
@@ -722,9 +961,36 @@ impl Intake {
     }
 
     fn observe_gaps(&mut self, publisher: &str, epoch: u64, seq: u64) {
-        let missed = self.gaps.observe(publisher, epoch, seq);
-        if missed > 0 && self.count_gaps {
-            self.stats.gaps.fetch_add(missed, Ordering::Relaxed);
+        let o = self.gaps.observe_detailed(publisher, epoch, seq);
+        if !self.count_gaps {
+            return;
+        }
+        if let Some((old_epoch, safe_seq)) = o.restart_unknown_loss {
+            // Once per publisher and start at most: never rate-limited away.
+            self.stats
+                .restarts_unknown_loss
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                "{}: publisher {publisher:?} restarted while this subscriber was down (epoch {old_epoch} -> {epoch}): \
+                 its epoch {old_epoch} messages after seq {safe_seq} (the last safe position saved here) that were not stored \
+                 are lost and cannot be counted; counted as a publisher restart with uncounted loss",
+                self.name
+            );
+        }
+        let missed = o.missed;
+        if missed == 0 {
+            return;
+        }
+        self.stats.gaps.fetch_add(missed, Ordering::Relaxed);
+        if o.after_resume {
+            // Counted from the last safe position, which can trail what was
+            // really stored by about one flush_interval (see `Watermark`).
+            tracing::warn!(
+                "{}: at most {missed} message(s) missing from publisher {publisher:?} before seq {seq} \
+                 (counted from the last safe position saved before this start; some of them may have been stored before)",
+                self.name
+            );
+        } else {
             crate::warn_limited!(self.log, || {
                 format!(
                     "{}: {missed} message(s) missing from publisher {publisher:?} before seq {seq}",
@@ -816,6 +1082,7 @@ impl Intake {
         let rp = crate::schema::rp::DEFAULT;
         let buf = self.batcher.buffer(rp);
         if self.encoder.encode(&env, buf).is_ok() {
+            self.stats.reports.fetch_add(1, Ordering::Relaxed);
             if let Some(b) = self.batcher.commit(rp) {
                 pool.submit(b).await;
             }

@@ -776,6 +776,11 @@ impl Spool {
         if let Some(s) = self.segments.iter_mut().find(|s| s.id == segment) {
             s.released += 1;
             s.released_points += points as u64;
+        } else {
+            // Its segment was deleted (drop-oldest) while the record was out
+            // being written; `drop_oldest` leaves such points to whoever
+            // settles them. Not delivered and no longer on disk: dropped.
+            self.counters.dropped_points += points as u64;
         }
     }
 
