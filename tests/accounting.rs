@@ -380,12 +380,12 @@ async fn a_publisher_restart_while_the_subscriber_was_down_is_reported_not_silen
     );
 }
 
-/// The record a replay writer holds while InfluxDB is down (the probe) can
-/// lose its segment to drop-oldest; given back at a stop, it is on disk no
-/// more, so it counts as dropped. It used to vanish from every counter: the
-/// stop summary above came out one batch short.
+/// The record a replay writer holds while InfluxDB is down (the probe) used
+/// to lose its segment to drop-oldest; given back at a stop, it vanished
+/// from every counter (the stop summary above came out one batch short).
+/// Its segment now stays, and the spool's account balances.
 #[test]
-fn a_released_record_whose_segment_was_dropped_counts_as_dropped() {
+fn a_record_in_flight_keeps_its_segment_and_the_spool_balances() {
     use nbpy::sink::spool::{Appended, Fsync, Spool, SpoolOptions, HEADER_LEN, RECORD_HEADER};
     let d = tempfile::tempdir().expect("tempdir");
     let lines: Vec<u8> = (0..10)
@@ -406,11 +406,15 @@ fn a_released_record_whose_segment_was_dropped_counts_as_dropped() {
     let probe = s.next_record().expect("read").expect("a record");
     assert_eq!(
         s.append("default", 10, &lines, false).expect("append"),
-        Appended::Stored { dropped: 10 },
-        "the oldest segment goes; its unread record is dropped"
+        Appended::Stored { dropped: 20 },
+        "the segment of the record in flight stays; the next oldest goes"
     );
     s.release(probe.segment, probe.points);
-    assert_eq!(s.counters.dropped_points, 20, "the released one too");
-    // What is left balances: 7 appended = 2 dropped + 5 held.
+    assert_eq!(
+        s.counters.dropped_points, 20,
+        "the released one is not dropped"
+    );
+    // What is left balances: 7 appended = 2 dropped + 5 held (the released
+    // one among them, on disk for the next start).
     assert_eq!(s.points(), 50);
 }

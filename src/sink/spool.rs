@@ -777,9 +777,9 @@ impl Spool {
             s.released += 1;
             s.released_points += points as u64;
         } else {
-            // Its segment was deleted (drop-oldest) while the record was out
-            // being written; `drop_oldest` leaves such points to whoever
-            // settles them. Not delivered and no longer on disk: dropped.
+            // Its segment is gone (`drop_oldest` spares segments with
+            // records in flight, so this is a defence): not delivered and
+            // no longer on disk, the points are dropped, not unaccounted.
             self.counters.dropped_points += points as u64;
         }
     }
