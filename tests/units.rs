@@ -277,3 +277,34 @@ fn the_influxdb_gate_waits_for_answers_not_for_a_process() {
     );
     println!("{}", String::from_utf8_lossy(&out.stdout).trim());
 }
+
+/// Exit codes a restart cannot fix (sysexits: 64 usage, 77 a credential
+/// the venue or InfluxDB refused, 78 configuration) stop the restart loop
+/// of every unit that restarts on failure: retrying a refused login every
+/// `RestartSec` is how venues lock accounts. A unit that restarts on
+/// failure and leaves one out restarts on it.
+#[test]
+fn restarts_stop_on_the_exit_codes_a_restart_cannot_fix() {
+    let mut problems = Vec::new();
+    for u in nbpy::units::UNITS {
+        let restarts = u
+            .text
+            .lines()
+            .any(|l| l.trim() == "Restart=on-failure" || l.trim() == "Restart=always");
+        if !restarts {
+            continue;
+        }
+        let prevented: Vec<&str> = u
+            .text
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("RestartPreventExitStatus="))
+            .flat_map(|v| v.split_whitespace())
+            .collect();
+        for code in ["64", "77", "78"] {
+            if !prevented.contains(&code) {
+                problems.push(format!("{} restarts on exit {code}", u.name));
+            }
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
