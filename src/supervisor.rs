@@ -247,24 +247,57 @@ impl Up {
         }
     }
 
-    async fn wait_ready(&self, from: usize, deadline: Duration) -> Result<(), Failure> {
+    /// Waits until the children from `from` on are ready. Every child is
+    /// watched meanwhile, those already ready too: nothing restarts them
+    /// during the start, so a publisher that is ready and then fails (a
+    /// venue refusing its credential) must end the start with its own
+    /// reason and exit code, not leave it waiting for the subscribers that
+    /// cannot get ready without it.
+    async fn wait_ready(&mut self, from: usize, deadline: Duration) -> Result<(), Failure> {
         let t0 = Instant::now();
         loop {
+            for c in &mut self.children {
+                let Some(status) = c.proc.as_mut().and_then(|p| p.try_wait().ok().flatten()) else {
+                    continue;
+                };
+                c.proc = None;
+                let Ok(mut s) = c.state.lock() else { continue };
+                s.pid = None;
+                if status.success() {
+                    // A feed with a count can be done early; that is no failure.
+                    s.state = "finished".into();
+                    c.done = true;
+                    say(&format!("{} {} finished", s.role, s.name));
+                    continue;
+                }
+                s.state = "exited".into();
+                let when = if s.ready {
+                    "after it was ready"
+                } else {
+                    "before it was ready"
+                };
+                s.ready = false;
+                // Its own sysexits code says what to fix (77: a refused
+                // credential, 78: configuration); anything else (a signal,
+                // a crash) is the service being unavailable.
+                let code = status
+                    .code()
+                    .filter(|c| (64..=78).contains(c))
+                    .unwrap_or(UNAVAILABLE);
+                return Err(Failure::new(
+                    code,
+                    anyhow::anyhow!(
+                        "{} {} exited ({status}) {when}, during the start; last lines of {}:\n{}",
+                        s.role,
+                        s.name,
+                        s.log.display(),
+                        tail(&s.log, 10)
+                    ),
+                ));
+            }
             let mut waiting = Vec::new();
             for c in &self.children[from..] {
                 let s = c.state.lock().map(|s| s.clone()).unwrap_or_default();
-                if s.state == "exited" && !s.ready {
-                    return Err(Failure::new(
-                        UNAVAILABLE,
-                        anyhow::anyhow!(
-                            "{} {} exited before it was ready; last lines of {}:\n{}",
-                            s.role,
-                            s.name,
-                            s.log.display(),
-                            tail(&s.log, 10)
-                        ),
-                    ));
-                }
                 if !s.ready && !c.done {
                     waiting.push(format!(
                         "{} ({})",

@@ -465,3 +465,87 @@ fn output_into_a_closed_pipe_ends_quietly() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(out.status.success(), "{:?}: {stderr}", out.status);
 }
+
+/// A publisher that is ready and then fails during the start (here OANDA
+/// refuses its token: exit 77) ends `nbpy up` at once, with its reason and
+/// its exit code. It used to go unnoticed: `up` waited 60 s for the
+/// subscriber (which cannot get ready without its publisher), then blamed
+/// the subscriber with exit 69.
+#[test]
+fn a_publisher_failing_during_the_start_ends_up_with_its_own_reason() {
+    // OANDA, as far as refusing a token goes: 401 to every request.
+    let venue = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let venue_port = venue.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in venue.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let mut buf = [0u8; 4096];
+            let _ = std::io::Read::read(&mut conn, &mut buf);
+            let body = r#"{"errorMessage":"Insufficient authorization to perform request."}"#;
+            let _ = std::io::Write::write_all(
+                &mut conn,
+                format!(
+                    "HTTP/1.1 401 Unauthorized\r\nContent-Type: application/json\r\n\
+                     Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+                .as_bytes(),
+            );
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let token = dir.path().join("oanda-token");
+    std::fs::write(&token, "not-a-valid-token\n").unwrap();
+    let ep_port = nbpy::backend::free_port().unwrap();
+    let cfg = dir.path().join("nbpy.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "state_dir = {state:?}\n[influxdb]\nurl = \"file://{}/points.lp\"\n\
+             [health]\nlisten = \"127.0.0.1:{}\"\n\
+             [publishers.fx]\nfeed = \"oanda-tick\"\nendpoint = \"tcp://127.0.0.1:{ep_port}\"\n\
+             url = \"http://127.0.0.1:{venue_port}\"\ninstruments = [\"EUR_USD\"]\n\
+             [publishers.fx.oanda]\naccount = \"101-004-1234567-001\"\ntoken_file = {token:?}\n\
+             [subscribers.main]\nconnect = [\"tcp://127.0.0.1:{ep_port}\"]\n",
+            state.display(),
+            nbpy::backend::free_port().unwrap()
+        ),
+    )
+    .unwrap();
+    let out = dir.path().join("up.out");
+    let err = dir.path().join("up.err");
+    let t0 = Instant::now();
+    let mut up = StopOnDrop(
+        up_cmd(&cfg, None)
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(std::fs::File::create(&err).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let status = loop {
+        if let Some(s) = up.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "nbpy up still running after {:?}",
+            t0.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let took = t0.elapsed();
+    let text = format!(
+        "{}{}",
+        std::fs::read_to_string(&out).unwrap_or_default(),
+        std::fs::read_to_string(&err).unwrap_or_default()
+    );
+    assert_eq!(status.code(), Some(77), "{text}");
+    assert!(text.contains("publisher fx exited"), "{text}");
+    assert!(
+        text.contains("token"),
+        "the publisher's own reason:\n{text}"
+    );
+    // Far below the 60 s the subscriber's wait allows: it did not wait.
+    assert!(took < Duration::from_secs(45), "took {took:?}:\n{text}");
+}
