@@ -12,7 +12,7 @@ mod servers;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use nbpy::config::PublisherConfig;
 use nbpy::exit::Failure;
@@ -289,10 +289,52 @@ async fn oanda_silent_stream_reconnects_without_duplicates() {
     assert_eq!(server.requests_to("/v3/").len(), 2);
     assert_eq!(feed.connects(), 2);
     assert_eq!(
+        feed.stats
+            .duplicates
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1,
+        "the repeated price is counted"
+    );
+    assert_eq!(
         *server.dropped.lock().unwrap(),
         1,
         "the silent stream was dropped"
     );
+    feed.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oanda_price_stamped_a_year_ahead_is_malformed_and_holds_nothing_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = secret(dir.path(), "oanda-token", "tok");
+    let rfc = |t: SystemTime| humantime::format_rfc3339_nanos(t).to_string();
+    let now = SystemTime::now();
+    let (t1, t2) = (rfc(now), rfc(now + Duration::from_millis(1)));
+    let year = rfc(now + Duration::from_secs(365 * 24 * 3600));
+    let script = vec![
+        line(oanda_price("EUR_USD", &year, "1.20000", "1.20010", 1_000)),
+        line(oanda_price("EUR_USD", &t1, "1.10000", "1.10010", 1_000)),
+        line(oanda_price("USD_JPY", &t1, "150.000", "150.010", 1_000)),
+        line(oanda_price("EUR_USD", &t2, "1.10001", "1.10011", 1_000)),
+        Step::Hold,
+    ];
+    let server = HttpServer::start(move |_, _| Reply::Stream(script.clone())).await;
+    let mut feed = start(oanda_cfg(&server.url(), &token, Duration::from_secs(5)));
+    let ns = |t: &str| nbpy::feeds::upstream::parse_time_ns(t).unwrap();
+    let got: Vec<(String, i64)> = [feed.next().await, feed.next().await, feed.next().await]
+        .iter()
+        .map(|e| (e.sym.to_string(), e.ts))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("EUR_USD".to_string(), ns(&t1)),
+            ("USD_JPY".to_string(), ns(&t1)),
+            ("EUR_USD".to_string(), ns(&t2)),
+        ],
+        "the year-ahead price is not published and does not hold EUR_USD back"
+    );
+    assert_eq!(feed.malformed(), 1, "the year-ahead price");
     feed.stop().await;
 }
 
