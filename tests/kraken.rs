@@ -1163,6 +1163,50 @@ async fn garbage_frames_are_counted_and_the_feed_carries_on() {
 }
 
 #[tokio::test]
+async fn negative_prices_and_sizes_are_malformed_and_never_published() {
+    let mut srv = FakeKraken::start(Behaviour::default()).await;
+    let mut tick = start_feed(FeedKind::KrakenTick, &srv.url, &["ALGO/USD"], |_| {});
+    let mut c = srv.next_conn().await;
+    c.request().await;
+    let ts = "2023-09-25T09:04:31.742648Z";
+    let neg = ticker_msg("update", "ALGO/USD", "0.10035", ts)
+        .replace(r#""bid":0.10025"#, r#""bid":-5.0"#)
+        .replace(r#""ask":0.10036"#, r#""ask":-4.0"#);
+    c.send(neg);
+    c.send(ticker_msg("update", "ALGO/USD", "-0.1", ts));
+    c.send(ticker_msg("update", "ALGO/USD", "0.10035", ts).replace("740.0", "-740.0"));
+    c.send(ticker_msg("update", "ALGO/USD", "0.10035", ts));
+    let e = tick.next().await;
+    assert_eq!(
+        (float(&e, "bid"), float(&e, "ask"), float(&e, "bid_qty")),
+        (Some(0.10025), Some(0.10036), Some(740.0)),
+        "only the sound ticker is published"
+    );
+    assert_eq!(float(&e, "change"), Some(-0.00017), "a fall stays negative");
+    assert_eq!(tick.malformed(), 3);
+    tick.assert_nothing_more();
+    tick.stop().await;
+
+    let mut orders = start_feed(FeedKind::KrakenOrders, &srv.url, &["MATIC/USD"], |_| {});
+    let mut c = srv.next_conn().await;
+    c.request().await;
+    let ts = "2023-09-25T07:48:36.925533Z";
+    c.send(trade_msg(
+        "update",
+        &[
+            trade("MATIC/USD", "buy", "-0.5147", "1.0", "limit", 1, ts),
+            trade("MATIC/USD", "buy", "0.5147", "-1.0", "limit", 2, ts),
+            trade("MATIC/USD", "buy", "0.5147", "1.0", "limit", 3, ts),
+        ],
+    ));
+    let e = orders.next().await;
+    assert_eq!(int(&e, "trade_id"), Some(3));
+    assert_eq!(orders.malformed(), 1, "one frame, its first error counted");
+    orders.assert_nothing_more();
+    orders.stop().await;
+}
+
+#[tokio::test]
 async fn ticker_and_trades_carry_kraken_fields_tags_and_timestamps() {
     let mut srv = FakeKraken::start(Behaviour::default()).await;
     let mut tick = start_feed(FeedKind::KrakenTick, &srv.url, &["ALGO/USD"], |c| {

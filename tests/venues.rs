@@ -338,6 +338,35 @@ async fn oanda_price_stamped_a_year_ahead_is_malformed_and_holds_nothing_back() 
     feed.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oanda_negative_prices_and_liquidity_are_malformed_and_never_published() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = secret(dir.path(), "oanda-token", "tok");
+    let t = |s: u32| format!("2016-09-20T15:05:{s:02}Z");
+    let script = vec![
+        line(oanda_price("EUR_USD", &t(1), "-1.10000", "-1.09990", 1_000)),
+        line(oanda_price("EUR_USD", &t(2), "1.10000", "0", 1_000)),
+        line(
+            json!({"type": "PRICE", "time": t(3), "instrument": "EUR_USD",
+                   "bids": [{"price": "1.1", "liquidity": -1_000}],
+                   "asks": [{"price": "1.2", "liquidity": 1_000}]})
+            .to_string(),
+        ),
+        line(oanda_price("EUR_USD", &t(4), "1.10000", "1.10010", 1_000)),
+        Step::Hold,
+    ];
+    let server = HttpServer::start(move |_, _| Reply::Stream(script.clone())).await;
+    let mut feed = start(oanda_cfg(&server.url(), &token, Duration::from_secs(5)));
+    let e = feed.next().await;
+    assert_eq!(
+        (f(&e, "bid"), f(&e, "ask")),
+        (Some(1.1), Some(1.1001)),
+        "only the sound price is published"
+    );
+    assert_eq!(feed.malformed(), 3);
+    feed.stop().await;
+}
+
 /// Runs the real publisher binary for `publisher` in `cfg` to its exit.
 async fn run_publisher(cfg: &Path, publisher: &str) -> (Option<i32>, String) {
     let out = tokio::time::timeout(

@@ -209,6 +209,22 @@ pub fn decode(line: &[u8]) -> Result<Message, String> {
     let ts = upstream::parse_time_ns(&time).ok_or_else(|| format!("bad time {time:?}"))?;
     let bid = raw.bids.first();
     let ask = raw.asks.first();
+    for (side, bucket) in [("bid", bid), ("ask", ask)] {
+        let Some(b) = bucket else { continue };
+        // A price of 0 or less, or a negative liquidity, is no market: a
+        // broken message, never a point to store.
+        if b.price <= 0.0 {
+            return Err(format!(
+                "PRICE for {instrument}: {side} price {} is not above 0",
+                b.price
+            ));
+        }
+        if let Some(l) = b.liquidity.filter(|l| *l < 0.0) {
+            return Err(format!(
+                "PRICE for {instrument}: {side} liquidity {l} is negative"
+            ));
+        }
+    }
     let tradeable = raw
         .tradeable
         .or_else(|| raw.status.as_deref().map(|s| s == "tradeable"));
@@ -490,6 +506,9 @@ mod tests {
             br#"{"type":"PRICE","instrument":"EUR_USD","time":"2016-09-20T15:05:47Z","bids":[{"price":"abc"}]}"#,
             br#"{"type":"PRICE","instrument":"EUR_USD","time":"2016-09-20T15:05:47Z"}"#,
             br#"{"type":"ORDER"}"#,
+            br#"{"type":"PRICE","instrument":"EUR_USD","time":"2016-09-20T15:05:47Z","bids":[{"price":"-1.1"}],"asks":[{"price":"1.2"}]}"#,
+            br#"{"type":"PRICE","instrument":"EUR_USD","time":"2016-09-20T15:05:47Z","asks":[{"price":"0"}]}"#,
+            br#"{"type":"PRICE","instrument":"EUR_USD","time":"2016-09-20T15:05:47Z","bids":[{"price":"1.1","liquidity":-5}]}"#,
         ] {
             assert!(decode(bad).is_err(), "{}", String::from_utf8_lossy(bad));
         }
