@@ -897,8 +897,40 @@ async fn a_resubscription_that_brings_no_snapshot_ends_in_a_new_connection() {
     feed.stop().await;
 }
 
+/// The log lines written on this thread, for a test on the current-thread
+/// runtime (its tasks run here too).
+#[derive(Clone, Default)]
+struct LogBuf(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuf {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl LogBuf {
+    fn capture(&self) -> tracing::subscriber::DefaultGuard {
+        let w = self.clone();
+        tracing::subscriber::set_default(
+            tracing_subscriber::fmt()
+                .with_writer(move || w.clone())
+                .with_ansi(false)
+                .finish(),
+        )
+    }
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
 #[tokio::test]
 async fn an_unreadable_level_is_counted_and_resynchronised_too() {
+    let log = LogBuf::default();
+    let _guard = log.capture();
     let mut srv = FakeKraken::start(Behaviour::default()).await;
     let mut feed = start_feed(FeedKind::KrakenDepth, &srv.url, &["BTC/USD"], |_| {});
     let mut c = srv.next_conn().await;
@@ -916,6 +948,17 @@ async fn an_unreadable_level_is_counted_and_resynchronised_too() {
     assert_eq!(c.request().await["method"], "unsubscribe");
     assert_eq!(c.request().await["method"], "subscribe");
     assert_eq!(feed.malformed(), 1);
+    let text = log.text();
+    assert!(
+        text.contains("BTC/USD: unreadable book level; resubscribing"),
+        "the resync says why: {text}"
+    );
+    assert!(
+        !text.contains("checksum mismatch"),
+        "no checksum was wrong: {text}"
+    );
+    assert_eq!(g(&feed.stats.unreadable_levels), 1);
+    assert_eq!(g(&feed.stats.checksum_mismatches), 0);
     c.send(book_msg(
         "snapshot",
         "BTC/USD",

@@ -36,6 +36,11 @@ pub struct KrakenStats {
     pub checksums_ok: AtomicU64,
     /// Book messages whose checksum did not match (each one leads to a resync).
     pub checksum_mismatches: AtomicU64,
+    /// Book messages with a level that could not be read (a negative or
+    /// overlong price or quantity). Each one is malformed and leads to a
+    /// resync too, but says nothing about our book being wrong, so it is
+    /// kept apart from `checksum_mismatches`.
+    pub unreadable_levels: AtomicU64,
     /// Resubscriptions sent to get a fresh book snapshot.
     pub resyncs: AtomicU64,
     /// Book updates dropped because their pair was waiting for a snapshot.
@@ -64,7 +69,10 @@ pub enum Action {
     Heartbeat,
     Pong(Option<u64>),
     /// Unsubscribe and subscribe this pair again for a fresh snapshot.
-    Resync(String),
+    Resync {
+        symbol: String,
+        why: ResyncWhy,
+    },
     Subscribed {
         symbol: Option<String>,
     },
@@ -76,6 +84,24 @@ pub enum Action {
     },
     /// The `status` channel: system state (`online`, `maintenance`, …).
     Status(String),
+}
+
+/// Why a pair's book is resubscribed: the log has to say which, since one
+/// means our book drifted from Kraken's and the other that Kraken sent a
+/// level we cannot read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResyncWhy {
+    ChecksumMismatch,
+    UnreadableLevel,
+}
+
+impl std::fmt::Display for ResyncWhy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ResyncWhy::ChecksumMismatch => "book checksum mismatch",
+            ResyncWhy::UnreadableLevel => "unreadable book level",
+        })
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -281,8 +307,14 @@ impl Handler {
         pair.book.truncate();
         let ours = pair.book.checksum();
         if let Err(error) = applied {
+            KrakenStats::add(&self.stats.unreadable_levels, 1);
             pair.synced = false;
-            request_resync(pair, &d.symbol, &mut self.actions);
+            request_resync(
+                pair,
+                &d.symbol,
+                ResyncWhy::UnreadableLevel,
+                &mut self.actions,
+            );
             return Err(FrameError::Level {
                 symbol: d.symbol.into_owned(),
                 error,
@@ -291,7 +323,12 @@ impl Handler {
         if ours != d.checksum {
             KrakenStats::add(&self.stats.checksum_mismatches, 1);
             pair.synced = false;
-            request_resync(pair, &d.symbol, &mut self.actions);
+            request_resync(
+                pair,
+                &d.symbol,
+                ResyncWhy::ChecksumMismatch,
+                &mut self.actions,
+            );
             return Ok(());
         }
         KrakenStats::add(&self.stats.checksums_ok, 1);
@@ -425,10 +462,13 @@ fn data_err(channel: &str, e: serde_json::Error) -> FrameError {
     }
 }
 
-fn request_resync(pair: &mut PairBook, symbol: &str, actions: &mut Vec<Action>) {
+fn request_resync(pair: &mut PairBook, symbol: &str, why: ResyncWhy, actions: &mut Vec<Action>) {
     if !pair.resync_requested {
         pair.resync_requested = true;
-        actions.push(Action::Resync(symbol.to_string()));
+        actions.push(Action::Resync {
+            symbol: symbol.to_string(),
+            why,
+        });
     }
 }
 
