@@ -338,8 +338,32 @@ async fn oanda_price_stamped_a_year_ahead_is_malformed_and_holds_nothing_back() 
     feed.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// Log lines written on this thread: the feed's too, on the current-thread
+/// runtime.
+#[derive(Clone, Default)]
+struct LogBuf(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuf {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+// Current-thread runtime: the feed logs on this thread, into `log`.
+#[tokio::test]
 async fn oanda_negative_prices_and_liquidity_are_malformed_and_never_published() {
+    let log = LogBuf::default();
+    let w = log.clone();
+    let _guard = tracing::subscriber::set_default(
+        tracing_subscriber::fmt()
+            .with_writer(move || w.clone())
+            .with_ansi(false)
+            .finish(),
+    );
     let dir = tempfile::tempdir().unwrap();
     let token = secret(dir.path(), "oanda-token", "tok");
     let t = |s: u32| format!("2016-09-20T15:05:{s:02}Z");
@@ -365,6 +389,11 @@ async fn oanda_negative_prices_and_liquidity_are_malformed_and_never_published()
     );
     assert_eq!(feed.malformed(), 3);
     feed.stop().await;
+    let text = String::from_utf8_lossy(&log.0.lock().unwrap()).into_owned();
+    assert!(
+        text.contains("published 1 prices, skipped 0 repeated, 3 malformed, 1 connects"),
+        "the stop line counts what was refused: {text}"
+    );
 }
 
 /// Runs the real publisher binary for `publisher` in `cfg` to its exit.

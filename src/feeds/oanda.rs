@@ -282,11 +282,14 @@ pub async fn run(ctx: FeedContext) -> Result<(), Failure> {
     };
     let mut out = Outlet::new(&ctx);
     upstream::reconnect_loop(&ctx, "OANDA", &mut out, &mut stream).await?;
+    let stats = &ctx.out.stats;
     tracing::info!(
-        "publisher {}: OANDA feed published {} prices, skipped {} repeated",
+        "publisher {}: OANDA feed published {} prices, skipped {} repeated, {} malformed, {} connects",
         ctx.name,
         out.sent,
-        ctx.out.stats.duplicates.load(Ordering::Relaxed)
+        stats.duplicates.load(Ordering::Relaxed),
+        stats.malformed.load(Ordering::Relaxed),
+        stats.connects.load(Ordering::Relaxed),
     );
     Ok(())
 }
