@@ -143,8 +143,9 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
                     n => format!(", {n} to no subscriber"),
                 };
                 svc.status(&format!(
-                    "{} on {}: {published} sent{unheard}, {rate:.0} msg/s, {} subscriber(s), {} dropped{monitors}{upstream}",
-                    pcfg.feed.name(), bus.endpoint, bus.subscribers(), stats.dropped.load(Ordering::Relaxed)
+                    "{} on {}: {published} sent{unheard}, {rate:.0} msg/s, {} subscriber(s), {} dropped{}{monitors}{upstream}",
+                    pcfg.feed.name(), bus.endpoint, bus.subscribers(), stats.dropped.load(Ordering::Relaxed),
+                    feed_counters(&stats)
                 ));
             }
         }
@@ -187,6 +188,25 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
     }
 }
 
+/// What the feed counted upstream, for the STATUS line: `, N malformed,
+/// M connects, D repeats skipped`, each only when not 0 (generated feeds
+/// connect nowhere). Without it a venue sending garbage, or a connection
+/// that keeps being replaced, looks healthy until the data stops.
+fn feed_counters(stats: &FeedStats) -> String {
+    let mut s = String::new();
+    for (n, what) in [
+        (&stats.malformed, "malformed"),
+        (&stats.connects, "connects"),
+        (&stats.duplicates, "repeats skipped"),
+    ] {
+        match n.load(Ordering::Relaxed) {
+            0 => {}
+            n => s.push_str(&format!(", {n} {what}")),
+        }
+    }
+    s
+}
+
 async fn send(
     bus: &mut BusPublisher,
     env: &Envelope<'_>,
@@ -199,5 +219,24 @@ async fn send(
             "cannot encode message seq {}: {e}",
             env.seq
         ));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_shows_the_feeds_upstream_counters_when_not_zero() {
+        let stats = FeedStats::default();
+        assert_eq!(feed_counters(&stats), "");
+        stats.malformed.store(3, Ordering::Relaxed);
+        stats.connects.store(2, Ordering::Relaxed);
+        assert_eq!(feed_counters(&stats), ", 3 malformed, 2 connects");
+        stats.duplicates.store(5, Ordering::Relaxed);
+        assert_eq!(
+            feed_counters(&stats),
+            ", 3 malformed, 2 connects, 5 repeats skipped"
+        );
     }
 }

@@ -897,8 +897,40 @@ async fn a_resubscription_that_brings_no_snapshot_ends_in_a_new_connection() {
     feed.stop().await;
 }
 
+/// The log lines written on this thread, for a test on the current-thread
+/// runtime (its tasks run here too).
+#[derive(Clone, Default)]
+struct LogBuf(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuf {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl LogBuf {
+    fn capture(&self) -> tracing::subscriber::DefaultGuard {
+        let w = self.clone();
+        tracing::subscriber::set_default(
+            tracing_subscriber::fmt()
+                .with_writer(move || w.clone())
+                .with_ansi(false)
+                .finish(),
+        )
+    }
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
 #[tokio::test]
 async fn an_unreadable_level_is_counted_and_resynchronised_too() {
+    let log = LogBuf::default();
+    let _guard = log.capture();
     let mut srv = FakeKraken::start(Behaviour::default()).await;
     let mut feed = start_feed(FeedKind::KrakenDepth, &srv.url, &["BTC/USD"], |_| {});
     let mut c = srv.next_conn().await;
@@ -916,6 +948,17 @@ async fn an_unreadable_level_is_counted_and_resynchronised_too() {
     assert_eq!(c.request().await["method"], "unsubscribe");
     assert_eq!(c.request().await["method"], "subscribe");
     assert_eq!(feed.malformed(), 1);
+    let text = log.text();
+    assert!(
+        text.contains("BTC/USD: unreadable book level; resubscribing"),
+        "the resync says why: {text}"
+    );
+    assert!(
+        !text.contains("checksum mismatch"),
+        "no checksum was wrong: {text}"
+    );
+    assert_eq!(g(&feed.stats.unreadable_levels), 1);
+    assert_eq!(g(&feed.stats.checksum_mismatches), 0);
     c.send(book_msg(
         "snapshot",
         "BTC/USD",
@@ -1160,6 +1203,50 @@ async fn garbage_frames_are_counted_and_the_feed_carries_on() {
     assert_eq!(feed.connects(), 1, "garbage does not cost the connection");
     feed.assert_nothing_more();
     feed.stop().await;
+}
+
+#[tokio::test]
+async fn negative_prices_and_sizes_are_malformed_and_never_published() {
+    let mut srv = FakeKraken::start(Behaviour::default()).await;
+    let mut tick = start_feed(FeedKind::KrakenTick, &srv.url, &["ALGO/USD"], |_| {});
+    let mut c = srv.next_conn().await;
+    c.request().await;
+    let ts = "2023-09-25T09:04:31.742648Z";
+    let neg = ticker_msg("update", "ALGO/USD", "0.10035", ts)
+        .replace(r#""bid":0.10025"#, r#""bid":-5.0"#)
+        .replace(r#""ask":0.10036"#, r#""ask":-4.0"#);
+    c.send(neg);
+    c.send(ticker_msg("update", "ALGO/USD", "-0.1", ts));
+    c.send(ticker_msg("update", "ALGO/USD", "0.10035", ts).replace("740.0", "-740.0"));
+    c.send(ticker_msg("update", "ALGO/USD", "0.10035", ts));
+    let e = tick.next().await;
+    assert_eq!(
+        (float(&e, "bid"), float(&e, "ask"), float(&e, "bid_qty")),
+        (Some(0.10025), Some(0.10036), Some(740.0)),
+        "only the sound ticker is published"
+    );
+    assert_eq!(float(&e, "change"), Some(-0.00017), "a fall stays negative");
+    assert_eq!(tick.malformed(), 3);
+    tick.assert_nothing_more();
+    tick.stop().await;
+
+    let mut orders = start_feed(FeedKind::KrakenOrders, &srv.url, &["MATIC/USD"], |_| {});
+    let mut c = srv.next_conn().await;
+    c.request().await;
+    let ts = "2023-09-25T07:48:36.925533Z";
+    c.send(trade_msg(
+        "update",
+        &[
+            trade("MATIC/USD", "buy", "-0.5147", "1.0", "limit", 1, ts),
+            trade("MATIC/USD", "buy", "0.5147", "-1.0", "limit", 2, ts),
+            trade("MATIC/USD", "buy", "0.5147", "1.0", "limit", 3, ts),
+        ],
+    ));
+    let e = orders.next().await;
+    assert_eq!(int(&e, "trade_id"), Some(3));
+    assert_eq!(orders.malformed(), 1, "one frame, its first error counted");
+    orders.assert_nothing_more();
+    orders.stop().await;
 }
 
 #[tokio::test]

@@ -12,7 +12,7 @@ mod servers;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use nbpy::config::PublisherConfig;
 use nbpy::exit::Failure;
@@ -289,11 +289,111 @@ async fn oanda_silent_stream_reconnects_without_duplicates() {
     assert_eq!(server.requests_to("/v3/").len(), 2);
     assert_eq!(feed.connects(), 2);
     assert_eq!(
+        feed.stats
+            .duplicates
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1,
+        "the repeated price is counted"
+    );
+    assert_eq!(
         *server.dropped.lock().unwrap(),
         1,
         "the silent stream was dropped"
     );
     feed.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oanda_price_stamped_a_year_ahead_is_malformed_and_holds_nothing_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = secret(dir.path(), "oanda-token", "tok");
+    let rfc = |t: SystemTime| humantime::format_rfc3339_nanos(t).to_string();
+    let now = SystemTime::now();
+    let (t1, t2) = (rfc(now), rfc(now + Duration::from_millis(1)));
+    let year = rfc(now + Duration::from_secs(365 * 24 * 3600));
+    let script = vec![
+        line(oanda_price("EUR_USD", &year, "1.20000", "1.20010", 1_000)),
+        line(oanda_price("EUR_USD", &t1, "1.10000", "1.10010", 1_000)),
+        line(oanda_price("USD_JPY", &t1, "150.000", "150.010", 1_000)),
+        line(oanda_price("EUR_USD", &t2, "1.10001", "1.10011", 1_000)),
+        Step::Hold,
+    ];
+    let server = HttpServer::start(move |_, _| Reply::Stream(script.clone())).await;
+    let mut feed = start(oanda_cfg(&server.url(), &token, Duration::from_secs(5)));
+    let ns = |t: &str| nbpy::feeds::upstream::parse_time_ns(t).unwrap();
+    let got: Vec<(String, i64)> = [feed.next().await, feed.next().await, feed.next().await]
+        .iter()
+        .map(|e| (e.sym.to_string(), e.ts))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("EUR_USD".to_string(), ns(&t1)),
+            ("USD_JPY".to_string(), ns(&t1)),
+            ("EUR_USD".to_string(), ns(&t2)),
+        ],
+        "the year-ahead price is not published and does not hold EUR_USD back"
+    );
+    assert_eq!(feed.malformed(), 1, "the year-ahead price");
+    feed.stop().await;
+}
+
+/// Log lines written on this thread: the feed's too, on the current-thread
+/// runtime.
+#[derive(Clone, Default)]
+struct LogBuf(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuf {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+// Current-thread runtime: the feed logs on this thread, into `log`.
+#[tokio::test]
+async fn oanda_negative_prices_and_liquidity_are_malformed_and_never_published() {
+    let log = LogBuf::default();
+    let w = log.clone();
+    let _guard = tracing::subscriber::set_default(
+        tracing_subscriber::fmt()
+            .with_writer(move || w.clone())
+            .with_ansi(false)
+            .finish(),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let token = secret(dir.path(), "oanda-token", "tok");
+    let t = |s: u32| format!("2016-09-20T15:05:{s:02}Z");
+    let script = vec![
+        line(oanda_price("EUR_USD", &t(1), "-1.10000", "-1.09990", 1_000)),
+        line(oanda_price("EUR_USD", &t(2), "1.10000", "0", 1_000)),
+        line(
+            json!({"type": "PRICE", "time": t(3), "instrument": "EUR_USD",
+                   "bids": [{"price": "1.1", "liquidity": -1_000}],
+                   "asks": [{"price": "1.2", "liquidity": 1_000}]})
+            .to_string(),
+        ),
+        line(oanda_price("EUR_USD", &t(4), "1.10000", "1.10010", 1_000)),
+        Step::Hold,
+    ];
+    let server = HttpServer::start(move |_, _| Reply::Stream(script.clone())).await;
+    let mut feed = start(oanda_cfg(&server.url(), &token, Duration::from_secs(5)));
+    let e = feed.next().await;
+    assert_eq!(
+        (f(&e, "bid"), f(&e, "ask")),
+        (Some(1.1), Some(1.1001)),
+        "only the sound price is published"
+    );
+    assert_eq!(feed.malformed(), 3);
+    feed.stop().await;
+    let text = String::from_utf8_lossy(&log.0.lock().unwrap()).into_owned();
+    assert!(
+        text.contains("published 1 prices, skipped 0 repeated, 3 malformed, 1 connects"),
+        "the stop line counts what was refused: {text}"
+    );
 }
 
 /// Runs the real publisher binary for `publisher` in `cfg` to its exit.

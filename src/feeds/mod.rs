@@ -169,6 +169,11 @@ pub struct FeedStats {
     pub malformed: AtomicU64,
     /// Upstream (re)connections.
     pub connects: AtomicU64,
+    /// Upstream messages skipped because they repeat what was already
+    /// published (the snapshot a venue reopens a stream with). Expected
+    /// after each reconnect; a count that keeps growing without reconnects
+    /// means the feed is holding data back.
+    pub duplicates: AtomicU64,
     /// The last upstream connection problem and `accepted` at that moment.
     upstream: std::sync::Mutex<Option<(u64, String)>>,
 }

@@ -13,10 +13,16 @@
 //! OANDA's own time in ns. OANDA opens every stream with the current price
 //! of each instrument, so after a reconnect the feed skips prices not newer
 //! than the last one it published for that instrument: a reconnect never
-//! stores a point twice.
+//! stores a point twice. Skipped repeats are counted as `duplicates`.
+//!
+//! That rule trusts OANDA's clock: one price stamped far in the future would
+//! hold its instrument back until that time came, silently. So a price
+//! stamped more than [`MAX_AHEAD`] ahead of this host's clock is malformed:
+//! counted, logged, not published, and never the reference for the rule.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -26,10 +32,27 @@ use super::FeedContext;
 use crate::config::PublisherConfig;
 use crate::exit::Failure;
 use crate::sink::RateLimitedLog;
-use crate::wire::{Envelope, Fields, Value};
+use crate::wire::{now_ns, Envelope, Fields, Value};
 
 pub const SOURCE: &str = "oanda";
 pub const CHANNEL: &str = "price";
+
+/// How far ahead of this host's clock a PRICE may be stamped. OANDA's
+/// servers and an NTP-synced host agree within a second, and a price is
+/// stamped before it is sent, so anything ahead is clock error. Five
+/// minutes tolerates a host whose clock has drifted badly (beyond that its
+/// stored times would be wrong anyway) while bounding what a bad stamp
+/// that still passes can cost: its instrument held back for at most as
+/// long, instead of until the stamp's date comes round.
+pub const MAX_AHEAD: Duration = Duration::from_secs(300);
+
+/// How far `ts` lies ahead of `now` (both ns since the epoch) when that is
+/// more than [`MAX_AHEAD`]: such a stamp is not believed.
+pub fn implausibly_ahead(ts: i64, now: i64) -> Option<Duration> {
+    let ahead = ts.saturating_sub(now);
+    let ahead = Duration::from_nanos(u64::try_from(ahead).ok()?);
+    (ahead > MAX_AHEAD).then_some(ahead)
+}
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
@@ -186,6 +209,22 @@ pub fn decode(line: &[u8]) -> Result<Message, String> {
     let ts = upstream::parse_time_ns(&time).ok_or_else(|| format!("bad time {time:?}"))?;
     let bid = raw.bids.first();
     let ask = raw.asks.first();
+    for (side, bucket) in [("bid", bid), ("ask", ask)] {
+        let Some(b) = bucket else { continue };
+        // A price of 0 or less, or a negative liquidity, is no market: a
+        // broken message, never a point to store.
+        if b.price <= 0.0 {
+            return Err(format!(
+                "PRICE for {instrument}: {side} price {} is not above 0",
+                b.price
+            ));
+        }
+        if let Some(l) = b.liquidity.filter(|l| *l < 0.0) {
+            return Err(format!(
+                "PRICE for {instrument}: {side} liquidity {l} is negative"
+            ));
+        }
+    }
     let tradeable = raw
         .tradeable
         .or_else(|| raw.status.as_deref().map(|s| s == "tradeable"));
@@ -243,10 +282,14 @@ pub async fn run(ctx: FeedContext) -> Result<(), Failure> {
     };
     let mut out = Outlet::new(&ctx);
     upstream::reconnect_loop(&ctx, "OANDA", &mut out, &mut stream).await?;
+    let stats = &ctx.out.stats;
     tracing::info!(
-        "publisher {}: OANDA feed published {} prices",
+        "publisher {}: OANDA feed published {} prices, skipped {} repeated, {} malformed, {} connects",
         ctx.name,
-        out.sent
+        out.sent,
+        stats.duplicates.load(Ordering::Relaxed),
+        stats.malformed.load(Ordering::Relaxed),
+        stats.connects.load(Ordering::Relaxed),
     );
     Ok(())
 }
@@ -359,9 +402,27 @@ impl Stream<'_> {
                     }
                     Ok(Message::Price(env)) => {
                         productive = true;
+                        if let Some(ahead) = implausibly_ahead(env.ts, now_ns()) {
+                            // Checked before the duplicate rule so that it
+                            // never becomes `last`: it would hold every
+                            // later price of the instrument back.
+                            out.malformed();
+                            crate::warn_limited!(self.log, || {
+                                format!(
+                                "publisher {name}: skipping OANDA {} price stamped {} s ahead of this host's clock (more than {} s; is this host's clock right?)",
+                                env.sym,
+                                ahead.as_secs(),
+                                MAX_AHEAD.as_secs()
+                            )
+                            });
+                            continue;
+                        }
                         let last = self.last.entry(env.sym.to_string()).or_insert(i64::MIN);
                         if env.ts <= *last {
-                            // Already published (the snapshot a reconnect opens with).
+                            // Already published (the snapshot a reconnect
+                            // opens with): the stream is alive, the price
+                            // is not news.
+                            out.duplicate();
                             out.alive();
                             continue;
                         }
@@ -448,9 +509,25 @@ mod tests {
             br#"{"type":"PRICE","instrument":"EUR_USD","time":"2016-09-20T15:05:47Z","bids":[{"price":"abc"}]}"#,
             br#"{"type":"PRICE","instrument":"EUR_USD","time":"2016-09-20T15:05:47Z"}"#,
             br#"{"type":"ORDER"}"#,
+            br#"{"type":"PRICE","instrument":"EUR_USD","time":"2016-09-20T15:05:47Z","bids":[{"price":"-1.1"}],"asks":[{"price":"1.2"}]}"#,
+            br#"{"type":"PRICE","instrument":"EUR_USD","time":"2016-09-20T15:05:47Z","asks":[{"price":"0"}]}"#,
+            br#"{"type":"PRICE","instrument":"EUR_USD","time":"2016-09-20T15:05:47Z","bids":[{"price":"1.1","liquidity":-5}]}"#,
         ] {
             assert!(decode(bad).is_err(), "{}", String::from_utf8_lossy(bad));
         }
+    }
+
+    #[test]
+    fn only_stamps_far_ahead_of_the_local_clock_are_implausible() {
+        let now = 1_700_000_000_000_000_000;
+        let min = 60_000_000_000;
+        assert_eq!(implausibly_ahead(now - 365 * 24 * 60 * min, now), None);
+        assert_eq!(implausibly_ahead(now + 5 * min, now), None, "clock skew");
+        assert_eq!(
+            implausibly_ahead(now + 6 * min, now),
+            Some(Duration::from_secs(360))
+        );
+        assert!(implausibly_ahead(i64::MAX, i64::MIN).is_some());
     }
 
     #[test]

@@ -337,6 +337,14 @@ impl<'a> Outlet<'a> {
         self.ctx.out.stats.malformed.fetch_add(1, Ordering::Relaxed);
     }
 
+    pub fn duplicate(&self) {
+        self.ctx
+            .out
+            .stats
+            .duplicates
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn connected(&self) {
         self.ctx.out.stats.connects.fetch_add(1, Ordering::Relaxed);
     }

@@ -36,6 +36,11 @@ pub struct KrakenStats {
     pub checksums_ok: AtomicU64,
     /// Book messages whose checksum did not match (each one leads to a resync).
     pub checksum_mismatches: AtomicU64,
+    /// Book messages with a level that could not be read (a negative or
+    /// overlong price or quantity). Each one is malformed and leads to a
+    /// resync too, but says nothing about our book being wrong, so it is
+    /// kept apart from `checksum_mismatches`.
+    pub unreadable_levels: AtomicU64,
     /// Resubscriptions sent to get a fresh book snapshot.
     pub resyncs: AtomicU64,
     /// Book updates dropped because their pair was waiting for a snapshot.
@@ -64,7 +69,10 @@ pub enum Action {
     Heartbeat,
     Pong(Option<u64>),
     /// Unsubscribe and subscribe this pair again for a fresh snapshot.
-    Resync(String),
+    Resync {
+        symbol: String,
+        why: ResyncWhy,
+    },
     Subscribed {
         symbol: Option<String>,
     },
@@ -76,6 +84,24 @@ pub enum Action {
     },
     /// The `status` channel: system state (`online`, `maintenance`, …).
     Status(String),
+}
+
+/// Why a pair's book is resubscribed: the log has to say which, since one
+/// means our book drifted from Kraken's and the other that Kraken sent a
+/// level we cannot read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResyncWhy {
+    ChecksumMismatch,
+    UnreadableLevel,
+}
+
+impl std::fmt::Display for ResyncWhy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ResyncWhy::ChecksumMismatch => "book checksum mismatch",
+            ResyncWhy::UnreadableLevel => "unreadable book level",
+        })
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -281,8 +307,14 @@ impl Handler {
         pair.book.truncate();
         let ours = pair.book.checksum();
         if let Err(error) = applied {
+            KrakenStats::add(&self.stats.unreadable_levels, 1);
             pair.synced = false;
-            request_resync(pair, &d.symbol, &mut self.actions);
+            request_resync(
+                pair,
+                &d.symbol,
+                ResyncWhy::UnreadableLevel,
+                &mut self.actions,
+            );
             return Err(FrameError::Level {
                 symbol: d.symbol.into_owned(),
                 error,
@@ -291,7 +323,12 @@ impl Handler {
         if ours != d.checksum {
             KrakenStats::add(&self.stats.checksum_mismatches, 1);
             pair.synced = false;
-            request_resync(pair, &d.symbol, &mut self.actions);
+            request_resync(
+                pair,
+                &d.symbol,
+                ResyncWhy::ChecksumMismatch,
+                &mut self.actions,
+            );
             return Ok(());
         }
         KrakenStats::add(&self.stats.checksums_ok, 1);
@@ -302,12 +339,27 @@ impl Handler {
         Ok(())
     }
 
+    /// A ticker element becomes one `kraken_tick` point, or none at all: a
+    /// field that is present but not a number, or outside what its meaning
+    /// allows (see [`TickerRange`]), makes the element malformed.
     fn ticker(&mut self, d: TickerData<'_>) -> Result<(), FrameError> {
         let mut data: Fields<'static> = Vec::with_capacity(11);
         for (name, raw) in d.fields() {
-            if let Some(v) = raw.and_then(number_f64) {
-                data.push((Cow::Borrowed(name), Value::Float(v)));
+            // JSON `null` is an absent field; anything else must be a number.
+            let Some(raw) = raw else { continue };
+            let bad = |why: &str| {
+                FrameError::Field(format!("ticker {}: {name} {} {why}", d.symbol, raw.get()))
+            };
+            let v = number_f64(raw).ok_or_else(|| bad("is not a number"))?;
+            match TickerRange::of(name) {
+                TickerRange::Quote if v <= 0.0 => return Err(bad("is not a price above 0")),
+                TickerRange::Traded if v < 0.0 => return Err(bad("is not a price above 0")),
+                // No trade in 24 hours: unknown, not a price of 0.
+                TickerRange::Traded if v == 0.0 => continue,
+                TickerRange::Size if v < 0.0 => return Err(bad("is a negative quantity")),
+                _ => {}
             }
+            data.push((Cow::Borrowed(name), Value::Float(v)));
         }
         if data.is_empty() {
             return Err(FrameError::Field(format!(
@@ -331,6 +383,12 @@ impl Handler {
             |what: &str| FrameError::Field(format!("trade {} {}: {what}", d.symbol, d.trade_id));
         let price = number_f64(d.price).ok_or_else(|| bad("price is not a number"))?;
         let qty = number_f64(d.qty).ok_or_else(|| bad("qty is not a number"))?;
+        if price <= 0.0 {
+            return Err(bad(&format!("price {price} is not above 0")));
+        }
+        if qty < 0.0 {
+            return Err(bad(&format!("qty {qty} is negative")));
+        }
         let ts = timestamp_ns(&d.timestamp).ok_or_else(|| bad("timestamp is not RFC 3339"))?;
         let trade_id = i64::try_from(d.trade_id).map_err(|_| bad("trade_id out of range"))?;
         let side = tag(&d.side, &["buy", "sell"]).ok_or_else(|| bad("side"))?;
@@ -370,6 +428,33 @@ impl Handler {
     }
 }
 
+/// What a `ticker` field may hold, from its meaning in Kraken's WS v2
+/// ticker reference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TickerRange {
+    /// `bid`, `ask`: the best prices standing in the book, always above 0.
+    Quote,
+    /// `last`, `vwap`, `low`, `high`: prices of trades in the past 24
+    /// hours, which Kraken only guarantees for a pair that traded. Above
+    /// 0, or 0 for "no trade", which leaves the field out of the point.
+    Traded,
+    /// `bid_qty`, `ask_qty`, `volume`: quantities, 0 or more.
+    Size,
+    /// `change`, `change_pct`: 24-hour change, negative when it fell.
+    Signed,
+}
+
+impl TickerRange {
+    fn of(field: &str) -> TickerRange {
+        match field {
+            "bid" | "ask" => TickerRange::Quote,
+            "last" | "vwap" | "low" | "high" => TickerRange::Traded,
+            "bid_qty" | "ask_qty" | "volume" => TickerRange::Size,
+            _ => TickerRange::Signed,
+        }
+    }
+}
+
 fn data_err(channel: &str, e: serde_json::Error) -> FrameError {
     FrameError::Data {
         channel: channel.into(),
@@ -377,10 +462,13 @@ fn data_err(channel: &str, e: serde_json::Error) -> FrameError {
     }
 }
 
-fn request_resync(pair: &mut PairBook, symbol: &str, actions: &mut Vec<Action>) {
+fn request_resync(pair: &mut PairBook, symbol: &str, why: ResyncWhy, actions: &mut Vec<Action>) {
     if !pair.resync_requested {
         pair.resync_requested = true;
-        actions.push(Action::Resync(symbol.to_string()));
+        actions.push(Action::Resync {
+            symbol: symbol.to_string(),
+            why,
+        });
     }
 }
 
@@ -527,6 +615,50 @@ mod tests {
         assert_eq!(e.get("change"), Some(&Value::Float(-0.00017)));
         assert_eq!(e.get("ask_qty"), Some(&Value::Float(1361.44813783)));
         assert_eq!(e.ts, timestamp_ns("2023-09-25T09:04:31.742648Z").unwrap());
+    }
+
+    #[test]
+    fn ticker_values_outside_their_meaning_make_the_element_malformed() {
+        let tick = |fields: &str| {
+            format!(
+                r#"{{"channel":"ticker","type":"update","data":[{{"symbol":"ALGO/USD",{fields},"timestamp":"2023-09-25T09:04:31.742648Z"}}]}}"#
+            )
+        };
+        let mut h = handler(Channel::Ticker);
+        for (fields, named) in [
+            (r#""bid":-5.0,"ask":-4.0"#, "bid"),
+            (r#""bid":0.1,"ask":0"#, "ask"),
+            (r#""bid":0.1,"bid_qty":-1"#, "bid_qty"),
+            (r#""volume":-0.5"#, "volume"),
+            (r#""last":-0.1"#, "last"),
+            (r#""bid":0.1,"high":"abc""#, "high"),
+        ] {
+            let e = h.handle(&tick(fields)).expect_err(fields).to_string();
+            assert!(e.contains(named), "{e} names {named}");
+        }
+        assert!(h.out.is_empty());
+        // A fall is negative; no trade in 24 hours leaves its statistics out.
+        h.handle(&tick(
+            r#""bid":0.1,"ask":0.2,"bid_qty":0,"last":0,"vwap":0,"change":-0.01,"change_pct":-1.5"#,
+        ))
+        .unwrap();
+        let e = &h.out[0];
+        assert_eq!(e.get("change"), Some(&Value::Float(-0.01)));
+        assert_eq!(e.get("change_pct"), Some(&Value::Float(-1.5)));
+        assert_eq!(e.get("bid_qty"), Some(&Value::Float(0.0)));
+        assert_eq!((e.get("last"), e.get("vwap")), (None, None));
+    }
+
+    #[test]
+    fn a_trade_at_no_price_or_negative_size_is_malformed() {
+        let mut h = handler(Channel::Trade);
+        for (price, qty) in [("-0.5", "1.0"), ("0", "1.0"), ("0.5", "-1.0")] {
+            let t = format!(
+                r#"{{"channel":"trade","type":"update","data":[{{"symbol":"MATIC/USD","side":"buy","price":{price},"qty":{qty},"ord_type":"limit","trade_id":1,"timestamp":"2023-09-25T07:48:36.925533Z"}}]}}"#
+            );
+            assert!(h.handle(&t).is_err(), "{price} {qty}");
+        }
+        assert!(h.out.is_empty());
     }
 
     #[test]

@@ -48,7 +48,7 @@ use crate::schema::BOOK_LEVELS;
 use crate::sink::RateLimitedLog;
 
 use super::FeedContext;
-pub use handler::{Action, Handler, KrakenStats};
+pub use handler::{Action, Handler, KrakenStats, ResyncWhy};
 use protocol::{Channel, SubscribeOptions};
 
 /// Book depths Kraken accepts.
@@ -372,7 +372,7 @@ pub async fn run_with_stats(ctx: FeedContext, stats: Arc<KrakenStats>) -> Result
     };
     let g = KrakenStats::get;
     tracing::info!(
-        "{}: Kraken {} feed stopping: {} published, {} connects, {} frames, {} malformed, {} checksum mismatches, {} resyncs",
+        "{}: Kraken {} feed stopping: {} published, {} connects, {} frames, {} malformed, {} checksum mismatches, {} unreadable book levels, {} resyncs",
         ctx.name,
         ch.name(),
         g(&stats.published),
@@ -380,6 +380,7 @@ pub async fn run_with_stats(ctx: FeedContext, stats: Arc<KrakenStats>) -> Result
         g(&stats.frames),
         ctx.out.stats.malformed.load(Ordering::Relaxed),
         g(&stats.checksum_mismatches),
+        g(&stats.unreadable_levels),
         g(&stats.resyncs),
     );
     result
@@ -543,8 +544,8 @@ async fn session(
                             ctx.out.alive();
                             tracing::debug!("{}: subscribed {} {}", ctx.name, ch.name(), symbol.as_deref().unwrap_or("?"));
                         }
-                        Action::Resync(symbol) => {
-                            tracing::warn!("{}: {symbol}: book checksum mismatch; resubscribing for a fresh snapshot", ctx.name);
+                        Action::Resync { symbol, why } => {
+                            tracing::warn!("{}: {symbol}: {why}; resubscribing for a fresh snapshot", ctx.name);
                             if !resyncs.contains(&symbol) {
                                 resyncs.push_back(symbol);
                             }
