@@ -562,11 +562,12 @@ impl Feed<'_> {
             let line = match conn.read(self.silence()).await {
                 Read::Line(l) => l,
                 Read::TooLong => {
-                    out.malformed();
-                    crate::warn_limited!(self.log, || {
-                        format!("publisher {name}: Betfair line over {MAX_LINE} bytes skipped")
-                    });
-                    continue;
+                    // Whatever it was (an image is the likely one) is lost.
+                    return Ok(self.desync(
+                        out,
+                        format!("sent a line over {MAX_LINE} bytes"),
+                        productive,
+                    ));
                 }
                 Read::Silent => {
                     return Ok(Ended::Lost {
@@ -581,12 +582,19 @@ impl Feed<'_> {
             };
             let r: Response = match serde_json::from_slice(&line) {
                 Ok(r) => r,
-                Err(e) => {
+                Err(e) if !may_carry_changes(&line) => {
                     out.malformed();
                     crate::warn_limited!(self.log, || format!(
                         "publisher {name}: skipping Betfair line: {e}"
                     ));
                     continue;
+                }
+                Err(e) => {
+                    return Ok(self.desync(
+                        out,
+                        format!("sent a market change that cannot be read ({e})"),
+                        productive,
+                    ))
                 }
             };
             match r.op.as_str() {
@@ -595,8 +603,8 @@ impl Feed<'_> {
                         continue;
                     }
                     productive = true;
-                    if !self.on_change(&r, out) {
-                        return Ok(Ended::Stop);
+                    if let Err(ended) = self.on_change(&r, out) {
+                        return Ok(ended);
                     }
                 }
                 "status" => {
@@ -621,8 +629,41 @@ impl Feed<'_> {
         }
     }
 
-    /// Applies one market change message; false when the feed should stop.
-    fn on_change(&mut self, r: &Response, out: &mut Outlet<'_>) -> bool {
+    /// A market change that cannot be applied leaves the cache different
+    /// from Betfair's markets with nothing to show it: every later delta
+    /// builds on the wrong ladder, and resuming from the clocks would skip
+    /// the lost change again. So it is not a line to skip but a desync:
+    /// count it, say so (rate-limited), forget the markets and the clocks
+    /// and reconnect without them, which Betfair answers with a full image
+    /// (`SUB_IMAGE`). Nothing is published from the cache in between; the
+    /// image then publishes exactly the runners whose view differs from
+    /// what was published.
+    ///
+    /// Reconnecting rather than resubscribing on the same connection: it is
+    /// the path `INVALID_CLOCK` already takes, it goes through the backoff
+    /// (a venue that keeps sending bad changes is not hammered), and no
+    /// message of the old subscription can arrive after the new image.
+    fn desync(&mut self, out: &Outlet<'_>, what: String, productive: bool) -> Ended {
+        out.malformed();
+        let name = &self.ctx.name;
+        crate::warn_limited!(self.log, || {
+            format!(
+            "publisher {name}: Betfair {what}; the market cache may no longer match Betfair, dropping it and its clocks for a fresh image"
+        )
+        });
+        self.cache.clear();
+        self.imaged.clear();
+        self.initial_clk = None;
+        self.clk = None;
+        Ended::Lost {
+            why: format!("{what}; reconnecting for a fresh image"),
+            productive,
+        }
+    }
+
+    /// Applies one market change message; `Err` ends the connection (the
+    /// feed should stop, or it must resynchronise).
+    fn on_change(&mut self, r: &Response, out: &mut Outlet<'_>) -> Result<(), Ended> {
         if let Some(hb) = r.heartbeat_ms.filter(|h| *h > 0) {
             self.heartbeat_ms = hb;
         }
@@ -659,7 +700,7 @@ impl Feed<'_> {
                 };
                 for view in self.cache.apply(mc, &mut odd) {
                     if !out.offer(view.envelope(r.pt)) {
-                        return false;
+                        return Err(Ended::Stop);
                     }
                 }
             }
@@ -681,7 +722,7 @@ impl Feed<'_> {
         if let Some(c) = &r.clk {
             self.clk = Some(c.clone());
         }
-        true
+        Ok(())
     }
 
     /// A failure status: what it means for this feed.
@@ -734,6 +775,22 @@ impl Feed<'_> {
                 productive,
             }),
         }
+    }
+}
+
+/// Whether a line that did not parse may have been a market change: an
+/// `mcm`, or something whose `op` cannot be told (not JSON, cut off). A
+/// well-formed message of another op changes no market and can be skipped.
+fn may_carry_changes(line: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Op {
+        op: Option<serde_json::Value>,
+    }
+    match serde_json::from_slice::<Op>(line) {
+        Ok(Op {
+            op: Some(serde_json::Value::String(op)),
+        }) => op == "mcm",
+        _ => true,
     }
 }
 
