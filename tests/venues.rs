@@ -729,65 +729,104 @@ async fn betfair_a_change_that_cannot_be_read_resyncs_from_a_fresh_image() {
         // A change cut off in the middle.
         r#"{"op":"mcm","id":2,"clk":"AAAAAAAB","mc":[{"id":"1.120684740","rc":[{"id":47972,"batb":[[0,2.5"#.to_string(),
     ] {
-        let files = betfair_files();
-        let first = bad.clone();
-        let server = BetfairServer::start(&files.pki, good_auth, move |n, sub| match n {
-            0 => vec![
-                line(mcm(image(PT))),
-                line(first.clone()),
-                // A later change of another runner, with a later clock.
-                line(mcm(delta2(PT))),
-                Step::Hold,
-            ],
-            // Resumed from a clock, Betfair sends what came after it: the
-            // lost change is never sent again.
-            _ if sub.get("clk").is_some() => vec![
-                line(mcm(json!({"ct": "RESUB_DELTA", "clk": "AAAAAAAD", "pt": PT + 4000}))),
-                line(mcm(delta3())),
-                Step::Hold,
-            ],
-            _ => {
-                let mut fresh = image(PT + 5000);
-                fresh["initialClk"] = json!("FRESH");
-                fresh["mc"][0]["rc"][0]["batb"][0] = json!([0, 2.5, 10.5]);
-                fresh["mc"][0]["rc"][1]["batl"][0] = json!([0, 3.65, 3]);
-                fresh["mc"][0]["rc"][1]["ltp"] = json!(3.6);
-                fresh["mc"][0]["rc"][1]["tv"] = json!(260);
-                vec![line(mcm(fresh)), Step::Hold]
-            }
-        })
-        .await;
-        let mut feed = start(betfair_cfg(&server.url(), &files, 500));
-        for _ in 0..3 {
-            feed.next().await;
-        }
-        // The fresh image: both runners that changed, at Betfair's values.
-        let mut after: Vec<_> = vec![feed.next().await, feed.next().await];
-        after.sort_by_key(|e| s(e, "selection_id"));
-        assert_eq!(
-            (s(&after[0], "selection_id").as_deref(), f(&after[0], "back1")),
-            (Some("47972"), Some(2.5)),
-            "{bad}: runner 47972 shows Betfair's back1, not the stale 2.0"
-        );
-        assert_eq!(
-            (s(&after[1], "selection_id").as_deref(), f(&after[1], "lay1")),
-            (Some("47973"), Some(3.65)),
-            "{bad}"
-        );
-        assert_eq!(
-            after[0].ts,
-            (PT + 5000) * 1_000_000,
-            "{bad}: published from the fresh image, not the diverged cache"
-        );
-        let resub = server.conn(1).subscription.unwrap();
-        assert!(
-            resub.get("clk").is_none() && resub.get("initialClk").is_none(),
-            "{bad}: resubscribed without the clocks, for a full image: {resub}"
-        );
-        assert_eq!(feed.malformed(), 1, "{bad}");
-        assert_eq!(feed.connects(), 2, "{bad}");
-        feed.stop().await;
+        resyncs_after(bad).await;
     }
+}
+
+/// Betfair's prices are odds of 1.01 to 1000 and its sizes are not
+/// negative: a change saying otherwise is malformed, never published, and
+/// leaves the level unknown, so the feed resynchronises.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn betfair_prices_and_sizes_betfair_cannot_send_are_never_published() {
+    for entry in [
+        json!([0, -3.0, -1.0]),
+        json!([0, 0.5, 4]),
+        json!([0, 2.5, -1]),
+    ] {
+        resyncs_after(mcm(
+            json!({"clk": "AAAAAAAB", "pt": PT + 1000, "mc": [{"id": MARKET,
+            "rc": [{"id": 47972, "batb": [entry]}]}]}),
+        ))
+        .await;
+    }
+}
+
+/// Image, then `bad`, then a valid change: the feed must publish neither
+/// `bad` nor anything built on it, but Betfair's fresh image.
+async fn resyncs_after(bad: String) {
+    let files = betfair_files();
+    let first = bad.clone();
+    let server = BetfairServer::start(&files.pki, good_auth, move |n, sub| match n {
+        0 => vec![
+            line(mcm(image(PT))),
+            line(first.clone()),
+            // A later change of another runner, with a later clock.
+            line(mcm(delta2(PT))),
+            Step::Hold,
+        ],
+        // Resumed from a clock, Betfair sends what came after it: the
+        // lost change is never sent again.
+        _ if sub.get("clk").is_some() => vec![
+            line(mcm(
+                json!({"ct": "RESUB_DELTA", "clk": "AAAAAAAD", "pt": PT + 4000}),
+            )),
+            line(mcm(delta3())),
+            Step::Hold,
+        ],
+        _ => {
+            let mut fresh = image(PT + 5000);
+            fresh["initialClk"] = json!("FRESH");
+            fresh["mc"][0]["rc"][0]["batb"][0] = json!([0, 2.5, 10.5]);
+            fresh["mc"][0]["rc"][1]["batl"][0] = json!([0, 3.65, 3]);
+            fresh["mc"][0]["rc"][1]["ltp"] = json!(3.6);
+            fresh["mc"][0]["rc"][1]["tv"] = json!(260);
+            vec![line(mcm(fresh)), Step::Hold]
+        }
+    })
+    .await;
+    let mut feed = start(betfair_cfg(&server.url(), &files, 500));
+    for _ in 0..3 {
+        feed.next().await;
+    }
+    // The fresh image: both runners that changed, at Betfair's values.
+    let mut after: Vec<_> = vec![feed.next().await, feed.next().await];
+    after.sort_by_key(|e| s(e, "selection_id"));
+    for e in &after {
+        for (k, v) in &e.data {
+            if let Some(x) = v.as_f64() {
+                assert!(x >= 0.0, "{bad}: published {k} = {x}");
+            }
+        }
+    }
+    assert_eq!(
+        (
+            s(&after[0], "selection_id").as_deref(),
+            f(&after[0], "back1")
+        ),
+        (Some("47972"), Some(2.5)),
+        "{bad}: runner 47972 shows Betfair's back1, not the stale 2.0"
+    );
+    assert_eq!(
+        (
+            s(&after[1], "selection_id").as_deref(),
+            f(&after[1], "lay1")
+        ),
+        (Some("47973"), Some(3.65)),
+        "{bad}"
+    );
+    assert_eq!(
+        after[0].ts,
+        (PT + 5000) * 1_000_000,
+        "{bad}: published from the fresh image, not the diverged cache"
+    );
+    let resub = server.conn(1).subscription.unwrap();
+    assert!(
+        resub.get("clk").is_none() && resub.get("initialClk").is_none(),
+        "{bad}: resubscribed without the clocks, for a full image: {resub}"
+    );
+    assert_eq!(feed.malformed(), 1, "{bad}");
+    assert_eq!(feed.connects(), 2, "{bad}");
+    feed.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -674,6 +674,20 @@ impl Feed<'_> {
         if ct == Some("HEARTBEAT") {
             out.alive();
         } else {
+            // Checked before anything is applied: a value that cannot be
+            // applied leaves its level unknown, and nothing of the message
+            // may be published from a cache that no longer matches Betfair.
+            let problem = r.mc.iter().flatten().find_map(|mc| {
+                mc.problem().map(|p| {
+                    format!(
+                        "sent a market change that cannot be applied (market {}: {p})",
+                        mc.id
+                    )
+                })
+            });
+            if let Some(what) = problem {
+                return Err(self.desync(out, what, true));
+            }
             let first_segment = matches!(r.segment_type.as_deref(), None | Some("SEG_START"));
             if ct == Some("SUB_IMAGE") && first_segment {
                 // A full image replaces whatever the cache held (the clocks
