@@ -829,6 +829,47 @@ async fn resyncs_after(bad: String) {
     feed.stop().await;
 }
 
+/// A server that answers the authentication with garbage every second
+/// resets each read's timeout; the handshake as a whole is bounded, so the
+/// feed says so and reconnects instead of waiting forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn betfair_a_handshake_that_never_completes_is_abandoned_and_retried() {
+    let files = betfair_files();
+    let server = BetfairServer::start(
+        &files.pki,
+        |n, a| match n {
+            0 => AuthReply::Play(vec![
+                Step::Every {
+                    line: "garbage".into(),
+                    every: Duration::from_millis(1000),
+                    count: 60,
+                },
+                Step::Hold,
+            ]),
+            _ => good_auth(n, a).into(),
+        },
+        |_, _| vec![line(mcm(image(PT))), Step::Hold],
+    )
+    .await;
+    let mut feed = start(betfair_cfg(&server.url(), &files, 500));
+    let stats = feed.stats.clone();
+    until(
+        "the stuck handshake to be reported as the upstream problem",
+        Duration::from_secs(30),
+        || {
+            stats
+                .problem()
+                .is_some_and(|p| p.contains("did not complete the authentication"))
+        },
+    )
+    .await;
+    assert!(feed.malformed() >= 5, "unreadable answers are counted");
+    let e = feed.next().await;
+    assert_eq!(s(&e, "selection_id").as_deref(), Some("47972"));
+    assert_eq!(server.connections(), 2);
+    feed.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn betfair_status_errors_end_the_feed_once_with_the_right_code() {
     for (code, exit) in [

@@ -23,6 +23,12 @@ const AUTH_ID: i64 = 1;
 const SUB_ID: i64 = 2;
 /// Connecting, the TLS handshake and each handshake answer must finish in this.
 const STEP_TIMEOUT: Duration = Duration::from_secs(15);
+/// The greeting, authentication and subscription together must finish in
+/// this. Each read has [`STEP_TIMEOUT`], but a server that keeps answering
+/// with something else (a line that is not JSON every second) resets it
+/// forever and would hold the feed in its handshake with nothing logged
+/// and no reconnect.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// `host:port` of the stream: `tls://host:port`, `ssl://host:port` or
 /// `host:port` (port 443 when omitted).
@@ -442,6 +448,92 @@ impl upstream::Session for Feed<'_> {
 }
 
 impl Feed<'_> {
+    /// Greeting, authentication and subscription on a fresh connection.
+    /// `Err` is the end of the feed, `Ok(Err)` the end of this connection.
+    async fn handshake(
+        &mut self,
+        conn: &mut Conn,
+        token: &str,
+        out: &Outlet<'_>,
+    ) -> Result<Result<(), Ended>, Failure> {
+        let name = self.ctx.name.clone();
+        let lost = |why: String| {
+            Ok(Err(Ended::Lost {
+                why,
+                productive: false,
+            }))
+        };
+        // The server speaks first.
+        let greeting = match conn.read(STEP_TIMEOUT).await {
+            Read::Line(l) => l,
+            Read::Silent => return lost("sent no connection message".into()),
+            Read::TooLong => return lost("sent an oversized greeting".into()),
+            Read::Closed(e) => return lost(e),
+        };
+        match serde_json::from_slice::<Response>(&greeting) {
+            Ok(r) if r.op == "connection" => tracing::info!(
+                "publisher {name}: connected to the Betfair stream at {}:{} (connection {})",
+                self.host,
+                self.port,
+                r.connection_id.as_deref().unwrap_or("?")
+            ),
+            Ok(r) if r.op == "status" => return self.on_status(&r, false).map(Err),
+            _ => return lost("did not greet with a connection message".into()),
+        }
+        let auth = json!({
+            "op": "authentication",
+            "id": AUTH_ID,
+            "appKey": self.creds.app_key,
+            "session": token,
+        });
+        if let Err(e) = conn.send(&auth).await {
+            return lost(e);
+        }
+        loop {
+            let line = match conn.read(STEP_TIMEOUT).await {
+                Read::Line(l) => l,
+                Read::Silent => return lost("did not answer the authentication".into()),
+                Read::TooLong => {
+                    out.malformed();
+                    continue;
+                }
+                Read::Closed(e) => return lost(format!("{e} during authentication")),
+            };
+            let r = match serde_json::from_slice::<Response>(&line) {
+                Ok(r) => r,
+                Err(e) => {
+                    out.malformed();
+                    crate::warn_limited!(self.log, || format!(
+                        "publisher {name}: unreadable answer to the Betfair authentication: {e}"
+                    ));
+                    continue;
+                }
+            };
+            if r.op == "status"
+                && (r.id == Some(AUTH_ID) || r.status_code.as_deref() == Some("FAILURE"))
+            {
+                if r.status_code.as_deref() == Some("SUCCESS") {
+                    break;
+                }
+                return self.on_status(&r, false).map(Err);
+            }
+        }
+        self.creds.proven = true;
+        let resuming = self.clk.is_some();
+        if let Err(e) = conn.send(&self.subscription()).await {
+            return lost(e);
+        }
+        tracing::info!(
+            "publisher {name}: subscribed to Betfair markets{}",
+            if resuming {
+                " (resuming from the last clock)"
+            } else {
+                ""
+            }
+        );
+        Ok(Ok(()))
+    }
+
     /// Three missed heartbeats (plus the conflation delay) mean it is dead.
     fn silence(&self) -> Duration {
         Duration::from_millis(self.heartbeat_ms.saturating_mul(3) + self.conflate_ms)
@@ -498,65 +590,19 @@ impl Feed<'_> {
             Err(e) => return lost(e),
         };
         out.connected();
-        // The server speaks first.
-        let greeting = match conn.read(STEP_TIMEOUT).await {
-            Read::Line(l) => l,
-            Read::Silent => return lost("sent no connection message".into()),
-            Read::TooLong => return lost("sent an oversized greeting".into()),
-            Read::Closed(e) => return lost(e),
-        };
-        match serde_json::from_slice::<Response>(&greeting) {
-            Ok(r) if r.op == "connection" => tracing::info!(
-                "publisher {name}: connected to the Betfair stream at {}:{} (connection {})",
-                self.host,
-                self.port,
-                r.connection_id.as_deref().unwrap_or("?")
-            ),
-            Ok(r) if r.op == "status" => return self.on_status(&r, false),
-            _ => return lost("did not greet with a connection message".into()),
-        }
-        let auth = json!({
-            "op": "authentication",
-            "id": AUTH_ID,
-            "appKey": self.creds.app_key,
-            "session": token,
-        });
-        if let Err(e) = conn.send(&auth).await {
-            return lost(e);
-        }
-        loop {
-            let line = match conn.read(STEP_TIMEOUT).await {
-                Read::Line(l) => l,
-                Read::Silent => return lost("did not answer the authentication".into()),
-                Read::TooLong => continue,
-                Read::Closed(e) => return lost(format!("{e} during authentication")),
-            };
-            let Ok(r) = serde_json::from_slice::<Response>(&line) else {
-                out.malformed();
-                continue;
-            };
-            if r.op == "status"
-                && (r.id == Some(AUTH_ID) || r.status_code.as_deref() == Some("FAILURE"))
-            {
-                if r.status_code.as_deref() == Some("SUCCESS") {
-                    break;
-                }
-                return self.on_status(&r, false);
+        let handshake =
+            tokio::time::timeout(HANDSHAKE_TIMEOUT, self.handshake(&mut conn, &token, out)).await;
+        match handshake {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(ended))) => return Ok(ended),
+            Ok(Err(failure)) => return Err(failure),
+            Err(_) => {
+                return lost(format!(
+                    "did not complete the authentication and subscription within {} s",
+                    HANDSHAKE_TIMEOUT.as_secs()
+                ))
             }
         }
-        self.creds.proven = true;
-        let resuming = self.clk.is_some();
-        if let Err(e) = conn.send(&self.subscription()).await {
-            return lost(e);
-        }
-        tracing::info!(
-            "publisher {name}: subscribed to Betfair markets{}",
-            if resuming {
-                " (resuming from the last clock)"
-            } else {
-                ""
-            }
-        );
         let mut productive = false;
         loop {
             let line = match conn.read(self.silence()).await {
