@@ -957,6 +957,71 @@ event_types = ["7"]
     assert_eq!(server.connections(), 1, "no retry loop");
 }
 
+/// The publisher's config for `server`, stopping after `count` messages.
+fn betfair_publisher_toml(files: &BetfairFiles, server: &BetfairServer, count: u64) -> PathBuf {
+    let cfg = files.dir.path().join(format!("nbpy-{count}.toml"));
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"
+[publishers.odds]
+feed = "betfair-stream"
+endpoint = "{}"
+url = "{}"
+count = {count}
+[publishers.odds.betfair]
+app_key_file = {:?}
+session_token_file = {:?}
+ca_file = {:?}
+event_types = ["7"]
+heartbeat_ms = 500
+"#,
+            common::free_endpoint(),
+            server.url(),
+            files.app_key.display().to_string(),
+            files.session.display().to_string(),
+            files.pki.ca_pem.display().to_string(),
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
+/// "subscribed" is said once Betfair acknowledged the subscription, never
+/// before a refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn betfair_subscribed_is_logged_only_once_acknowledged() {
+    let files = betfair_files();
+    let refusing = BetfairServer::start_with(
+        &files.pki,
+        good_auth,
+        |_, _| {
+            Some(status_failure(
+                2,
+                "SUBSCRIPTION_LIMIT_EXCEEDED",
+                "too many markets",
+            ))
+        },
+        |_, _| vec![],
+    )
+    .await;
+    let (code, log) = run_publisher(&betfair_publisher_toml(&files, &refusing, 0), "odds").await;
+    assert_eq!(code, Some(78), "{log}");
+    assert!(log.contains("SUBSCRIPTION_LIMIT_EXCEEDED"), "{log}");
+    assert!(
+        !log.contains("subscribed to Betfair markets"),
+        "claimed a subscription Betfair refused:\n{log}"
+    );
+
+    let server = BetfairServer::start(&files.pki, good_auth, |_, _| {
+        vec![line(mcm(image(PT))), Step::Hold]
+    })
+    .await;
+    let (code, log) = run_publisher(&betfair_publisher_toml(&files, &server, 3), "odds").await;
+    assert_eq!(code, Some(0), "{log}");
+    assert!(log.contains("subscribed to Betfair markets"), "{log}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn betfair_certificate_login_renews_an_expired_session() {
     let files = betfair_files();

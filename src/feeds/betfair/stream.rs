@@ -448,14 +448,16 @@ impl upstream::Session for Feed<'_> {
 }
 
 impl Feed<'_> {
-    /// Greeting, authentication and subscription on a fresh connection.
-    /// `Err` is the end of the feed, `Ok(Err)` the end of this connection.
+    /// Greeting, authentication and subscription on a fresh connection,
+    /// up to Betfair's acknowledgement of the subscription. `Ok(Ok)` may
+    /// carry a change that arrived before the acknowledgement; `Err` is the
+    /// end of the feed, `Ok(Err)` the end of this connection.
     async fn handshake(
         &mut self,
         conn: &mut Conn,
         token: &str,
         out: &Outlet<'_>,
-    ) -> Result<Result<(), Ended>, Failure> {
+    ) -> Result<Result<Option<Vec<u8>>, Ended>, Failure> {
         let name = self.ctx.name.clone();
         let lost = |why: String| {
             Ok(Err(Ended::Lost {
@@ -523,6 +525,47 @@ impl Feed<'_> {
         if let Err(e) = conn.send(&self.subscription()).await {
             return lost(e);
         }
+        // Subscribed only once Betfair says so: it may refuse the filter.
+        let early = loop {
+            let line = match conn.read(STEP_TIMEOUT).await {
+                Read::Line(l) => l,
+                Read::Silent => return lost("did not answer the subscription".into()),
+                Read::TooLong => {
+                    let what = format!("sent a line over {MAX_LINE} bytes");
+                    return Ok(Err(self.desync(out, what, false)));
+                }
+                Read::Closed(e) => return lost(format!("{e} during the subscription")),
+            };
+            let r = match serde_json::from_slice::<Response>(&line) {
+                Ok(r) => r,
+                Err(e) if may_carry_changes(&line) => {
+                    let what = format!("sent a market change that cannot be read ({e})");
+                    return Ok(Err(self.desync(out, what, false)));
+                }
+                Err(e) => {
+                    out.malformed();
+                    crate::warn_limited!(self.log, || format!(
+                        "publisher {name}: unreadable answer to the Betfair subscription: {e}"
+                    ));
+                    continue;
+                }
+            };
+            match r.op.as_str() {
+                "status" if r.id == Some(SUB_ID) || r.status_code.as_deref() == Some("FAILURE") => {
+                    if r.status_code.as_deref() == Some("SUCCESS") {
+                        break None;
+                    }
+                    return self.on_status(&r, false).map(Err);
+                }
+                "status" if r.connection_closed == Some(true) => {
+                    return lost("closed the connection during the subscription".into())
+                }
+                // Changes for the subscription mean it was taken; they
+                // are the first data, handed on unapplied.
+                "mcm" if r.id.is_none_or(|id| id == SUB_ID) => break Some(line),
+                _ => {}
+            }
+        };
         tracing::info!(
             "publisher {name}: subscribed to Betfair markets{}",
             if resuming {
@@ -531,7 +574,7 @@ impl Feed<'_> {
                 ""
             }
         );
-        Ok(Ok(()))
+        Ok(Ok(early))
     }
 
     /// Three missed heartbeats (plus the conflation delay) mean it is dead.
@@ -592,8 +635,8 @@ impl Feed<'_> {
         out.connected();
         let handshake =
             tokio::time::timeout(HANDSHAKE_TIMEOUT, self.handshake(&mut conn, &token, out)).await;
-        match handshake {
-            Ok(Ok(Ok(()))) => {}
+        let mut early = match handshake {
+            Ok(Ok(Ok(early))) => early,
             Ok(Ok(Err(ended))) => return Ok(ended),
             Ok(Err(failure)) => return Err(failure),
             Err(_) => {
@@ -602,10 +645,14 @@ impl Feed<'_> {
                     HANDSHAKE_TIMEOUT.as_secs()
                 ))
             }
-        }
+        };
         let mut productive = false;
         loop {
-            let line = match conn.read(self.silence()).await {
+            let read = match early.take() {
+                Some(l) => Read::Line(l),
+                None => conn.read(self.silence()).await,
+            };
+            let line = match read {
                 Read::Line(l) => l,
                 Read::TooLong => {
                     // Whatever it was (an image is the likely one) is lost.
