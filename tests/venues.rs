@@ -1111,6 +1111,52 @@ async fn betfair_certificate_login_renews_an_expired_session() {
     );
 }
 
+/// Too many logins earn a temporary ban: not a credential problem (exit
+/// 77) but a temporary one, retried with the backoff until Betfair lifts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn betfair_a_temporary_login_ban_is_retried_not_fatal() {
+    let files = betfair_files();
+    let password = secret(files.dir.path(), "betfair-password", "pw");
+    let logins = LoginServer::start(&files.pki, |_, n| {
+        if n < 2 {
+            json!({"sessionToken": "", "loginStatus": "TEMPORARY_BAN_TOO_MANY_REQUESTS"})
+                .to_string()
+        } else {
+            json!({"sessionToken": "login-token", "loginStatus": "SUCCESS"}).to_string()
+        }
+    })
+    .await;
+    let server = BetfairServer::start(
+        &files.pki,
+        |_, a| {
+            (a["session"] != "login-token")
+                .then(|| status_failure(1, "INVALID_SESSION_INFORMATION", "bad session"))
+        },
+        |_, _| vec![line(mcm(image(PT))), Step::Hold],
+    )
+    .await;
+    let mut cfg = betfair_cfg(&server.url(), &files, 500);
+    cfg.betfair.session_token_file = None;
+    cfg.betfair.cert_file = Some(files.pki.client_cert.clone());
+    cfg.betfair.key_file = Some(files.pki.client_key.clone());
+    cfg.betfair.username = Some("punter".into());
+    cfg.betfair.password_file = Some(password);
+    cfg.betfair.login_url = Some(logins.url());
+    let mut feed = start(cfg);
+    let stats = feed.stats.clone();
+    until("the ban to be reported", WAIT, || {
+        stats
+            .problem()
+            .is_some_and(|p| p.contains("temporary ban") && p.contains("TEMPORARY_BAN"))
+    })
+    .await;
+    let e = feed.next().await;
+    assert_eq!(s(&e, "selection_id").as_deref(), Some("47972"));
+    assert_eq!(logins.count(), 3, "retried until the ban was lifted");
+    assert_eq!(server.connections(), 1, "no stream connection while banned");
+    feed.stop().await;
+}
+
 // ------------------------------------------------------------ social
 
 fn x_post(id: &str, text: &str, created: &str, rules: Json) -> String {

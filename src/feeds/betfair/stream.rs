@@ -237,7 +237,8 @@ struct LoginAnswer {
 }
 
 /// Betfair's non-interactive login: a form POST over TLS with the client
-/// certificate. `loginStatus` other than SUCCESS is a credential problem.
+/// certificate. `loginStatus` other than SUCCESS is a credential problem,
+/// except the temporary ban on too many logins.
 async fn login(
     name: &str,
     client: &reqwest::Client,
@@ -294,6 +295,12 @@ async fn login(
     };
     match (answer.login_status.as_deref(), answer.session_token) {
         (Some("SUCCESS"), Some(t)) if !t.is_empty() => Ok(Ok(t)),
+        // Too many logins in a minute: Betfair bans new ones for a while
+        // (20 minutes, it documents). The credentials are fine, so this is
+        // not exit 77 but a temporary failure, retried with the backoff.
+        (Some(status @ "TEMPORARY_BAN_TOO_MANY_REQUESTS"), _) => lost(format!(
+            "certificate login refused for now: a temporary ban after too many logins ({status}); Betfair lifts it by itself"
+        )),
         (status, _) => Err(upstream::rejected(
             name,
             format!(
