@@ -1022,6 +1022,34 @@ async fn betfair_subscribed_is_logged_only_once_acknowledged() {
     assert!(log.contains("subscribed to Betfair markets"), "{log}");
 }
 
+/// The stop line says how healthy the venue was: malformed messages and
+/// connections besides what was published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn betfair_stop_line_counts_malformed_messages_and_connections() {
+    let files = betfair_files();
+    let server = BetfairServer::start(&files.pki, good_auth, |n, _| match n {
+        0 => vec![
+            line(mcm(image(PT))),
+            Step::Line(r#"{"op":"mcm","id":2,"mc":[{"id"#.into()),
+            Step::Hold,
+        ],
+        _ => {
+            let mut fresh = image(PT + 5000);
+            fresh["mc"][0]["rc"][0]["ltp"] = json!(2.04);
+            vec![line(mcm(fresh)), Step::Hold]
+        }
+    })
+    .await;
+    let (code, log) = run_publisher(&betfair_publisher_toml(&files, &server, 4), "odds").await;
+    assert_eq!(code, Some(0), "{log}");
+    assert!(
+        log.contains(
+            "Betfair feed published 4 runner updates, 1 malformed upstream messages, 2 connections"
+        ),
+        "{log}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn betfair_certificate_login_renews_an_expired_session() {
     let files = betfair_files();

@@ -2,6 +2,7 @@
 //! handshake, and the read loop that feeds the market cache.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -440,10 +441,15 @@ pub(super) async fn run(ctx: FeedContext) -> Result<(), Failure> {
     };
     let mut out = Outlet::new(&ctx);
     upstream::reconnect_loop(&ctx, "Betfair", &mut out, &mut feed).await?;
+    // The malformed count says whether the venue was healthy, the
+    // connection count how often the feed had to start over.
+    let stats = &ctx.out.stats;
     tracing::info!(
-        "publisher {}: Betfair feed published {} runner updates",
+        "publisher {}: Betfair feed published {} runner updates, {} malformed upstream messages, {} connections",
         ctx.name,
-        out.sent
+        out.sent,
+        stats.malformed.load(Ordering::Relaxed),
+        stats.connects.load(Ordering::Relaxed)
     );
     Ok(())
 }
