@@ -817,6 +817,159 @@ async fn betfair_heartbeats_keep_it_alive_and_silence_reconnects() {
     feed.stop().await;
 }
 
+/// A change the feed cannot apply must not leave the published ladder
+/// wrong: it resynchronises from a fresh image (no clocks) instead of
+/// skipping the line and building every later delta on a stale ladder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn betfair_a_change_that_cannot_be_read_resyncs_from_a_fresh_image() {
+    for bad in [
+        // Runner 47972's change is valid, 47973's ltp is not a number.
+        mcm(json!({"clk": "AAAAAAAB", "pt": PT + 1000, "mc": [{"id": MARKET, "rc": [
+            {"id": 47972, "batb": [[0, 2.5, 10.5]]}, {"id": 47973, "ltp": "n/a"}]}]})),
+        // A change cut off in the middle.
+        r#"{"op":"mcm","id":2,"clk":"AAAAAAAB","mc":[{"id":"1.120684740","rc":[{"id":47972,"batb":[[0,2.5"#.to_string(),
+    ] {
+        resyncs_after(bad).await;
+    }
+}
+
+/// Betfair's prices are odds of 1.01 to 1000 and its sizes are not
+/// negative: a change saying otherwise is malformed, never published, and
+/// leaves the level unknown, so the feed resynchronises.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn betfair_prices_and_sizes_betfair_cannot_send_are_never_published() {
+    for entry in [
+        json!([0, -3.0, -1.0]),
+        json!([0, 0.5, 4]),
+        json!([0, 2.5, -1]),
+    ] {
+        resyncs_after(mcm(
+            json!({"clk": "AAAAAAAB", "pt": PT + 1000, "mc": [{"id": MARKET,
+            "rc": [{"id": 47972, "batb": [entry]}]}]}),
+        ))
+        .await;
+    }
+}
+
+/// Image, then `bad`, then a valid change: the feed must publish neither
+/// `bad` nor anything built on it, but Betfair's fresh image.
+async fn resyncs_after(bad: String) {
+    let files = betfair_files();
+    let first = bad.clone();
+    let server = BetfairServer::start(&files.pki, good_auth, move |n, sub| match n {
+        0 => vec![
+            line(mcm(image(PT))),
+            line(first.clone()),
+            // A later change of another runner, with a later clock.
+            line(mcm(delta2(PT))),
+            Step::Hold,
+        ],
+        // Resumed from a clock, Betfair sends what came after it: the
+        // lost change is never sent again.
+        _ if sub.get("clk").is_some() => vec![
+            line(mcm(
+                json!({"ct": "RESUB_DELTA", "clk": "AAAAAAAD", "pt": PT + 4000}),
+            )),
+            line(mcm(delta3())),
+            Step::Hold,
+        ],
+        _ => {
+            let mut fresh = image(PT + 5000);
+            fresh["initialClk"] = json!("FRESH");
+            fresh["mc"][0]["rc"][0]["batb"][0] = json!([0, 2.5, 10.5]);
+            fresh["mc"][0]["rc"][1]["batl"][0] = json!([0, 3.65, 3]);
+            fresh["mc"][0]["rc"][1]["ltp"] = json!(3.6);
+            fresh["mc"][0]["rc"][1]["tv"] = json!(260);
+            vec![line(mcm(fresh)), Step::Hold]
+        }
+    })
+    .await;
+    let mut feed = start(betfair_cfg(&server.url(), &files, 500));
+    for _ in 0..3 {
+        feed.next().await;
+    }
+    // The fresh image: both runners that changed, at Betfair's values.
+    let mut after: Vec<_> = vec![feed.next().await, feed.next().await];
+    after.sort_by_key(|e| s(e, "selection_id"));
+    for e in &after {
+        for (k, v) in &e.data {
+            if let Some(x) = v.as_f64() {
+                assert!(x >= 0.0, "{bad}: published {k} = {x}");
+            }
+        }
+    }
+    assert_eq!(
+        (
+            s(&after[0], "selection_id").as_deref(),
+            f(&after[0], "back1")
+        ),
+        (Some("47972"), Some(2.5)),
+        "{bad}: runner 47972 shows Betfair's back1, not the stale 2.0"
+    );
+    assert_eq!(
+        (
+            s(&after[1], "selection_id").as_deref(),
+            f(&after[1], "lay1")
+        ),
+        (Some("47973"), Some(3.65)),
+        "{bad}"
+    );
+    assert_eq!(
+        after[0].ts,
+        (PT + 5000) * 1_000_000,
+        "{bad}: published from the fresh image, not the diverged cache"
+    );
+    let resub = server.conn(1).subscription.unwrap();
+    assert!(
+        resub.get("clk").is_none() && resub.get("initialClk").is_none(),
+        "{bad}: resubscribed without the clocks, for a full image: {resub}"
+    );
+    assert_eq!(feed.malformed(), 1, "{bad}");
+    assert_eq!(feed.connects(), 2, "{bad}");
+    feed.stop().await;
+}
+
+/// A server that answers the authentication with garbage every second
+/// resets each read's timeout; the handshake as a whole is bounded, so the
+/// feed says so and reconnects instead of waiting forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn betfair_a_handshake_that_never_completes_is_abandoned_and_retried() {
+    let files = betfair_files();
+    let server = BetfairServer::start(
+        &files.pki,
+        |n, a| match n {
+            0 => AuthReply::Play(vec![
+                Step::Every {
+                    line: "garbage".into(),
+                    every: Duration::from_millis(1000),
+                    count: 60,
+                },
+                Step::Hold,
+            ]),
+            _ => good_auth(n, a).into(),
+        },
+        |_, _| vec![line(mcm(image(PT))), Step::Hold],
+    )
+    .await;
+    let mut feed = start(betfair_cfg(&server.url(), &files, 500));
+    let stats = feed.stats.clone();
+    until(
+        "the stuck handshake to be reported as the upstream problem",
+        Duration::from_secs(30),
+        || {
+            stats
+                .problem()
+                .is_some_and(|p| p.contains("did not complete the authentication"))
+        },
+    )
+    .await;
+    assert!(feed.malformed() >= 5, "unreadable answers are counted");
+    let e = feed.next().await;
+    assert_eq!(s(&e, "selection_id").as_deref(), Some("47972"));
+    assert_eq!(server.connections(), 2);
+    feed.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn betfair_status_errors_end_the_feed_once_with_the_right_code() {
     for (code, exit) in [
@@ -902,6 +1055,99 @@ event_types = ["7"]
         );
     }
     assert_eq!(server.connections(), 1, "no retry loop");
+}
+
+/// The publisher's config for `server`, stopping after `count` messages.
+fn betfair_publisher_toml(files: &BetfairFiles, server: &BetfairServer, count: u64) -> PathBuf {
+    let cfg = files.dir.path().join(format!("nbpy-{count}.toml"));
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"
+[publishers.odds]
+feed = "betfair-stream"
+endpoint = "{}"
+url = "{}"
+count = {count}
+[publishers.odds.betfair]
+app_key_file = {:?}
+session_token_file = {:?}
+ca_file = {:?}
+event_types = ["7"]
+heartbeat_ms = 500
+"#,
+            common::free_endpoint(),
+            server.url(),
+            files.app_key.display().to_string(),
+            files.session.display().to_string(),
+            files.pki.ca_pem.display().to_string(),
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
+/// "subscribed" is said once Betfair acknowledged the subscription, never
+/// before a refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn betfair_subscribed_is_logged_only_once_acknowledged() {
+    let files = betfair_files();
+    let refusing = BetfairServer::start_with(
+        &files.pki,
+        good_auth,
+        |_, _| {
+            Some(status_failure(
+                2,
+                "SUBSCRIPTION_LIMIT_EXCEEDED",
+                "too many markets",
+            ))
+        },
+        |_, _| vec![],
+    )
+    .await;
+    let (code, log) = run_publisher(&betfair_publisher_toml(&files, &refusing, 0), "odds").await;
+    assert_eq!(code, Some(78), "{log}");
+    assert!(log.contains("SUBSCRIPTION_LIMIT_EXCEEDED"), "{log}");
+    assert!(
+        !log.contains("subscribed to Betfair markets"),
+        "claimed a subscription Betfair refused:\n{log}"
+    );
+
+    let server = BetfairServer::start(&files.pki, good_auth, |_, _| {
+        vec![line(mcm(image(PT))), Step::Hold]
+    })
+    .await;
+    let (code, log) = run_publisher(&betfair_publisher_toml(&files, &server, 3), "odds").await;
+    assert_eq!(code, Some(0), "{log}");
+    assert!(log.contains("subscribed to Betfair markets"), "{log}");
+}
+
+/// The stop line says how healthy the venue was: malformed messages and
+/// connections besides what was published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn betfair_stop_line_counts_malformed_messages_and_connections() {
+    let files = betfair_files();
+    let server = BetfairServer::start(&files.pki, good_auth, |n, _| match n {
+        0 => vec![
+            line(mcm(image(PT))),
+            Step::Line(r#"{"op":"mcm","id":2,"mc":[{"id"#.into()),
+            Step::Hold,
+        ],
+        _ => {
+            let mut fresh = image(PT + 5000);
+            fresh["mc"][0]["rc"][0]["ltp"] = json!(2.04);
+            vec![line(mcm(fresh)), Step::Hold]
+        }
+    })
+    .await;
+    let (code, log) = run_publisher(&betfair_publisher_toml(&files, &server, 4), "odds").await;
+    assert_eq!(code, Some(0), "{log}");
+    assert!(
+        log.contains(
+            "Betfair feed published 4 runner updates, 1 malformed upstream messages, 2 connections"
+        ),
+        "{log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -991,6 +1237,52 @@ async fn betfair_certificate_login_renews_an_expired_session() {
             .contains("refused the client certificate"),
         "{failure}"
     );
+}
+
+/// Too many logins earn a temporary ban: not a credential problem (exit
+/// 77) but a temporary one, retried with the backoff until Betfair lifts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn betfair_a_temporary_login_ban_is_retried_not_fatal() {
+    let files = betfair_files();
+    let password = secret(files.dir.path(), "betfair-password", "pw");
+    let logins = LoginServer::start(&files.pki, |_, n| {
+        if n < 2 {
+            json!({"sessionToken": "", "loginStatus": "TEMPORARY_BAN_TOO_MANY_REQUESTS"})
+                .to_string()
+        } else {
+            json!({"sessionToken": "login-token", "loginStatus": "SUCCESS"}).to_string()
+        }
+    })
+    .await;
+    let server = BetfairServer::start(
+        &files.pki,
+        |_, a| {
+            (a["session"] != "login-token")
+                .then(|| status_failure(1, "INVALID_SESSION_INFORMATION", "bad session"))
+        },
+        |_, _| vec![line(mcm(image(PT))), Step::Hold],
+    )
+    .await;
+    let mut cfg = betfair_cfg(&server.url(), &files, 500);
+    cfg.betfair.session_token_file = None;
+    cfg.betfair.cert_file = Some(files.pki.client_cert.clone());
+    cfg.betfair.key_file = Some(files.pki.client_key.clone());
+    cfg.betfair.username = Some("punter".into());
+    cfg.betfair.password_file = Some(password);
+    cfg.betfair.login_url = Some(logins.url());
+    let mut feed = start(cfg);
+    let stats = feed.stats.clone();
+    until("the ban to be reported", WAIT, || {
+        stats
+            .problem()
+            .is_some_and(|p| p.contains("temporary ban") && p.contains("TEMPORARY_BAN"))
+    })
+    .await;
+    let e = feed.next().await;
+    assert_eq!(s(&e, "selection_id").as_deref(), Some("47972"));
+    assert_eq!(logins.count(), 3, "retried until the ban was lifted");
+    assert_eq!(server.connections(), 1, "no stream connection while banned");
+    feed.stop().await;
 }
 
 // ------------------------------------------------------------ social

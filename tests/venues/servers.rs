@@ -405,35 +405,71 @@ pub struct BfConn {
     pub ended_by_client: bool,
 }
 
-pub type AuthCheck = dyn Fn(usize, &Json) -> Option<Json> + Send + Sync;
+/// How the server answers an `authentication`.
+pub enum AuthReply {
+    /// A SUCCESS status; the subscription follows.
+    Accept,
+    /// This status, then the connection is closed.
+    Refuse(Json),
+    /// These steps instead of any status: a server that never answers
+    /// the authentication properly.
+    Play(Vec<Step>),
+}
+
+impl From<Option<Json>> for AuthReply {
+    fn from(status: Option<Json>) -> Self {
+        status.map_or(AuthReply::Accept, AuthReply::Refuse)
+    }
+}
+
+pub type AuthCheck = dyn Fn(usize, &Json) -> AuthReply + Send + Sync;
+pub type SubAnswer = dyn Fn(usize, &Json) -> Option<Json> + Send + Sync;
 pub type StreamScript = dyn Fn(usize, &Json) -> Vec<Step> + Send + Sync;
 
 /// The Exchange Stream: greets with `connection`, checks `authentication`
 /// with `auth(n, msg)` (None = accept, Some(status) = send that status and
-/// close), answers the `marketSubscription` with a SUCCESS status and then
-/// plays `script(n, subscription)`.
+/// close, or an [`AuthReply`]), answers the `marketSubscription` with a
+/// SUCCESS status (or what `sub_answer` gives, see [`Self::start_with`])
+/// and then plays `script(n, subscription)`.
 pub struct BetfairServer {
     pub addr: SocketAddr,
     pub conns: Arc<Mutex<Vec<BfConn>>>,
 }
 
 impl BetfairServer {
-    pub async fn start(
+    pub async fn start<A: Into<AuthReply>>(
         pki: &Pki,
-        auth: impl Fn(usize, &Json) -> Option<Json> + Send + Sync + 'static,
+        auth: impl Fn(usize, &Json) -> A + Send + Sync + 'static,
+        script: impl Fn(usize, &Json) -> Vec<Step> + Send + Sync + 'static,
+    ) -> Self {
+        Self::start_with(pki, auth, |_, _| None, script).await
+    }
+
+    /// As [`Self::start`], but `sub_answer(n, subscription)` may replace
+    /// the subscription's SUCCESS status with another (a refusal).
+    pub async fn start_with<A: Into<AuthReply>>(
+        pki: &Pki,
+        auth: impl Fn(usize, &Json) -> A + Send + Sync + 'static,
+        sub_answer: impl Fn(usize, &Json) -> Option<Json> + Send + Sync + 'static,
         script: impl Fn(usize, &Json) -> Vec<Step> + Send + Sync + 'static,
     ) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let acceptor = pki.acceptor(false);
         let conns = Arc::new(Mutex::new(Vec::new()));
-        let auth: Arc<AuthCheck> = Arc::new(auth);
+        let auth: Arc<AuthCheck> = Arc::new(move |n, a| auth(n, a).into());
+        let sub_answer: Arc<SubAnswer> = Arc::new(sub_answer);
         let script: Arc<StreamScript> = Arc::new(script);
         let c = conns.clone();
         tokio::spawn(async move {
             while let Ok((sock, _)) = listener.accept().await {
-                let (acceptor, conns, auth, script) =
-                    (acceptor.clone(), c.clone(), auth.clone(), script.clone());
+                let (acceptor, conns, auth, sub_answer, script) = (
+                    acceptor.clone(),
+                    c.clone(),
+                    auth.clone(),
+                    sub_answer.clone(),
+                    script.clone(),
+                );
                 tokio::spawn(async move {
                     let Ok(tls) = acceptor.accept(sock).await else {
                         return;
@@ -443,7 +479,7 @@ impl BetfairServer {
                         c.push(BfConn::default());
                         c.len() - 1
                     };
-                    let _ = serve_betfair(tls, n, conns, auth, script).await;
+                    let _ = serve_betfair(tls, n, conns, auth, sub_answer, script).await;
                 });
             }
         });
@@ -495,6 +531,7 @@ async fn serve_betfair<S: AsyncRead + AsyncWrite + Unpin>(
     n: usize,
     conns: Arc<Mutex<Vec<BfConn>>>,
     auth: Arc<AuthCheck>,
+    sub_answer: Arc<SubAnswer>,
     script: Arc<StreamScript>,
 ) -> std::io::Result<()> {
     send_line(
@@ -507,10 +544,14 @@ async fn serve_betfair<S: AsyncRead + AsyncWrite + Unpin>(
         return Ok(());
     };
     conns.lock().unwrap()[n].auth = Some(a.clone());
-    if let Some(status) = auth(n, &a) {
-        send_line(&mut s, &status.to_string()).await?;
-        let _ = s.shutdown().await;
-        return Ok(());
+    match auth(n, &a) {
+        AuthReply::Accept => {}
+        AuthReply::Refuse(status) => {
+            send_line(&mut s, &status.to_string()).await?;
+            let _ = s.shutdown().await;
+            return Ok(());
+        }
+        AuthReply::Play(steps) => return play(s, n, &conns, steps).await,
     }
     send_line(
         &mut s,
@@ -522,12 +563,26 @@ async fn serve_betfair<S: AsyncRead + AsyncWrite + Unpin>(
     };
     conns.lock().unwrap()[n].subscription = Some(sub.clone());
     let id = sub["id"].as_i64().unwrap_or(0);
-    send_line(
-        &mut s,
-        &format!(r#"{{"op":"status","id":{id},"statusCode":"SUCCESS","connectionClosed":false}}"#),
-    )
-    .await?;
-    for step in script(n, &sub) {
+    let answer = sub_answer(n, &sub).map_or_else(
+        || {
+            format!(
+                r#"{{"op":"status","id":{id},"statusCode":"SUCCESS","connectionClosed":false}}"#
+            )
+        },
+        |a| a.to_string(),
+    );
+    send_line(&mut s, &answer).await?;
+    play(s, n, &conns, script(n, &sub)).await
+}
+
+/// Plays `steps` on one connection, then closes it.
+async fn play<S: AsyncRead + AsyncWrite + Unpin>(
+    mut s: S,
+    n: usize,
+    conns: &Mutex<Vec<BfConn>>,
+    steps: Vec<Step>,
+) -> std::io::Result<()> {
+    for step in steps {
         match step {
             Step::Line(l) => send_line(&mut s, &l).await?,
             Step::Raw(r) => {

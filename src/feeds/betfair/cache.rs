@@ -26,6 +26,11 @@ pub const CHANNEL: &str = "odds";
 pub const MAX_LEVELS: usize = 3;
 /// Levels beyond this are ignored (Betfair sends at most 10).
 const LADDER_CAP: u32 = 10;
+/// The odds Betfair's ladders and traded prices can show: 1.01 to 1000.
+/// Anything else (a negative price, a zero) is not a price Betfair sends,
+/// so it is malformed rather than something to publish.
+pub const MIN_PRICE: f64 = 1.01;
+pub const MAX_PRICE: f64 = 1000.0;
 
 /// Any message the stream sends. Fields of the other ops are absent.
 #[derive(Debug, Default, Deserialize)]
@@ -79,6 +84,59 @@ pub struct RunnerChange {
     pub batl: Option<Vec<Vec<f64>>>,
     pub ltp: Option<f64>,
     pub tv: Option<f64>,
+}
+
+impl MarketChange {
+    /// Why this change cannot be applied as sent, if it cannot: a ladder
+    /// entry that is not `[level, price, size]` with a whole level, an
+    /// offered size below 0 or a price outside 1.01..=1000, a last traded
+    /// price outside that range or a negative traded volume. Skipping such
+    /// a value would keep the old one, and every later delta would build on
+    /// a ladder Betfair no longer shows, so the caller must not apply the
+    /// change at all but get a fresh image instead.
+    pub fn problem(&self) -> Option<String> {
+        for rc in self.rc.iter().flatten() {
+            for (side, ladder) in [("batb", &rc.batb), ("batl", &rc.batl)] {
+                for c in ladder.iter().flatten() {
+                    if let Err(e) = ladder_entry(c) {
+                        return Some(format!("runner {} {side} {e}", rc.id));
+                    }
+                }
+            }
+            if let Some(v) = rc.ltp.filter(|v| !is_price(*v)) {
+                return Some(format!("runner {} ltp {v} is not a Betfair price", rc.id));
+            }
+            if let Some(v) = rc.tv.filter(|v| !is_size(*v)) {
+                return Some(format!("runner {} tv {v} is not a traded volume", rc.id));
+            }
+        }
+        None
+    }
+}
+
+fn is_price(v: f64) -> bool {
+    (MIN_PRICE..=MAX_PRICE).contains(&v)
+}
+
+fn is_size(v: f64) -> bool {
+    v.is_finite() && v >= 0.0
+}
+
+/// One best-offer ladder entry as `(level, price, size)`; a size of 0
+/// empties the level whatever the price says (Betfair sends `[n, 0, 0]`).
+fn ladder_entry(c: &[f64]) -> Result<(u32, f64, f64), String> {
+    let [level, price, size] = c[..] else {
+        return Err(format!("entry {c:?} is not [level, price, size]"));
+    };
+    if !(level >= 0.0 && level.fract() == 0.0 && level <= f64::from(u32::MAX)) {
+        return Err(format!("entry {c:?} has no valid level"));
+    }
+    if !is_size(size) || (size > 0.0 && !is_price(price)) || !price.is_finite() {
+        return Err(format!(
+            "entry {c:?}: price must be {MIN_PRICE}..={MAX_PRICE} and size at least 0"
+        ));
+    }
+    Ok((level as u32, price, size))
 }
 
 /// A runner within a market: selection id and handicap (Asian handicap
@@ -187,11 +245,15 @@ impl RunnerView {
     }
 }
 
-/// Problems in a change that was otherwise applied.
+/// Problems in a change that was otherwise applied (what
+/// [`MarketChange::problem`] reports, for callers that apply anyway).
 #[derive(Debug, Default, PartialEq)]
 pub struct Oddities {
-    /// Ladder entries that were not `[level, price, size]` with a sane level.
+    /// Ladder entries that were not `[level, price, size]` with a sane
+    /// level, a size of at least 0 and a Betfair price.
     pub bad_levels: usize,
+    /// `ltp` outside Betfair's prices or a negative or non-finite `tv`.
+    pub bad_values: usize,
 }
 
 /// All subscribed markets, as images and deltas have built them.
@@ -248,11 +310,15 @@ impl MarketCache {
             let runner = market.runners.entry(key).or_default();
             apply_ladder(&mut runner.back, rc.batb.as_deref(), odd);
             apply_ladder(&mut runner.lay, rc.batl.as_deref(), odd);
-            if let Some(v) = rc.ltp.filter(|v| v.is_finite()) {
-                runner.ltp = Some(v);
+            match rc.ltp {
+                Some(v) if is_price(v) => runner.ltp = Some(v),
+                Some(_) => odd.bad_values += 1,
+                None => {}
             }
-            if let Some(v) = rc.tv.filter(|v| v.is_finite()) {
-                runner.tv = Some(v);
+            match rc.tv {
+                Some(v) if is_size(v) => runner.tv = Some(v),
+                Some(_) => odd.bad_values += 1,
+                None => {}
             }
             touched.push(key);
         }
@@ -311,15 +377,10 @@ fn apply_ladder(
     odd: &mut Oddities,
 ) {
     for c in changes.into_iter().flatten() {
-        let [level, price, size] = c[..] else {
+        let Ok((level, price, size)) = ladder_entry(c) else {
             odd.bad_levels += 1;
             continue;
         };
-        if !(level >= 0.0 && level.fract() == 0.0 && price.is_finite() && size.is_finite()) {
-            odd.bad_levels += 1;
-            continue;
-        }
-        let level = level as u32;
         if level >= LADDER_CAP {
             continue;
         }
@@ -443,5 +504,42 @@ mod tests {
         assert_eq!(get("lay2"), Some(Value::Float(2.7)));
         assert_eq!(get("ltp"), Some(Value::Float(2.6)));
         assert_eq!(get("tv"), Some(Value::Float(12.0)));
+    }
+
+    #[test]
+    fn prices_and_sizes_betfair_cannot_send_are_problems_and_never_applied() {
+        let mut odd = Oddities::default();
+        let mut c = MarketCache::new(3);
+        let image =
+            mc(r#"{"id":"1.5","img":true,"rc":[{"id":6,"batb":[[0,3.0,1]],"ltp":3.0,"tv":5}]}"#);
+        assert_eq!(image.problem(), None);
+        c.apply(&image, &mut odd);
+        for bad in [
+            r#"{"id":"1.5","rc":[{"id":6,"batb":[[0,-3.0,-1.0]]}]}"#,
+            r#"{"id":"1.5","rc":[{"id":6,"batl":[[0,3.0,-1.0]]}]}"#,
+            r#"{"id":"1.5","rc":[{"id":6,"batb":[[0,0.5,2.0]]}]}"#,
+            r#"{"id":"1.5","rc":[{"id":6,"batb":[[0,1001,2.0]]}]}"#,
+            r#"{"id":"1.5","rc":[{"id":6,"batb":[[0.5,3.2,2.0]]}]}"#,
+            r#"{"id":"1.5","rc":[{"id":6,"ltp":-2.0}]}"#,
+            r#"{"id":"1.5","rc":[{"id":6,"tv":-1}]}"#,
+        ] {
+            let change = mc(bad);
+            assert!(change.problem().is_some(), "{bad}");
+            // Applied anyway, the bad value is counted and left out.
+            assert!(c.apply(&change, &mut odd).is_empty(), "{bad}");
+        }
+        assert_eq!((odd.bad_levels, odd.bad_values), (5, 2));
+        let v = &c.snapshot()[0];
+        assert_eq!(
+            (v.back[0], v.lay[0], v.ltp, v.tv),
+            (Some((3.0, 1.0)), None, Some(3.0), Some(5.0))
+        );
+        // An emptied level may carry any price; the edges of the range are prices.
+        let ok = mc(r#"{"id":"1.5","rc":[{"id":6,"batb":[[0,0,0],[1,1.01,2],[2,1000,3]]}]}"#);
+        assert_eq!(ok.problem(), None);
+        assert_eq!(
+            c.apply(&ok, &mut odd)[0].back,
+            vec![None, Some((1.01, 2.0)), Some((1000.0, 3.0))]
+        );
     }
 }

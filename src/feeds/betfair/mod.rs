@@ -23,7 +23,9 @@
 //! `SUBSCRIPTION_LIMIT_EXCEEDED`, …) with 78; `MAX_CONNECTION_LIMIT_EXCEEDED`
 //! with 75 (temporary: other connections hold the app key's quota, so the
 //! service manager retries later instead of this process piling on); an
-//! expired session is renewed once; everything else reconnects with backoff.
+//! expired session is renewed once; a login refused with
+//! `TEMPORARY_BAN_TOO_MANY_REQUESTS` (the credentials are fine, Betfair
+//! lifts the ban by itself) and everything else reconnect with backoff.
 
 pub mod cache;
 mod stream;

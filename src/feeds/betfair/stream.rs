@@ -2,6 +2,7 @@
 //! handshake, and the read loop that feeds the market cache.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,6 +24,12 @@ const AUTH_ID: i64 = 1;
 const SUB_ID: i64 = 2;
 /// Connecting, the TLS handshake and each handshake answer must finish in this.
 const STEP_TIMEOUT: Duration = Duration::from_secs(15);
+/// The greeting, authentication and subscription together must finish in
+/// this. Each read has [`STEP_TIMEOUT`], but a server that keeps answering
+/// with something else (a line that is not JSON every second) resets it
+/// forever and would hold the feed in its handshake with nothing logged
+/// and no reconnect.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// `host:port` of the stream: `tls://host:port`, `ssl://host:port` or
 /// `host:port` (port 443 when omitted).
@@ -231,7 +238,8 @@ struct LoginAnswer {
 }
 
 /// Betfair's non-interactive login: a form POST over TLS with the client
-/// certificate. `loginStatus` other than SUCCESS is a credential problem.
+/// certificate. `loginStatus` other than SUCCESS is a credential problem,
+/// except the temporary ban on too many logins.
 async fn login(
     name: &str,
     client: &reqwest::Client,
@@ -288,6 +296,12 @@ async fn login(
     };
     match (answer.login_status.as_deref(), answer.session_token) {
         (Some("SUCCESS"), Some(t)) if !t.is_empty() => Ok(Ok(t)),
+        // Too many logins in a minute: Betfair bans new ones for a while
+        // (20 minutes, it documents). The credentials are fine, so this is
+        // not exit 77 but a temporary failure, retried with the backoff.
+        (Some(status @ "TEMPORARY_BAN_TOO_MANY_REQUESTS"), _) => lost(format!(
+            "certificate login refused for now: a temporary ban after too many logins ({status}); Betfair lifts it by itself"
+        )),
         (status, _) => Err(upstream::rejected(
             name,
             format!(
@@ -427,10 +441,15 @@ pub(super) async fn run(ctx: FeedContext) -> Result<(), Failure> {
     };
     let mut out = Outlet::new(&ctx);
     upstream::reconnect_loop(&ctx, "Betfair", &mut out, &mut feed).await?;
+    // The malformed count says whether the venue was healthy, the
+    // connection count how often the feed had to start over.
+    let stats = &ctx.out.stats;
     tracing::info!(
-        "publisher {}: Betfair feed published {} runner updates",
+        "publisher {}: Betfair feed published {} runner updates, {} malformed upstream messages, {} connections",
         ctx.name,
-        out.sent
+        out.sent,
+        stats.malformed.load(Ordering::Relaxed),
+        stats.connects.load(Ordering::Relaxed)
     );
     Ok(())
 }
@@ -442,6 +461,135 @@ impl upstream::Session for Feed<'_> {
 }
 
 impl Feed<'_> {
+    /// Greeting, authentication and subscription on a fresh connection,
+    /// up to Betfair's acknowledgement of the subscription. `Ok(Ok)` may
+    /// carry a change that arrived before the acknowledgement; `Err` is the
+    /// end of the feed, `Ok(Err)` the end of this connection.
+    async fn handshake(
+        &mut self,
+        conn: &mut Conn,
+        token: &str,
+        out: &Outlet<'_>,
+    ) -> Result<Result<Option<Vec<u8>>, Ended>, Failure> {
+        let name = self.ctx.name.clone();
+        let lost = |why: String| {
+            Ok(Err(Ended::Lost {
+                why,
+                productive: false,
+            }))
+        };
+        // The server speaks first.
+        let greeting = match conn.read(STEP_TIMEOUT).await {
+            Read::Line(l) => l,
+            Read::Silent => return lost("sent no connection message".into()),
+            Read::TooLong => return lost("sent an oversized greeting".into()),
+            Read::Closed(e) => return lost(e),
+        };
+        match serde_json::from_slice::<Response>(&greeting) {
+            Ok(r) if r.op == "connection" => tracing::info!(
+                "publisher {name}: connected to the Betfair stream at {}:{} (connection {})",
+                self.host,
+                self.port,
+                r.connection_id.as_deref().unwrap_or("?")
+            ),
+            Ok(r) if r.op == "status" => return self.on_status(&r, false).map(Err),
+            _ => return lost("did not greet with a connection message".into()),
+        }
+        let auth = json!({
+            "op": "authentication",
+            "id": AUTH_ID,
+            "appKey": self.creds.app_key,
+            "session": token,
+        });
+        if let Err(e) = conn.send(&auth).await {
+            return lost(e);
+        }
+        loop {
+            let line = match conn.read(STEP_TIMEOUT).await {
+                Read::Line(l) => l,
+                Read::Silent => return lost("did not answer the authentication".into()),
+                Read::TooLong => {
+                    out.malformed();
+                    continue;
+                }
+                Read::Closed(e) => return lost(format!("{e} during authentication")),
+            };
+            let r = match serde_json::from_slice::<Response>(&line) {
+                Ok(r) => r,
+                Err(e) => {
+                    out.malformed();
+                    crate::warn_limited!(self.log, || format!(
+                        "publisher {name}: unreadable answer to the Betfair authentication: {e}"
+                    ));
+                    continue;
+                }
+            };
+            if r.op == "status"
+                && (r.id == Some(AUTH_ID) || r.status_code.as_deref() == Some("FAILURE"))
+            {
+                if r.status_code.as_deref() == Some("SUCCESS") {
+                    break;
+                }
+                return self.on_status(&r, false).map(Err);
+            }
+        }
+        self.creds.proven = true;
+        let resuming = self.clk.is_some();
+        if let Err(e) = conn.send(&self.subscription()).await {
+            return lost(e);
+        }
+        // Subscribed only once Betfair says so: it may refuse the filter.
+        let early = loop {
+            let line = match conn.read(STEP_TIMEOUT).await {
+                Read::Line(l) => l,
+                Read::Silent => return lost("did not answer the subscription".into()),
+                Read::TooLong => {
+                    let what = format!("sent a line over {MAX_LINE} bytes");
+                    return Ok(Err(self.desync(out, what, false)));
+                }
+                Read::Closed(e) => return lost(format!("{e} during the subscription")),
+            };
+            let r = match serde_json::from_slice::<Response>(&line) {
+                Ok(r) => r,
+                Err(e) if may_carry_changes(&line) => {
+                    let what = format!("sent a market change that cannot be read ({e})");
+                    return Ok(Err(self.desync(out, what, false)));
+                }
+                Err(e) => {
+                    out.malformed();
+                    crate::warn_limited!(self.log, || format!(
+                        "publisher {name}: unreadable answer to the Betfair subscription: {e}"
+                    ));
+                    continue;
+                }
+            };
+            match r.op.as_str() {
+                "status" if r.id == Some(SUB_ID) || r.status_code.as_deref() == Some("FAILURE") => {
+                    if r.status_code.as_deref() == Some("SUCCESS") {
+                        break None;
+                    }
+                    return self.on_status(&r, false).map(Err);
+                }
+                "status" if r.connection_closed == Some(true) => {
+                    return lost("closed the connection during the subscription".into())
+                }
+                // Changes for the subscription mean it was taken; they
+                // are the first data, handed on unapplied.
+                "mcm" if r.id.is_none_or(|id| id == SUB_ID) => break Some(line),
+                _ => {}
+            }
+        };
+        tracing::info!(
+            "publisher {name}: subscribed to Betfair markets{}",
+            if resuming {
+                " (resuming from the last clock)"
+            } else {
+                ""
+            }
+        );
+        Ok(Ok(early))
+    }
+
     /// Three missed heartbeats (plus the conflation delay) mean it is dead.
     fn silence(&self) -> Duration {
         Duration::from_millis(self.heartbeat_ms.saturating_mul(3) + self.conflate_ms)
@@ -498,75 +646,34 @@ impl Feed<'_> {
             Err(e) => return lost(e),
         };
         out.connected();
-        // The server speaks first.
-        let greeting = match conn.read(STEP_TIMEOUT).await {
-            Read::Line(l) => l,
-            Read::Silent => return lost("sent no connection message".into()),
-            Read::TooLong => return lost("sent an oversized greeting".into()),
-            Read::Closed(e) => return lost(e),
+        let handshake =
+            tokio::time::timeout(HANDSHAKE_TIMEOUT, self.handshake(&mut conn, &token, out)).await;
+        let mut early = match handshake {
+            Ok(Ok(Ok(early))) => early,
+            Ok(Ok(Err(ended))) => return Ok(ended),
+            Ok(Err(failure)) => return Err(failure),
+            Err(_) => {
+                return lost(format!(
+                    "did not complete the authentication and subscription within {} s",
+                    HANDSHAKE_TIMEOUT.as_secs()
+                ))
+            }
         };
-        match serde_json::from_slice::<Response>(&greeting) {
-            Ok(r) if r.op == "connection" => tracing::info!(
-                "publisher {name}: connected to the Betfair stream at {}:{} (connection {})",
-                self.host,
-                self.port,
-                r.connection_id.as_deref().unwrap_or("?")
-            ),
-            Ok(r) if r.op == "status" => return self.on_status(&r, false),
-            _ => return lost("did not greet with a connection message".into()),
-        }
-        let auth = json!({
-            "op": "authentication",
-            "id": AUTH_ID,
-            "appKey": self.creds.app_key,
-            "session": token,
-        });
-        if let Err(e) = conn.send(&auth).await {
-            return lost(e);
-        }
-        loop {
-            let line = match conn.read(STEP_TIMEOUT).await {
-                Read::Line(l) => l,
-                Read::Silent => return lost("did not answer the authentication".into()),
-                Read::TooLong => continue,
-                Read::Closed(e) => return lost(format!("{e} during authentication")),
-            };
-            let Ok(r) = serde_json::from_slice::<Response>(&line) else {
-                out.malformed();
-                continue;
-            };
-            if r.op == "status"
-                && (r.id == Some(AUTH_ID) || r.status_code.as_deref() == Some("FAILURE"))
-            {
-                if r.status_code.as_deref() == Some("SUCCESS") {
-                    break;
-                }
-                return self.on_status(&r, false);
-            }
-        }
-        self.creds.proven = true;
-        let resuming = self.clk.is_some();
-        if let Err(e) = conn.send(&self.subscription()).await {
-            return lost(e);
-        }
-        tracing::info!(
-            "publisher {name}: subscribed to Betfair markets{}",
-            if resuming {
-                " (resuming from the last clock)"
-            } else {
-                ""
-            }
-        );
         let mut productive = false;
         loop {
-            let line = match conn.read(self.silence()).await {
+            let read = match early.take() {
+                Some(l) => Read::Line(l),
+                None => conn.read(self.silence()).await,
+            };
+            let line = match read {
                 Read::Line(l) => l,
                 Read::TooLong => {
-                    out.malformed();
-                    crate::warn_limited!(self.log, || {
-                        format!("publisher {name}: Betfair line over {MAX_LINE} bytes skipped")
-                    });
-                    continue;
+                    // Whatever it was (an image is the likely one) is lost.
+                    return Ok(self.desync(
+                        out,
+                        format!("sent a line over {MAX_LINE} bytes"),
+                        productive,
+                    ));
                 }
                 Read::Silent => {
                     return Ok(Ended::Lost {
@@ -581,12 +688,19 @@ impl Feed<'_> {
             };
             let r: Response = match serde_json::from_slice(&line) {
                 Ok(r) => r,
-                Err(e) => {
+                Err(e) if !may_carry_changes(&line) => {
                     out.malformed();
                     crate::warn_limited!(self.log, || format!(
                         "publisher {name}: skipping Betfair line: {e}"
                     ));
                     continue;
+                }
+                Err(e) => {
+                    return Ok(self.desync(
+                        out,
+                        format!("sent a market change that cannot be read ({e})"),
+                        productive,
+                    ))
                 }
             };
             match r.op.as_str() {
@@ -595,8 +709,8 @@ impl Feed<'_> {
                         continue;
                     }
                     productive = true;
-                    if !self.on_change(&r, out) {
-                        return Ok(Ended::Stop);
+                    if let Err(ended) = self.on_change(&r, out) {
+                        return Ok(ended);
                     }
                 }
                 "status" => {
@@ -621,8 +735,41 @@ impl Feed<'_> {
         }
     }
 
-    /// Applies one market change message; false when the feed should stop.
-    fn on_change(&mut self, r: &Response, out: &mut Outlet<'_>) -> bool {
+    /// A market change that cannot be applied leaves the cache different
+    /// from Betfair's markets with nothing to show it: every later delta
+    /// builds on the wrong ladder, and resuming from the clocks would skip
+    /// the lost change again. So it is not a line to skip but a desync:
+    /// count it, say so (rate-limited), forget the markets and the clocks
+    /// and reconnect without them, which Betfair answers with a full image
+    /// (`SUB_IMAGE`). Nothing is published from the cache in between; the
+    /// image then publishes exactly the runners whose view differs from
+    /// what was published.
+    ///
+    /// Reconnecting rather than resubscribing on the same connection: it is
+    /// the path `INVALID_CLOCK` already takes, it goes through the backoff
+    /// (a venue that keeps sending bad changes is not hammered), and no
+    /// message of the old subscription can arrive after the new image.
+    fn desync(&mut self, out: &Outlet<'_>, what: String, productive: bool) -> Ended {
+        out.malformed();
+        let name = &self.ctx.name;
+        crate::warn_limited!(self.log, || {
+            format!(
+            "publisher {name}: Betfair {what}; the market cache may no longer match Betfair, dropping it and its clocks for a fresh image"
+        )
+        });
+        self.cache.clear();
+        self.imaged.clear();
+        self.initial_clk = None;
+        self.clk = None;
+        Ended::Lost {
+            why: format!("{what}; reconnecting for a fresh image"),
+            productive,
+        }
+    }
+
+    /// Applies one market change message; `Err` ends the connection (the
+    /// feed should stop, or it must resynchronise).
+    fn on_change(&mut self, r: &Response, out: &mut Outlet<'_>) -> Result<(), Ended> {
         if let Some(hb) = r.heartbeat_ms.filter(|h| *h > 0) {
             self.heartbeat_ms = hb;
         }
@@ -633,6 +780,20 @@ impl Feed<'_> {
         if ct == Some("HEARTBEAT") {
             out.alive();
         } else {
+            // Checked before anything is applied: a value that cannot be
+            // applied leaves its level unknown, and nothing of the message
+            // may be published from a cache that no longer matches Betfair.
+            let problem = r.mc.iter().flatten().find_map(|mc| {
+                mc.problem().map(|p| {
+                    format!(
+                        "sent a market change that cannot be applied (market {}: {p})",
+                        mc.id
+                    )
+                })
+            });
+            if let Some(what) = problem {
+                return Err(self.desync(out, what, true));
+            }
             let first_segment = matches!(r.segment_type.as_deref(), None | Some("SEG_START"));
             if ct == Some("SUB_IMAGE") && first_segment {
                 // A full image replaces whatever the cache held (the clocks
@@ -659,7 +820,7 @@ impl Feed<'_> {
                 };
                 for view in self.cache.apply(mc, &mut odd) {
                     if !out.offer(view.envelope(r.pt)) {
-                        return false;
+                        return Err(Ended::Stop);
                     }
                 }
             }
@@ -681,7 +842,7 @@ impl Feed<'_> {
         if let Some(c) = &r.clk {
             self.clk = Some(c.clone());
         }
-        true
+        Ok(())
     }
 
     /// A failure status: what it means for this feed.
@@ -734,6 +895,22 @@ impl Feed<'_> {
                 productive,
             }),
         }
+    }
+}
+
+/// Whether a line that did not parse may have been a market change: an
+/// `mcm`, or something whose `op` cannot be told (not JSON, cut off). A
+/// well-formed message of another op changes no market and can be skipped.
+fn may_carry_changes(line: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Op {
+        op: Option<serde_json::Value>,
+    }
+    match serde_json::from_slice::<Op>(line) {
+        Ok(Op {
+            op: Some(serde_json::Value::String(op)),
+        }) => op == "mcm",
+        _ => true,
     }
 }
 
