@@ -220,6 +220,13 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
     st.pipeline_point(name, &wstats, &pool, false).await;
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     let mut status = StatusClock::new();
+    let shown = || Shown {
+        svc: &svc,
+        intake: &intake,
+        wstats: &wstats,
+        pool: &pool,
+        scfg: &scfg,
+    };
     let mut last_stats = Instant::now();
     // The second report comes early, past the first flush: until then the
     // stored counters are the start's zeros, which `nbpy status` showed
@@ -237,9 +244,14 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
                     // Every open batch goes, so the gap tracker's position
                     // now is covered by submitted batches: a checkpoint.
                     last_cut = Instant::now();
-                    for b in st.batcher.due(true) {
-                        pool.submit(b).await;
-                    }
+                    // At a low rate this is where batches are cut, so it is
+                    // where intake waits for room: STATUS must keep coming.
+                    let cut = async {
+                        for b in st.batcher.due(true) {
+                            pool.submit(b).await;
+                        }
+                    };
+                    report_while_waiting(cut, &mut status, shown()).await;
                     marks.checkpoint(pool.submitted(), st.gaps.positions());
                     marks.persist_safe(&pool).await;
                 }
@@ -251,7 +263,8 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
                 if last_stats.elapsed() >= stats_every {
                     last_stats = Instant::now();
                     stats_every = scfg.stats_interval;
-                    st.pipeline_point(name, &wstats, &pool, false).await;
+                    let report = st.pipeline_point(name, &wstats, &pool, false);
+                    report_while_waiting(report, &mut status, shown()).await;
                 }
             }
             c = raw_rx.recv() => {
@@ -267,14 +280,7 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
                         }
                     }
                 };
-                let shown = Shown {
-                    svc: &svc,
-                    intake: &intake,
-                    wstats: &wstats,
-                    pool: &pool,
-                    scfg: &scfg,
-                };
-                report_while_waiting(work, &mut status, shown).await;
+                report_while_waiting(work, &mut status, shown()).await;
             }
         }
     }
@@ -545,10 +551,13 @@ async fn report_while_waiting(
     s: Shown<'_>,
 ) {
     tokio::pin!(work);
+    // Read before the first poll: that poll can already find the spool
+    // full and count it (the append on the blocking pool may be done by
+    // the time its handle is polled), and only then wait.
+    let full_before = s.wstats.spool_full.load(Ordering::Relaxed);
     if futures::poll!(&mut work).is_ready() {
         return;
     }
-    let full_before = s.wstats.spool_full.load(Ordering::Relaxed);
     let second = Duration::from_secs(1);
     let mut every = tokio::time::interval_at(tokio::time::Instant::now() + second, second);
     loop {

@@ -6,70 +6,10 @@
 
 mod common;
 
-use std::os::unix::net::UnixDatagram;
-use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use nix::sys::signal::Signal;
-
-async fn wait_stored(env: &Env, want: u64, deadline: Duration) -> u64 {
-    let t0 = Instant::now();
-    loop {
-        let n = env.count_data().await;
-        if n >= want {
-            return n;
-        }
-        assert!(t0.elapsed() < deadline, "only {n} of {want} points stored");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// The service manager's end of sd_notify.
-fn notify_socket(path: &Path) -> UnixDatagram {
-    let sock = UnixDatagram::bind(path).expect("bind the notify socket");
-    sock.set_read_timeout(Some(Duration::from_millis(100)))
-        .expect("timeout");
-    sock
-}
-
-/// The STATUS= lines that arrive within `wait`.
-fn statuses(sock: &UnixDatagram, wait: Duration) -> Vec<String> {
-    let mut buf = vec![0u8; 8192];
-    let mut out = Vec::new();
-    let t0 = Instant::now();
-    while t0.elapsed() < wait {
-        if let Ok(n) = sock.recv(&mut buf) {
-            let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
-            out.extend(
-                msg.lines()
-                    .filter_map(|l| l.strip_prefix("STATUS="))
-                    .map(str::to_string),
-            );
-        }
-    }
-    out
-}
-
-/// Reads STATUS= lines until one satisfies `f`; panics with the last ones
-/// past the deadline.
-fn wait_status(sock: &UnixDatagram, deadline: Duration, f: impl Fn(&str) -> bool) -> String {
-    let t0 = Instant::now();
-    let mut seen = Vec::new();
-    loop {
-        for s in statuses(sock, Duration::from_millis(200)) {
-            if f(&s) {
-                return s;
-            }
-            seen.push(s);
-        }
-        assert!(
-            t0.elapsed() < deadline,
-            "no such STATUS within {deadline:?}; the last ones:\n{}",
-            seen[seen.len().saturating_sub(5)..].join("\n")
-        );
-    }
-}
 
 /// The number just before `word` in `line`.
 fn number_before(line: &str, word: &str) -> u64 {
@@ -152,15 +92,28 @@ when_full = "drop-oldest"
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_keeps_coming_while_a_full_spool_blocks_intake() {
+    // Batches fill up as messages come in: intake waits handing one over.
+    blocked_by_a_full_spool("batch_size = 100", 2000).await;
+}
+
+/// The same at a rate that never fills a batch (the default 5,000 points):
+/// batches are cut on the flush interval, in the main loop's tick, and the
+/// wait for room is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_keeps_coming_while_a_full_spool_blocks_a_low_rate_intake() {
+    blocked_by_a_full_spool("", 500).await;
+}
+
+async fn blocked_by_a_full_spool(influx_keys: &str, rate: u32) {
     let mut env = Env::start().await;
     let ep = free_endpoint();
     let cfg = env.config(&format!(
-        r#"batch_size = 100
+        r#"{influx_keys}
 
 [publishers.synth]
 feed = "synthetic"
 endpoint = "{ep}"
-rate = 2000
+rate = {rate}
 count = 0
 wait_for_subscribers = 1
 
@@ -176,7 +129,7 @@ when_full = "block"
     ));
     let cfg = cfg.to_str().unwrap();
     let sock_path = env.path("notify.sock");
-    let sock = notify_socket(&sock_path);
+    let mut sock = NotifyReader::bind(&sock_path);
     env.stop_influx();
     let mut publisher = env.spawn("nbpy-publisher", &["--config", cfg, "synth"], &[]);
     publisher.wait_log("bound", Duration::from_secs(20));
@@ -188,11 +141,11 @@ when_full = "block"
     subscriber.wait_log("spool full", Duration::from_secs(60));
     // Blocked for good (InfluxDB stays down): STATUS must say so, and keep
     // coming, with intake's real rate.
-    let first = wait_status(&sock, Duration::from_secs(30), |s| {
+    let first = sock.until("saying INTAKE BLOCKED", Duration::from_secs(30), |s| {
         s.contains("INTAKE BLOCKED")
     });
     assert!(first.contains("spool full"), "{first}");
-    let later = statuses(&sock, Duration::from_secs(4));
+    let later = sock.during(Duration::from_secs(4));
     assert!(
         later.len() >= 2,
         "STATUS kept coming while blocked: {later:?}"
@@ -234,7 +187,7 @@ enabled = false
     ));
     let cfg = cfg.to_str().unwrap();
     let sock_path = env.path("notify.sock");
-    let sock = notify_socket(&sock_path);
+    let mut sock = NotifyReader::bind(&sock_path);
     let mut publisher = env.spawn("nbpy-publisher", &["--config", cfg, "synth"], &[]);
     publisher.wait_log("bound", Duration::from_secs(20));
     let mut subscriber = env.spawn(
@@ -242,14 +195,14 @@ enabled = false
         &["--config", cfg, "main"],
         &[("NOTIFY_SOCKET", sock_path.to_str().unwrap())],
     );
-    wait_stored(&env, 2_000, Duration::from_secs(120)).await;
+    env.wait_stored(2_000, Duration::from_secs(120)).await;
     env.stop_influx();
-    let first = wait_status(&sock, Duration::from_secs(60), |s| {
+    let first = sock.until("saying INTAKE BLOCKED", Duration::from_secs(60), |s| {
         s.contains("INTAKE BLOCKED")
     });
     println!("STATUS while blocked: {first}");
     assert!(first.contains("queue is full"), "{first}");
-    let later = statuses(&sock, Duration::from_secs(4));
+    let later = sock.during(Duration::from_secs(4));
     assert!(
         later.len() >= 2 && later.iter().all(|s| s.contains("INTAKE BLOCKED")),
         "STATUS kept coming while blocked: {later:?}"
@@ -257,7 +210,7 @@ enabled = false
 
     // InfluxDB back: intake resumes, STATUS says so, and the stop is clean.
     env.start_influx_again();
-    wait_status(&sock, Duration::from_secs(60), |s| {
+    sock.until("without INTAKE BLOCKED", Duration::from_secs(60), |s| {
         !s.contains("INTAKE BLOCKED")
     });
     subscriber.signal(Signal::SIGTERM);
@@ -296,7 +249,7 @@ async fn gaps_counted_from_a_crash_position_are_worded_as_an_upper_bound() {
     let mut publisher = env.spawn("nbpy-publisher", &["--config", cfg, "synth"], &[]);
     publisher.wait_log("bound", Duration::from_secs(20));
     let mut first = env.spawn_as("main-1", "nbpy-subscriber", &["--config", cfg, "main"]);
-    wait_stored(&env, 4_000, Duration::from_secs(120)).await;
+    env.wait_stored(4_000, Duration::from_secs(120)).await;
     first.signal(Signal::SIGKILL);
     first.wait(Duration::from_secs(10));
 
@@ -327,7 +280,7 @@ async fn a_publisher_restart_while_the_subscriber_was_down_is_reported_not_silen
     let mut publisher = env.spawn_as("pub-1", "nbpy-publisher", &["--config", cfg, "synth"]);
     publisher.wait_log("bound", Duration::from_secs(20));
     let mut first = env.spawn_as("main-1", "nbpy-subscriber", &["--config", cfg, "main"]);
-    wait_stored(&env, 4_000, Duration::from_secs(120)).await;
+    env.wait_stored(4_000, Duration::from_secs(120)).await;
     // The crash, then the publisher restarts while no subscriber runs.
     first.signal(Signal::SIGKILL);
     first.wait(Duration::from_secs(10));
@@ -360,12 +313,8 @@ async fn a_publisher_restart_while_the_subscriber_was_down_is_reported_not_silen
     publisher.wait_log("bound", Duration::from_secs(20));
     // The new epoch's messages are stored only after the subscriber saw them.
     let stored_then = env.count_data().await;
-    wait_stored(
-        &env,
-        stored_then.max(before) + 4_000,
-        Duration::from_secs(120),
-    )
-    .await;
+    env.wait_stored(stored_then.max(before) + 4_000, Duration::from_secs(120))
+        .await;
     second.signal(Signal::SIGTERM);
     second.wait_success(Duration::from_secs(60));
     publisher.signal(Signal::SIGTERM);

@@ -40,18 +40,6 @@ fn wait_until(what: &str, deadline: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
-async fn wait_stored(env: &Env, want: u64, deadline: Duration) -> u64 {
-    let t0 = Instant::now();
-    loop {
-        let n = env.count_data().await;
-        if n >= want {
-            return n;
-        }
-        assert!(t0.elapsed() < deadline, "only {n} of {want} points stored");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn influxdb_down_for_20s_under_load_every_message_lands_exactly_once() {
     const N: u64 = 600_000;
@@ -79,7 +67,7 @@ stats_interval = "1s"
     publisher.wait_log("bound", Duration::from_secs(20));
     let mut subscriber = env.spawn("nbpy-subscriber", &["--config", cfg, "main"], &[]);
 
-    wait_stored(&env, 40_000, Duration::from_secs(120)).await;
+    env.wait_stored(40_000, Duration::from_secs(120)).await;
     env.stop_influx();
     let down = Instant::now();
     let dir = spool_dir(&env);
@@ -107,7 +95,7 @@ stats_interval = "1s"
 
     let status = publisher.wait(Duration::from_secs(300));
     assert!(status.success(), "publisher: {status}");
-    let n = wait_stored(&env, N, Duration::from_secs(300)).await;
+    let n = env.wait_stored(N, Duration::from_secs(300)).await;
     subscriber.signal(Signal::SIGTERM);
     let status = subscriber.wait(Duration::from_secs(60));
     assert!(
@@ -172,7 +160,7 @@ stats_interval = "1s"
     let mut publisher = env.spawn("nbpy-publisher", &["--config", cfg, "synth"], &[]);
     publisher.wait_log("bound", Duration::from_secs(20));
     let mut first = env.spawn_as("main-1", "nbpy-subscriber", &["--config", cfg, "main"]);
-    wait_stored(&env, 20_000, Duration::from_secs(120)).await;
+    env.wait_stored(20_000, Duration::from_secs(120)).await;
 
     // InfluxDB goes away; the subscriber spools; then it is killed outright.
     env.stop_influx();
@@ -264,7 +252,7 @@ stats_interval = "1s"
     publisher.wait_log("bound", Duration::from_secs(20));
     let mut subscriber = env.spawn("nbpy-subscriber", &["--config", cfg, "main"], &[]);
     publisher.wait_success(Duration::from_secs(120));
-    wait_stored(&env, N / 5 * 4, Duration::from_secs(120)).await;
+    env.wait_stored(N / 5 * 4, Duration::from_secs(120)).await;
     let dead = env.path("state").join("dead-letter").join("main.lp");
     wait_until("the dead letters", Duration::from_secs(60), || {
         dead_lines(&dead).0 >= (N / 5) as usize
@@ -446,7 +434,7 @@ stats_interval = "1s"
     ));
     let cfg = cfg.to_str().unwrap();
     let sock_path = env.path("notify.sock");
-    let mut statuses = StatusReader::bind(&sock_path);
+    let mut statuses = NotifyReader::bind(&sock_path);
     let sock_env = sock_path.to_str().unwrap();
     let mut publisher = env.spawn("nbpy-publisher", &["--config", cfg, "synth"], &[]);
     publisher.wait_log("bound", Duration::from_secs(20));
@@ -590,63 +578,6 @@ when_full = "block"
     assert_eq!(gaps, Some(0), "nothing lost");
 }
 
-/// The service manager's end of sd_notify, read all along as systemd
-/// does: a reader that stopped would leave the service blocked in its
-/// next notification once the socket's queue is full.
-struct StatusReader {
-    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-    seen: usize,
-}
-
-impl StatusReader {
-    fn bind(path: &Path) -> StatusReader {
-        let sock = std::os::unix::net::UnixDatagram::bind(path).unwrap();
-        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let to = lines.clone();
-        std::thread::spawn(move || {
-            let mut buf = vec![0u8; 4096];
-            while let Ok(n) = sock.recv(&mut buf) {
-                let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
-                if let Some(s) = msg.lines().find_map(|l| l.strip_prefix("STATUS=")) {
-                    to.lock().unwrap().push(s.to_string());
-                }
-            }
-        });
-        StatusReader { lines, seen: 0 }
-    }
-
-    fn last(&self) -> String {
-        self.lines
-            .lock()
-            .unwrap()
-            .last()
-            .cloned()
-            .unwrap_or_default()
-    }
-
-    /// The first STATUS not looked at yet for which `f` holds.
-    fn until(&mut self, what: &str, deadline: Duration, f: impl Fn(&str) -> bool) -> String {
-        let t0 = Instant::now();
-        loop {
-            {
-                let lines = self.lines.lock().unwrap();
-                while self.seen < lines.len() {
-                    self.seen += 1;
-                    if f(&lines[self.seen - 1]) {
-                        return lines[self.seen - 1].clone();
-                    }
-                }
-            }
-            assert!(
-                t0.elapsed() < deadline,
-                "no STATUS {what} within {deadline:?}; last: {:?}",
-                self.last()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
 /// A spool that could not take data during an outage (its directory gone)
 /// is an alarm while InfluxDB is down; once InfluxDB takes the writes
 /// again, the alarm goes (it stayed until the next successful append,
@@ -678,7 +609,7 @@ dir = "{}"
         dir.display()
     ));
     let cfg = cfg.to_str().unwrap();
-    let mut status = StatusReader::bind(&env.path("notify.sock"));
+    let mut status = NotifyReader::bind(&env.path("notify.sock"));
     let sock_env = env.path("notify.sock");
     let mut publisher = env.spawn("nbpy-publisher", &["--config", cfg, "synth"], &[]);
     publisher.wait_log("bound", Duration::from_secs(20));
@@ -687,7 +618,7 @@ dir = "{}"
         &["--config", cfg, "main"],
         &[("NOTIFY_SOCKET", sock_env.to_str().unwrap())],
     );
-    wait_stored(&env, 1_000, Duration::from_secs(60)).await;
+    env.wait_stored(1_000, Duration::from_secs(60)).await;
     // No segment exists yet (nothing was spooled): the first append must
     // create one, in a directory that is now a file.
     std::fs::remove_dir_all(&dir).unwrap();

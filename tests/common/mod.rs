@@ -399,3 +399,87 @@ impl Drop for FixedHttp {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
+
+/// The service manager's end of sd_notify, read all along on a thread of
+/// its own, as systemd does: a reader that stopped would leave the service
+/// blocked in its next notification once the socket's queue (10 datagrams)
+/// is full.
+pub struct NotifyReader {
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    seen: usize,
+}
+
+impl NotifyReader {
+    pub fn bind(path: &Path) -> NotifyReader {
+        let sock = std::os::unix::net::UnixDatagram::bind(path).expect("bind the notify socket");
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let to = lines.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 8192];
+            while let Ok(n) = sock.recv(&mut buf) {
+                let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+                if let Some(s) = msg.lines().find_map(|l| l.strip_prefix("STATUS=")) {
+                    to.lock().unwrap().push(s.to_string());
+                }
+            }
+        });
+        NotifyReader { lines, seen: 0 }
+    }
+
+    /// The newest STATUS so far.
+    pub fn last(&self) -> String {
+        self.lines
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// The first STATUS not looked at yet for which `f` holds; panics with
+    /// the last few past the deadline.
+    pub fn until(&mut self, what: &str, deadline: Duration, f: impl Fn(&str) -> bool) -> String {
+        let t0 = Instant::now();
+        loop {
+            {
+                let lines = self.lines.lock().unwrap();
+                while self.seen < lines.len() {
+                    self.seen += 1;
+                    if f(&lines[self.seen - 1]) {
+                        return lines[self.seen - 1].clone();
+                    }
+                }
+                assert!(
+                    t0.elapsed() < deadline,
+                    "no STATUS {what} within {deadline:?}; the last ones:\n{}",
+                    lines[lines.len().saturating_sub(5)..].join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The STATUS lines not looked at yet, after waiting `wait` for more.
+    pub fn during(&mut self, wait: Duration) -> Vec<String> {
+        std::thread::sleep(wait);
+        let lines = self.lines.lock().unwrap();
+        let new = lines[self.seen..].to_vec();
+        self.seen = lines.len();
+        new
+    }
+}
+
+impl Env {
+    /// Waits until the data measurements hold at least `want` points.
+    pub async fn wait_stored(&self, want: u64, deadline: Duration) -> u64 {
+        let t0 = Instant::now();
+        loop {
+            let n = self.count_data().await;
+            if n >= want {
+                return n;
+            }
+            assert!(t0.elapsed() < deadline, "only {n} of {want} points stored");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
