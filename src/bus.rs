@@ -273,17 +273,20 @@ impl GapTracker {
         }
     }
 
-    /// Continues from a previous run's last safe position, so what a
-    /// publisher sent while this subscriber was down counts as a gap instead
-    /// of passing for a late join.
-    pub fn resume(&mut self, publisher: &str, epoch: u64, seq: u64) {
+    /// Continues from a previous run's position, so what a publisher sent
+    /// while this subscriber was down counts as a gap instead of passing
+    /// for a late join. `exact`: the previous run stopped cleanly and saved
+    /// its exact position, so nothing after it was stored or lost unseen;
+    /// otherwise it is the last *safe* position of a run that crashed, and
+    /// the first message judges against it as [`Observed`] says.
+    pub fn resume(&mut self, publisher: &str, epoch: u64, seq: u64, exact: bool) {
         self.seen.insert(
             publisher.to_string(),
             PublisherSeen {
                 epoch,
                 first_seq: seq,
                 last_seq: seq,
-                resumed: true,
+                resumed: !exact,
                 ..Default::default()
             },
         );
@@ -344,7 +347,7 @@ mod tests {
     #[test]
     fn resuming_counts_what_was_missed_while_down() {
         let mut g = GapTracker::default();
-        g.resume("a", 7, 100);
+        g.resume("a", 7, 100, false);
         assert_eq!(g.observe("a", 7, 150), 49);
         assert_eq!(g.positions(), vec![("a".to_string(), 7, 150)]);
     }
@@ -352,7 +355,7 @@ mod tests {
     #[test]
     fn a_count_resting_on_a_resumed_position_says_so_once() {
         let mut g = GapTracker::default();
-        g.resume("a", 7, 100);
+        g.resume("a", 7, 100, false);
         let o = g.observe_detailed("a", 7, 150);
         assert_eq!((o.missed, o.after_resume), (49, true), "an upper bound");
         let o = g.observe_detailed("a", 7, 152);
@@ -362,8 +365,8 @@ mod tests {
     #[test]
     fn a_restart_while_down_is_loss_that_cannot_be_counted() {
         let mut g = GapTracker::default();
-        g.resume("a", 7, 100);
-        g.resume("b", 3, 10);
+        g.resume("a", 7, 100, false);
+        g.resume("b", 3, 10, false);
         let o = g.observe_detailed("a", 8, 5);
         assert_eq!(o.missed, 4, "the new epoch's start is counted");
         assert_eq!(o.restart_unknown_loss, Some((7, 100)));
@@ -373,5 +376,25 @@ mod tests {
         g.observe_detailed("b", 3, 11);
         let o = g.observe_detailed("b", 4, 1);
         assert_eq!(o.restart_unknown_loss, None, "b was seen in this run");
+    }
+
+    #[test]
+    fn after_a_clean_stop_the_position_is_exact() {
+        let mut g = GapTracker::default();
+        g.resume("a", 7, 100, true);
+        g.resume("b", 3, 10, true);
+        // Sent while the subscriber was down: an exact gap (its publisher
+        // counted them as sent to no subscriber).
+        assert_eq!(
+            g.observe_detailed("a", 7, 150),
+            Observed {
+                missed: 49,
+                ..Default::default()
+            }
+        );
+        // A publisher restarted since: the old epoch ended where the clean
+        // stop saw it (the rest went to no subscriber, counted there).
+        let o = g.observe_detailed("b", 4, 1);
+        assert_eq!(o.restart_unknown_loss, None);
     }
 }

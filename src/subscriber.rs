@@ -211,8 +211,9 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
         );
     }
     let mut marks = Watermark::load(cfg.state_dir.join("seen").join(format!("{name}.json")));
+    let exact = marks.clean_stop();
     for (publisher, epoch, seq) in marks.resumed() {
-        st.gaps.resume(&publisher, epoch, seq);
+        st.gaps.resume(&publisher, epoch, seq, exact);
     }
     let mut last_cut = Instant::now();
     // Report at once, so health sees a live subscriber before the first
@@ -342,7 +343,7 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
         Ok(()) => {
             // Everything accepted is written or spooled: the tracker's
             // position is exact.
-            marks.persist(st.gaps.positions()).await;
+            marks.persist(st.gaps.positions(), true).await;
             if summary.adds_up {
                 tracing::info!(
                     "subscriber {name}: stopped in {:?}: {}",
@@ -698,40 +699,69 @@ type Positions = Vec<(String, u64, u64)>;
 /// is lost with the process; resuming from a safe position makes that loss
 /// a counted gap. The count can exceed the loss by what was made safe after
 /// the last checkpoint (about one `flush_interval` of messages): it is an
-/// upper bound, never silence. A clean stop writes the exact position.
+/// upper bound, never silence. A clean stop writes the exact position and
+/// says so (`clean`): the next start then counts from it exactly, and a
+/// publisher restart in between is no unknown loss (what the publisher
+/// sent after the subscriber left, it counted as sent to no subscriber).
 struct Watermark {
     path: PathBuf,
     /// Checkpoints not yet safe: (batches submitted before it, positions).
     pending: std::collections::VecDeque<(u64, Positions)>,
     saved: Positions,
+    /// The file was written by a clean stop.
+    clean: bool,
     log: RateLimitedLog,
+}
+
+/// `<state_dir>/seen/<name>.json`. Files from before `clean` existed are
+/// a bare list of positions, read as not clean (the cautious reading).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Marks {
+    clean: bool,
+    positions: Positions,
 }
 
 impl Watermark {
     fn load(path: PathBuf) -> Self {
-        let saved = match std::fs::read(&path) {
-            Ok(bytes) => match serde_json::from_slice::<Vec<(String, u64, u64)>>(&bytes) {
-                Ok(v) => v,
-                Err(e) => {
-                    tracing::warn!(
-                        "{}: unreadable ({e}); gaps before this start are not counted",
-                        path.display()
-                    );
-                    Vec::new()
-                }
+        let (saved, clean) = match std::fs::read(&path) {
+            Ok(bytes) => match serde_json::from_slice::<Marks>(&bytes) {
+                Ok(m) => (m.positions, m.clean),
+                Err(e) => match serde_json::from_slice::<Positions>(&bytes) {
+                    Ok(v) => (v, false),
+                    Err(_) => {
+                        tracing::warn!(
+                            "{}: unreadable ({e}); gaps before this start are not counted",
+                            path.display()
+                        );
+                        (Vec::new(), false)
+                    }
+                },
             },
-            Err(_) => Vec::new(),
+            Err(_) => (Vec::new(), false),
         };
+        if clean {
+            // From now on this run may crash: until it stops cleanly, the
+            // position on disk is only a safe one.
+            if let Err(e) = save_marks(&path, &saved, false) {
+                tracing::warn!("cannot save {}: {e}", path.display());
+            }
+        }
         Watermark {
             path,
             pending: Default::default(),
             saved,
+            clean,
             log: RateLimitedLog::new(Duration::from_secs(60)),
         }
     }
 
     fn resumed(&self) -> Vec<(String, u64, u64)> {
         self.saved.clone()
+    }
+
+    /// The positions [`Watermark::resumed`] gives are exact.
+    fn clean_stop(&self) -> bool {
+        self.clean
     }
 
     fn checkpoint(&mut self, submitted: u64, positions: Vec<(String, u64, u64)>) {
@@ -756,19 +786,20 @@ impl Watermark {
             if p != self.saved {
                 // Spooled batches must be on disk before the mark says so.
                 pool.sync_spool(false).await;
-                self.persist(p).await;
+                self.persist(p, false).await;
             }
         }
     }
 
     /// Saves `positions`; the fsync runs off the runtime's thread, which
     /// intake shares.
-    async fn persist(&mut self, positions: Vec<(String, u64, u64)>) {
+    async fn persist(&mut self, positions: Vec<(String, u64, u64)>, clean: bool) {
         let path = self.path.clone();
-        let r =
-            tokio::task::spawn_blocking(move || save_marks(&path, &positions).map(|()| positions))
-                .await
-                .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        let r = tokio::task::spawn_blocking(move || {
+            save_marks(&path, &positions, clean).map(|()| positions)
+        })
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
         match r {
             Ok(positions) => self.saved = positions,
             Err(e) => {
@@ -781,14 +812,18 @@ impl Watermark {
 
 /// Writes the positions to `path` durably: a temporary file, fsynced, then
 /// renamed over it.
-fn save_marks(path: &std::path::Path, positions: &[(String, u64, u64)]) -> std::io::Result<()> {
+fn save_marks(path: &std::path::Path, positions: &Positions, clean: bool) -> std::io::Result<()> {
     use std::io::Write;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
     let tmp = path.with_extension("json.tmp");
     let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(&serde_json::to_vec(positions).map_err(std::io::Error::other)?)?;
+    let marks = Marks {
+        clean,
+        positions: positions.clone(),
+    };
+    f.write_all(&serde_json::to_vec(&marks).map_err(std::io::Error::other)?)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)
 }
