@@ -241,6 +241,25 @@ stats_interval = "1s"
     .to_string()
 }
 
+/// Waits until the subscriber has saved a position for some publisher: a
+/// kill before that leaves nothing to resume from (a loaded machine can
+/// store points before the tick that saves their position has run).
+fn wait_saved_position(env: &Env) {
+    let path = env.path("state").join("seen").join("main.json");
+    let t0 = std::time::Instant::now();
+    while !std::fs::read_to_string(&path)
+        .unwrap_or_default()
+        .contains("\"positions\":[[")
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no position saved in {}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gaps_counted_from_a_crash_position_are_worded_as_an_upper_bound() {
     let env = Env::start().await;
@@ -250,6 +269,7 @@ async fn gaps_counted_from_a_crash_position_are_worded_as_an_upper_bound() {
     publisher.wait_log("bound", Duration::from_secs(20));
     let mut first = env.spawn_as("main-1", "nbpy-subscriber", &["--config", cfg, "main"]);
     env.wait_stored(4_000, Duration::from_secs(120)).await;
+    wait_saved_position(&env);
     first.signal(Signal::SIGKILL);
     first.wait(Duration::from_secs(10));
 
@@ -281,6 +301,7 @@ async fn a_publisher_restart_while_the_subscriber_was_down_is_reported_not_silen
     publisher.wait_log("bound", Duration::from_secs(20));
     let mut first = env.spawn_as("main-1", "nbpy-subscriber", &["--config", cfg, "main"]);
     env.wait_stored(4_000, Duration::from_secs(120)).await;
+    wait_saved_position(&env);
     // The crash, then the publisher restarts while no subscriber runs.
     first.signal(Signal::SIGKILL);
     first.wait(Duration::from_secs(10));
