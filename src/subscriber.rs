@@ -418,7 +418,7 @@ fn stop_summary(
             );
         }
         if n(&w.spool_damaged) > 0 {
-            why.push(format!("{} damaged spool records", n(&w.spool_damaged)));
+            why.push(format!("spool damage: {} cut(s)", n(&w.spool_damaged)));
         }
         if !why.is_empty() {
             line.push_str(&format!(" ({})", why.join("; ")));

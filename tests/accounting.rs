@@ -11,27 +11,6 @@ use std::time::Duration;
 use common::*;
 use nix::sys::signal::Signal;
 
-/// The number just before `word` in `line`.
-fn number_before(line: &str, word: &str) -> u64 {
-    let i = line
-        .find(word)
-        .unwrap_or_else(|| panic!("{word:?} in {line:?}"));
-    line[..i]
-        .trim_end()
-        .rsplit(' ')
-        .next()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("a number before {word:?} in {line:?}"))
-}
-
-fn summary(log: &str) -> String {
-    log.lines()
-        .rev()
-        .find(|l| l.contains("subscriber main: stopped in"))
-        .unwrap_or_else(|| panic!("no stop summary in\n{log}"))
-        .to_string()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_stop_summary_names_what_a_full_spool_dropped_and_adds_up() {
     const N: u64 = 20_000;
@@ -68,7 +47,7 @@ when_full = "drop-oldest"
     subscriber.signal(Signal::SIGTERM);
     subscriber.wait_success(Duration::from_secs(60));
 
-    let line = summary(&subscriber.log_text());
+    let line = stop_summary(&subscriber.log_text(), "main");
     println!("{line}");
     assert_eq!(number_before(&line, " accepted,"), N, "{line}");
     assert!(
@@ -343,7 +322,7 @@ async fn a_publisher_restart_while_the_subscriber_was_down_is_reported_not_silen
 
     let log = second.log_text();
     assert_eq!(log.matches(warning).count(), 1, "{log}");
-    let line = summary(&log);
+    let line = stop_summary(&log, "main");
     assert!(
         line.contains(", 1 publisher restart(s) with uncounted loss"),
         "{line}"
@@ -365,7 +344,7 @@ async fn a_publisher_restart_while_the_subscriber_was_down_is_reported_not_silen
     publisher.wait_success(Duration::from_secs(30));
     let log = third.log_text();
     assert!(!log.contains(warning), "after a clean stop:\n{log}");
-    let line = summary(&log);
+    let line = stop_summary(&log, "main");
     assert!(!line.contains("uncounted loss"), "{line}");
 }
 

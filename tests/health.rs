@@ -654,14 +654,13 @@ async fn a_cleanly_stopped_subscriber_shows_down_at_once_not_up_until_stale() {
     let cfg = cfg.to_str().unwrap();
     let mut publisher = env.spawn("nbpy-publisher", &["--config", cfg, "synth"], &[]);
     let mut subscriber = env.spawn("nbpy-subscriber", &["--config", cfg, "main"], &[]);
-    let up = |s: &Status| subscriber_state(s, "main") == Some(State::Up);
-    let t0 = Instant::now();
-    while !up(&nbpy_status(cfg)) {
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "subscriber never up"
-        );
-    }
+    let wait_up = |what: &str| {
+        let t0 = Instant::now();
+        while subscriber_state(&nbpy_status(cfg), "main") != Some(State::Up) {
+            assert!(t0.elapsed() < Duration::from_secs(30), "subscriber {what}");
+        }
+    };
+    wait_up("never up");
 
     subscriber.signal(Signal::SIGTERM);
     subscriber.wait_success(Duration::from_secs(30));
@@ -684,13 +683,7 @@ async fn a_cleanly_stopped_subscriber_shows_down_at_once_not_up_until_stale() {
 
     // Started again: its first report supersedes the stopped one.
     let mut subscriber = env.spawn("nbpy-subscriber", &["--config", cfg, "main"], &[]);
-    let t0 = Instant::now();
-    while !up(&nbpy_status(cfg)) {
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "subscriber not up again"
-        );
-    }
+    wait_up("not up again");
 
     // `nbpy down`'s order: subscribers, then publishers. Both show down.
     subscriber.signal(Signal::SIGTERM);

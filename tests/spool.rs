@@ -639,17 +639,7 @@ dir = "{}"
         "a stale alarm once InfluxDB takes writes again: {healthy}"
     );
     publisher.wait_success(Duration::from_secs(120));
-    let t0 = Instant::now();
-    while env.count_data().await < N {
-        assert!(
-            t0.elapsed() < Duration::from_secs(120),
-            "only {} of {N} points stored; last STATUS {:?}\n{}",
-            env.count_data().await,
-            status.last(),
-            subscriber.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    env.wait_stored(N, Duration::from_secs(120)).await;
     subscriber.signal(Signal::SIGTERM);
     let st = subscriber.wait(Duration::from_secs(60));
     assert!(st.success(), "subscriber: {st}\n{}", subscriber.log_text());

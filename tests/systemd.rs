@@ -32,6 +32,8 @@
 //! exists in the build; until then they must fail clearly, and the driver
 //! reports them as pending.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -995,24 +997,8 @@ mod inner {
 
         // Every message the subscriber accepted is stored: its own final
         // accounting (logged when it exits) against what InfluxDB holds.
-        let j = journal(MAIN);
-        let line = j
-            .lines()
-            .rev()
-            .find(|l| l.contains("subscriber main: stopped in"))
-            .unwrap_or_else(|| panic!("no final accounting from the subscriber:\n{j}"))
-            .to_string();
-        let number_before = |word: &str| -> u64 {
-            let i = line
-                .find(word)
-                .unwrap_or_else(|| panic!("{word:?} in {line:?}"));
-            line[..i]
-                .trim_end()
-                .rsplit(' ')
-                .next()
-                .and_then(|n| n.parse().ok())
-                .unwrap_or_else(|| panic!("a number before {word:?} in {line:?}"))
-        };
+        let line = common::stop_summary(&journal(MAIN), "main");
+        let number_before = |word: &str| common::number_before(&line, word);
         let accepted = number_before(" accepted");
         // Both publishers wait for their subscriber, so even across the
         // kill -9 and the watchdog restart (new epochs) no sequence number

@@ -1018,29 +1018,7 @@ async fn betfair_rejected_session_exits_77_from_the_publisher() {
     let files = betfair_files();
     let server = BetfairServer::start(&files.pki, good_auth, |_, _| vec![]).await;
     let wrong = secret(files.dir.path(), "stale-session", "session-expired-77aa");
-    let cfg = files.dir.path().join("nbpy.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"
-[publishers.odds]
-feed = "betfair-stream"
-endpoint = "{}"
-url = "{}"
-[publishers.odds.betfair]
-app_key_file = {:?}
-session_token_file = {:?}
-ca_file = {:?}
-event_types = ["7"]
-"#,
-            common::free_endpoint(),
-            server.url(),
-            files.app_key.display().to_string(),
-            wrong.display().to_string(),
-            files.pki.ca_pem.display().to_string(),
-        ),
-    )
-    .unwrap();
+    let cfg = betfair_publisher_toml(&files, &server, 0, &wrong);
     let (code, log) = run_publisher(&cfg, "odds").await;
     assert_eq!(code, Some(77), "EX_NOPERM\n{log}");
     assert!(
@@ -1057,8 +1035,14 @@ event_types = ["7"]
     assert_eq!(server.connections(), 1, "no retry loop");
 }
 
-/// The publisher's config for `server`, stopping after `count` messages.
-fn betfair_publisher_toml(files: &BetfairFiles, server: &BetfairServer, count: u64) -> PathBuf {
+/// The publisher's config for `server`, stopping after `count` messages
+/// (0: never), with the session token in `session`.
+fn betfair_publisher_toml(
+    files: &BetfairFiles,
+    server: &BetfairServer,
+    count: u64,
+    session: &Path,
+) -> PathBuf {
     let cfg = files.dir.path().join(format!("nbpy-{count}.toml"));
     std::fs::write(
         &cfg,
@@ -1079,7 +1063,7 @@ heartbeat_ms = 500
             common::free_endpoint(),
             server.url(),
             files.app_key.display().to_string(),
-            files.session.display().to_string(),
+            session.display().to_string(),
             files.pki.ca_pem.display().to_string(),
         ),
     )
@@ -1105,7 +1089,11 @@ async fn betfair_subscribed_is_logged_only_once_acknowledged() {
         |_, _| vec![],
     )
     .await;
-    let (code, log) = run_publisher(&betfair_publisher_toml(&files, &refusing, 0), "odds").await;
+    let (code, log) = run_publisher(
+        &betfair_publisher_toml(&files, &refusing, 0, &files.session),
+        "odds",
+    )
+    .await;
     assert_eq!(code, Some(78), "{log}");
     assert!(log.contains("SUBSCRIPTION_LIMIT_EXCEEDED"), "{log}");
     assert!(
@@ -1117,7 +1105,11 @@ async fn betfair_subscribed_is_logged_only_once_acknowledged() {
         vec![line(mcm(image(PT))), Step::Hold]
     })
     .await;
-    let (code, log) = run_publisher(&betfair_publisher_toml(&files, &server, 3), "odds").await;
+    let (code, log) = run_publisher(
+        &betfair_publisher_toml(&files, &server, 3, &files.session),
+        "odds",
+    )
+    .await;
     assert_eq!(code, Some(0), "{log}");
     assert!(log.contains("subscribed to Betfair markets"), "{log}");
 }
@@ -1140,7 +1132,11 @@ async fn betfair_stop_line_counts_malformed_messages_and_connections() {
         }
     })
     .await;
-    let (code, log) = run_publisher(&betfair_publisher_toml(&files, &server, 4), "odds").await;
+    let (code, log) = run_publisher(
+        &betfair_publisher_toml(&files, &server, 4, &files.session),
+        "odds",
+    )
+    .await;
     assert_eq!(code, Some(0), "{log}");
     assert!(
         log.contains(

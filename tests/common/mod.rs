@@ -426,16 +426,6 @@ impl NotifyReader {
         NotifyReader { lines, seen: 0 }
     }
 
-    /// The newest STATUS so far.
-    pub fn last(&self) -> String {
-        self.lines
-            .lock()
-            .unwrap()
-            .last()
-            .cloned()
-            .unwrap_or_default()
-    }
-
     /// The first STATUS not looked at yet for which `f` holds; panics with
     /// the last few past the deadline.
     pub fn until(&mut self, what: &str, deadline: Duration, f: impl Fn(&str) -> bool) -> String {
@@ -482,4 +472,27 @@ impl Env {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+}
+
+/// The number just before `word` in `line` (a stop summary's counts).
+pub fn number_before(line: &str, word: &str) -> u64 {
+    let i = line
+        .find(word)
+        .unwrap_or_else(|| panic!("{word:?} in {line:?}"));
+    line[..i]
+        .trim_end()
+        .rsplit(' ')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("a number before {word:?} in {line:?}"))
+}
+
+/// Subscriber `name`'s last stop summary in `log`.
+pub fn stop_summary(log: &str, name: &str) -> String {
+    let needle = format!("subscriber {name}: stopped in");
+    log.lines()
+        .rev()
+        .find(|l| l.contains(&needle))
+        .unwrap_or_else(|| panic!("no stop summary of {name} in\n{log}"))
+        .to_string()
 }
