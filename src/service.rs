@@ -19,29 +19,39 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::LogFormat;
 
+/// How long one notification may wait for room in the manager's queue.
+/// systemd reads its socket at once, so this only bites when the manager
+/// (or a test harness) has stopped reading: then a bounded wait and a lost
+/// status line beat a pipeline frozen in `send()` (the subscriber notifies
+/// from the thread that also reads the bus).
+const SEND_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// A connected datagram socket to the service manager, if there is one.
 pub struct Notifier {
     socket: Option<UnixDatagram>,
 }
 
 impl Notifier {
-    /// From `$NOTIFY_SOCKET`: a path, or `@name` for the abstract namespace.
+    /// From `$NOTIFY_SOCKET`.
     pub fn from_env() -> io::Result<Self> {
         match std::env::var_os("NOTIFY_SOCKET") {
             None => Ok(Notifier { socket: None }),
-            Some(raw) => {
-                let raw = raw.to_string_lossy().into_owned();
-                let addr = match raw.strip_prefix('@') {
-                    Some(name) => SocketAddr::from_abstract_name(name.as_bytes())?,
-                    None => SocketAddr::from_pathname(&raw)?,
-                };
-                let socket = UnixDatagram::unbound()?;
-                socket.connect_addr(&addr)?;
-                Ok(Notifier {
-                    socket: Some(socket),
-                })
-            }
+            Some(raw) => Self::connect(&raw.to_string_lossy()),
         }
+    }
+
+    /// To `raw`: a path, or `@name` for the abstract namespace.
+    fn connect(raw: &str) -> io::Result<Self> {
+        let addr = match raw.strip_prefix('@') {
+            Some(name) => SocketAddr::from_abstract_name(name.as_bytes())?,
+            None => SocketAddr::from_pathname(raw)?,
+        };
+        let socket = UnixDatagram::unbound()?;
+        socket.connect_addr(&addr)?;
+        socket.set_write_timeout(Some(SEND_TIMEOUT))?;
+        Ok(Notifier {
+            socket: Some(socket),
+        })
     }
 
     pub fn disabled() -> Self {
@@ -59,8 +69,21 @@ impl Notifier {
             msg.push_str(&s.to_string());
             msg.push('\n');
         }
-        if let Err(e) = sock.send(msg.as_bytes()) {
-            tracing::debug!("sd_notify send failed: {e}");
+        match sock.send(msg.as_bytes()) {
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                tracing::warn!(
+                    "the service manager did not take a notification within {SEND_TIMEOUT:?} \
+                     (is it reading NOTIFY_SOCKET?); dropped: {}",
+                    msg.trim_end().replace('\n', "; ")
+                );
+            }
+            Err(e) => tracing::debug!("sd_notify send failed: {e}"),
         }
     }
 }
@@ -351,6 +374,40 @@ mod tests {
         assert!(!journal_stream_matches(Some("8:1234"), 8, 1235));
         assert!(!journal_stream_matches(Some("garbage"), 8, 1234));
         assert!(!journal_stream_matches(None, 8, 1234));
+    }
+
+    /// A manager that stops reading costs each notification at most
+    /// [`SEND_TIMEOUT`], never a hung service.
+    #[test]
+    fn a_manager_that_does_not_read_does_not_hang_the_service() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify");
+        let manager = UnixDatagram::bind(&path).unwrap();
+        let notifier = Notifier::connect(&path.to_string_lossy()).unwrap();
+        assert!(notifier.enabled());
+        // Three more than the kernel queues for an unread datagram socket
+        // (net.unix.max_dgram_qlen, 10 by default).
+        let qlen: u64 = std::fs::read_to_string("/proc/sys/net/unix/max_dgram_qlen")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(10);
+        let sends = qlen + 3;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for i in 0..sends {
+                notifier.notify(&[NotifyState::Status(&format!("n{i}"))]);
+            }
+            let _ = tx.send(());
+        });
+        let bound = SEND_TIMEOUT * 3 + Duration::from_secs(30);
+        assert!(
+            rx.recv_timeout(bound).is_ok(),
+            "notify blocked for over {bound:?} on a manager that does not read"
+        );
+        // What did fit is intact and in order.
+        let mut buf = [0u8; 64];
+        let n = manager.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"STATUS=n0\n");
     }
 
     #[test]
