@@ -401,9 +401,9 @@ impl Drop for FixedHttp {
 }
 
 /// The service manager's end of sd_notify, read all along on a thread of
-/// its own, as systemd does: a reader that stopped would leave the service
-/// blocked in its next notification once the socket's queue (10 datagrams)
-/// is full.
+/// its own, as systemd does: once the socket's queue (10 datagrams) is
+/// full, a reader that stopped would cost the service a second per
+/// notification and lose the lines the test looks for.
 pub struct NotifyReader {
     lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     seen: usize,
