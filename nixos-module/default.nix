@@ -52,38 +52,19 @@ let
     then lib.toInt (lib.last (lib.splitString ":" p.endpoint))
     else feedPorts.${p.feed};
 
-  # The package's services and the credentials each one loads: their
-  # `LoadCredential=ID` lines in systemd/ (tests/packaging.rs checks this
-  # against the files). Template units take the drop-in for every instance.
-  unitCredentials = {
-    "nbpy-influxdb-ready" = [ "influxdb-password" ];
-    "nbpy-schema" = [ "influxdb-password" ];
-    "nbpy-publisher@" = [ ];
-    "nbpy-subscriber@" = [ "influxdb-password" ];
-    "nbpy-grafana" = [ "grafana-admin-password" "influxdb-password" ];
-    "nbpy-validate" = [ "influxdb-password" ];
-    "nbpy-validate-periodic" = [ "influxdb-password" ];
-    "nbpy-health" = [ "influxdb-password" ];
+  # Which unit loads which credential, by the rule `nbpy units install`
+  # applies elsewhere (tests/packaging.rs evaluates it against the Rust
+  # code): the IDs each unit file loads itself, and those the configuration
+  # names (`*_file = "NAME"`) in the keys the unit reads.
+  credentials = import ./credentials.nix;
+  unitLoadCredentials = credentials.loadCredentials {
+    inherit (cfg) settings;
+    files = cfg.credentials;
   };
 
-  # Secrets reach the services only as systemd credentials; the config names
-  # them relative, resolved in $CREDENTIALS_DIRECTORY (config::read_secret).
-  credentialFiles = {
-    "influxdb-password" = cfg.influxdb.passwordFile;
-    "grafana-admin-password" = cfg.grafana.adminPasswordFile;
-  };
-  # The units say `LoadCredential=ID` (found in /etc/credstore/). Where a
-  # file is configured, the drop-in resets the list and loads every ID the
-  # unit wants again, those with a file from it, the others from the
-  # credstore as before: the file wins whatever systemd makes of an ID given
-  # twice.
-  loadCredential = ids:
-    let
-      fileOf = id: credentialFiles.${id} or null;
-    in
-    lib.optionals (lib.any (id: fileOf id != null) ids) (
-      [ "" ] ++ map (id: if fileOf id != null then "${id}:${toString (fileOf id)}" else id) ids
-    );
+  loadedCredentials = map
+    (entry: lib.head (lib.splitString ":" entry))
+    (lib.concatLists (lib.attrValues unitLoadCredentials));
 
   configFile = settingsFormat.generate "nbpy.toml" cfg.settings;
 
@@ -147,7 +128,31 @@ in
         `influxdb.url`, `grafana.url` and the credential names are filled in
         from the `influxdb` / `grafana` options; `publishers` and
         `subscribers` from the options of those names. Secrets never go here:
-        use `influxdb.passwordFile` / `grafana.adminPasswordFile`.
+        a `*_file` key names a systemd credential (`password_file =
+        "nbpy-writer-password"`), whose file `credentials` gives.
+      '';
+    };
+
+    credentials = mkOption {
+      type = types.attrsOf types.path;
+      default = { };
+      example = literalExpression ''
+        {
+          "nbpy-writer-password" = "/run/secrets/influxdb-writer-password";
+          "oanda-token" = "/run/secrets/oanda-token";
+        }
+      '';
+      description = ''
+        Files for the systemd credentials that `settings` names by bare name
+        in its `*_file` keys (schema users' passwords, venue tokens, …), by
+        credential ID. Each one is loaded, as `LoadCredential=ID:FILE`, into
+        exactly the units that `nbpy units install` gives it elsewhere: the
+        units that read the key naming it. The files are read by systemd (as
+        root) when a unit starts, never copied into the store. An ID that
+        `settings` names but that has no file here is loaded from the
+        credstore (`/etc/credstore/ID`), as `units install` loads it.
+        `influxdb.passwordFile` and `grafana.adminPasswordFile` set
+        `influxdb-password` and `grafana-admin-password`.
       '';
     };
 
@@ -314,6 +319,17 @@ in
         })
         (cfg.publishers // cfg.subscribers);
 
+      # A file for a credential no unit loads is most likely a typo of the
+      # ID that `settings` names.
+      warnings = map
+        (id: "services.nbpy.credentials.${id}: no nbpy unit loads this credential (no `*_file` key in services.nbpy.settings names it \"${id}\"), so the file is not used.")
+        (lib.subtractLists loadedCredentials (attrNames cfg.credentials));
+
+      services.nbpy.credentials = {
+        influxdb-password = mkIf (cfg.influxdb.passwordFile != null) cfg.influxdb.passwordFile;
+        grafana-admin-password = mkIf (cfg.grafana.adminPasswordFile != null) cfg.grafana.adminPasswordFile;
+      };
+
       services.nbpy.settings = {
         influxdb = {
           url = mkDefault influxUrl;
@@ -347,13 +363,16 @@ in
           ++ map (n: "nbpy-subscriber@${n}.service") (attrNames subscribers);
       };
 
+      # Drop-ins on the package's units, and on the instances whose tables
+      # name credentials of their own: what `nbpy units install` adds
+      # elsewhere, each credential from its file in `credentials`.
       systemd.services = mapAttrs
-        (_: ids: {
+        (_: loadCredential: {
           overrideStrategy = "asDropin";
           restartTriggers = [ configFile ];
-          serviceConfig.LoadCredential = loadCredential ids;
+          serviceConfig.LoadCredential = loadCredential;
         })
-        unitCredentials;
+        unitLoadCredentials;
 
       networking.firewall.allowedTCPPorts =
         mkIf cfg.openFirewall (mapAttrsToList (_: publisherPort) publishers);
