@@ -66,6 +66,14 @@ let
     (entry: lib.head (lib.splitString ":" entry))
     (lib.concatLists (lib.attrValues unitLoadCredentials));
 
+  # InfluxDB auth is on when nbpy has a password to log in with.
+  influxAuth = cfg.influxdb.passwordFile != null;
+  influxUser = if cfg.influxdb.username != null then cfg.influxdb.username else "nbpy";
+  # The InfluxDB this module runs (native or container) starts empty: nbpy's
+  # own user is declared an admin, which phase 2 creates first on a server
+  # with auth on and no users (the one request InfluxDB then allows).
+  influxManaged = cfg.influxdb.mode != "external";
+
   configFile = settingsFormat.generate "nbpy.toml" cfg.settings;
 
   influxUrl =
@@ -225,15 +233,26 @@ in
       username = mkOption {
         type = types.nullOr types.str;
         default = null;
-        description = "InfluxDB user, when authentication is on.";
+        description = ''
+          The InfluxDB user nbpy logs in as, when `passwordFile` is set
+          (null: `nbpy`). With a `native` or `container` InfluxDB it is
+          declared an admin user (`settings.schema.users.<name>`), which
+          phase 2 creates on the fresh server.
+        '';
       };
       passwordFile = mkOption {
         type = types.nullOr types.path;
         default = null;
         example = "/run/secrets/influxdb-password";
         description = ''
-          File holding the InfluxDB password, passed to the services with
-          `LoadCredential=influxdb-password:…`; read by systemd (as root), never copied to the store.
+          File holding the password of `username`. Null: authentication is
+          off. Set: it is on (`http.auth-enabled` in a `native` or
+          `container` InfluxDB, and expected of an `external` one), and the
+          units that log in to InfluxDB load it as the credential
+          `influxdb-password`; read by systemd (as root), never copied to
+          the store. Further users (e.g. a writer) are
+          `settings.schema.users.<name>` with `password_file = "<ID>"`,
+          their files in `credentials.<ID>`.
         '';
       };
       image = mkOption {
@@ -326,16 +345,16 @@ in
         (lib.subtractLists loadedCredentials (attrNames cfg.credentials));
 
       services.nbpy.credentials = {
-        influxdb-password = mkIf (cfg.influxdb.passwordFile != null) cfg.influxdb.passwordFile;
+        influxdb-password = mkIf influxAuth cfg.influxdb.passwordFile;
         grafana-admin-password = mkIf (cfg.grafana.adminPasswordFile != null) cfg.grafana.adminPasswordFile;
       };
 
       services.nbpy.settings = {
         influxdb = {
           url = mkDefault influxUrl;
-        } // optionalAttrs (cfg.influxdb.username != null) {
-          username = mkDefault cfg.influxdb.username;
-        } // optionalAttrs (cfg.influxdb.passwordFile != null) {
+        } // optionalAttrs (cfg.influxdb.username != null || influxAuth) {
+          username = mkDefault influxUser;
+        } // optionalAttrs influxAuth {
           password_file = mkDefault "influxdb-password";
         };
         grafana = {
@@ -346,6 +365,11 @@ in
         };
         publishers = mapAttrs withoutEnable publishers;
         subscribers = mapAttrs withoutEnable subscribers;
+      } // optionalAttrs (influxAuth && influxManaged) {
+        schema.users.${influxUser} = {
+          admin = mkDefault true;
+          password_file = mkDefault "influxdb-password";
+        };
       };
 
       environment.etc."nbpy/nbpy.toml".source = configFile;
@@ -386,7 +410,11 @@ in
         # priorities): these keep InfluxDB on loopback.
         extraConfig = {
           bind-address = "127.0.0.1:8088";
-          http.bind-address = "127.0.0.1:${toString cfg.influxdb.port}";
+          http = {
+            bind-address = "127.0.0.1:${toString cfg.influxdb.port}";
+          } // optionalAttrs influxAuth {
+            auth-enabled = true;
+          };
           meta.bind-address = "127.0.0.1:8088";
         };
       };
@@ -403,6 +431,8 @@ in
           INFLUXDB_HTTP_BIND_ADDRESS = "127.0.0.1:${toString cfg.influxdb.port}";
           INFLUXDB_BIND_ADDRESS = "127.0.0.1:8088";
           INFLUXDB_REPORTING_DISABLED = "true";
+        } // optionalAttrs influxAuth {
+          INFLUXDB_HTTP_AUTH_ENABLED = "true";
         };
         volumes = [ "/var/lib/nbpy-influxdb:/var/lib/influxdb" ];
       };
@@ -442,6 +472,15 @@ in
         wants = [ "grafana.service" ];
         after = [ "grafana.service" ];
       };
+      # With auth on, the datasource logs in as nbpy does (as in
+      # docker/compose.yaml): Grafana gets the password as a credential of
+      # its own, which the provisioned datasource names by `$__file{}`.
+      systemd.services.grafana.serviceConfig.LoadCredential =
+        mkIf influxAuth [ "influxdb-password:${toString cfg.influxdb.passwordFile}" ];
+      services.nbpy.settings.grafana = mkIf influxAuth {
+        influxdb_user = mkDefault influxUser;
+        influxdb_password_file = mkDefault "/run/credentials/grafana.service/influxdb-password";
+      };
     })
     (mkIf (cfg.grafana.mode == "container") {
       virtualisation.oci-containers.containers.nbpy-grafana = {
@@ -464,11 +503,20 @@ in
         ++ optional (cfg.grafana.adminPasswordFile != null)
           "${toString cfg.grafana.adminPasswordFile}:/run/secrets/grafana-admin-password:ro"
         ++ optional (cfg.grafana.secretKeyFile != null)
-          "${toString cfg.grafana.secretKeyFile}:/run/secrets/grafana-secret-key:ro";
+          "${toString cfg.grafana.secretKeyFile}:/run/secrets/grafana-secret-key:ro"
+        ++ optional influxAuth
+          "${toString cfg.influxdb.passwordFile}:/run/secrets/influxdb-password:ro";
       };
-      # The provider the render writes must name the dashboards where the
-      # container sees them.
-      services.nbpy.settings.grafana.dashboards_path = mkDefault "/etc/grafana/provisioning/dashboards/nbpy";
+      services.nbpy.settings.grafana = {
+        # The provider the render writes must name the dashboards where the
+        # container sees them.
+        dashboards_path = mkDefault "/etc/grafana/provisioning/dashboards/nbpy";
+      } // optionalAttrs influxAuth {
+        # With auth on, the datasource logs in as nbpy does (as in
+        # docker/compose.yaml), its password mounted like the admin's.
+        influxdb_user = mkDefault influxUser;
+        influxdb_password_file = mkDefault "/run/secrets/influxdb-password";
+      };
       # The image runs as uid 472.
       systemd.tmpfiles.rules = [ "d /var/lib/nbpy-grafana 0700 472 472 - -" ];
       systemd.services.nbpy-grafana = {
