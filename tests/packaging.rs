@@ -655,6 +655,7 @@ fn vm_test_script_is_valid_python() {
         "systemctl restart influxdb.service",
         "/api/search",
         "systemctl stop nbpy.target",
+        "LoadCredential=nbpy-writer-password:",
     ] {
         assert!(script.contains(needle), "the VM test checks {needle}");
     }
