@@ -52,38 +52,27 @@ let
     then lib.toInt (lib.last (lib.splitString ":" p.endpoint))
     else feedPorts.${p.feed};
 
-  # The package's services and the credentials each one loads: their
-  # `LoadCredential=ID` lines in systemd/ (tests/packaging.rs checks this
-  # against the files). Template units take the drop-in for every instance.
-  unitCredentials = {
-    "nbpy-influxdb-ready" = [ "influxdb-password" ];
-    "nbpy-schema" = [ "influxdb-password" ];
-    "nbpy-publisher@" = [ ];
-    "nbpy-subscriber@" = [ "influxdb-password" ];
-    "nbpy-grafana" = [ "grafana-admin-password" "influxdb-password" ];
-    "nbpy-validate" = [ "influxdb-password" ];
-    "nbpy-validate-periodic" = [ "influxdb-password" ];
-    "nbpy-health" = [ "influxdb-password" ];
+  # Which unit loads which credential, by the rule `nbpy units install`
+  # applies elsewhere (tests/packaging.rs evaluates it against the Rust
+  # code): the IDs each unit file loads itself, and those the configuration
+  # names (`*_file = "NAME"`) in the keys the unit reads.
+  credentials = import ./credentials.nix;
+  unitLoadCredentials = credentials.loadCredentials {
+    inherit (cfg) settings;
+    files = cfg.credentials;
   };
 
-  # Secrets reach the services only as systemd credentials; the config names
-  # them relative, resolved in $CREDENTIALS_DIRECTORY (config::read_secret).
-  credentialFiles = {
-    "influxdb-password" = cfg.influxdb.passwordFile;
-    "grafana-admin-password" = cfg.grafana.adminPasswordFile;
-  };
-  # The units say `LoadCredential=ID` (found in /etc/credstore/). Where a
-  # file is configured, the drop-in resets the list and loads every ID the
-  # unit wants again, those with a file from it, the others from the
-  # credstore as before: the file wins whatever systemd makes of an ID given
-  # twice.
-  loadCredential = ids:
-    let
-      fileOf = id: credentialFiles.${id} or null;
-    in
-    lib.optionals (lib.any (id: fileOf id != null) ids) (
-      [ "" ] ++ map (id: if fileOf id != null then "${id}:${toString (fileOf id)}" else id) ids
-    );
+  loadedCredentials = map
+    (entry: lib.head (lib.splitString ":" entry))
+    (lib.concatLists (lib.attrValues unitLoadCredentials));
+
+  # InfluxDB auth is on when nbpy has a password to log in with.
+  influxAuth = cfg.influxdb.passwordFile != null;
+  influxUser = if cfg.influxdb.username != null then cfg.influxdb.username else "nbpy";
+  # The InfluxDB this module runs (native or container) starts empty: nbpy's
+  # own user is declared an admin, which phase 2 creates first on a server
+  # with auth on and no users (the one request InfluxDB then allows).
+  influxManaged = cfg.influxdb.mode != "external";
 
   configFile = settingsFormat.generate "nbpy.toml" cfg.settings;
 
@@ -147,7 +136,31 @@ in
         `influxdb.url`, `grafana.url` and the credential names are filled in
         from the `influxdb` / `grafana` options; `publishers` and
         `subscribers` from the options of those names. Secrets never go here:
-        use `influxdb.passwordFile` / `grafana.adminPasswordFile`.
+        a `*_file` key names a systemd credential (`password_file =
+        "nbpy-writer-password"`), whose file `credentials` gives.
+      '';
+    };
+
+    credentials = mkOption {
+      type = types.attrsOf types.path;
+      default = { };
+      example = literalExpression ''
+        {
+          "nbpy-writer-password" = "/run/secrets/influxdb-writer-password";
+          "oanda-token" = "/run/secrets/oanda-token";
+        }
+      '';
+      description = ''
+        Files for the systemd credentials that `settings` names by bare name
+        in its `*_file` keys (schema users' passwords, venue tokens, …), by
+        credential ID. Each one is loaded, as `LoadCredential=ID:FILE`, into
+        exactly the units that `nbpy units install` gives it elsewhere: the
+        units that read the key naming it. The files are read by systemd (as
+        root) when a unit starts, never copied into the store. An ID that
+        `settings` names but that has no file here is loaded from the
+        credstore (`/etc/credstore/ID`), as `units install` loads it.
+        `influxdb.passwordFile` and `grafana.adminPasswordFile` set
+        `influxdb-password` and `grafana-admin-password`.
       '';
     };
 
@@ -220,15 +233,26 @@ in
       username = mkOption {
         type = types.nullOr types.str;
         default = null;
-        description = "InfluxDB user, when authentication is on.";
+        description = ''
+          The InfluxDB user nbpy logs in as, when `passwordFile` is set
+          (null: `nbpy`). With a `native` or `container` InfluxDB it is
+          declared an admin user (`settings.schema.users.<name>`), which
+          phase 2 creates on the fresh server.
+        '';
       };
       passwordFile = mkOption {
         type = types.nullOr types.path;
         default = null;
         example = "/run/secrets/influxdb-password";
         description = ''
-          File holding the InfluxDB password, passed to the services with
-          `LoadCredential=influxdb-password:…`; read by systemd (as root), never copied to the store.
+          File holding the password of `username`. Null: authentication is
+          off. Set: it is on (`http.auth-enabled` in a `native` or
+          `container` InfluxDB, and expected of an `external` one), and the
+          units that log in to InfluxDB load it as the credential
+          `influxdb-password`; read by systemd (as root), never copied to
+          the store. Further users (e.g. a writer) are
+          `settings.schema.users.<name>` with `password_file = "<ID>"`,
+          their files in `credentials.<ID>`.
         '';
       };
       image = mkOption {
@@ -314,12 +338,23 @@ in
         })
         (cfg.publishers // cfg.subscribers);
 
+      # A file for a credential no unit loads is most likely a typo of the
+      # ID that `settings` names.
+      warnings = map
+        (id: "services.nbpy.credentials.${id}: no nbpy unit loads this credential (no `*_file` key in services.nbpy.settings names it \"${id}\"), so the file is not used.")
+        (lib.subtractLists loadedCredentials (attrNames cfg.credentials));
+
+      services.nbpy.credentials = {
+        influxdb-password = mkIf influxAuth cfg.influxdb.passwordFile;
+        grafana-admin-password = mkIf (cfg.grafana.adminPasswordFile != null) cfg.grafana.adminPasswordFile;
+      };
+
       services.nbpy.settings = {
         influxdb = {
           url = mkDefault influxUrl;
-        } // optionalAttrs (cfg.influxdb.username != null) {
-          username = mkDefault cfg.influxdb.username;
-        } // optionalAttrs (cfg.influxdb.passwordFile != null) {
+        } // optionalAttrs (cfg.influxdb.username != null || influxAuth) {
+          username = mkDefault influxUser;
+        } // optionalAttrs influxAuth {
           password_file = mkDefault "influxdb-password";
         };
         grafana = {
@@ -330,6 +365,11 @@ in
         };
         publishers = mapAttrs withoutEnable publishers;
         subscribers = mapAttrs withoutEnable subscribers;
+      } // optionalAttrs (influxAuth && influxManaged) {
+        schema.users.${influxUser} = {
+          admin = mkDefault true;
+          password_file = mkDefault "influxdb-password";
+        };
       };
 
       environment.etc."nbpy/nbpy.toml".source = configFile;
@@ -347,13 +387,16 @@ in
           ++ map (n: "nbpy-subscriber@${n}.service") (attrNames subscribers);
       };
 
+      # Drop-ins on the package's units, and on the instances whose tables
+      # name credentials of their own: what `nbpy units install` adds
+      # elsewhere, each credential from its file in `credentials`.
       systemd.services = mapAttrs
-        (_: ids: {
+        (_: loadCredential: {
           overrideStrategy = "asDropin";
           restartTriggers = [ configFile ];
-          serviceConfig.LoadCredential = loadCredential ids;
+          serviceConfig.LoadCredential = loadCredential;
         })
-        unitCredentials;
+        unitLoadCredentials;
 
       networking.firewall.allowedTCPPorts =
         mkIf cfg.openFirewall (mapAttrsToList (_: publisherPort) publishers);
@@ -367,7 +410,11 @@ in
         # priorities): these keep InfluxDB on loopback.
         extraConfig = {
           bind-address = "127.0.0.1:8088";
-          http.bind-address = "127.0.0.1:${toString cfg.influxdb.port}";
+          http = {
+            bind-address = "127.0.0.1:${toString cfg.influxdb.port}";
+          } // optionalAttrs influxAuth {
+            auth-enabled = true;
+          };
           meta.bind-address = "127.0.0.1:8088";
         };
       };
@@ -384,6 +431,8 @@ in
           INFLUXDB_HTTP_BIND_ADDRESS = "127.0.0.1:${toString cfg.influxdb.port}";
           INFLUXDB_BIND_ADDRESS = "127.0.0.1:8088";
           INFLUXDB_REPORTING_DISABLED = "true";
+        } // optionalAttrs influxAuth {
+          INFLUXDB_HTTP_AUTH_ENABLED = "true";
         };
         volumes = [ "/var/lib/nbpy-influxdb:/var/lib/influxdb" ];
       };
@@ -423,6 +472,15 @@ in
         wants = [ "grafana.service" ];
         after = [ "grafana.service" ];
       };
+      # With auth on, the datasource logs in as nbpy does (as in
+      # docker/compose.yaml): Grafana gets the password as a credential of
+      # its own, which the provisioned datasource names by `$__file{}`.
+      systemd.services.grafana.serviceConfig.LoadCredential =
+        mkIf influxAuth [ "influxdb-password:${toString cfg.influxdb.passwordFile}" ];
+      services.nbpy.settings.grafana = mkIf influxAuth {
+        influxdb_user = mkDefault influxUser;
+        influxdb_password_file = mkDefault "/run/credentials/grafana.service/influxdb-password";
+      };
     })
     (mkIf (cfg.grafana.mode == "container") {
       virtualisation.oci-containers.containers.nbpy-grafana = {
@@ -445,11 +503,20 @@ in
         ++ optional (cfg.grafana.adminPasswordFile != null)
           "${toString cfg.grafana.adminPasswordFile}:/run/secrets/grafana-admin-password:ro"
         ++ optional (cfg.grafana.secretKeyFile != null)
-          "${toString cfg.grafana.secretKeyFile}:/run/secrets/grafana-secret-key:ro";
+          "${toString cfg.grafana.secretKeyFile}:/run/secrets/grafana-secret-key:ro"
+        ++ optional influxAuth
+          "${toString cfg.influxdb.passwordFile}:/run/secrets/influxdb-password:ro";
       };
-      # The provider the render writes must name the dashboards where the
-      # container sees them.
-      services.nbpy.settings.grafana.dashboards_path = mkDefault "/etc/grafana/provisioning/dashboards/nbpy";
+      services.nbpy.settings.grafana = {
+        # The provider the render writes must name the dashboards where the
+        # container sees them.
+        dashboards_path = mkDefault "/etc/grafana/provisioning/dashboards/nbpy";
+      } // optionalAttrs influxAuth {
+        # With auth on, the datasource logs in as nbpy does (as in
+        # docker/compose.yaml), its password mounted like the admin's.
+        influxdb_user = mkDefault influxUser;
+        influxdb_password_file = mkDefault "/run/secrets/influxdb-password";
+      };
       # The image runs as uid 472.
       systemd.tmpfiles.rules = [ "d /var/lib/nbpy-grafana 0700 472 472 - -" ];
       systemd.services.nbpy-grafana = {

@@ -1,14 +1,21 @@
 # The NixOS VM test: `nix flake check` (or `nix build .#checks.x86_64-linux.vm`)
 # on a machine with Nix and KVM. It boots the module with a synthetic feed,
-# native InfluxDB and native Grafana, and checks the promises end to end:
-# nbpy.target active, points in InfluxDB, dashboards in Grafana (its API),
-# InfluxDB restarted mid-run with nothing lost, and a clean stop.
+# native InfluxDB (auth on) and native Grafana, and checks the promises end
+# to end: nbpy.target active, InfluxDB refusing anonymous queries while each
+# unit logs in with the credentials `nbpy units install` would give it,
+# points in InfluxDB, dashboards in Grafana (its API), InfluxDB restarted
+# mid-run with nothing lost, and a clean stop.
 { nixosModule }:
 
 let
   # The synthetic publisher runs until stopped, at this many messages/s.
   rate = 500;
   grafanaPassword = "nbpy-vm-test";
+  # InfluxDB auth: nbpy logs in as `nbpy` (an admin phase 2 creates), and
+  # phase 2 also declares a writer whose credential only the configuration
+  # names (as tests/systemd.rs does), so only nbpy-schema loads it.
+  influxPassword = "nbpy-vm-influx";
+  writerPassword = "nbpy-vm-writer";
   # (retention policy, measurement) of everything the synthetic feed writes;
   # must follow src/schema.rs.
   measurements = [
@@ -40,7 +47,16 @@ in
         connect = [ "tcp://127.0.0.1:5570" ];
         stats_interval = "1s";
       };
-      influxdb.mode = "native";
+      influxdb = {
+        mode = "native";
+        # Store paths are world-readable: fine for a test, never for a host.
+        passwordFile = pkgs.writeText "influxdb-password" influxPassword;
+      };
+      settings.schema.users.writer = {
+        privilege = "write";
+        password_file = "nbpy-writer-password";
+      };
+      credentials.nbpy-writer-password = pkgs.writeText "nbpy-writer-password" writerPassword;
       grafana = {
         mode = "native";
         # Store paths are world-readable: fine for a test, never for a host.
@@ -58,14 +74,25 @@ in
     RATE = ${toString rate}
     MEASUREMENTS = json.loads('${builtins.toJSON measurements}')
     INFLUX = "http://127.0.0.1:8086"
+    INFLUX_LOGIN = "nbpy:${influxPassword}"
     GRAFANA = "http://admin:${grafanaPassword}@127.0.0.1:3000"
 
 
     def query(q):
         out = machine.succeed(
-            f"curl -sfG {INFLUX}/query --data-urlencode db=tick --data-urlencode {shlex.quote('q=' + q)}"
+            f"curl -sfG -u {INFLUX_LOGIN} {INFLUX}/query --data-urlencode db=tick"
+            f" --data-urlencode {shlex.quote('q=' + q)}"
         )
         return json.loads(out)
+
+
+    def query_status(login, q):
+        """The HTTP status of query q, sent with login ("user:password") or none."""
+        auth = f"-u {shlex.quote(login)} " if login else ""
+        return machine.succeed(
+            f"curl -s -o /dev/null -w '%{{http_code}}' -G {auth}{INFLUX}/query"
+            f" --data-urlencode db=tick --data-urlencode {shlex.quote('q=' + q)}"
+        ).strip()
 
 
     def each_measurement(select):
@@ -125,6 +152,23 @@ in
         )
         machine.succeed("curl -sf http://127.0.0.1:9184/healthz")
 
+    with subtest("InfluxDB auth is on, and each unit has the credentials it needs"):
+        q = 'SELECT count("seq") FROM "tick"."default"."kraken_tick"'
+        # 401: no or wrong credentials; 403: the writer logs in (with the
+        # password only nbpy-schema loads) but may not read.
+        statuses = (
+            query_status(None, q),
+            query_status("writer:not-its-password", q),
+            query_status("writer:${writerPassword}", q),
+            query_status(INFLUX_LOGIN, q),
+        )
+        assert statuses == ("401", "401", "403", "200"), statuses
+        # The writer's credential is loaded where `nbpy units install` puts
+        # it, from its file, and nowhere else.
+        machine.succeed("systemctl cat nbpy-schema.service | grep -q '^LoadCredential=nbpy-writer-password:/'")
+        machine.fail("systemctl cat nbpy-subscriber@main.service | grep -q nbpy-writer-password")
+        machine.succeed("systemctl cat nbpy-subscriber@main.service | grep -q '^LoadCredential=influxdb-password:/'")
+
     with subtest("points arrive in InfluxDB"):
         wait_for("the first points", lambda: stored() > 0, 120)
 
@@ -135,6 +179,8 @@ in
         assert len(dashboards) > 0, dashboards
         sources = json.loads(machine.succeed(f"curl -sf {GRAFANA}/api/datasources"))
         assert any(s["type"] == "influxdb" for s in sources), sources
+        # The datasource logs in to InfluxDB (auth is on).
+        machine.succeed(f"curl -sf {GRAFANA}/api/datasources/uid/nbpy-influxdb/health")
 
     with subtest("phase 5: validation passed"):
         assert oneshot_succeeded("nbpy-validate.service")

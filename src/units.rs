@@ -257,32 +257,45 @@ pub struct Report {
 pub const CREDENTIALS_DROPIN: &str = "50-nbpy-credentials.conf";
 
 /// The units that read secrets, each with the config keys (by prefix) it
-/// reads them from; a template's entry covers all its instances.
+/// reads them from. A template's entry covers all its instances; `%i` in a
+/// prefix stands for the instance name (each publisher reads only its own
+/// table). The NixOS module keeps the same table in
+/// `nixos-module/credentials.nix` (`secretReaders`), and tests/packaging.rs
+/// holds the two equal.
+pub const SECRET_READERS: &[(&str, &[&str])] = &[
+    ("nbpy-influxdb-ready.service", &["influxdb."]),
+    ("nbpy-health.service", &["influxdb."]),
+    ("nbpy-validate.service", &["influxdb."]),
+    ("nbpy-validate-periodic.service", &["influxdb."]),
+    (SUBSCRIBER_TEMPLATE, &["influxdb."]),
+    ("nbpy-schema.service", &["influxdb.", "schema."]),
+    ("nbpy-grafana.service", &["influxdb.", "grafana."]),
+    (PUBLISHER_TEMPLATE, &["publishers.%i."]),
+];
+
+/// [`SECRET_READERS`] for `cfg`: templates whose prefixes name the instance
+/// become one entry per configured instance.
 fn secret_readers(cfg: &Config) -> Vec<(String, Vec<String>)> {
-    let influx = || "influxdb.".to_string();
-    let mut v: Vec<(String, Vec<String>)> = [
-        "nbpy-influxdb-ready.service",
-        "nbpy-health.service",
-        "nbpy-validate.service",
-        "nbpy-validate-periodic.service",
-        SUBSCRIBER_TEMPLATE,
-    ]
-    .iter()
-    .map(|u| (u.to_string(), vec![influx()]))
-    .collect();
-    v.push((
-        "nbpy-schema.service".into(),
-        vec![influx(), "schema.".into()],
-    ));
-    v.push((
-        "nbpy-grafana.service".into(),
-        vec![influx(), "grafana.".into()],
-    ));
-    for name in cfg.publishers.keys() {
-        v.push((
-            instance(PUBLISHER_TEMPLATE, name),
-            vec![format!("publishers.{name}.")],
-        ));
+    let mut v = Vec::new();
+    for (unit, prefixes) in SECRET_READERS {
+        if !prefixes.iter().any(|p| p.contains("%i")) {
+            v.push((
+                unit.to_string(),
+                prefixes.iter().map(|p| p.to_string()).collect(),
+            ));
+            continue;
+        }
+        let names: Vec<&String> = if *unit == PUBLISHER_TEMPLATE {
+            cfg.publishers.keys().collect()
+        } else {
+            cfg.subscribers.keys().collect()
+        };
+        for name in names {
+            v.push((
+                instance(unit, name),
+                prefixes.iter().map(|p| p.replace("%i", name)).collect(),
+            ));
+        }
     }
     v
 }

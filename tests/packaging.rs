@@ -655,6 +655,7 @@ fn vm_test_script_is_valid_python() {
         "systemctl restart influxdb.service",
         "/api/search",
         "systemctl stop nbpy.target",
+        "LoadCredential=nbpy-writer-password:",
     ] {
         assert!(script.contains(needle), "the VM test checks {needle}");
     }
@@ -717,9 +718,10 @@ fn nix_block<'a>(text: &'a str, marker: &str, end: &str) -> &'a str {
 }
 
 /// The NixOS module adds drop-ins to the package's units by name and loads
-/// each unit's credentials again when it overrides them; nix/package.nix
-/// refuses to build without the units it expects. Both lists must match
-/// systemd/ exactly, or NixOS would run something other than the tested units.
+/// each unit's credentials again when it overrides them (the table in
+/// nixos-module/credentials.nix); nix/package.nix refuses to build without
+/// the units it expects. Both lists must match systemd/ exactly, or NixOS
+/// would run something other than the tested units.
 #[test]
 fn nix_files_name_the_units_and_credentials_of_systemd_dir() {
     let dir = root().join("systemd");
@@ -742,8 +744,8 @@ fn nix_files_name_the_units_and_credentials_of_systemd_dir() {
     }
     assert!(on_disk.len() >= 8, "{on_disk:?}");
 
-    let module = read("nixos-module/default.nix");
-    let block = nix_block(&module, "unitCredentials = {", "  };");
+    let credentials = read("nixos-module/credentials.nix");
+    let block = nix_block(&credentials, "unitCredentials = {", "  };");
     let mut in_module: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for line in block.lines().filter(|l| l.contains("= [")) {
         let (key, list) = line.split_once("= [").unwrap();
@@ -753,9 +755,10 @@ fn nix_files_name_the_units_and_credentials_of_systemd_dir() {
     }
     assert_eq!(
         in_module, on_disk,
-        "nixos-module/default.nix unitCredentials vs the LoadCredential= lines in systemd/*.service"
+        "nixos-module/credentials.nix unitCredentials vs the LoadCredential= lines in systemd/*.service"
     );
 
+    let module = read("nixos-module/default.nix");
     // The firewall opens each publisher's port: the module's table of
     // default ports must be the code's.
     let ports = nix_block(&module, "feedPorts = {", "  };");
@@ -780,6 +783,232 @@ fn nix_files_name_the_units_and_credentials_of_systemd_dir() {
         expected, unit_files,
         "nix/package.nix expectedUnits vs the files in systemd/"
     );
+}
+
+/// `expr`, evaluated by `nix-instantiate` in the repository, as JSON.
+fn nix_eval<T: serde::de::DeserializeOwned>(expr: &str) -> T {
+    let out = Command::new("nix-instantiate")
+        .current_dir(root())
+        .args(["--eval", "--strict", "--json", "-E", expr])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{expr}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{expr}: {e}"))
+}
+
+/// Configurations whose credentials cover every reader of
+/// `units::SECRET_READERS`: the systemd test's (an admin and a writer from
+/// the credstore), the venues', and one where every InfluxDB reader needs
+/// a credential its unit file does not load.
+const CREDENTIAL_CONFIGS: &[(&str, &str)] = &[
+    (
+        "admin and writer",
+        r#"
+[influxdb]
+username = "admin"
+password_file = "influxdb-password"
+[schema.users.admin]
+admin = true
+password_file = "influxdb-password"
+[schema.users.writer]
+privilege = "write"
+password_file = "nbpy-writer-password"
+[publishers.synth]
+feed = "synthetic"
+endpoint = "tcp://127.0.0.1:5570"
+[publishers.stall]
+feed = "replay"
+endpoint = "tcp://127.0.0.1:5571"
+file = "stall.fifo"
+[subscribers.main]
+connect = ["tcp://127.0.0.1:5570", "tcp://127.0.0.1:5571"]
+"#,
+    ),
+    (
+        "venues",
+        r#"
+[publishers.fx]
+feed = "oanda-tick"
+instruments = ["EUR_USD"]
+[publishers.fx.oanda]
+account = "101-004-1234567-001"
+token_file = "oanda-token"
+[publishers.odds]
+feed = "betfair-stream"
+[publishers.odds.betfair]
+app_key_file = "betfair-app-key"
+cert_file = "/etc/nbpy/betfair-client.crt"
+key_file = "/etc/nbpy/betfair-client.key"
+username = "punter"
+password_file = "betfair-password"
+event_types = ["7"]
+[publishers.social-x_1]
+feed = "social"
+[publishers.social-x_1.social]
+bearer_token_file = "x.bearer@token"
+rules = [{ value = "btc" }]
+"#,
+    ),
+    (
+        "renamed credentials",
+        r#"
+[influxdb]
+username = "nbpy"
+password_file = "nbpy-influx.pw"
+[grafana]
+admin_password_file = "grafana-admin"
+influxdb_user = "grafana"
+influxdb_password_file = "/run/credentials/grafana.service/influxdb-grafana-password"
+[schema.users.nbpy]
+admin = true
+password_file = "nbpy-influx.pw"
+[schema.users.grafana]
+privilege = "read"
+password_file = "influxdb-grafana-password"
+[subscribers.main]
+connect = ["tcp://127.0.0.1:5570"]
+"#,
+    ),
+];
+
+/// The NixOS module gives each unit the credentials `nbpy units install`
+/// gives it elsewhere: nixos-module/credentials.nix, evaluated on the same
+/// configuration (the module's `settings` are that file's contents), names
+/// the same extra credentials for the same units as
+/// `units::missing_credentials`, and its `LoadCredential=` lists load them
+/// with the unit file's own, from the files given or else the credstore.
+/// Its table of which unit reads which keys is `units::SECRET_READERS`.
+#[test]
+fn nixos_module_loads_the_credentials_units_install_would() {
+    if require("nix-instantiate", &["--version"], "apt-get install nix-bin").is_none() {
+        return;
+    }
+    let module = read("nixos-module/default.nix");
+    assert!(
+        module.contains("import ./credentials.nix")
+            && module.contains("serviceConfig.LoadCredential = loadCredential;"),
+        "nixos-module/default.nix takes its LoadCredential= lists from credentials.nix"
+    );
+    let unit = |u: &str| u.trim_end_matches(".service").to_string();
+    let sorted = |mut v: Vec<String>| {
+        v.sort();
+        v
+    };
+
+    let readers: BTreeMap<String, Vec<String>> =
+        nix_eval("(import ./nixos-module/credentials.nix).secretReaders");
+    let code: BTreeMap<String, Vec<String>> = nbpy::units::SECRET_READERS
+        .iter()
+        .map(|(u, ps)| (unit(u), ps.iter().map(|p| p.to_string()).collect()))
+        .collect();
+    assert_eq!(
+        readers
+            .into_iter()
+            .map(|(u, v)| (u, sorted(v)))
+            .collect::<BTreeMap<_, _>>(),
+        code.into_iter()
+            .map(|(u, v)| (u, sorted(v)))
+            .collect::<BTreeMap<_, _>>(),
+        "nixos-module/credentials.nix secretReaders vs units::SECRET_READERS"
+    );
+
+    // What each unit file loads itself (an instance: its template's).
+    let own = |u: &str| -> Vec<String> {
+        let template = match u.split_once('@') {
+            Some((t, _)) => format!("{t}@.service"),
+            None => format!("{u}.service"),
+        };
+        nbpy::units::get(&template)
+            .unwrap_or_else(|| panic!("{u}: no unit {template}"))
+            .text
+            .lines()
+            .filter_map(|l| l.strip_prefix("LoadCredential="))
+            .map(|v| v.split(':').next().unwrap().trim().to_string())
+            .collect()
+    };
+
+    let dir = tempfile::tempdir().unwrap();
+    for (what, toml) in CREDENTIAL_CONFIGS {
+        let file = dir.path().join("nbpy.toml");
+        std::fs::write(&file, toml).unwrap();
+        let cfg = nbpy::config::load(Some(&file))
+            .unwrap_or_else(|e| panic!("{what}: {e}"))
+            .config;
+        assert_eq!(cfg.problems(), Vec::<String>::new(), "{what}");
+        let settings = format!("(builtins.fromTOML (builtins.readFile {}))", file.display());
+
+        let install: BTreeMap<String, Vec<String>> = nbpy::units::missing_credentials(&cfg)
+            .into_iter()
+            .map(|(u, ids)| (unit(&u), ids))
+            .collect();
+        assert!(
+            !install.is_empty(),
+            "{what}: no credential drop-ins to compare"
+        );
+        let nix: BTreeMap<String, Vec<String>> = nix_eval(&format!(
+            "(import ./nixos-module/credentials.nix).missing {settings}"
+        ));
+        assert_eq!(
+            nix, install,
+            "{what}: credentials.nix `missing` vs the drop-ins of `nbpy units install`"
+        );
+
+        // The module's LoadCredential= lists: with no files, the extra IDs
+        // from the credstore; with a file for every ID, each from its file.
+        for with_files in [false, true] {
+            let files = if with_files {
+                let mut ids: BTreeSet<String> = install.values().flatten().cloned().collect();
+                ids.extend(["influxdb-password".into(), "grafana-admin-password".into()]);
+                let attrs: String = ids
+                    .iter()
+                    .map(|id| format!("\"{id}\" = \"/run/keys/{id}\"; "))
+                    .collect();
+                format!("{{ {attrs}}}")
+            } else {
+                "{ }".to_string()
+            };
+            let lists: BTreeMap<String, Vec<String>> = nix_eval(&format!(
+                "(import ./nixos-module/credentials.nix).loadCredentials {{ settings = {settings}; files = {files}; }}"
+            ));
+            for u in install.keys() {
+                assert!(
+                    lists.contains_key(u),
+                    "{what}: the module gives {u} no drop-in"
+                );
+            }
+            for (u, list) in &lists {
+                let mut ids = own(u);
+                ids.extend(install.get(u).cloned().unwrap_or_default());
+                let expected: Vec<String> =
+                    if ids.is_empty() || (!with_files && !install.contains_key(u)) {
+                        vec![]
+                    } else {
+                        let mut v: Vec<String> = ids
+                            .iter()
+                            .map(|id| match with_files {
+                                true => format!("{id}:/run/keys/{id}"),
+                                false => id.clone(),
+                            })
+                            .collect();
+                        v.sort();
+                        v.insert(0, String::new());
+                        v
+                    };
+                let mut got = list.clone();
+                if !got.is_empty() {
+                    got[1..].sort();
+                }
+                assert_eq!(
+                    got, expected,
+                    "{what}: LoadCredential= of {u} (files: {with_files})"
+                );
+            }
+        }
+    }
 }
 
 // ---------------------------------------------------------------- nix run
