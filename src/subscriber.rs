@@ -405,8 +405,19 @@ fn stop_summary(
     if dead > 0 {
         line.push_str(&format!(", {dead} refused by InfluxDB (dead-letter file)"));
     }
+    // Spooled points this run also delivered are counted as delivered; the
+    // line still says what the disk holds.
+    let again = n(&w.spool_delivered_too).min(spooled);
+    let already = if again > 0 {
+        format!(
+            "; {again} of them already written or refused, in a replayed record the disk \
+             would not let the stop shorten: sent again at the next start"
+        )
+    } else {
+        String::new()
+    };
     line.push_str(&format!(
-        ", {spooled} spooled for later ({} bytes), {dropped} dropped",
+        ", {spooled} spooled for later ({} bytes{already}), {dropped} dropped",
         n(&w.spool_bytes)
     ));
     if dropped > 0 {
@@ -441,10 +452,15 @@ fn stop_summary(
         ));
     }
     let came = accepted + reports + spooled_at_start;
-    let went = written + dead + dropped + spooled + lost;
+    let went = written + dead + dropped + spooled - again + lost;
     let terms = format!(
         "{accepted} accepted + {reports} own nbpy_pipeline points + {spooled_at_start} left in the spool by an earlier run \
-         = written + refused + dropped + spooled{}",
+         = written + refused + dropped + spooled{}{}",
+        if again > 0 {
+            " - spooled but already written or refused"
+        } else {
+            ""
+        },
         if lost > 0 { " + lost" } else { "" }
     );
     if came == went {
@@ -1131,5 +1147,46 @@ impl Intake {
                 pool.submit(b).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A replayed record the stop could not shorten (the disk refused its
+    /// rest) holds points this run also delivered: the line says so, and
+    /// the balance counts them once.
+    #[test]
+    fn spooled_points_already_delivered_are_named_and_counted_once() {
+        let (i, w) = (IntakeStats::default(), WriterStats::default());
+        let set = |a: &AtomicU64, v| a.store(v, Ordering::Relaxed);
+        set(&i.reports, 1);
+        set(&w.written, 51);
+        set(&w.dead_lettered, 10);
+        set(&w.spool_points, 111);
+        set(&w.spool_delivered_too, 60);
+        let s = stop_summary(&i, &w, 111, &SubscriberConfig::default(), 0);
+        assert!(s.adds_up, "{}", s.line);
+        assert!(
+            s.line
+                .contains("111 spooled for later (0 bytes; 60 of them already written or refused"),
+            "{}",
+            s.line
+        );
+        assert!(
+            s.line
+                .contains("spooled - spooled but already written or refused"),
+            "{}",
+            s.line
+        );
+        // Without the overlap, the same counts do not add up, and say so.
+        set(&w.spool_delivered_too, 0);
+        let s = stop_summary(&i, &w, 111, &SubscriberConfig::default(), 0);
+        assert!(
+            !s.adds_up && s.line.contains("60 point(s) unaccounted for"),
+            "{}",
+            s.line
+        );
     }
 }

@@ -645,3 +645,159 @@ dir = "{}"
     assert!(st.success(), "subscriber: {st}\n{}", subscriber.log_text());
     assert_eq!(stored(&env).await, (N, N), "everything, once");
 }
+
+/// A spooled record that InfluxDB takes only in part before it starts
+/// failing, and a stop while the rest waits for a retry: the part written
+/// and the part refused are delivered, and only the rest may stay spooled.
+/// Keeping the whole record counted those points twice (the stop summary
+/// said DOES NOT ADD UP for data that was fine) and sent them again at the
+/// next start (refused points reached the dead-letter file twice).
+///
+/// The failure partway is InfluxDB's own: its cache limit
+/// (`cache-max-memory-size`, 500 "cache-max-memory-size exceeded") set so
+/// that the record's shard holds what the first pieces put in it and no
+/// more. InfluxDB stores a partial write's good points, so the sizes below
+/// follow the writer's steps: 16 bytes a value, a series key once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_record_cut_short_by_a_stop_keeps_only_its_rest_spooled() {
+    use nbpy::sink::spool::{Fsync, Spool, SpoolOptions};
+
+    let mut env = Env::start().await;
+    let dir = spool_dir(&env);
+    // Three days back: a shard (and a cache) of its own, apart from the
+    // subscriber's own nbpy_pipeline points.
+    let t = nbpy::wire::now_ns() - 3 * 86_400 * 1_000_000_000;
+    let lines = |range: std::ops::RangeInclusive<i64>, f: &dyn Fn(i64) -> String| -> String {
+        range.map(|i| f(i) + "\n").collect()
+    };
+    // 10 points InfluxDB refuses (kraken_tick.bid is an integer in that
+    // shard), 100 it takes, and 1 beyond the 30-day retention policy.
+    let refused = lines(1..=10, &|i| {
+        format!("kraken_tick,instrument=NEW bid=1.5 {}", t + i)
+    });
+    let first = lines(1..=50, &|i| format!("replay_test,s=a seq={i}i {}", t + i));
+    let second = lines(51..=100, &|i| format!("replay_test,s=a seq={i}i {}", t + i));
+    let too_old = format!(
+        "replay_test,s=a seq=999i {}\n",
+        t - 300 * 86_400 * 1_000_000_000
+    );
+
+    // The writer's steps, and the cache of the record's shard after each:
+    // the integer bid (16 + a 33-byte key) = 49; the whole record: partial
+    // write, its 100 good points stored (+1600 + a 22-byte key) = 1671;
+    // the refused 10 alone: nothing stored; the other 101: partial write
+    // (beyond retention), 100 stored again = 3271; bisected, the first 50
+    // written = 4071; the other 51 would make 4871: over the limit, 500.
+    env.stop_influx();
+    let log = std::fs::OpenOptions::new()
+        .append(true)
+        .open(env.path("influxd.log"))
+        .expect("influxd log");
+    let tuned = StopOnDrop(
+        std::process::Command::new("influxd")
+            .arg("run")
+            .arg("-config")
+            .arg(&env.influx.config)
+            .env("INFLUXDB_DATA_CACHE_MAX_MEMORY_SIZE", "4471")
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("influxd"),
+    );
+    wait_until(
+        "influxd with a small cache",
+        Duration::from_secs(60),
+        || nbpy::backend::ping(&env.influx.addr),
+    );
+    env.client
+        .write(
+            "default",
+            format!("kraken_tick,instrument=OLD bid=1i {t}\n").into(),
+        )
+        .await
+        .expect("an integer bid");
+
+    let opts = SpoolOptions {
+        dir: dir.clone(),
+        max_bytes: 1 << 30,
+        segment_bytes: 1 << 20,
+        fsync: Fsync::Batch,
+        when_full: nbpy::config::WhenFull::Block,
+    };
+    let record = format!("{refused}{first}{second}{too_old}");
+    let (mut spool, _) = Spool::open(opts.clone()).expect("spool");
+    spool
+        .append("default", 111, record.as_bytes(), false)
+        .expect("append");
+    drop(spool);
+
+    let cfg = env.config(&format!(
+        "retry_max = \"1s\"\n\n[subscribers.main]\nconnect = [\"{}\"]\nstats_interval = \"1s\"\n",
+        free_endpoint()
+    ));
+    let cfg = cfg.to_str().unwrap();
+    let dead = env.path("state").join("dead-letter").join("main.lp");
+    let mut sub = env.spawn_as("main-1", "nbpy-subscriber", &["--config", cfg, "main"]);
+    sub.wait_log("cache-max-memory-size exceeded", Duration::from_secs(60));
+    wait_until("the refused points", Duration::from_secs(60), || {
+        dead_lines(&dead).0 == 10
+    });
+    sub.signal(Signal::SIGTERM);
+    sub.wait_success(Duration::from_secs(60));
+    drop(tuned);
+
+    let line = stop_summary(&sub.log_text(), "main");
+    println!("{line}");
+    assert!(line.contains("every point accounted for"), "{line}");
+    assert_eq!(
+        number_before(&line, " left in the spool by an earlier run"),
+        111
+    );
+    assert_eq!(number_before(&line, " refused by InfluxDB"), 10, "{line}");
+    assert!(number_before(&line, " points written") >= 50, "{line}");
+    // The disk holds what the summary says: the 51 points not delivered
+    // (and whatever own points the outage spooled), nothing written or
+    // refused.
+    let (mut spool, rec) = Spool::open(opts).expect("spool");
+    assert_eq!(
+        rec.points,
+        number_before(&line, " spooled for later"),
+        "{line}"
+    );
+    let mut left = String::new();
+    while let Some(r) = spool.next_record().expect("read") {
+        let text = String::from_utf8_lossy(&r.lines).to_string();
+        if !text.starts_with("nbpy_pipeline") {
+            assert_eq!(r.points as usize, text.lines().count(), "{text}");
+            left.push_str(&text);
+        }
+    }
+    drop(spool);
+    assert_eq!(left, format!("{second}{too_old}"));
+
+    // The next start sends the rest, once: nothing is refused twice.
+    env.start_influx_again();
+    let mut sub = env.spawn_as("main-2", "nbpy-subscriber", &["--config", cfg, "main"]);
+    wait_until("the spool to drain", Duration::from_secs(60), || {
+        spool_files(&dir).0 == 0
+    });
+    sub.signal(Signal::SIGTERM);
+    sub.wait_success(Duration::from_secs(60));
+    let line = stop_summary(&sub.log_text(), "main");
+    println!("{line}");
+    assert!(line.contains("every point accounted for"), "{line}");
+    assert_eq!(number_before(&line, " refused by InfluxDB"), 1, "{line}");
+    let q = "SELECT count(distinct(\"seq\")) FROM \"tick\".\"default\".\"replay_test\"";
+    assert_eq!(env.client.query_number(q).await.expect("count"), 100.0);
+    let text = std::fs::read_to_string(&dead).expect("dead letters");
+    let kept: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+    assert_eq!(kept.len(), 11, "every refused point, once:\n{text}");
+    assert_eq!(
+        kept.iter()
+            .filter(|l| l.starts_with("kraken_tick,"))
+            .count(),
+        10,
+        "{text}"
+    );
+}

@@ -40,7 +40,10 @@
 //! at once); [`Spool::ack`] marks one delivered. A segment is deleted once it
 //! has been read to its end and every record handed out from it is acked,
 //! so a crash replays at most the records of the (at most few) segments in
-//! flight: again, harmless. Nothing records a read position on disk.
+//! flight: again, harmless. Nothing records a read position on disk. A
+//! record a stop interrupts goes back whole ([`Spool::release`]), or, when
+//! InfluxDB already wrote or refused part of it, its rest takes its place
+//! ([`Spool::release_rest`]), so the disk holds only what is undelivered.
 //!
 //! # Size limit
 //!
@@ -188,6 +191,20 @@ pub struct Record {
     pub rp: String,
     pub points: u32,
     pub lines: Vec<u8>,
+}
+
+/// What [`Spool::release_rest`] kept on disk.
+#[derive(Debug)]
+pub enum Kept {
+    /// The undelivered points alone.
+    Rest,
+    /// The disk refused the rest, so the record stays whole:
+    /// `delivered_too` of its points were already written or refused, and
+    /// go again at the next start.
+    Whole {
+        delivered_too: u64,
+        error: io::Error,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -784,6 +801,67 @@ impl Spool {
         }
     }
 
+    /// A handed-out record was partly delivered (InfluxDB wrote or refused
+    /// some of its points, then failed) and will not be finished by this
+    /// process: `rest`, the `rest_points` points not delivered, takes its
+    /// place on disk.
+    ///
+    /// [`Spool::release`] would keep the whole record, points already
+    /// written or dead-lettered included: the stop summary counted those
+    /// twice (delivered, and still spooled), and the next start sent them
+    /// again, refused points reaching the dead-letter file a second time.
+    /// The rest is appended before the record is acked, so a crash in
+    /// between leaves both on disk (sent again: harmless), never neither.
+    /// It goes to the end of the spool, not the record's place: InfluxDB
+    /// stores by series and time, so the order of replay changes nothing.
+    ///
+    /// When the disk will not take the rest, the whole record is released
+    /// instead, so nothing undelivered is lost: [`Kept::Whole`].
+    pub fn release_rest(
+        &mut self,
+        segment: u64,
+        points: u32,
+        rp: &str,
+        rest_points: u32,
+        rest: &[u8],
+    ) -> io::Result<Kept> {
+        if rest_points == 0 {
+            self.ack(segment, points)?;
+            return Ok(Kept::Rest);
+        }
+        let before = self.counters.appended_points;
+        match self.append(rp, rest_points, rest, true) {
+            Ok(_) => {
+                self.ack(segment, points)?;
+                Ok(Kept::Rest)
+            }
+            // Its fsync failed, the rest is on file: keeping the whole
+            // record too would hold the rest twice.
+            Err(e) if self.counters.appended_points > before => {
+                self.ack(segment, points)?;
+                Err(e)
+            }
+            Err(error) => {
+                if self.segments.iter().any(|s| s.id == segment) {
+                    self.release(segment, points);
+                    Ok(Kept::Whole {
+                        delivered_too: u64::from(points.saturating_sub(rest_points)),
+                        error,
+                    })
+                } else {
+                    // As in `release`, a defence: not on disk any more, the
+                    // undelivered points are dropped; the others were delivered.
+                    self.settle(segment, points);
+                    self.counters.dropped_points += u64::from(rest_points);
+                    Ok(Kept::Whole {
+                        delivered_too: 0,
+                        error,
+                    })
+                }
+            }
+        }
+    }
+
     fn settle(&mut self, segment: u64, points: u32) {
         if let Some(s) = self.segments.iter_mut().find(|s| s.id == segment) {
             s.in_flight = s.in_flight.saturating_sub(1);
@@ -926,6 +1004,69 @@ mod tests {
         let a = s.next_record().unwrap().unwrap();
         s.ack(a.segment, a.points).unwrap();
         assert_eq!(s.points(), 3);
+    }
+
+    /// What InfluxDB took of a record before a stop is not kept with it:
+    /// only the rest stays, and the record's segment goes.
+    #[test]
+    fn a_partly_delivered_record_leaves_only_its_rest() {
+        let d = tempfile::tempdir().unwrap();
+        let (mut s, _) = Spool::open(opts(d.path())).unwrap();
+        s.append("x", 4, &lines(4, "a"), false).unwrap();
+        drop(s);
+        let (mut s, _) = Spool::open(opts(d.path())).unwrap();
+        let r = s.next_record().unwrap().unwrap();
+        let all = lines(4, "a");
+        let rest: Vec<u8> = all
+            .split_inclusive(|b| *b == b'\n')
+            .skip(2)
+            .flatten()
+            .copied()
+            .collect();
+        let kept = s.release_rest(r.segment, r.points, "x", 2, &rest).unwrap();
+        assert!(matches!(kept, Kept::Rest), "{kept:?}");
+        assert_eq!(s.points(), 2);
+        drop(s);
+        let files = segment_files(d.path());
+        assert_eq!(files.len(), 1, "{files:?}");
+        assert!(!files[0].ends_with(format!("{:020}.seg", r.segment)));
+        let (mut s, rec) = Spool::open(opts(d.path())).unwrap();
+        assert_eq!((rec.records, rec.points), (1, 2));
+        let got = drain(&mut s);
+        assert_eq!((got[0].rp.as_str(), got[0].lines.clone()), ("x", rest));
+    }
+
+    /// A disk that will not take the rest must not cost the rest: the whole
+    /// record stays, and the points delivered with it are named.
+    #[test]
+    fn a_rest_the_disk_refuses_keeps_the_whole_record() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("spool");
+        let (mut s, _) = Spool::open(opts(&dir)).unwrap();
+        s.append("x", 4, &lines(4, "a"), false).unwrap();
+        drop(s);
+        let (mut s, _) = Spool::open(opts(&dir)).unwrap();
+        let r = s.next_record().unwrap().unwrap();
+        // A new segment cannot be made: the directory is gone.
+        let away = d.path().join("away");
+        std::fs::rename(&dir, &away).unwrap();
+        let kept = s.release_rest(r.segment, r.points, "x", 1, b"m v=3i 3\n");
+        assert!(
+            matches!(
+                kept,
+                Ok(Kept::Whole {
+                    delivered_too: 3,
+                    ..
+                })
+            ),
+            "{kept:?}"
+        );
+        assert_eq!(s.points(), 4);
+        assert_eq!(s.counters.dropped_points, 0);
+        drop(s);
+        std::fs::rename(&away, &dir).unwrap();
+        let (_, rec) = Spool::open(opts(&dir)).unwrap();
+        assert_eq!((rec.records, rec.points), (1, 4));
     }
 
     #[test]

@@ -62,7 +62,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::batch::Batch;
 use super::influx::{InfluxClient, WriteError};
-use super::spool::{Appended, Record, Spool};
+use super::spool::{Appended, Kept, Record, Spool};
 use super::RateLimitedLog;
 use crate::config::InfluxConfig;
 
@@ -95,6 +95,11 @@ pub struct WriterStats {
     /// Spool size in bytes, and points in it not yet delivered.
     pub spool_bytes: AtomicU64,
     pub spool_points: AtomicU64,
+    /// Of `spool_points`, points this run did deliver (written or
+    /// refused): a replayed record the stop cut short whose rest the disk
+    /// would not take stays whole (see [`Spool::release_rest`]). Counted
+    /// once, as delivered; the next start sends them again.
+    pub spool_delivered_too: AtomicU64,
     /// Largest `spool_bytes` seen.
     pub spool_high_water: AtomicU64,
     /// Times a batch found the spool full and waited (block policy).
@@ -782,16 +787,64 @@ impl Shared {
                 _ = self.closing.cancelled() => true,
             };
             if stop {
-                // Stays on disk for the next start.
-                if let Some(sp) = &self.spool {
-                    sp.with(|s| s.release(segment, points));
-                }
+                // What is left stays on disk for the next start.
+                self.keep_rest(segment, points, &rp, &left).await;
                 if probe {
                     self.probing.store(false, Ordering::Relaxed);
                 }
                 return;
             }
             delay = (delay * 2).min(self.retry_max);
+        }
+    }
+
+    /// A replayed record the stop interrupts: when InfluxDB wrote or
+    /// refused part of it, only the rest (`left`) may stay spooled, or the
+    /// stop summary counts that part twice and the next start sends it
+    /// again (see [`Spool::release_rest`]).
+    async fn keep_rest(self: &Arc<Self>, segment: u64, points: u32, rp: &str, left: &[Piece]) {
+        let Some(sp) = &self.spool else { return };
+        let rest_points: usize = left.iter().map(|p| p.points).sum();
+        if rest_points >= points as usize {
+            sp.with(|s| s.release(segment, points));
+            return;
+        }
+        // One record: a piece may end without a newline (the record's
+        // last line), and the next must not run on from it.
+        let mut rest = Vec::with_capacity(left.iter().map(|p| p.lines.len() + 1).sum());
+        for p in left {
+            if !rest.is_empty() && !rest.ends_with(b"\n") {
+                rest.push(b'\n');
+            }
+            rest.extend_from_slice(&p.lines);
+        }
+        let (me, rp) = (self.clone(), rp.to_string());
+        let kept = sp
+            .blocking(move |s| {
+                let r = s.release_rest(segment, points, &rp, rest_points as u32, &rest);
+                me.copy_spool_gauges(s);
+                r
+            })
+            .await;
+        match kept {
+            Ok(Kept::Rest) => {}
+            Ok(Kept::Whole {
+                delivered_too,
+                error,
+            }) => {
+                self.stats
+                    .spool_delivered_too
+                    .fetch_add(delivered_too, Ordering::Relaxed);
+                self.spool_warn(|| {
+                    format!(
+                        "cannot spool the {rest_points} undelivered points of a replayed record ({error}); \
+                         the whole record stays spooled, {delivered_too} points already written or refused with it"
+                    )
+                });
+            }
+            Err(e) => {
+                self.spool_warn(|| format!("spool, keeping the rest of a replayed record: {e}"))
+            }
         }
     }
 
