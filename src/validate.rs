@@ -31,7 +31,8 @@
 //! measurement, `max_latency` for the 99th percentile of receive time −
 //! exchange time (not checked for replayed feeds, whose exchange times are
 //! historical), `min_rate` per publisher. Breaking one exits with
-//! `DATAERR` (65); an unreachable publisher or InfluxDB exits with
+//! `DATAERR` (65); an unreachable publisher or InfluxDB, or a publisher
+//! that went away during the window and did not come back, exits with
 //! `UNAVAILABLE` (69), each naming what broke.
 
 use std::collections::BTreeMap;
@@ -307,6 +308,10 @@ pub struct PublisherReport {
     pub endpoint: String,
     pub feed: String,
     pub connected: bool,
+    /// Connected, then gone during the window and not back by its end: the
+    /// publisher is unavailable (exit 69), whatever was seen before.
+    #[serde(default)]
+    pub went_away: bool,
     /// Why it could not be listened to, or how the connection ended.
     pub problem: Option<String>,
     pub received: u64,
@@ -473,7 +478,12 @@ struct Listened {
     name: String,
     pcfg: PublisherConfig,
     connected: bool,
+    /// It went away during the window and did not come back.
+    went_away: bool,
     problem: Option<String>,
+    /// Time really connected: from the connection to the end of the window,
+    /// less the time spent reconnecting after a restart, or only up to the
+    /// disconnect of a publisher that went away.
     listened_for: Duration,
     seen: Seen,
 }
@@ -489,6 +499,7 @@ async fn listen(
         name: name.clone(),
         pcfg,
         connected: false,
+        went_away: false,
         problem: None,
         listened_for: Duration::ZERO,
         seen: Seen::default(),
@@ -503,6 +514,8 @@ async fn listen(
     out.connected = true;
     let t0 = tokio::time::Instant::now();
     let end = t0 + duration;
+    // Time without a connection (reconnecting after a restart): not listened.
+    let mut deaf = Duration::ZERO;
     loop {
         tokio::select! {
             biased;
@@ -510,6 +523,7 @@ async fn listen(
             ev = tap.next() => match ev {
                 TapEvent::Message(m) => out.seen.observe(&name, &m),
                 TapEvent::Disconnected(why) => {
+                    let gone_at = tokio::time::Instant::now();
                     out.seen.disconnects.push(why.clone());
                     // A restart: listen again for the rest of the window.
                     // The old socket goes first: left alone, the zeromq
@@ -519,17 +533,25 @@ async fn listen(
                     drop(tap);
                     let left = end.saturating_duration_since(tokio::time::Instant::now());
                     match Tap::connect(&endpoint, left).await {
-                        Ok(t) => tap = t,
+                        Ok(t) => {
+                            tap = t;
+                            deaf += gone_at.elapsed();
+                        }
                         Err(_) => {
+                            // Unavailable, not checked: what it would have
+                            // sent for the rest of the window is unknown.
+                            // Its rate counts the time it was there.
+                            out.went_away = true;
                             out.problem = Some(format!("publisher went away during the window ({why}) and did not come back"));
-                            break;
+                            out.listened_for = gone_at.saturating_duration_since(t0).saturating_sub(deaf);
+                            return out;
                         }
                     }
                 }
             }
         }
     }
-    out.listened_for = t0.elapsed();
+    out.listened_for = t0.elapsed().saturating_sub(deaf);
     out
 }
 
@@ -782,6 +804,7 @@ fn publisher_report(
         endpoint: l.pcfg.endpoint(),
         feed: l.pcfg.feed.name().to_string(),
         connected: l.connected,
+        went_away: l.went_away,
         problem,
         received: s.received,
         rate: s.received as f64 / secs,
@@ -831,6 +854,15 @@ fn judge(r: &mut Report, v: &ValidateConfig) {
                 p.problem.as_deref().unwrap_or("not reachable")
             ));
             continue;
+        }
+        if p.went_away {
+            unavailable.push(format!(
+                "publisher {}: {}",
+                p.name,
+                p.problem
+                    .as_deref()
+                    .unwrap_or("went away during the window")
+            ));
         }
         if p.all_unsequenced() {
             continue;

@@ -35,18 +35,34 @@ fn validate(cfg: &str, duration: &str) -> (i32, Report, String) {
 
 /// Publisher + subscriber running, the subscriber storing.
 async fn pipeline(env: &Env, extra_publisher: &str, subscriber_topics: &str) -> (Proc, Proc) {
+    pipeline_with(
+        env,
+        &format!("rate = 2000\n{extra_publisher}"),
+        subscriber_topics,
+        "settle = \"20s\"",
+    )
+    .await
+}
+
+/// [`pipeline`] with the publisher's settings (`rate` among them) and the
+/// `[validate]` section given.
+async fn pipeline_with(
+    env: &Env,
+    publisher: &str,
+    subscriber_topics: &str,
+    validate: &str,
+) -> (Proc, Proc) {
     let ep = free_endpoint();
     let cfg = env.config(&format!(
         r#"
 [validate]
-settle = "20s"
+{validate}
 
 [publishers.synth]
 feed = "synthetic"
 endpoint = "{ep}"
-rate = 2000
 wait_for_subscribers = 1
-{extra_publisher}
+{publisher}
 
 [subscribers.main]
 connect = ["{ep}"]
@@ -412,4 +428,53 @@ async fn a_password_in_influxdb_url_is_never_printed() {
         !json.contains(SECRET) && !stderr.contains(SECRET),
         "{json}\n{stderr}"
     );
+}
+
+/// A publisher that stops for good inside the window is unavailable (69),
+/// and its rate is over the time it was really listened to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_that_goes_away_in_the_window_is_unavailable() {
+    let env = Env::start().await;
+    let (mut publisher, _s) = pipeline(&env, "", "[\"\"]").await;
+    let cfg = env.path("nbpy.toml");
+    let validator = Command::new(bin_path("nbpy"))
+        .args(["--config", cfg.to_str().unwrap()])
+        .args(["validate", "--json", "--duration", "8s"])
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The scenario: the publisher stops about 2 s into the 8 s window.
+    std::thread::sleep(Duration::from_secs(2));
+    publisher.signal(nix::sys::signal::Signal::SIGTERM);
+    publisher.wait_success(Duration::from_secs(30));
+    let out = validator.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let r: Report = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("not a report ({e}):\n{stdout}\nstderr:\n{stderr}"));
+    assert_eq!(
+        out.status.code(),
+        Some(nbpy::exit::UNAVAILABLE),
+        "{stderr}\n{r:#?}"
+    );
+    let p = &r.publishers[0];
+    assert!(p.received > 0, "{p:#?}");
+    assert!(
+        r.unavailable
+            .iter()
+            .any(|u| u.contains("publisher synth") && u.contains("went away")),
+        "{:?}",
+        r.unavailable
+    );
+    // Listened to until it went away, not for the whole window.
+    assert!(r.duration_s < 7.5, "{r:#?}");
+    assert!(
+        (p.rate - p.received as f64 / r.duration_s).abs() < 1.0,
+        "{r:#?}"
+    );
+    // zeromq's own reconnect logging is not the validator's output.
+    assert!(!stderr.contains("zeromq::"), "{stderr}");
 }
