@@ -69,6 +69,11 @@ pub struct ValidateConfig {
     pub min_rate: f64,
     /// Publishers to check; empty = every configured publisher.
     pub publishers: Vec<String>,
+    /// Publishers that may legitimately send nothing in a window (a venue
+    /// whose market closes: OANDA over the weekend, a Betfair market
+    /// between events). For the others, an empty window fails the check:
+    /// nothing was reconciled, so "no loss" would vouch for nothing.
+    pub idle_ok: Vec<String>,
 }
 
 impl Default for ValidateConfig {
@@ -81,6 +86,7 @@ impl Default for ValidateConfig {
             max_latency: Duration::from_secs(5),
             min_rate: 0.0,
             publishers: Vec::new(),
+            idle_ok: Vec::new(),
         }
     }
 }
@@ -103,11 +109,14 @@ impl ValidateConfig {
         if self.duration.is_zero() {
             p.push("validate.duration must be > 0".into());
         }
-        for name in &self.publishers {
-            if !publishers.contains_key(name) {
-                p.push(format!(
-                    "validate.publishers: no publisher named {name:?} is configured"
-                ));
+        for (key, names) in [
+            ("validate.publishers", &self.publishers),
+            ("validate.idle_ok", &self.idle_ok),
+        ] {
+            for name in names {
+                if !publishers.contains_key(name) {
+                    p.push(format!("{key}: no publisher named {name:?} is configured"));
+                }
             }
         }
         p
@@ -188,16 +197,33 @@ struct Seen {
     received: u64,
     malformed: u64,
     unsequenced: u64,
-    unmapped: u64,
+    /// Messages on a channel no measurement stores, per channel.
+    unmapped: BTreeMap<String, u64>,
     duplicates: u64,
-    /// Messages naming another publisher (a misconfigured endpoint).
-    foreign: u64,
+    /// Messages naming another publisher (a misconfigured endpoint), per
+    /// name they carry.
+    foreign: BTreeMap<String, u64>,
     epochs: BTreeMap<u64, EpochSeen>,
     topics: BTreeMap<String, u64>,
     latencies_ns: Vec<i64>,
     latency_stride: u64,
     disconnects: Vec<String>,
     log: Option<crate::sink::RateLimitedLog>,
+}
+
+/// Distinct names kept per count map (names come off the wire: a noisy or
+/// hostile bus must not grow them without bound); the rest share one entry.
+const MAX_NAMES: usize = 16;
+
+/// Counts one message under `key`, or under "(others)" past [`MAX_NAMES`].
+fn bump(map: &mut BTreeMap<String, u64>, key: &str) {
+    if let Some(n) = map.get_mut(key) {
+        *n += 1;
+    } else if map.len() < MAX_NAMES {
+        map.insert(key.to_string(), 1);
+    } else {
+        *map.entry("(others)".to_string()).or_default() += 1;
+    }
 }
 
 /// Samples kept for latency percentiles; beyond this every k-th is kept.
@@ -241,11 +267,11 @@ impl Seen {
             return;
         }
         if !env.publisher.is_empty() && env.publisher != name {
-            self.foreign += 1;
+            bump(&mut self.foreign, &env.publisher);
             return;
         }
         let Some(m) = crate::schema::by_channel(&env.ch) else {
-            self.unmapped += 1;
+            bump(&mut self.unmapped, &env.ch);
             return;
         };
         let t = env.time();
@@ -319,6 +345,17 @@ pub struct PublisherReport {
     pub malformed: u64,
     pub unsequenced: u64,
     pub duplicates: u64,
+    /// Messages naming another publisher, per name: the endpoint belongs
+    /// to someone else, or two configurations disagree. Not reconciled.
+    #[serde(default)]
+    pub foreign: BTreeMap<String, u64>,
+    /// Messages on a channel no measurement stores, per channel. Not
+    /// reconciled.
+    #[serde(default)]
+    pub unmapped: BTreeMap<String, u64>,
+    /// `validate.idle_ok` names it: an empty window is no breach.
+    #[serde(default)]
+    pub idle_ok: bool,
     pub latency_ms: Option<Latency>,
     pub epochs: Vec<EpochReport>,
     /// Sequence numbers in the reconciled ranges.
@@ -463,7 +500,7 @@ pub async fn run(cfg: &Config, duration: Duration) -> Result<Report, Failure> {
     };
     for (i, l) in listened.iter().enumerate() {
         let counts = stored.as_ref().map(|s| &s[i]);
-        let mut p = publisher_report(l, counts, start_ns);
+        let mut p = publisher_report(l, counts, start_ns, v.idle_ok.contains(&l.name));
         if counts.is_none() {
             p.forget_loss();
         }
@@ -734,6 +771,7 @@ fn publisher_report(
     l: &Listened,
     stored: Option<&BTreeMap<u64, EpochStored>>,
     start_ns: i64,
+    idle_ok: bool,
 ) -> PublisherReport {
     let secs = l.listened_for.as_secs_f64().max(1e-3);
     let s = &l.seen;
@@ -811,6 +849,9 @@ fn publisher_report(
         malformed: s.malformed,
         unsequenced: s.unsequenced,
         duplicates: s.duplicates,
+        foreign: s.foreign.clone(),
+        unmapped: s.unmapped.clone(),
+        idle_ok,
         latency_ms,
         epochs,
         published,
@@ -867,6 +908,38 @@ fn judge(r: &mut Report, v: &ValidateConfig) {
         if p.all_unsequenced() {
             continue;
         }
+        if !p.foreign.is_empty() {
+            b.push(format!(
+                "publisher {}: {} message(s) at {} name another publisher ({}): not reconciled; is the endpoint configured under the right name?",
+                p.name,
+                p.foreign.values().sum::<u64>(),
+                p.endpoint,
+                named(&p.foreign)
+            ));
+        }
+        if !p.unmapped.is_empty() {
+            b.push(format!(
+                "publisher {}: {} message(s) on channels no measurement stores ({}): not reconciled",
+                p.name,
+                p.unmapped.values().sum::<u64>(),
+                named(&p.unmapped)
+            ));
+        }
+        if p.received == 0 {
+            if !p.idle_ok {
+                b.push(format!(
+                    "publisher {}: no messages in the {:.1} s window, so nothing was checked (is it holding its first message for wait_for_subscribers, with no subscriber? if the feed can be idle, list it in validate.idle_ok)",
+                    p.name, r.duration_s
+                ));
+            }
+            continue;
+        }
+        if p.seen == 0 && p.foreign.is_empty() && p.unmapped.is_empty() {
+            b.push(format!(
+                "publisher {}: none of its {} message(s) could be reconciled",
+                p.name, p.received
+            ));
+        }
         if v.min_rate > 0.0 && p.rate < v.min_rate {
             b.push(format!(
                 "publisher {}: rate {:.1} msg/s below validate.min_rate = {}",
@@ -909,6 +982,14 @@ fn judge(r: &mut Report, v: &ValidateConfig) {
     b.extend(unavailable.iter().cloned());
     r.breaches = b;
     r.unavailable = unavailable;
+}
+
+/// `"a" ×3, "b" ×1` for a breach.
+fn named(map: &BTreeMap<String, u64>) -> String {
+    map.iter()
+        .map(|(k, n)| format!("{k:?} ×{n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 impl PublisherReport {
@@ -1052,8 +1133,31 @@ pub fn render(r: &Report) -> String {
         if let Some(pr) = &p.problem {
             let _ = writeln!(s, "{:<16} note: {pr}", "");
         }
+        if !p.foreign.is_empty() {
+            let _ = writeln!(
+                s,
+                "{:<16} {} message(s) naming another publisher: {}",
+                "",
+                p.foreign.values().sum::<u64>(),
+                named(&p.foreign)
+            );
+        }
+        if !p.unmapped.is_empty() {
+            let _ = writeln!(
+                s,
+                "{:<16} {} message(s) on unstored channels: {}",
+                "",
+                p.unmapped.values().sum::<u64>(),
+                named(&p.unmapped)
+            );
+        }
         if p.received == 0 {
-            let _ = writeln!(s, "{:<16} note: no messages in the window", "");
+            let why = if p.idle_ok {
+                " (validate.idle_ok: allowed)"
+            } else {
+                ""
+            };
+            let _ = writeln!(s, "{:<16} note: no messages in the window{why}", "");
         }
     }
     if r.ok {

@@ -430,6 +430,105 @@ async fn a_password_in_influxdb_url_is_never_printed() {
     );
 }
 
+/// `nbpy validate` (the human table); returns the exit code and stdout + stderr.
+fn validate_text(cfg: &str, duration: &str, envs: &[(&str, &str)]) -> (i32, String) {
+    let mut cmd = Command::new(bin_path("nbpy"));
+    cmd.args(["--config", cfg, "validate", "--duration", duration])
+        .env_remove("NOTIFY_SOCKET")
+        .env("RUST_LOG", "warn");
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run nbpy validate");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// A publisher alone, no subscriber; `publisher` is its settings.
+fn lone_publisher(env: &Env, name: &str, publisher: &str, validate: &str) -> (String, Proc) {
+    let ep = free_endpoint();
+    let cfg = env.config(&format!(
+        r#"
+[validate]
+{validate}
+
+[publishers.{name}]
+feed = "synthetic"
+endpoint = "{ep}"
+{publisher}
+"#
+    ));
+    let cfg = cfg.to_str().unwrap().to_string();
+    let p = env.spawn("nbpy-publisher", &["--config", &cfg, name], &[]);
+    p.wait_log("bound", Duration::from_secs(20));
+    (cfg, p)
+}
+
+/// A publisher that sends nothing in the window (here it holds its first
+/// message for `wait_for_subscribers`, and no subscriber runs) leaves
+/// nothing checked: that fails the check instead of passing as "OK".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_window_that_saw_nothing_fails_the_check() {
+    let env = Env::start().await;
+    let (cfg, _p) = lone_publisher(
+        &env,
+        "synth",
+        "rate = 200\nwait_for_subscribers = 1",
+        "settle = \"2s\"",
+    );
+    let (code, r, stderr) = validate(&cfg, "1s");
+    assert_eq!(code, nbpy::exit::DATAERR, "{stderr}\n{r:#?}");
+    assert!(!r.ok);
+    let p = &r.publishers[0];
+    assert!(p.connected && p.received == 0 && p.seen == 0, "{p:#?}");
+    assert!(
+        r.breaches
+            .iter()
+            .any(|b| b.contains("publisher synth") && b.contains("no messages")),
+        "{:?}",
+        r.breaches
+    );
+    // A feed that can be idle (a market that closes) is allowed to be.
+    let idle = env.path("idle.toml");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("[validate]\n", "[validate]\nidle_ok = [\"synth\"]\n");
+    std::fs::write(&idle, text).unwrap();
+    let (code, text) = validate_text(idle.to_str().unwrap(), "1s", &[]);
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains("no messages in the window (validate.idle_ok: allowed)"),
+        "{text}"
+    );
+}
+
+/// Every message at the endpoint names another publisher (the endpoint
+/// is configured under the wrong name, or two configurations disagree):
+/// nothing could be reconciled, and the report says whose they were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_of_another_publisher_are_reported_and_fail_the_check() {
+    let env = Env::start().await;
+    let (cfg, _p) = lone_publisher(&env, "synth", "rate = 200", "settle = \"2s\"");
+    let other = env.path("other.toml");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("[publishers.synth]", "[publishers.other]");
+    std::fs::write(&other, text).unwrap();
+    let (code, r, stderr) = validate(other.to_str().unwrap(), "1s");
+    assert_eq!(code, nbpy::exit::DATAERR, "{stderr}\n{r:#?}");
+    let p = &r.publishers[0];
+    assert!(p.received > 0 && p.seen == 0, "{p:#?}");
+    assert_eq!(p.foreign.get("synth"), Some(&p.received), "{p:#?}");
+    assert!(
+        r.breaches
+            .iter()
+            .any(|b| b.contains("publisher other") && b.contains("\"synth\"")),
+        "{:?}",
+        r.breaches
+    );
+}
+
 /// A publisher that stops for good inside the window is unavailable (69),
 /// and its rate is over the time it was really listened to.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
