@@ -146,10 +146,12 @@ async fn messages_a_subscriber_never_stores_are_counted_exactly() {
             topics.push(format!("\"synthetic.{ch}.{sym}\""));
         }
     }
-    let (_p, _s) = pipeline(
+    // What is never stored is waited for until `settle` runs out: short here.
+    let (_p, _s) = pipeline_with(
         &env,
-        "instruments = [\"AAA\", \"BBB\", \"CCC\"]",
+        "rate = 2000\ninstruments = [\"AAA\", \"BBB\", \"CCC\"]",
         &format!("[{}]", topics.join(", ")),
+        "settle = \"6s\"",
     )
     .await;
     let cfg = env.path("nbpy.toml");
@@ -576,4 +578,50 @@ async fn a_publisher_that_goes_away_in_the_window_is_unavailable() {
     );
     // zeromq's own reconnect logging is not the validator's output.
     assert!(!stderr.contains("zeromq::"), "{stderr}");
+}
+
+/// Messages held up for seconds (the subscriber stopped, then resumed) are
+/// stored late, not lost: the validator waits for them up to `settle`. If
+/// they are still missing then, it says so in those words.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_stored_late_within_settle_are_not_lost() {
+    use nix::sys::signal::Signal;
+    let env = Env::start().await;
+    let (_p, subscriber) = pipeline_with(&env, "rate = 200", "[\"\"]", "settle = \"20s\"").await;
+    let cfg = env.path("nbpy.toml");
+    let cfg = cfg.to_str().unwrap().to_string();
+    subscriber.signal(Signal::SIGSTOP);
+    let validator = {
+        let cfg = cfg.clone();
+        std::thread::spawn(move || validate(&cfg, "2s"))
+    };
+    // The scenario: the subscriber stays stopped past the end of the
+    // window and some seconds beyond, then catches up.
+    std::thread::sleep(Duration::from_secs(7));
+    subscriber.signal(Signal::SIGCONT);
+    let (code, r, stderr) = validator.join().unwrap();
+    assert_eq!(code, 0, "{stderr}\n{r:#?}");
+    let p = &r.publishers[0];
+    assert!(
+        p.seen > 0 && p.lost == 0 && p.stored == p.published,
+        "{p:#?}"
+    );
+
+    // Still stopped when `settle` runs out: not stored within it.
+    let short = env.path("short.toml");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("settle = \"20s\"", "settle = \"2s\"");
+    std::fs::write(&short, text).unwrap();
+    subscriber.signal(Signal::SIGSTOP);
+    let (code, r, stderr) = validate(short.to_str().unwrap(), "1s");
+    subscriber.signal(Signal::SIGCONT);
+    assert_eq!(code, nbpy::exit::DATAERR, "{stderr}\n{r:#?}");
+    assert!(
+        r.breaches
+            .iter()
+            .any(|b| b.contains("publisher synth") && b.contains("not stored within")),
+        "{:?}",
+        r.breaches
+    );
 }
