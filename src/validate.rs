@@ -18,10 +18,18 @@
 //! measurement; they are counted per publisher: published − seen, and of
 //! those, how many were stored anyway (counted over the whole range).
 //!
-//! An epoch that began during the window (a publisher restart: the epoch is
-//! the publisher's start time in ns) is counted from `seq` 1, so messages a
-//! restarted publisher sent before the validator reconnected are part of
-//! the range too.
+//! An epoch that began during the window is counted from `seq` 1, so
+//! messages a restarted publisher sent before the validator reconnected are
+//! part of the range too. "Began during the window" is what the validator
+//! saw, never a comparison of clocks: the epoch is the publisher's start
+//! time by the publisher's clock, and one an hour fast would otherwise
+//! "start" in the validator's future and have every earlier message of a
+//! long-running epoch claimed as lost. So an epoch began in the window when
+//! its first message seen is `seq` 1, or when it first appeared after the
+//! validator reconnected (the publisher restarted). Likewise the stored
+//! points are looked for around the times the messages themselves carry
+//! (the publisher's or venue's clock, whichever stamped them), never
+//! around the validator's clock.
 //!
 //! Subscribers write in batches every `influxdb.flush_interval`, so after the
 //! window the counts are polled until they are complete or `validate.settle`
@@ -193,6 +201,9 @@ struct EpochSeen {
     /// Stored-time bounds (exchange time, else receive time), ns.
     min_time: i64,
     max_time: i64,
+    /// Began during the window, as observed (see the module docs): counted
+    /// from `seq` 1.
+    began_in_window: bool,
 }
 
 /// What the validator saw of one publisher.
@@ -279,9 +290,11 @@ impl Seen {
             return;
         };
         let t = env.time();
+        let after_reconnect = !self.disconnects.is_empty();
         let e = self.epochs.entry(env.epoch).or_insert_with(|| EpochSeen {
             min_time: t,
             max_time: t,
+            began_in_window: env.seq == 1 || after_reconnect,
             ..Default::default()
         });
         if !e.runs.insert(env.seq) {
@@ -468,7 +481,7 @@ pub async fn run(cfg: &Config, duration: Duration) -> Result<Report, Failure> {
             unavailable.push(format!("InfluxDB at {}: {e}", client.shown_url()));
             None
         }
-        Ok(()) => match reconcile(&client, &listened, start_ns, cfg).await {
+        Ok(()) => match reconcile(&client, &listened, window, cfg).await {
             Ok(s) => Some(s),
             Err(e) => {
                 unavailable.push(format!("InfluxDB query failed: {e}"));
@@ -505,7 +518,7 @@ pub async fn run(cfg: &Config, duration: Duration) -> Result<Report, Failure> {
     };
     for (i, l) in listened.iter().enumerate() {
         let counts = stored.as_ref().map(|s| &s[i]);
-        let mut p = publisher_report(l, counts, start_ns, v.idle_ok.contains(&l.name));
+        let mut p = publisher_report(l, counts, v.idle_ok.contains(&l.name));
         if counts.is_none() {
             p.forget_loss();
         }
@@ -598,15 +611,11 @@ async fn listen(
 }
 
 /// The reconciled range of one epoch: `[first, last]`.
-fn range_of(epoch: u64, e: &EpochSeen, start_ns: i64) -> (u64, u64) {
+fn range_of(e: &EpochSeen) -> (u64, u64) {
     let first_seen = e.runs.first().unwrap_or(1);
     let last = e.runs.last().unwrap_or(0);
     // An epoch that began during the window: everything it sent counts.
-    let first = if epoch as i64 >= start_ns {
-        1
-    } else {
-        first_seen
-    };
+    let first = if e.began_in_window { 1 } else { first_seen };
     (first, last)
 }
 
@@ -633,7 +642,7 @@ const RUNS_PER_QUERY: usize = 40;
 async fn reconcile(
     client: &InfluxClient,
     listened: &[Listened],
-    start_ns: i64,
+    window: Duration,
     cfg: &Config,
 ) -> Result<Stored, crate::sink::influx::WriteError> {
     let expected: u64 = listened
@@ -667,9 +676,9 @@ async fn reconcile(
     // The validator's own gaps: count the whole range once, all measurements.
     for (l, per_epoch) in listened.iter().zip(stored.iter_mut()) {
         for (epoch, e) in &l.seen.epochs {
-            let (first, last) = range_of(*epoch, e, start_ns);
+            let (first, last) = range_of(e);
             if (last - first).saturating_add(1) > e.runs.count() {
-                let n = count_range(client, &l.name, *epoch, e, first, last).await?;
+                let n = count_range(client, &l.name, *epoch, e, first, last, window).await?;
                 if let Some(s) = per_epoch.get_mut(epoch) {
                     s.whole = Some(n);
                 }
@@ -683,12 +692,16 @@ fn source(m: &crate::schema::Measurement, db: &str) -> String {
     format!("{}.{}.{}", ident(db), ident(m.rp), ident(m.name))
 }
 
-fn common_where(publisher: &str, epoch: u64, e: &EpochSeen) -> String {
+/// Publisher, epoch and a time range around what was seen, widened by
+/// `before_ns` towards the past.
+fn common_where(publisher: &str, epoch: u64, e: &EpochSeen, before_ns: i64) -> String {
     format!(
         "{} = {} AND \"epoch\" = {epoch} AND time >= {} AND time <= {}",
         ident(crate::schema::TAG_PUBLISHER),
         string_lit(publisher),
-        e.min_time.saturating_sub(TIME_MARGIN_NS),
+        e.min_time
+            .saturating_sub(TIME_MARGIN_NS)
+            .saturating_sub(before_ns),
         e.max_time.saturating_add(TIME_MARGIN_NS)
     )
 }
@@ -712,7 +725,7 @@ async fn count_seen(
         let q = format!(
             "SELECT count(\"seq\") FROM {} WHERE {} AND ({})",
             source(m, client.database()),
-            common_where(publisher, epoch, e),
+            common_where(publisher, epoch, e, 0),
             runs.join(" OR ")
         );
         n += client.query_number(&q).await? as u64;
@@ -727,7 +740,17 @@ async fn count_range(
     e: &EpochSeen,
     first: u64,
     last: u64,
+    window: Duration,
 ) -> Result<u64, crate::sink::influx::WriteError> {
+    // Numbers before the first seen of an epoch that began in the window
+    // were sent after it began, so at most the window's length before the
+    // first one seen, by the same clock that stamped it: skew between that
+    // clock and the validator's cannot push them out of the range.
+    let before_ns = if e.began_in_window {
+        i64::try_from(window.as_nanos()).unwrap_or(i64::MAX)
+    } else {
+        0
+    };
     let mut n = 0u64;
     for m in crate::schema::MEASUREMENTS
         .iter()
@@ -736,7 +759,7 @@ async fn count_range(
         let q = format!(
             "SELECT count(\"seq\") FROM {} WHERE {} AND \"seq\" >= {first} AND \"seq\" <= {last}",
             source(m, client.database()),
-            common_where(publisher, epoch, e),
+            common_where(publisher, epoch, e, before_ns),
         );
         n += client.query_number(&q).await? as u64;
     }
@@ -764,7 +787,6 @@ fn ratio(lost: u64, of: u64) -> f64 {
 fn publisher_report(
     l: &Listened,
     stored: Option<&BTreeMap<u64, EpochStored>>,
-    start_ns: i64,
     idle_ok: bool,
 ) -> PublisherReport {
     let secs = l.listened_for.as_secs_f64().max(1e-3);
@@ -774,7 +796,7 @@ fn publisher_report(
     let mut un = Unattributed::default();
     let mut per_m: BTreeMap<&'static str, (u64, u64)> = BTreeMap::new();
     for (epoch, e) in &s.epochs {
-        let (first, last) = range_of(*epoch, e, start_ns);
+        let (first, last) = range_of(e);
         epochs.push(EpochReport {
             epoch: *epoch,
             first_seq: first,
@@ -1227,11 +1249,39 @@ mod tests {
     }
 
     #[test]
+    fn the_time_range_widens_towards_the_past_only_as_asked() {
+        let e = EpochSeen {
+            min_time: 10 * TIME_MARGIN_NS,
+            max_time: 11 * TIME_MARGIN_NS,
+            ..Default::default()
+        };
+        let w = common_where("p", 7, &e, 0);
+        assert!(
+            w.contains(&format!("time >= {}", 9 * TIME_MARGIN_NS)),
+            "{w}"
+        );
+        assert!(
+            w.contains(&format!("time <= {}", 12 * TIME_MARGIN_NS)),
+            "{w}"
+        );
+        let w = common_where("p", 7, &e, 3 * TIME_MARGIN_NS);
+        assert!(
+            w.contains(&format!("time >= {}", 6 * TIME_MARGIN_NS)),
+            "{w}"
+        );
+        assert!(
+            w.contains(&format!("time <= {}", 12 * TIME_MARGIN_NS)),
+            "{w}"
+        );
+    }
+
+    #[test]
     fn restarted_epoch_counts_from_one() {
         let mut e = EpochSeen::default();
         e.runs.insert(40);
         e.runs.insert(41);
-        assert_eq!(range_of(100, &e, 50), (1, 41));
-        assert_eq!(range_of(10, &e, 50), (40, 41));
+        assert_eq!(range_of(&e), (40, 41));
+        e.began_in_window = true;
+        assert_eq!(range_of(&e), (1, 41));
     }
 }

@@ -625,3 +625,71 @@ async fn messages_stored_late_within_settle_are_not_lost() {
         r.breaches
     );
 }
+
+/// A publisher whose clock is an hour ahead of the validator's, running
+/// since before the window: its epoch (its start time by its own clock)
+/// lies in the validator's future, which must not make the validator
+/// count its messages from `seq` 1 and call the earlier ones lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_clock_ahead_does_not_make_earlier_messages_lost() {
+    const HOUR: i64 = 3600 * 1_000_000_000;
+    let env = Env::start().await;
+    let mut bus = nbpy::bus::BusPublisher::bind(&free_endpoint())
+        .await
+        .unwrap();
+    let ep = bus.endpoint.clone();
+    let cfg = env.config(&format!(
+        r#"
+[validate]
+settle = "10s"
+
+[publishers.fake]
+feed = "kraken-tick"
+endpoint = "{ep}"
+
+[subscribers.main]
+connect = ["{ep}"]
+stats_interval = "1s"
+"#
+    ));
+    let cfg = cfg.to_str().unwrap();
+    let _subscriber = env.spawn("nbpy-subscriber", &["--config", cfg, "main"], &[]);
+    let sender = tokio::spawn(async move {
+        while bus.subscribers() == 0 {
+            bus.next_subscription().await;
+        }
+        // Started 30 min ago by its own clock, which is an hour fast.
+        let epoch = (nbpy::wire::now_ns() + HOUR - HOUR / 2) as u64;
+        let mut buf = Vec::new();
+        for seq in 5_000u64.. {
+            let now = nbpy::wire::now_ns() + HOUR;
+            let mut env = nbpy::wire::Envelope::new(
+                "kraken",
+                "ticker",
+                "BTC/USD",
+                now,
+                vec![
+                    ("bid".into(), nbpy::wire::Value::Float(100.0)),
+                    ("ask".into(), nbpy::wire::Value::Float(101.0)),
+                    ("last".into(), nbpy::wire::Value::Float(100.5)),
+                ],
+            );
+            env.publisher = "fake".into();
+            env.seq = seq;
+            env.epoch = epoch;
+            env.rx = now;
+            bus.publish(&env, nbpy::config::Codec::V1, &mut buf)
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    assert!(env.wait_for_points(1, Duration::from_secs(30)).await > 0);
+    let (code, r, stderr) = validate(cfg, "2s");
+    sender.abort();
+    assert_eq!(code, 0, "{stderr}\n{r:#?}");
+    let p = &r.publishers[0];
+    assert!(p.seen > 0, "{p:#?}");
+    assert!(p.epochs[0].first_seq > 5_000, "{:?}", p.epochs);
+    assert_eq!((p.published, p.stored, p.lost), (p.seen, p.seen, 0));
+}
