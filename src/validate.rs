@@ -43,9 +43,11 @@
 //! measurement, `max_latency` for the 99th percentile of receive time −
 //! exchange time (not checked for replayed feeds, whose exchange times are
 //! historical), `min_rate` per publisher. Breaking one exits with
-//! `DATAERR` (65); an unreachable publisher or InfluxDB, or a publisher
-//! that went away during the window and did not come back, exits with
-//! `UNAVAILABLE` (69), each naming what broke.
+//! `DATAERR` (65); an unreachable publisher or InfluxDB (or its database
+//! missing), or a publisher that went away during the window and did not
+//! come back, exits with `UNAVAILABLE` (69); InfluxDB refusing the
+//! credentials with `NOPERM` (77), as elsewhere in nbpy. Each names what
+//! broke.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -53,10 +55,10 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, PublisherConfig};
-use crate::exit::{Failure, DATAERR, UNAVAILABLE};
+use crate::exit::{Failure, DATAERR, NOPERM, UNAVAILABLE};
 use crate::feeds::FeedKind;
 use crate::health::tap::{Tap, TapEvent};
-use crate::sink::influx::InfluxClient;
+use crate::sink::influx::{InfluxClient, WriteError};
 use crate::wire::now_ns;
 
 /// `[validate]`: how long to listen and what counts as broken.
@@ -320,7 +322,8 @@ pub struct Report {
     /// than `duration_s`: the rest was spent waiting for connections.
     #[serde(default)]
     pub elapsed_s: f64,
-    /// Why the stored counts are unknown (InfluxDB could not be queried).
+    /// Why the stored counts are unknown (InfluxDB could not be queried:
+    /// unreachable, credentials refused, database missing).
     /// Then every `stored`, `lost` and `loss_ratio` is 0 and means nothing:
     /// the data may well be safe in a subscriber's spool, so no loss is
     /// claimed or judged.
@@ -336,6 +339,9 @@ pub struct Report {
     pub breaches: Vec<String>,
     /// Of the breaches, those that mean "could not check" (unreachable).
     pub unavailable: Vec<String>,
+    /// Of the breaches, InfluxDB refusing the credentials: exit 77.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub denied: Vec<String>,
     pub ok: bool,
 }
 
@@ -475,24 +481,26 @@ pub async fn run(cfg: &Config, duration: Duration) -> Result<Report, Failure> {
 
     // Reconcile against InfluxDB.
     let mut unavailable = Vec::new();
+    let mut denied = Vec::new();
     let settle_t0 = Instant::now();
-    let stored = match client.ping().await {
-        Err(e) => {
-            unavailable.push(format!("InfluxDB at {}: {e}", client.shown_url()));
-            None
-        }
-        Ok(()) => match reconcile(&client, &listened, window, cfg).await {
-            Ok(s) => Some(s),
-            Err(e) => {
-                unavailable.push(format!("InfluxDB query failed: {e}"));
-                None
+    let failed = match client.ping().await {
+        Err(e) => Err((format!("InfluxDB at {}: {e}", client.shown_url()), e)),
+        Ok(()) => reconcile(&client, &listened, window, cfg)
+            .await
+            .map_err(|e| (format!("InfluxDB query failed: {e}"), e)),
+    };
+    let (stored, stored_unknown) = match failed {
+        Ok(s) => (Some(s), None),
+        Err((breach, e)) => {
+            let (why, list) = influx_problem(&e, breach, &client);
+            match list {
+                Problem::Denied => denied.push(why.clone()),
+                Problem::Unavailable => unavailable.push(why.clone()),
             }
-        },
+            (None, Some(why))
+        }
     };
     let settle = settle_t0.elapsed();
-    let stored_unknown = stored
-        .is_none()
-        .then(|| unavailable.last().cloned().unwrap_or_default());
     let listened_for = listened
         .iter()
         .map(|l| l.listened_for)
@@ -514,6 +522,7 @@ pub async fn run(cfg: &Config, duration: Duration) -> Result<Report, Failure> {
         publishers: Vec::new(),
         breaches: Vec::new(),
         unavailable,
+        denied,
         ok: false,
     };
     for (i, l) in listened.iter().enumerate() {
@@ -526,6 +535,43 @@ pub async fn run(cfg: &Config, duration: Duration) -> Result<Report, Failure> {
     }
     judge(&mut report, v);
     Ok(report)
+}
+
+/// Which exit an InfluxDB failure deserves.
+enum Problem {
+    /// Credentials refused: `NOPERM` (77), as elsewhere in nbpy; retrying
+    /// will not help until someone fixes them.
+    Denied,
+    /// Away, stuck, or not set up yet (phase 2 has not run): `UNAVAILABLE`.
+    Unavailable,
+}
+
+/// What to say about an InfluxDB failure, and which exit it deserves. It
+/// is said as what it is: a missing database is not an unreachable server.
+fn influx_problem(e: &WriteError, breach: String, client: &InfluxClient) -> (String, Problem) {
+    match e {
+        WriteError::Auth(_) => (
+            format!("InfluxDB at {}: {e}", client.shown_url()),
+            Problem::Denied,
+        ),
+        WriteError::Missing(msg) if msg.to_ascii_lowercase().contains("database not found") => (
+            format!(
+                "database {:?} does not exist in InfluxDB at {} (run `nbpy schema apply`)",
+                client.database(),
+                client.shown_url()
+            ),
+            Problem::Unavailable,
+        ),
+        WriteError::Missing(_) => (
+            format!("InfluxDB at {}: {e}", client.shown_url()),
+            Problem::Unavailable,
+        ),
+        WriteError::Transient(_) | WriteError::Timeout(_) => (
+            format!("InfluxDB unreachable: {breach}"),
+            Problem::Unavailable,
+        ),
+        _ => (breach, Problem::Unavailable),
+    }
 }
 
 /// One publisher's window.
@@ -999,7 +1045,8 @@ fn judge(r: &mut Report, v: &ValidateConfig) {
             }
         }
     }
-    r.ok = b.is_empty() && unavailable.is_empty();
+    r.ok = b.is_empty() && unavailable.is_empty() && r.denied.is_empty();
+    b.extend(r.denied.iter().cloned());
     b.extend(unavailable.iter().cloned());
     r.breaches = b;
     r.unavailable = unavailable;
@@ -1035,12 +1082,15 @@ impl PublisherReport {
     }
 }
 
-/// The exit this report deserves: none, `UNAVAILABLE`, or `DATAERR`.
+/// The exit this report deserves: none, `NOPERM` (credentials refused:
+/// retrying will not help), `UNAVAILABLE`, or `DATAERR`.
 pub fn verdict(r: &Report) -> Result<(), Failure> {
     if r.ok {
         return Ok(());
     }
-    let code = if !r.unavailable.is_empty() {
+    let code = if !r.denied.is_empty() {
+        NOPERM
+    } else if !r.unavailable.is_empty() {
         UNAVAILABLE
     } else {
         DATAERR
@@ -1077,7 +1127,7 @@ pub fn render(r: &Report) -> String {
     if let Some(why) = &r.stored_unknown {
         let _ = writeln!(
             s,
-            "stored: unknown — InfluxDB unreachable: {why}; loss is not judged (the subscribers may hold the data in their spools)"
+            "stored: unknown — {why}; loss is not judged (the subscribers may hold the data in their spools)"
         );
     }
     // Stored counts, or "?" where they are unknown.

@@ -693,3 +693,62 @@ stats_interval = "1s"
     assert!(p.epochs[0].first_seq > 5_000, "{:?}", p.epochs);
     assert_eq!((p.published, p.stored, p.lost), (p.seen, p.seen, 0));
 }
+
+/// An HTTP server that answers `/ping` as InfluxDB does and refuses every
+/// other request with 401, as InfluxDB with auth on refuses a wrong password.
+fn refusing_influxdb() -> String {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { continue };
+            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+            let mut req = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !String::from_utf8_lossy(&req).contains("\r\n\r\n") {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => req.extend_from_slice(&buf[..n]),
+                }
+            }
+            let head = String::from_utf8_lossy(&req).to_string();
+            let (status, body) = if head.starts_with("GET /ping") || head.starts_with("HEAD /ping")
+            {
+                ("204 No Content", "")
+            } else {
+                ("401 Unauthorized", "{\"error\":\"authorization failed\"}")
+            };
+            let _ = write!(
+                s,
+                "HTTP/1.1 {status}\r\nX-Influxdb-Version: 1.8.10\r\nContent-Type: application/json\r\n\
+                 Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    url
+}
+
+/// InfluxDB refusing the credentials exits 77 (NOPERM), as elsewhere in
+/// nbpy; a database that does not exist is named as missing, not as
+/// InfluxDB being unreachable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_credentials_exit_noperm_and_a_missing_database_is_named() {
+    let env = Env::start().await;
+    let (cfg, _p) = lone_publisher(&env, "synth", "rate = 200", "settle = \"2s\"");
+    let refusing = refusing_influxdb();
+    let (code, text) = validate_text(&cfg, "1s", &[("NBPY_INFLUXDB__URL", &refusing)]);
+    assert_eq!(code, nbpy::exit::NOPERM, "{text}");
+    assert!(text.contains("denied"), "{text}");
+    assert!(!text.contains("unreachable"), "{text}");
+
+    let (code, text) = validate_text(&cfg, "1s", &[("NBPY_INFLUXDB__DATABASE", "nosuchdb")]);
+    assert_eq!(code, nbpy::exit::UNAVAILABLE, "{text}");
+    assert!(
+        text.contains("database \"nosuchdb\" does not exist"),
+        "{text}"
+    );
+    assert!(text.contains("nbpy schema apply"), "{text}");
+    assert!(!text.contains("unreachable"), "{text}");
+}
