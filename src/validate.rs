@@ -1298,6 +1298,88 @@ mod tests {
         assert_eq!(string_lit("o'k"), "'o\\'k'");
     }
 
+    /// One connected publisher's report, judged, from what it saw.
+    fn judged(seen: Seen, idle_ok: bool) -> Report {
+        let l = Listened {
+            name: "p".into(),
+            pcfg: PublisherConfig::default(),
+            connected: true,
+            went_away: false,
+            problem: None,
+            listened_for: Duration::from_secs(1),
+            seen,
+        };
+        let mut r = Report {
+            start_ns: 0,
+            duration_s: 1.0,
+            elapsed_s: 1.0,
+            stored_unknown: None,
+            settle_s: 0.0,
+            database: "tick".into(),
+            thresholds: Thresholds {
+                max_loss_ratio: 0.0,
+                max_latency_ms: 5000.0,
+                min_rate: 0.0,
+            },
+            publishers: vec![publisher_report(&l, Some(&BTreeMap::new()), idle_ok)],
+            breaches: Vec::new(),
+            unavailable: Vec::new(),
+            denied: Vec::new(),
+            ok: false,
+        };
+        judge(&mut r, &ValidateConfig::default());
+        r
+    }
+
+    #[test]
+    fn messages_nothing_stores_or_of_another_publisher_fail_the_check() {
+        let mut s = Seen {
+            received: 3,
+            ..Default::default()
+        };
+        bump(&mut s.unmapped, "weather");
+        bump(&mut s.unmapped, "weather");
+        bump(&mut s.foreign, "synth");
+        let r = judged(s, false);
+        assert!(!r.ok);
+        assert!(verdict(&r).is_err_and(|f| f.code == DATAERR));
+        let p = &r.publishers[0];
+        assert_eq!(p.unmapped.get("weather"), Some(&2));
+        assert_eq!(p.foreign.get("synth"), Some(&1));
+        assert!(
+            r.breaches
+                .iter()
+                .any(|b| b
+                    .contains("2 message(s) on channels no measurement stores (\"weather\" ×2)")),
+            "{:?}",
+            r.breaches
+        );
+        assert!(
+            r.breaches.iter().any(|b| b.contains("\"synth\" ×1")),
+            "{:?}",
+            r.breaches
+        );
+    }
+
+    #[test]
+    fn an_empty_window_fails_unless_the_feed_may_be_idle() {
+        let r = judged(Seen::default(), false);
+        assert!(verdict(&r).is_err_and(|f| f.code == DATAERR), "{r:?}");
+        let r = judged(Seen::default(), true);
+        assert!(r.ok, "{:?}", r.breaches);
+    }
+
+    #[test]
+    fn names_off_the_wire_are_kept_bounded() {
+        let mut m = BTreeMap::new();
+        for i in 0..100 {
+            bump(&mut m, &format!("n{i}"));
+        }
+        assert_eq!(m.len(), MAX_NAMES + 1);
+        assert_eq!(m["(others)"], 100 - MAX_NAMES as u64);
+        assert_eq!(m.values().sum::<u64>(), 100);
+    }
+
     #[test]
     fn the_time_range_widens_towards_the_past_only_as_asked() {
         let e = EpochSeen {
