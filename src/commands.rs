@@ -53,7 +53,8 @@ pub enum Command {
     },
     /// Phase 5: listen to every publisher, reconcile with InfluxDB, judge
     /// against [validate]; exit 65 when a threshold breaks, 69 when a
-    /// publisher or InfluxDB cannot be reached.
+    /// publisher or InfluxDB cannot be reached, 77 when InfluxDB refuses
+    /// the credentials.
     Validate {
         /// How long to listen (default: validate.duration).
         #[arg(long, value_parser = humantime::parse_duration)]

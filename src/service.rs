@@ -303,8 +303,11 @@ fn stderr_is_journal() -> bool {
 pub fn init_logging(format: LogFormat, level: &str) {
     use tracing_subscriber::prelude::*;
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(level))
+    let spec = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|s| EnvFilter::try_new(s).is_ok())
+        .unwrap_or_else(|| level.to_string());
+    let filter = EnvFilter::try_new(with_quiet_dependencies(&spec))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let want_journal = match format {
         LogFormat::Journald => true,
@@ -347,6 +350,23 @@ pub fn init_logging(format: LogFormat, level: &str) {
     }
 }
 
+/// `spec` with the `zeromq` crate held to warnings, unless `spec` names it.
+///
+/// The crate logs every peer that disconnects at INFO ("Peer … disconnected
+/// from …, starting reconnection"). nbpy says itself what a disconnect
+/// means where it matters (a publisher gone in `nbpy validate`, a
+/// subscriber's gaps), so at the default level that line is only noise in
+/// a command's output; `RUST_LOG=zeromq=info` still shows it.
+fn with_quiet_dependencies(spec: &str) -> String {
+    if spec.contains("zeromq") {
+        spec.to_string()
+    } else if spec.trim().is_empty() {
+        "zeromq=warn".to_string()
+    } else {
+        format!("{spec},zeromq=warn")
+    }
+}
+
 /// Text logs are coloured only on a terminal: in a file, a pipe or a log
 /// collector the escape codes are noise that breaks grep. `NO_COLOR`
 /// (no-color.org: set and not empty) turns colour off on a terminal too.
@@ -357,6 +377,13 @@ fn colour(stderr_is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zeromq_is_held_to_warnings_unless_named() {
+        assert_eq!(with_quiet_dependencies("info"), "info,zeromq=warn");
+        assert_eq!(with_quiet_dependencies(""), "zeromq=warn");
+        assert_eq!(with_quiet_dependencies("zeromq=debug"), "zeromq=debug");
+    }
 
     #[test]
     fn colour_only_on_a_terminal_without_no_color() {

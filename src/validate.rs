@@ -18,21 +18,36 @@
 //! measurement; they are counted per publisher: published − seen, and of
 //! those, how many were stored anyway (counted over the whole range).
 //!
-//! An epoch that began during the window (a publisher restart: the epoch is
-//! the publisher's start time in ns) is counted from `seq` 1, so messages a
-//! restarted publisher sent before the validator reconnected are part of
-//! the range too.
+//! An epoch that began during the window is counted from `seq` 1, so
+//! messages a restarted publisher sent before the validator reconnected are
+//! part of the range too. "Began during the window" is what the validator
+//! saw, never a comparison of clocks: the epoch is the publisher's start
+//! time by the publisher's clock, and one an hour fast would otherwise
+//! "start" in the validator's future and have every earlier message of a
+//! long-running epoch claimed as lost. So an epoch began in the window when
+//! its first message seen is `seq` 1, or when it first appeared after the
+//! validator reconnected (the publisher restarted). Likewise the stored
+//! points are looked for around the times the messages themselves carry
+//! (the publisher's or venue's clock, whichever stamped them), never
+//! around the validator's clock.
 //!
 //! Subscribers write in batches every `influxdb.flush_interval`, so after the
-//! window the counts are polled until they are complete, stop changing for
-//! a while, or `validate.settle` runs out.
+//! window the counts are polled until they are complete or `validate.settle`
+//! runs out. A pause in the counts proves nothing: a subscriber that was
+//! stopped for a few seconds, or is replaying its spool after an InfluxDB
+//! outage, stores the rest late, and calling that loss would be wrong. What
+//! is still missing when `settle` runs out is reported as "not stored
+//! within validate.settle", which is loss as far as this run can tell.
 //!
 //! Thresholds (`[validate]`): `max_loss_ratio` per publisher and per
 //! measurement, `max_latency` for the 99th percentile of receive time −
 //! exchange time (not checked for replayed feeds, whose exchange times are
 //! historical), `min_rate` per publisher. Breaking one exits with
-//! `DATAERR` (65); an unreachable publisher or InfluxDB exits with
-//! `UNAVAILABLE` (69), each naming what broke.
+//! `DATAERR` (65); an unreachable publisher or InfluxDB (or its database
+//! missing), or a publisher that went away during the window and did not
+//! come back, exits with `UNAVAILABLE` (69); InfluxDB refusing the
+//! credentials with `NOPERM` (77), as elsewhere in nbpy. Each names what
+//! broke.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -40,10 +55,10 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, PublisherConfig};
-use crate::exit::{Failure, DATAERR, UNAVAILABLE};
+use crate::exit::{Failure, DATAERR, NOPERM, UNAVAILABLE};
 use crate::feeds::FeedKind;
 use crate::health::tap::{Tap, TapEvent};
-use crate::sink::influx::InfluxClient;
+use crate::sink::influx::{InfluxClient, WriteError};
 use crate::wire::now_ns;
 
 /// `[validate]`: how long to listen and what counts as broken.
@@ -68,6 +83,11 @@ pub struct ValidateConfig {
     pub min_rate: f64,
     /// Publishers to check; empty = every configured publisher.
     pub publishers: Vec<String>,
+    /// Publishers that may legitimately send nothing in a window (a venue
+    /// whose market closes: OANDA over the weekend, a Betfair market
+    /// between events). For the others, an empty window fails the check:
+    /// nothing was reconciled, so "no loss" would vouch for nothing.
+    pub idle_ok: Vec<String>,
 }
 
 impl Default for ValidateConfig {
@@ -80,6 +100,7 @@ impl Default for ValidateConfig {
             max_latency: Duration::from_secs(5),
             min_rate: 0.0,
             publishers: Vec::new(),
+            idle_ok: Vec::new(),
         }
     }
 }
@@ -102,11 +123,14 @@ impl ValidateConfig {
         if self.duration.is_zero() {
             p.push("validate.duration must be > 0".into());
         }
-        for name in &self.publishers {
-            if !publishers.contains_key(name) {
-                p.push(format!(
-                    "validate.publishers: no publisher named {name:?} is configured"
-                ));
+        for (key, names) in [
+            ("validate.publishers", &self.publishers),
+            ("validate.idle_ok", &self.idle_ok),
+        ] {
+            for name in names {
+                if !publishers.contains_key(name) {
+                    p.push(format!("{key}: no publisher named {name:?} is configured"));
+                }
             }
         }
         p
@@ -179,6 +203,9 @@ struct EpochSeen {
     /// Stored-time bounds (exchange time, else receive time), ns.
     min_time: i64,
     max_time: i64,
+    /// Began during the window, as observed (see the module docs): counted
+    /// from `seq` 1.
+    began_in_window: bool,
 }
 
 /// What the validator saw of one publisher.
@@ -187,16 +214,33 @@ struct Seen {
     received: u64,
     malformed: u64,
     unsequenced: u64,
-    unmapped: u64,
+    /// Messages on a channel no measurement stores, per channel.
+    unmapped: BTreeMap<String, u64>,
     duplicates: u64,
-    /// Messages naming another publisher (a misconfigured endpoint).
-    foreign: u64,
+    /// Messages naming another publisher (a misconfigured endpoint), per
+    /// name they carry.
+    foreign: BTreeMap<String, u64>,
     epochs: BTreeMap<u64, EpochSeen>,
     topics: BTreeMap<String, u64>,
     latencies_ns: Vec<i64>,
     latency_stride: u64,
     disconnects: Vec<String>,
     log: Option<crate::sink::RateLimitedLog>,
+}
+
+/// Distinct names kept per count map (names come off the wire: a noisy or
+/// hostile bus must not grow them without bound); the rest share one entry.
+const MAX_NAMES: usize = 16;
+
+/// Counts one message under `key`, or under "(others)" past [`MAX_NAMES`].
+fn bump(map: &mut BTreeMap<String, u64>, key: &str) {
+    if let Some(n) = map.get_mut(key) {
+        *n += 1;
+    } else if map.len() < MAX_NAMES {
+        map.insert(key.to_string(), 1);
+    } else {
+        *map.entry("(others)".to_string()).or_default() += 1;
+    }
 }
 
 /// Samples kept for latency percentiles; beyond this every k-th is kept.
@@ -240,17 +284,19 @@ impl Seen {
             return;
         }
         if !env.publisher.is_empty() && env.publisher != name {
-            self.foreign += 1;
+            bump(&mut self.foreign, &env.publisher);
             return;
         }
         let Some(m) = crate::schema::by_channel(&env.ch) else {
-            self.unmapped += 1;
+            bump(&mut self.unmapped, &env.ch);
             return;
         };
         let t = env.time();
+        let after_reconnect = !self.disconnects.is_empty();
         let e = self.epochs.entry(env.epoch).or_insert_with(|| EpochSeen {
             min_time: t,
             max_time: t,
+            began_in_window: env.seq == 1 || after_reconnect,
             ..Default::default()
         });
         if !e.runs.insert(env.seq) {
@@ -276,13 +322,15 @@ pub struct Report {
     /// than `duration_s`: the rest was spent waiting for connections.
     #[serde(default)]
     pub elapsed_s: f64,
-    /// Why the stored counts are unknown (InfluxDB could not be queried).
+    /// Why the stored counts are unknown (InfluxDB could not be queried:
+    /// unreachable, credentials refused, database missing).
     /// Then every `stored`, `lost` and `loss_ratio` is 0 and means nothing:
     /// the data may well be safe in a subscriber's spool, so no loss is
     /// claimed or judged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stored_unknown: Option<String>,
-    /// How long the stored counts took to settle after the window.
+    /// How long the stored counts were polled after the window: until
+    /// complete, or `validate.settle` when some were still missing.
     pub settle_s: f64,
     pub database: String,
     pub thresholds: Thresholds,
@@ -291,6 +339,9 @@ pub struct Report {
     pub breaches: Vec<String>,
     /// Of the breaches, those that mean "could not check" (unreachable).
     pub unavailable: Vec<String>,
+    /// Of the breaches, InfluxDB refusing the credentials: exit 77.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub denied: Vec<String>,
     pub ok: bool,
 }
 
@@ -307,6 +358,10 @@ pub struct PublisherReport {
     pub endpoint: String,
     pub feed: String,
     pub connected: bool,
+    /// Connected, then gone during the window and not back by its end: the
+    /// publisher is unavailable (exit 69), whatever was seen before.
+    #[serde(default)]
+    pub went_away: bool,
     /// Why it could not be listened to, or how the connection ended.
     pub problem: Option<String>,
     pub received: u64,
@@ -314,6 +369,17 @@ pub struct PublisherReport {
     pub malformed: u64,
     pub unsequenced: u64,
     pub duplicates: u64,
+    /// Messages naming another publisher, per name: the endpoint belongs
+    /// to someone else, or two configurations disagree. Not reconciled.
+    #[serde(default)]
+    pub foreign: BTreeMap<String, u64>,
+    /// Messages on a channel no measurement stores, per channel. Not
+    /// reconciled.
+    #[serde(default)]
+    pub unmapped: BTreeMap<String, u64>,
+    /// `validate.idle_ok` names it: an empty window is no breach.
+    #[serde(default)]
+    pub idle_ok: bool,
     pub latency_ms: Option<Latency>,
     pub epochs: Vec<EpochReport>,
     /// Sequence numbers in the reconciled ranges.
@@ -415,24 +481,26 @@ pub async fn run(cfg: &Config, duration: Duration) -> Result<Report, Failure> {
 
     // Reconcile against InfluxDB.
     let mut unavailable = Vec::new();
+    let mut denied = Vec::new();
     let settle_t0 = Instant::now();
-    let stored = match client.ping().await {
-        Err(e) => {
-            unavailable.push(format!("InfluxDB at {}: {e}", client.shown_url()));
-            None
-        }
-        Ok(()) => match reconcile(&client, &listened, start_ns, cfg).await {
-            Ok(s) => Some(s),
-            Err(e) => {
-                unavailable.push(format!("InfluxDB query failed: {e}"));
-                None
+    let failed = match client.ping().await {
+        Err(e) => Err((format!("InfluxDB at {}: {e}", client.shown_url()), e)),
+        Ok(()) => reconcile(&client, &listened, window, cfg)
+            .await
+            .map_err(|e| (format!("InfluxDB query failed: {e}"), e)),
+    };
+    let (stored, stored_unknown) = match failed {
+        Ok(s) => (Some(s), None),
+        Err((breach, e)) => {
+            let (why, list) = influx_problem(&e, breach, &client);
+            match list {
+                Problem::Denied => denied.push(why.clone()),
+                Problem::Unavailable => unavailable.push(why.clone()),
             }
-        },
+            (None, Some(why))
+        }
     };
     let settle = settle_t0.elapsed();
-    let stored_unknown = stored
-        .is_none()
-        .then(|| unavailable.last().cloned().unwrap_or_default());
     let listened_for = listened
         .iter()
         .map(|l| l.listened_for)
@@ -454,11 +522,12 @@ pub async fn run(cfg: &Config, duration: Duration) -> Result<Report, Failure> {
         publishers: Vec::new(),
         breaches: Vec::new(),
         unavailable,
+        denied,
         ok: false,
     };
     for (i, l) in listened.iter().enumerate() {
         let counts = stored.as_ref().map(|s| &s[i]);
-        let mut p = publisher_report(l, counts, start_ns);
+        let mut p = publisher_report(l, counts, v.idle_ok.contains(&l.name));
         if counts.is_none() {
             p.forget_loss();
         }
@@ -468,12 +537,54 @@ pub async fn run(cfg: &Config, duration: Duration) -> Result<Report, Failure> {
     Ok(report)
 }
 
+/// Which exit an InfluxDB failure deserves.
+enum Problem {
+    /// Credentials refused: `NOPERM` (77), as elsewhere in nbpy; retrying
+    /// will not help until someone fixes them.
+    Denied,
+    /// Away, stuck, or not set up yet (phase 2 has not run): `UNAVAILABLE`.
+    Unavailable,
+}
+
+/// What to say about an InfluxDB failure, and which exit it deserves. It
+/// is said as what it is: a missing database is not an unreachable server.
+fn influx_problem(e: &WriteError, breach: String, client: &InfluxClient) -> (String, Problem) {
+    match e {
+        WriteError::Auth(_) => (
+            format!("InfluxDB at {}: {e}", client.shown_url()),
+            Problem::Denied,
+        ),
+        WriteError::Missing(msg) if msg.to_ascii_lowercase().contains("database not found") => (
+            format!(
+                "database {:?} does not exist in InfluxDB at {} (run `nbpy schema apply`)",
+                client.database(),
+                client.shown_url()
+            ),
+            Problem::Unavailable,
+        ),
+        WriteError::Missing(_) => (
+            format!("InfluxDB at {}: {e}", client.shown_url()),
+            Problem::Unavailable,
+        ),
+        WriteError::Transient(_) | WriteError::Timeout(_) => (
+            format!("InfluxDB unreachable: {breach}"),
+            Problem::Unavailable,
+        ),
+        _ => (breach, Problem::Unavailable),
+    }
+}
+
 /// One publisher's window.
 struct Listened {
     name: String,
     pcfg: PublisherConfig,
     connected: bool,
+    /// It went away during the window and did not come back.
+    went_away: bool,
     problem: Option<String>,
+    /// Time really connected: from the connection to the end of the window,
+    /// less the time spent reconnecting after a restart, or only up to the
+    /// disconnect of a publisher that went away.
     listened_for: Duration,
     seen: Seen,
 }
@@ -489,6 +600,7 @@ async fn listen(
         name: name.clone(),
         pcfg,
         connected: false,
+        went_away: false,
         problem: None,
         listened_for: Duration::ZERO,
         seen: Seen::default(),
@@ -503,6 +615,8 @@ async fn listen(
     out.connected = true;
     let t0 = tokio::time::Instant::now();
     let end = t0 + duration;
+    // Time without a connection (reconnecting after a restart): not listened.
+    let mut deaf = Duration::ZERO;
     loop {
         tokio::select! {
             biased;
@@ -510,6 +624,7 @@ async fn listen(
             ev = tap.next() => match ev {
                 TapEvent::Message(m) => out.seen.observe(&name, &m),
                 TapEvent::Disconnected(why) => {
+                    let gone_at = tokio::time::Instant::now();
                     out.seen.disconnects.push(why.clone());
                     // A restart: listen again for the rest of the window.
                     // The old socket goes first: left alone, the zeromq
@@ -519,30 +634,34 @@ async fn listen(
                     drop(tap);
                     let left = end.saturating_duration_since(tokio::time::Instant::now());
                     match Tap::connect(&endpoint, left).await {
-                        Ok(t) => tap = t,
+                        Ok(t) => {
+                            tap = t;
+                            deaf += gone_at.elapsed();
+                        }
                         Err(_) => {
+                            // Unavailable, not checked: what it would have
+                            // sent for the rest of the window is unknown.
+                            // Its rate counts the time it was there.
+                            out.went_away = true;
                             out.problem = Some(format!("publisher went away during the window ({why}) and did not come back"));
-                            break;
+                            out.listened_for = gone_at.saturating_duration_since(t0).saturating_sub(deaf);
+                            return out;
                         }
                     }
                 }
             }
         }
     }
-    out.listened_for = t0.elapsed();
+    out.listened_for = t0.elapsed().saturating_sub(deaf);
     out
 }
 
 /// The reconciled range of one epoch: `[first, last]`.
-fn range_of(epoch: u64, e: &EpochSeen, start_ns: i64) -> (u64, u64) {
+fn range_of(e: &EpochSeen) -> (u64, u64) {
     let first_seen = e.runs.first().unwrap_or(1);
     let last = e.runs.last().unwrap_or(0);
     // An epoch that began during the window: everything it sent counts.
-    let first = if epoch as i64 >= start_ns {
-        1
-    } else {
-        first_seen
-    };
+    let first = if e.began_in_window { 1 } else { first_seen };
     (first, last)
 }
 
@@ -569,7 +688,7 @@ const RUNS_PER_QUERY: usize = 40;
 async fn reconcile(
     client: &InfluxClient,
     listened: &[Listened],
-    start_ns: i64,
+    window: Duration,
     cfg: &Config,
 ) -> Result<Stored, crate::sink::influx::WriteError> {
     let expected: u64 = listened
@@ -578,10 +697,6 @@ async fn reconcile(
         .map(|e| e.runs.count())
         .sum();
     let deadline = Instant::now() + cfg.validate.settle;
-    // Unchanged this long after a flush interval means the writes are done.
-    let quiet = cfg.influxdb.flush_interval * 2 + Duration::from_millis(500);
-    let mut last_total = None;
-    let mut last_change = Instant::now();
     let mut stored: Stored;
     loop {
         stored = Vec::new();
@@ -599,14 +714,7 @@ async fn reconcile(
             }
             stored.push(per_epoch);
         }
-        if total >= expected {
-            break;
-        }
-        if last_total != Some(total) {
-            last_total = Some(total);
-            last_change = Instant::now();
-        }
-        if Instant::now() >= deadline || last_change.elapsed() >= quiet {
+        if total >= expected || Instant::now() >= deadline {
             break;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -614,9 +722,9 @@ async fn reconcile(
     // The validator's own gaps: count the whole range once, all measurements.
     for (l, per_epoch) in listened.iter().zip(stored.iter_mut()) {
         for (epoch, e) in &l.seen.epochs {
-            let (first, last) = range_of(*epoch, e, start_ns);
+            let (first, last) = range_of(e);
             if (last - first).saturating_add(1) > e.runs.count() {
-                let n = count_range(client, &l.name, *epoch, e, first, last).await?;
+                let n = count_range(client, &l.name, *epoch, e, first, last, window).await?;
                 if let Some(s) = per_epoch.get_mut(epoch) {
                     s.whole = Some(n);
                 }
@@ -630,12 +738,16 @@ fn source(m: &crate::schema::Measurement, db: &str) -> String {
     format!("{}.{}.{}", ident(db), ident(m.rp), ident(m.name))
 }
 
-fn common_where(publisher: &str, epoch: u64, e: &EpochSeen) -> String {
+/// Publisher, epoch and a time range around what was seen, widened by
+/// `before_ns` towards the past.
+fn common_where(publisher: &str, epoch: u64, e: &EpochSeen, before_ns: i64) -> String {
     format!(
         "{} = {} AND \"epoch\" = {epoch} AND time >= {} AND time <= {}",
         ident(crate::schema::TAG_PUBLISHER),
         string_lit(publisher),
-        e.min_time.saturating_sub(TIME_MARGIN_NS),
+        e.min_time
+            .saturating_sub(TIME_MARGIN_NS)
+            .saturating_sub(before_ns),
         e.max_time.saturating_add(TIME_MARGIN_NS)
     )
 }
@@ -659,7 +771,7 @@ async fn count_seen(
         let q = format!(
             "SELECT count(\"seq\") FROM {} WHERE {} AND ({})",
             source(m, client.database()),
-            common_where(publisher, epoch, e),
+            common_where(publisher, epoch, e, 0),
             runs.join(" OR ")
         );
         n += client.query_number(&q).await? as u64;
@@ -674,7 +786,17 @@ async fn count_range(
     e: &EpochSeen,
     first: u64,
     last: u64,
+    window: Duration,
 ) -> Result<u64, crate::sink::influx::WriteError> {
+    // Numbers before the first seen of an epoch that began in the window
+    // were sent after it began, so at most the window's length before the
+    // first one seen, by the same clock that stamped it: skew between that
+    // clock and the validator's cannot push them out of the range.
+    let before_ns = if e.began_in_window {
+        i64::try_from(window.as_nanos()).unwrap_or(i64::MAX)
+    } else {
+        0
+    };
     let mut n = 0u64;
     for m in crate::schema::MEASUREMENTS
         .iter()
@@ -683,7 +805,7 @@ async fn count_range(
         let q = format!(
             "SELECT count(\"seq\") FROM {} WHERE {} AND \"seq\" >= {first} AND \"seq\" <= {last}",
             source(m, client.database()),
-            common_where(publisher, epoch, e),
+            common_where(publisher, epoch, e, before_ns),
         );
         n += client.query_number(&q).await? as u64;
     }
@@ -711,7 +833,7 @@ fn ratio(lost: u64, of: u64) -> f64 {
 fn publisher_report(
     l: &Listened,
     stored: Option<&BTreeMap<u64, EpochStored>>,
-    start_ns: i64,
+    idle_ok: bool,
 ) -> PublisherReport {
     let secs = l.listened_for.as_secs_f64().max(1e-3);
     let s = &l.seen;
@@ -720,7 +842,7 @@ fn publisher_report(
     let mut un = Unattributed::default();
     let mut per_m: BTreeMap<&'static str, (u64, u64)> = BTreeMap::new();
     for (epoch, e) in &s.epochs {
-        let (first, last) = range_of(*epoch, e, start_ns);
+        let (first, last) = range_of(e);
         epochs.push(EpochReport {
             epoch: *epoch,
             first_seq: first,
@@ -782,12 +904,16 @@ fn publisher_report(
         endpoint: l.pcfg.endpoint(),
         feed: l.pcfg.feed.name().to_string(),
         connected: l.connected,
+        went_away: l.went_away,
         problem,
         received: s.received,
         rate: s.received as f64 / secs,
         malformed: s.malformed,
         unsequenced: s.unsequenced,
         duplicates: s.duplicates,
+        foreign: s.foreign.clone(),
+        unmapped: s.unmapped.clone(),
+        idle_ok,
         latency_ms,
         epochs,
         published,
@@ -832,8 +958,49 @@ fn judge(r: &mut Report, v: &ValidateConfig) {
             ));
             continue;
         }
+        if p.went_away {
+            unavailable.push(format!(
+                "publisher {}: {}",
+                p.name,
+                p.problem
+                    .as_deref()
+                    .unwrap_or("went away during the window")
+            ));
+        }
         if p.all_unsequenced() {
             continue;
+        }
+        if !p.foreign.is_empty() {
+            b.push(format!(
+                "publisher {}: {} message(s) at {} name another publisher ({}): not reconciled; is the endpoint configured under the right name?",
+                p.name,
+                p.foreign.values().sum::<u64>(),
+                p.endpoint,
+                named(&p.foreign)
+            ));
+        }
+        if !p.unmapped.is_empty() {
+            b.push(format!(
+                "publisher {}: {} message(s) on channels no measurement stores ({}): not reconciled",
+                p.name,
+                p.unmapped.values().sum::<u64>(),
+                named(&p.unmapped)
+            ));
+        }
+        if p.received == 0 {
+            if !p.idle_ok {
+                b.push(format!(
+                    "publisher {}: no messages in the {:.1} s window, so nothing was checked (is it holding its first message for wait_for_subscribers, with no subscriber? if the feed can be idle, list it in validate.idle_ok)",
+                    p.name, r.duration_s
+                ));
+            }
+            continue;
+        }
+        if p.seen == 0 && p.foreign.is_empty() && p.unmapped.is_empty() {
+            b.push(format!(
+                "publisher {}: none of its {} message(s) could be reconciled",
+                p.name, p.received
+            ));
         }
         if v.min_rate > 0.0 && p.rate < v.min_rate {
             b.push(format!(
@@ -845,14 +1012,19 @@ fn judge(r: &mut Report, v: &ValidateConfig) {
             // Loss cannot be told from data not yet stored.
         } else if p.loss_ratio > v.max_loss_ratio {
             b.push(format!(
-                "publisher {}: lost {} of {} messages (loss ratio {:.6} > validate.max_loss_ratio = {})",
-                p.name, p.lost, p.published, p.loss_ratio, v.max_loss_ratio
+                "publisher {}: {} of {} messages not stored within validate.settle = {} after the window (loss ratio {:.6} > validate.max_loss_ratio = {})",
+                p.name,
+                p.lost,
+                p.published,
+                humantime::format_duration(v.settle),
+                p.loss_ratio,
+                v.max_loss_ratio
             ));
         }
         for m in &p.measurements {
             if r.stored_unknown.is_none() && m.loss_ratio > v.max_loss_ratio {
                 b.push(format!(
-                    "publisher {} / {}: {} of {} messages not stored (loss ratio {:.6} > {})",
+                    "publisher {} / {}: {} of {} messages not stored within validate.settle (loss ratio {:.6} > {})",
                     p.name, m.name, m.lost, m.seen, m.loss_ratio, v.max_loss_ratio
                 ));
             }
@@ -873,10 +1045,19 @@ fn judge(r: &mut Report, v: &ValidateConfig) {
             }
         }
     }
-    r.ok = b.is_empty() && unavailable.is_empty();
+    r.ok = b.is_empty() && unavailable.is_empty() && r.denied.is_empty();
+    b.extend(r.denied.iter().cloned());
     b.extend(unavailable.iter().cloned());
     r.breaches = b;
     r.unavailable = unavailable;
+}
+
+/// `"a" ×3, "b" ×1` for a breach.
+fn named(map: &BTreeMap<String, u64>) -> String {
+    map.iter()
+        .map(|(k, n)| format!("{k:?} ×{n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 impl PublisherReport {
@@ -901,12 +1082,15 @@ impl PublisherReport {
     }
 }
 
-/// The exit this report deserves: none, `UNAVAILABLE`, or `DATAERR`.
+/// The exit this report deserves: none, `NOPERM` (credentials refused:
+/// retrying will not help), `UNAVAILABLE`, or `DATAERR`.
 pub fn verdict(r: &Report) -> Result<(), Failure> {
     if r.ok {
         return Ok(());
     }
-    let code = if !r.unavailable.is_empty() {
+    let code = if !r.denied.is_empty() {
+        NOPERM
+    } else if !r.unavailable.is_empty() {
         UNAVAILABLE
     } else {
         DATAERR
@@ -921,10 +1105,16 @@ pub fn verdict(r: &Report) -> Result<(), Failure> {
 pub fn render(r: &Report) -> String {
     use std::fmt::Write;
     let mut s = String::new();
+    let short = r.stored_unknown.is_none() && r.publishers.iter().any(|p| p.lost > 0);
+    let settled = if short {
+        format!("writes still missing after {:.1} s", r.settle_s)
+    } else {
+        format!("writes settled in {:.1} s", r.settle_s)
+    };
     let _ = write!(
         s,
-        "validated {:.1} s of the bus against InfluxDB database {:?} (writes settled in {:.1} s)",
-        r.duration_s, r.database, r.settle_s
+        "validated {:.1} s of the bus against InfluxDB database {:?} ({settled})",
+        r.duration_s, r.database
     );
     if r.elapsed_s - r.duration_s >= 0.5 {
         let _ = write!(
@@ -937,7 +1127,7 @@ pub fn render(r: &Report) -> String {
     if let Some(why) = &r.stored_unknown {
         let _ = writeln!(
             s,
-            "stored: unknown — InfluxDB unreachable: {why}; loss is not judged (the subscribers may hold the data in their spools)"
+            "stored: unknown — {why}; loss is not judged (the subscribers may hold the data in their spools)"
         );
     }
     // Stored counts, or "?" where they are unknown.
@@ -1020,8 +1210,31 @@ pub fn render(r: &Report) -> String {
         if let Some(pr) = &p.problem {
             let _ = writeln!(s, "{:<16} note: {pr}", "");
         }
+        if !p.foreign.is_empty() {
+            let _ = writeln!(
+                s,
+                "{:<16} {} message(s) naming another publisher: {}",
+                "",
+                p.foreign.values().sum::<u64>(),
+                named(&p.foreign)
+            );
+        }
+        if !p.unmapped.is_empty() {
+            let _ = writeln!(
+                s,
+                "{:<16} {} message(s) on unstored channels: {}",
+                "",
+                p.unmapped.values().sum::<u64>(),
+                named(&p.unmapped)
+            );
+        }
         if p.received == 0 {
-            let _ = writeln!(s, "{:<16} note: no messages in the window", "");
+            let why = if p.idle_ok {
+                " (validate.idle_ok: allowed)"
+            } else {
+                ""
+            };
+            let _ = writeln!(s, "{:<16} note: no messages in the window{why}", "");
         }
     }
     if r.ok {
@@ -1085,12 +1298,122 @@ mod tests {
         assert_eq!(string_lit("o'k"), "'o\\'k'");
     }
 
+    /// One connected publisher's report, judged, from what it saw.
+    fn judged(seen: Seen, idle_ok: bool) -> Report {
+        let l = Listened {
+            name: "p".into(),
+            pcfg: PublisherConfig::default(),
+            connected: true,
+            went_away: false,
+            problem: None,
+            listened_for: Duration::from_secs(1),
+            seen,
+        };
+        let mut r = Report {
+            start_ns: 0,
+            duration_s: 1.0,
+            elapsed_s: 1.0,
+            stored_unknown: None,
+            settle_s: 0.0,
+            database: "tick".into(),
+            thresholds: Thresholds {
+                max_loss_ratio: 0.0,
+                max_latency_ms: 5000.0,
+                min_rate: 0.0,
+            },
+            publishers: vec![publisher_report(&l, Some(&BTreeMap::new()), idle_ok)],
+            breaches: Vec::new(),
+            unavailable: Vec::new(),
+            denied: Vec::new(),
+            ok: false,
+        };
+        judge(&mut r, &ValidateConfig::default());
+        r
+    }
+
+    #[test]
+    fn messages_nothing_stores_or_of_another_publisher_fail_the_check() {
+        let mut s = Seen {
+            received: 3,
+            ..Default::default()
+        };
+        bump(&mut s.unmapped, "weather");
+        bump(&mut s.unmapped, "weather");
+        bump(&mut s.foreign, "synth");
+        let r = judged(s, false);
+        assert!(!r.ok);
+        assert!(verdict(&r).is_err_and(|f| f.code == DATAERR));
+        let p = &r.publishers[0];
+        assert_eq!(p.unmapped.get("weather"), Some(&2));
+        assert_eq!(p.foreign.get("synth"), Some(&1));
+        assert!(
+            r.breaches
+                .iter()
+                .any(|b| b
+                    .contains("2 message(s) on channels no measurement stores (\"weather\" ×2)")),
+            "{:?}",
+            r.breaches
+        );
+        assert!(
+            r.breaches.iter().any(|b| b.contains("\"synth\" ×1")),
+            "{:?}",
+            r.breaches
+        );
+    }
+
+    #[test]
+    fn an_empty_window_fails_unless_the_feed_may_be_idle() {
+        let r = judged(Seen::default(), false);
+        assert!(verdict(&r).is_err_and(|f| f.code == DATAERR), "{r:?}");
+        let r = judged(Seen::default(), true);
+        assert!(r.ok, "{:?}", r.breaches);
+    }
+
+    #[test]
+    fn names_off_the_wire_are_kept_bounded() {
+        let mut m = BTreeMap::new();
+        for i in 0..100 {
+            bump(&mut m, &format!("n{i}"));
+        }
+        assert_eq!(m.len(), MAX_NAMES + 1);
+        assert_eq!(m["(others)"], 100 - MAX_NAMES as u64);
+        assert_eq!(m.values().sum::<u64>(), 100);
+    }
+
+    #[test]
+    fn the_time_range_widens_towards_the_past_only_as_asked() {
+        let e = EpochSeen {
+            min_time: 10 * TIME_MARGIN_NS,
+            max_time: 11 * TIME_MARGIN_NS,
+            ..Default::default()
+        };
+        let w = common_where("p", 7, &e, 0);
+        assert!(
+            w.contains(&format!("time >= {}", 9 * TIME_MARGIN_NS)),
+            "{w}"
+        );
+        assert!(
+            w.contains(&format!("time <= {}", 12 * TIME_MARGIN_NS)),
+            "{w}"
+        );
+        let w = common_where("p", 7, &e, 3 * TIME_MARGIN_NS);
+        assert!(
+            w.contains(&format!("time >= {}", 6 * TIME_MARGIN_NS)),
+            "{w}"
+        );
+        assert!(
+            w.contains(&format!("time <= {}", 12 * TIME_MARGIN_NS)),
+            "{w}"
+        );
+    }
+
     #[test]
     fn restarted_epoch_counts_from_one() {
         let mut e = EpochSeen::default();
         e.runs.insert(40);
         e.runs.insert(41);
-        assert_eq!(range_of(100, &e, 50), (1, 41));
-        assert_eq!(range_of(10, &e, 50), (40, 41));
+        assert_eq!(range_of(&e), (40, 41));
+        e.began_in_window = true;
+        assert_eq!(range_of(&e), (1, 41));
     }
 }

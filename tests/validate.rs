@@ -35,18 +35,34 @@ fn validate(cfg: &str, duration: &str) -> (i32, Report, String) {
 
 /// Publisher + subscriber running, the subscriber storing.
 async fn pipeline(env: &Env, extra_publisher: &str, subscriber_topics: &str) -> (Proc, Proc) {
+    pipeline_with(
+        env,
+        &format!("rate = 2000\n{extra_publisher}"),
+        subscriber_topics,
+        "settle = \"20s\"",
+    )
+    .await
+}
+
+/// [`pipeline`] with the publisher's settings (`rate` among them) and the
+/// `[validate]` section given.
+async fn pipeline_with(
+    env: &Env,
+    publisher: &str,
+    subscriber_topics: &str,
+    validate: &str,
+) -> (Proc, Proc) {
     let ep = free_endpoint();
     let cfg = env.config(&format!(
         r#"
 [validate]
-settle = "20s"
+{validate}
 
 [publishers.synth]
 feed = "synthetic"
 endpoint = "{ep}"
-rate = 2000
 wait_for_subscribers = 1
-{extra_publisher}
+{publisher}
 
 [subscribers.main]
 connect = ["{ep}"]
@@ -130,10 +146,12 @@ async fn messages_a_subscriber_never_stores_are_counted_exactly() {
             topics.push(format!("\"synthetic.{ch}.{sym}\""));
         }
     }
-    let (_p, _s) = pipeline(
+    // What is never stored is waited for until `settle` runs out: short here.
+    let (_p, _s) = pipeline_with(
         &env,
-        "instruments = [\"AAA\", \"BBB\", \"CCC\"]",
+        "rate = 2000\ninstruments = [\"AAA\", \"BBB\", \"CCC\"]",
         &format!("[{}]", topics.join(", ")),
+        "settle = \"6s\"",
     )
     .await;
     let cfg = env.path("nbpy.toml");
@@ -412,4 +430,325 @@ async fn a_password_in_influxdb_url_is_never_printed() {
         !json.contains(SECRET) && !stderr.contains(SECRET),
         "{json}\n{stderr}"
     );
+}
+
+/// `nbpy validate` (the human table); returns the exit code and stdout + stderr.
+fn validate_text(cfg: &str, duration: &str, envs: &[(&str, &str)]) -> (i32, String) {
+    let mut cmd = Command::new(bin_path("nbpy"));
+    cmd.args(["--config", cfg, "validate", "--duration", duration])
+        .env_remove("NOTIFY_SOCKET")
+        .env("RUST_LOG", "warn");
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run nbpy validate");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// A publisher alone, no subscriber; `publisher` is its settings.
+fn lone_publisher(env: &Env, name: &str, publisher: &str, validate: &str) -> (String, Proc) {
+    let ep = free_endpoint();
+    let cfg = env.config(&format!(
+        r#"
+[validate]
+{validate}
+
+[publishers.{name}]
+feed = "synthetic"
+endpoint = "{ep}"
+{publisher}
+"#
+    ));
+    let cfg = cfg.to_str().unwrap().to_string();
+    let p = env.spawn("nbpy-publisher", &["--config", &cfg, name], &[]);
+    p.wait_log("bound", Duration::from_secs(20));
+    (cfg, p)
+}
+
+/// A publisher that sends nothing in the window (here it holds its first
+/// message for `wait_for_subscribers`, and no subscriber runs) leaves
+/// nothing checked: that fails the check instead of passing as "OK".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_window_that_saw_nothing_fails_the_check() {
+    let env = Env::start().await;
+    let (cfg, _p) = lone_publisher(
+        &env,
+        "synth",
+        "rate = 200\nwait_for_subscribers = 1",
+        "settle = \"2s\"",
+    );
+    let (code, r, stderr) = validate(&cfg, "1s");
+    assert_eq!(code, nbpy::exit::DATAERR, "{stderr}\n{r:#?}");
+    assert!(!r.ok);
+    let p = &r.publishers[0];
+    assert!(p.connected && p.received == 0 && p.seen == 0, "{p:#?}");
+    assert!(
+        r.breaches
+            .iter()
+            .any(|b| b.contains("publisher synth") && b.contains("no messages")),
+        "{:?}",
+        r.breaches
+    );
+    // A feed that can be idle (a market that closes) is allowed to be.
+    let idle = env.path("idle.toml");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("[validate]\n", "[validate]\nidle_ok = [\"synth\"]\n");
+    std::fs::write(&idle, text).unwrap();
+    let (code, text) = validate_text(idle.to_str().unwrap(), "1s", &[]);
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains("no messages in the window (validate.idle_ok: allowed)"),
+        "{text}"
+    );
+}
+
+/// Every message at the endpoint names another publisher (the endpoint
+/// is configured under the wrong name, or two configurations disagree):
+/// nothing could be reconciled, and the report says whose they were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_of_another_publisher_are_reported_and_fail_the_check() {
+    let env = Env::start().await;
+    let (cfg, _p) = lone_publisher(&env, "synth", "rate = 200", "settle = \"2s\"");
+    let other = env.path("other.toml");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("[publishers.synth]", "[publishers.other]");
+    std::fs::write(&other, text).unwrap();
+    let (code, r, stderr) = validate(other.to_str().unwrap(), "1s");
+    assert_eq!(code, nbpy::exit::DATAERR, "{stderr}\n{r:#?}");
+    let p = &r.publishers[0];
+    assert!(p.received > 0 && p.seen == 0, "{p:#?}");
+    assert_eq!(p.foreign.get("synth"), Some(&p.received), "{p:#?}");
+    assert!(
+        r.breaches
+            .iter()
+            .any(|b| b.contains("publisher other") && b.contains("\"synth\"")),
+        "{:?}",
+        r.breaches
+    );
+}
+
+/// A publisher that stops for good inside the window is unavailable (69),
+/// and its rate is over the time it was really listened to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_that_goes_away_in_the_window_is_unavailable() {
+    let env = Env::start().await;
+    let (mut publisher, _s) = pipeline(&env, "", "[\"\"]").await;
+    let cfg = env.path("nbpy.toml");
+    let validator = Command::new(bin_path("nbpy"))
+        .args(["--config", cfg.to_str().unwrap()])
+        .args(["validate", "--json", "--duration", "8s"])
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The scenario: the publisher stops about 2 s into the 8 s window.
+    std::thread::sleep(Duration::from_secs(2));
+    publisher.signal(nix::sys::signal::Signal::SIGTERM);
+    publisher.wait_success(Duration::from_secs(30));
+    let out = validator.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let r: Report = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("not a report ({e}):\n{stdout}\nstderr:\n{stderr}"));
+    assert_eq!(
+        out.status.code(),
+        Some(nbpy::exit::UNAVAILABLE),
+        "{stderr}\n{r:#?}"
+    );
+    let p = &r.publishers[0];
+    assert!(p.received > 0, "{p:#?}");
+    assert!(
+        r.unavailable
+            .iter()
+            .any(|u| u.contains("publisher synth") && u.contains("went away")),
+        "{:?}",
+        r.unavailable
+    );
+    // Listened to until it went away, not for the whole window.
+    assert!(r.duration_s < 7.5, "{r:#?}");
+    assert!(
+        (p.rate - p.received as f64 / r.duration_s).abs() < 1.0,
+        "{r:#?}"
+    );
+    // zeromq's own reconnect logging is not the validator's output.
+    assert!(!stderr.contains("zeromq::"), "{stderr}");
+}
+
+/// Messages held up for seconds (the subscriber stopped, then resumed) are
+/// stored late, not lost: the validator waits for them up to `settle`. If
+/// they are still missing then, it says so in those words.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_stored_late_within_settle_are_not_lost() {
+    use nix::sys::signal::Signal;
+    let env = Env::start().await;
+    let (_p, subscriber) = pipeline_with(&env, "rate = 200", "[\"\"]", "settle = \"20s\"").await;
+    let cfg = env.path("nbpy.toml");
+    let cfg = cfg.to_str().unwrap().to_string();
+    subscriber.signal(Signal::SIGSTOP);
+    let validator = {
+        let cfg = cfg.clone();
+        std::thread::spawn(move || validate(&cfg, "2s"))
+    };
+    // The scenario: the subscriber stays stopped past the end of the
+    // window and some seconds beyond, then catches up.
+    std::thread::sleep(Duration::from_secs(7));
+    subscriber.signal(Signal::SIGCONT);
+    let (code, r, stderr) = validator.join().unwrap();
+    assert_eq!(code, 0, "{stderr}\n{r:#?}");
+    let p = &r.publishers[0];
+    assert!(
+        p.seen > 0 && p.lost == 0 && p.stored == p.published,
+        "{p:#?}"
+    );
+
+    // Still stopped when `settle` runs out: not stored within it.
+    let short = env.path("short.toml");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("settle = \"20s\"", "settle = \"2s\"");
+    std::fs::write(&short, text).unwrap();
+    subscriber.signal(Signal::SIGSTOP);
+    let (code, r, stderr) = validate(short.to_str().unwrap(), "1s");
+    subscriber.signal(Signal::SIGCONT);
+    assert_eq!(code, nbpy::exit::DATAERR, "{stderr}\n{r:#?}");
+    assert!(
+        r.breaches
+            .iter()
+            .any(|b| b.contains("publisher synth") && b.contains("not stored within")),
+        "{:?}",
+        r.breaches
+    );
+}
+
+/// A publisher whose clock is an hour ahead of the validator's, running
+/// since before the window: its epoch (its start time by its own clock)
+/// lies in the validator's future, which must not make the validator
+/// count its messages from `seq` 1 and call the earlier ones lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_clock_ahead_does_not_make_earlier_messages_lost() {
+    const HOUR: i64 = 3600 * 1_000_000_000;
+    let env = Env::start().await;
+    let mut bus = nbpy::bus::BusPublisher::bind(&free_endpoint())
+        .await
+        .unwrap();
+    let ep = bus.endpoint.clone();
+    let cfg = env.config(&format!(
+        r#"
+[validate]
+settle = "10s"
+
+[publishers.fake]
+feed = "kraken-tick"
+endpoint = "{ep}"
+
+[subscribers.main]
+connect = ["{ep}"]
+stats_interval = "1s"
+"#
+    ));
+    let cfg = cfg.to_str().unwrap();
+    let _subscriber = env.spawn("nbpy-subscriber", &["--config", cfg, "main"], &[]);
+    let sender = tokio::spawn(async move {
+        while bus.subscribers() == 0 {
+            bus.next_subscription().await;
+        }
+        // Started 30 min ago by its own clock, which is an hour fast.
+        let epoch = (nbpy::wire::now_ns() + HOUR - HOUR / 2) as u64;
+        let mut buf = Vec::new();
+        for seq in 5_000u64.. {
+            let now = nbpy::wire::now_ns() + HOUR;
+            let mut env = nbpy::wire::Envelope::new(
+                "kraken",
+                "ticker",
+                "BTC/USD",
+                now,
+                vec![
+                    ("bid".into(), nbpy::wire::Value::Float(100.0)),
+                    ("ask".into(), nbpy::wire::Value::Float(101.0)),
+                    ("last".into(), nbpy::wire::Value::Float(100.5)),
+                ],
+            );
+            env.publisher = "fake".into();
+            env.seq = seq;
+            env.epoch = epoch;
+            env.rx = now;
+            bus.publish(&env, nbpy::config::Codec::V1, &mut buf)
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    assert!(env.wait_for_points(1, Duration::from_secs(30)).await > 0);
+    let (code, r, stderr) = validate(cfg, "2s");
+    sender.abort();
+    assert_eq!(code, 0, "{stderr}\n{r:#?}");
+    let p = &r.publishers[0];
+    assert!(p.seen > 0, "{p:#?}");
+    assert!(p.epochs[0].first_seq > 5_000, "{:?}", p.epochs);
+    assert_eq!((p.published, p.stored, p.lost), (p.seen, p.seen, 0));
+}
+
+/// An HTTP server that answers `/ping` as InfluxDB does and refuses every
+/// other request with 401, as InfluxDB with auth on refuses a wrong password.
+fn refusing_influxdb() -> String {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { continue };
+            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+            let mut req = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !String::from_utf8_lossy(&req).contains("\r\n\r\n") {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => req.extend_from_slice(&buf[..n]),
+                }
+            }
+            let head = String::from_utf8_lossy(&req).to_string();
+            let (status, body) = if head.starts_with("GET /ping") || head.starts_with("HEAD /ping")
+            {
+                ("204 No Content", "")
+            } else {
+                ("401 Unauthorized", "{\"error\":\"authorization failed\"}")
+            };
+            let _ = write!(
+                s,
+                "HTTP/1.1 {status}\r\nX-Influxdb-Version: 1.8.10\r\nContent-Type: application/json\r\n\
+                 Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    url
+}
+
+/// InfluxDB refusing the credentials exits 77 (NOPERM), as elsewhere in
+/// nbpy; a database that does not exist is named as missing, not as
+/// InfluxDB being unreachable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_credentials_exit_noperm_and_a_missing_database_is_named() {
+    let env = Env::start().await;
+    let (cfg, _p) = lone_publisher(&env, "synth", "rate = 200", "settle = \"2s\"");
+    let refusing = refusing_influxdb();
+    let (code, text) = validate_text(&cfg, "1s", &[("NBPY_INFLUXDB__URL", &refusing)]);
+    assert_eq!(code, nbpy::exit::NOPERM, "{text}");
+    assert!(text.contains("denied"), "{text}");
+    assert!(!text.contains("unreachable"), "{text}");
+
+    let (code, text) = validate_text(&cfg, "1s", &[("NBPY_INFLUXDB__DATABASE", "nosuchdb")]);
+    assert_eq!(code, nbpy::exit::UNAVAILABLE, "{text}");
+    assert!(
+        text.contains("database \"nosuchdb\" does not exist"),
+        "{text}"
+    );
+    assert!(text.contains("nbpy schema apply"), "{text}");
+    assert!(!text.contains("unreachable"), "{text}");
 }
