@@ -59,7 +59,10 @@ pub fn run_main(body: impl FnOnce() -> Result<(), Failure>) -> ! {
         Ok(()) => std::process::exit(OK),
         Err(failure) => {
             // stderr reaches the journal under systemd too, so once is enough.
-            eprintln!("error: {failure}");
+            // Not `eprintln!`: with stderr gone (`nbpy validate 2>&1 | head`)
+            // it panics, and the exit code scripts act on becomes 101.
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "error: {failure}");
             std::process::exit(failure.code)
         }
     }

@@ -242,7 +242,13 @@ fn spawn_signals(svc: Arc<Service>, abandoned: Box<dyn Fn() -> String + Send + S
         let which = tokio::select! { _ = term.recv() => "SIGTERM", _ = int.recv() => "SIGINT" };
         let left = abandoned();
         tracing::error!("second {which}: exiting now, abandoning {left}");
-        eprintln!("second {which}: exiting now, abandoning {left}");
+        // Not `eprintln!`: with stderr gone it panics, the task dies and
+        // the exit promised to the second signal never comes.
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "second {which}: exiting now, abandoning {left}"
+        );
         std::process::exit(crate::exit::TEMPFAIL);
     });
 }
@@ -321,9 +327,13 @@ pub fn init_logging(format: LogFormat, level: &str) {
                 let _ = registry.with(layer).try_init();
                 return;
             }
-            Err(e) => eprintln!(
-                "stderr is the journal, but journald is unreachable ({e}); logging to stderr"
-            ),
+            Err(e) => {
+                use std::io::Write;
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "stderr is the journal, but journald is unreachable ({e}); logging to stderr"
+                );
+            }
         }
     }
     if format == LogFormat::Json {

@@ -377,3 +377,22 @@ fn units_install_refuses_a_config_the_units_will_not_read() {
         );
     }
 }
+
+/// A reader that went away (`nbpy validate 2>&1 | head -3`) must not turn
+/// the command's own exit code into a panic's 101: scripts and units act on
+/// 65, 69, 77, 78.
+#[test]
+fn a_closed_stderr_keeps_the_commands_exit_code() {
+    use std::process::Stdio;
+    let mut child = Command::new(bin_path("nbpy"))
+        .args(["config", "check", "--config", "/nonexistent/nbpy.toml"])
+        .env_remove("NBPY_CONFIG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start nbpy");
+    // Close the read end before the child writes its error.
+    drop(child.stderr.take());
+    let status = child.wait().expect("wait for nbpy");
+    assert_eq!(status.code(), Some(78), "{status:?}");
+}
