@@ -610,6 +610,10 @@ pub async fn run(cfg: &Config, listen: Option<&str>) -> Result<(), Failure> {
     let svc = Service::start("nbpy-health", Duration::from_secs(3600), String::new);
     // The daemon carries no data; its loop beating is what matters.
     svc.liveness.set_idle(true);
+    match http::raise_nofile() {
+        Ok(n) => tracing::debug!("health: open-files limit {n}"),
+        Err(e) => tracing::warn!("health: cannot raise the open-files limit: {e}"),
+    }
     let addr = listen.unwrap_or(&cfg.health.listen).to_string();
     let listener = tokio::net::TcpListener::bind(&addr).await.map_err(|e| {
         Failure::new(
@@ -624,6 +628,7 @@ pub async fn run(cfg: &Config, listen: Option<&str>) -> Result<(), Failure> {
         listener,
         monitor.clone(),
         svc.shutdown.child_token(),
+        http::Limits::default(),
     ));
     svc.ready(&format!("serving on http://{bound}"));
     tracing::info!(
