@@ -694,3 +694,47 @@ async fn a_cleanly_stopped_subscriber_shows_down_at_once_not_up_until_stale() {
     assert_eq!(subscriber_state(&s, "main"), Some(State::Down), "{s:#?}");
     assert_eq!(publisher_state(&s, "synth"), Some(State::Down), "{s:#?}");
 }
+
+/// A subscriber whose clock is an hour ahead wrote one report; then it was
+/// killed. That report sorts newest for an hour, but the daemon judges
+/// freshness by when it saw reports change, so the subscriber shows down
+/// within its stale limit, and /status says the report is future-dated.
+/// While it runs, its later (correctly dated) reports are still seen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_future_dated_report_does_not_keep_a_killed_subscriber_up() {
+    let env = Env::start().await;
+    let (cfg, base, _) = config(&env, None);
+    let (_health, h) = start_health(&env, &cfg, &base);
+    let _publisher = env.spawn("nbpy-publisher", &["--config", &cfg, "synth"], &[]);
+    let mut subscriber = env.spawn("nbpy-subscriber", &["--config", &cfg, "main"], &[]);
+    h.wait("subscriber up", Duration::from_secs(60), |s| {
+        subscriber_state(s, "main") == Some(State::Up)
+    })
+    .await;
+
+    let ahead = nbpy::wire::now_ns() + 3_600_000_000_000;
+    let line =
+        format!("nbpy_pipeline,component=main,role=subscriber received=7i,written=7i {ahead}\n");
+    env.client
+        .write("default", line.into_bytes().into())
+        .await
+        .expect("write a future-dated report");
+    // Still up on its later reports, and the skew is named.
+    h.wait("skew warning while up", Duration::from_secs(30), |s| {
+        subscriber_state(s, "main") == Some(State::Up)
+            && s.subscribers[0].counter("received") != Some(7.0)
+            && s.warnings.iter().any(|w| w.contains("in the future"))
+    })
+    .await;
+
+    subscriber.signal(Signal::SIGKILL);
+    subscriber.wait(Duration::from_secs(10));
+    h.wait("killed subscriber down", Duration::from_secs(30), |s| {
+        subscriber_state(s, "main") == Some(State::Down)
+            && s.subscribers[0].report_age_s.is_some_and(|a| a > 1.0)
+    })
+    .await;
+    let (code, body) = h.get("/readyz").await;
+    assert_eq!(code, 503);
+    assert!(body.contains("subscriber main down"), "{body}");
+}

@@ -24,6 +24,12 @@
 //!   write_latency_ms, and spooled/replayed/spool_bytes when it spools).
 //!   The daemon reads the newest point per subscriber; a subscriber whose
 //!   newest point is too old (`health.subscriber_stale_after`) is down.
+//!   "Old" is by the daemon's own clock: how long ago the daemon first saw
+//!   that point (its time or counters changed), not the time the point
+//!   carries, which is the subscriber's clock. A point dated more than
+//!   [`probe::FUTURE_MARGIN`] ahead is kept apart (it would otherwise sort
+//!   newest and hide every later one) and named as clock skew in
+//!   `warnings` and the log.
 //!   So is one whose newest point has `stopped`: the last report of a clean
 //!   stop says so, whoever stopped it (systemd, `nbpy down`, Ctrl-C), so a
 //!   deliberate stop shows at once rather than as up until that fresh
@@ -92,14 +98,80 @@ const LAG_TIME_MARGIN_NS: i64 = 30_000_000_000;
 struct Polled {
     influx: Option<(Instant, Result<(), String>)>,
     grafana: Option<(Instant, Result<String, String>)>,
-    pipeline: BTreeMap<String, PipelinePoint>,
+    pipeline: BTreeMap<String, Report>,
     pipeline_error: Option<String>,
+    /// Clock-skew warnings go to the log at most this often.
+    skew_log: Option<crate::sink::RateLimitedLog>,
     /// Counter resets per subscriber: its `received` went down (a restart).
     resets: BTreeMap<String, u64>,
     lag: BTreeMap<String, Lag>,
     units: Vec<Unit>,
     units_error: Option<String>,
     uptime: BTreeMap<String, VecDeque<(Instant, bool)>>,
+}
+
+/// A subscriber's newest report, timed by the daemon's own clock.
+///
+/// Freshness is judged by when the daemon saw a report *change* (its time
+/// or its counters), not by the time the report carries: that time comes
+/// from the subscriber's clock. A clock an hour ahead made one report the
+/// newest for an hour, so a subscriber killed after writing it stayed up;
+/// a clock half a minute behind made every report look stale, so a
+/// working subscriber showed down for ever.
+#[derive(Debug, Clone)]
+struct Report {
+    /// The report shown: counters, `stopped`.
+    point: PipelinePoint,
+    /// When the daemon first saw `point`.
+    seen: Instant,
+    /// The last answers, to notice a change: newest point dated up to
+    /// [`probe::FUTURE_MARGIN`] ahead, and newest dated further ahead.
+    current: Option<PipelinePoint>,
+    future: Option<PipelinePoint>,
+    /// How far ahead of the daemon's clock `future` was dated, s.
+    skew_s: Option<f64>,
+}
+
+/// The [`Report`] after a poll answered `current` and `future` for one
+/// subscriber (`None` when it has neither). A first sight has no earlier
+/// answer to compare with, so it is dated by the point's own time, in the
+/// past at most (a one-shot `nbpy status` has only this).
+fn next_report(
+    prev: Option<&Report>,
+    current: Option<PipelinePoint>,
+    future: Option<PipelinePoint>,
+    now: Instant,
+    now_ns: i64,
+) -> Option<Report> {
+    let skew_s = future
+        .as_ref()
+        .map(|f| (f.time_ns.saturating_sub(now_ns)) as f64 / 1e9);
+    let (point, seen) = match prev {
+        None => match (&current, &future) {
+            (Some(c), _) => {
+                let age = Duration::from_nanos(now_ns.saturating_sub(c.time_ns).max(0) as u64);
+                (c.clone(), now.checked_sub(age).unwrap_or(now))
+            }
+            (None, Some(f)) => (f.clone(), now),
+            (None, None) => return None,
+        },
+        Some(p) => {
+            let cur_changed = current.is_some() && current != p.current;
+            let fut_changed = future.is_some() && future != p.future;
+            match (&current, &future) {
+                (Some(c), _) if cur_changed => (c.clone(), now),
+                (_, Some(f)) if fut_changed => (f.clone(), now),
+                _ => (p.point.clone(), p.seen),
+            }
+        }
+    };
+    Some(Report {
+        point,
+        seen,
+        current: current.or_else(|| prev.and_then(|p| p.current.clone())),
+        future,
+        skew_s,
+    })
 }
 
 /// Everything the daemon knows; `/status` is a [`Monitor::snapshot`].
@@ -200,21 +272,50 @@ impl Monitor {
                 p.grafana = Some((now, g));
             }
             match pipeline {
-                Some(Ok(points)) => {
+                Some(Ok(answer)) => {
                     p.pipeline_error = None;
-                    for pt in points {
-                        let before = p
-                            .pipeline
-                            .get(&pt.component)
-                            .and_then(|o| o.counters.get("received"))
-                            .copied();
-                        let after = pt.counters.get("received").copied();
+                    let mut current: BTreeMap<String, PipelinePoint> = answer
+                        .current
+                        .into_iter()
+                        .map(|pt| (pt.component.clone(), pt))
+                        .collect();
+                    let mut future: BTreeMap<String, PipelinePoint> = answer
+                        .future
+                        .into_iter()
+                        .map(|pt| (pt.component.clone(), pt))
+                        .collect();
+                    let names: Vec<String> = current
+                        .keys()
+                        .chain(future.keys())
+                        .chain(p.pipeline.keys())
+                        .cloned()
+                        .collect();
+                    let t_ns = now_ns();
+                    for name in names {
+                        let (c, f) = (current.remove(&name), future.remove(&name));
+                        if c.is_none() && f.is_none() {
+                            // Not answered this time (older than the
+                            // lookback): what was seen stays, ageing.
+                            continue;
+                        }
+                        let prev = p.pipeline.get(&name);
+                        let Some(next) = next_report(prev, c, f, now, t_ns) else {
+                            continue;
+                        };
+                        let before = prev.and_then(|o| o.point.counters.get("received").copied());
+                        let after = next.point.counters.get("received").copied();
                         if let (Some(b), Some(a)) = (before, after) {
                             if a < b {
-                                *p.resets.entry(pt.component.clone()).or_default() += 1;
+                                *p.resets.entry(name.clone()).or_default() += 1;
                             }
                         }
-                        p.pipeline.insert(pt.component.clone(), pt);
+                        if let Some(ahead) = next.skew_s {
+                            let log = p.skew_log.get_or_insert_with(|| {
+                                crate::sink::RateLimitedLog::new(Duration::from_secs(60))
+                            });
+                            crate::warn_limited!(log, || skew_warning(&name, ahead));
+                        }
+                        p.pipeline.insert(name, next);
                     }
                 }
                 Some(Err(e)) => p.pipeline_error = Some(e.to_string()),
@@ -423,8 +524,9 @@ impl Monitor {
         let mut subscribers = Vec::new();
         for (name, scfg) in &self.cfg.subscribers {
             let unit = probe::unit_for(&p.units, "subscriber", name).cloned();
-            let point = p.pipeline.get(name);
-            let report_age = point.map(|pt| ((now_ns() - pt.time_ns) as f64 / 1e9).max(0.0));
+            let report = p.pipeline.get(name);
+            let point = report.map(|r| &r.point);
+            let report_age = report.map(|r| secs(now, r.seen));
             let limit = self.cfg.health.subscriber_stale_after.unwrap_or(
                 scfg.stats_interval * 2 + self.cfg.influxdb.flush_interval + Duration::from_secs(2),
             );
@@ -508,6 +610,11 @@ impl Monitor {
             }
         }
         let mut warnings = Vec::new();
+        for (name, r) in &p.pipeline {
+            if let Some(ahead) = r.skew_s {
+                warnings.push(skew_warning(name, ahead));
+            }
+        }
         if let Some(e) = &p.units_error {
             warnings.push(format!("systemd: {e}"));
         }
@@ -578,6 +685,15 @@ impl Monitor {
         stop.cancel();
         Ok(s)
     }
+}
+
+/// What a future-dated report means, for `/status` and the log.
+fn skew_warning(component: &str, ahead_s: f64) -> String {
+    format!(
+        "{component}: its newest nbpy_pipeline report is dated {} in the future: clock skew \
+         between it and InfluxDB? Its freshness is judged by when this daemon saw its reports change",
+        report::age(Some(ahead_s))
+    )
 }
 
 fn secs(now: Instant, then: Instant) -> f64 {
@@ -664,6 +780,76 @@ pub async fn run(cfg: &Config, listen: Option<&str>) -> Result<(), Failure> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn point(time_ns: i64, received: f64) -> PipelinePoint {
+        PipelinePoint {
+            component: "main".into(),
+            time_ns,
+            counters: [("received".to_string(), received)].into(),
+            stopped: false,
+        }
+    }
+
+    /// A subscriber whose clock is a minute behind: its first report looks
+    /// a minute old (nothing better is known yet), but every later one is
+    /// fresh when it arrives, so it is not down for ever.
+    #[test]
+    fn a_report_is_fresh_when_it_changes_whatever_time_it_carries() {
+        let t0 = Instant::now();
+        let ns0: i64 = 1_700_000_000_000_000_000;
+        let behind = 60_000_000_000;
+        let r = next_report(None, Some(point(ns0 - behind, 1.0)), None, t0, ns0).unwrap();
+        assert!((secs(t0, r.seen) - 60.0).abs() < 1.0, "{r:?}");
+        let t1 = t0 + Duration::from_secs(1);
+        let r = next_report(
+            Some(&r),
+            Some(point(ns0 + 1_000_000_000 - behind, 2.0)),
+            None,
+            t1,
+            ns0 + 1_000_000_000,
+        )
+        .unwrap();
+        assert_eq!(r.seen, t1);
+        assert_eq!(r.point.counters.get("received"), Some(&2.0));
+        assert_eq!(r.skew_s, None);
+    }
+
+    /// One point dated an hour ahead, then nothing: it does not stay fresh
+    /// (the daemon saw it once), and it is reported as clock skew.
+    #[test]
+    fn a_future_dated_report_ages_by_the_daemons_clock() {
+        let t0 = Instant::now();
+        let ns0: i64 = 1_700_000_000_000_000_000;
+        let hour = 3_600_000_000_000;
+        let live = point(ns0 - 1_000_000_000, 5.0);
+        let ahead = point(ns0 + hour, 6.0);
+        let r = next_report(None, Some(live.clone()), Some(ahead.clone()), t0, ns0).unwrap();
+        assert!(r.skew_s.is_some_and(|s| s > 3590.0), "{r:?}");
+        let seen = r.seen;
+        let t1 = t0 + Duration::from_secs(30);
+        let r = next_report(
+            Some(&r),
+            Some(live),
+            Some(ahead.clone()),
+            t1,
+            ns0 + 30_000_000_000,
+        )
+        .unwrap();
+        assert_eq!(r.seen, seen, "nothing changed: the report only ages");
+        assert!(secs(t1, r.seen) >= 30.0);
+        // A new report from a live subscriber is seen though the old
+        // future-dated one still sorts first.
+        let t2 = t1 + Duration::from_secs(1);
+        let r = next_report(
+            Some(&r),
+            Some(point(ns0 + 31_000_000_000, 7.0)),
+            Some(ahead),
+            t2,
+            ns0 + 31_000_000_000,
+        )
+        .unwrap();
+        assert_eq!((r.seen, r.point.counters.get("received")), (t2, Some(&7.0)));
+    }
 
     #[test]
     fn write_lag_counts_from_the_newest_stored_seq() {
