@@ -738,3 +738,84 @@ async fn a_future_dated_report_does_not_keep_a_killed_subscriber_up() {
     assert_eq!(code, 503);
     assert!(body.contains("subscriber main down"), "{body}");
 }
+
+/// InfluxDB refuses every point of one measurement (a field type conflict:
+/// `bid` was first written as a string), while the others are stored.
+/// The subscriber dead-letters them: /readyz says so and is 503, and the
+/// write lag of that measurement shows, not hidden by the others' progress.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_measurement_influxdb_refuses_makes_readyz_fail_and_shows_in_write_lag() {
+    let env = Env::start().await;
+    let (cfg, base, _) = config(&env, None);
+    let (_health, h) = start_health(&env, &cfg, &base);
+    let m = nbpy::schema::by_name("kraken_tick").expect("kraken_tick");
+    let now = nbpy::wire::now_ns();
+    env.client
+        .write(
+            m.rp,
+            format!("kraken_tick,publisher=other bid=\"text\" {now}\n")
+                .into_bytes()
+                .into(),
+        )
+        .await
+        .expect("a string mid");
+    let _publisher = env.spawn("nbpy-publisher", &["--config", &cfg, "synth"], &[]);
+    let _subscriber = env.spawn("nbpy-subscriber", &["--config", &cfg, "main"], &[]);
+    h.wait("refused points shown", Duration::from_secs(60), |s| {
+        s.subscribers[0].counter("dead_lettered").unwrap_or(0.0) > 0.0
+            && s.subscribers[0].refused_recently.is_some()
+            && !s.ready
+            && s.publishers
+                .first()
+                .and_then(|p| p.write_lag_by_measurement.get("kraken_tick"))
+                .is_some_and(|l| l.messages > 0)
+    })
+    .await;
+    let (code, body) = h.get("/readyz").await;
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body.contains("subscriber main") && body.contains("refused"),
+        "{body}"
+    );
+    let (_, metrics) = h.get("/metrics").await;
+    assert!(
+        metrics.contains(
+            "nbpy_measurement_write_lag_messages{publisher=\"synth\",measurement=\"kraken_tick\"}"
+        ),
+        "{metrics}"
+    );
+}
+
+/// A dropped retention policy: the write lag of the measurement in it
+/// cannot be read, and /status says so rather than showing no write lag
+/// at all (the pooled query failed as a whole).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_retention_policy_shows_as_a_write_lag_warning() {
+    let env = Env::start().await;
+    let (cfg, base, _) = config(&env, None);
+    let (_health, h) = start_health(&env, &cfg, &base);
+    let _publisher = env.spawn("nbpy-publisher", &["--config", &cfg, "synth"], &[]);
+    let _subscriber = env.spawn("nbpy-subscriber", &["--config", &cfg, "main"], &[]);
+    h.wait("everything up", Duration::from_secs(60), |s| s.ready)
+        .await;
+    let depth = nbpy::schema::by_name("kraken_depth").expect("kraken_depth");
+    env.client
+        .query(&format!(
+            "DROP RETENTION POLICY \"{}\" ON \"tick\"",
+            depth.rp
+        ))
+        .await
+        .expect("drop the retention policy");
+    h.wait("write lag warning", Duration::from_secs(30), |s| {
+        let p = &s.publishers[0];
+        p.write_lag_error
+            .as_deref()
+            .is_some_and(|e| e.contains("kraken_depth"))
+            && p.write_lag_messages.is_some()
+            && p.write_lag_by_measurement.contains_key("kraken_tick")
+            && s.warnings
+                .iter()
+                .any(|w| w.contains("write lag cannot be read") && w.contains("kraken_depth"))
+    })
+    .await;
+}

@@ -38,9 +38,14 @@
 //!   subscribers already put them and where dashboards read them, and
 //!   because the newest point arriving proves the subscriber's whole write
 //!   path works, not just that its process exists.
-//! - **Write lag**, per publisher: the sequence numbers the daemon saw on
-//!   the bus that are not (yet) in InfluxDB, and the age of the oldest such
-//!   message, from `max(seq)` of the publisher's current epoch.
+//! - **Write lag**, per publisher and measurement: the messages the daemon
+//!   saw on the bus that are not (yet) in InfluxDB, and the age of the
+//!   oldest such message, from `max(seq)` of the publisher's current epoch
+//!   in each measurement, one query each. A publisher's `seq` runs across
+//!   all its measurements, so pooled, the others' progress hid one
+//!   measurement InfluxDB refused entirely; and one failing source (a
+//!   dropped retention policy) failed the pooled query, showing no lag at
+//!   all. A measurement whose lag cannot be read is named in `warnings`.
 //! - **InfluxDB `/ping`**, and **Grafana `/api/health`** when `grafana.url`
 //!   is set. InfluxDB is also down when it answers `/ping` but the
 //!   counters query above gets no answer within `influxdb.timeout`: a
@@ -52,8 +57,11 @@
 //!   whole picture, whatever started the processes.
 //!
 //! `/readyz` answers 200 when the appliance is doing its job: InfluxDB
-//! answers, every publisher is connected and not stale, and every
-//! subscriber's counters are fresh. Grafana is reported but is not part of
+//! answers, every publisher is connected and not stale, every
+//! subscriber's counters are fresh, and no subscriber's newest report shows
+//! its `dead_lettered` grown since the one before: points InfluxDB refuses
+//! (a field type conflict, a dropped retention policy) are lost to the
+//! dashboards, an incident although every process runs. Grafana is reported but is not part of
 //! readiness: data is stored without it.
 
 pub mod feeds;
@@ -81,8 +89,20 @@ use report::{Backend, PublisherStatus, State, Status, SubscriberStatus, TopicSta
 /// How far back the newest `nbpy_pipeline` points are looked for.
 const PIPELINE_LOOKBACK: Duration = Duration::from_secs(3600);
 
-#[derive(Debug, Clone, Copy, Default)]
+/// A publisher's write lag: the sum over its measurements, each judged on
+/// its own (see [`feeds::MeasurementSeen`]).
+#[derive(Debug, Clone, Default)]
 struct Lag {
+    messages: u64,
+    /// The oldest unstored message's age, over all measurements.
+    seconds: f64,
+    by_measurement: BTreeMap<&'static str, MeasurementLag>,
+    /// Measurements whose stored seq could not be read, and why.
+    errors: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct MeasurementLag {
     messages: u64,
     seconds: f64,
     /// The newest stored (epoch, seq), to bound the next query.
@@ -130,6 +150,9 @@ struct Report {
     future: Option<PipelinePoint>,
     /// How far ahead of the daemon's clock `future` was dated, s.
     skew_s: Option<f64>,
+    /// How many points InfluxDB refused (its `dead_lettered` grew) between
+    /// the previous report and `point`; `None` before a second report.
+    refused: Option<f64>,
 }
 
 /// The [`Report`] after a poll answered `current` and `future` for one
@@ -165,12 +188,31 @@ fn next_report(
             }
         }
     };
+    let refused = match prev {
+        None => None,
+        Some(p) if p.seen == seen => p.refused,
+        Some(p) => {
+            let field = |pt: &PipelinePoint, k: &str| pt.counters.get(k).copied().unwrap_or(0.0);
+            let (before, after) = (
+                field(&p.point, "dead_lettered"),
+                field(&point, "dead_lettered"),
+            );
+            // A restart starts its counters from zero: all it counted is new.
+            let restarted = field(&point, "received") < field(&p.point, "received");
+            Some(if restarted {
+                after
+            } else {
+                (after - before).max(0.0)
+            })
+        }
+    };
     Some(Report {
         point,
         seen,
         current: current.or_else(|| prev.and_then(|p| p.current.clone())),
         future,
         skew_s,
+        refused,
     })
 }
 
@@ -360,45 +402,54 @@ impl Monitor {
     }
 
     async fn lag(&self, f: &FeedWatch) -> Option<Lag> {
-        let (epoch, last_seq, measurements, samples) = {
+        // (measurement, last seq, time bound, samples) of the current epoch.
+        let todo: Vec<(&'static str, feeds::MeasurementSeen)> = {
             let st = f.state();
             if st.last_seq == 0 {
                 return None;
             }
-            let samples: Vec<feeds::Sample> = st
-                .samples
+            st.by_measurement
                 .iter()
-                .filter(|s| s.epoch == st.epoch)
-                .copied()
-                .collect();
-            let ms: Vec<&'static str> = st.measurements.iter().copied().collect();
-            (st.epoch, st.last_seq, ms, samples)
+                .filter(|(_, m)| m.epoch == st.epoch && m.last_seq > 0)
+                .map(|(name, m)| (*name, m.clone()))
+                .collect()
         };
-        // Only the recent past is scanned: from the newest point known to
-        // be stored (the last answer), else from the oldest sample.
-        let before = self.polled().lag.get(&f.name).and_then(|l| l.stored);
-        let from = match before {
-            Some((e, seq)) if e == epoch => samples
-                .iter()
-                .filter(|s| s.seq <= seq)
-                .map(|s| s.time_ns)
-                .max(),
-            _ => None,
-        };
-        let since = from
-            .or_else(|| samples.iter().map(|s| s.time_ns).min())
-            .unwrap_or(0)
-            .saturating_sub(LAG_TIME_MARGIN_NS);
-        let stored =
-            match probe::max_stored_seq(&self.client, &f.name, epoch, &measurements, since).await {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::debug!("health: write lag of {}: {e}", f.name);
-                    return None;
-                }
+        let before = self.polled().lag.get(&f.name).cloned().unwrap_or_default();
+        let mut lag = Lag::default();
+        for (name, seen) in todo {
+            // Only the recent past is scanned: from the newest point known
+            // to be stored (the last answer), else from the oldest sample.
+            let from = match before.by_measurement.get(name).and_then(|l| l.stored) {
+                Some((e, seq)) if e == seen.epoch => seen
+                    .samples
+                    .iter()
+                    .filter(|s| s.seq <= seq)
+                    .map(|s| s.time_ns)
+                    .max(),
+                _ => None,
             };
-        let mut lag = lag_from(last_seq, stored, &samples, Instant::now());
-        lag.stored = stored.map(|s| (epoch, s));
+            let since = from
+                .or_else(|| seen.samples.iter().map(|s| s.time_ns).min())
+                .unwrap_or(0)
+                .saturating_sub(LAG_TIME_MARGIN_NS);
+            match probe::max_stored_seq(&self.client, &f.name, seen.epoch, name, since).await {
+                Ok(stored) => {
+                    let mut m = measurement_lag(&seen, stored, Instant::now());
+                    m.stored = stored.map(|s| (seen.epoch, s));
+                    lag.messages += m.messages;
+                    lag.seconds = lag.seconds.max(m.seconds);
+                    lag.by_measurement.insert(name, m);
+                }
+                Err(WriteError::Timeout(e)) => {
+                    tracing::debug!("health: write lag of {} in {name}: {e}", f.name);
+                    lag.errors.push(format!("{name}: no answer: {e}"));
+                }
+                Err(e) => {
+                    tracing::debug!("health: write lag of {} in {name}: {e}", f.name);
+                    lag.errors.push(format!("{name}: {e}"));
+                }
+            }
+        }
         Some(lag)
     }
 
@@ -515,6 +566,25 @@ impl Monitor {
                 latency_ms: st.latency_ms,
                 write_lag_messages: lag.map(|l| l.messages),
                 write_lag_s: lag.map(|l| l.seconds),
+                write_lag_by_measurement: lag
+                    .map(|l| {
+                        l.by_measurement
+                            .iter()
+                            .map(|(m, ml)| {
+                                (
+                                    m.to_string(),
+                                    report::MeasurementLag {
+                                        messages: ml.messages,
+                                        seconds: ml.seconds,
+                                    },
+                                )
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                write_lag_error: lag
+                    .filter(|l| !l.errors.is_empty())
+                    .map(|l| l.errors.join("; ")),
                 uptime_pct: uptime(&format!("publisher/{}", f.name)),
                 unit,
                 topics,
@@ -565,11 +635,22 @@ impl Monitor {
                     Some(_) => (State::Up, None),
                 }
             };
+            let refusing = report
+                .and_then(|r| r.refused)
+                .filter(|n| *n > 0.0 && state.is_up());
+            let problem = match refusing {
+                Some(n) => Some(format!(
+                    "InfluxDB refused {n:.0} point(s) since its previous report (dead_lettered {:.0}): they are in its dead-letter files, not stored",
+                    point.and_then(|pt| pt.counters.get("dead_lettered").copied()).unwrap_or(n)
+                )),
+                None => problem,
+            };
             subscribers.push(SubscriberStatus {
                 name: name.clone(),
                 state,
                 problem,
                 report_age_s: report_age,
+                refused_recently: refusing,
                 counters: point.map(|pt| pt.counters.clone()).unwrap_or_default(),
                 spool_bytes: point.and_then(|pt| pt.counters.get("spool_bytes").copied()),
                 restarts: unit
@@ -600,7 +681,9 @@ impl Monitor {
             }
         }
         for s in &subscribers {
-            if !s.state.is_up() {
+            // Data InfluxDB refuses is lost to the dashboards: an incident,
+            // though the subscriber itself runs.
+            if !s.state.is_up() || s.refused_recently.is_some() {
                 not_ready.push(format!(
                     "subscriber {} {}: {}",
                     s.name,
@@ -613,6 +696,14 @@ impl Monitor {
         for (name, r) in &p.pipeline {
             if let Some(ahead) = r.skew_s {
                 warnings.push(skew_warning(name, ahead));
+            }
+        }
+        for pb in &publishers {
+            if let Some(e) = &pb.write_lag_error {
+                warnings.push(format!(
+                    "publisher {}: write lag cannot be read for {e}",
+                    pb.name
+                ));
             }
         }
         if let Some(e) = &p.units_error {
@@ -700,22 +791,35 @@ fn secs(now: Instant, then: Instant) -> f64 {
     now.saturating_duration_since(then).as_secs_f64()
 }
 
-/// Write lag from the newest stored seq and the (time, seq) samples of the
-/// current epoch: nothing when everything seen is stored; else how many
-/// numbers are missing and since when the oldest of them has been waiting.
-fn lag_from(last_seq: u64, stored: Option<u64>, samples: &[feeds::Sample], now: Instant) -> Lag {
-    let stored_to = stored.unwrap_or(0);
-    if stored_to >= last_seq {
-        return Lag::default();
+/// One measurement's write lag from its newest stored seq: nothing when
+/// everything it received is stored; else how many of its messages came
+/// after the newest stored one (to the sampling's grain,
+/// [`feeds::MeasurementSeen::samples`]), and since when the oldest of them
+/// has been waiting.
+fn measurement_lag(
+    seen: &feeds::MeasurementSeen,
+    stored: Option<u64>,
+    now: Instant,
+) -> MeasurementLag {
+    if stored.is_some_and(|s| s >= seen.last_seq) {
+        return MeasurementLag::default();
     }
-    let first_unstored = samples
+    let stored_to = stored.unwrap_or(0);
+    // Messages counted up to the newest sample known stored; with none
+    // (nothing stored, or not since the oldest sample), up to just before
+    // the oldest sample.
+    let stored_count = match seen.samples.iter().rev().find(|s| s.seq <= stored_to) {
+        Some(s) => s.count,
+        None => seen.samples.front().map(|s| s.count - 1).unwrap_or(0),
+    };
+    let first_unstored = seen
+        .samples
         .iter()
         .find(|s| s.seq > stored_to)
         .map(|s| s.at)
         .unwrap_or(now);
-    let from = stored.unwrap_or_else(|| samples.first().map(|s| s.seq - 1).unwrap_or(0));
-    Lag {
-        messages: last_seq - from.min(last_seq),
+    MeasurementLag {
+        messages: seen.count.saturating_sub(stored_count),
         seconds: secs(now, first_unstored),
         stored: None,
     }
@@ -851,24 +955,32 @@ mod tests {
         assert_eq!((r.seen, r.point.counters.get("received")), (t2, Some(&7.0)));
     }
 
+    /// Within a measurement: its messages after its newest stored seq,
+    /// whatever the other measurements of the publisher stored.
     #[test]
-    fn write_lag_counts_from_the_newest_stored_seq() {
+    fn write_lag_counts_a_measurements_messages_after_its_newest_stored_seq() {
         let t0 = Instant::now();
-        let s = |ms: u64, seq: u64| feeds::Sample {
+        let s = |ms: u64, seq: u64, count: u64| feeds::MeasurementSample {
             at: t0 + Duration::from_millis(ms),
-            epoch: 1,
             seq,
+            count,
             time_ns: 0,
         };
-        let samples = [s(0, 10), s(100, 20), s(200, 30)];
+        let seen = feeds::MeasurementSeen {
+            epoch: 1,
+            last_seq: 35,
+            count: 12,
+            samples: [s(0, 10, 1), s(100, 20, 5), s(200, 30, 9)].into(),
+        };
         let now = t0 + Duration::from_millis(1000);
-        let l = lag_from(35, Some(35), &samples, now);
+        let l = measurement_lag(&seen, Some(35), now);
         assert_eq!((l.messages, l.seconds), (0, 0.0));
-        let l = lag_from(35, Some(15), &samples, now);
-        assert_eq!(l.messages, 20);
-        assert!((l.seconds - 0.9).abs() < 1e-9);
-        let l = lag_from(35, None, &samples, now);
-        assert_eq!(l.messages, 26);
+        let l = measurement_lag(&seen, Some(20), now);
+        assert_eq!(l.messages, 7);
+        assert!((l.seconds - 0.8).abs() < 1e-9);
+        // Nothing stored (every point refused): all of it, since the first.
+        let l = measurement_lag(&seen, None, now);
+        assert_eq!(l.messages, 12);
         assert!((l.seconds - 1.0).abs() < 1e-9);
     }
 }

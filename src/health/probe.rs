@@ -116,46 +116,32 @@ pub fn parse_pipeline_at(v: &Json, i: usize) -> Vec<PipelinePoint> {
     out
 }
 
-/// The newest stored `seq` of a publisher epoch, over `measurements`,
-/// among points stored at or after `since_ns`.
+/// The newest stored `seq` of a publisher epoch in one measurement, among
+/// points stored at or after `since_ns`. One query per measurement, not
+/// one over all: pooled, the others' progress hid a measurement that
+/// stored nothing, and one failing source (a dropped retention policy)
+/// failed them all, so write lag showed nothing rather than the problem.
 pub async fn max_stored_seq(
     client: &InfluxClient,
     publisher: &str,
     epoch: u64,
-    measurements: &[&'static str],
+    measurement: &str,
     since_ns: i64,
 ) -> Result<Option<u64>, WriteError> {
-    let sources: Vec<String> = measurements
-        .iter()
-        .filter_map(|n| crate::schema::by_name(n))
-        .map(|m| {
-            format!(
-                "{}.{}.{}",
-                ident(client.database()),
-                ident(m.rp),
-                ident(m.name)
-            )
-        })
-        .collect();
-    if sources.is_empty() {
+    let Some(m) = crate::schema::by_name(measurement) else {
         return Ok(None);
-    }
+    };
     let q = format!(
-        "SELECT max(\"seq\") FROM {} WHERE {} = {} AND \"epoch\" = {epoch} AND time >= {since_ns}",
-        sources.join(", "),
+        "SELECT max(\"seq\") FROM {}.{}.{} WHERE {} = {} AND \"epoch\" = {epoch} AND time >= {since_ns}",
+        ident(client.database()),
+        ident(m.rp),
+        ident(m.name),
         ident(crate::schema::TAG_PUBLISHER),
         string_lit(publisher)
     );
     let v = client.query(&q).await?;
-    let mut best: Option<u64> = None;
-    if let Some(series) = v.pointer("/results/0/series").and_then(|s| s.as_array()) {
-        for s in series {
-            if let Some(n) = s.pointer("/values/0/1").and_then(|x| x.as_u64()) {
-                best = Some(best.map_or(n, |b| b.max(n)));
-            }
-        }
-    }
-    Ok(best)
+    Ok(v.pointer("/results/0/series/0/values/0/1")
+        .and_then(|x| x.as_u64()))
 }
 
 /// Grafana's own health answer: `{"database":"ok","version":…}`.

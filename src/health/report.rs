@@ -94,9 +94,25 @@ pub struct PublisherStatus {
     pub write_lag_messages: Option<u64>,
     /// Age of the oldest message seen on the bus and not (yet) in InfluxDB.
     pub write_lag_s: Option<f64>,
+    /// The same per measurement (the totals above are their sum and
+    /// oldest): one measurement InfluxDB refuses shows here though the
+    /// others are stored.
+    #[serde(default)]
+    pub write_lag_by_measurement: std::collections::BTreeMap<String, MeasurementLag>,
+    /// Why the write lag of some measurement could not be read (a dropped
+    /// retention policy, a query error); those measurements are left out
+    /// of the totals.
+    #[serde(default)]
+    pub write_lag_error: Option<String>,
     pub uptime_pct: Option<f64>,
     pub unit: Option<Unit>,
     pub topics: Vec<TopicStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MeasurementLag {
+    pub messages: u64,
+    pub seconds: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -113,8 +129,13 @@ pub struct SubscriberStatus {
     pub name: String,
     pub state: State,
     pub problem: Option<String>,
-    /// Age of its newest `nbpy_pipeline` point, s.
+    /// How long ago the daemon first saw its newest `nbpy_pipeline`
+    /// point, s (by the daemon's clock, not the point's time).
     pub report_age_s: Option<f64>,
+    /// Points InfluxDB refused (its `dead_lettered` grew) between its last
+    /// two reports, when any: the appliance is not ready meanwhile.
+    #[serde(default)]
+    pub refused_recently: Option<f64>,
     /// Its newest counters, as it wrote them (received, gaps, malformed,
     /// written, write_errors, dead_lettered, queue_depth,
     /// write_latency_ms, and spooled/replayed/spool_bytes when spooling).
