@@ -335,7 +335,15 @@ async fn grafana_is_reported_but_not_needed_for_readiness_and_nbpy_status_shows_
     );
     assert!(text.contains("from nbpy-health"), "{text}");
     assert!(text.starts_with("# ") && text.contains("\nREADY"), "{text}");
-    for needle in ["synth ", "main ", "grafana ", "synthetic.ticker.EUR_USD"] {
+    // The publisher's gaps are the monitor's own, and the table says so.
+    for needle in [
+        "synth ",
+        "main ",
+        "grafana ",
+        "synthetic.ticker.EUR_USD",
+        "TAP GAPS",
+        "not pipeline loss",
+    ] {
         assert!(text.contains(needle), "{needle:?} missing:\n{text}");
     }
 

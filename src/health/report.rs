@@ -80,7 +80,8 @@ pub struct PublisherStatus {
     /// Messages the daemon received from it since the daemon started.
     pub received: u64,
     pub rate: f64,
-    /// Sequence numbers missing on the daemon's own connection.
+    /// Sequence numbers missing on the daemon's own connection (its bus
+    /// tap): not data lost in the pipeline, which is the subscribers' `gaps`.
     pub gaps: u64,
     pub malformed: u64,
     /// Epoch changes seen on the bus, or systemd's restart count.
@@ -217,12 +218,12 @@ pub fn render(s: &Status) -> String {
     if !s.publishers.is_empty() {
         let _ = writeln!(
             o,
-            "\n{:<14} {:<7} {:>8} {:>9} {:>7} {:>8} {:>9} {:>7} {:>7}",
+            "\n{:<14} {:<7} {:>8} {:>9} {:>8} {:>8} {:>9} {:>7} {:>7}",
             "PUBLISHER",
             "STATE",
             "LAST MSG",
             "MSG/S",
-            "GAPS",
+            "TAP GAPS",
             "RESTARTS",
             "WRITE LAG",
             "LAG S",
@@ -231,7 +232,7 @@ pub fn render(s: &Status) -> String {
         for p in &s.publishers {
             let _ = writeln!(
                 o,
-                "{:<14} {:<7} {:>8} {:>9.1} {:>7} {:>8} {:>9} {:>7} {:>7}",
+                "{:<14} {:<7} {:>8} {:>9.1} {:>8} {:>8} {:>9} {:>7} {:>7}",
                 p.name,
                 p.state.as_str(),
                 age(p.last_message_age_s),
@@ -248,6 +249,14 @@ pub fn render(s: &Status) -> String {
                 let _ = writeln!(o, "{:<14} ! {why}", "");
             }
         }
+        // The publisher's gaps column counts what the health daemon's own
+        // bus connection missed; read as a publisher column it looked like
+        // data lost in the pipeline, which the subscribers' GAPS are.
+        let _ = writeln!(
+            o,
+            "  (TAP GAPS: seq numbers this monitor's own bus connection missed, not pipeline loss; \
+             a subscriber's GAPS are what it missed)"
+        );
     }
     if !s.subscribers.is_empty() {
         let _ = writeln!(
