@@ -31,6 +31,11 @@ pub enum ProbeError {
     Status { url: String, status: u16 },
     #[error("{url}: not an HTTP response")]
     Garbled { url: String },
+    /// Connected (or trying to), but nothing came back in time: a hung
+    /// daemon. Said plainly; the OS's words for a timed-out socket read
+    /// are "Resource temporarily unavailable (os error 11)".
+    #[error("{url}: no answer within {}", humantime::format_duration(*.timeout))]
+    NoAnswer { url: String, timeout: Duration },
 }
 
 /// `GET url`; the status code when it is 2xx.
@@ -41,9 +46,15 @@ pub fn check(url: &str, timeout: Duration) -> Result<u16, ProbeError> {
         _ => return Err(ProbeError::Url(url.into())),
     };
     let port = parsed.port_or_known_default().unwrap_or(80);
-    let io = |error| ProbeError::Io {
-        url: url.into(),
-        error,
+    let io = |error: std::io::Error| match error.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => ProbeError::NoAnswer {
+            url: url.into(),
+            timeout,
+        },
+        _ => ProbeError::Io {
+            url: url.into(),
+            error,
+        },
     };
     let addr = (host.trim_start_matches('[').trim_end_matches(']'), port)
         .to_socket_addrs()
@@ -117,6 +128,18 @@ mod tests {
             check("https://127.0.0.1:1/x", Duration::from_secs(1)),
             Err(ProbeError::Url(_))
         ));
+    }
+
+    /// A daemon that accepts (the kernel does, from the backlog) but never
+    /// answers: the error says so in words, not as EAGAIN.
+    #[test]
+    fn a_hung_server_is_no_answer_within_the_timeout() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/healthz", l.local_addr().unwrap());
+        let e = check(&url, Duration::from_millis(300)).unwrap_err();
+        assert!(matches!(e, ProbeError::NoAnswer { .. }), "{e}");
+        assert!(e.to_string().ends_with("no answer within 300ms"), "{e}");
+        drop(l);
     }
 
     #[test]

@@ -335,7 +335,15 @@ async fn grafana_is_reported_but_not_needed_for_readiness_and_nbpy_status_shows_
     );
     assert!(text.contains("from nbpy-health"), "{text}");
     assert!(text.starts_with("# ") && text.contains("\nREADY"), "{text}");
-    for needle in ["synth ", "main ", "grafana ", "synthetic.ticker.EUR_USD"] {
+    // The publisher's gaps are the monitor's own, and the table says so.
+    for needle in [
+        "synth ",
+        "main ",
+        "grafana ",
+        "synthetic.ticker.EUR_USD",
+        "TAP GAPS",
+        "not pipeline loss",
+    ] {
         assert!(text.contains(needle), "{needle:?} missing:\n{text}");
     }
 
@@ -693,4 +701,129 @@ async fn a_cleanly_stopped_subscriber_shows_down_at_once_not_up_until_stale() {
     let s = nbpy_status(cfg);
     assert_eq!(subscriber_state(&s, "main"), Some(State::Down), "{s:#?}");
     assert_eq!(publisher_state(&s, "synth"), Some(State::Down), "{s:#?}");
+}
+
+/// A subscriber whose clock is an hour ahead wrote one report; then it was
+/// killed. That report sorts newest for an hour, but the daemon judges
+/// freshness by when it saw reports change, so the subscriber shows down
+/// within its stale limit, and /status says the report is future-dated.
+/// While it runs, its later (correctly dated) reports are still seen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_future_dated_report_does_not_keep_a_killed_subscriber_up() {
+    let env = Env::start().await;
+    let (cfg, base, _) = config(&env, None);
+    let (_health, h) = start_health(&env, &cfg, &base);
+    let _publisher = env.spawn("nbpy-publisher", &["--config", &cfg, "synth"], &[]);
+    let mut subscriber = env.spawn("nbpy-subscriber", &["--config", &cfg, "main"], &[]);
+    h.wait("subscriber up", Duration::from_secs(60), |s| {
+        subscriber_state(s, "main") == Some(State::Up)
+    })
+    .await;
+
+    let ahead = nbpy::wire::now_ns() + 3_600_000_000_000;
+    let line =
+        format!("nbpy_pipeline,component=main,role=subscriber received=7i,written=7i {ahead}\n");
+    env.client
+        .write("default", line.into_bytes().into())
+        .await
+        .expect("write a future-dated report");
+    // Still up on its later reports, and the skew is named.
+    h.wait("skew warning while up", Duration::from_secs(30), |s| {
+        subscriber_state(s, "main") == Some(State::Up)
+            && s.subscribers[0].counter("received") != Some(7.0)
+            && s.warnings.iter().any(|w| w.contains("in the future"))
+    })
+    .await;
+
+    subscriber.signal(Signal::SIGKILL);
+    subscriber.wait(Duration::from_secs(10));
+    h.wait("killed subscriber down", Duration::from_secs(30), |s| {
+        subscriber_state(s, "main") == Some(State::Down)
+            && s.subscribers[0].report_age_s.is_some_and(|a| a > 1.0)
+    })
+    .await;
+    let (code, body) = h.get("/readyz").await;
+    assert_eq!(code, 503);
+    assert!(body.contains("subscriber main down"), "{body}");
+}
+
+/// InfluxDB refuses every point of one measurement (a field type conflict:
+/// `bid` was first written as a string), while the others are stored.
+/// The subscriber dead-letters them: /readyz says so and is 503, and the
+/// write lag of that measurement shows, not hidden by the others' progress.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_measurement_influxdb_refuses_makes_readyz_fail_and_shows_in_write_lag() {
+    let env = Env::start().await;
+    let (cfg, base, _) = config(&env, None);
+    let (_health, h) = start_health(&env, &cfg, &base);
+    let m = nbpy::schema::by_name("kraken_tick").expect("kraken_tick");
+    let now = nbpy::wire::now_ns();
+    env.client
+        .write(
+            m.rp,
+            format!("kraken_tick,publisher=other bid=\"text\" {now}\n")
+                .into_bytes()
+                .into(),
+        )
+        .await
+        .expect("a string mid");
+    let _publisher = env.spawn("nbpy-publisher", &["--config", &cfg, "synth"], &[]);
+    let _subscriber = env.spawn("nbpy-subscriber", &["--config", &cfg, "main"], &[]);
+    h.wait("refused points shown", Duration::from_secs(60), |s| {
+        s.subscribers[0].counter("dead_lettered").unwrap_or(0.0) > 0.0
+            && s.subscribers[0].refused_recently.is_some()
+            && !s.ready
+            && s.publishers
+                .first()
+                .and_then(|p| p.write_lag_by_measurement.get("kraken_tick"))
+                .is_some_and(|l| l.messages > 0)
+    })
+    .await;
+    let (code, body) = h.get("/readyz").await;
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body.contains("subscriber main") && body.contains("refused"),
+        "{body}"
+    );
+    let (_, metrics) = h.get("/metrics").await;
+    assert!(
+        metrics.contains(
+            "nbpy_measurement_write_lag_messages{publisher=\"synth\",measurement=\"kraken_tick\"}"
+        ),
+        "{metrics}"
+    );
+}
+
+/// A dropped retention policy: the write lag of the measurement in it
+/// cannot be read, and /status says so rather than showing no write lag
+/// at all (the pooled query failed as a whole).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_retention_policy_shows_as_a_write_lag_warning() {
+    let env = Env::start().await;
+    let (cfg, base, _) = config(&env, None);
+    let (_health, h) = start_health(&env, &cfg, &base);
+    let _publisher = env.spawn("nbpy-publisher", &["--config", &cfg, "synth"], &[]);
+    let _subscriber = env.spawn("nbpy-subscriber", &["--config", &cfg, "main"], &[]);
+    h.wait("everything up", Duration::from_secs(60), |s| s.ready)
+        .await;
+    let depth = nbpy::schema::by_name("kraken_depth").expect("kraken_depth");
+    env.client
+        .query(&format!(
+            "DROP RETENTION POLICY \"{}\" ON \"tick\"",
+            depth.rp
+        ))
+        .await
+        .expect("drop the retention policy");
+    h.wait("write lag warning", Duration::from_secs(30), |s| {
+        let p = &s.publishers[0];
+        p.write_lag_error
+            .as_deref()
+            .is_some_and(|e| e.contains("kraken_depth"))
+            && p.write_lag_messages.is_some()
+            && p.write_lag_by_measurement.contains_key("kraken_tick")
+            && s.warnings
+                .iter()
+                .any(|w| w.contains("write lag cannot be read") && w.contains("kraken_depth"))
+    })
+    .await;
 }

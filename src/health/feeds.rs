@@ -49,6 +49,55 @@ pub struct Sample {
     pub time_ns: i64,
 }
 
+/// What one measurement of a publisher received on the bus, for its own
+/// write lag: the publisher's `seq` is shared by all its measurements, so
+/// "everything up to the newest stored seq is stored" only holds within a
+/// measurement. One whose every point InfluxDB refuses (a field type
+/// conflict) was hidden by the others' progress when they were pooled.
+#[derive(Debug, Clone, Default)]
+pub struct MeasurementSeen {
+    pub epoch: u64,
+    pub last_seq: u64,
+    /// Messages of this measurement received in `epoch`.
+    pub count: u64,
+    /// Sampled every [`SAMPLE_EVERY`]; `count` includes the sampled message.
+    pub samples: VecDeque<MeasurementSample>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct MeasurementSample {
+    pub at: Instant,
+    pub seq: u64,
+    pub count: u64,
+    /// The exchange time, to bound the time range queried.
+    pub time_ns: i64,
+}
+
+impl MeasurementSeen {
+    fn observe(&mut self, now: Instant, epoch: u64, seq: u64, time_ns: i64) {
+        if epoch != self.epoch {
+            *self = MeasurementSeen {
+                epoch,
+                ..Default::default()
+            };
+        }
+        self.count += 1;
+        self.last_seq = self.last_seq.max(seq);
+        if self
+            .samples
+            .back()
+            .is_none_or(|s| now.duration_since(s.at) >= SAMPLE_EVERY)
+        {
+            self.samples.push_back(MeasurementSample {
+                at: now,
+                seq,
+                count: self.count,
+                time_ns,
+            });
+        }
+    }
+}
+
 pub struct FeedState {
     pub connected: bool,
     /// Since when `connected` has had its current value.
@@ -68,6 +117,8 @@ pub struct FeedState {
     /// Measurements this publisher's messages land in.
     pub measurements: BTreeSet<&'static str>,
     pub samples: VecDeque<Sample>,
+    /// Per measurement, sequenced messages only.
+    pub by_measurement: HashMap<&'static str, MeasurementSeen>,
     rate_marks: VecDeque<(Instant, u64)>,
     log: crate::sink::RateLimitedLog,
 }
@@ -90,6 +141,7 @@ impl FeedState {
             topics: HashMap::new(),
             measurements: BTreeSet::new(),
             samples: VecDeque::new(),
+            by_measurement: HashMap::new(),
             rate_marks: VecDeque::new(),
             log: crate::sink::RateLimitedLog::new(Duration::from_secs(10)),
         }
@@ -142,9 +194,10 @@ impl FeedState {
         };
         t.received += 1;
         t.last = Some(now);
-        if let Some(ms) = crate::schema::by_channel(&env.ch) {
-            if !self.measurements.contains(ms.name) {
-                self.measurements.insert(ms.name);
+        let measurement = crate::schema::by_channel(&env.ch).map(|ms| ms.name);
+        if let Some(ms) = measurement {
+            if !self.measurements.contains(ms) {
+                self.measurements.insert(ms);
             }
         }
         if env.ts > 0 {
@@ -160,6 +213,12 @@ impl FeedState {
             &env.publisher
         };
         self.gaps.observe(publisher, env.epoch, env.seq);
+        if let Some(ms) = measurement {
+            self.by_measurement
+                .entry(ms)
+                .or_default()
+                .observe(now, env.epoch, env.seq, env.time());
+        }
         if env.epoch != self.epoch || env.seq > self.last_seq {
             self.epoch = env.epoch;
             self.last_seq = env.seq;
@@ -187,6 +246,15 @@ impl FeedState {
             .is_some_and(|s| now.duration_since(s.at) > LAG_HORIZON)
         {
             self.samples.pop_front();
+        }
+        for m in self.by_measurement.values_mut() {
+            while m
+                .samples
+                .front()
+                .is_some_and(|s| now.duration_since(s.at) > LAG_HORIZON)
+            {
+                m.samples.pop_front();
+            }
         }
         self.rate_marks.push_back((now, self.received));
         while self.rate_marks.len() > 2

@@ -107,12 +107,22 @@ pub fn encode(s: &Status) -> Result<String, std::fmt::Error> {
     let lag_msgs = gauge(
         &mut reg,
         "nbpy_publisher_write_lag_messages",
-        "Messages seen on the bus and not (yet) stored in InfluxDB",
+        "Messages seen on the bus and not (yet) stored in InfluxDB, summed over the publisher's measurements",
     );
     let lag_s = gauge(
         &mut reg,
         "nbpy_publisher_write_lag_seconds",
-        "Age of the oldest message seen on the bus and not (yet) stored",
+        "Age of the oldest message seen on the bus and not (yet) stored, over the publisher's measurements",
+    );
+    let m_lag_msgs = gauge(
+        &mut reg,
+        "nbpy_measurement_write_lag_messages",
+        "Messages of one measurement seen on the bus and not (yet) stored in InfluxDB",
+    );
+    let m_lag_s = gauge(
+        &mut reg,
+        "nbpy_measurement_write_lag_seconds",
+        "Age of the oldest message of one measurement seen on the bus and not (yet) stored",
     );
     let topic_age = gauge(
         &mut reg,
@@ -127,7 +137,12 @@ pub fn encode(s: &Status) -> Result<String, std::fmt::Error> {
     let report_age = gauge(
         &mut reg,
         "nbpy_subscriber_report_age_seconds",
-        "Age of the subscriber's newest nbpy_pipeline point",
+        "Seconds since the health daemon first saw the subscriber's newest nbpy_pipeline point (its own clock, not the point's time)",
+    );
+    let refused = gauge(
+        &mut reg,
+        "nbpy_subscriber_refused_points",
+        "Points InfluxDB refused (the subscriber's dead_lettered grew) between its last two reports; above 0 makes /readyz fail",
     );
     let sub_counter = gauge(
         &mut reg,
@@ -180,6 +195,11 @@ pub fn encode(s: &Status) -> Result<String, std::fmt::Error> {
         if let Some(sec) = p.write_lag_s {
             lag_s.get_or_create(&l).set(sec);
         }
+        for (m, ml) in &p.write_lag_by_measurement {
+            let l = labels(&[("publisher", &p.name), ("measurement", m)]);
+            m_lag_msgs.get_or_create(&l).set(ml.messages as f64);
+            m_lag_s.get_or_create(&l).set(ml.seconds);
+        }
         for t in &p.topics {
             let l = labels(&[
                 ("publisher", &p.name),
@@ -200,6 +220,9 @@ pub fn encode(s: &Status) -> Result<String, std::fmt::Error> {
         if let Some(a) = sub.report_age_s {
             report_age.get_or_create(&l).set(a);
         }
+        refused
+            .get_or_create(&l)
+            .set(sub.refused_recently.unwrap_or(0.0));
         for (k, v) in &sub.counters {
             if k == "write_latency_ms" {
                 write_latency.get_or_create(&l).set(v / 1e3);

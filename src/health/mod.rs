@@ -24,6 +24,12 @@
 //!   write_latency_ms, and spooled/replayed/spool_bytes when it spools).
 //!   The daemon reads the newest point per subscriber; a subscriber whose
 //!   newest point is too old (`health.subscriber_stale_after`) is down.
+//!   "Old" is by the daemon's own clock: how long ago the daemon first saw
+//!   that point (its time or counters changed), not the time the point
+//!   carries, which is the subscriber's clock. A point dated more than
+//!   [`probe::FUTURE_MARGIN`] ahead is kept apart (it would otherwise sort
+//!   newest and hide every later one) and named as clock skew in
+//!   `warnings` and the log.
 //!   So is one whose newest point has `stopped`: the last report of a clean
 //!   stop says so, whoever stopped it (systemd, `nbpy down`, Ctrl-C), so a
 //!   deliberate stop shows at once rather than as up until that fresh
@@ -32,9 +38,14 @@
 //!   subscribers already put them and where dashboards read them, and
 //!   because the newest point arriving proves the subscriber's whole write
 //!   path works, not just that its process exists.
-//! - **Write lag**, per publisher: the sequence numbers the daemon saw on
-//!   the bus that are not (yet) in InfluxDB, and the age of the oldest such
-//!   message, from `max(seq)` of the publisher's current epoch.
+//! - **Write lag**, per publisher and measurement: the messages the daemon
+//!   saw on the bus that are not (yet) in InfluxDB, and the age of the
+//!   oldest such message, from `max(seq)` of the publisher's current epoch
+//!   in each measurement, one query each. A publisher's `seq` runs across
+//!   all its measurements, so pooled, the others' progress hid one
+//!   measurement InfluxDB refused entirely; and one failing source (a
+//!   dropped retention policy) failed the pooled query, showing no lag at
+//!   all. A measurement whose lag cannot be read is named in `warnings`.
 //! - **InfluxDB `/ping`**, and **Grafana `/api/health`** when `grafana.url`
 //!   is set. InfluxDB is also down when it answers `/ping` but the
 //!   counters query above gets no answer within `influxdb.timeout`: a
@@ -46,8 +57,11 @@
 //!   whole picture, whatever started the processes.
 //!
 //! `/readyz` answers 200 when the appliance is doing its job: InfluxDB
-//! answers, every publisher is connected and not stale, and every
-//! subscriber's counters are fresh. Grafana is reported but is not part of
+//! answers, every publisher is connected and not stale, every
+//! subscriber's counters are fresh, and no subscriber's newest report shows
+//! its `dead_lettered` grown since the one before: points InfluxDB refuses
+//! (a field type conflict, a dropped retention policy) are lost to the
+//! dashboards, an incident although every process runs. Grafana is reported but is not part of
 //! readiness: data is stored without it.
 
 pub mod feeds;
@@ -75,8 +89,20 @@ use report::{Backend, PublisherStatus, State, Status, SubscriberStatus, TopicSta
 /// How far back the newest `nbpy_pipeline` points are looked for.
 const PIPELINE_LOOKBACK: Duration = Duration::from_secs(3600);
 
-#[derive(Debug, Clone, Copy, Default)]
+/// A publisher's write lag: the sum over its measurements, each judged on
+/// its own (see [`feeds::MeasurementSeen`]).
+#[derive(Debug, Clone, Default)]
 struct Lag {
+    messages: u64,
+    /// The oldest unstored message's age, over all measurements.
+    seconds: f64,
+    by_measurement: BTreeMap<&'static str, MeasurementLag>,
+    /// Measurements whose stored seq could not be read, and why.
+    errors: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct MeasurementLag {
     messages: u64,
     seconds: f64,
     /// The newest stored (epoch, seq), to bound the next query.
@@ -92,14 +118,102 @@ const LAG_TIME_MARGIN_NS: i64 = 30_000_000_000;
 struct Polled {
     influx: Option<(Instant, Result<(), String>)>,
     grafana: Option<(Instant, Result<String, String>)>,
-    pipeline: BTreeMap<String, PipelinePoint>,
+    pipeline: BTreeMap<String, Report>,
     pipeline_error: Option<String>,
+    /// Clock-skew warnings go to the log at most this often.
+    skew_log: Option<crate::sink::RateLimitedLog>,
     /// Counter resets per subscriber: its `received` went down (a restart).
     resets: BTreeMap<String, u64>,
     lag: BTreeMap<String, Lag>,
     units: Vec<Unit>,
     units_error: Option<String>,
     uptime: BTreeMap<String, VecDeque<(Instant, bool)>>,
+}
+
+/// A subscriber's newest report, timed by the daemon's own clock.
+///
+/// Freshness is judged by when the daemon saw a report *change* (its time
+/// or its counters), not by the time the report carries: that time comes
+/// from the subscriber's clock. A clock an hour ahead made one report the
+/// newest for an hour, so a subscriber killed after writing it stayed up;
+/// a clock half a minute behind made every report look stale, so a
+/// working subscriber showed down for ever.
+#[derive(Debug, Clone)]
+struct Report {
+    /// The report shown: counters, `stopped`.
+    point: PipelinePoint,
+    /// When the daemon first saw `point`.
+    seen: Instant,
+    /// The last answers, to notice a change: newest point dated up to
+    /// [`probe::FUTURE_MARGIN`] ahead, and newest dated further ahead.
+    current: Option<PipelinePoint>,
+    future: Option<PipelinePoint>,
+    /// How far ahead of the daemon's clock `future` was dated, s.
+    skew_s: Option<f64>,
+    /// How many points InfluxDB refused (its `dead_lettered` grew) between
+    /// the previous report and `point`; `None` before a second report.
+    refused: Option<f64>,
+}
+
+/// The [`Report`] after a poll answered `current` and `future` for one
+/// subscriber (`None` when it has neither). A first sight has no earlier
+/// answer to compare with, so it is dated by the point's own time, in the
+/// past at most (a one-shot `nbpy status` has only this).
+fn next_report(
+    prev: Option<&Report>,
+    current: Option<PipelinePoint>,
+    future: Option<PipelinePoint>,
+    now: Instant,
+    now_ns: i64,
+) -> Option<Report> {
+    let skew_s = future
+        .as_ref()
+        .map(|f| (f.time_ns.saturating_sub(now_ns)) as f64 / 1e9);
+    let (point, seen) = match prev {
+        None => match (&current, &future) {
+            (Some(c), _) => {
+                let age = Duration::from_nanos(now_ns.saturating_sub(c.time_ns).max(0) as u64);
+                (c.clone(), now.checked_sub(age).unwrap_or(now))
+            }
+            (None, Some(f)) => (f.clone(), now),
+            (None, None) => return None,
+        },
+        Some(p) => {
+            let cur_changed = current.is_some() && current != p.current;
+            let fut_changed = future.is_some() && future != p.future;
+            match (&current, &future) {
+                (Some(c), _) if cur_changed => (c.clone(), now),
+                (_, Some(f)) if fut_changed => (f.clone(), now),
+                _ => (p.point.clone(), p.seen),
+            }
+        }
+    };
+    let refused = match prev {
+        None => None,
+        Some(p) if p.seen == seen => p.refused,
+        Some(p) => {
+            let field = |pt: &PipelinePoint, k: &str| pt.counters.get(k).copied().unwrap_or(0.0);
+            let (before, after) = (
+                field(&p.point, "dead_lettered"),
+                field(&point, "dead_lettered"),
+            );
+            // A restart starts its counters from zero: all it counted is new.
+            let restarted = field(&point, "received") < field(&p.point, "received");
+            Some(if restarted {
+                after
+            } else {
+                (after - before).max(0.0)
+            })
+        }
+    };
+    Some(Report {
+        point,
+        seen,
+        current: current.or_else(|| prev.and_then(|p| p.current.clone())),
+        future,
+        skew_s,
+        refused,
+    })
 }
 
 /// Everything the daemon knows; `/status` is a [`Monitor::snapshot`].
@@ -200,21 +314,50 @@ impl Monitor {
                 p.grafana = Some((now, g));
             }
             match pipeline {
-                Some(Ok(points)) => {
+                Some(Ok(answer)) => {
                     p.pipeline_error = None;
-                    for pt in points {
-                        let before = p
-                            .pipeline
-                            .get(&pt.component)
-                            .and_then(|o| o.counters.get("received"))
-                            .copied();
-                        let after = pt.counters.get("received").copied();
+                    let mut current: BTreeMap<String, PipelinePoint> = answer
+                        .current
+                        .into_iter()
+                        .map(|pt| (pt.component.clone(), pt))
+                        .collect();
+                    let mut future: BTreeMap<String, PipelinePoint> = answer
+                        .future
+                        .into_iter()
+                        .map(|pt| (pt.component.clone(), pt))
+                        .collect();
+                    let names: Vec<String> = current
+                        .keys()
+                        .chain(future.keys())
+                        .chain(p.pipeline.keys())
+                        .cloned()
+                        .collect();
+                    let t_ns = now_ns();
+                    for name in names {
+                        let (c, f) = (current.remove(&name), future.remove(&name));
+                        if c.is_none() && f.is_none() {
+                            // Not answered this time (older than the
+                            // lookback): what was seen stays, ageing.
+                            continue;
+                        }
+                        let prev = p.pipeline.get(&name);
+                        let Some(next) = next_report(prev, c, f, now, t_ns) else {
+                            continue;
+                        };
+                        let before = prev.and_then(|o| o.point.counters.get("received").copied());
+                        let after = next.point.counters.get("received").copied();
                         if let (Some(b), Some(a)) = (before, after) {
                             if a < b {
-                                *p.resets.entry(pt.component.clone()).or_default() += 1;
+                                *p.resets.entry(name.clone()).or_default() += 1;
                             }
                         }
-                        p.pipeline.insert(pt.component.clone(), pt);
+                        if let Some(ahead) = next.skew_s {
+                            let log = p.skew_log.get_or_insert_with(|| {
+                                crate::sink::RateLimitedLog::new(Duration::from_secs(60))
+                            });
+                            crate::warn_limited!(log, || skew_warning(&name, ahead));
+                        }
+                        p.pipeline.insert(name, next);
                     }
                 }
                 Some(Err(e)) => p.pipeline_error = Some(e.to_string()),
@@ -259,45 +402,54 @@ impl Monitor {
     }
 
     async fn lag(&self, f: &FeedWatch) -> Option<Lag> {
-        let (epoch, last_seq, measurements, samples) = {
+        // (measurement, last seq, time bound, samples) of the current epoch.
+        let todo: Vec<(&'static str, feeds::MeasurementSeen)> = {
             let st = f.state();
             if st.last_seq == 0 {
                 return None;
             }
-            let samples: Vec<feeds::Sample> = st
-                .samples
+            st.by_measurement
                 .iter()
-                .filter(|s| s.epoch == st.epoch)
-                .copied()
-                .collect();
-            let ms: Vec<&'static str> = st.measurements.iter().copied().collect();
-            (st.epoch, st.last_seq, ms, samples)
+                .filter(|(_, m)| m.epoch == st.epoch && m.last_seq > 0)
+                .map(|(name, m)| (*name, m.clone()))
+                .collect()
         };
-        // Only the recent past is scanned: from the newest point known to
-        // be stored (the last answer), else from the oldest sample.
-        let before = self.polled().lag.get(&f.name).and_then(|l| l.stored);
-        let from = match before {
-            Some((e, seq)) if e == epoch => samples
-                .iter()
-                .filter(|s| s.seq <= seq)
-                .map(|s| s.time_ns)
-                .max(),
-            _ => None,
-        };
-        let since = from
-            .or_else(|| samples.iter().map(|s| s.time_ns).min())
-            .unwrap_or(0)
-            .saturating_sub(LAG_TIME_MARGIN_NS);
-        let stored =
-            match probe::max_stored_seq(&self.client, &f.name, epoch, &measurements, since).await {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::debug!("health: write lag of {}: {e}", f.name);
-                    return None;
-                }
+        let before = self.polled().lag.get(&f.name).cloned().unwrap_or_default();
+        let mut lag = Lag::default();
+        for (name, seen) in todo {
+            // Only the recent past is scanned: from the newest point known
+            // to be stored (the last answer), else from the oldest sample.
+            let from = match before.by_measurement.get(name).and_then(|l| l.stored) {
+                Some((e, seq)) if e == seen.epoch => seen
+                    .samples
+                    .iter()
+                    .filter(|s| s.seq <= seq)
+                    .map(|s| s.time_ns)
+                    .max(),
+                _ => None,
             };
-        let mut lag = lag_from(last_seq, stored, &samples, Instant::now());
-        lag.stored = stored.map(|s| (epoch, s));
+            let since = from
+                .or_else(|| seen.samples.iter().map(|s| s.time_ns).min())
+                .unwrap_or(0)
+                .saturating_sub(LAG_TIME_MARGIN_NS);
+            match probe::max_stored_seq(&self.client, &f.name, seen.epoch, name, since).await {
+                Ok(stored) => {
+                    let mut m = measurement_lag(&seen, stored, Instant::now());
+                    m.stored = stored.map(|s| (seen.epoch, s));
+                    lag.messages += m.messages;
+                    lag.seconds = lag.seconds.max(m.seconds);
+                    lag.by_measurement.insert(name, m);
+                }
+                Err(WriteError::Timeout(e)) => {
+                    tracing::debug!("health: write lag of {} in {name}: {e}", f.name);
+                    lag.errors.push(format!("{name}: no answer: {e}"));
+                }
+                Err(e) => {
+                    tracing::debug!("health: write lag of {} in {name}: {e}", f.name);
+                    lag.errors.push(format!("{name}: {e}"));
+                }
+            }
+        }
         Some(lag)
     }
 
@@ -414,6 +566,25 @@ impl Monitor {
                 latency_ms: st.latency_ms,
                 write_lag_messages: lag.map(|l| l.messages),
                 write_lag_s: lag.map(|l| l.seconds),
+                write_lag_by_measurement: lag
+                    .map(|l| {
+                        l.by_measurement
+                            .iter()
+                            .map(|(m, ml)| {
+                                (
+                                    m.to_string(),
+                                    report::MeasurementLag {
+                                        messages: ml.messages,
+                                        seconds: ml.seconds,
+                                    },
+                                )
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                write_lag_error: lag
+                    .filter(|l| !l.errors.is_empty())
+                    .map(|l| l.errors.join("; ")),
                 uptime_pct: uptime(&format!("publisher/{}", f.name)),
                 unit,
                 topics,
@@ -423,8 +594,9 @@ impl Monitor {
         let mut subscribers = Vec::new();
         for (name, scfg) in &self.cfg.subscribers {
             let unit = probe::unit_for(&p.units, "subscriber", name).cloned();
-            let point = p.pipeline.get(name);
-            let report_age = point.map(|pt| ((now_ns() - pt.time_ns) as f64 / 1e9).max(0.0));
+            let report = p.pipeline.get(name);
+            let point = report.map(|r| &r.point);
+            let report_age = report.map(|r| secs(now, r.seen));
             let limit = self.cfg.health.subscriber_stale_after.unwrap_or(
                 scfg.stats_interval * 2 + self.cfg.influxdb.flush_interval + Duration::from_secs(2),
             );
@@ -463,11 +635,22 @@ impl Monitor {
                     Some(_) => (State::Up, None),
                 }
             };
+            let refusing = report
+                .and_then(|r| r.refused)
+                .filter(|n| *n > 0.0 && state.is_up());
+            let problem = match refusing {
+                Some(n) => Some(format!(
+                    "InfluxDB refused {n:.0} point(s) since its previous report (dead_lettered {:.0}): they are in its dead-letter files, not stored",
+                    point.and_then(|pt| pt.counters.get("dead_lettered").copied()).unwrap_or(n)
+                )),
+                None => problem,
+            };
             subscribers.push(SubscriberStatus {
                 name: name.clone(),
                 state,
                 problem,
                 report_age_s: report_age,
+                refused_recently: refusing,
                 counters: point.map(|pt| pt.counters.clone()).unwrap_or_default(),
                 spool_bytes: point.and_then(|pt| pt.counters.get("spool_bytes").copied()),
                 restarts: unit
@@ -498,7 +681,9 @@ impl Monitor {
             }
         }
         for s in &subscribers {
-            if !s.state.is_up() {
+            // Data InfluxDB refuses is lost to the dashboards: an incident,
+            // though the subscriber itself runs.
+            if !s.state.is_up() || s.refused_recently.is_some() {
                 not_ready.push(format!(
                     "subscriber {} {}: {}",
                     s.name,
@@ -508,6 +693,19 @@ impl Monitor {
             }
         }
         let mut warnings = Vec::new();
+        for (name, r) in &p.pipeline {
+            if let Some(ahead) = r.skew_s {
+                warnings.push(skew_warning(name, ahead));
+            }
+        }
+        for pb in &publishers {
+            if let Some(e) = &pb.write_lag_error {
+                warnings.push(format!(
+                    "publisher {}: write lag cannot be read for {e}",
+                    pb.name
+                ));
+            }
+        }
         if let Some(e) = &p.units_error {
             warnings.push(format!("systemd: {e}"));
         }
@@ -580,26 +778,48 @@ impl Monitor {
     }
 }
 
+/// What a future-dated report means, for `/status` and the log.
+fn skew_warning(component: &str, ahead_s: f64) -> String {
+    format!(
+        "{component}: its newest nbpy_pipeline report is dated {} in the future: clock skew \
+         between it and InfluxDB? Its freshness is judged by when this daemon saw its reports change",
+        report::age(Some(ahead_s))
+    )
+}
+
 fn secs(now: Instant, then: Instant) -> f64 {
     now.saturating_duration_since(then).as_secs_f64()
 }
 
-/// Write lag from the newest stored seq and the (time, seq) samples of the
-/// current epoch: nothing when everything seen is stored; else how many
-/// numbers are missing and since when the oldest of them has been waiting.
-fn lag_from(last_seq: u64, stored: Option<u64>, samples: &[feeds::Sample], now: Instant) -> Lag {
-    let stored_to = stored.unwrap_or(0);
-    if stored_to >= last_seq {
-        return Lag::default();
+/// One measurement's write lag from its newest stored seq: nothing when
+/// everything it received is stored; else how many of its messages came
+/// after the newest stored one (to the sampling's grain,
+/// [`feeds::MeasurementSeen::samples`]), and since when the oldest of them
+/// has been waiting.
+fn measurement_lag(
+    seen: &feeds::MeasurementSeen,
+    stored: Option<u64>,
+    now: Instant,
+) -> MeasurementLag {
+    if stored.is_some_and(|s| s >= seen.last_seq) {
+        return MeasurementLag::default();
     }
-    let first_unstored = samples
+    let stored_to = stored.unwrap_or(0);
+    // Messages counted up to the newest sample known stored; with none
+    // (nothing stored, or not since the oldest sample), up to just before
+    // the oldest sample.
+    let stored_count = match seen.samples.iter().rev().find(|s| s.seq <= stored_to) {
+        Some(s) => s.count,
+        None => seen.samples.front().map(|s| s.count - 1).unwrap_or(0),
+    };
+    let first_unstored = seen
+        .samples
         .iter()
         .find(|s| s.seq > stored_to)
         .map(|s| s.at)
         .unwrap_or(now);
-    let from = stored.unwrap_or_else(|| samples.first().map(|s| s.seq - 1).unwrap_or(0));
-    Lag {
-        messages: last_seq - from.min(last_seq),
+    MeasurementLag {
+        messages: seen.count.saturating_sub(stored_count),
         seconds: secs(now, first_unstored),
         stored: None,
     }
@@ -610,6 +830,10 @@ pub async fn run(cfg: &Config, listen: Option<&str>) -> Result<(), Failure> {
     let svc = Service::start("nbpy-health", Duration::from_secs(3600), String::new);
     // The daemon carries no data; its loop beating is what matters.
     svc.liveness.set_idle(true);
+    match http::raise_nofile() {
+        Ok(n) => tracing::debug!("health: open-files limit {n}"),
+        Err(e) => tracing::warn!("health: cannot raise the open-files limit: {e}"),
+    }
     let addr = listen.unwrap_or(&cfg.health.listen).to_string();
     let listener = tokio::net::TcpListener::bind(&addr).await.map_err(|e| {
         Failure::new(
@@ -624,6 +848,7 @@ pub async fn run(cfg: &Config, listen: Option<&str>) -> Result<(), Failure> {
         listener,
         monitor.clone(),
         svc.shutdown.child_token(),
+        http::Limits::default(),
     ));
     svc.ready(&format!("serving on http://{bound}"));
     tracing::info!(
@@ -660,24 +885,102 @@ pub async fn run(cfg: &Config, listen: Option<&str>) -> Result<(), Failure> {
 mod tests {
     use super::*;
 
+    fn point(time_ns: i64, received: f64) -> PipelinePoint {
+        PipelinePoint {
+            component: "main".into(),
+            time_ns,
+            counters: [("received".to_string(), received)].into(),
+            stopped: false,
+        }
+    }
+
+    /// A subscriber whose clock is a minute behind: its first report looks
+    /// a minute old (nothing better is known yet), but every later one is
+    /// fresh when it arrives, so it is not down for ever.
     #[test]
-    fn write_lag_counts_from_the_newest_stored_seq() {
+    fn a_report_is_fresh_when_it_changes_whatever_time_it_carries() {
         let t0 = Instant::now();
-        let s = |ms: u64, seq: u64| feeds::Sample {
+        let ns0: i64 = 1_700_000_000_000_000_000;
+        let behind = 60_000_000_000;
+        let r = next_report(None, Some(point(ns0 - behind, 1.0)), None, t0, ns0).unwrap();
+        assert!((secs(t0, r.seen) - 60.0).abs() < 1.0, "{r:?}");
+        let t1 = t0 + Duration::from_secs(1);
+        let r = next_report(
+            Some(&r),
+            Some(point(ns0 + 1_000_000_000 - behind, 2.0)),
+            None,
+            t1,
+            ns0 + 1_000_000_000,
+        )
+        .unwrap();
+        assert_eq!(r.seen, t1);
+        assert_eq!(r.point.counters.get("received"), Some(&2.0));
+        assert_eq!(r.skew_s, None);
+    }
+
+    /// One point dated an hour ahead, then nothing: it does not stay fresh
+    /// (the daemon saw it once), and it is reported as clock skew.
+    #[test]
+    fn a_future_dated_report_ages_by_the_daemons_clock() {
+        let t0 = Instant::now();
+        let ns0: i64 = 1_700_000_000_000_000_000;
+        let hour = 3_600_000_000_000;
+        let live = point(ns0 - 1_000_000_000, 5.0);
+        let ahead = point(ns0 + hour, 6.0);
+        let r = next_report(None, Some(live.clone()), Some(ahead.clone()), t0, ns0).unwrap();
+        assert!(r.skew_s.is_some_and(|s| s > 3590.0), "{r:?}");
+        let seen = r.seen;
+        let t1 = t0 + Duration::from_secs(30);
+        let r = next_report(
+            Some(&r),
+            Some(live),
+            Some(ahead.clone()),
+            t1,
+            ns0 + 30_000_000_000,
+        )
+        .unwrap();
+        assert_eq!(r.seen, seen, "nothing changed: the report only ages");
+        assert!(secs(t1, r.seen) >= 30.0);
+        // A new report from a live subscriber is seen though the old
+        // future-dated one still sorts first.
+        let t2 = t1 + Duration::from_secs(1);
+        let r = next_report(
+            Some(&r),
+            Some(point(ns0 + 31_000_000_000, 7.0)),
+            Some(ahead),
+            t2,
+            ns0 + 31_000_000_000,
+        )
+        .unwrap();
+        assert_eq!((r.seen, r.point.counters.get("received")), (t2, Some(&7.0)));
+    }
+
+    /// Within a measurement: its messages after its newest stored seq,
+    /// whatever the other measurements of the publisher stored.
+    #[test]
+    fn write_lag_counts_a_measurements_messages_after_its_newest_stored_seq() {
+        let t0 = Instant::now();
+        let s = |ms: u64, seq: u64, count: u64| feeds::MeasurementSample {
             at: t0 + Duration::from_millis(ms),
-            epoch: 1,
             seq,
+            count,
             time_ns: 0,
         };
-        let samples = [s(0, 10), s(100, 20), s(200, 30)];
+        let seen = feeds::MeasurementSeen {
+            epoch: 1,
+            last_seq: 35,
+            count: 12,
+            samples: [s(0, 10, 1), s(100, 20, 5), s(200, 30, 9)].into(),
+        };
         let now = t0 + Duration::from_millis(1000);
-        let l = lag_from(35, Some(35), &samples, now);
+        let l = measurement_lag(&seen, Some(35), now);
         assert_eq!((l.messages, l.seconds), (0, 0.0));
-        let l = lag_from(35, Some(15), &samples, now);
-        assert_eq!(l.messages, 20);
-        assert!((l.seconds - 0.9).abs() < 1e-9);
-        let l = lag_from(35, None, &samples, now);
-        assert_eq!(l.messages, 26);
+        let l = measurement_lag(&seen, Some(20), now);
+        assert_eq!(l.messages, 7);
+        assert!((l.seconds - 0.8).abs() < 1e-9);
+        // Nothing stored (every point refused): all of it, since the first.
+        let l = measurement_lag(&seen, None, now);
+        assert_eq!(l.messages, 12);
         assert!((l.seconds - 1.0).abs() < 1e-9);
     }
 }

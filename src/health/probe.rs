@@ -20,24 +20,40 @@ pub struct PipelinePoint {
     pub stopped: bool,
 }
 
-/// Reads the newest `nbpy_pipeline` point of every component written in
-/// the last `within`.
-pub async fn pipeline(
-    client: &InfluxClient,
-    within: Duration,
-) -> Result<Vec<PipelinePoint>, WriteError> {
+/// Points dated more than this ahead of InfluxDB's clock are reported apart,
+/// as future-dated: clocks kept by NTP agree to milliseconds, so anything
+/// past a few seconds is a skewed clock, not jitter.
+pub const FUTURE_MARGIN: Duration = Duration::from_secs(5);
+
+/// The newest `nbpy_pipeline` points per component: those dated up to
+/// [`FUTURE_MARGIN`] ahead, and apart from them the newest dated further
+/// ahead. Without the upper bound one point from a clock that is ahead
+/// would be "the newest" until its time came, hiding every later report
+/// (and a subscriber killed after writing it).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Pipeline {
+    pub current: Vec<PipelinePoint>,
+    pub future: Vec<PipelinePoint>,
+}
+
+/// Reads the newest `nbpy_pipeline` points of every component written in
+/// the last `within` (and any dated in the future), in one request.
+pub async fn pipeline(client: &InfluxClient, within: Duration) -> Result<Pipeline, WriteError> {
     let m = crate::schema::by_name("nbpy_pipeline")
         .map(|m| (m.rp, m.name))
         .unwrap_or((crate::schema::rp::DEFAULT, "nbpy_pipeline"));
+    let from = format!("{}.{}.{}", ident(client.database()), ident(m.0), ident(m.1));
+    let margin = FUTURE_MARGIN.as_secs();
     let q = format!(
-        "SELECT * FROM {}.{}.{} WHERE time > now() - {}s GROUP BY \"component\" ORDER BY time DESC LIMIT 1",
-        ident(client.database()),
-        ident(m.0),
-        ident(m.1),
+        "SELECT * FROM {from} WHERE time > now() - {}s AND time <= now() + {margin}s GROUP BY \"component\" ORDER BY time DESC LIMIT 1; \
+         SELECT * FROM {from} WHERE time > now() + {margin}s GROUP BY \"component\" ORDER BY time DESC LIMIT 1",
         within.as_secs().max(1)
     );
     let v = client.query(&q).await?;
-    Ok(parse_pipeline(&v))
+    Ok(Pipeline {
+        current: parse_pipeline_at(&v, 0),
+        future: parse_pipeline_at(&v, 1),
+    })
 }
 
 /// An InfluxDB answer's time: RFC 3339 (the default), or ns since the epoch.
@@ -54,8 +70,16 @@ fn time_ns(x: &Json) -> i64 {
 
 /// Parses a `GROUP BY "component"` answer.
 pub fn parse_pipeline(v: &Json) -> Vec<PipelinePoint> {
+    parse_pipeline_at(v, 0)
+}
+
+/// Parses the `GROUP BY "component"` answer of statement `i`.
+pub fn parse_pipeline_at(v: &Json, i: usize) -> Vec<PipelinePoint> {
     let mut out = Vec::new();
-    let Some(series) = v.pointer("/results/0/series").and_then(|s| s.as_array()) else {
+    let Some(series) = v
+        .pointer(&format!("/results/{i}/series"))
+        .and_then(|s| s.as_array())
+    else {
         return out;
     };
     for s in series {
@@ -92,46 +116,32 @@ pub fn parse_pipeline(v: &Json) -> Vec<PipelinePoint> {
     out
 }
 
-/// The newest stored `seq` of a publisher epoch, over `measurements`,
-/// among points stored at or after `since_ns`.
+/// The newest stored `seq` of a publisher epoch in one measurement, among
+/// points stored at or after `since_ns`. One query per measurement, not
+/// one over all: pooled, the others' progress hid a measurement that
+/// stored nothing, and one failing source (a dropped retention policy)
+/// failed them all, so write lag showed nothing rather than the problem.
 pub async fn max_stored_seq(
     client: &InfluxClient,
     publisher: &str,
     epoch: u64,
-    measurements: &[&'static str],
+    measurement: &str,
     since_ns: i64,
 ) -> Result<Option<u64>, WriteError> {
-    let sources: Vec<String> = measurements
-        .iter()
-        .filter_map(|n| crate::schema::by_name(n))
-        .map(|m| {
-            format!(
-                "{}.{}.{}",
-                ident(client.database()),
-                ident(m.rp),
-                ident(m.name)
-            )
-        })
-        .collect();
-    if sources.is_empty() {
+    let Some(m) = crate::schema::by_name(measurement) else {
         return Ok(None);
-    }
+    };
     let q = format!(
-        "SELECT max(\"seq\") FROM {} WHERE {} = {} AND \"epoch\" = {epoch} AND time >= {since_ns}",
-        sources.join(", "),
+        "SELECT max(\"seq\") FROM {}.{}.{} WHERE {} = {} AND \"epoch\" = {epoch} AND time >= {since_ns}",
+        ident(client.database()),
+        ident(m.rp),
+        ident(m.name),
         ident(crate::schema::TAG_PUBLISHER),
         string_lit(publisher)
     );
     let v = client.query(&q).await?;
-    let mut best: Option<u64> = None;
-    if let Some(series) = v.pointer("/results/0/series").and_then(|s| s.as_array()) {
-        for s in series {
-            if let Some(n) = s.pointer("/values/0/1").and_then(|x| x.as_u64()) {
-                best = Some(best.map_or(n, |b| b.max(n)));
-            }
-        }
-    }
-    Ok(best)
+    Ok(v.pointer("/results/0/series/0/values/0/1")
+        .and_then(|x| x.as_u64()))
 }
 
 /// Grafana's own health answer: `{"database":"ok","version":…}`.

@@ -80,7 +80,8 @@ pub struct PublisherStatus {
     /// Messages the daemon received from it since the daemon started.
     pub received: u64,
     pub rate: f64,
-    /// Sequence numbers missing on the daemon's own connection.
+    /// Sequence numbers missing on the daemon's own connection (its bus
+    /// tap): not data lost in the pipeline, which is the subscribers' `gaps`.
     pub gaps: u64,
     pub malformed: u64,
     /// Epoch changes seen on the bus, or systemd's restart count.
@@ -94,9 +95,25 @@ pub struct PublisherStatus {
     pub write_lag_messages: Option<u64>,
     /// Age of the oldest message seen on the bus and not (yet) in InfluxDB.
     pub write_lag_s: Option<f64>,
+    /// The same per measurement (the totals above are their sum and
+    /// oldest): one measurement InfluxDB refuses shows here though the
+    /// others are stored.
+    #[serde(default)]
+    pub write_lag_by_measurement: std::collections::BTreeMap<String, MeasurementLag>,
+    /// Why the write lag of some measurement could not be read (a dropped
+    /// retention policy, a query error); those measurements are left out
+    /// of the totals.
+    #[serde(default)]
+    pub write_lag_error: Option<String>,
     pub uptime_pct: Option<f64>,
     pub unit: Option<Unit>,
     pub topics: Vec<TopicStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MeasurementLag {
+    pub messages: u64,
+    pub seconds: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -113,8 +130,13 @@ pub struct SubscriberStatus {
     pub name: String,
     pub state: State,
     pub problem: Option<String>,
-    /// Age of its newest `nbpy_pipeline` point, s.
+    /// How long ago the daemon first saw its newest `nbpy_pipeline`
+    /// point, s (by the daemon's clock, not the point's time).
     pub report_age_s: Option<f64>,
+    /// Points InfluxDB refused (its `dead_lettered` grew) between its last
+    /// two reports, when any: the appliance is not ready meanwhile.
+    #[serde(default)]
+    pub refused_recently: Option<f64>,
     /// Its newest counters, as it wrote them (received, gaps, malformed,
     /// written, write_errors, dead_lettered, queue_depth,
     /// write_latency_ms, and spooled/replayed/spool_bytes when spooling).
@@ -196,12 +218,12 @@ pub fn render(s: &Status) -> String {
     if !s.publishers.is_empty() {
         let _ = writeln!(
             o,
-            "\n{:<14} {:<7} {:>8} {:>9} {:>7} {:>8} {:>9} {:>7} {:>7}",
+            "\n{:<14} {:<7} {:>8} {:>9} {:>8} {:>8} {:>9} {:>7} {:>7}",
             "PUBLISHER",
             "STATE",
             "LAST MSG",
             "MSG/S",
-            "GAPS",
+            "TAP GAPS",
             "RESTARTS",
             "WRITE LAG",
             "LAG S",
@@ -210,7 +232,7 @@ pub fn render(s: &Status) -> String {
         for p in &s.publishers {
             let _ = writeln!(
                 o,
-                "{:<14} {:<7} {:>8} {:>9.1} {:>7} {:>8} {:>9} {:>7} {:>7}",
+                "{:<14} {:<7} {:>8} {:>9.1} {:>8} {:>8} {:>9} {:>7} {:>7}",
                 p.name,
                 p.state.as_str(),
                 age(p.last_message_age_s),
@@ -227,6 +249,14 @@ pub fn render(s: &Status) -> String {
                 let _ = writeln!(o, "{:<14} ! {why}", "");
             }
         }
+        // The publisher's gaps column counts what the health daemon's own
+        // bus connection missed; read as a publisher column it looked like
+        // data lost in the pipeline, which the subscribers' GAPS are.
+        let _ = writeln!(
+            o,
+            "  (TAP GAPS: seq numbers this monitor's own bus connection missed, not pipeline loss; \
+             a subscriber's GAPS are what it missed)"
+        );
     }
     if !s.subscribers.is_empty() {
         let _ = writeln!(
