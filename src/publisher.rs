@@ -236,7 +236,10 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
     // they see a gap if they come back), and not sent to monitors that
     // fell behind or were still behind at the stop.
     let (stalled, undelivered) = bus.stalled();
-    let lost = format!("{undelivered} not delivered to {stalled} stalled subscriber(s)");
+    let monitors = bus.monitor_drops();
+    let lost = format!(
+        "{undelivered} not delivered to {stalled} stalled subscriber(s), {monitors} not sent to stalled monitors"
+    );
     svc.stopping(&format!(
         "sent {published}, {unheard} to no subscriber, {lost}"
     ));
