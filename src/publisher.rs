@@ -190,7 +190,7 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
                     (0, _) => String::new(),
                     (n, m) => format!(", {m} not delivered to {n} stalled subscriber(s)"),
                 };
-                let waiting = waiting_for(&bus);
+                let waiting = waiting_for(&bus, started, want);
                 svc.status(&format!(
                     "{} on {}: {waiting}{published} sent{unheard}, {rate:.0} msg/s, {} subscriber(s), {} dropped{}{stalled}{monitors}{upstream}",
                     pcfg.feed.name(), bus.endpoint, bus.subscribers(), stats.dropped.load(Ordering::Relaxed),
@@ -300,13 +300,20 @@ fn publish_burst(
     took
 }
 
-/// What the loop waits for, for STATUS: a full subscriber. Empty when it
-/// waits for nothing.
-fn waiting_for(bus: &BusPublisher) -> String {
+/// What the loop waits for, for STATUS: a full subscriber, or enough
+/// subscribers for the first message (`wait_for_subscribers`). Empty when
+/// it waits for nothing.
+fn waiting_for(bus: &BusPublisher, started: bool, want: usize) -> String {
     if let Some((addr, for_)) = bus.waiting_for() {
         return format!(
             "waiting {}s for subscriber {addr} (queue full), ",
             for_.as_secs()
+        );
+    }
+    if !started {
+        return format!(
+            "holding the first message for {want} subscriber(s), {} connected; ",
+            bus.subscribers()
         );
     }
     String::new()

@@ -342,3 +342,19 @@ fn a_stalled_monitors_losses_are_in_the_stop_line() {
         "{seen} seen + {not_sent} counted < {n}"
     );
 }
+
+/// Holding the first message for `wait_for_subscribers`, STATUS says so.
+#[test]
+fn status_says_it_holds_the_first_message_for_subscribers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut p, mut status, port) = publisher(dir.path(), "wait_for_subscribers = 2\n");
+    status.until("holding, none connected", Duration::from_secs(10), |s| {
+        s.contains("holding the first message for 2 subscriber(s), 0 connected")
+    });
+    let _one = raw_sub(port, &[b""]);
+    status.until("holding, one connected", Duration::from_secs(10), |s| {
+        s.contains("holding the first message for 2 subscriber(s), 1 connected")
+    });
+    p.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(p.wait(FLUSH_LIMIT + MARGIN).code(), Some(0));
+}
