@@ -131,27 +131,69 @@ impl BusPublisher {
         }
     }
 
-    /// Encodes and queues one envelope for every matching subscriber.
-    pub async fn publish(
+    /// Encodes and queues one envelope for every matching subscriber,
+    /// without waiting: `Ok(false)` when a subscriber's queue is full and
+    /// the message is held for it, to be got through with
+    /// [`BusPublisher::resume`] before the next one (see
+    /// [`zmtp::Publisher::try_send`]). The wait is the caller's, so its
+    /// loop keeps answering a stop and keeps its STATUS while it waits.
+    pub fn publish(
         &mut self,
         env: &Envelope<'_>,
         codec: Codec,
         buf: &mut Vec<u8>,
-    ) -> Result<(), EncodeError> {
+    ) -> Result<bool, EncodeError> {
         buf.clear();
-        match codec {
+        Ok(match codec {
             Codec::V1 => {
                 self.encoder.encode(env, buf)?;
                 self.topic.clear();
                 env.write_topic(&mut self.topic);
-                self.socket.send(&[&self.topic, buf]).await;
+                self.socket.try_send(&[&self.topic, buf])
             }
             Codec::Legacy => {
                 buf.extend_from_slice(wire::encode_legacy(env)?.as_bytes());
-                self.socket.send(&[buf]).await;
+                self.socket.try_send(&[buf])
             }
-        }
-        Ok(())
+        })
+    }
+
+    /// A message is held for a full subscriber ([`BusPublisher::resume`]).
+    pub fn is_held(&self) -> bool {
+        self.socket.is_held()
+    }
+
+    /// Gets the held message further without waiting; what to wait for
+    /// before retrying if it is still held (see [`zmtp::Publisher::retry`]).
+    pub fn retry(&mut self) -> Option<zmtp::HeldWait> {
+        self.socket.retry()
+    }
+
+    /// The subscriber a held message waits for, and since when (for STATUS).
+    pub fn waiting_for(&self) -> Option<(std::net::SocketAddr, std::time::Duration)> {
+        self.socket.waiting_for()
+    }
+
+    /// See [`zmtp::Publisher::set_stall_limit`].
+    pub fn set_stall_limit(&mut self, limit: std::time::Duration) {
+        self.socket.set_stall_limit(limit)
+    }
+
+    /// See [`zmtp::Publisher::stop_by`].
+    pub fn stop_by(&mut self, deadline: std::time::Instant) {
+        self.socket.stop_by(deadline)
+    }
+
+    /// Subscribers disconnected for stalling, and the messages they did
+    /// not get.
+    pub fn stalled(&self) -> (u64, u64) {
+        self.socket.stalled()
+    }
+
+    /// Counts what is still queued as not delivered and disconnects
+    /// everyone (see [`zmtp::Publisher::close`]).
+    pub fn close(&mut self) {
+        self.socket.close()
     }
 
     /// Waits until every queued message is with the kernel (or its

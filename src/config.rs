@@ -463,6 +463,11 @@ pub struct PublisherConfig {
     /// No data for this long means the feed is stale: the watchdog stops.
     #[serde(with = "humantime_serde")]
     pub stale_after: Duration,
+    /// A subscriber whose queue stays full with nothing written to it for
+    /// this long is disconnected (and sees a gap when it is back): waiting
+    /// on without a limit froze the feed for every other subscriber.
+    #[serde(with = "humantime_serde")]
+    pub stall_limit: Duration,
     /// Messages buffered between a venue feed and the socket; beyond it the
     /// newest are dropped and show up downstream as sequence gaps. Feeds
     /// that wait instead (synthetic, replay) use at most 1,024.
@@ -490,6 +495,7 @@ impl Default for PublisherConfig {
             wait_for_subscribers: 0,
             instruments: Vec::new(),
             stale_after: Duration::from_secs(60),
+            stall_limit: crate::zmtp::DEFAULT_STALL_LIMIT,
             queue: 65_536,
             url: None,
             seed: 1,
@@ -913,6 +919,11 @@ impl Config {
             }
             if publ.queue == 0 {
                 p.push(format!("publishers.{name}.queue must be at least 1"));
+            }
+            if publ.stall_limit.is_zero() {
+                p.push(format!(
+                    "publishers.{name}.stall_limit = 0s: must be > 0 (every subscriber whose queue fills would be disconnected at once)"
+                ));
             }
             for v in crate::feeds::venue_urls(publ) {
                 p.extend(url_problem(
@@ -1669,6 +1680,11 @@ mod tests {
             "> 0",
         );
         assert_one_problem("[grafana]\ntimeout = \"0s\"", "grafana.timeout = 0s", "> 0");
+        assert_one_problem(
+            "[publishers.p]\nstall_limit = \"0s\"",
+            "publishers.p.stall_limit = 0s",
+            "> 0",
+        );
     }
 
     #[test]

@@ -4,6 +4,11 @@
 //! queued messages to the socket and keeps the service contract (READY once
 //! bound, STATUS each second, liveness for the watchdog). On a stop the feed
 //! is stopped first and every message it had already handed over is sent.
+//!
+//! A subscriber whose queue is full is waited for here, in this loop, not
+//! inside a send: while one waits, a stop, STATUS ("waiting 3s for
+//! subscriber …") and the watchdog's beat still happen, and a subscriber
+//! that takes nothing for `stall_limit` is disconnected by the bus.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -21,6 +26,11 @@ use crate::wire::{now_ns, Envelope};
 
 /// Messages moved from the feed's queue to the socket per turn of the loop.
 const BURST: usize = 1024;
+
+/// How long a stop may spend getting what the feed handed over to the
+/// subscribers (the unit's TimeoutStopSec is 30 s); a subscriber that has
+/// not taken its messages by then is disconnected, and they are counted.
+const FLUSH_LIMIT: Duration = Duration::from_secs(10);
 
 /// Runs [`run`] on one thread, for `nbpy-publisher` and `nbpy publisher`:
 /// the feed and the bus hand each message over without cross-thread
@@ -53,6 +63,7 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
             anyhow::anyhow!("publisher {name}: cannot bind {endpoint}: {e} (is another process using the port?)"),
         )
     })?;
+    bus.set_stall_limit(pcfg.stall_limit);
     let epoch = now_ns() as u64;
     let stats = Arc::new(FeedStats::default());
     let sender = FeedSender::new(tx, name, epoch, stats.clone(), svc.liveness.clone());
@@ -79,11 +90,15 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
     let mut published = 0u64;
     let mut errors = RateLimitedLog::new(Duration::from_secs(5));
     let mut buf = Vec::with_capacity(1024);
+    // What `recv_many` took; `burst[next..]` is not handed to the bus yet
+    // (a message is held for a full subscriber).
     let mut burst = Vec::with_capacity(BURST);
+    let mut next = 0;
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut last = (Instant::now(), 0u64);
     let mut feed_result: Option<Result<(), Failure>> = None;
     let mut started = false;
+    let mut stop_by: Option<Instant> = None;
     loop {
         // Holding applies to the first message only: once sending, a
         // subscriber that leaves sees what it missed as a gap when it is
@@ -92,10 +107,37 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
             started = bus.subscribers() >= want;
         }
         let sending = started;
+        // A message held for a full subscriber: get it (and the rest of
+        // its burst) further; what is still held is waited for below.
+        let wait = loop {
+            if !bus.is_held() {
+                break None;
+            }
+            match bus.retry() {
+                Some(w) => break Some(w),
+                None => {
+                    published += publish_burst(
+                        &mut bus,
+                        &mut burst,
+                        &mut next,
+                        pcfg.codec,
+                        &mut buf,
+                        &mut errors,
+                    )
+                }
+            }
+        };
+        let held = wait.is_some();
         tokio::select! {
             biased;
-            _ = svc.shutdown.cancelled(), if !feed_stop.is_cancelled() => {
+            // `feed_stop` is the shutdown's child: cancelled with it.
+            _ = svc.shutdown.cancelled(), if stop_by.is_none() => {
                 feed_stop.cancel();
+                // What the feed handed over still goes out, but no
+                // subscriber is waited for past the flush limit.
+                let by = Instant::now() + FLUSH_LIMIT;
+                stop_by = Some(by);
+                bus.stop_by(by);
             }
             _ = svc.shutdown.cancelled(), if !sending => {
                 tracing::info!("publisher {name}: stopping before any subscriber arrived");
@@ -112,15 +154,17 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
                     svc.liveness.set_idle(false);
                 }
             }
+            // Room, or time to judge the full subscriber: the top of the
+            // loop retries.
+            _ = async { if let Some(w) = wait { w.wait().await } }, if held => {
+                svc.liveness.beat();
+            }
             // A burst at a time, without going back through select: and
             // `recv` gave each message's queue slot back under the queue's
             // lock, one lock per message, where `recv_many` takes it once.
-            n = rx.recv_many(&mut burst, BURST), if sending => {
+            n = rx.recv_many(&mut burst, BURST), if sending && !held => {
                 if n == 0 { break }
-                for env in burst.drain(..) {
-                    send(&mut bus, &env, pcfg.codec, &mut buf, &mut errors).await;
-                    published += 1;
-                }
+                published += publish_burst(&mut bus, &mut burst, &mut next, pcfg.codec, &mut buf, &mut errors);
                 // A flat-out feed keeps this branch ready, and the tick
                 // below waits behind it: the loop is alive, say so.
                 svc.liveness.beat();
@@ -142,21 +186,32 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
                     0 => String::new(),
                     n => format!(", {n} to no subscriber"),
                 };
+                let stalled = match bus.stalled() {
+                    (0, _) => String::new(),
+                    (n, m) => format!(", {m} not delivered to {n} stalled subscriber(s)"),
+                };
+                let waiting = waiting_for(&bus, started, want);
                 svc.status(&format!(
-                    "{} on {}: {published} sent{unheard}, {rate:.0} msg/s, {} subscriber(s), {} dropped{}{monitors}{upstream}",
+                    "{} on {}: {waiting}{published} sent{unheard}, {rate:.0} msg/s, {} subscriber(s), {} dropped{}{stalled}{monitors}{upstream}",
                     pcfg.feed.name(), bus.endpoint, bus.subscribers(), stats.dropped.load(Ordering::Relaxed),
                     feed_counters(&stats)
                 ));
             }
         }
     }
-    // Hand every queued message to the kernel before the socket closes.
-    if tokio::time::timeout(Duration::from_secs(10), bus.flush())
-        .await
-        .is_err()
-    {
-        tracing::warn!("publisher {name}: a subscriber did not take the last messages within 10 s");
+    // Hand every queued message to the kernel before the socket closes,
+    // within what is left of the stop's flush limit.
+    let limit = stop_by.map_or(FLUSH_LIMIT, |by| {
+        by.saturating_duration_since(Instant::now())
+    });
+    if tokio::time::timeout(limit, bus.flush()).await.is_err() {
+        tracing::warn!(
+            "publisher {name}: a subscriber did not take the last messages within {} s",
+            FLUSH_LIMIT.as_secs()
+        );
     }
+    // What is still queued is counted before the socket closes.
+    bus.close();
     if feed_result.is_none() {
         // The queue can close (the feed's sender dropped with its future)
         // before the task's end is seen: fetch its result so a feed's
@@ -177,9 +232,19 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
     // stop first and cancel, see `zmtp::sub`). Counted here because no
     // subscriber can see them as a gap.
     let unheard = bus.unheard();
-    svc.stopping(&format!("sent {published}, {unheard} to no subscriber"));
+    // Not delivered to subscribers that stopped reading (disconnected,
+    // they see a gap if they come back), and not sent to monitors that
+    // fell behind or were still behind at the stop.
+    let (stalled, undelivered) = bus.stalled();
+    let monitors = bus.monitor_drops();
+    let lost = format!(
+        "{undelivered} not delivered to {stalled} stalled subscriber(s), {monitors} not sent to stalled monitors"
+    );
+    svc.stopping(&format!(
+        "sent {published}, {unheard} to no subscriber, {lost}"
+    ));
     tracing::info!(
-        "publisher {name}: sent {published} messages ({} to subscribers, {unheard} to no subscriber), dropped {dropped}, stopping",
+        "publisher {name}: sent {published} messages ({} to subscribers, {unheard} to no subscriber), dropped {dropped}, {lost}, stopping",
         published.saturating_sub(unheard)
     );
     match feed_result {
@@ -207,19 +272,51 @@ fn feed_counters(stats: &FeedStats) -> String {
     s
 }
 
-async fn send(
+/// Hands `burst[*next..]` to the bus until it is all sent (and cleared)
+/// or a message is held for a full subscriber; returns how many it took.
+fn publish_burst(
     bus: &mut BusPublisher,
-    env: &Envelope<'_>,
+    burst: &mut Vec<Envelope<'static>>,
+    next: &mut usize,
     codec: crate::config::Codec,
     buf: &mut Vec<u8>,
     errors: &mut RateLimitedLog,
-) {
-    if let Err(e) = bus.publish(env, codec, buf).await {
-        crate::warn_limited!(errors, || format!(
-            "cannot encode message seq {}: {e}",
-            env.seq
-        ));
+) -> u64 {
+    let from = *next;
+    while let Some(env) = burst.get(*next) {
+        *next += 1;
+        match bus.publish(env, codec, buf) {
+            Ok(true) => {}
+            Ok(false) => return (*next - from) as u64,
+            Err(e) => crate::warn_limited!(errors, || format!(
+                "cannot encode message seq {}: {e}",
+                env.seq
+            )),
+        }
     }
+    let took = (*next - from) as u64;
+    burst.clear();
+    *next = 0;
+    took
+}
+
+/// What the loop waits for, for STATUS: a full subscriber, or enough
+/// subscribers for the first message (`wait_for_subscribers`). Empty when
+/// it waits for nothing.
+fn waiting_for(bus: &BusPublisher, started: bool, want: usize) -> String {
+    if let Some((addr, for_)) = bus.waiting_for() {
+        return format!(
+            "waiting {}s for subscriber {addr} (queue full), ",
+            for_.as_secs()
+        );
+    }
+    if !started {
+        return format!(
+            "holding the first message for {want} subscriber(s), {} connected; ",
+            bus.subscribers()
+        );
+    }
+    String::new()
 }
 
 #[cfg(test)]

@@ -19,6 +19,14 @@
 //! than losing messages); subscription changes are handed to the
 //! application ([`Publisher::next_event`]).
 //!
+//! Where it differs from XPUB: a subscriber whose queue stays full with no
+//! byte written to it for [`Publisher::set_stall_limit`] (a process
+//! stopped with SIGSTOP, a peer that stopped reading but keeps the
+//! connection) is disconnected, its queued messages counted as not
+//! delivered: waiting for it without a limit froze every feed behind it,
+//! and it sees what it missed as a `seq` gap when it reconnects. A peer
+//! that reads, however slowly, is waited for.
+//!
 //! One addition: a peer that subscribes to the publisher's "lossy" topic (a
 //! topic no message has; nbpy's monitors send it) is not waited for. A
 //! health daemon or validator that stalls loses messages itself, counted,
@@ -27,16 +35,20 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
 
 pub mod sub;
 
 /// Bytes buffered per subscriber before `send` waits for it.
 pub const HIGH_WATER_BYTES: usize = 1 << 20;
+/// How long a subscriber may leave its full queue untouched before it is
+/// disconnected, unless [`Publisher::set_stall_limit`] says otherwise.
+pub const DEFAULT_STALL_LIMIT: Duration = Duration::from_secs(10);
 /// A peer must finish greeting and handshake within this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Frames a subscriber may send us are subscriptions and small commands.
@@ -202,6 +214,12 @@ struct Peer {
     data: Notify,
     /// Buffer taken, write finished or peer closed: wakes waiting senders.
     space: Notify,
+    /// Bytes handed to the kernel so far: a waiting sender tells a slow
+    /// reader (this moves) from a stalled one (it does not).
+    written: AtomicU64,
+    /// Cancelled to disconnect a stalled peer: its writer may be stuck in
+    /// a write that only the peer reading would finish.
+    evicted: CancellationToken,
 }
 
 #[derive(Default)]
@@ -212,6 +230,10 @@ struct PeerState {
     closed: bool,
     /// Subscribed to the lossy topic: full buffer → drop, not wait.
     lossy: bool,
+    /// Messages in `buf`, and in the writer's write under way: what a
+    /// disconnect or a stop leaves undelivered, to count it.
+    queued: u64,
+    in_flight: u64,
 }
 
 impl Peer {
@@ -242,6 +264,21 @@ impl Peer {
         self.space.notify_waiters();
         self.space.notify_one();
     }
+
+    /// Disconnects the peer at once, even mid-write; returns how many
+    /// messages it had not been handed yet (its queue and the write under
+    /// way, which may have partly reached it).
+    fn evict(&self) -> u64 {
+        let pending = {
+            let mut st = self.lock();
+            st.closed = true;
+            st.buf = Vec::new();
+            std::mem::take(&mut st.queued) + std::mem::take(&mut st.in_flight)
+        };
+        self.evicted.cancel();
+        self.close();
+        pending
+    }
 }
 
 enum Offer {
@@ -271,6 +308,7 @@ impl Peer {
         }
         let wake = st.buf.is_empty();
         encode_message(frames, &mut st.buf);
+        st.queued += 1;
         Offer::Queued {
             wake,
             lossy: st.lossy,
@@ -295,6 +333,10 @@ struct Shared {
     unheard: AtomicU64,
     /// Bumped on every change of `peers`, so `send` re-reads its copy only then.
     generation: AtomicU64,
+    /// Subscribers disconnected for stalling (or for not taking their
+    /// messages before a stop's limit), and the messages they did not get.
+    stalled: AtomicU64,
+    undelivered: AtomicU64,
     events: mpsc::UnboundedSender<Event>,
 }
 
@@ -321,6 +363,43 @@ pub struct Publisher {
     generation: u64,
     accept: tokio::task::JoinHandle<()>,
     local_addr: SocketAddr,
+    stall_limit: Duration,
+    /// Set once a stop is under way: waits for a subscriber end by then.
+    stop_by: Option<Instant>,
+    /// A message a full subscriber has not taken yet (see [`Publisher::try_send`]).
+    held: Option<Held>,
+}
+
+/// What a held message waits for ([`Publisher::retry`]): room in a full
+/// subscriber's queue, or the time to judge it stalled.
+pub struct HeldWait {
+    peer: Arc<Peer>,
+    until: Instant,
+}
+
+impl HeldWait {
+    /// Returns at the first of the two; then [`Publisher::retry`] again.
+    pub async fn wait(self) {
+        tokio::select! {
+            _ = self.peer.space.notified() => {}
+            _ = tokio::time::sleep_until(self.until.into()) => {}
+        }
+    }
+}
+
+/// A message that is queued for some peers and waits for a full one: kept
+/// here, not in a future, so the wait can be given up (for a stop, a
+/// STATUS) and taken up again without queueing it twice for anyone.
+struct Held {
+    frames: Vec<Vec<u8>>,
+    /// The peers it still has to be offered to; the first is the full one.
+    peers: Vec<Arc<Peer>>,
+    /// A subscriber (not a monitor) already has it.
+    heard: bool,
+    /// When the wait for `peers[0]` began, for STATUS.
+    since: Instant,
+    /// When `peers[0]` last made progress, and its `written` then.
+    progress: (Instant, u64),
 }
 
 impl Drop for Publisher {
@@ -349,6 +428,8 @@ impl Publisher {
             dropped: AtomicU64::new(0),
             unheard: AtomicU64::new(0),
             generation: AtomicU64::new(0),
+            stalled: AtomicU64::new(0),
+            undelivered: AtomicU64::new(0),
             events: tx,
         });
         let accept = tokio::spawn(accept_loop(listener, shared.clone()));
@@ -359,7 +440,46 @@ impl Publisher {
             generation: u64::MAX,
             accept,
             local_addr,
+            stall_limit: DEFAULT_STALL_LIMIT,
+            stop_by: None,
+            held: None,
         })
+    }
+
+    /// How long a subscriber may leave its full queue untouched (no byte
+    /// written to it) before it is disconnected.
+    pub fn set_stall_limit(&mut self, limit: Duration) {
+        self.stall_limit = limit;
+    }
+
+    /// A stop is under way: from now on no wait for a subscriber lasts
+    /// past `deadline`; one still full then is disconnected and counted.
+    pub fn stop_by(&mut self, deadline: Instant) {
+        self.stop_by = Some(deadline);
+    }
+
+    /// Subscribers disconnected because they stopped taking messages, and
+    /// how many messages they did not get.
+    pub fn stalled(&self) -> (u64, u64) {
+        (
+            self.shared.stalled.load(Ordering::Relaxed),
+            self.shared.undelivered.load(Ordering::Relaxed),
+        )
+    }
+
+    /// A message is held for a full subscriber: call
+    /// [`Publisher::resume`] until this is false before the next
+    /// [`Publisher::try_send`].
+    pub fn is_held(&self) -> bool {
+        self.held.is_some()
+    }
+
+    /// The subscriber a held message waits for, and for how long: for
+    /// STATUS, which must say what the publisher waits for.
+    pub fn waiting_for(&self) -> Option<(SocketAddr, Duration)> {
+        self.held
+            .as_ref()
+            .and_then(|h| h.peers.first().map(|p| (p.addr, h.since.elapsed())))
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -413,39 +533,168 @@ impl Publisher {
 
     /// Queues a message (its frames; the first is the topic) for every
     /// subscriber whose subscriptions match, waiting while one of them is
-    /// over its high-water mark. Messages nobody subscribed to go nowhere,
-    /// as with any PUB.
+    /// over its high-water mark (and up to the stall limit for one that
+    /// does not read). Messages nobody subscribed to go nowhere, as with
+    /// any PUB.
     pub async fn send(&mut self, frames: &[&[u8]]) {
-        let topic = frames.first().copied().unwrap_or(&[]);
-        self.refresh();
-        let mut heard = false;
-        for peer in &self.local {
-            loop {
-                // The wait is set up only when the queue is full (it was
-                // ~3% of the publisher's CPU per message). A writer's
-                // wake-up between the check and the wait is not lost: it
-                // calls `notify_one`, which leaves a permit for the next
-                // `notified()` when nobody waits yet.
-                match peer.offer(frames, topic) {
-                    Offer::Skipped => break,
-                    Offer::Dropped => {
-                        self.shared.dropped.fetch_add(1, Ordering::Relaxed);
-                        break;
-                    }
-                    Offer::Queued { wake, lossy } => {
-                        heard |= !lossy;
-                        if wake {
-                            peer.data.notify_one();
-                        }
-                        break;
-                    }
-                    Offer::Full => peer.space.notified().await,
-                }
+        while self.is_held() {
+            self.resume().await;
+        }
+        if !self.try_send(frames) {
+            while self.is_held() {
+                self.resume().await;
             }
         }
+    }
+
+    /// [`Publisher::send`] without waiting: true when the message is
+    /// queued for every matching subscriber; false when one of them is
+    /// full, and the message is held for it (and those after it) until
+    /// [`Publisher::resume`] gets it through. No clock is read and no
+    /// wait is set up unless a queue is full (that was ~3% of the
+    /// publisher's CPU per message). Call only while nothing is held.
+    pub fn try_send(&mut self, frames: &[&[u8]]) -> bool {
+        debug_assert!(self.held.is_none(), "try_send while a message is held");
+        self.refresh();
+        let mut heard = false;
+        match offer_all(&self.shared, &self.local, frames, &mut heard) {
+            None => {
+                self.heard(heard);
+                true
+            }
+            Some(i) => {
+                let now = Instant::now();
+                let written = self.local[i].written.load(Ordering::Relaxed);
+                self.held = Some(Held {
+                    frames: frames.iter().map(|f| f.to_vec()).collect(),
+                    peers: self.local[i..].to_vec(),
+                    heard,
+                    since: now,
+                    progress: (now, written),
+                });
+                false
+            }
+        }
+    }
+
+    fn heard(&self, heard: bool) {
         if !heard {
             self.shared.unheard.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Gets a held message to the rest of its peers: waits while the first
+    /// is full and writing, disconnects it once it has written nothing for
+    /// the stall limit (or at the stop's deadline). Returns when nothing is
+    /// held. Cancel-safe: what got through stays through, and the rest is
+    /// still held.
+    pub async fn resume(&mut self) {
+        while let Some(w) = self.retry() {
+            w.wait().await;
+        }
+    }
+
+    /// [`Publisher::resume`] without the wait: offers the held message to
+    /// its peers again, disconnects a full one that stalled (or at the
+    /// stop's deadline), and returns what to wait for if it is still held.
+    /// The wait owns what it needs, so a caller can wait for it alongside
+    /// other uses of the publisher (its subscription events).
+    pub fn retry(&mut self) -> Option<HeldWait> {
+        loop {
+            let held = self.held.as_mut()?;
+            let frames: Vec<&[u8]> = held.frames.iter().map(Vec::as_slice).collect();
+            let full = offer_all(&self.shared, &held.peers, &frames, &mut held.heard);
+            let now = Instant::now();
+            match full {
+                None => {
+                    let heard = held.heard;
+                    self.held = None;
+                    self.heard(heard);
+                    return None;
+                }
+                Some(i) if i > 0 => {
+                    held.peers.drain(..i);
+                    let written = held.peers[0].written.load(Ordering::Relaxed);
+                    (held.since, held.progress) = (now, (now, written));
+                }
+                Some(_) => {}
+            }
+            let peer = held.peers[0].clone();
+            let written = peer.written.load(Ordering::Relaxed);
+            if written != held.progress.1 {
+                held.progress = (now, written);
+            }
+            let stalled_at = held.progress.0 + self.stall_limit;
+            let why = match self.stop_by {
+                Some(stop) if now >= stop => {
+                    Some("still had its queue full at the stop's limit".to_string())
+                }
+                _ if now >= stalled_at => Some(format!(
+                    "took nothing for {:.1} s with its queue full (stall limit)",
+                    (now - held.progress.0).as_secs_f64()
+                )),
+                _ => None,
+            };
+            let Some(why) = why else {
+                // The writer's `notify_one` after it takes the buffer or
+                // finishes a write leaves a permit if it comes before the
+                // wait is set up: no wake-up is lost.
+                let until = self.stop_by.map_or(stalled_at, |s| s.min(stalled_at));
+                return Some(HeldWait { peer, until });
+            };
+            // Not delivered to it: its queue and the held message.
+            let lost = peer.evict() + 1;
+            self.shared.stalled.fetch_add(1, Ordering::Relaxed);
+            self.shared.undelivered.fetch_add(lost, Ordering::Relaxed);
+            tracing::warn!(
+                "bus: subscriber {} {why}: disconnected, {lost} messages not delivered to it (it sees them as a gap if it comes back)",
+                peer.addr,
+            );
+            held.peers.remove(0);
+        }
+    }
+
+    /// Counts what is left in every queue as not delivered, monitors'
+    /// as dropped, and disconnects everyone: for the end of a stop, after
+    /// [`Publisher::flush`] had its time, so the stop line adds up.
+    pub fn close(&mut self) {
+        let peers: Vec<_> = self.shared.peers().drain(..).collect();
+        for p in peers {
+            let (lossy, pending) = {
+                let st = p.lock();
+                (
+                    st.lossy,
+                    if st.closed {
+                        0
+                    } else {
+                        st.queued + st.in_flight
+                    },
+                )
+            };
+            p.evict();
+            if pending == 0 {
+                continue;
+            }
+            if lossy {
+                self.shared.dropped.fetch_add(pending, Ordering::Relaxed);
+            } else {
+                self.shared.stalled.fetch_add(1, Ordering::Relaxed);
+                self.shared
+                    .undelivered
+                    .fetch_add(pending, Ordering::Relaxed);
+                tracing::warn!(
+                    "bus: subscriber {} had not taken {pending} messages when the publisher stopped",
+                    p.addr
+                );
+            }
+        }
+        if let Some(h) = self.held.take() {
+            // Only a stop cut short leaves one: its peers did not get it.
+            self.shared
+                .undelivered
+                .fetch_add(h.peers.len() as u64, Ordering::Relaxed);
+        }
+        self.shared.generation.fetch_add(1, Ordering::Release);
     }
 
     /// Waits until everything queued so far has been handed to the kernel
@@ -466,6 +715,34 @@ impl Publisher {
             }
         }
     }
+}
+
+/// Offers a message to `peers` in turn; the index of the first that is
+/// full, if one is. `heard` becomes true once a subscriber (not a monitor)
+/// has it.
+fn offer_all(
+    shared: &Shared,
+    peers: &[Arc<Peer>],
+    frames: &[&[u8]],
+    heard: &mut bool,
+) -> Option<usize> {
+    let topic = frames.first().copied().unwrap_or(&[]);
+    for (i, peer) in peers.iter().enumerate() {
+        match peer.offer(frames, topic) {
+            Offer::Skipped => {}
+            Offer::Dropped => {
+                shared.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+            Offer::Queued { wake, lossy } => {
+                *heard |= !lossy;
+                if wake {
+                    peer.data.notify_one();
+                }
+            }
+            Offer::Full => return Some(i),
+        }
+    }
+    None
 }
 
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
@@ -574,6 +851,8 @@ async fn serve_peer(mut stream: TcpStream, addr: SocketAddr, shared: Arc<Shared>
         state: Mutex::new(PeerState::default()),
         data: Notify::new(),
         space: Notify::new(),
+        written: AtomicU64::new(0),
+        evicted: CancellationToken::new(),
     });
     shared.peers().push(peer.clone());
     shared.generation.fetch_add(1, Ordering::Release);
@@ -595,6 +874,7 @@ async fn serve_peer(mut stream: TcpStream, addr: SocketAddr, shared: Arc<Shared>
                     } else {
                         std::mem::swap(&mut st.buf, &mut out);
                         st.writing = true;
+                        st.in_flight = std::mem::take(&mut st.queued);
                         true
                     }
                 };
@@ -603,9 +883,16 @@ async fn serve_peer(mut stream: TcpStream, addr: SocketAddr, shared: Arc<Shared>
                     continue;
                 }
                 peer.space.notify_one();
-                let r = wr.write_all(&out).await;
+                let r = tokio::select! {
+                    r = write_counted(&mut wr, &out, &peer.written) => r,
+                    _ = peer.evicted.cancelled() => return,
+                };
                 out.clear();
-                peer.lock().writing = false;
+                {
+                    let mut st = peer.lock();
+                    st.writing = false;
+                    st.in_flight = 0;
+                }
                 peer.space.notify_waiters();
                 peer.space.notify_one();
                 if let Err(e) = r {
@@ -682,6 +969,25 @@ async fn serve_peer(mut stream: TcpStream, addr: SocketAddr, shared: Arc<Shared>
     for t in subs {
         let _ = shared.events.send(Event::Unsubscribe(t));
     }
+}
+
+/// `write_all`, counting bytes into `written` as the kernel takes them, so
+/// a waiting sender sees a slow reader progress.
+async fn write_counted(
+    wr: &mut tokio::net::tcp::OwnedWriteHalf,
+    mut out: &[u8],
+    written: &AtomicU64,
+) -> std::io::Result<()> {
+    while !out.is_empty() {
+        match wr.write(out).await? {
+            0 => return Err(std::io::ErrorKind::WriteZero.into()),
+            n => {
+                written.fetch_add(n as u64, Ordering::Relaxed);
+                out = &out[n..];
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The peer side of a handshake written from RFC 23's bytes, not from this
@@ -922,6 +1228,98 @@ mod tests {
             .unwrap();
         assert_eq!(n, 0);
         assert_eq!(p.peers(), 0);
+    }
+
+    /// A subscriber to everything, on a connection of its own.
+    async fn subscribed(p: &mut Publisher) -> TcpStream {
+        let mut s = raw_sub(p.local_addr(), b"SUB").await;
+        let _ready = read_frame(&mut s).await.unwrap();
+        s.write_all(&[0x00, 1, 1]).await.unwrap();
+        assert_eq!(p.next_event().await, Some(Event::Subscribe(vec![])));
+        s
+    }
+
+    /// Reads `n` messages of `[seq, payload]` and checks they come in order.
+    fn read_all(mut s: TcpStream, n: u32, pace: Option<Duration>) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            for i in 0..n {
+                let seq = read_frame(&mut s).await.unwrap();
+                assert_eq!(seq.body, i.to_be_bytes());
+                let _payload = read_frame(&mut s).await.unwrap();
+                if let Some(d) = pace.filter(|_| i % 64 == 0) {
+                    tokio::time::sleep(d).await; // the reader's pace
+                }
+            }
+        })
+    }
+
+    #[tokio::test]
+    async fn a_stalled_subscriber_is_disconnected_and_the_others_get_everything() {
+        let mut p = Publisher::bind("127.0.0.1", 0, None).await.unwrap();
+        p.set_stall_limit(Duration::from_millis(300));
+        let good = subscribed(&mut p).await;
+        // Subscribed, and then it never reads.
+        let _stalled = subscribed(&mut p).await;
+        let n = 20_000u32;
+        let reader = read_all(good, n, None);
+        let payload = vec![b'x'; 1000];
+        let sent = tokio::time::timeout(Duration::from_secs(30), async {
+            for i in 0..n {
+                p.send(&[&i.to_be_bytes(), &payload]).await;
+            }
+            p.flush().await;
+        })
+        .await;
+        assert!(sent.is_ok(), "a stalled subscriber stalled the publisher");
+        reader.await.unwrap();
+        let (peers, lost) = p.stalled();
+        assert_eq!(peers, 1);
+        // Its 1 MiB queue, at least, and the message that found it full.
+        assert!(lost > 1000, "{lost}");
+        assert_eq!(p.subscribers(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_slow_subscriber_that_reads_is_waited_for_past_the_stall_limit() {
+        let mut p = Publisher::bind("127.0.0.1", 0, None).await.unwrap();
+        p.set_stall_limit(Duration::from_millis(300));
+        let s = subscribed(&mut p).await;
+        // ~64 KB every 20 ms: seconds behind a flat-out sender, but never
+        // 300 ms without taking something.
+        let n = 4_000u32;
+        let reader = read_all(s, n, Some(Duration::from_millis(20)));
+        let payload = vec![b'x'; 1000];
+        for i in 0..n {
+            p.send(&[&i.to_be_bytes(), &payload]).await;
+        }
+        p.flush().await;
+        reader.await.unwrap();
+        assert_eq!(p.stalled(), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn a_stop_ends_the_wait_for_a_stalled_subscriber_at_its_deadline() {
+        let mut p = Publisher::bind("127.0.0.1", 0, None).await.unwrap();
+        p.set_stall_limit(Duration::from_secs(3600));
+        let _stalled = subscribed(&mut p).await;
+        let payload = vec![b'x'; 1000];
+        p.stop_by(Instant::now() + Duration::from_millis(200));
+        // Until its queue and the kernel's buffers are full, and then
+        // until the deadline: no longer.
+        let mut i = 0u32;
+        let sent = tokio::time::timeout(Duration::from_secs(20), async {
+            while p.stalled().0 == 0 {
+                if !p.try_send(&[&i.to_be_bytes(), &payload]) {
+                    assert!(p.waiting_for().is_some());
+                    p.resume().await;
+                }
+                i += 1;
+            }
+        })
+        .await;
+        assert!(sent.is_ok(), "the wait outlived the stop's deadline");
+        assert!(!p.is_held());
+        assert_eq!(p.subscribers(), 0);
     }
 
     #[tokio::test]

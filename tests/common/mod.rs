@@ -188,10 +188,32 @@ impl Drop for Proc {
 }
 
 pub fn free_endpoint() -> String {
-    format!(
-        "tcp://127.0.0.1:{}",
-        nbpy::backend::free_port().expect("port")
-    )
+    format!("tcp://127.0.0.1:{}", free_test_port())
+}
+
+/// A free loopback port: from `TEST_PORT_RANGE` (`LO-HI`) when set, for a
+/// machine where each user of the tests has a range of its own; else
+/// [`nbpy::backend::free_port`].
+pub fn free_test_port() -> u16 {
+    let range = std::env::var("TEST_PORT_RANGE").ok().and_then(|r| {
+        let (lo, hi) = r.split_once('-')?;
+        Some((
+            lo.trim().parse::<u16>().ok()?,
+            hi.trim().parse::<u16>().ok()?,
+        ))
+    });
+    let Some((lo, hi)) = range else {
+        return nbpy::backend::free_port().expect("port");
+    };
+    use rand::Rng;
+    let mut rng = rand::thread_rng();
+    for _ in 0..256 {
+        let port = rng.gen_range(lo..=hi);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in TEST_PORT_RANGE={lo}-{hi}");
 }
 
 pub fn exists(p: &Path) -> bool {
@@ -407,6 +429,8 @@ impl Drop for FixedHttp {
 pub struct NotifyReader {
     lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     seen: usize,
+    /// `WATCHDOG=1` notifications so far.
+    pub pings: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl NotifyReader {
@@ -414,16 +438,25 @@ impl NotifyReader {
         let sock = std::os::unix::net::UnixDatagram::bind(path).expect("bind the notify socket");
         let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let to = lines.clone();
+        let pings = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let ping = pings.clone();
         std::thread::spawn(move || {
             let mut buf = vec![0u8; 8192];
             while let Ok(n) = sock.recv(&mut buf) {
                 let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+                if msg.lines().any(|l| l == "WATCHDOG=1") {
+                    ping.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 if let Some(s) = msg.lines().find_map(|l| l.strip_prefix("STATUS=")) {
                     to.lock().unwrap().push(s.to_string());
                 }
             }
         });
-        NotifyReader { lines, seen: 0 }
+        NotifyReader {
+            lines,
+            seen: 0,
+            pings,
+        }
     }
 
     /// The first STATUS not looked at yet for which `f` holds; panics with
