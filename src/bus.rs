@@ -179,8 +179,9 @@ pub struct PublisherSeen {
     /// stream: the position came from a previous run, so what the first
     /// message reveals is judged differently (see [`Observed`]).
     pub resumed: bool,
-    /// The name's message count at this stream's latest message: which
-    /// stream was heard least recently (see [`Named::first_of`]).
+    /// When this stream was last left for another of its name (on the
+    /// name's `switches` clock; 0: not heard in this run): which stream
+    /// was heard least recently (see [`Named::first_of`]).
     last_heard: u64,
     /// The epoch this stream was taken to restart, while that could still
     /// prove wrong: with the gap counted at its start, and whether it took
@@ -235,9 +236,12 @@ struct Named {
     streams: Vec<PublisherSeen>,
     /// The newest epoch among `streams` (never forgotten).
     newest: u64,
-    /// Messages of this name: the clock of `last_heard`.
-    heard: u64,
-    /// The stream of the latest message: looked at first.
+    /// Switches from one of this name's streams to another: the clock of
+    /// `last_heard`. Ticking only on a switch keeps it off the path of a
+    /// name with one publisher, where every message is the hint's.
+    switches: u64,
+    /// The stream of the latest message (the one heard most recently):
+    /// looked at first. Out of range when there is none.
     hint: usize,
     /// Two live publishers were seen with this name (said once).
     shared: bool,
@@ -253,8 +257,29 @@ impl Named {
         Named {
             streams,
             newest,
+            switches: 1,
             ..Default::default()
         }
+    }
+
+    /// A message of another epoch than the hint's: the hint's stream is
+    /// left (and so was heard at this point of the clock), and the
+    /// epoch's becomes the hint. `None`: no stream of that epoch is kept.
+    #[cold]
+    fn switch_to(&mut self, epoch: u64) -> Option<Observed> {
+        if let Some(s) = self.streams.get_mut(self.hint) {
+            if s.received > 0 {
+                s.last_heard = self.switches;
+                self.switches += 1;
+            }
+        }
+        let i = self.streams.iter().position(|s| s.epoch == epoch)?;
+        self.hint = i;
+        Some(if epoch < self.newest {
+            self.settle(i)
+        } else {
+            Observed::default()
+        })
     }
 
     /// Adds a stream, forgetting the least recently heard one (never the
@@ -286,7 +311,7 @@ impl Named {
             first_seq: seq,
             last_seq: seq,
             received: 1,
-            last_heard: self.heard,
+            last_heard: self.switches,
             ..Default::default()
         };
         if epoch < self.newest {
@@ -440,24 +465,17 @@ impl GapTracker {
             );
             return Observed::default();
         };
-        n.heard += 1;
-        let i = match n.streams.get(n.hint) {
-            Some(s) if s.epoch == epoch => n.hint,
-            _ => match n.streams.iter().position(|s| s.epoch == epoch) {
-                Some(i) => i,
+        let mut o = Observed::default();
+        if n.streams.get(n.hint).is_none_or(|s| s.epoch != epoch) {
+            match n.switch_to(epoch) {
+                Some(settled) => o = settled,
                 None => return n.first_of(epoch, seq),
-            },
+            }
+        }
+        let Some(p) = n.streams.get_mut(n.hint) else {
+            return o; // switch_to set the hint to a stream it found
         };
-        n.hint = i;
-        let mut o = if epoch < n.newest {
-            n.settle(i)
-        } else {
-            Observed::default()
-        };
-        let heard = n.heard;
-        let p = &mut n.streams[i];
         p.received += 1;
-        p.last_heard = heard;
         let resumed = std::mem::take(&mut p.resumed);
         if seq > p.last_seq {
             let missed = seq - p.last_seq - 1;
@@ -504,6 +522,12 @@ impl GapTracker {
     /// back after all joins again, without a gap.
     pub fn forget_idle(&mut self) {
         for n in self.seen.values_mut() {
+            // The hint's stream is left too: by index, which retain moves.
+            if let Some(s) = n.streams.get_mut(n.hint).filter(|s| s.received > 0) {
+                s.last_heard = n.switches;
+                n.switches += 1;
+            }
+            n.hint = usize::MAX;
             let newest = n.newest;
             let mut gone = n.gone;
             n.streams.retain_mut(|s| {
@@ -516,7 +540,6 @@ impl GapTracker {
                 keep
             });
             n.gone = gone;
-            n.hint = 0;
         }
     }
 
