@@ -50,6 +50,11 @@ use crate::zmtp::sub::{self, Chunk, Message, SubEvent};
 const RAW_CHUNKS: usize = 256;
 /// When the second `nbpy_pipeline` report is due (see `run`).
 const EARLY_REPORT: Duration = Duration::from_secs(2);
+/// How often the gap tracker forgets epochs not heard since the last time
+/// ([`GapTracker::forget_idle`]): what a restart replaced stays this long
+/// for a late (or second live) publisher of it to be recognised, and no
+/// longer, so saved positions do not pile up old epochs.
+const FORGET_IDLE: Duration = Duration::from_secs(600);
 
 /// The subscriber's own counters (see also [`WriterStats`]).
 #[derive(Default, Debug)]
@@ -69,6 +74,12 @@ pub struct IntakeStats {
     /// and cannot be counted, so `gaps` is short by an unknown amount for
     /// each. Said in STATUS and the stop summary so the loss is not silent.
     pub restarts_unknown_loss: AtomicU64,
+    /// Publisher names found shared by two live publishers (one config
+    /// deployed twice, or a standby left running): their streams are
+    /// counted apart, but which of them a stored point came from is only
+    /// in its `epoch`, so someone should look. Said in STATUS and the stop
+    /// summary.
+    pub shared_names: AtomicU64,
     /// `nbpy_pipeline` points about itself handed to the writers: they are
     /// written (or spooled, dropped…) like accepted messages, so the stop
     /// summary's balance needs them.
@@ -216,6 +227,7 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
         st.gaps.resume(&publisher, epoch, seq, exact);
     }
     let mut last_cut = Instant::now();
+    let mut last_forget = Instant::now();
     // Report at once, so health sees a live subscriber before the first
     // stats interval has passed.
     st.pipeline_point(name, &wstats, &pool, false).await;
@@ -253,6 +265,10 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
                         }
                     };
                     report_while_waiting(cut, &mut status, shown()).await;
+                    if last_forget.elapsed() >= FORGET_IDLE {
+                        last_forget = Instant::now();
+                        st.gaps.forget_idle();
+                    }
                     marks.checkpoint(pool.submitted(), st.gaps.positions());
                     marks.persist_safe(&pool).await;
                 }
@@ -451,6 +467,7 @@ fn stop_summary(
             ", {unknown} publisher restart(s) with uncounted loss"
         ));
     }
+    line.push_str(&shared_names(i));
     let came = accepted + reports + spooled_at_start;
     let went = written + dead + dropped + spooled - again + lost;
     let terms = format!(
@@ -603,6 +620,15 @@ async fn report_while_waiting(
     }
 }
 
+/// `", N publisher name(s) shared by two live publishers"`, for STATUS and
+/// the stop summary; empty when there are none.
+fn shared_names(i: &IntakeStats) -> String {
+    match i.shared_names.load(Ordering::Relaxed) {
+        0 => String::new(),
+        n => format!(", {n} publisher name(s) shared by two live publishers"),
+    }
+}
+
 fn status_line(i: &IntakeStats, w: &WriterStats, rate: f64, scfg: &SubscriberConfig) -> String {
     let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
     let mut gaps = if gaps_countable(&scfg.topics) {
@@ -624,6 +650,7 @@ fn status_line(i: &IntakeStats, w: &WriterStats, rate: f64, scfg: &SubscriberCon
         scfg.connect.len(),
         n(&w.pending),
     );
+    s.push_str(&shared_names(i));
     if scfg.spool.enabled && (n(&w.spool_points) > 0 || n(&w.spooled) > 0) {
         s.push_str(&format!(
             ", spool {} points / {:.1} MB",
@@ -942,6 +969,9 @@ pub struct Intake {
     pub gaps: GapTracker,
     stats: Arc<IntakeStats>,
     log: RateLimitedLog,
+    /// For names shared by live publishers: apart from `log`, so a burst
+    /// of gap warnings cannot hide the one that explains them.
+    shared_log: RateLimitedLog,
     name: String,
     /// False under a topic filter (see [`gaps_countable`]).
     count_gaps: bool,
@@ -962,6 +992,7 @@ impl Intake {
             gaps: GapTracker::default(),
             stats,
             log: RateLimitedLog::new(Duration::from_secs(5)),
+            shared_log: RateLimitedLog::new(Duration::from_secs(60)),
             name: name.to_string(),
             count_gaps: true,
         }
@@ -1022,6 +1053,9 @@ impl Intake {
 
     fn observe_gaps(&mut self, publisher: &str, epoch: u64, seq: u64) {
         let o = self.gaps.observe_detailed(publisher, epoch, seq);
+        if o.shared.is_some() || o.withdrawn > 0 || o.withdrawn_unknown_loss > 0 {
+            self.shared_name(publisher, epoch, &o);
+        }
         if !self.count_gaps {
             return;
         }
@@ -1057,6 +1091,49 @@ impl Intake {
                     self.name
                 )
             });
+        }
+    }
+
+    /// A name found shared by two live publishers, and what an earlier
+    /// message was counted for that this one shows was no loss (see
+    /// [`bus::Observed::withdrawn`]): the "missing" start of a newer epoch
+    /// taken for a restart of this one, which is alive. Taken back, and
+    /// said, because the earlier count was logged too.
+    #[cold]
+    fn shared_name(&mut self, publisher: &str, epoch: u64, o: &bus::Observed) {
+        if o.shared.is_some() {
+            self.stats.shared_names.fetch_add(1, Ordering::Relaxed);
+        }
+        let withdrawn = if self.count_gaps { o.withdrawn } else { 0 };
+        if self.count_gaps {
+            let take = |a: &AtomicU64, n: u64| {
+                let _ = a.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                    Some(v.saturating_sub(n))
+                });
+            };
+            take(&self.stats.gaps, withdrawn);
+            take(&self.stats.restarts_unknown_loss, o.withdrawn_unknown_loss);
+        }
+        let taken_back = if withdrawn > 0 {
+            format!(
+                "; the {withdrawn} message(s) counted missing when the newer one was taken for a restart of epoch {epoch} are taken back"
+            )
+        } else {
+            String::new()
+        };
+        let name = &self.name;
+        match o.shared {
+            Some((this, other)) => crate::warn_limited!(self.shared_log, || {
+                format!(
+                "{name}: two live publishers named {publisher:?} (epochs {this} and {other}): check for a duplicate deployment; \
+                 their sequences are counted apart{taken_back}"
+            )
+            }),
+            None => crate::warn_limited!(self.shared_log, || {
+                format!(
+                "{name}: publisher {publisher:?} epoch {epoch} is alive: a newer epoch was not its restart but another live publisher{taken_back}"
+            )
+            }),
         }
     }
 

@@ -348,6 +348,107 @@ async fn a_publisher_restart_while_the_subscriber_was_down_is_reported_not_silen
     assert!(!line.contains("uncounted loss"), "{line}");
 }
 
+/// Two publishers with one name (one config deployed on two hosts, or a
+/// standby left running) and a subscriber connected to both: each
+/// publisher process is a stream of its own (name + epoch). Their
+/// alternating epochs used to pass for a restart per message, each one
+/// "missing" `seq - 1` messages: millions of gaps for nothing lost.
+/// Both publishers wait for the subscriber, so everything they send until
+/// it stops reaches it: the first run has no gap at all. After its clean
+/// stop, both positions are saved and resumed: the second run's gaps are
+/// exactly what the two sent to no subscriber meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_live_publishers_of_one_name_count_no_false_gaps() {
+    let env = Env::start().await;
+    let (ep_a, ep_b) = (free_endpoint(), free_endpoint());
+    let publisher_config = |host: &str, ep: &str| {
+        let p = env.path(&format!("{host}.toml"));
+        let text = format!(
+            "state_dir = {:?}\n\n[publishers.synth]\nfeed = \"synthetic\"\nendpoint = \"{ep}\"\nrate = 1000\ncount = 0\nwait_for_subscribers = 1\n",
+            env.path(&format!("state-{host}")).display().to_string()
+        );
+        std::fs::write(&p, text).expect("write config");
+        p.to_str().expect("utf-8 path").to_string()
+    };
+    let (cfg_a, cfg_b) = (publisher_config("a", &ep_a), publisher_config("b", &ep_b));
+    let cfg = env.config(&format!(
+        r#"
+[subscribers.main]
+connect = ["{ep_a}", "{ep_b}"]
+stats_interval = "1s"
+"#
+    ));
+    let cfg = cfg.to_str().unwrap();
+    let mut pub_a = env.spawn_as("pub-a", "nbpy-publisher", &["--config", &cfg_a, "synth"]);
+    pub_a.wait_log("bound", Duration::from_secs(20));
+    let mut pub_b = env.spawn_as("pub-b", "nbpy-publisher", &["--config", &cfg_b, "synth"]);
+    pub_b.wait_log("bound", Duration::from_secs(20));
+
+    let mut first = env.spawn_as("main-1", "nbpy-subscriber", &["--config", cfg, "main"]);
+    env.wait_stored(4_000, Duration::from_secs(120)).await;
+    first.signal(Signal::SIGTERM);
+    first.wait_success(Duration::from_secs(60));
+    let log = first.log_text();
+    let line = stop_summary(&log, "main");
+    println!("first run: {line}");
+    assert_eq!(number_before(&line, " gaps"), 0, "{line}");
+    assert!(!log.contains("missing from publisher"), "{log}");
+    let warning = "two live publishers named \"synth\"";
+    assert_eq!(log.matches(warning).count(), 1, "{log}");
+    println!(
+        "{}",
+        log.lines()
+            .find(|l| l.contains(warning))
+            .unwrap_or_default()
+    );
+    assert!(
+        line.contains(", 1 publisher name(s) shared by two live publishers"),
+        "{line}"
+    );
+    let seen = std::fs::read_to_string(env.path("state").join("seen").join("main.json"))
+        .unwrap_or_default();
+    assert_eq!(
+        seen.matches("[\"synth\",").count(),
+        2,
+        "both streams saved: {seen}"
+    );
+
+    // Down for a while: what both publishers send meanwhile goes to no
+    // subscriber, and is the second run's gap, exactly.
+    let stored = env.count_data().await;
+    let mut second = env.spawn_as("main-2", "nbpy-subscriber", &["--config", cfg, "main"]);
+    env.wait_stored(stored + 4_000, Duration::from_secs(120))
+        .await;
+    // The publishers stop first: all they sent to the subscriber is then
+    // in, and what they sent to no subscriber is only the downtime's.
+    let mut unheard = 0;
+    for p in [&mut pub_a, &mut pub_b] {
+        p.signal(Signal::SIGTERM);
+        p.wait_success(Duration::from_secs(30));
+        let log = p.log_text();
+        let sent = log
+            .lines()
+            .find(|l| l.contains("publisher synth: sent"))
+            .unwrap_or_else(|| panic!("no stop line in\n{log}"))
+            .to_string();
+        unheard += number_before(&sent, " to no subscriber");
+    }
+    second.signal(Signal::SIGTERM);
+    second.wait_success(Duration::from_secs(60));
+    let log = second.log_text();
+    let line = stop_summary(&log, "main");
+    println!("second run: {line}");
+    assert!(unheard > 0, "the subscriber was down a while");
+    assert_eq!(number_before(&line, " gaps"), unheard, "{line}");
+    assert!(!log.contains("restart"), "{log}");
+    // Both resumed and both heard: still said, by this run too.
+    assert_eq!(log.matches(warning).count(), 1, "{log}");
+    assert!(
+        line.contains(", 1 publisher name(s) shared by two live publishers"),
+        "{line}"
+    );
+}
+
 /// The record a replay writer holds while InfluxDB is down (the probe) used
 /// to lose its segment to drop-oldest; given back at a stop, it vanished
 /// from every counter (the stop summary above came out one batch short).

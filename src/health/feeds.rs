@@ -286,7 +286,7 @@ impl FeedState {
     }
 
     pub fn restarts(&self) -> u64 {
-        self.gaps.publishers().values().map(|p| p.restarts).sum()
+        self.gaps.total_restarts()
     }
 }
 
