@@ -135,7 +135,7 @@ impl BusPublisher {
     /// Encodes and queues one envelope for every matching subscriber,
     /// without waiting: `Ok(false)` when a subscriber's queue is full and
     /// the message is held for it, to be got through with
-    /// [`BusPublisher::resume`] before the next one (see
+    /// [`BusPublisher::retry`] before the next one (see
     /// [`zmtp::Publisher::try_send`]). The wait is the caller's, so its
     /// loop keeps answering a stop and keeps its STATUS while it waits.
     pub fn publish(
@@ -159,7 +159,7 @@ impl BusPublisher {
         })
     }
 
-    /// A message is held for a full subscriber ([`BusPublisher::resume`]).
+    /// A message is held for a full subscriber ([`BusPublisher::retry`]).
     pub fn is_held(&self) -> bool {
         self.socket.is_held()
     }

@@ -678,9 +678,15 @@ stats_interval = "1s"
             env.seq = seq;
             env.epoch = epoch;
             env.rx = now;
-            bus.publish(&env, nbpy::config::Codec::V1, &mut buf)
-                .await
+            let sent = bus
+                .publish(&env, nbpy::config::Codec::V1, &mut buf)
                 .unwrap();
+            if !sent {
+                // Held for a full subscriber: through before the next one.
+                while let Some(wait) = bus.retry() {
+                    wait.wait().await;
+                }
+            }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     });
