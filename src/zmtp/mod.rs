@@ -221,19 +221,30 @@ impl Peer {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Applies a subscription change; returns how many the peer now holds.
-    fn apply(&self, ev: &Event, lossy: Option<&[u8]>) -> usize {
+    /// Applies a subscription change to the peer's set of topics, as
+    /// libzmq's XPUB keeps them: subscribing twice to a topic is once, and
+    /// one cancel ends it. Returns whether the set changed (a repeat or a
+    /// cancel of a topic not held is no change, and XPUB reports none).
+    fn apply(&self, ev: &Event, lossy: Option<&[u8]>) -> bool {
         let mut st = self.lock();
-        match ev {
-            Event::Subscribe(t) => st.subs.push(t.clone()),
-            Event::Unsubscribe(t) => {
-                if let Some(i) = st.subs.iter().position(|s| s == t) {
-                    st.subs.remove(i);
+        let changed = match ev {
+            Event::Subscribe(t) => {
+                let new = !st.subs.contains(t);
+                if new {
+                    st.subs.push(t.clone());
                 }
+                new
             }
-        }
+            Event::Unsubscribe(t) => match st.subs.iter().position(|s| s == t) {
+                Some(i) => {
+                    st.subs.swap_remove(i);
+                    true
+                }
+                None => false,
+            },
+        };
         st.lossy = lossy.is_some_and(|l| st.subs.iter().any(|s| s == l));
-        st.subs.len()
+        changed
     }
 
     fn close(&self) {
@@ -656,7 +667,10 @@ async fn serve_peer(mut stream: TcpStream, addr: SocketAddr, shared: Arc<Shared>
                     }
                 };
                 if let Some(ev) = change {
-                    if peer.apply(&ev, shared.lossy.as_deref()) > MAX_SUBSCRIPTIONS {
+                    if !peer.apply(&ev, shared.lossy.as_deref()) {
+                        continue;
+                    }
+                    if peer.lock().subs.len() > MAX_SUBSCRIPTIONS {
                         return protocol(format!(
                             "more than {MAX_SUBSCRIPTIONS} subscriptions from one peer"
                         ));
@@ -760,6 +774,63 @@ mod tests {
         let mut s = TcpStream::connect(addr).await.unwrap();
         rfc_peer::handshake(&mut s, socket_type).await;
         s
+    }
+
+    /// A 3.0 subscription message (`on`: subscribe, else cancel).
+    fn sub_msg(on: bool, topic: &[u8]) -> Vec<u8> {
+        let mut body = vec![on as u8];
+        body.extend_from_slice(topic);
+        let mut out = Vec::new();
+        encode_frame(0, &body, &mut out);
+        out
+    }
+
+    /// A PING with `context`, as RFC 37 frames it.
+    fn ping(context: &[u8]) -> Vec<u8> {
+        let mut body = vec![4];
+        body.extend_from_slice(b"PING");
+        body.extend_from_slice(&[0, 0]);
+        body.extend_from_slice(context);
+        let mut out = Vec::new();
+        encode_frame(FLAG_COMMAND, &body, &mut out);
+        out
+    }
+
+    /// Sends a PING and reads up to its PONG: the publisher handles a
+    /// peer's frames in order, so everything sent before is applied.
+    async fn fence(s: &mut TcpStream) {
+        s.write_all(&ping(b"fence")).await.unwrap();
+        loop {
+            let f = tokio::time::timeout(Duration::from_secs(20), read_frame(s))
+                .await
+                .expect("no PONG")
+                .unwrap();
+            if f.flags & FLAG_COMMAND != 0
+                && command(&f.body).unwrap() == (&b"PONG"[..], &b"fence"[..])
+            {
+                return;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn subscriptions_are_a_set_per_peer_as_in_xpub() {
+        let mut p = Publisher::bind("127.0.0.1", 0, None).await.unwrap();
+        let mut s = raw_sub(p.local_addr(), b"SUB").await;
+        let _ready = read_frame(&mut s).await.unwrap();
+        // "a" twice (a 3.0 message, then a 3.1 command), one cancel.
+        s.write_all(&sub_msg(true, b"a")).await.unwrap();
+        let mut cmd = vec![9];
+        cmd.extend_from_slice(b"SUBSCRIBE");
+        cmd.push(b'a');
+        let mut out = Vec::new();
+        encode_frame(FLAG_COMMAND, &cmd, &mut out);
+        s.write_all(&out).await.unwrap();
+        s.write_all(&sub_msg(false, b"a")).await.unwrap();
+        fence(&mut s).await;
+        assert_eq!(p.subscribers(), 0, "one cancel ends a doubled subscription");
+        p.send(&[b"ab", b"x"]).await;
+        assert_eq!(p.unheard(), 1);
     }
 
     #[tokio::test]
