@@ -37,6 +37,11 @@ pub mod sub;
 
 /// Bytes buffered per subscriber before `send` waits for it.
 pub const HIGH_WATER_BYTES: usize = 1 << 20;
+/// The most of a PING's context a PONG echoes. ZMTP 3.1 (RFC 37) allows
+/// at most 16 bytes; a longer one is cut to 16, as libzmq does, rather than
+/// taken as a protocol error, so a sloppy peer keeps its connection while
+/// a PONG costs a bounded, small amount of memory.
+const MAX_PING_CONTEXT: usize = 16;
 /// A peer must finish greeting and handshake within this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Frames a subscriber may send us are subscriptions and small commands.
@@ -245,6 +250,32 @@ impl Peer {
         };
         st.lossy = lossy.is_some_and(|l| st.subs.iter().any(|s| s == l));
         changed
+    }
+
+    /// Waits until the peer's buffer is under its high-water mark, so that
+    /// what it asks for itself (PONGs) cannot grow it past the mark: until
+    /// then its reader reads nothing more, and TCP makes a peer that sends
+    /// without reading wait. Returns false once the peer is closed.
+    async fn room_for_commands(&self) -> bool {
+        loop {
+            let space = self.space.notified();
+            {
+                let st = self.lock();
+                if st.closed {
+                    return false;
+                }
+                if st.buf.len() < HIGH_WATER_BYTES {
+                    return true;
+                }
+            }
+            space.await;
+            if self.lock().buf.len() < HIGH_WATER_BYTES {
+                // The writer's `notify_one` may have been meant for a
+                // sender waiting on this peer: pass it on (a sender woken
+                // for nothing checks again and waits).
+                self.space.notify_one();
+            }
+        }
     }
 
     fn close(&self) {
@@ -589,7 +620,10 @@ async fn serve_peer(mut stream: TcpStream, addr: SocketAddr, shared: Arc<Shared>
     shared.peers().push(peer.clone());
     shared.generation.fetch_add(1, Ordering::Release);
 
-    let (mut rd, mut wr) = stream.into_split();
+    let (rd, mut wr) = stream.into_split();
+    // Frames are read a few bytes at a time: buffered, a burst of small
+    // commands (subscriptions, PINGs) costs a few reads, not 3 per frame.
+    let mut rd = tokio::io::BufReader::new(rd);
     let writer = {
         let peer = peer.clone();
         async move {
@@ -643,10 +677,16 @@ async fn serve_peer(mut stream: TcpStream, addr: SocketAddr, shared: Arc<Shared>
                         b"SUBSCRIBE" => Some(Event::Subscribe(data.to_vec())),
                         b"CANCEL" => Some(Event::Unsubscribe(data.to_vec())),
                         b"PING" => {
-                            // PONG echoes the ping's context (after its 2-byte TTL).
+                            // PONG echoes the ping's context (after its 2-byte TTL),
+                            // at most MAX_PING_CONTEXT bytes of it.
+                            let context = data.get(2..).unwrap_or(&[]);
+                            let context = &context[..context.len().min(MAX_PING_CONTEXT)];
                             let mut body = vec![4];
                             body.extend_from_slice(b"PONG");
-                            body.extend_from_slice(data.get(2..).unwrap_or(&[]));
+                            body.extend_from_slice(context);
+                            if !peer.room_for_commands().await {
+                                return Ok(());
+                            }
                             encode_frame(FLAG_COMMAND, &body, &mut peer.lock().buf);
                             peer.data.notify_one();
                             None
@@ -978,6 +1018,86 @@ mod tests {
             .unwrap();
         assert_eq!(pong.flags, FLAG_COMMAND);
         assert_eq!(command(&pong.body).unwrap(), (&b"PONG"[..], &b"cx"[..]));
+    }
+
+    /// The most bytes any peer has waiting in its buffer now.
+    fn most_buffered(p: &Publisher) -> usize {
+        let peers = p.shared.peers();
+        peers.iter().map(|p| p.lock().buf.len()).max().unwrap_or(0)
+    }
+
+    #[tokio::test]
+    async fn a_long_ping_context_is_echoed_cut_to_16_bytes_as_libzmq_does() {
+        let p = Publisher::bind("127.0.0.1", 0, None).await.unwrap();
+        let mut s = raw_sub(p.local_addr(), b"SUB").await;
+        let _ready = read_frame(&mut s).await.unwrap();
+        let context: Vec<u8> = (0..60_000u32).map(|i| i as u8).collect();
+        s.write_all(&ping(&context)).await.unwrap();
+        let pong = tokio::time::timeout(Duration::from_secs(5), read_frame(&mut s))
+            .await
+            .expect("no PONG")
+            .unwrap();
+        let (name, echoed) = command(&pong.body).unwrap();
+        assert_eq!(name, b"PONG");
+        assert!(
+            echoed == &context[..16],
+            "a PONG context of {} bytes",
+            echoed.len()
+        );
+    }
+
+    /// A peer that sends PINGs and never reads: its PONGs stop at its
+    /// high-water mark (the publisher stops reading from it), and once it
+    /// reads, every PING is answered.
+    #[tokio::test]
+    async fn pings_from_a_peer_that_does_not_read_stop_at_its_high_water_mark() {
+        let p = Publisher::bind("127.0.0.1", 0, None).await.unwrap();
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.set_recv_buffer_size(4096).unwrap();
+        let mut s = sock.connect(p.local_addr()).await.unwrap();
+        rfc_peer::handshake(&mut s, b"SUB").await;
+        let _ready = read_frame(&mut s).await.unwrap();
+        let (rd, mut wr) = s.into_split();
+        // Far more PONGs than the high-water mark and the kernel's buffers.
+        let one = ping(&[7u8; 16]);
+        let pings = (8 << 20) / one.len();
+        let writer = tokio::spawn(async move {
+            let chunk = one.repeat(4096);
+            for _ in 0..pings / 4096 {
+                wr.write_all(&chunk).await.unwrap();
+            }
+            wr
+        });
+        let pings = pings / 4096 * 4096;
+        let bound = HIGH_WATER_BYTES + 32;
+        let mut most = 0;
+        // Until every PING is in, or the buffer reached the mark; then a
+        // while longer, to see it stay there.
+        let mut after = None;
+        while !writer.is_finished() && after.is_none_or(|n| n > 0) && most <= bound {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            most = most.max(most_buffered(&p));
+            if most + 32 >= HIGH_WATER_BYTES {
+                after = Some(after.unwrap_or(100) - 1);
+            }
+        }
+        assert!(most <= bound, "{most} bytes of PONGs buffered");
+        assert!(
+            most + 32 >= HIGH_WATER_BYTES,
+            "the PONGs never reached the high-water mark ({most} bytes): send more"
+        );
+        // Now read: every PING gets its PONG.
+        let mut rd = tokio::io::BufReader::new(rd);
+        for _ in 0..pings {
+            let f = tokio::time::timeout(Duration::from_secs(30), read_frame(&mut rd))
+                .await
+                .expect("a PONG is missing")
+                .unwrap();
+            assert_eq!(command(&f.body).unwrap(), (&b"PONG"[..], &[7u8; 16][..]));
+            most = most.max(most_buffered(&p));
+        }
+        assert!(most <= bound, "{most} bytes of PONGs buffered");
+        drop(writer.await.unwrap());
     }
 
     #[tokio::test]
