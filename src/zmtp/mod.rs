@@ -16,8 +16,8 @@
 //! Semantics kept from XPUB: a message goes to every peer with a matching
 //! prefix subscription; `send` waits while a matching peer's buffer is
 //! over its high-water mark (a slow subscriber slows the publisher rather
-//! than losing messages); subscription changes are handed to the
-//! application ([`Publisher::next_event`]).
+//! than losing messages); the application learns that subscriptions
+//! changed ([`Publisher::subscriptions_changed`]).
 //!
 //! One addition: a peer that subscribes to the publisher's "lossy" topic (a
 //! topic no message has; nbpy's monitors send it) is not waited for. A
@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{watch, Notify};
 
 pub mod sub;
 
@@ -54,9 +54,9 @@ const FLAG_MORE: u8 = 0x01;
 const FLAG_LONG: u8 = 0x02;
 const FLAG_COMMAND: u8 = 0x04;
 
-/// A subscription change, as XPUB reports it.
+/// A subscription change a peer asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Event {
+enum Event {
     Subscribe(Vec<u8>),
     Unsubscribe(Vec<u8>),
 }
@@ -337,7 +337,11 @@ struct Shared {
     unheard: AtomicU64,
     /// Bumped on every change of `peers`, so `send` re-reads its copy only then.
     generation: AtomicU64,
-    events: mpsc::UnboundedSender<Event>,
+    /// Bumped after every change of some peer's subscriptions (a peer
+    /// leaving included). Only that they changed is told, not a queue of
+    /// changes, which grew without bound (a copy of each topic) while the
+    /// application was busy and a peer churned subscriptions.
+    changes: watch::Sender<u64>,
 }
 
 impl Shared {
@@ -353,12 +357,16 @@ impl Shared {
             self.generation.fetch_add(1, Ordering::Release);
         }
     }
+
+    fn subscriptions_changed(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
 }
 
 /// A bound XPUB-like socket.
 pub struct Publisher {
     shared: Arc<Shared>,
-    events: mpsc::UnboundedReceiver<Event>,
+    changes: watch::Receiver<u64>,
     local: Vec<Arc<Peer>>,
     generation: u64,
     accept: tokio::task::JoinHandle<()>,
@@ -384,19 +392,19 @@ impl Publisher {
         };
         let listener = TcpListener::bind((host, port)).await?;
         let local_addr = listener.local_addr()?;
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (changes, changes_seen) = watch::channel(0);
         let shared = Arc::new(Shared {
             peers: Mutex::new(Vec::new()),
             lossy: lossy.map(|l| l.to_vec()),
             dropped: AtomicU64::new(0),
             unheard: AtomicU64::new(0),
             generation: AtomicU64::new(0),
-            events: tx,
+            changes,
         });
         let accept = tokio::spawn(accept_loop(listener, shared.clone()));
         Ok(Publisher {
             shared,
-            events: rx,
+            changes: changes_seen,
             local: Vec::new(),
             generation: u64::MAX,
             accept,
@@ -438,9 +446,15 @@ impl Publisher {
             .count()
     }
 
-    /// The next subscription change. Cancel-safe.
-    pub async fn next_event(&mut self) -> Option<Event> {
-        self.events.recv().await
+    /// Waits until some peer's subscriptions changed (a subscribe, a
+    /// cancel, a subscriber leaving) since this last returned. Any number
+    /// of changes while nobody waited is one: read the state that matters
+    /// ([`Self::subscribers`]) after. Cancel-safe.
+    pub async fn subscriptions_changed(&mut self) {
+        if self.changes.changed().await.is_err() {
+            // The sender lives in `shared`, which `self` holds: not reached.
+            std::future::pending::<()>().await
+        }
     }
 
     fn refresh(&mut self) {
@@ -715,7 +729,7 @@ async fn serve_peer(mut stream: TcpStream, addr: SocketAddr, shared: Arc<Shared>
                             "more than {MAX_SUBSCRIPTIONS} subscriptions from one peer"
                         ));
                     }
-                    let _ = shared.events.send(ev);
+                    shared.subscriptions_changed();
                 }
             }
         }
@@ -730,11 +744,11 @@ async fn serve_peer(mut stream: TcpStream, addr: SocketAddr, shared: Arc<Shared>
         tracing::debug!("bus: subscriber {addr} went away");
     }
     shared.remove(&peer);
-    let subs = std::mem::take(&mut peer.lock().subs);
-    peer.close();
     // Its subscriptions end with it, as if it had cancelled them.
-    for t in subs {
-        let _ = shared.events.send(Event::Unsubscribe(t));
+    let had = !std::mem::take(&mut peer.lock().subs).is_empty();
+    peer.close();
+    if had {
+        shared.subscriptions_changed();
     }
 }
 
@@ -816,6 +830,16 @@ mod tests {
         s
     }
 
+    impl Publisher {
+        /// Every peer's subscriptions, sorted.
+        pub(super) fn subscriptions(&self) -> Vec<Vec<u8>> {
+            let peers = self.shared.peers();
+            let mut all: Vec<_> = peers.iter().flat_map(|p| p.lock().subs.clone()).collect();
+            all.sort();
+            all
+        }
+    }
+
     /// A 3.0 subscription message (`on`: subscribe, else cancel).
     fn sub_msg(on: bool, topic: &[u8]) -> Vec<u8> {
         let mut body = vec![on as u8];
@@ -886,13 +910,11 @@ mod tests {
         cmd.extend_from_slice(b"zz");
         s.write_all(&[0x04, cmd.len() as u8]).await.unwrap();
         s.write_all(&cmd).await.unwrap();
-        assert_eq!(
-            p.next_event().await,
-            Some(Event::Subscribe(b"abc".to_vec()))
-        );
-        assert_eq!(p.next_event().await, Some(Event::Subscribe(b"zz".to_vec())));
-        // Two subscriptions, one subscriber.
+        fence(&mut s).await;
+        assert_eq!(p.subscriptions(), [b"abc".to_vec(), b"zz".to_vec()]);
+        // Two subscriptions, one subscriber; both told (as one change).
         assert_eq!(p.subscribers(), 1);
+        p.subscriptions_changed().await;
 
         p.send(&[b"other", b"x"]).await; // nobody wants it
         p.send(&[b"abcd", b"payload"]).await;
@@ -908,17 +930,13 @@ mod tests {
         let f = read_frame(&mut s).await.unwrap();
         assert_eq!((f.flags, f.body.len()), (FLAG_LONG, 300));
 
+        // Leaving is a change, as if it had cancelled what it held.
         drop(s);
-        let mut gone = Vec::new();
-        for _ in 0..2 {
-            match p.next_event().await {
-                Some(Event::Unsubscribe(t)) => gone.push(t),
-                other => panic!("expected an unsubscribe, got {other:?}"),
-            }
-        }
-        gone.sort();
-        assert_eq!(gone, vec![b"abc".to_vec(), b"zz".to_vec()]);
+        tokio::time::timeout(Duration::from_secs(10), p.subscriptions_changed())
+            .await
+            .expect("the subscriber's leaving was not told");
         assert_eq!(p.peers(), 0);
+        assert_eq!(p.subscribers(), 0);
     }
 
     #[tokio::test]
@@ -934,24 +952,14 @@ mod tests {
         }
         // The publisher may close mid-burst; what matters is what it does.
         let _ = s.write_all(&burst).await;
-        // Every subscription it made is cancelled when it is dropped.
-        let mut subscribed = 0usize;
         let dropped = tokio::time::timeout(Duration::from_secs(10), async {
-            while let Some(ev) = p.next_event().await {
-                match ev {
-                    Event::Subscribe(_) => subscribed += 1,
-                    Event::Unsubscribe(_) => {
-                        subscribed -= 1;
-                        if subscribed == 0 {
-                            return;
-                        }
-                    }
-                }
+            while p.peers() > 0 {
+                p.subscriptions_changed().await;
             }
         })
         .await;
         assert!(dropped.is_ok(), "the peer was not dropped");
-        assert_eq!(p.peers(), 0);
+        assert!(p.subscriptions().is_empty());
     }
 
     #[tokio::test]
@@ -969,9 +977,8 @@ mod tests {
         let mut s = raw_sub(p.local_addr(), b"SUB").await;
         let _ready = read_frame(&mut s).await.unwrap();
         s.write_all(&[0x00, 1, 1]).await.unwrap();
-        for _ in 0..3 {
-            p.next_event().await.unwrap();
-        }
+        fence(&mut mon).await;
+        fence(&mut s).await;
         // The monitor (lossy) is not a subscriber.
         assert_eq!(p.subscribers(), 1);
         let n = 20_000u32;
@@ -1018,6 +1025,56 @@ mod tests {
             .unwrap();
         assert_eq!(pong.flags, FLAG_COMMAND);
         assert_eq!(command(&pong.body).unwrap(), (&b"PONG"[..], &b"cx"[..]));
+    }
+
+    /// How many subscription changes the application could take now without
+    /// waiting: what a busy main loop has left piling up.
+    async fn pending_changes(p: &mut Publisher) -> usize {
+        let mut n = 0;
+        while tokio::time::timeout(Duration::from_millis(20), p.subscriptions_changed())
+            .await
+            .is_ok()
+        {
+            n += 1;
+        }
+        n
+    }
+
+    /// Subscribe/cancel churn while the application is busy elsewhere:
+    /// what it is told about stays one "changed", however many changes.
+    #[tokio::test]
+    async fn subscription_churn_piles_up_nothing_for_a_busy_publisher() {
+        let mut p = Publisher::bind("127.0.0.1", 0, None).await.unwrap();
+        let mut s = raw_sub(p.local_addr(), b"SUB").await;
+        let _ready = read_frame(&mut s).await.unwrap();
+        let topic = [b'x'; 200];
+        let burst = [sub_msg(true, &topic), sub_msg(false, &topic)]
+            .concat()
+            .repeat(1000);
+        for _ in 0..20 {
+            s.write_all(&burst).await.unwrap();
+        }
+        s.write_all(&sub_msg(true, b"last")).await.unwrap();
+        fence(&mut s).await;
+        let pending = pending_changes(&mut p).await;
+        assert!(pending <= 1, "{pending} changes pending");
+        assert_eq!(p.subscribers(), 1);
+        // Leaving is one change too, whatever it held.
+        s.write_all(&burst[..burst.len() / 2]).await.unwrap();
+        fence(&mut s).await;
+        drop(s);
+        let left = tokio::time::timeout(Duration::from_secs(10), async {
+            while p.peers() > 0 {
+                p.subscriptions_changed().await;
+            }
+        });
+        assert!(left.await.is_ok(), "the peer's leaving was not told");
+        let pending = pending_changes(&mut p).await;
+        assert!(
+            pending <= 1,
+            "{pending} changes pending after the peer left"
+        );
+        assert_eq!(p.subscribers(), 0);
     }
 
     /// The most bytes any peer has waiting in its buffer now.
@@ -1121,7 +1178,8 @@ mod tests {
         let mut s = raw_sub(p.local_addr(), b"SUB").await;
         let _ready = read_frame(&mut s).await.unwrap();
         s.write_all(&[0x00, 1, 1]).await.unwrap();
-        assert_eq!(p.next_event().await, Some(Event::Subscribe(vec![])));
+        fence(&mut s).await;
+        assert_eq!(p.subscriptions(), [Vec::<u8>::new()]);
         let n = 20_000u32;
         let payload = vec![b'x'; 1000];
         // Far more than the high-water mark plus socket buffers: the sender
