@@ -33,6 +33,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify};
 
+use crate::sink::RateLimitedLog;
+
 pub mod sub;
 
 /// Bytes buffered per subscriber before `send` waits for it.
@@ -42,6 +44,8 @@ pub const HIGH_WATER_BYTES: usize = 1 << 20;
 /// taken as a protocol error, so a sloppy peer keeps its connection while
 /// a PONG costs a bounded, small amount of memory.
 const MAX_PING_CONTEXT: usize = 16;
+/// The most often a WARN about single connections is written.
+const LOG_EVERY: Duration = Duration::from_secs(5);
 /// A peer must finish greeting and handshake within this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Frames a subscriber may send us are subscriptions and small commands.
@@ -342,6 +346,12 @@ struct Shared {
     /// changes, which grew without bound (a copy of each topic) while the
     /// application was busy and a peer churned subscriptions.
     changes: watch::Sender<u64>,
+    /// Connections turned away: a handshake that failed or took too long.
+    refused: AtomicU64,
+    /// Shared by the WARNs about single connections (refused, dropped): a
+    /// flood of them wrote a line each (1,500 for 1,000 half-open
+    /// connections). One per interval, with how many were held back.
+    conn_log: Mutex<RateLimitedLog>,
 }
 
 impl Shared {
@@ -356,6 +366,12 @@ impl Shared {
         if peers.len() != before {
             self.generation.fetch_add(1, Ordering::Release);
         }
+    }
+
+    /// A WARN through `conn_log`.
+    fn warn_conn(&self, what: impl FnOnce() -> String) {
+        let mut log = self.conn_log.lock().unwrap_or_else(|p| p.into_inner());
+        crate::warn_limited!(log, what);
     }
 
     fn subscriptions_changed(&self) {
@@ -400,6 +416,8 @@ impl Publisher {
             unheard: AtomicU64::new(0),
             generation: AtomicU64::new(0),
             changes,
+            refused: AtomicU64::new(0),
+            conn_log: Mutex::new(RateLimitedLog::new(LOG_EVERY)),
         });
         let accept = tokio::spawn(accept_loop(listener, shared.clone()));
         Ok(Publisher {
@@ -424,6 +442,12 @@ impl Publisher {
     /// Messages lossy peers did not get because they were not reading.
     pub fn dropped(&self) -> u64 {
         self.shared.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Connections turned away (a failed or timed-out handshake); each is
+    /// logged, but at most one line per 5 s for all of them.
+    pub fn refused(&self) -> u64 {
+        self.shared.refused.load(Ordering::Relaxed)
     }
 
     /// Messages that went to no subscriber: none was subscribed to their
@@ -599,31 +623,34 @@ async fn subscriber_handshake(stream: &mut TcpStream) -> Result<String, ZmtpErro
 
 async fn serve_peer(mut stream: TcpStream, addr: SocketAddr, shared: Arc<Shared>) {
     let _ = stream.set_nodelay(true);
-    let kind = match tokio::time::timeout(HANDSHAKE_TIMEOUT, subscriber_handshake(&mut stream))
-        .await
-    {
-        Ok(Ok(kind)) => kind,
-        // A connect-and-close (a port probe, `nbpy doctor`, a load
-        // balancer's check) is not worth a warning; a peer that talks
-        // nonsense is.
-        Ok(Err(ZmtpError::Io(e)))
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
-            ) =>
-        {
-            tracing::debug!("bus: {addr} closed before the ZMTP handshake: {e}");
-            return;
-        }
-        Ok(Err(e)) => {
-            tracing::warn!("bus: connection from {addr} rejected: {e}");
-            return;
-        }
-        Err(_) => {
-            tracing::warn!("bus: connection from {addr} did not finish the ZMTP handshake in time");
-            return;
-        }
-    };
+    let kind =
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, subscriber_handshake(&mut stream)).await {
+            Ok(Ok(kind)) => kind,
+            // A connect-and-close (a port probe, `nbpy doctor`, a load
+            // balancer's check) is not worth a warning; a peer that talks
+            // nonsense is.
+            Ok(Err(ZmtpError::Io(e)))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                tracing::debug!("bus: {addr} closed before the ZMTP handshake: {e}");
+                return;
+            }
+            Ok(Err(e)) => {
+                shared.refused.fetch_add(1, Ordering::Relaxed);
+                shared.warn_conn(|| format!("bus: connection from {addr} rejected: {e}"));
+                return;
+            }
+            Err(_) => {
+                shared.refused.fetch_add(1, Ordering::Relaxed);
+                shared.warn_conn(|| {
+                    format!("bus: connection from {addr} did not finish the ZMTP handshake in time")
+                });
+                return;
+            }
+        };
     tracing::debug!("bus: {kind} connected from {addr}");
     let peer = Arc::new(Peer {
         addr,
@@ -739,7 +766,7 @@ async fn serve_peer(mut stream: TcpStream, addr: SocketAddr, shared: Arc<Shared>
         _ = writer => Ok(()),
     };
     if let Err(e) = result {
-        tracing::warn!("bus: dropping subscriber {addr}: {e}");
+        shared.warn_conn(|| format!("bus: dropping subscriber {addr}: {e}"));
     } else {
         tracing::debug!("bus: subscriber {addr} went away");
     }
@@ -1155,6 +1182,51 @@ mod tests {
         }
         assert!(most <= bound, "{most} bytes of PONGs buffered");
         drop(writer.await.unwrap());
+    }
+
+    /// Log lines written while the returned guard lives, on this thread
+    /// (a `#[tokio::test]` runs every task on it).
+    fn capture_logs() -> (Arc<Mutex<Vec<u8>>>, tracing::subscriber::DefaultGuard) {
+        #[derive(Clone)]
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf(Arc::default());
+        let w = buf.clone();
+        let sub = tracing_subscriber::fmt()
+            .with_writer(move || w.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::WARN)
+            .finish();
+        (buf.0, tracing::subscriber::set_default(sub))
+    }
+
+    /// A flood of connections that are not ZMTP: one WARN, not one each.
+    #[tokio::test]
+    async fn rejected_connections_are_logged_rate_limited() {
+        let (logs, _guard) = capture_logs();
+        let p = Publisher::bind("127.0.0.1", 0, None).await.unwrap();
+        for _ in 0..50 {
+            let mut c = TcpStream::connect(p.local_addr()).await.unwrap();
+            c.write_all(&[0u8; 64]).await.unwrap();
+            // Closed by the publisher once it has judged (and logged) it.
+            let mut rest = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut rest))
+                .await
+                .expect("a bad greeting was not refused");
+        }
+        let text = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+        let warns = text.lines().filter(|l| l.contains("WARN")).count();
+        assert!(warns <= 2, "{warns} WARN lines:\n{text}");
+        assert_eq!(p.refused(), 50);
+        assert!(text.contains("bad signature"), "{text}");
     }
 
     #[tokio::test]
