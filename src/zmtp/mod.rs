@@ -50,9 +50,21 @@ const LOG_EVERY: Duration = Duration::from_secs(5);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Frames a subscriber may send us are subscriptions and small commands.
 const MAX_INBOUND_FRAME: u64 = 64 * 1024;
-/// Subscriptions one peer may hold; a peer past it is dropped, so a
-/// misbehaving client cannot grow the publisher's memory without bound.
-const MAX_SUBSCRIPTIONS: usize = 10_000;
+/// The longest topic prefix a peer may subscribe to. nbpy's topics are
+/// `source.channel.symbol`, tens of bytes; a longer prefix matches nothing
+/// and would only be memory held for as long as the peer stays.
+const MAX_TOPIC: usize = 1024;
+/// What one peer's subscriptions may cost, each counted as its topic plus
+/// `SUBSCRIPTION_OVERHEAD` (its slot and allocation): at most 64 KiB, about
+/// 2,000 short prefixes. Without it a peer could hold 10,000 subscriptions
+/// of 64 KiB (655 MB), and every connection as many.
+///
+/// A subscription past either limit is ignored, with a WARN naming the
+/// peer, and the peer keeps its connection and what it holds. Dropping it
+/// instead would only have a libzmq SUB reconnect and send the same
+/// subscriptions again, with gaps in what it does receive each time.
+const MAX_SUBSCRIPTION_BYTES: usize = 64 * 1024;
+const SUBSCRIPTION_OVERHEAD: usize = 32;
 
 const FLAG_MORE: u8 = 0x01;
 const FLAG_LONG: u8 = 0x02;
@@ -217,6 +229,8 @@ struct Peer {
 struct PeerState {
     buf: Vec<u8>,
     subs: Vec<Vec<u8>>,
+    /// What `subs` costs, as `MAX_SUBSCRIPTION_BYTES` counts it.
+    sub_bytes: usize,
     writing: bool,
     closed: bool,
     /// Subscribed to the lossy topic: full buffer → drop, not wait.
@@ -232,28 +246,35 @@ impl Peer {
 
     /// Applies a subscription change to the peer's set of topics, as
     /// libzmq's XPUB keeps them: subscribing twice to a topic is once, and
-    /// one cancel ends it. Returns whether the set changed (a repeat or a
-    /// cancel of a topic not held is no change, and XPUB reports none).
-    fn apply(&self, ev: &Event, lossy: Option<&[u8]>) -> bool {
+    /// one cancel ends it (a repeat or a cancel of a topic not held is no
+    /// change, and XPUB reports none). A subscription past `MAX_TOPIC` or
+    /// `MAX_SUBSCRIPTION_BYTES` is not taken.
+    fn apply(&self, ev: &Event, lossy: Option<&[u8]>) -> Applied {
         let mut st = self.lock();
-        let changed = match ev {
+        let applied = match ev {
+            Event::Subscribe(t) if st.subs.contains(t) => Applied::Unchanged,
+            Event::Subscribe(t) if t.len() > MAX_TOPIC => Applied::TooLong,
             Event::Subscribe(t) => {
-                let new = !st.subs.contains(t);
-                if new {
+                let cost = t.len() + SUBSCRIPTION_OVERHEAD;
+                if st.sub_bytes + cost > MAX_SUBSCRIPTION_BYTES {
+                    Applied::OverBudget
+                } else {
+                    st.sub_bytes += cost;
                     st.subs.push(t.clone());
+                    Applied::Changed
                 }
-                new
             }
             Event::Unsubscribe(t) => match st.subs.iter().position(|s| s == t) {
                 Some(i) => {
-                    st.subs.swap_remove(i);
-                    true
+                    let gone = st.subs.swap_remove(i);
+                    st.sub_bytes -= gone.len() + SUBSCRIPTION_OVERHEAD;
+                    Applied::Changed
                 }
-                None => false,
+                None => Applied::Unchanged,
             },
         };
         st.lossy = lossy.is_some_and(|l| st.subs.iter().any(|s| s == l));
-        changed
+        applied
     }
 
     /// Waits until the peer's buffer is under its high-water mark, so that
@@ -288,6 +309,16 @@ impl Peer {
         self.space.notify_waiters();
         self.space.notify_one();
     }
+}
+
+/// What became of a subscription change.
+enum Applied {
+    Changed,
+    Unchanged,
+    /// A topic longer than `MAX_TOPIC`: ignored.
+    TooLong,
+    /// Past the peer's `MAX_SUBSCRIPTION_BYTES`: ignored.
+    OverBudget,
 }
 
 enum Offer {
@@ -352,6 +383,8 @@ struct Shared {
     /// flood of them wrote a line each (1,500 for 1,000 half-open
     /// connections). One per interval, with how many were held back.
     conn_log: Mutex<RateLimitedLog>,
+    /// The same for subscriptions ignored (one line per peer at most).
+    subs_log: Mutex<RateLimitedLog>,
 }
 
 impl Shared {
@@ -371,6 +404,12 @@ impl Shared {
     /// A WARN through `conn_log`.
     fn warn_conn(&self, what: impl FnOnce() -> String) {
         let mut log = self.conn_log.lock().unwrap_or_else(|p| p.into_inner());
+        crate::warn_limited!(log, what);
+    }
+
+    /// A WARN through `subs_log`.
+    fn warn_subs(&self, what: impl FnOnce() -> String) {
+        let mut log = self.subs_log.lock().unwrap_or_else(|p| p.into_inner());
         crate::warn_limited!(log, what);
     }
 
@@ -418,6 +457,7 @@ impl Publisher {
             changes,
             refused: AtomicU64::new(0),
             conn_log: Mutex::new(RateLimitedLog::new(LOG_EVERY)),
+            subs_log: Mutex::new(RateLimitedLog::new(LOG_EVERY)),
         });
         let accept = tokio::spawn(accept_loop(listener, shared.clone()));
         Ok(Publisher {
@@ -704,6 +744,8 @@ async fn serve_peer(mut stream: TcpStream, addr: SocketAddr, shared: Arc<Shared>
     let reader = {
         let (peer, shared) = (peer.clone(), shared.clone());
         async move {
+            // Told that a subscription of this peer's was not taken.
+            let mut warned = false;
             loop {
                 let f = match read_frame(&mut rd).await {
                     Ok(f) => f,
@@ -747,16 +789,31 @@ async fn serve_peer(mut stream: TcpStream, addr: SocketAddr, shared: Arc<Shared>
                         _ => None,
                     }
                 };
-                if let Some(ev) = change {
-                    if !peer.apply(&ev, shared.lossy.as_deref()) {
+                let Some(ev) = change else { continue };
+                let why = match peer.apply(&ev, shared.lossy.as_deref()) {
+                    Applied::Changed => {
+                        shared.subscriptions_changed();
                         continue;
                     }
-                    if peer.lock().subs.len() > MAX_SUBSCRIPTIONS {
-                        return protocol(format!(
-                            "more than {MAX_SUBSCRIPTIONS} subscriptions from one peer"
-                        ));
-                    }
-                    shared.subscriptions_changed();
+                    Applied::Unchanged => continue,
+                    Applied::TooLong => format!("its topic is longer than {MAX_TOPIC} bytes"),
+                    Applied::OverBudget => format!(
+                        "it would hold more than the {} KiB of subscriptions one subscriber may",
+                        MAX_SUBSCRIPTION_BYTES / 1024
+                    ),
+                };
+                if !std::mem::replace(&mut warned, true) {
+                    let Event::Subscribe(topic) = &ev else {
+                        continue;
+                    };
+                    let shown = String::from_utf8_lossy(&topic[..topic.len().min(64)]);
+                    shared.warn_subs(|| {
+                        format!(
+                            "bus: subscriber {addr}: ignoring its subscription to {shown:?} ({} bytes): {why}; \
+                             its other subscriptions stand, and later ones like it are ignored without a line each",
+                            topic.len()
+                        )
+                    });
                 }
             }
         }
@@ -772,7 +829,11 @@ async fn serve_peer(mut stream: TcpStream, addr: SocketAddr, shared: Arc<Shared>
     }
     shared.remove(&peer);
     // Its subscriptions end with it, as if it had cancelled them.
-    let had = !std::mem::take(&mut peer.lock().subs).is_empty();
+    let had = {
+        let mut st = peer.lock();
+        st.sub_bytes = 0;
+        !std::mem::take(&mut st.subs).is_empty()
+    };
     peer.close();
     if had {
         shared.subscriptions_changed();
@@ -966,27 +1027,85 @@ mod tests {
         assert_eq!(p.subscribers(), 0);
     }
 
+    /// A peer's subscriptions past its budget are ignored (logged), not
+    /// held; the peer keeps what fit, and its connection.
     #[tokio::test]
-    async fn a_peer_with_endless_subscriptions_is_dropped() {
+    async fn subscriptions_past_a_peers_budget_are_ignored_and_it_stays() {
+        let (logs, _guard) = capture_logs();
         let mut p = Publisher::bind("127.0.0.1", 0, None).await.unwrap();
         let mut s = raw_sub(p.local_addr(), b"SUB").await;
         let _ready = read_frame(&mut s).await.unwrap();
-        let mut burst = Vec::new();
-        for i in 0..=MAX_SUBSCRIPTIONS as u32 {
-            let mut body = vec![1];
-            body.extend_from_slice(&i.to_be_bytes());
-            encode_frame(0, &body, &mut burst);
+        let topic = |i: u32| {
+            let mut t = format!("t{i:04}.").into_bytes();
+            t.resize(1000, b'x');
+            t
+        };
+        // 100 KB of topics, where a peer may hold 64 KiB.
+        for i in 0..100 {
+            s.write_all(&sub_msg(true, &topic(i))).await.unwrap();
         }
-        // The publisher may close mid-burst; what matters is what it does.
-        let _ = s.write_all(&burst).await;
-        let dropped = tokio::time::timeout(Duration::from_secs(10), async {
-            while p.peers() > 0 {
-                p.subscriptions_changed().await;
-            }
-        })
-        .await;
-        assert!(dropped.is_ok(), "the peer was not dropped");
-        assert!(p.subscriptions().is_empty());
+        fence(&mut s).await;
+        let held = p.subscriptions();
+        let bytes: usize = held.iter().map(|t| t.len()).sum();
+        assert!(
+            bytes <= MAX_SUBSCRIPTION_BYTES,
+            "{} subscriptions of {bytes} bytes held",
+            held.len()
+        );
+        assert_eq!(p.peers(), 1);
+        assert_eq!(held[0], topic(0), "the first ones are kept");
+        let text = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+        let warns: Vec<_> = text.lines().filter(|l| l.contains("WARN")).collect();
+        assert_eq!(warns.len(), 1, "{text}");
+        assert!(
+            warns[0].contains(&s.local_addr().unwrap().to_string()),
+            "{text}"
+        );
+        // What it holds still reaches it; what was ignored does not.
+        p.send(&[&topic(0), b"x"]).await;
+        p.send(&[&topic(99), b"x"]).await;
+        assert_eq!(p.unheard(), 1);
+        // A cancel makes room for another.
+        s.write_all(&sub_msg(false, &topic(0))).await.unwrap();
+        s.write_all(&sub_msg(true, &topic(99))).await.unwrap();
+        fence(&mut s).await;
+        let now = p.subscriptions();
+        assert!(now.contains(&topic(99)) && !now.contains(&topic(0)));
+        assert_eq!(now.len(), held.len());
+    }
+
+    #[tokio::test]
+    async fn a_subscription_to_an_overlong_topic_is_ignored() {
+        let p = Publisher::bind("127.0.0.1", 0, None).await.unwrap();
+        let mut s = raw_sub(p.local_addr(), b"SUB").await;
+        let _ready = read_frame(&mut s).await.unwrap();
+        s.write_all(&sub_msg(true, &[b'a'; 1025])).await.unwrap();
+        s.write_all(&sub_msg(true, &[b'b'; 1024])).await.unwrap();
+        fence(&mut s).await;
+        let held: Vec<usize> = p.subscriptions().iter().map(|t| t.len()).collect();
+        assert_eq!(held, [MAX_TOPIC]);
+        assert_eq!(p.peers(), 1);
+    }
+
+    #[tokio::test]
+    async fn endless_short_subscriptions_stop_at_the_budget_too() {
+        let p = Publisher::bind("127.0.0.1", 0, None).await.unwrap();
+        let mut s = raw_sub(p.local_addr(), b"SUB").await;
+        let _ready = read_frame(&mut s).await.unwrap();
+        let mut burst = Vec::new();
+        for i in 0..10_000u32 {
+            burst.extend_from_slice(&sub_msg(true, &i.to_be_bytes()));
+        }
+        s.write_all(&burst).await.unwrap();
+        fence(&mut s).await;
+        let held = p.subscriptions().len();
+        assert_eq!(
+            held,
+            MAX_SUBSCRIPTION_BYTES / (4 + SUBSCRIPTION_OVERHEAD),
+            "each counts its bookkeeping, not only its 4 bytes"
+        );
+        assert_eq!(p.peers(), 1);
+        drop(s);
     }
 
     #[tokio::test]
