@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Notify};
+use tokio::sync::{watch, Notify, Semaphore};
 
 use crate::sink::RateLimitedLog;
 
@@ -44,6 +44,12 @@ pub const HIGH_WATER_BYTES: usize = 1 << 20;
 /// taken as a protocol error, so a sloppy peer keeps its connection while
 /// a PONG costs a bounded, small amount of memory.
 const MAX_PING_CONTEXT: usize = 16;
+/// Connections a publisher serves at once, subscribed or still in their
+/// handshake; one more is closed as soon as accepted (counted, and logged
+/// rate-limited). Each costs a task, a socket and up to `HIGH_WATER_BYTES`
+/// plus `MAX_SUBSCRIPTION_BYTES`: this bounds them all to about 1 GiB, far
+/// above the handful of subscribers and monitors a feed has.
+const MAX_PEERS: usize = 1024;
 /// The most often a WARN about single connections is written.
 const LOG_EVERY: Duration = Duration::from_secs(5);
 /// A peer must finish greeting and handshake within this.
@@ -377,7 +383,8 @@ struct Shared {
     /// changes, which grew without bound (a copy of each topic) while the
     /// application was busy and a peer churned subscriptions.
     changes: watch::Sender<u64>,
-    /// Connections turned away: a handshake that failed or took too long.
+    /// Connections turned away: a handshake that failed or took too long,
+    /// or one past `MAX_PEERS`.
     refused: AtomicU64,
     /// Shared by the WARNs about single connections (refused, dropped): a
     /// flood of them wrote a line each (1,500 for 1,000 half-open
@@ -441,6 +448,16 @@ impl Publisher {
     /// Binds `host:port` (`*` for every interface, port 0 for any). Peers
     /// that subscribe to `lossy` are never waited for.
     pub async fn bind(host: &str, port: u16, lossy: Option<&[u8]>) -> Result<Self, ZmtpError> {
+        Self::bind_serving(host, port, lossy, MAX_PEERS).await
+    }
+
+    /// [`Self::bind`], serving at most `max_peers` connections at once.
+    async fn bind_serving(
+        host: &str,
+        port: u16,
+        lossy: Option<&[u8]>,
+        max_peers: usize,
+    ) -> Result<Self, ZmtpError> {
         let host = match host {
             "*" => "0.0.0.0",
             h => h.trim_start_matches('[').trim_end_matches(']'),
@@ -459,7 +476,7 @@ impl Publisher {
             conn_log: Mutex::new(RateLimitedLog::new(LOG_EVERY)),
             subs_log: Mutex::new(RateLimitedLog::new(LOG_EVERY)),
         });
-        let accept = tokio::spawn(accept_loop(listener, shared.clone()));
+        let accept = tokio::spawn(accept_loop(listener, shared.clone(), max_peers));
         Ok(Publisher {
             shared,
             changes: changes_seen,
@@ -484,8 +501,9 @@ impl Publisher {
         self.shared.dropped.load(Ordering::Relaxed)
     }
 
-    /// Connections turned away (a failed or timed-out handshake); each is
-    /// logged, but at most one line per 5 s for all of them.
+    /// Connections turned away (a failed or timed-out handshake, or one
+    /// past `MAX_PEERS`); each is logged, but at most one line per 5 s for
+    /// all of them.
     pub fn refused(&self) -> u64 {
         self.shared.refused.load(Ordering::Relaxed)
     }
@@ -588,15 +606,30 @@ impl Publisher {
     }
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, max_peers: usize) {
+    let slots = Arc::new(Semaphore::new(max_peers));
     loop {
         match listener.accept().await {
-            Ok((stream, addr)) => {
-                tokio::spawn(serve_peer(stream, addr, shared.clone()));
-            }
+            Ok((stream, addr)) => match slots.clone().try_acquire_owned() {
+                Ok(slot) => {
+                    let shared = shared.clone();
+                    tokio::spawn(async move {
+                        serve_peer(stream, addr, shared).await;
+                        drop(slot);
+                    });
+                }
+                Err(_) => {
+                    // Closed unanswered: a libzmq peer retries later.
+                    shared.refused.fetch_add(1, Ordering::Relaxed);
+                    drop(stream);
+                    shared.warn_conn(|| {
+                        format!("bus: refusing a connection from {addr}: {max_peers} are open, the most a publisher serves")
+                    });
+                }
+            },
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
-                tracing::warn!("bus: accept failed: {e}");
+                shared.warn_conn(|| format!("bus: accept failed: {e}"));
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
@@ -1346,6 +1379,51 @@ mod tests {
         assert!(warns <= 2, "{warns} WARN lines:\n{text}");
         assert_eq!(p.refused(), 50);
         assert!(text.contains("bad signature"), "{text}");
+    }
+
+    /// Past its connection limit a publisher closes a new connection at
+    /// once, ungreeted, and takes one again when one has gone.
+    #[tokio::test]
+    async fn connections_past_the_limit_are_refused() {
+        let (logs, _guard) = capture_logs();
+        let p = Publisher::bind_serving("127.0.0.1", 0, None, 3)
+            .await
+            .unwrap();
+        let greeted = |mut c: TcpStream| async move {
+            let mut g = [0u8; 64];
+            let r = tokio::time::timeout(Duration::from_secs(10), c.read_exact(&mut g)).await;
+            r.expect("neither greeted nor closed").ok().map(|_| c)
+        };
+        // Three half-open connections (never greeting back) hold every slot.
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            let c = TcpStream::connect(p.local_addr()).await.unwrap();
+            held.push(greeted(c).await.expect("a connection within the limit"));
+        }
+        for _ in 0..5 {
+            let c = TcpStream::connect(p.local_addr()).await.unwrap();
+            assert!(
+                greeted(c).await.is_none(),
+                "a connection past the limit was served"
+            );
+        }
+        assert_eq!(p.refused(), 5);
+        let text = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+        let warns = text.lines().filter(|l| l.contains("WARN")).count();
+        assert_eq!(warns, 1, "{text}");
+        assert!(text.contains("3 are open"), "{text}");
+        // One leaves: its slot is free once the publisher has seen it go.
+        drop(held.pop());
+        let served = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let c = TcpStream::connect(p.local_addr()).await.unwrap();
+                if let Some(c) = greeted(c).await {
+                    return c;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+        held.push(served.await.expect("a freed slot was not taken again"));
     }
 
     #[tokio::test]
