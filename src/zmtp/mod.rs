@@ -227,7 +227,8 @@ struct Peer {
     state: Mutex<PeerState>,
     /// Data appended or the peer closed: wakes the writer.
     data: Notify,
-    /// Buffer taken, write finished or peer closed: wakes waiting senders.
+    /// Buffer taken, write finished or peer closed: wakes waiting senders
+    /// (and the reader, waiting to queue a PONG).
     space: Notify,
 }
 
