@@ -415,6 +415,12 @@ impl Shared {
         crate::warn_limited!(log, what);
     }
 
+    /// Counts a connection turned away, and says so through `conn_log`.
+    fn refuse(&self, what: impl FnOnce() -> String) {
+        self.refused.fetch_add(1, Ordering::Relaxed);
+        self.warn_conn(what);
+    }
+
     /// A WARN through `subs_log`.
     fn warn_subs(&self, what: impl FnOnce() -> String) {
         let mut log = self.subs_log.lock().unwrap_or_else(|p| p.into_inner());
@@ -620,11 +626,10 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, max_peers: usiz
                     });
                 }
                 Err(_) => {
-                    // Closed unanswered: a libzmq peer retries later.
-                    shared.refused.fetch_add(1, Ordering::Relaxed);
+                    // Closed unanswered (a libzmq peer retries later).
                     drop(stream);
-                    shared.warn_conn(|| {
-                        format!("bus: refusing a connection from {addr}: {max_peers} are open, the most a publisher serves")
+                    shared.refuse(|| {
+                        format!("bus: refused {addr}: {max_peers} connections are open, the most served")
                     });
                 }
             },
@@ -697,34 +702,30 @@ async fn subscriber_handshake(stream: &mut TcpStream) -> Result<String, ZmtpErro
 
 async fn serve_peer(mut stream: TcpStream, addr: SocketAddr, shared: Arc<Shared>) {
     let _ = stream.set_nodelay(true);
-    let kind =
-        match tokio::time::timeout(HANDSHAKE_TIMEOUT, subscriber_handshake(&mut stream)).await {
-            Ok(Ok(kind)) => kind,
-            // A connect-and-close (a port probe, `nbpy doctor`, a load
-            // balancer's check) is not worth a warning; a peer that talks
-            // nonsense is.
-            Ok(Err(ZmtpError::Io(e)))
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
-                ) =>
-            {
-                tracing::debug!("bus: {addr} closed before the ZMTP handshake: {e}");
-                return;
-            }
-            Ok(Err(e)) => {
-                shared.refused.fetch_add(1, Ordering::Relaxed);
-                shared.warn_conn(|| format!("bus: connection from {addr} rejected: {e}"));
-                return;
-            }
-            Err(_) => {
-                shared.refused.fetch_add(1, Ordering::Relaxed);
-                shared.warn_conn(|| {
-                    format!("bus: connection from {addr} did not finish the ZMTP handshake in time")
-                });
-                return;
-            }
-        };
+    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, subscriber_handshake(&mut stream));
+    let kind = match handshake.await {
+        Ok(Ok(kind)) => kind,
+        // A connect-and-close (a port probe, `nbpy doctor`, a load
+        // balancer's check) is not worth a warning; a peer that talks
+        // nonsense is.
+        Ok(Err(ZmtpError::Io(e)))
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
+            ) =>
+        {
+            tracing::debug!("bus: {addr} closed before the ZMTP handshake: {e}");
+            return;
+        }
+        Ok(Err(e)) => {
+            shared.refuse(|| format!("bus: connection from {addr} rejected: {e}"));
+            return;
+        }
+        Err(_) => {
+            shared.refuse(|| format!("bus: {addr} did not finish the ZMTP handshake in time"));
+            return;
+        }
+    };
     tracing::debug!("bus: {kind} connected from {addr}");
     let peer = Arc::new(Peer {
         addr,
@@ -1415,7 +1416,7 @@ mod tests {
         let text = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
         let warns = text.lines().filter(|l| l.contains("WARN")).count();
         assert_eq!(warns, 1, "{text}");
-        assert!(text.contains("3 are open"), "{text}");
+        assert!(text.contains("3 connections are open"), "{text}");
         // One leaves: its slot is free once the publisher has seen it go.
         drop(held.pop());
         let served = tokio::time::timeout(Duration::from_secs(10), async {
