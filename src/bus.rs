@@ -123,13 +123,11 @@ impl BusPublisher {
         self.socket.unheard()
     }
 
-    /// Waits for the next subscription change (a subscribe, a cancel, a
-    /// subscriber leaving). Cancel-safe.
+    /// Waits until subscriptions changed (a subscribe, a cancel, a
+    /// subscriber leaving) since this last returned; changes while the
+    /// caller was busy count as one. Cancel-safe.
     pub async fn next_subscription(&mut self) {
-        if self.socket.next_event().await.is_none() {
-            // The socket owns the sending side: this cannot end while it lives.
-            std::future::pending::<()>().await
-        }
+        self.socket.subscriptions_changed().await
     }
 
     /// Encodes and queues one envelope for every matching subscriber,

@@ -200,3 +200,39 @@ async fn our_subscriber_stores_both_codecs_from_a_pyzmq_publisher() {
     let row = &v["results"][0]["series"][0]["values"][0];
     assert_eq!((row[1].as_u64(), row[2].as_u64()), (Some(0), Some(0)));
 }
+
+/// A libzmq XSUB subscribing to a prefix twice passes both subscribes on,
+/// and only the last of two cancels (it counts, and leaves the set to the
+/// publisher): our publisher keeps a set per peer, as libzmq's XPUB does,
+/// so the prefix ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pyzmq_xsub_doubled_subscription_ends_with_its_cancels() {
+    let env = Env::start().await;
+    let ep = free_endpoint();
+    let cfg = env.config(&format!(
+        "[publishers.synth]\nfeed = \"synthetic\"\nendpoint = \"{ep}\"\nrate = 2000\ncount = 0\nwait_for_subscribers = 1\n"
+    ));
+    let publisher = env.spawn(
+        "nbpy-publisher",
+        &["--config", cfg.to_str().unwrap(), "synth"],
+        &[],
+    );
+    publisher.wait_log("bound", Duration::from_secs(20));
+    let out = tokio::task::spawn_blocking(move || {
+        python()
+            .args([&script("xsub_cancel.py"), &ep, "400"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        publisher.log_text()
+    );
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let kinds: Vec<&str> = s.as_object().unwrap().keys().map(|k| k.as_str()).collect();
+    assert_eq!(kinds, ["odds", "price"], "{s}");
+}

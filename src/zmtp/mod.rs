@@ -16,8 +16,8 @@
 //! Semantics kept from XPUB: a message goes to every peer with a matching
 //! prefix subscription; `send` waits while a matching peer's buffer is
 //! over its high-water mark (a slow subscriber slows the publisher rather
-//! than losing messages); subscription changes are handed to the
-//! application ([`Publisher::next_event`]).
+//! than losing messages); the application learns that subscriptions
+//! changed ([`Publisher::subscriptions_changed`]).
 //!
 //! Where it differs from XPUB: a subscriber whose queue stays full with no
 //! byte written to it for [`Publisher::set_stall_limit`] (a process
@@ -39,8 +39,10 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{watch, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
+
+use crate::sink::RateLimitedLog;
 
 pub mod sub;
 
@@ -49,21 +51,46 @@ pub const HIGH_WATER_BYTES: usize = 1 << 20;
 /// How long a subscriber may leave its full queue untouched before it is
 /// disconnected, unless [`Publisher::set_stall_limit`] says otherwise.
 pub const DEFAULT_STALL_LIMIT: Duration = Duration::from_secs(10);
+/// The most of a PING's context a PONG echoes. ZMTP 3.1 (RFC 37) allows
+/// at most 16 bytes; a longer one is cut to 16, as libzmq does, rather than
+/// taken as a protocol error, so a sloppy peer keeps its connection while
+/// a PONG costs a bounded, small amount of memory.
+const MAX_PING_CONTEXT: usize = 16;
+/// Connections a publisher serves at once, subscribed or still in their
+/// handshake; one more is closed as soon as accepted (counted, and logged
+/// rate-limited). Each costs a task, a socket and up to `HIGH_WATER_BYTES`
+/// plus `MAX_SUBSCRIPTION_BYTES`: this bounds them all to about 1 GiB, far
+/// above the handful of subscribers and monitors a feed has.
+const MAX_PEERS: usize = 1024;
+/// The most often a WARN about single connections is written.
+const LOG_EVERY: Duration = Duration::from_secs(5);
 /// A peer must finish greeting and handshake within this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Frames a subscriber may send us are subscriptions and small commands.
 const MAX_INBOUND_FRAME: u64 = 64 * 1024;
-/// Subscriptions one peer may hold; a peer past it is dropped, so a
-/// misbehaving client cannot grow the publisher's memory without bound.
-const MAX_SUBSCRIPTIONS: usize = 10_000;
+/// The longest topic prefix a peer may subscribe to. nbpy's topics are
+/// `source.channel.symbol`, tens of bytes; a longer prefix matches nothing
+/// and would only be memory held for as long as the peer stays.
+const MAX_TOPIC: usize = 1024;
+/// What one peer's subscriptions may cost, each counted as its topic plus
+/// `SUBSCRIPTION_OVERHEAD` (its slot and allocation): at most 64 KiB, about
+/// 2,000 short prefixes. Without it a peer could hold 10,000 subscriptions
+/// of 64 KiB (655 MB), and every connection as many.
+///
+/// A subscription past either limit is ignored, with a WARN naming the
+/// peer, and the peer keeps its connection and what it holds. Dropping it
+/// instead would only have a libzmq SUB reconnect and send the same
+/// subscriptions again, with gaps in what it does receive each time.
+const MAX_SUBSCRIPTION_BYTES: usize = 64 * 1024;
+const SUBSCRIPTION_OVERHEAD: usize = 32;
 
 const FLAG_MORE: u8 = 0x01;
 const FLAG_LONG: u8 = 0x02;
 const FLAG_COMMAND: u8 = 0x04;
 
-/// A subscription change, as XPUB reports it.
+/// A subscription change a peer asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Event {
+enum Event {
     Subscribe(Vec<u8>),
     Unsubscribe(Vec<u8>),
 }
@@ -212,7 +239,8 @@ struct Peer {
     state: Mutex<PeerState>,
     /// Data appended or the peer closed: wakes the writer.
     data: Notify,
-    /// Buffer taken, write finished or peer closed: wakes waiting senders.
+    /// Buffer taken, write finished or peer closed: wakes waiting senders
+    /// (and the reader, waiting to queue a PONG).
     space: Notify,
     /// Bytes handed to the kernel so far: a waiting sender tells a slow
     /// reader (this moves) from a stalled one (it does not).
@@ -226,6 +254,8 @@ struct Peer {
 struct PeerState {
     buf: Vec<u8>,
     subs: Vec<Vec<u8>>,
+    /// What `subs` costs, as `MAX_SUBSCRIPTION_BYTES` counts it.
+    sub_bytes: usize,
     writing: bool,
     closed: bool,
     /// Subscribed to the lossy topic: full buffer → drop, not wait.
@@ -243,19 +273,63 @@ impl Peer {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Applies a subscription change; returns how many the peer now holds.
-    fn apply(&self, ev: &Event, lossy: Option<&[u8]>) -> usize {
+    /// Applies a subscription change to the peer's set of topics, as
+    /// libzmq's XPUB keeps them: subscribing twice to a topic is once, and
+    /// one cancel ends it (a repeat or a cancel of a topic not held is no
+    /// change, and XPUB reports none). A subscription past `MAX_TOPIC` or
+    /// `MAX_SUBSCRIPTION_BYTES` is not taken.
+    fn apply(&self, ev: &Event, lossy: Option<&[u8]>) -> Applied {
         let mut st = self.lock();
-        match ev {
-            Event::Subscribe(t) => st.subs.push(t.clone()),
-            Event::Unsubscribe(t) => {
-                if let Some(i) = st.subs.iter().position(|s| s == t) {
-                    st.subs.remove(i);
+        let applied = match ev {
+            Event::Subscribe(t) if st.subs.contains(t) => Applied::Unchanged,
+            Event::Subscribe(t) if t.len() > MAX_TOPIC => Applied::TooLong,
+            Event::Subscribe(t) => {
+                let cost = t.len() + SUBSCRIPTION_OVERHEAD;
+                if st.sub_bytes + cost > MAX_SUBSCRIPTION_BYTES {
+                    Applied::OverBudget
+                } else {
+                    st.sub_bytes += cost;
+                    st.subs.push(t.clone());
+                    Applied::Changed
                 }
             }
-        }
+            Event::Unsubscribe(t) => match st.subs.iter().position(|s| s == t) {
+                Some(i) => {
+                    let gone = st.subs.swap_remove(i);
+                    st.sub_bytes -= gone.len() + SUBSCRIPTION_OVERHEAD;
+                    Applied::Changed
+                }
+                None => Applied::Unchanged,
+            },
+        };
         st.lossy = lossy.is_some_and(|l| st.subs.iter().any(|s| s == l));
-        st.subs.len()
+        applied
+    }
+
+    /// Waits until the peer's buffer is under its high-water mark, so that
+    /// what it asks for itself (PONGs) cannot grow it past the mark: until
+    /// then its reader reads nothing more, and TCP makes a peer that sends
+    /// without reading wait. Returns false once the peer is closed.
+    async fn room_for_commands(&self) -> bool {
+        loop {
+            let space = self.space.notified();
+            {
+                let st = self.lock();
+                if st.closed {
+                    return false;
+                }
+                if st.buf.len() < HIGH_WATER_BYTES {
+                    return true;
+                }
+            }
+            space.await;
+            if self.lock().buf.len() < HIGH_WATER_BYTES {
+                // The writer's `notify_one` may have been meant for a
+                // sender waiting on this peer: pass it on (a sender woken
+                // for nothing checks again and waits).
+                self.space.notify_one();
+            }
+        }
     }
 
     fn close(&self) {
@@ -279,6 +353,16 @@ impl Peer {
         self.close();
         pending
     }
+}
+
+/// What became of a subscription change.
+enum Applied {
+    Changed,
+    Unchanged,
+    /// A topic longer than `MAX_TOPIC`: ignored.
+    TooLong,
+    /// Past the peer's `MAX_SUBSCRIPTION_BYTES`: ignored.
+    OverBudget,
 }
 
 enum Offer {
@@ -337,7 +421,20 @@ struct Shared {
     /// messages before a stop's limit), and the messages they did not get.
     stalled: AtomicU64,
     undelivered: AtomicU64,
-    events: mpsc::UnboundedSender<Event>,
+    /// Bumped after every change of some peer's subscriptions (a peer
+    /// leaving included). Only that they changed is told, not a queue of
+    /// changes, which grew without bound (a copy of each topic) while the
+    /// application was busy and a peer churned subscriptions.
+    changes: watch::Sender<u64>,
+    /// Connections turned away: a handshake that failed or took too long,
+    /// or one past `MAX_PEERS`.
+    refused: AtomicU64,
+    /// Shared by the WARNs about single connections (refused, dropped): a
+    /// flood of them wrote a line each (1,500 for 1,000 half-open
+    /// connections). One per interval, with how many were held back.
+    conn_log: Mutex<RateLimitedLog>,
+    /// The same for subscriptions ignored (one line per peer at most).
+    subs_log: Mutex<RateLimitedLog>,
 }
 
 impl Shared {
@@ -353,12 +450,34 @@ impl Shared {
             self.generation.fetch_add(1, Ordering::Release);
         }
     }
+
+    /// A WARN through `conn_log`.
+    fn warn_conn(&self, what: impl FnOnce() -> String) {
+        let mut log = self.conn_log.lock().unwrap_or_else(|p| p.into_inner());
+        crate::warn_limited!(log, what);
+    }
+
+    /// Counts a connection turned away, and says so through `conn_log`.
+    fn refuse(&self, what: impl FnOnce() -> String) {
+        self.refused.fetch_add(1, Ordering::Relaxed);
+        self.warn_conn(what);
+    }
+
+    /// A WARN through `subs_log`.
+    fn warn_subs(&self, what: impl FnOnce() -> String) {
+        let mut log = self.subs_log.lock().unwrap_or_else(|p| p.into_inner());
+        crate::warn_limited!(log, what);
+    }
+
+    fn subscriptions_changed(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
 }
 
 /// A bound XPUB-like socket.
 pub struct Publisher {
     shared: Arc<Shared>,
-    events: mpsc::UnboundedReceiver<Event>,
+    changes: watch::Receiver<u64>,
     local: Vec<Arc<Peer>>,
     generation: u64,
     accept: tokio::task::JoinHandle<()>,
@@ -415,13 +534,23 @@ impl Publisher {
     /// Binds `host:port` (`*` for every interface, port 0 for any). Peers
     /// that subscribe to `lossy` are never waited for.
     pub async fn bind(host: &str, port: u16, lossy: Option<&[u8]>) -> Result<Self, ZmtpError> {
+        Self::bind_serving(host, port, lossy, MAX_PEERS).await
+    }
+
+    /// [`Self::bind`], serving at most `max_peers` connections at once.
+    async fn bind_serving(
+        host: &str,
+        port: u16,
+        lossy: Option<&[u8]>,
+        max_peers: usize,
+    ) -> Result<Self, ZmtpError> {
         let host = match host {
             "*" => "0.0.0.0",
             h => h.trim_start_matches('[').trim_end_matches(']'),
         };
         let listener = TcpListener::bind((host, port)).await?;
         let local_addr = listener.local_addr()?;
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (changes, changes_seen) = watch::channel(0);
         let shared = Arc::new(Shared {
             peers: Mutex::new(Vec::new()),
             lossy: lossy.map(|l| l.to_vec()),
@@ -430,12 +559,15 @@ impl Publisher {
             generation: AtomicU64::new(0),
             stalled: AtomicU64::new(0),
             undelivered: AtomicU64::new(0),
-            events: tx,
+            changes,
+            refused: AtomicU64::new(0),
+            conn_log: Mutex::new(RateLimitedLog::new(LOG_EVERY)),
+            subs_log: Mutex::new(RateLimitedLog::new(LOG_EVERY)),
         });
-        let accept = tokio::spawn(accept_loop(listener, shared.clone()));
+        let accept = tokio::spawn(accept_loop(listener, shared.clone(), max_peers));
         Ok(Publisher {
             shared,
-            events: rx,
+            changes: changes_seen,
             local: Vec::new(),
             generation: u64::MAX,
             accept,
@@ -496,6 +628,13 @@ impl Publisher {
         self.shared.dropped.load(Ordering::Relaxed)
     }
 
+    /// Connections turned away (a failed or timed-out handshake, or one
+    /// past `MAX_PEERS`); each is logged, but at most one line per 5 s for
+    /// all of them.
+    pub fn refused(&self) -> u64 {
+        self.shared.refused.load(Ordering::Relaxed)
+    }
+
     /// Messages that went to no subscriber: none was subscribed to their
     /// topic (lossy peers, the monitors, do not count as subscribers).
     pub fn unheard(&self) -> u64 {
@@ -516,9 +655,15 @@ impl Publisher {
             .count()
     }
 
-    /// The next subscription change. Cancel-safe.
-    pub async fn next_event(&mut self) -> Option<Event> {
-        self.events.recv().await
+    /// Waits until some peer's subscriptions changed (a subscribe, a
+    /// cancel, a subscriber leaving) since this last returned. Any number
+    /// of changes while nobody waited is one: read the state that matters
+    /// ([`Self::subscribers`]) after. Cancel-safe.
+    pub async fn subscriptions_changed(&mut self) {
+        if self.changes.changed().await.is_err() {
+            // The sender lives in `shared`, which `self` holds: not reached.
+            std::future::pending::<()>().await
+        }
     }
 
     fn refresh(&mut self) {
@@ -745,15 +890,29 @@ fn offer_all(
     None
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, max_peers: usize) {
+    let slots = Arc::new(Semaphore::new(max_peers));
     loop {
         match listener.accept().await {
-            Ok((stream, addr)) => {
-                tokio::spawn(serve_peer(stream, addr, shared.clone()));
-            }
+            Ok((stream, addr)) => match slots.clone().try_acquire_owned() {
+                Ok(slot) => {
+                    let shared = shared.clone();
+                    tokio::spawn(async move {
+                        serve_peer(stream, addr, shared).await;
+                        drop(slot);
+                    });
+                }
+                Err(_) => {
+                    // Closed unanswered (a libzmq peer retries later).
+                    drop(stream);
+                    shared.refuse(|| {
+                        format!("bus: refused {addr}: {max_peers} connections are open, the most served")
+                    });
+                }
+            },
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
-                tracing::warn!("bus: accept failed: {e}");
+                shared.warn_conn(|| format!("bus: accept failed: {e}"));
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
@@ -820,9 +979,8 @@ async fn subscriber_handshake(stream: &mut TcpStream) -> Result<String, ZmtpErro
 
 async fn serve_peer(mut stream: TcpStream, addr: SocketAddr, shared: Arc<Shared>) {
     let _ = stream.set_nodelay(true);
-    let kind = match tokio::time::timeout(HANDSHAKE_TIMEOUT, subscriber_handshake(&mut stream))
-        .await
-    {
+    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, subscriber_handshake(&mut stream));
+    let kind = match handshake.await {
         Ok(Ok(kind)) => kind,
         // A connect-and-close (a port probe, `nbpy doctor`, a load
         // balancer's check) is not worth a warning; a peer that talks
@@ -837,11 +995,11 @@ async fn serve_peer(mut stream: TcpStream, addr: SocketAddr, shared: Arc<Shared>
             return;
         }
         Ok(Err(e)) => {
-            tracing::warn!("bus: connection from {addr} rejected: {e}");
+            shared.refuse(|| format!("bus: connection from {addr} rejected: {e}"));
             return;
         }
         Err(_) => {
-            tracing::warn!("bus: connection from {addr} did not finish the ZMTP handshake in time");
+            shared.refuse(|| format!("bus: {addr} did not finish the ZMTP handshake in time"));
             return;
         }
     };
@@ -857,7 +1015,10 @@ async fn serve_peer(mut stream: TcpStream, addr: SocketAddr, shared: Arc<Shared>
     shared.peers().push(peer.clone());
     shared.generation.fetch_add(1, Ordering::Release);
 
-    let (mut rd, mut wr) = stream.into_split();
+    let (rd, mut wr) = stream.into_split();
+    // Frames are read a few bytes at a time: buffered, a burst of small
+    // commands (subscriptions, PINGs) costs a few reads, not 3 per frame.
+    let mut rd = tokio::io::BufReader::new(rd);
     let writer = {
         let peer = peer.clone();
         async move {
@@ -905,6 +1066,8 @@ async fn serve_peer(mut stream: TcpStream, addr: SocketAddr, shared: Arc<Shared>
     let reader = {
         let (peer, shared) = (peer.clone(), shared.clone());
         async move {
+            // Told that a subscription of this peer's was not taken.
+            let mut warned = false;
             loop {
                 let f = match read_frame(&mut rd).await {
                     Ok(f) => f,
@@ -919,10 +1082,16 @@ async fn serve_peer(mut stream: TcpStream, addr: SocketAddr, shared: Arc<Shared>
                         b"SUBSCRIBE" => Some(Event::Subscribe(data.to_vec())),
                         b"CANCEL" => Some(Event::Unsubscribe(data.to_vec())),
                         b"PING" => {
-                            // PONG echoes the ping's context (after its 2-byte TTL).
+                            // PONG echoes the ping's context (after its 2-byte TTL),
+                            // at most MAX_PING_CONTEXT bytes of it.
+                            let context = data.get(2..).unwrap_or(&[]);
+                            let context = &context[..context.len().min(MAX_PING_CONTEXT)];
                             let mut body = vec![4];
                             body.extend_from_slice(b"PONG");
-                            body.extend_from_slice(data.get(2..).unwrap_or(&[]));
+                            body.extend_from_slice(context);
+                            if !peer.room_for_commands().await {
+                                return Ok(());
+                            }
                             encode_frame(FLAG_COMMAND, &body, &mut peer.lock().buf);
                             peer.data.notify_one();
                             None
@@ -942,13 +1111,31 @@ async fn serve_peer(mut stream: TcpStream, addr: SocketAddr, shared: Arc<Shared>
                         _ => None,
                     }
                 };
-                if let Some(ev) = change {
-                    if peer.apply(&ev, shared.lossy.as_deref()) > MAX_SUBSCRIPTIONS {
-                        return protocol(format!(
-                            "more than {MAX_SUBSCRIPTIONS} subscriptions from one peer"
-                        ));
+                let Some(ev) = change else { continue };
+                let why = match peer.apply(&ev, shared.lossy.as_deref()) {
+                    Applied::Changed => {
+                        shared.subscriptions_changed();
+                        continue;
                     }
-                    let _ = shared.events.send(ev);
+                    Applied::Unchanged => continue,
+                    Applied::TooLong => format!("its topic is longer than {MAX_TOPIC} bytes"),
+                    Applied::OverBudget => format!(
+                        "it would hold more than the {} KiB of subscriptions one subscriber may",
+                        MAX_SUBSCRIPTION_BYTES / 1024
+                    ),
+                };
+                if !std::mem::replace(&mut warned, true) {
+                    let Event::Subscribe(topic) = &ev else {
+                        continue;
+                    };
+                    let shown = String::from_utf8_lossy(&topic[..topic.len().min(64)]);
+                    shared.warn_subs(|| {
+                        format!(
+                            "bus: subscriber {addr}: ignoring its subscription to {shown:?} ({} bytes): {why}; \
+                             its other subscriptions stand, and later ones like it are ignored without a line each",
+                            topic.len()
+                        )
+                    });
                 }
             }
         }
@@ -958,16 +1145,20 @@ async fn serve_peer(mut stream: TcpStream, addr: SocketAddr, shared: Arc<Shared>
         _ = writer => Ok(()),
     };
     if let Err(e) = result {
-        tracing::warn!("bus: dropping subscriber {addr}: {e}");
+        shared.warn_conn(|| format!("bus: dropping subscriber {addr}: {e}"));
     } else {
         tracing::debug!("bus: subscriber {addr} went away");
     }
     shared.remove(&peer);
-    let subs = std::mem::take(&mut peer.lock().subs);
-    peer.close();
     // Its subscriptions end with it, as if it had cancelled them.
-    for t in subs {
-        let _ = shared.events.send(Event::Unsubscribe(t));
+    let had = {
+        let mut st = peer.lock();
+        st.sub_bytes = 0;
+        !std::mem::take(&mut st.subs).is_empty()
+    };
+    peer.close();
+    if had {
+        shared.subscriptions_changed();
     }
 }
 
@@ -1068,6 +1259,73 @@ mod tests {
         s
     }
 
+    impl Publisher {
+        /// Every peer's subscriptions, sorted.
+        pub(super) fn subscriptions(&self) -> Vec<Vec<u8>> {
+            let peers = self.shared.peers();
+            let mut all: Vec<_> = peers.iter().flat_map(|p| p.lock().subs.clone()).collect();
+            all.sort();
+            all
+        }
+    }
+
+    /// A 3.0 subscription message (`on`: subscribe, else cancel).
+    fn sub_msg(on: bool, topic: &[u8]) -> Vec<u8> {
+        let mut body = vec![on as u8];
+        body.extend_from_slice(topic);
+        let mut out = Vec::new();
+        encode_frame(0, &body, &mut out);
+        out
+    }
+
+    /// A PING with `context`, as RFC 37 frames it.
+    fn ping(context: &[u8]) -> Vec<u8> {
+        let mut body = vec![4];
+        body.extend_from_slice(b"PING");
+        body.extend_from_slice(&[0, 0]);
+        body.extend_from_slice(context);
+        let mut out = Vec::new();
+        encode_frame(FLAG_COMMAND, &body, &mut out);
+        out
+    }
+
+    /// Sends a PING and reads up to its PONG: the publisher handles a
+    /// peer's frames in order, so everything sent before is applied.
+    async fn fence(s: &mut TcpStream) {
+        s.write_all(&ping(b"fence")).await.unwrap();
+        loop {
+            let f = tokio::time::timeout(Duration::from_secs(20), read_frame(s))
+                .await
+                .expect("no PONG")
+                .unwrap();
+            if f.flags & FLAG_COMMAND != 0
+                && command(&f.body).unwrap() == (&b"PONG"[..], &b"fence"[..])
+            {
+                return;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn subscriptions_are_a_set_per_peer_as_in_xpub() {
+        let mut p = Publisher::bind("127.0.0.1", 0, None).await.unwrap();
+        let mut s = raw_sub(p.local_addr(), b"SUB").await;
+        let _ready = read_frame(&mut s).await.unwrap();
+        // "a" twice (a 3.0 message, then a 3.1 command), one cancel.
+        s.write_all(&sub_msg(true, b"a")).await.unwrap();
+        let mut cmd = vec![9];
+        cmd.extend_from_slice(b"SUBSCRIBE");
+        cmd.push(b'a');
+        let mut out = Vec::new();
+        encode_frame(FLAG_COMMAND, &cmd, &mut out);
+        s.write_all(&out).await.unwrap();
+        s.write_all(&sub_msg(false, b"a")).await.unwrap();
+        fence(&mut s).await;
+        assert_eq!(p.subscribers(), 0, "one cancel ends a doubled subscription");
+        p.send(&[b"ab", b"x"]).await;
+        assert_eq!(p.unheard(), 1);
+    }
+
     #[tokio::test]
     async fn subscribe_receive_and_see_the_subscriber_leave() {
         let mut p = Publisher::bind("127.0.0.1", 0, None).await.unwrap();
@@ -1081,13 +1339,11 @@ mod tests {
         cmd.extend_from_slice(b"zz");
         s.write_all(&[0x04, cmd.len() as u8]).await.unwrap();
         s.write_all(&cmd).await.unwrap();
-        assert_eq!(
-            p.next_event().await,
-            Some(Event::Subscribe(b"abc".to_vec()))
-        );
-        assert_eq!(p.next_event().await, Some(Event::Subscribe(b"zz".to_vec())));
-        // Two subscriptions, one subscriber.
+        fence(&mut s).await;
+        assert_eq!(p.subscriptions(), [b"abc".to_vec(), b"zz".to_vec()]);
+        // Two subscriptions, one subscriber; both told (as one change).
         assert_eq!(p.subscribers(), 1);
+        p.subscriptions_changed().await;
 
         p.send(&[b"other", b"x"]).await; // nobody wants it
         p.send(&[b"abcd", b"payload"]).await;
@@ -1103,50 +1359,94 @@ mod tests {
         let f = read_frame(&mut s).await.unwrap();
         assert_eq!((f.flags, f.body.len()), (FLAG_LONG, 300));
 
+        // Leaving is a change, as if it had cancelled what it held.
         drop(s);
-        let mut gone = Vec::new();
-        for _ in 0..2 {
-            match p.next_event().await {
-                Some(Event::Unsubscribe(t)) => gone.push(t),
-                other => panic!("expected an unsubscribe, got {other:?}"),
-            }
-        }
-        gone.sort();
-        assert_eq!(gone, vec![b"abc".to_vec(), b"zz".to_vec()]);
+        tokio::time::timeout(Duration::from_secs(10), p.subscriptions_changed())
+            .await
+            .expect("the subscriber's leaving was not told");
         assert_eq!(p.peers(), 0);
+        assert_eq!(p.subscribers(), 0);
     }
 
+    /// A peer's subscriptions past its budget are ignored (logged), not
+    /// held; the peer keeps what fit, and its connection.
     #[tokio::test]
-    async fn a_peer_with_endless_subscriptions_is_dropped() {
+    async fn subscriptions_past_a_peers_budget_are_ignored_and_it_stays() {
+        let (logs, _guard) = capture_logs();
         let mut p = Publisher::bind("127.0.0.1", 0, None).await.unwrap();
         let mut s = raw_sub(p.local_addr(), b"SUB").await;
         let _ready = read_frame(&mut s).await.unwrap();
-        let mut burst = Vec::new();
-        for i in 0..=MAX_SUBSCRIPTIONS as u32 {
-            let mut body = vec![1];
-            body.extend_from_slice(&i.to_be_bytes());
-            encode_frame(0, &body, &mut burst);
+        let topic = |i: u32| {
+            let mut t = format!("t{i:04}.").into_bytes();
+            t.resize(1000, b'x');
+            t
+        };
+        // 100 KB of topics, where a peer may hold 64 KiB.
+        for i in 0..100 {
+            s.write_all(&sub_msg(true, &topic(i))).await.unwrap();
         }
-        // The publisher may close mid-burst; what matters is what it does.
-        let _ = s.write_all(&burst).await;
-        // Every subscription it made is cancelled when it is dropped.
-        let mut subscribed = 0usize;
-        let dropped = tokio::time::timeout(Duration::from_secs(10), async {
-            while let Some(ev) = p.next_event().await {
-                match ev {
-                    Event::Subscribe(_) => subscribed += 1,
-                    Event::Unsubscribe(_) => {
-                        subscribed -= 1;
-                        if subscribed == 0 {
-                            return;
-                        }
-                    }
-                }
-            }
-        })
-        .await;
-        assert!(dropped.is_ok(), "the peer was not dropped");
-        assert_eq!(p.peers(), 0);
+        fence(&mut s).await;
+        let held = p.subscriptions();
+        let bytes: usize = held.iter().map(|t| t.len()).sum();
+        assert!(
+            bytes <= MAX_SUBSCRIPTION_BYTES,
+            "{} subscriptions of {bytes} bytes held",
+            held.len()
+        );
+        assert_eq!(p.peers(), 1);
+        assert_eq!(held[0], topic(0), "the first ones are kept");
+        let text = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+        let warns: Vec<_> = text.lines().filter(|l| l.contains("WARN")).collect();
+        assert_eq!(warns.len(), 1, "{text}");
+        assert!(
+            warns[0].contains(&s.local_addr().unwrap().to_string()),
+            "{text}"
+        );
+        // What it holds still reaches it; what was ignored does not.
+        p.send(&[&topic(0), b"x"]).await;
+        p.send(&[&topic(99), b"x"]).await;
+        assert_eq!(p.unheard(), 1);
+        // A cancel makes room for another.
+        s.write_all(&sub_msg(false, &topic(0))).await.unwrap();
+        s.write_all(&sub_msg(true, &topic(99))).await.unwrap();
+        fence(&mut s).await;
+        let now = p.subscriptions();
+        assert!(now.contains(&topic(99)) && !now.contains(&topic(0)));
+        assert_eq!(now.len(), held.len());
+    }
+
+    #[tokio::test]
+    async fn a_subscription_to_an_overlong_topic_is_ignored() {
+        let p = Publisher::bind("127.0.0.1", 0, None).await.unwrap();
+        let mut s = raw_sub(p.local_addr(), b"SUB").await;
+        let _ready = read_frame(&mut s).await.unwrap();
+        s.write_all(&sub_msg(true, &[b'a'; 1025])).await.unwrap();
+        s.write_all(&sub_msg(true, &[b'b'; 1024])).await.unwrap();
+        fence(&mut s).await;
+        let held: Vec<usize> = p.subscriptions().iter().map(|t| t.len()).collect();
+        assert_eq!(held, [MAX_TOPIC]);
+        assert_eq!(p.peers(), 1);
+    }
+
+    #[tokio::test]
+    async fn endless_short_subscriptions_stop_at_the_budget_too() {
+        let p = Publisher::bind("127.0.0.1", 0, None).await.unwrap();
+        let mut s = raw_sub(p.local_addr(), b"SUB").await;
+        let _ready = read_frame(&mut s).await.unwrap();
+        let mut burst = Vec::new();
+        for i in 0..10_000u32 {
+            burst.extend_from_slice(&sub_msg(true, &i.to_be_bytes()));
+        }
+        s.write_all(&burst).await.unwrap();
+        fence(&mut s).await;
+        let held = p.subscriptions().len();
+        assert_eq!(
+            held,
+            MAX_SUBSCRIPTION_BYTES / (4 + SUBSCRIPTION_OVERHEAD),
+            "each counts its bookkeeping, not only its 4 bytes"
+        );
+        assert_eq!(p.peers(), 1);
+        drop(s);
     }
 
     #[tokio::test]
@@ -1164,9 +1464,8 @@ mod tests {
         let mut s = raw_sub(p.local_addr(), b"SUB").await;
         let _ready = read_frame(&mut s).await.unwrap();
         s.write_all(&[0x00, 1, 1]).await.unwrap();
-        for _ in 0..3 {
-            p.next_event().await.unwrap();
-        }
+        fence(&mut mon).await;
+        fence(&mut s).await;
         // The monitor (lossy) is not a subscriber.
         assert_eq!(p.subscribers(), 1);
         let n = 20_000u32;
@@ -1215,6 +1514,229 @@ mod tests {
         assert_eq!(command(&pong.body).unwrap(), (&b"PONG"[..], &b"cx"[..]));
     }
 
+    /// How many subscription changes the application could take now without
+    /// waiting: what a busy main loop has left piling up.
+    async fn pending_changes(p: &mut Publisher) -> usize {
+        let mut n = 0;
+        while tokio::time::timeout(Duration::from_millis(20), p.subscriptions_changed())
+            .await
+            .is_ok()
+        {
+            n += 1;
+        }
+        n
+    }
+
+    /// Subscribe/cancel churn while the application is busy elsewhere:
+    /// what it is told about stays one "changed", however many changes.
+    #[tokio::test]
+    async fn subscription_churn_piles_up_nothing_for_a_busy_publisher() {
+        let mut p = Publisher::bind("127.0.0.1", 0, None).await.unwrap();
+        let mut s = raw_sub(p.local_addr(), b"SUB").await;
+        let _ready = read_frame(&mut s).await.unwrap();
+        let topic = [b'x'; 200];
+        let burst = [sub_msg(true, &topic), sub_msg(false, &topic)]
+            .concat()
+            .repeat(1000);
+        for _ in 0..20 {
+            s.write_all(&burst).await.unwrap();
+        }
+        s.write_all(&sub_msg(true, b"last")).await.unwrap();
+        fence(&mut s).await;
+        let pending = pending_changes(&mut p).await;
+        assert!(pending <= 1, "{pending} changes pending");
+        assert_eq!(p.subscribers(), 1);
+        // Leaving is one change too, whatever it held.
+        s.write_all(&burst[..burst.len() / 2]).await.unwrap();
+        fence(&mut s).await;
+        drop(s);
+        let left = tokio::time::timeout(Duration::from_secs(10), async {
+            while p.peers() > 0 {
+                p.subscriptions_changed().await;
+            }
+        });
+        assert!(left.await.is_ok(), "the peer's leaving was not told");
+        let pending = pending_changes(&mut p).await;
+        assert!(
+            pending <= 1,
+            "{pending} changes pending after the peer left"
+        );
+        assert_eq!(p.subscribers(), 0);
+    }
+
+    /// The most bytes any peer has waiting in its buffer now.
+    fn most_buffered(p: &Publisher) -> usize {
+        let peers = p.shared.peers();
+        peers.iter().map(|p| p.lock().buf.len()).max().unwrap_or(0)
+    }
+
+    #[tokio::test]
+    async fn a_long_ping_context_is_echoed_cut_to_16_bytes_as_libzmq_does() {
+        let p = Publisher::bind("127.0.0.1", 0, None).await.unwrap();
+        let mut s = raw_sub(p.local_addr(), b"SUB").await;
+        let _ready = read_frame(&mut s).await.unwrap();
+        let context: Vec<u8> = (0..60_000u32).map(|i| i as u8).collect();
+        s.write_all(&ping(&context)).await.unwrap();
+        let pong = tokio::time::timeout(Duration::from_secs(5), read_frame(&mut s))
+            .await
+            .expect("no PONG")
+            .unwrap();
+        let (name, echoed) = command(&pong.body).unwrap();
+        assert_eq!(name, b"PONG");
+        assert!(
+            echoed == &context[..16],
+            "a PONG context of {} bytes",
+            echoed.len()
+        );
+    }
+
+    /// A peer that sends PINGs and never reads: its PONGs stop at its
+    /// high-water mark (the publisher stops reading from it), and once it
+    /// reads, every PING is answered.
+    #[tokio::test]
+    async fn pings_from_a_peer_that_does_not_read_stop_at_its_high_water_mark() {
+        let p = Publisher::bind("127.0.0.1", 0, None).await.unwrap();
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.set_recv_buffer_size(4096).unwrap();
+        let mut s = sock.connect(p.local_addr()).await.unwrap();
+        rfc_peer::handshake(&mut s, b"SUB").await;
+        let _ready = read_frame(&mut s).await.unwrap();
+        let (rd, mut wr) = s.into_split();
+        // Far more PONGs than the high-water mark and the kernel's buffers.
+        let one = ping(&[7u8; 16]);
+        let pings = (8 << 20) / one.len();
+        let writer = tokio::spawn(async move {
+            let chunk = one.repeat(4096);
+            for _ in 0..pings / 4096 {
+                wr.write_all(&chunk).await.unwrap();
+            }
+            wr
+        });
+        let pings = pings / 4096 * 4096;
+        let bound = HIGH_WATER_BYTES + 32;
+        let mut most = 0;
+        // Until the buffer reaches the mark (the PONGs are more than the
+        // kernel's buffers take), then a while longer, to see it stay there.
+        let mut after = None;
+        let watched = tokio::time::timeout(Duration::from_secs(60), async {
+            while after.is_none_or(|n| n > 0) && most <= bound {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                most = most.max(most_buffered(&p));
+                if most + 32 >= HIGH_WATER_BYTES {
+                    after = Some(after.unwrap_or(100) - 1);
+                }
+            }
+        });
+        let reached = watched.await.is_ok();
+        assert!(most <= bound, "{most} bytes of PONGs buffered");
+        assert!(
+            reached,
+            "the PONGs never reached the high-water mark ({most} bytes)"
+        );
+        // Now read: every PING gets its PONG.
+        let mut rd = tokio::io::BufReader::new(rd);
+        for _ in 0..pings {
+            let f = tokio::time::timeout(Duration::from_secs(30), read_frame(&mut rd))
+                .await
+                .expect("a PONG is missing")
+                .unwrap();
+            assert_eq!(command(&f.body).unwrap(), (&b"PONG"[..], &[7u8; 16][..]));
+            most = most.max(most_buffered(&p));
+        }
+        assert!(most <= bound, "{most} bytes of PONGs buffered");
+        drop(writer.await.unwrap());
+    }
+
+    /// Log lines written while the returned guard lives, on this thread
+    /// (a `#[tokio::test]` runs every task on it).
+    fn capture_logs() -> (Arc<Mutex<Vec<u8>>>, tracing::subscriber::DefaultGuard) {
+        #[derive(Clone)]
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf(Arc::default());
+        let w = buf.clone();
+        let sub = tracing_subscriber::fmt()
+            .with_writer(move || w.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::WARN)
+            .finish();
+        (buf.0, tracing::subscriber::set_default(sub))
+    }
+
+    /// A flood of connections that are not ZMTP: one WARN, not one each.
+    #[tokio::test]
+    async fn rejected_connections_are_logged_rate_limited() {
+        let (logs, _guard) = capture_logs();
+        let p = Publisher::bind("127.0.0.1", 0, None).await.unwrap();
+        for _ in 0..50 {
+            let mut c = TcpStream::connect(p.local_addr()).await.unwrap();
+            c.write_all(&[0u8; 64]).await.unwrap();
+            // Closed by the publisher once it has judged (and logged) it.
+            let mut rest = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut rest))
+                .await
+                .expect("a bad greeting was not refused");
+        }
+        let text = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+        let warns = text.lines().filter(|l| l.contains("WARN")).count();
+        assert!(warns <= 2, "{warns} WARN lines:\n{text}");
+        assert_eq!(p.refused(), 50);
+        assert!(text.contains("bad signature"), "{text}");
+    }
+
+    /// Past its connection limit a publisher closes a new connection at
+    /// once, ungreeted, and takes one again when one has gone.
+    #[tokio::test]
+    async fn connections_past_the_limit_are_refused() {
+        let (logs, _guard) = capture_logs();
+        let p = Publisher::bind_serving("127.0.0.1", 0, None, 3)
+            .await
+            .unwrap();
+        let greeted = |mut c: TcpStream| async move {
+            let mut g = [0u8; 64];
+            let r = tokio::time::timeout(Duration::from_secs(10), c.read_exact(&mut g)).await;
+            r.expect("neither greeted nor closed").ok().map(|_| c)
+        };
+        // Three half-open connections (never greeting back) hold every slot.
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            let c = TcpStream::connect(p.local_addr()).await.unwrap();
+            held.push(greeted(c).await.expect("a connection within the limit"));
+        }
+        for _ in 0..5 {
+            let c = TcpStream::connect(p.local_addr()).await.unwrap();
+            assert!(
+                greeted(c).await.is_none(),
+                "a connection past the limit was served"
+            );
+        }
+        assert_eq!(p.refused(), 5);
+        let text = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+        let warns = text.lines().filter(|l| l.contains("WARN")).count();
+        assert_eq!(warns, 1, "{text}");
+        assert!(text.contains("3 connections are open"), "{text}");
+        // One leaves: its slot is free once the publisher has seen it go.
+        drop(held.pop());
+        let served = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let c = TcpStream::connect(p.local_addr()).await.unwrap();
+                if let Some(c) = greeted(c).await {
+                    return c;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+        held.push(served.await.expect("a freed slot was not taken again"));
+    }
+
     #[tokio::test]
     async fn a_pub_socket_cannot_subscribe() {
         let p = Publisher::bind("127.0.0.1", 0, None).await.unwrap();
@@ -1235,7 +1757,8 @@ mod tests {
         let mut s = raw_sub(p.local_addr(), b"SUB").await;
         let _ready = read_frame(&mut s).await.unwrap();
         s.write_all(&[0x00, 1, 1]).await.unwrap();
-        assert_eq!(p.next_event().await, Some(Event::Subscribe(vec![])));
+        fence(&mut s).await;
+        assert!(p.subscribers() > 0);
         s
     }
 
@@ -1328,7 +1851,8 @@ mod tests {
         let mut s = raw_sub(p.local_addr(), b"SUB").await;
         let _ready = read_frame(&mut s).await.unwrap();
         s.write_all(&[0x00, 1, 1]).await.unwrap();
-        assert_eq!(p.next_event().await, Some(Event::Subscribe(vec![])));
+        fence(&mut s).await;
+        assert_eq!(p.subscriptions(), [Vec::<u8>::new()]);
         let n = 20_000u32;
         let payload = vec![b'x'; 1000];
         // Far more than the high-water mark plus socket buffers: the sender

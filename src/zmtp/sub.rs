@@ -478,8 +478,8 @@ mod tests {
         let topics = ["a.".to_string(), "c".to_string()];
         let mut s = Subscriber::new("127.0.0.1", port, &topics, 1 << 20);
         expect_connected(&mut s).await;
-        for _ in 0..2 {
-            p.next_event().await.unwrap();
+        while p.subscriptions().len() < 2 {
+            p.subscriptions_changed().await;
         }
         let big = vec![7u8; 100_000];
         let mut want = Vec::new();
@@ -510,8 +510,8 @@ mod tests {
         let topics = ["a.".to_string(), "c".to_string()];
         let mut s = Subscriber::new("127.0.0.1", port, &topics, 1 << 20).leave_on(leave.clone());
         expect_connected(&mut s).await;
-        for _ in 0..2 {
-            p.next_event().await.unwrap();
+        while p.subscriptions().len() < 2 {
+            p.subscriptions_changed().await;
         }
         // Two prefixes, one subscriber.
         assert_eq!(p.subscribers(), 1);
