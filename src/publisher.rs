@@ -56,6 +56,10 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
     let svc = Service::start(name, pcfg.stale_after, move || {
         format!("{} queued messages", queued())
     });
+    match crate::service::raise_nofile() {
+        Ok(n) => tracing::debug!("publisher {name}: open-files limit {n}"),
+        Err(e) => tracing::warn!("publisher {name}: cannot raise the open-files limit: {e}"),
+    }
     let endpoint = pcfg.endpoint();
     let mut bus = BusPublisher::bind(&endpoint).await.map_err(|e| {
         Failure::new(

@@ -88,6 +88,21 @@ impl Notifier {
     }
 }
 
+/// Raises the soft open-files limit to the hard one. A low soft limit (the
+/// 1024 systemd and most containers give, a test's 64) is what runs out
+/// first: a publisher serves up to 1024 connections and the health daemon
+/// 64 at once, each a descriptor, on top of their own files and sockets.
+/// The hard limit is the process's for the asking. Returns the new soft
+/// limit, or why it could not be read or raised.
+pub fn raise_nofile() -> Result<u64, String> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(|e| e.to_string())?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard).map_err(|e| e.to_string())?;
+    }
+    Ok(hard.max(soft))
+}
+
 /// What the watchdog looks at before it pings: the main loop beats, and data
 /// flows (or the feed is legitimately idle).
 pub struct Liveness {

@@ -358,3 +358,55 @@ fn status_says_it_holds_the_first_message_for_subscribers() {
     p.signal(nix::sys::signal::Signal::SIGTERM);
     assert_eq!(p.wait(FLUSH_LIMIT + MARGIN).code(), Some(0));
 }
+
+/// A publisher started with a low soft open-files limit (64, as a test or
+/// container may give; systemd gives 1024, below the publisher's 1024
+/// connections) raises it to the hard limit and greets every subscriber,
+/// instead of failing to accept once its descriptors run out.
+#[test]
+fn a_low_soft_open_files_limit_does_not_turn_subscribers_away() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_test_port();
+    let cfg = dir.path().join("nbpy.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[publishers.synth]\nendpoint = \"tcp://127.0.0.1:{port}\"\nwait_for_subscribers = 1000\n"
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("publisher.log");
+    let f = std::fs::File::create(&log).unwrap();
+    let child = Command::new("prlimit")
+        .args(["--nofile=64:4096", "--"])
+        .arg(bin_path("nbpy-publisher"))
+        .args(["--config", cfg.to_str().unwrap(), "synth"])
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("WATCHDOG_USEC")
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(f.try_clone().unwrap()))
+        .stderr(Stdio::from(f))
+        .spawn()
+        .expect("spawn nbpy-publisher under prlimit");
+    let mut p = Proc { child, log };
+    p.wait_log("bound", Duration::from_secs(20));
+    let mut held = Vec::new();
+    for i in 0..100 {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut g = [0u8; 64];
+        (g[0], g[9], g[10]) = (0xFF, 0x7F, 3);
+        g[12..16].copy_from_slice(b"NULL");
+        s.write_all(&g).unwrap();
+        let mut theirs = [0u8; 64];
+        assert!(
+            s.read_exact(&mut theirs).is_ok(),
+            "connection {} of 100 was not greeted with a soft limit of 64 descriptors",
+            i + 1
+        );
+        held.push(s);
+    }
+    p.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(p.wait(FLUSH_LIMIT + MARGIN).code(), Some(0));
+}

@@ -104,20 +104,6 @@ pub async fn serve(
     }
 }
 
-/// Raises the soft open-files limit to the hard one. The daemon's
-/// descriptors (a bus connection per publisher, InfluxDB and HTTP clients)
-/// are few, but a low soft limit (a container's 1024, a test's 64) is what
-/// ran out; the hard limit is ours for the asking. Returns the new soft
-/// limit, or why it could not be read or raised.
-pub fn raise_nofile() -> Result<u64, String> {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(|e| e.to_string())?;
-    if soft < hard {
-        setrlimit(Resource::RLIMIT_NOFILE, hard, hard).map_err(|e| e.to_string())?;
-    }
-    Ok(hard.max(soft))
-}
-
 fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = status;

@@ -830,7 +830,7 @@ pub async fn run(cfg: &Config, listen: Option<&str>) -> Result<(), Failure> {
     let svc = Service::start("nbpy-health", Duration::from_secs(3600), String::new);
     // The daemon carries no data; its loop beating is what matters.
     svc.liveness.set_idle(true);
-    match http::raise_nofile() {
+    match crate::service::raise_nofile() {
         Ok(n) => tracing::debug!("health: open-files limit {n}"),
         Err(e) => tracing::warn!("health: cannot raise the open-files limit: {e}"),
     }
