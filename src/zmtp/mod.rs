@@ -599,8 +599,8 @@ impl Publisher {
         )
     }
 
-    /// A message is held for a full subscriber: call
-    /// [`Publisher::resume`] until this is false before the next
+    /// A message is held for a full subscriber: [`Publisher::resume`]
+    /// (or [`Publisher::retry`] until it returns `None`) before the next
     /// [`Publisher::try_send`].
     pub fn is_held(&self) -> bool {
         self.held.is_some()
@@ -682,13 +682,10 @@ impl Publisher {
     /// does not read). Messages nobody subscribed to go nowhere, as with
     /// any PUB.
     pub async fn send(&mut self, frames: &[&[u8]]) {
-        while self.is_held() {
-            self.resume().await;
-        }
+        // `resume` returns once nothing is held.
+        self.resume().await;
         if !self.try_send(frames) {
-            while self.is_held() {
-                self.resume().await;
-            }
+            self.resume().await;
         }
     }
 
