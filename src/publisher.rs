@@ -216,6 +216,8 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
     }
     // What is still queued is counted before the socket closes.
     bus.close();
+    // A feed still waiting for room in the queue gives up now.
+    rx.close();
     if feed_result.is_none() {
         // The queue can close (the feed's sender dropped with its future)
         // before the task's end is seen: fetch its result so a feed's
@@ -231,6 +233,12 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
         };
     }
     let dropped = stats.dropped.load(Ordering::Relaxed);
+    // Messages that took a seq but were never sent: queued for
+    // subscribers that had not come when the stop did, or stamped by a
+    // feed that was waiting for room. No subscriber can see them as a gap,
+    // so they are counted here.
+    let accepted = stats.accepted.load(Ordering::Relaxed);
+    let never_sent = accepted.saturating_sub(published + dropped);
     // Sent to no subscriber: before the first arrived (without
     // wait_for_subscribers), or after the last cancelled (subscribers
     // stop first and cancel, see `zmtp::sub`). Counted here because no
@@ -241,8 +249,19 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
     // fell behind or were still behind at the stop.
     let (stalled, undelivered) = bus.stalled();
     let monitors = bus.monitor_drops();
+    let held = match never_sent {
+        0 => String::new(),
+        n => format!(
+            ", {n} of the feed's {accepted} never sent ({})",
+            if started {
+                "still with the feed at the stop"
+            } else {
+                "held for subscribers that had not come"
+            }
+        ),
+    };
     let lost = format!(
-        "{undelivered} not delivered to {stalled} stalled subscriber(s), {monitors} not sent to stalled monitors"
+        "{undelivered} not delivered to {stalled} stalled subscriber(s), {monitors} not sent to stalled monitors{held}"
     );
     svc.stopping(&format!(
         "sent {published}, {unheard} to no subscriber, {lost}"

@@ -343,9 +343,10 @@ fn a_stalled_monitors_losses_are_in_the_stop_line() {
     );
 }
 
-/// Holding the first message for `wait_for_subscribers`, STATUS says so.
+/// Holding the first message for `wait_for_subscribers`, STATUS says so,
+/// and a stop before they come counts what it never sent.
 #[test]
-fn status_says_it_holds_the_first_message_for_subscribers() {
+fn status_says_it_holds_the_first_message_and_a_stop_counts_it() {
     let dir = tempfile::tempdir().unwrap();
     let (mut p, mut status, port) = publisher(dir.path(), "wait_for_subscribers = 2\n");
     status.until("holding, none connected", Duration::from_secs(10), |s| {
@@ -357,6 +358,13 @@ fn status_says_it_holds_the_first_message_for_subscribers() {
     });
     p.signal(nix::sys::signal::Signal::SIGTERM);
     assert_eq!(p.wait(FLUSH_LIMIT + MARGIN).code(), Some(0));
+    // What the feed had handed over when the stop came was never sent:
+    // no subscriber can see it as a gap, so the stop line counts it.
+    let stop = stop_line(&p.log_text());
+    assert!(stop.contains("sent 0 messages"), "{stop}");
+    let never = number_before(&stop, "of the feed's");
+    let of = number_before(&stop, "never sent (held for subscribers that had not come)");
+    assert!(never > 0 && never == of, "{stop}");
 }
 
 /// A publisher started with a low soft open-files limit (64, as a test or
