@@ -1236,12 +1236,16 @@ async fn betfair_certificate_login_renews_an_expired_session() {
 }
 
 /// Too many logins earn a temporary ban: not a credential problem (exit
-/// 77) but a temporary one, retried with the backoff until Betfair lifts it.
+/// 77) but a temporary one. Betfair bans new logins for 20 minutes, so the
+/// next login waits `login_ban_wait` (shortened here), not a backoff step.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn betfair_a_temporary_login_ban_is_retried_not_fatal() {
+async fn betfair_a_temporary_login_ban_is_waited_out_not_fatal() {
     let files = betfair_files();
     let password = secret(files.dir.path(), "betfair-password", "pw");
-    let logins = LoginServer::start(&files.pki, |_, n| {
+    let at = Arc::new(Mutex::new(Vec::new()));
+    let seen = at.clone();
+    let logins = LoginServer::start(&files.pki, move |_, n| {
+        seen.lock().unwrap().push(std::time::Instant::now());
         if n < 2 {
             json!({"sessionToken": "", "loginStatus": "TEMPORARY_BAN_TOO_MANY_REQUESTS"})
                 .to_string()
@@ -1266,6 +1270,8 @@ async fn betfair_a_temporary_login_ban_is_retried_not_fatal() {
     cfg.betfair.username = Some("punter".into());
     cfg.betfair.password_file = Some(password);
     cfg.betfair.login_url = Some(logins.url());
+    let ban_wait = Duration::from_millis(1500);
+    cfg.betfair.login_ban_wait = ban_wait;
     let mut feed = start(cfg);
     let stats = feed.stats.clone();
     until("the ban to be reported", WAIT, || {
@@ -1276,8 +1282,16 @@ async fn betfair_a_temporary_login_ban_is_retried_not_fatal() {
     .await;
     let e = feed.next().await;
     assert_eq!(s(&e, "selection_id").as_deref(), Some("47972"));
-    assert_eq!(logins.count(), 3, "retried until the ban was lifted");
+    assert_eq!(logins.count(), 3, "tried again until the ban was lifted");
     assert_eq!(server.connections(), 1, "no stream connection while banned");
+    let at = at.lock().unwrap().clone();
+    for pair in at.windows(2) {
+        let waited = pair[1] - pair[0];
+        assert!(
+            waited >= ban_wait,
+            "a login {waited:?} after a ban, before betfair.login_ban_wait = {ban_wait:?}"
+        );
+    }
     feed.stop().await;
 }
 

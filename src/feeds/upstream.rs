@@ -95,6 +95,12 @@ impl Backoff {
 #[allow(async_fn_in_trait)]
 pub(crate) trait Session {
     async fn session(&mut self, out: &mut Outlet<'_>) -> Result<Ended, Failure>;
+
+    /// How long the venue asked to be left alone after the session that
+    /// just ended (a ban on logins), if it did; the backoff is no shorter.
+    fn wait_at_least(&mut self) -> Option<Duration> {
+        None
+    }
 }
 
 /// A venue's connection life: run a session until it ends, then reconnect
@@ -117,21 +123,37 @@ pub(crate) async fn reconnect_loop(
         match ended {
             Ended::Stop => return Ok(()),
             Ended::Lost { why, productive } => {
-                let d = backoff.after(productive, t0.elapsed());
+                let mut d = backoff.after(productive, t0.elapsed());
+                if let Some(floor) = conn.wait_at_least() {
+                    // Up to a tenth more, so publishers banned together
+                    // do not all come back in the same second.
+                    let spread = rand::thread_rng().gen_range(Duration::ZERO..=floor / 10);
+                    d = d.max(floor + spread);
+                }
                 tracing::warn!(
-                    "publisher {}: {venue} stream {why}; reconnecting in {} ms",
+                    "publisher {}: {venue} stream {why}; reconnecting in {}",
                     ctx.name,
-                    d.as_millis()
+                    delay(d)
                 );
                 ctx.out.stats.lost(format!(
-                    "{venue} stream {why}; reconnecting in {} ms",
-                    d.as_millis()
+                    "{venue} stream {why}; reconnecting in {}",
+                    delay(d)
                 ));
                 if !pause(&ctx.shutdown, d).await {
                     return Ok(());
                 }
             }
         }
+    }
+}
+
+/// A reconnect delay as people read it: milliseconds while short (the
+/// backoff's steps), whole seconds once it is minutes (a ban).
+fn delay(d: Duration) -> String {
+    if d < Duration::from_secs(60) {
+        format!("{} ms", d.as_millis())
+    } else {
+        humantime::format_duration(Duration::from_secs(d.as_secs())).to_string()
     }
 }
 

@@ -25,12 +25,14 @@
 //! service manager retries later instead of this process piling on); an
 //! expired session is renewed once; a login refused with
 //! `TEMPORARY_BAN_TOO_MANY_REQUESTS` (the credentials are fine, Betfair
-//! lifts the ban by itself) and everything else reconnect with backoff.
+//! lifts the ban by itself, after 20 minutes) is tried again after
+//! `login_ban_wait`, and everything else reconnects with backoff.
 
 pub mod cache;
 mod stream;
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -70,6 +72,11 @@ pub struct BetfairConfig {
     /// Heartbeat Betfair sends when idle, 500..=30000 ms. Three missed
     /// heartbeats mean the connection is dead.
     pub heartbeat_ms: u64,
+    /// How long to leave the certificate login alone after Betfair
+    /// answered `TEMPORARY_BAN_TOO_MANY_REQUESTS`: it bans new logins for
+    /// 20 minutes, so trying again every 30 s only adds attempts.
+    #[serde(with = "humantime_serde")]
+    pub login_ban_wait: Duration,
 }
 
 impl Default for BetfairConfig {
@@ -90,6 +97,7 @@ impl Default for BetfairConfig {
             ladder_levels: 3,
             conflate_ms: None,
             heartbeat_ms: 5000,
+            login_ban_wait: Duration::from_secs(20 * 60),
         }
     }
 }

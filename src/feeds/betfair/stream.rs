@@ -124,6 +124,9 @@ struct Credentials {
     /// The current token has been accepted by the stream at least once, so
     /// a later session error means it expired rather than that it is wrong.
     proven: bool,
+    /// The last login was refused with a temporary ban: the next one waits
+    /// `login_ban_wait`.
+    banned: bool,
 }
 
 impl Credentials {
@@ -191,6 +194,7 @@ impl Credentials {
             source,
             token: None,
             proven: false,
+            banned: false,
         })
     }
 
@@ -215,7 +219,10 @@ impl Credentials {
                 password,
             } => match login(name, client, url, username, password, &self.app_key).await? {
                 Ok(t) => t,
-                Err(lost) => return Ok(Err(lost)),
+                Err(Refused { ended, banned }) => {
+                    self.banned = banned;
+                    return Ok(Err(ended));
+                }
             },
         };
         self.token = Some(token.clone());
@@ -228,6 +235,13 @@ impl Credentials {
         self.token = None;
         self.proven = false;
     }
+}
+
+/// A login that did not give a token, but may next time.
+struct Refused {
+    ended: Ended,
+    /// Betfair banned new logins for a while.
+    banned: bool,
 }
 
 #[derive(serde::Deserialize)]
@@ -247,11 +261,14 @@ async fn login(
     username: &str,
     password: &str,
     app_key: &str,
-) -> Result<Result<String, Ended>, Failure> {
+) -> Result<Result<String, Refused>, Failure> {
     let lost = |why: String| {
-        Ok(Err(Ended::Lost {
-            why,
-            productive: false,
+        Ok(Err(Refused {
+            ended: Ended::Lost {
+                why,
+                productive: false,
+            },
+            banned: false,
         }))
     };
     let resp = client
@@ -298,10 +315,17 @@ async fn login(
         (Some("SUCCESS"), Some(t)) if !t.is_empty() => Ok(Ok(t)),
         // Too many logins in a minute: Betfair bans new ones for a while
         // (20 minutes, it documents). The credentials are fine, so this is
-        // not exit 77 but a temporary failure, retried with the backoff.
-        (Some(status @ "TEMPORARY_BAN_TOO_MANY_REQUESTS"), _) => lost(format!(
-            "certificate login refused for now: a temporary ban after too many logins ({status}); Betfair lifts it by itself"
-        )),
+        // not exit 77 but a temporary failure, tried again once the ban is
+        // likely over (`login_ban_wait`), not every backoff step.
+        (Some(status @ "TEMPORARY_BAN_TOO_MANY_REQUESTS"), _) => Ok(Err(Refused {
+            ended: Ended::Lost {
+                why: format!(
+                    "certificate login refused for now: a temporary ban after too many logins ({status}); Betfair lifts it by itself, the next login waits betfair.login_ban_wait"
+                ),
+                productive: false,
+            },
+            banned: true,
+        })),
         (status, _) => Err(upstream::rejected(
             name,
             format!(
@@ -457,6 +481,10 @@ pub(super) async fn run(ctx: FeedContext) -> Result<(), Failure> {
 impl upstream::Session for Feed<'_> {
     async fn session(&mut self, out: &mut Outlet<'_>) -> Result<Ended, Failure> {
         Feed::session(self, out).await
+    }
+
+    fn wait_at_least(&mut self) -> Option<Duration> {
+        std::mem::take(&mut self.creds.banned).then_some(self.ctx.cfg.betfair.login_ban_wait)
     }
 }
 
