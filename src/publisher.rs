@@ -103,6 +103,8 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
     let mut feed_result: Option<Result<(), Failure>> = None;
     let mut started = false;
     let mut stop_by: Option<Instant> = None;
+    let unpaced = pcfg.feed.waits_for_bus() && pcfg.rate == 0.0;
+    let mut was_paused = false;
     loop {
         // Holding applies to the first message only: once sending, a
         // subscriber that leaves sees what it missed as a gap when it is
@@ -111,6 +113,24 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
             started = bus.subscribers() >= want;
         }
         let sending = started;
+        // A feed that waits for the bus and is paced by delivery alone
+        // (rate 0) has no one to deliver to while no subscriber is
+        // connected: it waits for one, instead of spending a core on
+        // messages for no one that every returning subscriber would then
+        // count as a gap. A stop still drains what was queued.
+        let paused = sending && unpaced && stop_by.is_none() && bus.subscribers() == 0;
+        if paused != was_paused {
+            was_paused = paused;
+            svc.liveness.set_idle(paused);
+            if paused {
+                tracing::info!("publisher {name}: no subscriber left; rate = 0 waits for one");
+            } else {
+                tracing::info!(
+                    "publisher {name}: {} subscriber(s), sending",
+                    bus.subscribers()
+                );
+            }
+        }
         // A message held for a full subscriber: get it (and the rest of
         // its burst) further; what is still held is waited for below.
         let wait = loop {
@@ -166,7 +186,7 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
             // A burst at a time, without going back through select: and
             // `recv` gave each message's queue slot back under the queue's
             // lock, one lock per message, where `recv_many` takes it once.
-            n = rx.recv_many(&mut burst, BURST), if sending && !held => {
+            n = rx.recv_many(&mut burst, BURST), if sending && !held && !paused => {
                 if n == 0 { break }
                 published += publish_burst(&mut bus, &mut burst, &mut next, pcfg.codec, &mut buf, &mut errors);
                 // A flat-out feed keeps this branch ready, and the tick
@@ -194,7 +214,11 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
                     (0, _) => String::new(),
                     (n, m) => format!(", {m} not delivered to {n} stalled subscriber(s)"),
                 };
-                let waiting = waiting_for(&bus, started, want);
+                let waiting = if was_paused {
+                    "paused until a subscriber connects (rate = 0), ".to_string()
+                } else {
+                    waiting_for(&bus, started, want)
+                };
                 svc.status(&format!(
                     "{} on {}: {waiting}{published} sent{unheard}, {rate:.0} msg/s, {} subscriber(s), {} dropped{}{stalled}{monitors}{upstream}",
                     pcfg.feed.name(), bus.endpoint, bus.subscribers(), stats.dropped.load(Ordering::Relaxed),

@@ -418,3 +418,43 @@ fn a_low_soft_open_files_limit_does_not_turn_subscribers_away() {
     p.signal(nix::sys::signal::Signal::SIGTERM);
     assert_eq!(p.wait(FLUSH_LIMIT + MARGIN).code(), Some(0));
 }
+
+/// Flat out (`rate = 0`) with no subscriber connected, a generated feed
+/// waits for one instead of spending a core on messages for no one: the
+/// first subscriber gets seq 1, and once the last one leaves, the count
+/// of sent messages stops until another comes.
+#[test]
+fn flat_out_with_no_subscriber_waits_for_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut p, mut status, port) = publisher(dir.path(), "rate = 0\nwait_for_subscribers = 0\n");
+    status.until("paused at the start", Duration::from_secs(10), |s| {
+        s.contains("paused until a subscriber connects (rate = 0), 0 sent")
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let mut sub = std::io::BufReader::new(raw_sub(port, &[b""]));
+    assert_eq!(
+        next_seq(&mut sub),
+        Some(1),
+        "the first subscriber's first message"
+    );
+    for want in 2..=2000 {
+        assert_eq!(next_seq(&mut sub), Some(want));
+    }
+    drop(sub);
+    let sent = |s: &str| number_before(s, "sent,");
+    let line = status.until(
+        "paused once the subscriber left",
+        Duration::from_secs(10),
+        |s| s.contains("paused until a subscriber connects"),
+    );
+    let later = status.until("a STATUS a second later", Duration::from_secs(5), |s| {
+        s.contains("paused until a subscriber connects")
+    });
+    assert_eq!(
+        sent(&later),
+        sent(&line),
+        "sent while paused:\n{line}\n{later}"
+    );
+    p.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(p.wait(FLUSH_LIMIT + MARGIN).code(), Some(0));
+}
