@@ -114,11 +114,12 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
         }
         let sending = started;
         // A feed that waits for the bus and is paced by delivery alone
-        // (rate 0) has no one to deliver to while no subscriber is
-        // connected: it waits for one, instead of spending a core on
-        // messages for no one that every returning subscriber would then
-        // count as a gap. A stop still drains what was queued.
-        let paused = sending && unpaced && stop_by.is_none() && bus.subscribers() == 0;
+        // (rate 0), told to wait for subscribers, waits again once the
+        // last one has left, instead of spending a core on messages for no
+        // one that a returning subscriber would count as a gap.
+        // (`wait_for_subscribers = 0` asks for no waiting at all.) A stop
+        // still drains what was queued.
+        let paused = sending && unpaced && want > 0 && stop_by.is_none() && bus.subscribers() == 0;
         if paused != was_paused {
             was_paused = paused;
             svc.liveness.set_idle(paused);
