@@ -79,6 +79,9 @@ pub struct LocalInfluxd {
     binary: PathBuf,
     http_port: u16,
     log: Option<std::fs::File>,
+    /// Started for `nbpy up`: SIGTERM when it dies (see
+    /// [`crate::service::die_with_parent`]), respawns included.
+    dies_with_parent: bool,
 }
 
 impl LocalInfluxd {
@@ -89,6 +92,19 @@ impl LocalInfluxd {
         dir: &Path,
         http_port: u16,
         log: Option<std::fs::File>,
+    ) -> std::io::Result<Self> {
+        Self::spawn_with(binary, dir, http_port, log, false)
+    }
+
+    /// [`spawn`](Self::spawn), and with `dies_with_parent` the influxd gets
+    /// SIGTERM when this process dies, however it dies: `nbpy up` killed
+    /// must not leave a database running that nothing will stop.
+    pub fn spawn_with(
+        binary: Option<&Path>,
+        dir: &Path,
+        http_port: u16,
+        log: Option<std::fs::File>,
+        dies_with_parent: bool,
     ) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let requested_port = http_port;
@@ -117,23 +133,27 @@ impl LocalInfluxd {
             None => (Stdio::null(), Stdio::null()),
         };
         let binary = binary.unwrap_or(Path::new("influxd"));
-        let child = Command::new(binary)
-            // Not in our process group: a Ctrl-C meant for `nbpy up` must not
-            // stop InfluxDB before the subscribers have drained into it.
-            .process_group(0)
+        let mut cmd = Command::new(binary);
+        // Not in our process group: a Ctrl-C meant for `nbpy up` must not
+        // stop InfluxDB before the subscribers have drained into it.
+        cmd.process_group(0)
             .arg("run")
             .arg("-config")
             .arg(&config)
             .stdin(Stdio::null())
             .stdout(out)
-            .stderr(err)
-            .spawn()?;
+            .stderr(err);
+        if dies_with_parent {
+            crate::service::die_with_parent(&mut cmd);
+        }
+        let child = cmd.spawn()?;
         Ok(LocalInfluxd {
             child: Some(child),
             addr,
             dir: dir.to_path_buf(),
             config,
             binary: binary.to_path_buf(),
+            dies_with_parent,
             http_port: requested_port,
             log,
         })
@@ -153,10 +173,23 @@ impl LocalInfluxd {
     /// listener may have taken one since (its log says "address already in
     /// use"). `addr` and `url()` name the instance that answered.
     pub fn wait_ready(&mut self, timeout: Duration) -> Result<Duration, String> {
+        self.wait_ready_unless(timeout, || false)
+    }
+
+    /// [`wait_ready`](Self::wait_ready), giving up once `stopped` says so
+    /// (a stop asked for while the database starts).
+    pub fn wait_ready_unless(
+        &mut self,
+        timeout: Duration,
+        stopped: impl Fn() -> bool,
+    ) -> Result<Duration, String> {
         const RESPAWNS: u32 = 3;
         let t0 = Instant::now();
         let mut respawns = 0;
         while t0.elapsed() < timeout {
+            if stopped() {
+                return Err("stopped while influxd was starting".into());
+            }
             if ping(&self.addr) {
                 return Ok(t0.elapsed());
             }
@@ -179,8 +212,14 @@ impl LocalInfluxd {
                         Some(f) => Some(f.try_clone().map_err(|e| format!("influxd log: {e}"))?),
                         None => None,
                     };
-                    *self = LocalInfluxd::spawn(Some(&self.binary), &self.dir, self.http_port, log)
-                        .map_err(|e| format!("starting influxd again: {e}"))?;
+                    *self = LocalInfluxd::spawn_with(
+                        Some(&self.binary),
+                        &self.dir,
+                        self.http_port,
+                        log,
+                        self.dies_with_parent,
+                    )
+                    .map_err(|e| format!("starting influxd again: {e}"))?;
                     continue;
                 }
             }
@@ -219,7 +258,13 @@ impl LocalInfluxd {
             .next()
             .and_then(|p| p.parse().ok())
             .unwrap_or(0);
-        let fresh = LocalInfluxd::spawn(Some(&self.binary), &self.dir, port, log)?;
+        let fresh = LocalInfluxd::spawn_with(
+            Some(&self.binary),
+            &self.dir,
+            port,
+            log,
+            self.dies_with_parent,
+        )?;
         *self = fresh;
         Ok(())
     }

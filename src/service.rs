@@ -198,6 +198,16 @@ impl Service {
         stale_after: Duration,
         abandoned: impl Fn() -> String + Send + Sync + 'static,
     ) -> Arc<Self> {
+        Self::start_with(name, stale_after, abandoned, SecondTerm::ExitNow)
+    }
+
+    /// [`start`](Self::start), choosing what a second SIGTERM does.
+    pub fn start_with(
+        name: impl Into<String>,
+        stale_after: Duration,
+        abandoned: impl Fn() -> String + Send + Sync + 'static,
+        second_term: SecondTerm,
+    ) -> Arc<Self> {
         let notifier = Notifier::from_env().unwrap_or_else(|e| {
             tracing::warn!("NOTIFY_SOCKET unusable ({e}); running without sd_notify");
             Notifier::disabled()
@@ -211,7 +221,7 @@ impl Service {
         });
         svc.liveness.beat();
         svc.liveness.data();
-        spawn_signals(svc.clone(), Box::new(abandoned));
+        spawn_signals(svc.clone(), Box::new(abandoned), second_term);
         if let Some(period) = sd_notify::watchdog_enabled() {
             spawn_watchdog(svc.clone(), period);
         }
@@ -240,7 +250,51 @@ impl Service {
     }
 }
 
-fn spawn_signals(svc: Arc<Service>, abandoned: Box<dyn Fn() -> String + Send + Sync>) {
+/// Makes the child `cmd` starts get SIGTERM when this process dies,
+/// however it dies (SIGKILL included), so that it stops in its own orderly
+/// way instead of running on with no one to stop it. Linux sends it when
+/// the thread that forked exits: callers fork from threads that live as
+/// long as the process (the runtime's workers, the main thread), never
+/// from a blocking pool's thread, which ends when idle.
+pub fn die_with_parent(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    let parent = nix::unistd::getpid();
+    // SAFETY: between fork and exec the closure makes only two system
+    // calls (prctl, getppid) and builds its error without allocating,
+    // which is all that is allowed in a child of a threaded process.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(Some(nix::sys::signal::Signal::SIGTERM))
+                .map_err(|e| std::io::Error::from_raw_os_error(e as i32))?;
+            // Dead before the prctl took hold: the signal never comes.
+            if nix::unistd::getppid() != parent {
+                return Err(std::io::Error::from_raw_os_error(
+                    nix::errno::Errno::ESRCH as i32,
+                ));
+            }
+            Ok(())
+        });
+    }
+}
+
+/// What a second SIGTERM does while a stop is under way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecondTerm {
+    /// Exit at once, abandoning what is held: a daemon's contract (systemd
+    /// sends one SIGTERM; a second comes from a person who means it).
+    ExitNow,
+    /// Nothing: the stop under way goes on. For `nbpy up`, whose stop is
+    /// asked for by `nbpy down`, which may run twice (impatience, a
+    /// timeout); abandoning the children there would leave them running.
+    /// A second SIGINT (Ctrl-C twice) still exits at once.
+    Ignore,
+}
+
+fn spawn_signals(
+    svc: Arc<Service>,
+    abandoned: Box<dyn Fn() -> String + Send + Sync>,
+    second_term: SecondTerm,
+) {
     use tokio::signal::unix::{signal, SignalKind};
     tokio::spawn(async move {
         let (Ok(mut term), Ok(mut int)) = (
@@ -251,10 +305,23 @@ fn spawn_signals(svc: Arc<Service>, abandoned: Box<dyn Fn() -> String + Send + S
             return;
         };
         let which = tokio::select! { _ = term.recv() => "SIGTERM", _ = int.recv() => "SIGINT" };
-        tracing::info!("{which}: stopping intake and draining (a second signal exits at once)");
+        let again = match second_term {
+            SecondTerm::ExitNow => "a second signal",
+            SecondTerm::Ignore => "a second SIGINT",
+        };
+        tracing::info!("{which}: stopping intake and draining ({again} exits at once)");
         svc.stopping("draining");
         svc.shutdown.cancel();
-        let which = tokio::select! { _ = term.recv() => "SIGTERM", _ = int.recv() => "SIGINT" };
+        let which = loop {
+            let which = tokio::select! { _ = term.recv() => "SIGTERM", _ = int.recv() => "SIGINT" };
+            if which == "SIGTERM" && second_term == SecondTerm::Ignore {
+                tracing::info!(
+                    "SIGTERM again: already stopping in order (a second SIGINT exits at once)"
+                );
+                continue;
+            }
+            break which;
+        };
         let left = abandoned();
         tracing::error!("second {which}: exiting now, abandoning {left}");
         // Not `eprintln!`: with stderr gone it panics, the task dies and

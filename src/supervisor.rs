@@ -54,13 +54,23 @@ pub struct UpStatus {
     pub grafana: String,
     pub started_unix: u64,
     pub children: Vec<ChildState>,
+    /// Once stopped: whether every child stopped cleanly (`nbpy down`
+    /// says so in its exit code).
+    #[serde(default)]
+    pub stopped_cleanly: Option<bool>,
 }
 
-/// The state directory `nbpy up` uses: the configured one when writable,
-/// else `~/.local/state/nbpy` (a non-root user cannot write /var/lib).
+/// The state directory `nbpy up` uses: a configured one always (unwritable,
+/// `nbpy up` says so and stops: silently running elsewhere would start on
+/// an empty database without its spool, and leave `nbpy down` looking in
+/// the wrong place); the default `/var/lib/nbpy` when writable, else
+/// `~/.local/state/nbpy` (a non-root user's quick start).
 /// Nothing is created here (`nbpy doctor` and `nbpy status` only look).
 pub fn state_dir(cfg: &Config) -> PathBuf {
     let configured = cfg.state_dir.clone();
+    if configured != Config::default().state_dir {
+        return configured;
+    }
     // The configured directory, or the nearest existing ancestor, must be
     // writable for `nbpy up` to use it.
     let probe = configured
@@ -153,8 +163,20 @@ struct Child {
     notify: PathBuf,
     next_restart: Option<Instant>,
     backoff: Duration,
+    /// When the running process was started: a run this long resets the
+    /// backoff (as systemd's start-rate window forgets old failures).
+    started_at: Instant,
     done: bool,
 }
+
+/// A child that ran this long before it exited was healthy: its restart
+/// waits the shortest backoff again, not the doubled one.
+const HEALTHY_RUN: Duration = Duration::from_secs(60);
+
+/// Exit codes that a restart cannot fix (64 usage, 77 a refused
+/// credential, 78 configuration): not restarted, as the units'
+/// `RestartPreventExitStatus=64 77 78`.
+const NO_RESTART: [i32; 3] = [64, 77, 78];
 
 struct Up {
     dir: PathBuf,
@@ -218,6 +240,7 @@ impl Up {
             notify,
             next_restart: None,
             backoff: Duration::from_secs(1),
+            started_at: Instant::now(),
             done: false,
         };
         start(&mut c)?;
@@ -341,9 +364,26 @@ impl Up {
                         s.state = "finished".into();
                         c.done = true;
                         say(&format!("{} {} finished", s.role, s.name));
+                    } else if status.code().is_some_and(|c| NO_RESTART.contains(&c)) {
+                        s.state = "failed".into();
+                        s.ready = false;
+                        s.status.clear();
+                        c.done = true;
+                        say(&format!(
+                            "{} {} exited ({status}): not restarted, a restart cannot fix that; the reason is at the end of {}:\n{}",
+                            s.role,
+                            s.name,
+                            s.log.display(),
+                            tail(&s.log, 5)
+                        ));
                     } else {
                         s.state = "exited".into();
                         s.ready = false;
+                        // Its last STATUS (a rate, a count) no longer holds.
+                        s.status.clear();
+                        if c.started_at.elapsed() >= HEALTHY_RUN {
+                            c.backoff = Duration::from_secs(1);
+                        }
                         say(&format!(
                             "{} {} exited ({status}); restarting in {:?} (log: {})",
                             s.role,
@@ -395,7 +435,9 @@ impl Up {
             {
                 let Some(mut p) = c.proc.take() else { continue };
                 let name = c.state.lock().map(|s| s.name.clone()).unwrap_or_default();
-                match tokio::time::timeout(timeout, p.wait()).await {
+                // One deadline for the role: they were all signalled at
+                // once, so three hung ones take `timeout`, not three times it.
+                match tokio::time::timeout_at((t0 + timeout).into(), p.wait()).await {
                     Ok(Ok(st)) if st.success() => {}
                     Ok(Ok(st)) => {
                         clean = false;
@@ -437,12 +479,12 @@ fn start(c: &mut Child) -> Result<(), Failure> {
     let err = log
         .try_clone()
         .map_err(|e| Failure::new(CANTCREAT, anyhow::anyhow!("{}: {e}", log_path.display())))?;
-    let child = tokio::process::Command::new(&c.bin)
-        // A group of its own: a terminal's Ctrl-C (SIGINT to the whole
-        // foreground group) must reach `nbpy up` only, which then stops the
-        // children in order. A subscriber that heard it too would take our
-        // SIGTERM as a second signal and abandon what it holds.
-        .process_group(0)
+    let mut cmd = std::process::Command::new(&c.bin);
+    // A group of its own: a terminal's Ctrl-C (SIGINT to the whole
+    // foreground group) must reach `nbpy up` only, which then stops the
+    // children in order. A subscriber that heard it too would take our
+    // SIGTERM as a second signal and abandon what it holds.
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0)
         .args(&c.args)
         .env("NOTIFY_SOCKET", &c.notify)
         .env("WATCHDOG_USEC", "10000000")
@@ -450,7 +492,12 @@ fn start(c: &mut Child) -> Result<(), Failure> {
         .env("NBPY_LOG__FORMAT", "text")
         .stdin(std::process::Stdio::null())
         .stdout(log)
-        .stderr(err)
+        .stderr(err);
+    // `nbpy up` gone (killed, or Ctrl-C twice): the children stop on
+    // their own, in their own order, instead of running on orphaned.
+    crate::service::die_with_parent(&mut cmd);
+    let child = tokio::process::Command::from(cmd)
+        .kill_on_drop(false)
         .spawn()
         .map_err(|e| {
             Failure::new(
@@ -460,6 +507,7 @@ fn start(c: &mut Child) -> Result<(), Failure> {
         })?;
     let pid = child.id();
     c.proc = Some(child);
+    c.started_at = Instant::now();
     if let Ok(mut s) = c.state.lock() {
         s.pid = pid;
         s.state = "starting".into();
@@ -511,7 +559,11 @@ pub fn tail(path: &Path, n: usize) -> String {
 }
 
 /// Phase 1: an InfluxDB that answers, or a private one, or the file sink.
-async fn backends(cfg: &mut Config, dir: &Path) -> Result<(Option<LocalInfluxd>, String), Failure> {
+async fn backends(
+    cfg: &mut Config,
+    dir: &Path,
+    stop: &tokio_util::sync::CancellationToken,
+) -> Result<(Option<LocalInfluxd>, String), Failure> {
     let client = InfluxClient::new(&cfg.influxdb)?;
     if client.file_sink().is_none() && client.ping().await.is_ok() {
         return Ok((
@@ -537,19 +589,25 @@ async fn backends(cfg: &mut Config, dir: &Path) -> Result<(Option<LocalInfluxd>,
         };
         let log = std::fs::File::create(dir.join("logs/influxd.log"))
             .map_err(|e| Failure::new(CANTCREAT, anyhow::anyhow!("influxd log: {e}")))?;
-        let mut local = LocalInfluxd::spawn(Some(&influxd), &dir.join("influxdb"), port, Some(log))
+        let mut local =
+            LocalInfluxd::spawn_with(Some(&influxd), &dir.join("influxdb"), port, Some(log), true)
+                .map_err(|e| {
+                    Failure::new(
+                        UNAVAILABLE,
+                        anyhow::anyhow!("starting {}: {e}", influxd.display()),
+                    )
+                })?;
+        let took = local
+            .wait_ready_unless(Duration::from_secs(30), || stop.is_cancelled())
             .map_err(|e| {
+                if stop.is_cancelled() {
+                    return Failure::new(TEMPFAIL, anyhow::anyhow!("stopped during start-up"));
+                }
                 Failure::new(
                     UNAVAILABLE,
-                    anyhow::anyhow!("starting {}: {e}", influxd.display()),
+                    anyhow::anyhow!("{e}; see {}", dir.join("logs/influxd.log").display()),
                 )
             })?;
-        let took = local.wait_ready(Duration::from_secs(30)).map_err(|e| {
-            Failure::new(
-                UNAVAILABLE,
-                anyhow::anyhow!("{e}; see {}", dir.join("logs/influxd.log").display()),
-            )
-        })?;
         cfg.influxdb.url = local.url();
         let what = format!(
             "InfluxDB at {} (started by nbpy up from {}, ready in {took:.1?})",
@@ -599,22 +657,13 @@ pub async fn up(mut cfg: Config, opts: UpOptions) -> Result<(), Failure> {
         })?;
     }
     cfg.state_dir = dir.clone();
-    let pid_file = dir.join("up.pid");
-    if let Some(pid) = running_pid(&dir) {
-        return Err(Failure::new(
-            TEMPFAIL,
-            anyhow::anyhow!(
-                "nbpy up is already running (pid {pid}, state {}); `nbpy down` stops it",
-                dir.display()
-            ),
-        ));
-    }
-    std::fs::write(&pid_file, std::process::id().to_string())
-        .map_err(|e| Failure::new(CANTCREAT, anyhow::anyhow!("{}: {e}", pid_file.display())))?;
-    let _pid_guard = RemoveOnDrop(pid_file.clone());
-    let stop = crate::service::Service::start("nbpy-up", Duration::from_secs(3600), || {
-        "the supervised children".into()
-    });
+    let _claim = Claim::take(&dir)?;
+    let stop = crate::service::Service::start_with(
+        "nbpy-up",
+        Duration::from_secs(3600),
+        || "the supervised children (they get SIGTERM and stop on their own)".into(),
+        crate::service::SecondTerm::Ignore,
+    );
     // A closed terminal sends SIGHUP to its foreground group, which holds
     // `nbpy up` alone (children have groups of their own): stop in order as
     // for Ctrl-C rather than die and leave the children running.
@@ -631,7 +680,11 @@ pub async fn up(mut cfg: Config, opts: UpOptions) -> Result<(), Failure> {
 
     // Phase 1.
     let t = Instant::now();
-    let (mut influxd, influx_what) = backends(&mut cfg, &dir).await?;
+    let stopped = || Failure::new(TEMPFAIL, anyhow::anyhow!("stopped during start-up"));
+    let (mut influxd, influx_what) = tokio::select! {
+        r = backends(&mut cfg, &dir, &stop.shutdown) => r?,
+        _ = stop.shutdown.cancelled() => return Err(stopped()),
+    };
     let grafana_what = match &cfg.grafana.url {
         Some(u) => format!("Grafana at {}", crate::config::redact_url(u)),
         None => "no Grafana configured: dashboards are rendered for file provisioning".to_string(),
@@ -648,9 +701,12 @@ pub async fn up(mut cfg: Config, opts: UpOptions) -> Result<(), Failure> {
         say("phase 2/5 schema     skipped (file sink)");
     } else {
         let client = InfluxClient::new(&cfg.influxdb)?;
-        crate::admin::schema::ensure_with(&client, &cfg)
-            .await
-            .map_err(|e| Failure::unavailable(anyhow::anyhow!("schema: {e}")))?;
+        tokio::select! {
+            r = crate::admin::schema::ensure_with(&client, &cfg) => {
+                r.map_err(|e| Failure::unavailable(anyhow::anyhow!("schema: {e}")))?
+            }
+            _ = stop.shutdown.cancelled() => return Err(stopped()),
+        };
         say(&format!(
             "phase 2/5 schema     database {:?}, retention policies, downsampling [{:.1?}]",
             cfg.influxdb.database,
@@ -792,6 +848,9 @@ pub async fn up(mut cfg: Config, opts: UpOptions) -> Result<(), Failure> {
         tokio::task::spawn_blocking(move || i.stop()).await.ok();
         say("stopped the private influxd");
     }
+    if let Ok(mut st) = up.status.lock() {
+        st.stopped_cleanly = Some(clean);
+    }
     up.write_status("down");
     say(&format!(
         "nbpy stopped in {:.1?}{}",
@@ -871,22 +930,81 @@ async fn validate_flow(cfg: &Config, within: Duration) -> Result<String, String>
     ))
 }
 
-struct RemoveOnDrop(PathBuf);
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+/// `nbpy up`'s hold on a state directory: an exclusive lock on `up.pid`
+/// for as long as it runs. The kernel drops the lock when the process
+/// ends, however it ends, so a pid file left by a crash is never taken
+/// for a running `nbpy up`, and `nbpy down` never signals whatever
+/// process has since been given that pid.
+struct Claim {
+    path: PathBuf,
+    _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+impl Claim {
+    fn take(dir: &Path) -> Result<Claim, Failure> {
+        use std::io::Write;
+        let path = dir.join("up.pid");
+        let cant = |e: &dyn std::fmt::Display| {
+            Failure::new(CANTCREAT, anyhow::anyhow!("{}: {e}", path.display()))
+        };
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| cant(&e))?;
+        let mut lock =
+            match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+                Ok(l) => l,
+                Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                    let pid = running_pid(dir).map_or("?".to_string(), |p| p.to_string());
+                    return Err(Failure::new(
+                        TEMPFAIL,
+                        anyhow::anyhow!(
+                        "nbpy up is already running (pid {pid}, state {}); `nbpy down` stops it",
+                        dir.display()
+                    ),
+                    ));
+                }
+                Err((_, e)) => return Err(cant(&e)),
+            };
+        lock.set_len(0).map_err(|e| cant(&e))?;
+        write!(lock, "{}", std::process::id()).map_err(|e| cant(&e))?;
+        Ok(Claim { path, _lock: lock })
     }
 }
 
-/// The pid of a live `nbpy up` using `dir`, if any.
+impl Drop for Claim {
+    fn drop(&mut self) {
+        // Removed while still locked: a reader sees a locked file or none.
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// The pid of a live `nbpy up` using `dir`, if any: one holds the lock on
+/// `up.pid` (see [`Claim`]); a pid file nobody holds is left over.
 pub fn running_pid(dir: &Path) -> Option<i32> {
-    let pid: i32 = std::fs::read_to_string(dir.join("up.pid"))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).ok()?;
-    Some(pid)
+    let file = std::fs::File::open(dir.join("up.pid")).ok()?;
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockSharedNonblock) {
+        // Nobody holds it: no `nbpy up` runs, whatever the file says.
+        Ok(_) => None,
+        Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
+            use std::io::{Read, Seek};
+            // Locked an instant before the pid is written: read again.
+            for _ in 0..50 {
+                let mut text = String::new();
+                file.rewind().ok()?;
+                file.read_to_string(&mut text).ok()?;
+                if let Ok(pid) = text.trim().parse() {
+                    return Some(pid);
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            None
+        }
+        Err(_) => None,
+    }
 }
 
 /// `nbpy down`: SIGTERM to a running `nbpy up`, then wait for it to finish.
@@ -918,7 +1036,22 @@ pub fn down(cfg: &Config, timeout: Duration) -> Result<(), Failure> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    crate::outln!("nbpy up (pid {pid}) stopped in {:.1?}", t0.elapsed());
+    let took = t0.elapsed();
+    // What that `nbpy up` wrote last (not an older run's status).
+    let unclean = matches!(
+        read_status(cfg),
+        Ok((UpStatus { pid: of, stopped_cleanly: Some(false), .. }, _)) if of == pid as u32
+    );
+    if unclean {
+        return Err(Failure::new(
+            TEMPFAIL,
+            anyhow::anyhow!(
+                "nbpy up (pid {pid}) stopped in {took:.1?}, but not cleanly: a child did not stop in time or exited with an error (its summary is in {}/logs)",
+                dir.display()
+            ),
+        ));
+    }
+    crate::outln!("nbpy up (pid {pid}) stopped in {took:.1?}");
     Ok(())
 }
 

@@ -549,3 +549,170 @@ fn a_publisher_failing_during_the_start_ends_up_with_its_own_reason() {
     // Far below the 60 s the subscriber's wait allows: it did not wait.
     assert!(took < Duration::from_secs(45), "took {took:?}:\n{text}");
 }
+
+/// A running `nbpy up` on a config of its own: (config path, state dir,
+/// the process, its output file). Waits until it says it is up.
+fn started_up(
+    dir: &std::path::Path,
+) -> (
+    std::path::PathBuf,
+    std::path::PathBuf,
+    StopOnDrop,
+    std::path::PathBuf,
+) {
+    let state = dir.join("state");
+    let cfg = dir.join("nbpy.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "state_dir = {:?}\n[influxdb]\nurl = \"http://127.0.0.1:{}\"\n\
+             [health]\nlisten = \"127.0.0.1:{}\"\n\
+             [publishers.synth]\nendpoint = \"tcp://127.0.0.1:{}\"\nrate = 2000\n",
+            state.display().to_string(),
+            nbpy::backend::free_port().unwrap(),
+            nbpy::backend::free_port().unwrap(),
+            nbpy::backend::free_port().unwrap()
+        ),
+    )
+    .unwrap();
+    let out = dir.join("up.out");
+    let up = StopOnDrop(
+        up_cmd(&cfg, None)
+            .process_group(0)
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(std::fs::File::create(dir.join("up.err")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    wait_file_contains(&out, "nbpy is up", Duration::from_secs(60));
+    (cfg, state, up, out)
+}
+
+/// The processes `nbpy up` started: its children by `run/status.json`, and
+/// the private influxd by its config file under the state directory.
+fn up_children(state: &std::path::Path) -> Vec<(String, i32)> {
+    let status: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(state.join("run/status.json")).unwrap())
+            .unwrap();
+    let mut found: Vec<(String, i32)> = status["children"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["name"].as_str().unwrap().to_string(),
+                c["pid"].as_i64().unwrap() as i32,
+            )
+        })
+        .collect();
+    let conf = state.join("influxdb/influxdb.conf").display().to_string();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmd).contains(&conf) {
+            found.push(("influxd".into(), pid));
+        }
+    }
+    assert_eq!(
+        found.len(),
+        3,
+        "publisher, subscriber and influxd: {found:?}"
+    );
+    found
+}
+
+fn alive(pid: i32) -> bool {
+    // A zombie is gone for this purpose: it runs nothing any more.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            !s.rsplit_once(')')
+                .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+fn nbpy_down(cfg: &std::path::Path) -> std::process::Child {
+    Command::new(bin_path("nbpy"))
+        .args(["--config", cfg.to_str().unwrap(), "down"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Two `nbpy down`s at once (or a second one while the first waits):
+/// the second SIGTERM must not turn the ordered stop into an abandonment
+/// that leaves the children running with no one to stop them.
+#[test]
+fn a_second_down_waits_for_the_same_ordered_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cfg, state, mut up, out) = started_up(dir.path());
+    let children = up_children(&state);
+    let (a, b) = (nbpy_down(&cfg), nbpy_down(&cfg));
+    for d in [a, b] {
+        let o = d.wait_with_output().unwrap();
+        // The second may come after the first finished: nothing to stop.
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            o.status.success() || err.contains("no nbpy up is running"),
+            "{}\n{err}",
+            o.status
+        );
+    }
+    let status = up.wait().unwrap();
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert!(status.success(), "{status}\n{text}");
+    assert!(!text.contains("abandoning"), "{text}");
+    for (name, pid) in children {
+        assert!(
+            !alive(pid),
+            "{name} (pid {pid}) still running after nbpy down:\n{text}"
+        );
+    }
+}
+
+/// `nbpy up` killed outright: its children (and the influxd it started)
+/// stop on their own instead of running on orphaned; and the pid file it
+/// left is not taken for a running `nbpy up`, even when that pid now
+/// belongs to another process, which `nbpy down` must leave alone.
+#[test]
+fn a_killed_up_takes_its_children_along_and_its_pid_file_is_not_trusted() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cfg, state, mut up, _out) = started_up(dir.path());
+    let children = up_children(&state);
+    up.kill().unwrap();
+    up.wait().unwrap();
+    let t0 = Instant::now();
+    while children.iter().any(|(_, pid)| alive(*pid)) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(40),
+            "still running after nbpy up was killed: {:?}",
+            children
+                .iter()
+                .filter(|(_, p)| alive(*p))
+                .collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // A pid file naming a live process that is not `nbpy up`.
+    let mut other = StopOnDrop(Command::new("sleep").arg("60").spawn().unwrap());
+    std::fs::write(state.join("up.pid"), other.id().to_string()).unwrap();
+    let o = nbpy_down(&cfg).wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(69), "{err}");
+    assert!(err.contains("no nbpy up is running"), "{err}");
+    assert!(
+        other.try_wait().unwrap().is_none(),
+        "nbpy down signalled pid {}",
+        other.id()
+    );
+    let st = Command::new(bin_path("nbpy"))
+        .args(["--config", cfg.to_str().unwrap(), "status"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&st.stdout);
+    assert!(!text.contains(&format!("pid {}", other.id())), "{text}");
+}
