@@ -1114,6 +1114,21 @@ pub fn render_status(s: &UpStatus, running: bool) -> String {
 }
 
 /// `nbpy logs NAME [-f]`.
+/// Standard output is a pipe whose reader has closed it: a write would
+/// fail with EPIPE. Polling says so (POLLERR) without writing anything.
+fn stdout_reader_gone() -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let out = std::io::stdout();
+    let mut fds = [PollFd::new(
+        std::os::fd::AsFd::as_fd(&out),
+        PollFlags::POLLOUT,
+    )];
+    poll(&mut fds, PollTimeout::ZERO).is_ok()
+        && fds[0]
+            .revents()
+            .is_some_and(|r| r.intersects(PollFlags::POLLERR | PollFlags::POLLHUP))
+}
+
 pub fn logs(cfg: &Config, name: &str, follow: bool) -> Result<(), Failure> {
     use std::io::{Read, Seek};
     let dir = state_dir(cfg).join("logs");
@@ -1141,8 +1156,9 @@ pub fn logs(cfg: &Config, name: &str, follow: bool) -> Result<(), Failure> {
         buf.clear();
         f.read_to_end(&mut buf)
             .map_err(|e| Failure::new(SOFTWARE, e))?;
-        // A reader that went away (`nbpy logs NAME -f | head`) ends it.
-        if !crate::cli::emit_bytes(&buf) || !follow {
+        // A reader that went away (`nbpy logs NAME -f | head`) ends it:
+        // seen when writing, or, while the log is quiet, by asking.
+        if !crate::cli::emit_bytes(&buf) || !follow || stdout_reader_gone() {
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(200));

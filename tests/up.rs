@@ -466,6 +466,48 @@ fn output_into_a_closed_pipe_ends_quietly() {
     assert!(out.status.success(), "{:?}: {stderr}", out.status);
 }
 
+/// `nbpy logs NAME -f | head -1` on a quiet log: the follower notices
+/// that its reader went away without waiting for a line to write.
+#[test]
+fn following_a_quiet_log_ends_when_its_reader_goes() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(state.join("logs")).unwrap();
+    std::fs::write(state.join("logs/synth.log"), "one line\n").unwrap();
+    let cfg = dir.path().join("nbpy.toml");
+    std::fs::write(
+        &cfg,
+        format!("state_dir = {:?}\n", state.display().to_string()),
+    )
+    .unwrap();
+    let mut follow = StopOnDrop(
+        Command::new(bin_path("nbpy"))
+            .args(["--config", cfg.to_str().unwrap(), "logs", "synth", "-f"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut first = String::new();
+    std::io::BufReader::new(follow.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert_eq!(first, "one line\n");
+    // The reader is dropped here, as `head -1` exits.
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = follow.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "nbpy logs -f still running 10 s after its reader went"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+}
+
 /// A publisher that is ready and then fails during the start (here OANDA
 /// refuses its token: exit 77) ends `nbpy up` at once, with its reason and
 /// its exit code. It used to go unnoticed: `up` waited 60 s for the
