@@ -302,15 +302,20 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
 }
 
 /// What the feed counted upstream, for the STATUS line: `, N malformed,
-/// M connects, D repeats skipped`, each only when not 0 (generated feeds
-/// connect nowhere). Without it a venue sending garbage, or a connection
-/// that keeps being replaced, looks healthy until the data stops.
+/// M connects, D repeats skipped, U updates dropped awaiting a snapshot`,
+/// each only when not 0 (generated feeds connect nowhere). Without it a
+/// venue sending garbage, or a connection that keeps being replaced, looks
+/// healthy until the data stops.
 fn feed_counters(stats: &FeedStats) -> String {
     let mut s = String::new();
     for (n, what) in [
         (&stats.malformed, "malformed"),
         (&stats.connects, "connects"),
         (&stats.duplicates, "repeats skipped"),
+        (
+            &stats.awaiting_snapshot,
+            "updates dropped awaiting a snapshot",
+        ),
     ] {
         match n.load(Ordering::Relaxed) {
             0 => {}
@@ -382,6 +387,11 @@ mod tests {
         assert_eq!(
             feed_counters(&stats),
             ", 3 malformed, 2 connects, 5 repeats skipped"
+        );
+        stats.awaiting_snapshot.store(4, Ordering::Relaxed);
+        assert_eq!(
+            feed_counters(&stats),
+            ", 3 malformed, 2 connects, 5 repeats skipped, 4 updates dropped awaiting a snapshot"
         );
     }
 }

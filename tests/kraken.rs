@@ -1390,6 +1390,128 @@ async fn ticker_and_trades_carry_kraken_fields_tags_and_timestamps() {
 }
 
 #[tokio::test]
+async fn skipped_repeats_and_dropped_book_updates_show_in_status_and_the_stop_line() {
+    let log = LogBuf::default();
+    let _guard = log.capture();
+    let mut srv = FakeKraken::start(Behaviour::default()).await;
+    let t = |id: u64, ts: &str| trade("MATIC/USD", "buy", "0.5147", "1.5", "limit", id, ts);
+    let (t1, t2, t3) = (
+        "2023-09-25T07:48:36.925533Z",
+        "2023-09-25T07:49:36.925603Z",
+        "2023-09-25T07:49:38.000001Z",
+    );
+    let mut orders = start_feed(FeedKind::KrakenOrders, &srv.url, &["MATIC/USD"], |_| {});
+    let mut c = srv.next_conn().await;
+    c.request().await;
+    c.send(trade_msg("snapshot", &[t(1, t1), t(2, t2)]));
+    orders.next().await;
+    orders.next().await;
+    c.drop_tcp();
+    let mut c2 = srv.next_conn().await;
+    c2.request().await;
+    c2.send(trade_msg("snapshot", &[t(1, t1), t(2, t2), t(3, t3)]));
+    assert_eq!(int(&orders.next().await, "trade_id"), Some(3));
+    // STATUS reads the feed's `duplicates` ("D repeats skipped").
+    assert_eq!(g(&orders.fstats.duplicates), 2);
+    assert_eq!(g(&orders.fstats.awaiting_snapshot), 0);
+    orders.assert_nothing_more();
+    orders.stop().await;
+    let text = log.text();
+    assert!(
+        text.contains("Kraken trade feed stopping: 3 published, 2 connects")
+            && text.contains(", 2 repeats skipped (2 trades, 0 ticks), ")
+            && text.contains(", 0 book updates dropped awaiting a snapshot"),
+        "the stop line counts the repeats: {text}"
+    );
+
+    // A book update that comes before its pair's snapshot is dropped.
+    let mut book = start_feed(FeedKind::KrakenDepth, &srv.url, &["BTC/USD"], |_| {});
+    let mut c = srv.next_conn().await;
+    c.request().await;
+    c.send(book_msg(
+        "update",
+        "BTC/USD",
+        &[("45283.5", "0.20000000")],
+        &[],
+        1,
+        GUIDE_TS,
+    ));
+    c.send(book_msg(
+        "snapshot",
+        "BTC/USD",
+        &GUIDE_BIDS,
+        &GUIDE_ASKS,
+        GUIDE_CHECKSUM,
+        GUIDE_TS,
+    ));
+    assert_eq!(
+        int(&book.next().await, "checksum"),
+        Some(GUIDE_CHECKSUM as i64)
+    );
+    assert_eq!(g(&book.stats.unsynced_updates), 1);
+    assert_eq!(g(&book.fstats.awaiting_snapshot), 1);
+    assert_eq!(g(&book.fstats.duplicates), 0);
+    book.assert_nothing_more();
+    book.stop().await;
+    let text = log.text();
+    assert!(
+        text.contains("Kraken book feed stopping: 1 published, 1 connects")
+            && text.contains(", 1 book updates dropped awaiting a snapshot"),
+        "the stop line counts the dropped update: {text}"
+    );
+}
+
+#[tokio::test]
+async fn a_reconnect_snapshot_repeating_the_last_tick_is_not_published_twice() {
+    let log = LogBuf::default();
+    let _guard = log.capture();
+    let mut srv = FakeKraken::start(Behaviour::default()).await;
+    let mut tick = start_feed(FeedKind::KrakenTick, &srv.url, &["ALGO/USD"], |_| {});
+    let (t1, t2) = ("2023-09-25T09:04:31.742648Z", "2023-09-25T09:04:32.000001Z");
+    let mut c = srv.next_conn().await;
+    c.request().await;
+    c.send(ticker_msg("snapshot", "ALGO/USD", "0.10035", t1));
+    c.send(ticker_msg("update", "ALGO/USD", "0.10040", t2));
+    assert_eq!(tick.next().await.ts, ns(t1));
+    assert_eq!(tick.next().await.ts, ns(t2));
+
+    // Reconnected: Kraken's snapshot is the current ticker, the tick
+    // already published. Then a new tick in the same instant (another
+    // last price) and one later: both are news.
+    c.drop_tcp();
+    let mut c2 = srv.next_conn().await;
+    c2.request().await;
+    c2.send(ticker_msg("snapshot", "ALGO/USD", "0.10040", t2));
+    c2.send(ticker_msg("update", "ALGO/USD", "0.10041", t2));
+    c2.send(ticker_msg(
+        "update",
+        "ALGO/USD",
+        "0.10042",
+        "2023-09-25T09:04:33.000001Z",
+    ));
+    let e = tick.next().await;
+    assert_eq!(
+        (e.ts, float(&e, "last")),
+        (ns(t2), Some(0.10041)),
+        "the repeated tick is skipped, the new one in the same instant is not"
+    );
+    let e = tick.next().await;
+    assert_eq!(float(&e, "last"), Some(0.10042));
+    assert_eq!(g(&tick.stats.duplicate_ticks), 1);
+    assert_eq!(g(&tick.fstats.duplicates), 1, "STATUS: 1 repeats skipped");
+    assert_eq!(g(&tick.stats.published), 4);
+    assert_eq!(tick.connects(), 2);
+    tick.assert_nothing_more();
+    tick.stop().await;
+    let text = log.text();
+    assert!(
+        text.contains("Kraken ticker feed stopping: 4 published, 2 connects")
+            && text.contains(", 1 repeats skipped (0 trades, 1 ticks), "),
+        "the stop line counts the repeat: {text}"
+    );
+}
+
+#[tokio::test]
 async fn a_refused_pair_is_reported_and_refusing_every_pair_is_a_config_error() {
     let mut srv = FakeKraken::start(Behaviour {
         refuse: vec!["BTC/USDD"],

@@ -304,6 +304,80 @@ async fn oanda_silent_stream_reconnects_without_duplicates() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oanda_connection_failures_name_their_cause() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = secret(dir.path(), "oanda-token", "tok");
+    // A port just released: nothing listens there. The URL's password
+    // must not reach the log.
+    let refused = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://nbpy:hunter2@{}", l.local_addr().unwrap())
+    };
+    // HTTPS with a certificate from a CA this host does not trust.
+    let pki = Pki::new(dir.path(), "untrusted");
+    let tls = LoginServer::start(&pki, |_, _| "{}".into()).await;
+    for (url, cause) in [
+        (refused, "Connection refused"),
+        ("http://nonexistent-host.invalid".to_string(), "dns error"),
+        (
+            format!("https://127.0.0.1:{}", tls.addr.port()),
+            "invalid peer certificate",
+        ),
+    ] {
+        let feed = start(oanda_cfg(&url, &token, Duration::from_secs(5)));
+        let mut problem = None;
+        until("the connection failure in STATUS", WAIT, || {
+            problem = feed.stats.problem();
+            problem.is_some()
+        })
+        .await;
+        let problem = problem.unwrap_or_default();
+        assert!(
+            problem.starts_with("OANDA stream cannot connect: error sending request: ")
+                && problem.contains(cause),
+            "{url}: the failure names {cause:?}: {problem}"
+        );
+        assert!(
+            !problem.contains("hunter2") && !problem.contains("/v3/"),
+            "{problem}"
+        );
+        assert_eq!(feed.connects(), 0);
+        feed.stop().await;
+    }
+    assert_eq!(tls.count(), 0, "no request went over the untrusted TLS");
+
+    // A stream cut off mid-body says how it was cut.
+    let price = oanda_price(
+        "EUR_USD",
+        "2016-09-20T15:05:47.960449532Z",
+        "1.11590",
+        "1.11605",
+        10_000_000,
+    );
+    let server = HttpServer::start(move |_, n| {
+        Reply::Stream(match n {
+            0 => vec![line(price.clone()), Step::Abort],
+            _ => vec![Step::Hold],
+        })
+    })
+    .await;
+    let mut feed = start(oanda_cfg(&server.url(), &token, Duration::from_secs(5)));
+    feed.next().await;
+    until("a second request", WAIT, || {
+        server.requests_to("/v3/").len() == 2
+    })
+    .await;
+    let problem = feed.stats.problem().unwrap_or_default();
+    assert!(
+        problem.starts_with(
+            "OANDA stream read failed: error decoding response body: error reading a body from connection"
+        ),
+        "the cause follows: {problem}"
+    );
+    feed.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oanda_price_stamped_a_year_ahead_is_malformed_and_holds_nothing_back() {
     let dir = tempfile::tempdir().unwrap();
     let token = secret(dir.path(), "oanda-token", "tok");

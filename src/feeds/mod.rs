@@ -174,6 +174,11 @@ pub struct FeedStats {
     /// after each reconnect; a count that keeps growing without reconnects
     /// means the feed is holding data back.
     pub duplicates: AtomicU64,
+    /// Upstream updates dropped because what they change is being rebuilt
+    /// (a Kraken book waiting for a fresh snapshot after a checksum
+    /// mismatch or a reconnect). The snapshot supersedes them, so nothing
+    /// is lost; a count that keeps growing means the book keeps failing.
+    pub awaiting_snapshot: AtomicU64,
     /// The last upstream connection problem and `accepted` at that moment.
     upstream: std::sync::Mutex<Option<(u64, String)>>,
 }

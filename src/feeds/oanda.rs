@@ -335,7 +335,7 @@ impl Stream<'_> {
             }
             Ok(Err(e)) => {
                 return Ok(Ended::Lost {
-                    why: format!("cannot connect: {}", e.without_url()),
+                    why: format!("cannot connect: {}", upstream::http_error(e)),
                     productive: false,
                 })
             }

@@ -39,6 +39,9 @@ pub enum Step {
     Hold,
     /// End the response / close the connection.
     Close,
+    /// Drop the connection as it is: an HTTP body is cut off without its
+    /// last chunk.
+    Abort,
 }
 
 pub fn line(s: impl Into<String>) -> Step {
@@ -220,6 +223,7 @@ async fn serve_http<S: AsyncRead + AsyncWrite + Unpin>(
                             return Ok(());
                         }
                         Step::Close => break,
+                        Step::Abort => return Ok(()),
                     }
                     sock.flush().await?;
                 }
@@ -601,6 +605,7 @@ async fn play<S: AsyncRead + AsyncWrite + Unpin>(
                 return Ok(());
             }
             Step::Close => break,
+            Step::Abort => return Ok(()),
         }
     }
     let _ = s.shutdown().await;

@@ -289,7 +289,10 @@ async fn login(
                     ),
                 ));
             }
-            return lost(format!("certificate login failed: {}", e.without_url()));
+            return lost(format!(
+                "certificate login failed: {}",
+                upstream::http_error(e)
+            ));
         }
     };
     let status = resp.status();
@@ -307,7 +310,7 @@ async fn login(
         Err(e) => {
             return lost(format!(
                 "certificate login answer unreadable: {}",
-                e.without_url()
+                upstream::http_error(e)
             ))
         }
     };

@@ -47,6 +47,10 @@ pub struct KrakenStats {
     pub unsynced_updates: AtomicU64,
     /// Trades already published before a reconnect, skipped in a snapshot.
     pub duplicate_trades: AtomicU64,
+    /// Ticker elements that repeat the pair's last published tick exactly
+    /// (same Kraken timestamp, same values): the subscribe snapshot after
+    /// a reconnect does, and storing it again would duplicate the point.
+    pub duplicate_ticks: AtomicU64,
     /// Requests Kraken refused (`success: false`).
     pub rejected: AtomicU64,
     /// Subscriptions Kraken acknowledged.
@@ -128,7 +132,15 @@ pub struct Handler {
     levels: usize,
     books: HashMap<String, PairBook>,
     last_trade: HashMap<String, u64>,
+    /// The last ticker point published per pair: its Kraken time and values.
+    last_tick: HashMap<String, (i64, Fields<'static>)>,
     pub stats: std::sync::Arc<KrakenStats>,
+    /// Repeats skipped (trades and ticks) since the caller last took them,
+    /// for the publisher's `FeedStats::duplicates` (STATUS).
+    pub repeats: u64,
+    /// Book updates dropped while their pair waited for a snapshot, since
+    /// the caller last took them, for `FeedStats::awaiting_snapshot`.
+    pub unsynced: u64,
     /// Envelopes produced by the last frames, for the caller to drain.
     pub out: Vec<Envelope<'static>>,
     pub actions: Vec<Action>,
@@ -147,15 +159,18 @@ impl Handler {
             levels: levels.clamp(1, BOOK_LEVELS),
             books: HashMap::new(),
             last_trade: HashMap::new(),
+            last_tick: HashMap::new(),
             stats,
+            repeats: 0,
+            unsynced: 0,
             out: Vec::new(),
             actions: Vec::new(),
         }
     }
 
     /// A new connection: every book waits for its snapshot again. Trade ids
-    /// seen are kept, so a snapshot's replay of recent trades is not
-    /// published twice.
+    /// seen and the last tick of each pair are kept, so a snapshot's replay
+    /// of recent trades or of the current ticker is not published twice.
     pub fn reset_connection(&mut self) {
         for b in self.books.values_mut() {
             b.synced = false;
@@ -301,6 +316,7 @@ impl Handler {
             pair.resync_requested = false;
         } else if !pair.synced {
             KrakenStats::add(&self.stats.unsynced_updates, 1);
+            self.unsynced += 1;
             return Ok(());
         }
         let applied = apply_levels(&mut pair.book, &d);
@@ -368,6 +384,25 @@ impl Handler {
             )));
         }
         let ts = d.timestamp.as_deref().and_then(timestamp_ns).unwrap_or(0);
+        // The snapshot a (re)subscription opens with is the current ticker,
+        // which after a reconnect is the tick already published. Only an
+        // exact repeat (same Kraken time, same values) is skipped: a new
+        // tick in the same instant is news. Without a Kraken time (0) a
+        // repeat cannot be told from a new tick that changed nothing.
+        if ts != 0 {
+            if let Some((last_ts, last)) = self.last_tick.get_mut(d.symbol.as_ref()) {
+                if *last_ts == ts && *last == data {
+                    KrakenStats::add(&self.stats.duplicate_ticks, 1);
+                    self.repeats += 1;
+                    return Ok(());
+                }
+                *last_ts = ts;
+                last.clone_from(&data);
+            } else {
+                self.last_tick
+                    .insert(d.symbol.to_string(), (ts, data.clone()));
+            }
+        }
         self.push(Envelope::new(
             SOURCE,
             "ticker",
@@ -403,6 +438,7 @@ impl Handler {
         // published already. Live updates are never second-guessed.
         if snapshot && d.trade_id <= *last {
             KrakenStats::add(&self.stats.duplicate_trades, 1);
+            self.repeats += 1;
             return Ok(());
         }
         *last = (*last).max(d.trade_id);
@@ -615,6 +651,52 @@ mod tests {
         assert_eq!(e.get("change"), Some(&Value::Float(-0.00017)));
         assert_eq!(e.get("ask_qty"), Some(&Value::Float(1361.44813783)));
         assert_eq!(e.ts, timestamp_ns("2023-09-25T09:04:31.742648Z").unwrap());
+    }
+
+    #[test]
+    fn only_an_exact_repeat_of_the_last_stamped_tick_is_skipped() {
+        let tick = |sym: &str, last: &str, ts: Option<&str>| {
+            let ts = ts.map_or(String::new(), |t| format!(r#","timestamp":"{t}""#));
+            format!(
+                r#"{{"channel":"ticker","type":"snapshot","data":[{{"symbol":"{sym}","bid":0.1,"ask":0.2,"last":{last}{ts}}}]}}"#
+            )
+        };
+        let t = Some("2023-09-25T09:04:31.742648Z");
+        let mut h = handler(Channel::Ticker);
+        h.handle(&tick("ALGO/USD", "0.15", t)).unwrap();
+        h.reset_connection();
+        // The same tick again, for another pair, in the same instant with
+        // another value, and without a Kraken time: only the first repeats.
+        for frame in [
+            tick("ALGO/USD", "0.15", t),
+            tick("ETH/USD", "0.15", t),
+            tick("ALGO/USD", "0.16", t),
+            tick("ALGO/USD", "0.15", t),
+            tick("ALGO/USD", "0.15", None),
+            tick("ALGO/USD", "0.15", None),
+        ] {
+            h.handle(&frame).unwrap();
+        }
+        let got: Vec<(&str, Option<&Value>, i64)> = h
+            .out
+            .iter()
+            .map(|e| (e.sym.as_ref(), e.get("last"), e.ts))
+            .collect();
+        let ts = timestamp_ns("2023-09-25T09:04:31.742648Z").unwrap();
+        let (a, b) = (Value::Float(0.15), Value::Float(0.16));
+        assert_eq!(
+            got,
+            [
+                ("ALGO/USD", Some(&a), ts),
+                ("ETH/USD", Some(&a), ts),
+                ("ALGO/USD", Some(&b), ts),
+                ("ALGO/USD", Some(&a), ts),
+                ("ALGO/USD", Some(&a), 0),
+                ("ALGO/USD", Some(&a), 0),
+            ]
+        );
+        assert_eq!(KrakenStats::get(&h.stats.duplicate_ticks), 1);
+        assert_eq!(h.repeats, 1);
     }
 
     #[test]

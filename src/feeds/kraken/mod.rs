@@ -372,16 +372,20 @@ pub async fn run_with_stats(ctx: FeedContext, stats: Arc<KrakenStats>) -> Result
     };
     let g = KrakenStats::get;
     tracing::info!(
-        "{}: Kraken {} feed stopping: {} published, {} connects, {} frames, {} malformed, {} checksum mismatches, {} unreadable book levels, {} resyncs",
+        "{}: Kraken {} feed stopping: {} published, {} connects, {} frames, {} malformed, {} repeats skipped ({} trades, {} ticks), {} checksum mismatches, {} unreadable book levels, {} resyncs, {} book updates dropped awaiting a snapshot",
         ctx.name,
         ch.name(),
         g(&stats.published),
         ctx.out.stats.connects.load(Ordering::Relaxed),
         g(&stats.frames),
         ctx.out.stats.malformed.load(Ordering::Relaxed),
+        g(&stats.duplicate_trades) + g(&stats.duplicate_ticks),
+        g(&stats.duplicate_trades),
+        g(&stats.duplicate_ticks),
         g(&stats.checksum_mismatches),
         g(&stats.unreadable_levels),
         g(&stats.resyncs),
+        g(&stats.unsynced_updates),
     );
     result
 }
@@ -521,6 +525,15 @@ async fn session(
                 if let Err(e) = h.handle(text.as_str()) {
                     ctx.out.stats.malformed.fetch_add(1, Ordering::Relaxed);
                     crate::warn_limited!(malformed_log, || format!("{}: {e}: {}", ctx.name, excerpt(text.as_str())));
+                }
+                // What the frame held back goes where STATUS reads it.
+                let repeats = std::mem::take(&mut h.repeats);
+                if repeats > 0 {
+                    ctx.out.stats.duplicates.fetch_add(repeats, Ordering::Relaxed);
+                }
+                let unsynced = std::mem::take(&mut h.unsynced);
+                if unsynced > 0 {
+                    ctx.out.stats.awaiting_snapshot.fetch_add(unsynced, Ordering::Relaxed);
                 }
                 for env in h.out.drain(..) {
                     if !ctx.out.offer(env) {

@@ -221,7 +221,7 @@ struct RuleChange {
 async fn json_body<T: serde::de::DeserializeOwned>(resp: reqwest::Response) -> Result<T, String> {
     match tokio::time::timeout(Duration::from_secs(30), resp.json::<T>()).await {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(e.without_url().to_string()),
+        Ok(Err(e)) => Err(upstream::http_error(e)),
         Err(_) => Err("timed out".into()),
     }
 }
@@ -318,7 +318,7 @@ impl Stream<'_> {
             }
             Ok(Err(e)) => {
                 return Ok(Err(Ended::Lost {
-                    why: format!("{what}: {}", e.without_url()),
+                    why: format!("{what}: {}", upstream::http_error(e)),
                     productive: false,
                 }))
             }
