@@ -723,10 +723,12 @@ async fn login(
     if let Some((u, p)) = user {
         req = req.basic_auth(u, Some(p));
     }
-    let r = req
-        .send()
-        .await
-        .map_err(|e| WriteError::Transient(format!("cannot reach InfluxDB: {e}")))?;
+    let r = req.send().await.map_err(|e| {
+        WriteError::Transient(format!(
+            "cannot reach InfluxDB: {}",
+            crate::exit::http_error(e)
+        ))
+    })?;
     let status = r.status().as_u16();
     let text = r.text().await.unwrap_or_default();
     if text.contains("create admin user first") {

@@ -181,28 +181,7 @@ pub(crate) async fn next_chunk(
     Err(Ended::Lost { why, productive })
 }
 
-/// A failed HTTP request as a log line can say it: reqwest's own text
-/// (`error sending request`) and then each cause below it, so a refused
-/// connection, a name that does not resolve and a certificate that is not
-/// trusted read differently (`… (os error 111)`, `dns error: …`,
-/// `invalid peer certificate: …`). The URL is left out, as it may carry
-/// credentials in a query; the causes below reqwest (hyper, the resolver,
-/// io, rustls) do not name it. A cause whose text the line already holds
-/// is left out too: some errors repeat their source in their own text.
-pub fn http_error(e: reqwest::Error) -> String {
-    let e = e.without_url();
-    let mut line = e.to_string();
-    let mut cause = std::error::Error::source(&e);
-    while let Some(c) = cause {
-        let text = c.to_string();
-        if !text.is_empty() && !line.contains(&text) {
-            line.push_str(": ");
-            line.push_str(&text);
-        }
-        cause = c.source();
-    }
-    line
-}
+pub use crate::exit::http_error;
 
 /// Sleeps for `d` unless `stop` fires first; false when it fired.
 pub async fn pause(stop: &CancellationToken, d: Duration) -> bool {

@@ -154,12 +154,14 @@ pub async fn grafana(http: &reqwest::Client, base: &str) -> Result<String, Strin
         .timeout(Duration::from_secs(3))
         .send()
         .await
-        .map_err(|e| format!("{shown}: {e}"))?;
+        .map_err(|e| format!("{shown}: {}", crate::exit::http_error(e)))?;
     let status = r.status();
-    let body: Json = r
-        .json()
-        .await
-        .map_err(|e| format!("{shown}: answer is not JSON: {e}"))?;
+    let body: Json = r.json().await.map_err(|e| {
+        format!(
+            "{shown}: answer is not JSON: {}",
+            crate::exit::http_error(e)
+        )
+    })?;
     let db = body.get("database").and_then(|d| d.as_str()).unwrap_or("?");
     let version = body.get("version").and_then(|d| d.as_str()).unwrap_or("?");
     if status.is_success() && db == "ok" {

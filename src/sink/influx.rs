@@ -256,8 +256,9 @@ impl InfluxClient {
             .map_err(request_failed)?;
         let status = r.status().as_u16();
         let body = r.bytes().await.map_err(|e| {
-            let why = format!("query answer: {e}");
-            if e.is_timeout() {
+            let timeout = e.is_timeout();
+            let why = format!("query answer: {}", crate::exit::http_error(e));
+            if timeout {
                 WriteError::Timeout(why)
             } else {
                 WriteError::Transient(why)
@@ -343,13 +344,15 @@ pub fn classify(status: u16, msg: String) -> WriteError {
     }
 }
 
+/// Without the URL: `influxdb.url` may carry a password, and these texts
+/// are logged.
 fn request_failed(e: reqwest::Error) -> WriteError {
     if e.is_timeout() {
-        WriteError::Timeout(e.to_string())
+        WriteError::Timeout(crate::exit::http_error(e))
     } else if e.is_connect() {
-        WriteError::Transient(format!("cannot connect: {e}"))
+        WriteError::Transient(format!("cannot connect: {}", crate::exit::http_error(e)))
     } else {
-        WriteError::Transient(e.to_string())
+        WriteError::Transient(crate::exit::http_error(e))
     }
 }
 

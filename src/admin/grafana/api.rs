@@ -69,8 +69,9 @@ fn unreachable(base: &reqwest::Url, e: reqwest::Error) -> Failure {
     Failure::new(
         UNAVAILABLE,
         anyhow::anyhow!(
-            "cannot reach Grafana at {} ({why}): {e}",
-            crate::config::redact_url(base.as_str())
+            "cannot reach Grafana at {} ({why}): {}",
+            crate::config::redact_url(base.as_str()),
+            crate::exit::http_error(e)
         ),
     )
 }
