@@ -565,14 +565,24 @@ async fn backends(
     stop: &tokio_util::sync::CancellationToken,
 ) -> Result<(Option<LocalInfluxd>, String), Failure> {
     let client = InfluxClient::new(&cfg.influxdb)?;
-    if client.file_sink().is_none() && client.ping().await.is_ok() {
-        return Ok((
-            None,
-            format!(
-                "InfluxDB at {} (already running)",
-                crate::config::redact_url(&cfg.influxdb.url)
-            ),
-        ));
+    if client.file_sink().is_none() {
+        match client.ping().await {
+            Ok(()) => {
+                return Ok((
+                    None,
+                    format!(
+                        "InfluxDB at {} (already running)",
+                        crate::config::redact_url(&cfg.influxdb.url)
+                    ),
+                ))
+            }
+            // Said, not passed over: a private influxd on another port
+            // is then not what the configuration pointed at.
+            Err(crate::sink::influx::WriteError::NotInfluxDb(why)) => say(&format!(
+                "{why}; nbpy up leaves it alone and uses another InfluxDB"
+            )),
+            Err(_) => {}
+        }
     }
     if let Some(p) = client.file_sink() {
         return Ok((None, format!("file sink {}", p.display())));

@@ -337,6 +337,25 @@ async fn a_web_server_at_influxdb_url_is_not_taken_for_influxdb() {
     let (code, out) = nbpy(&sub_cfg, &["subscriber", "main"]);
     assert_eq!(code, nbpy::exit::CONFIG, "{out}");
     assert!(out.contains("is not InfluxDB"), "{out}");
+
+    // A server that answers 404 to /ping is not InfluxDB either (which
+    // sets its header on every answer): at once, not after the timeout.
+    // A 502 without the header is a proxy whose InfluxDB is down: waited.
+    let not_found = FixedHttp::start(
+        "404 Not Found",
+        &["Content-Type: text/plain"],
+        "404 page not found\n",
+    );
+    std::fs::write(&cfg, format!("[influxdb]\nurl = \"{}\"\n", not_found.url)).unwrap();
+    let t0 = Instant::now();
+    let (code, out) = nbpy(&cfg, &["wait", "influxdb", "--timeout", "30s"]);
+    assert_eq!(code, nbpy::exit::CONFIG, "{out}");
+    assert!(out.contains("is not InfluxDB"), "{out}");
+    assert!(t0.elapsed() < Duration::from_secs(20), "it waited: {out}");
+    let proxy = FixedHttp::start("502 Bad Gateway", &["Server: nginx"], "bad gateway\n");
+    std::fs::write(&cfg, format!("[influxdb]\nurl = \"{}\"\n", proxy.url)).unwrap();
+    let (code, out) = nbpy(&cfg, &["wait", "influxdb", "--timeout", "1s"]);
+    assert_eq!(code, nbpy::exit::UNAVAILABLE, "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

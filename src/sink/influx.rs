@@ -175,13 +175,17 @@ impl InfluxClient {
             .send()
             .await
             .map_err(request_failed)?;
-        if !r.status().is_success() {
+        let influx = r.headers().contains_key("x-influxdb-version");
+        // InfluxDB sets the header on every answer, errors included; a
+        // 5xx without it is a proxy whose InfluxDB is down (wait for it),
+        // any other answer without it is some other server (do not).
+        if !r.status().is_success() && (influx || r.status().is_server_error()) {
             return Err(WriteError::Transient(format!(
                 "/ping answered {}",
                 r.status()
             )));
         }
-        if !r.headers().contains_key("x-influxdb-version") {
+        if !influx {
             return Err(WriteError::NotInfluxDb(format!(
                 "something at {} answers HTTP but is not InfluxDB (no X-Influxdb-Version header on /ping)",
                 self.shown_url()
