@@ -249,6 +249,13 @@ impl LocalInfluxd {
         let _ = c.wait();
     }
 
+    /// How it ended, if it has (killed, crashed, out of memory).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
     /// Restarts on the same port and data (for outage tests).
     pub fn restart(&mut self, log: Option<std::fs::File>) -> std::io::Result<()> {
         self.stop();

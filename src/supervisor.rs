@@ -827,11 +827,31 @@ pub async fn up(mut cfg: Config, opts: UpOptions) -> Result<(), Failure> {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let mut last_line = Instant::now();
     let phase = if verdict.is_ok() { "up" } else { "degraded" };
+    // At most one restart of the private influxd per 5 s.
+    let mut influxd_restarted: Option<Instant> = None;
     loop {
         tokio::select! {
             _ = stop.shutdown.cancelled() => break,
             _ = tick.tick() => {
                 up.supervise();
+                // The private influxd is supervised too: the subscribers
+                // spool while it is gone, and it comes back on the same
+                // port and data.
+                if let Some(i) = influxd.as_mut() {
+                    let due = influxd_restarted.is_none_or(|t| t.elapsed() >= Duration::from_secs(5));
+                    if let Some(status) = i.exited().filter(|_| due) {
+                        influxd_restarted = Some(Instant::now());
+                        let log = dir.join("logs/influxd.log");
+                        say(&format!(
+                            "the private influxd exited ({status}); starting it again on the same port and data (log: {})",
+                            log.display()
+                        ));
+                        let file = std::fs::OpenOptions::new().create(true).append(true).open(&log).ok();
+                        if let Err(e) = i.restart(file) {
+                            say(&format!("cannot start the private influxd again: {e}; subscribers spool until it is back"));
+                        }
+                    }
+                }
                 up.write_status(phase);
                 if last_line.elapsed() >= Duration::from_secs(10) {
                     last_line = Instant::now();

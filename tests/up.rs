@@ -684,14 +684,40 @@ fn nbpy_down(cfg: &std::path::Path) -> std::process::Child {
         .unwrap()
 }
 
-/// Two `nbpy down`s at once (or a second one while the first waits):
-/// the second SIGTERM must not turn the ordered stop into an abandonment
-/// that leaves the children running with no one to stop them.
+/// The private influxd killed under `nbpy up` is started again; then two
+/// `nbpy down`s at once (or a second one while the first waits): the
+/// second SIGTERM must not turn the ordered stop into an abandonment that
+/// leaves the children running with no one to stop them.
 #[test]
 fn a_second_down_waits_for_the_same_ordered_stop() {
     let dir = tempfile::tempdir().unwrap();
     let (cfg, state, mut up, out) = started_up(dir.path());
-    let children = up_children(&state);
+    // The private influxd dies: `nbpy up` says so and starts it again.
+    let (_, influxd) = up_children(&state)
+        .into_iter()
+        .find(|(n, _)| n == "influxd")
+        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(influxd),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_file_contains(&out, "the private influxd exited", Duration::from_secs(10));
+    let t0 = Instant::now();
+    let children = loop {
+        let status: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(state.join("run/status.json")).unwrap())
+                .unwrap();
+        let again = std::panic::catch_unwind(|| up_children(&state));
+        match again {
+            Ok(c) if c.iter().any(|(n, p)| n == "influxd" && *p != influxd) => break c,
+            _ => assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "no new influxd: {status}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
     let (a, b) = (nbpy_down(&cfg), nbpy_down(&cfg));
     for d in [a, b] {
         let o = d.wait_with_output().unwrap();
