@@ -1252,8 +1252,11 @@ mod tests {
             serde_json::to_vec(&UpStatus::default()).unwrap(),
         )
         .unwrap();
-        // A pid file naming a live process (this one) is a running `up`.
+        // A pid file naming a live process is no running `up` …
         std::fs::write(dir.path().join("up.pid"), std::process::id().to_string()).unwrap();
+        assert!(running_up(&cfg).is_none(), "a pid file nobody holds");
+        // … one that holds it is.
+        let _claim = Claim::take(dir.path()).unwrap();
         let (_, lent) = running_up(&cfg).expect("a running up");
         let lent = lent.expect("its configuration reads");
         assert!(cfg.publishers.is_empty());
