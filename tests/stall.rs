@@ -455,3 +455,47 @@ fn flat_out_without_subscribers_left_waits_for_one() {
     p.signal(nix::sys::signal::Signal::SIGTERM);
     assert_eq!(p.wait(FLUSH_LIMIT + MARGIN).code(), Some(0));
 }
+
+/// More connections that never greet than the publisher serves at once
+/// (1024): they used to hold every slot for the 10 s handshake timeout,
+/// so a real subscriber was turned away, again at each new wave. The
+/// oldest of them now make way, and the subscriber that greets gets in
+/// and gets data.
+#[test]
+fn connections_that_never_greet_do_not_keep_a_subscriber_out() {
+    // This test holds 1100 sockets; the publisher raises its own limit.
+    let (_, hard) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard).unwrap();
+    assert!(
+        hard >= 2048,
+        "the hard open-files limit {hard} is too low for this test"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (mut p, _status, port) = publisher(dir.path(), "rate = 1000\nwait_for_subscribers = 1\n");
+    let silent: Vec<TcpStream> = (0..1100)
+        .map(|_| TcpStream::connect(("127.0.0.1", port)).expect("connect"))
+        .collect();
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut g = [0u8; 64];
+    (g[0], g[9], g[10]) = (0xFF, 0x7F, 3);
+    g[12..16].copy_from_slice(b"NULL");
+    s.write_all(&g).unwrap();
+    let mut theirs = [0u8; 64];
+    assert!(
+        s.read_exact(&mut theirs).is_ok(),
+        "not greeted behind 1100 silent connections"
+    );
+    drop(s);
+    let mut sub = std::io::BufReader::new(raw_sub(port, &[b""]));
+    assert_eq!(next_seq(&mut sub), Some(1), "the subscriber gets data");
+    drop(silent);
+    p.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(p.wait(FLUSH_LIMIT + MARGIN).code(), Some(0));
+    assert!(
+        p.log_text().contains("newer connections were in theirs"),
+        "the closed ones are said: {}",
+        p.log_text()
+    );
+}

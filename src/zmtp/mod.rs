@@ -66,6 +66,12 @@ const MAX_PEERS: usize = 1024;
 const LOG_EVERY: Duration = Duration::from_secs(5);
 /// A peer must finish greeting and handshake within this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections in their handshake at once. One more closes the oldest of
+/// them: a subscriber greets within a round trip, so under a flood of
+/// connections that never greet (which would otherwise hold every one of
+/// the `MAX_PEERS` slots for `HANDSHAKE_TIMEOUT`, again and again) the
+/// ones that do greet still get in.
+const MAX_HANDSHAKES: usize = 64;
 /// Frames a subscriber may send us are subscriptions and small commands.
 const MAX_INBOUND_FRAME: u64 = 64 * 1024;
 /// The longest topic prefix a peer may subscribe to. nbpy's topics are
@@ -887,15 +893,52 @@ fn offer_all(
     None
 }
 
+/// The connections still in their handshake, oldest first (see
+/// [`MAX_HANDSHAKES`]).
+#[derive(Default)]
+struct Handshaking {
+    next: u64,
+    open: std::collections::VecDeque<(u64, CancellationToken)>,
+}
+
+impl Handshaking {
+    /// A new connection's place, closing the oldest one in its handshake
+    /// when `MAX_HANDSHAKES` already are.
+    fn admit(this: &Mutex<Handshaking>) -> (u64, CancellationToken) {
+        let mut h = this.lock().unwrap_or_else(|p| p.into_inner());
+        if h.open.len() >= MAX_HANDSHAKES {
+            if let Some((_, oldest)) = h.open.pop_front() {
+                oldest.cancel();
+            }
+        }
+        h.next += 1;
+        let token = CancellationToken::new();
+        let id = h.next;
+        h.open.push_back((id, token.clone()));
+        (id, token)
+    }
+
+    fn done(this: &Mutex<Handshaking>, id: u64) {
+        let mut h = this.lock().unwrap_or_else(|p| p.into_inner());
+        h.open.retain(|(i, _)| *i != id);
+    }
+}
+
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, max_peers: usize) {
     let slots = Arc::new(Semaphore::new(max_peers));
+    let handshaking = Arc::new(Mutex::new(Handshaking::default()));
     loop {
         match listener.accept().await {
             Ok((stream, addr)) => match slots.clone().try_acquire_owned() {
                 Ok(slot) => {
                     let shared = shared.clone();
+                    let handshaking = handshaking.clone();
+                    let (id, cut) = Handshaking::admit(&handshaking);
                     tokio::spawn(async move {
-                        serve_peer(stream, addr, shared).await;
+                        serve_peer(stream, addr, shared, cut, || {
+                            Handshaking::done(&handshaking, id)
+                        })
+                        .await;
                         drop(slot);
                     });
                 }
@@ -974,10 +1017,30 @@ async fn subscriber_handshake(stream: &mut TcpStream) -> Result<String, ZmtpErro
     }
 }
 
-async fn serve_peer(mut stream: TcpStream, addr: SocketAddr, shared: Arc<Shared>) {
+/// One subscriber's connection, from its handshake (given up when `cut`
+/// fires: newer connections are waiting for theirs; `handshaken` is
+/// called once it is over, either way) to its end.
+async fn serve_peer(
+    mut stream: TcpStream,
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    cut: CancellationToken,
+    handshaken: impl FnOnce(),
+) {
     let _ = stream.set_nodelay(true);
     let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, subscriber_handshake(&mut stream));
-    let kind = match handshake.await {
+    let outcome = tokio::select! {
+        r = handshake => Some(r),
+        _ = cut.cancelled() => None,
+    };
+    handshaken();
+    let Some(outcome) = outcome else {
+        shared.refuse(|| {
+            format!("bus: {addr} closed in its handshake: {MAX_HANDSHAKES} newer connections were in theirs")
+        });
+        return;
+    };
+    let kind = match outcome {
         Ok(Ok(kind)) => kind,
         // A connect-and-close (a port probe, `nbpy doctor`, a load
         // balancer's check) is not worth a warning; a peer that talks
