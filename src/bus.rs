@@ -112,6 +112,12 @@ impl BusPublisher {
         self.socket.subscribers()
     }
 
+    /// Connections turned away (a failed or cut-short handshake, or one
+    /// past the connection cap).
+    pub fn refused(&self) -> u64 {
+        self.socket.refused()
+    }
+
     /// Messages a stalled monitor did not get (it was not waited for).
     pub fn monitor_drops(&self) -> u64 {
         self.socket.dropped()

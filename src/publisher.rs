@@ -207,6 +207,11 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
                     0 => String::new(),
                     n => format!(", {n} not sent to stalled monitors"),
                 };
+                // Each is logged, rate-limited; the count says how many.
+                let refused = match bus.refused() {
+                    0 => String::new(),
+                    n => format!(", {n} connections refused"),
+                };
                 let unheard = match bus.unheard() {
                     0 => String::new(),
                     n => format!(", {n} to no subscriber"),
@@ -221,7 +226,7 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
                     waiting_for(&bus, started, want)
                 };
                 svc.status(&format!(
-                    "{} on {}: {waiting}{published} sent{unheard}, {rate:.0} msg/s, {} subscriber(s), {} dropped{}{stalled}{monitors}{upstream}",
+                    "{} on {}: {waiting}{published} sent{unheard}, {rate:.0} msg/s, {} subscriber(s), {} dropped{}{stalled}{monitors}{refused}{upstream}",
                     pcfg.feed.name(), bus.endpoint, bus.subscribers(), stats.dropped.load(Ordering::Relaxed),
                     feed_counters(&stats)
                 ));
