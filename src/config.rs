@@ -214,7 +214,8 @@ pub struct GrafanaConfig {
     /// InfluxDB user the datasource logs in as (a read-only one, ideally).
     pub influxdb_user: Option<String>,
     /// That user's password file *as Grafana sees it*: rendered into the
-    /// provisioning YAML as `$__file{PATH}`, read by `grafana apply`.
+    /// provisioning YAML as `$__file{PATH}`, read by `grafana apply` unless
+    /// that user is `influxdb.username` (then nbpy's own password file is).
     pub influxdb_password_file: Option<PathBuf>,
     /// Where `nbpy grafana render` writes when no directory is given.
     pub provisioning_dir: Option<PathBuf>,

@@ -372,6 +372,43 @@ influxdb_password_file = {ds_pw:?}
     )
 }
 
+/// The datasource logs in as nbpy does (the NixOS module's way): its
+/// password file is a path as *Grafana* sees it (grafana.service's own
+/// credential directory), which `grafana apply` cannot read. It sends
+/// nbpy's own password instead, read where nbpy reads it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_sends_nbpys_own_password_for_a_datasource_logging_in_as_nbpy() {
+    let g = StandIn::start("admin", "hunter2").await;
+    let dir = tempfile::tempdir().unwrap();
+    let admin = dir.path().join("grafana-admin.pw");
+    std::fs::write(&admin, "hunter2\n").unwrap();
+    let own = dir.path().join("influxdb.pw");
+    std::fs::write(&own, "nbpy-secret\n").unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &format!(
+            r#"
+[influxdb]
+url = "http://127.0.0.1:8086"
+username = "nbpy"
+password_file = {own:?}
+[grafana]
+url = "{}"
+admin_user = "admin"
+admin_password_file = {admin:?}
+influxdb_user = "nbpy"
+influxdb_password_file = "/run/credentials/grafana.service/influxdb-password"
+"#,
+            g.url()
+        ),
+    );
+    let (code, out) = nbpy(&cfg, &["grafana", "apply"]);
+    assert_eq!(code, 0, "{out}");
+    let s = g.state.lock().unwrap();
+    assert_eq!(s.secrets["nbpy-influxdb"]["password"], "nbpy-secret");
+    assert!(!out.contains("nbpy-secret"), "{out}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn apply_upserts_by_uid_and_a_second_run_changes_nothing() {
     let g = StandIn::start("admin", "hunter2").await;

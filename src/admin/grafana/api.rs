@@ -267,7 +267,8 @@ pub async fn apply(cfg: &Config) -> Result<ApplyReport, Failure> {
     let (st, have) = api
         .call(Method::GET, &format!("/api/datasources/uid/{uid}"), None)
         .await?;
-    let password = super::influx_target(cfg).password;
+    let target = super::influx_target(cfg);
+    let password = target.password;
     let has_secret = have["secureJsonFields"]["password"] == json!(true);
     let same = st != 404 && covers(&have, &ds) && has_secret == password.is_some();
     if same {
@@ -275,8 +276,18 @@ pub async fn apply(cfg: &Config) -> Result<ApplyReport, Failure> {
     } else {
         if let Some(p) = password {
             let secret = match p {
-                super::Password::File(p) => read_secret("grafana.influxdb_password_file", &p)
-                    .map_err(|e| Failure::new(NOPERM, e))?,
+                // The datasource logging in as nbpy does has nbpy's own
+                // password, read where nbpy reads it: the configured path
+                // is where *Grafana* reads it (file provisioning), which
+                // this process may not be able to (NixOS: grafana.service's
+                // own credential directory).
+                super::Password::File(p) => match &cfg.influxdb.password_file {
+                    Some(own) if target.user.is_some() && target.user == cfg.influxdb.username => {
+                        read_secret("influxdb.password_file", own)
+                    }
+                    _ => read_secret("grafana.influxdb_password_file", &p),
+                }
+                .map_err(|e| Failure::new(NOPERM, e))?,
                 super::Password::InUrl(s) => s,
             };
             ds["secureJsonData"] = json!({"password": secret});
