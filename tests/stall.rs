@@ -51,6 +51,20 @@ fn raw_sub(port: u16, topics: &[&[u8]]) -> TcpStream {
     s
 }
 
+/// A connection that sent its ZMTP greeting and got the publisher's
+/// within 5 s; None when the publisher did not greet.
+fn greeted(port: u16) -> Option<TcpStream> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut g = [0u8; 64];
+    (g[0], g[9], g[10]) = (0xFF, 0x7F, 3);
+    g[12..16].copy_from_slice(b"NULL");
+    s.write_all(&g).ok()?;
+    let mut theirs = [0u8; 64];
+    s.read_exact(&mut theirs).ok()?;
+    Some(s)
+}
+
 /// Sends a PING and waits for its PONG: the publisher handles a peer's
 /// frames in order, so its subscriptions are in effect by then.
 fn fence(s: &mut TcpStream) {
@@ -401,18 +415,12 @@ fn a_low_soft_open_files_limit_does_not_turn_subscribers_away() {
     p.wait_log("bound", Duration::from_secs(20));
     let mut held = Vec::new();
     for i in 0..100 {
-        let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let mut g = [0u8; 64];
-        (g[0], g[9], g[10]) = (0xFF, 0x7F, 3);
-        g[12..16].copy_from_slice(b"NULL");
-        s.write_all(&g).unwrap();
-        let mut theirs = [0u8; 64];
-        assert!(
-            s.read_exact(&mut theirs).is_ok(),
-            "connection {} of 100 was not greeted with a soft limit of 64 descriptors",
-            i + 1
-        );
+        let s = greeted(port).unwrap_or_else(|| {
+            panic!(
+                "connection {} of 100 was not greeted with a soft limit of 64 descriptors",
+                i + 1
+            )
+        });
         held.push(s);
     }
     p.signal(nix::sys::signal::Signal::SIGTERM);
@@ -477,18 +485,10 @@ fn connections_that_never_greet_do_not_keep_a_subscriber_out() {
     let silent: Vec<TcpStream> = (0..1100)
         .map(|_| TcpStream::connect(("127.0.0.1", port)).expect("connect"))
         .collect();
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut g = [0u8; 64];
-    (g[0], g[9], g[10]) = (0xFF, 0x7F, 3);
-    g[12..16].copy_from_slice(b"NULL");
-    s.write_all(&g).unwrap();
-    let mut theirs = [0u8; 64];
     assert!(
-        s.read_exact(&mut theirs).is_ok(),
+        greeted(port).is_some(),
         "not greeted behind 1100 silent connections"
     );
-    drop(s);
     let mut sub = std::io::BufReader::new(raw_sub(port, &[b""]));
     assert_eq!(next_seq(&mut sub), Some(1), "the subscriber gets data");
     // The ones closed to make way are counted in STATUS.
