@@ -7,6 +7,7 @@ mod common;
 use std::io::Write;
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -77,6 +78,70 @@ fn envelope_line(seq: u64) -> String {
     let mut b = Vec::new();
     nbpy::wire::encode_v1(&e, &mut b).unwrap();
     String::from_utf8(b).unwrap() + "\n"
+}
+
+/// A replay publisher of `file` with `body` added to its section, its
+/// STATUS read from a notify socket. It needs no InfluxDB: it only
+/// publishes (to no subscriber unless the test connects one).
+fn replay_publisher(dir: &Path, file: &Path, body: &str) -> (Proc, NotifyReader) {
+    let cfg = dir.join("nbpy.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[publishers.rp]\nfeed = \"replay\"\nfile = {:?}\nendpoint = \"{}\"\n{body}",
+            file.display().to_string(),
+            free_endpoint()
+        ),
+    )
+    .unwrap();
+    let sock = dir.join("notify.sock");
+    let notify = NotifyReader::bind(&sock);
+    let log = dir.join("publisher.log");
+    let f = std::fs::File::create(&log).unwrap();
+    let child = std::process::Command::new(bin_path("nbpy-publisher"))
+        .args(["--config", cfg.to_str().unwrap(), "rp"])
+        .env_remove("WATCHDOG_USEC")
+        .env("NOTIFY_SOCKET", &sock)
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::from(f.try_clone().unwrap()))
+        .stderr(std::process::Stdio::from(f))
+        .spawn()
+        .expect("spawn nbpy-publisher");
+    (Proc { child, log }, notify)
+}
+
+/// The replay feed's last line: `replayed N messages, skipped M lines`.
+fn replay_summary(log: &str) -> String {
+    log.lines()
+        .rev()
+        .find(|l| l.contains("rp: replayed "))
+        .unwrap_or_else(|| panic!("no replay summary in\n{log}"))
+        .to_string()
+}
+
+/// A replay at a slow rate (a message every 20 s) stops when told, not at
+/// its next tick: one that waited for the tick would outlast the unit's
+/// stop timeout below about 0.025 msg/s, and be killed.
+#[test]
+fn a_slow_replay_stops_at_once_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("feed.jsonl");
+    std::fs::write(&file, (1..=5).map(envelope_line).collect::<String>()).unwrap();
+    let (mut p, mut status) =
+        replay_publisher(dir.path(), &file, "rate = 0.05\nwait_for_subscribers = 0\n");
+    // The first message is out: the next is due in 20 s.
+    status.until("the first message sent", Duration::from_secs(20), |s| {
+        s.contains(": 1 sent")
+    });
+    p.signal(nix::sys::signal::Signal::SIGTERM);
+    // Within the publisher's flush limit (10 s).
+    assert_eq!(p.wait(Duration::from_secs(10)).code(), Some(0));
+    let log = p.log_text();
+    assert!(
+        replay_summary(&log).contains("replayed 1 messages"),
+        "{log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -63,7 +63,9 @@ pub async fn run(ctx: FeedContext) -> Result<(), Failure> {
         if ctx.cfg.count > 0 && sent >= ctx.cfg.count {
             break;
         }
-        pacer.tick().await;
+        if !pacer.tick_unless(&ctx.shutdown).await {
+            break;
+        }
     }
     tracing::info!(
         "{}: replayed {sent} messages from {}",
