@@ -260,6 +260,9 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
             }
         };
     }
+    crate::warn_suppressed!(errors, |n| format!(
+        "publisher {name}: {n} more messages not encodable (not logged one by one)"
+    ));
     let dropped = stats.dropped.load(Ordering::Relaxed);
     // Messages that took a seq but were never sent: queued for
     // subscribers that had not come when the stop did, or stamped by a

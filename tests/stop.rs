@@ -194,6 +194,22 @@ codec = "legacy"
     assert_eq!((sent, to_subscribers, unheard), (3, 3, 0), "{stop}");
     assert_eq!(number_before(stop, "not encodable"), 3, "{stop}");
     assert!(!stop.contains("never sent"), "counted twice: {stop}");
+    // Each is in a WARN, said or counted as held back by the rate limit
+    // (at the stop, not lost with it).
+    let warned: u64 = log
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("cannot encode"))
+        .map(|l| match l.find(" similar messages suppressed") {
+            Some(_) => 1 + number_before(&l.replace('(', "( "), "similar messages suppressed"),
+            None => 1,
+        })
+        .sum::<u64>()
+        + log
+            .lines()
+            .filter(|l| l.contains("WARN") && l.contains("more messages not encodable"))
+            .map(|l| number_before(l, "more messages not encodable"))
+            .sum::<u64>();
+    assert_eq!(warned, 3, "{log}");
     // Legacy frames carry no seq: counted on a field each has.
     let stored = || async {
         let q =
