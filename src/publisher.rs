@@ -91,7 +91,7 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
         bus.endpoint
     );
 
-    let mut published = 0u64;
+    let mut sent = Sent::default();
     let mut errors = RateLimitedLog::new(Duration::from_secs(5));
     let mut buf = Vec::with_capacity(1024);
     // What `recv_many` took; `burst[next..]` is not handed to the bus yet
@@ -140,16 +140,15 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
             }
             match bus.retry() {
                 Some(w) => break Some(w),
-                None => {
-                    published += publish_burst(
-                        &mut bus,
-                        &mut burst,
-                        &mut next,
-                        pcfg.codec,
-                        &mut buf,
-                        &mut errors,
-                    )
-                }
+                None => publish_burst(
+                    &mut bus,
+                    &mut burst,
+                    &mut next,
+                    pcfg.codec,
+                    &mut buf,
+                    &mut errors,
+                    &mut sent,
+                ),
             }
         };
         let held = wait.is_some();
@@ -189,7 +188,7 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
             // lock, one lock per message, where `recv_many` takes it once.
             n = rx.recv_many(&mut burst, BURST), if sending && !held && !paused => {
                 if n == 0 { break }
-                published += publish_burst(&mut bus, &mut burst, &mut next, pcfg.codec, &mut buf, &mut errors);
+                publish_burst(&mut bus, &mut burst, &mut next, pcfg.codec, &mut buf, &mut errors, &mut sent);
                 // A flat-out feed keeps this branch ready, and the tick
                 // below waits behind it: the loop is alive, say so.
                 svc.liveness.beat();
@@ -200,6 +199,7 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
                     continue;
                 }
                 let (t, n) = last;
+                let published = sent.published;
                 let rate = (published - n) as f64 / t.elapsed().as_secs_f64().max(1e-3);
                 last = (Instant::now(), published);
                 let upstream = stats.problem().map(|p| format!("; upstream: {p}")).unwrap_or_default();
@@ -220,13 +220,17 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
                     (0, _) => String::new(),
                     (n, m) => format!(", {m} not delivered to {n} stalled subscriber(s)"),
                 };
+                let unencodable = match sent.unencodable {
+                    0 => String::new(),
+                    n => format!(", {n} not encodable"),
+                };
                 let waiting = if was_paused {
                     "paused until a subscriber connects (rate = 0), ".to_string()
                 } else {
                     waiting_for(&bus, started, want)
                 };
                 svc.status(&format!(
-                    "{} on {}: {waiting}{published} sent{unheard}, {rate:.0} msg/s, {} subscriber(s), {} dropped{}{stalled}{monitors}{refused}{upstream}",
+                    "{} on {}: {waiting}{published} sent{unheard}, {rate:.0} msg/s, {} subscriber(s), {} dropped{unencodable}{}{stalled}{monitors}{refused}{upstream}",
                     pcfg.feed.name(), bus.endpoint, bus.subscribers(), stats.dropped.load(Ordering::Relaxed),
                     feed_counters(&stats)
                 ));
@@ -262,13 +266,21 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
             }
         };
     }
+    crate::warn_suppressed!(errors, |n| format!(
+        "publisher {name}: {n} more messages not encodable (not logged one by one)"
+    ));
     let dropped = stats.dropped.load(Ordering::Relaxed);
     // Messages that took a seq but were never sent: queued for
     // subscribers that had not come when the stop did, or stamped by a
     // feed that was waiting for room. No subscriber can see them as a gap,
     // so they are counted here.
     let accepted = stats.accepted.load(Ordering::Relaxed);
-    let never_sent = accepted.saturating_sub(published + dropped);
+    // Messages the codec refused took a seq too, and are counted apart.
+    let Sent {
+        published,
+        unencodable,
+    } = sent;
+    let never_sent = accepted.saturating_sub(published + dropped + unencodable);
     // Sent to no subscriber: before the first arrived (without
     // wait_for_subscribers), or after the last cancelled (subscribers
     // stop first and cancel, see `zmtp::sub`). Counted here because no
@@ -294,10 +306,10 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
         "{undelivered} not delivered to {stalled} stalled subscriber(s), {monitors} not sent to stalled monitors{held}"
     );
     svc.stopping(&format!(
-        "sent {published}, {unheard} to no subscriber, {lost}"
+        "sent {published}, {unheard} to no subscriber, {unencodable} not encodable, {lost}"
     ));
     tracing::info!(
-        "publisher {name}: sent {published} messages ({} to subscribers, {unheard} to no subscriber), dropped {dropped}, {lost}, stopping",
+        "publisher {name}: sent {published} messages ({} to subscribers, {unheard} to no subscriber), dropped {dropped}, {unencodable} not encodable, {lost}, stopping",
         published.saturating_sub(unheard)
     );
     match feed_result {
@@ -330,8 +342,19 @@ fn feed_counters(stats: &FeedStats) -> String {
     s
 }
 
+/// What the loop counts of the messages it hands to the bus.
+#[derive(Default)]
+struct Sent {
+    /// Handed to the bus (sent, or held for a full subscriber).
+    published: u64,
+    /// Refused by the codec (e.g. a channel the legacy codec has no
+    /// measurement for): never sent, so neither sent nor delivered.
+    unencodable: u64,
+}
+
 /// Hands `burst[*next..]` to the bus until it is all sent (and cleared)
-/// or a message is held for a full subscriber; returns how many it took.
+/// or a message is held for a full subscriber, counting what it took in
+/// `sent`.
 fn publish_burst(
     bus: &mut BusPublisher,
     burst: &mut Vec<Envelope<'static>>,
@@ -339,23 +362,27 @@ fn publish_burst(
     codec: crate::config::Codec,
     buf: &mut Vec<u8>,
     errors: &mut RateLimitedLog,
-) -> u64 {
-    let from = *next;
+    sent: &mut Sent,
+) {
     while let Some(env) = burst.get(*next) {
         *next += 1;
         match bus.publish(env, codec, buf) {
-            Ok(true) => {}
-            Ok(false) => return (*next - from) as u64,
-            Err(e) => crate::warn_limited!(errors, || format!(
-                "cannot encode message seq {}: {e}",
-                env.seq
-            )),
+            Ok(true) => sent.published += 1,
+            Ok(false) => {
+                sent.published += 1;
+                return;
+            }
+            Err(e) => {
+                sent.unencodable += 1;
+                crate::warn_limited!(errors, || format!(
+                    "cannot encode message seq {}: {e}; counted as not encodable",
+                    env.seq
+                ))
+            }
         }
     }
-    let took = (*next - from) as u64;
     burst.clear();
     *next = 0;
-    took
 }
 
 /// What the loop waits for, for STATUS: a full subscriber, or enough

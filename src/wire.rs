@@ -187,6 +187,10 @@ pub enum EncodeError {
     NonFinite { key: String, value: f64 },
     #[error("channel {0:?} has no measurement, the legacy codec cannot carry it")]
     UnknownChannel(String),
+    #[error("{0} contains \\x01, the legacy frame's separator, which the legacy codec cannot carry (it has no escape; codec = \"v1\" can)")]
+    LegacySeparator(String),
+    #[error("tag {key} is a {got}, not a string or an integer: the legacy codec would leave it out (v1 storage refuses it too)")]
+    LegacyTagType { key: String, got: &'static str },
 }
 
 /// Appends the v1 JSON body of `env` to `out`.
@@ -676,6 +680,18 @@ fn scalar(raw: &str) -> Result<Value<'_>, String> {
 pub fn encode_legacy(env: &Envelope<'_>) -> Result<String, EncodeError> {
     let m = schema::by_channel(&env.ch)
         .ok_or_else(|| EncodeError::UnknownChannel(env.ch.to_string()))?;
+    // The format has no escape: a value holding the separator would shift
+    // every value after it, and the decoder refuses the frame. It is
+    // refused here instead, where it is counted as not encodable.
+    let plain = |key: &str, s: &str| {
+        if s.contains(LEGACY_SEP) {
+            Err(EncodeError::LegacySeparator(key.to_string()))
+        } else {
+            Ok(())
+        }
+    };
+    plain("the instrument", &env.sym)?;
+    plain("the source", &env.src)?;
     let mut out = String::with_capacity(256);
     out.push_str(m.name);
     out.push(' ');
@@ -686,8 +702,27 @@ pub fn encode_legacy(env: &Envelope<'_>) -> Result<String, EncodeError> {
     out.push_str(&env.src);
     for tag in m.tags {
         out.push(LEGACY_SEP);
-        if let Some(Value::Str(s)) = env.get(tag) {
-            out.push_str(s);
+        // As v1 storage does (`sink::line`): an integer tag is stored as
+        // its text, any other non-string is refused.
+        match env.get(tag) {
+            Some(Value::Str(s)) => {
+                plain(tag, s)?;
+                out.push_str(s);
+            }
+            Some(Value::Int(i)) => out.push_str(itoa::Buffer::new().format(*i)),
+            Some(Value::Float(_) | Value::Num(_)) => {
+                return Err(EncodeError::LegacyTagType {
+                    key: tag.to_string(),
+                    got: "float",
+                })
+            }
+            Some(Value::Bool(_)) => {
+                return Err(EncodeError::LegacyTagType {
+                    key: tag.to_string(),
+                    got: "boolean",
+                })
+            }
+            None => {}
         }
     }
     for field in legacy_fields(m) {
@@ -702,7 +737,10 @@ pub fn encode_legacy(env: &Envelope<'_>) -> Result<String, EncodeError> {
             Some(Value::Float(f)) => out.push_str(ryu::Buffer::new().format_finite(*f)),
             Some(Value::Int(i)) => out.push_str(itoa::Buffer::new().format(*i)),
             Some(Value::Bool(b)) => out.push_str(if *b { "true" } else { "false" }),
-            Some(Value::Str(s)) | Some(Value::Num(s)) => out.push_str(s),
+            Some(Value::Str(s)) | Some(Value::Num(s)) => {
+                plain(field.name, s)?;
+                out.push_str(s)
+            }
             None => {}
         }
     }
@@ -970,5 +1008,74 @@ mod tests {
         assert_eq!(d.seq, 0);
         assert!(decode_legacy(b"kraken_tick BTC\x01notanumber").is_err());
         assert!(decode_legacy(b"nosuch x\x011").is_err());
+    }
+
+    /// The legacy frame has no escape: a value holding its separator is
+    /// refused (the decoder would refuse the frame), never sent.
+    #[test]
+    fn legacy_refuses_values_holding_its_separator() {
+        let mut sym = tick();
+        sym.sym = "BTC\x01USD".into();
+        let mut src = tick();
+        src.src = "kra\x01ken".into();
+        let mut field = tick();
+        field.data[0].1 = Value::Str("1\x012".into());
+        let tag = Envelope::new(
+            "kraken",
+            "trade",
+            "BTC/USD",
+            1_700_000_000_000_000_000,
+            vec![
+                ("side".into(), Value::Str("buy\x01".into())),
+                ("price".into(), Value::Float(1.5)),
+            ],
+        );
+        for (e, key) in [
+            (sym, "the instrument"),
+            (src, "the source"),
+            (field, "bid"),
+            (tag, "side"),
+        ] {
+            assert_eq!(
+                encode_legacy(&e),
+                Err(EncodeError::LegacySeparator(key.into()))
+            );
+        }
+    }
+
+    /// Tags as v1 storage (`sink::line`) writes them: an integer as its
+    /// text, which the decoder reads back as that string; a float or a
+    /// boolean is refused, not silently left out.
+    #[test]
+    fn legacy_writes_an_integer_tag_as_its_text_and_refuses_other_numbers() {
+        let odds = |id: Value<'static>| {
+            Envelope::new(
+                "betfair",
+                "odds",
+                "1.23",
+                1_700_000_000_000_000_000,
+                vec![
+                    ("selection_id".into(), id),
+                    ("back1".into(), Value::Float(2.5)),
+                ],
+            )
+        };
+        let text = encode_legacy(&odds(Value::Int(12345))).unwrap();
+        let d = decode_legacy(text.as_bytes()).unwrap();
+        assert_eq!(d.get("selection_id"), Some(&Value::Str("12345".into())));
+        assert_eq!(d.get("back1"), Some(&Value::Float(2.5)));
+        for (v, got) in [
+            (Value::Float(1.5), "float"),
+            (Value::Num("1.5".into()), "float"),
+            (Value::Bool(true), "boolean"),
+        ] {
+            assert_eq!(
+                encode_legacy(&odds(v)),
+                Err(EncodeError::LegacyTagType {
+                    key: "selection_id".into(),
+                    got
+                })
+            );
+        }
     }
 }

@@ -7,6 +7,7 @@ mod common;
 use std::io::Write;
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -77,6 +78,176 @@ fn envelope_line(seq: u64) -> String {
     let mut b = Vec::new();
     nbpy::wire::encode_v1(&e, &mut b).unwrap();
     String::from_utf8(b).unwrap() + "\n"
+}
+
+/// A replay publisher of `file` with `body` added to its section, its
+/// STATUS read from a notify socket. It needs no InfluxDB: it only
+/// publishes (to no subscriber unless the test connects one).
+fn replay_publisher(dir: &Path, file: &Path, body: &str) -> (Proc, NotifyReader) {
+    let cfg = dir.join("nbpy.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[publishers.rp]\nfeed = \"replay\"\nfile = {:?}\nendpoint = \"{}\"\n{body}",
+            file.display().to_string(),
+            free_endpoint()
+        ),
+    )
+    .unwrap();
+    let sock = dir.join("notify.sock");
+    let notify = NotifyReader::bind(&sock);
+    let log = dir.join("publisher.log");
+    let f = std::fs::File::create(&log).unwrap();
+    let child = std::process::Command::new(bin_path("nbpy-publisher"))
+        .args(["--config", cfg.to_str().unwrap(), "rp"])
+        .env_remove("WATCHDOG_USEC")
+        .env("NOTIFY_SOCKET", &sock)
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::from(f.try_clone().unwrap()))
+        .stderr(std::process::Stdio::from(f))
+        .spawn()
+        .expect("spawn nbpy-publisher");
+    (Proc { child, log }, notify)
+}
+
+/// The replay feed's last line: `replayed N messages, skipped M lines`.
+fn replay_summary(log: &str) -> String {
+    log.lines()
+        .rev()
+        .find(|l| l.contains("rp: replayed "))
+        .unwrap_or_else(|| panic!("no replay summary in\n{log}"))
+        .to_string()
+}
+
+/// A replay at a slow rate (a message every 20 s) stops when told, not at
+/// its next tick: one that waited for the tick would outlast the unit's
+/// stop timeout below about 0.025 msg/s, and be killed.
+#[test]
+fn a_slow_replay_stops_at_once_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("feed.jsonl");
+    std::fs::write(&file, (1..=5).map(envelope_line).collect::<String>()).unwrap();
+    let (mut p, mut status) =
+        replay_publisher(dir.path(), &file, "rate = 0.05\nwait_for_subscribers = 0\n");
+    // The first message is out: the next is due in 20 s.
+    status.until("the first message sent", Duration::from_secs(20), |s| {
+        s.contains(": 1 sent")
+    });
+    p.signal(nix::sys::signal::Signal::SIGTERM);
+    // Within the publisher's flush limit (10 s).
+    assert_eq!(p.wait(Duration::from_secs(10)).code(), Some(0));
+    let log = p.log_text();
+    assert!(
+        replay_summary(&log).contains("replayed 1 messages"),
+        "{log}"
+    );
+}
+
+/// Lines that are not envelopes are skipped and counted, and the replay
+/// goes on: not JSON, not UTF-8 (once the end of the replay, exit 66),
+/// and longer than the largest envelope, which is dropped as it is read
+/// rather than held whole (a 128 MiB line once took 300 MiB). The summary
+/// says how many were skipped, and the WARNs held back by the rate limit
+/// are counted at the end, not lost with it.
+#[test]
+fn replay_skips_and_counts_bad_lines_and_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("feed.fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    // Read+write: the publisher's open does not block, and the replay
+    // ends only once this is closed, so the publisher's memory can be
+    // read after the long line.
+    let mut feed = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&fifo)
+        .unwrap();
+    let (mut p, mut status) = replay_publisher(
+        dir.path(),
+        &fifo,
+        "rate = 10000\nwait_for_subscribers = 0\n",
+    );
+    let long = 128usize << 20;
+    // Written on a thread: a publisher that ended early leaves it blocked
+    // on the full pipe, and the test says so instead of hanging.
+    let writer = std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        bytes.extend_from_slice(envelope_line(1).as_bytes());
+        bytes.extend_from_slice(b"not json 1\n");
+        bytes.extend_from_slice(envelope_line(2).as_bytes());
+        bytes.extend_from_slice(b"caf\xe9 latin-1 comment line\n");
+        bytes.extend_from_slice(envelope_line(3).as_bytes());
+        feed.write_all(&bytes).unwrap();
+        let block = vec![b'a'; 1 << 20];
+        for _ in 0..long >> 20 {
+            feed.write_all(&block).unwrap();
+        }
+        let mut bytes = b"\n".to_vec();
+        bytes.extend_from_slice(envelope_line(4).as_bytes());
+        bytes.extend_from_slice(b"not json 2\n");
+        // The last line without its newline.
+        bytes.extend_from_slice(envelope_line(5).trim_end().as_bytes());
+        feed.write_all(&bytes).unwrap();
+        feed
+    });
+    let t0 = Instant::now();
+    while !status
+        .during(Duration::from_millis(100))
+        .iter()
+        .any(|s| s.contains(": 4 sent"))
+    {
+        if let Ok(Some(code)) = p.child.try_wait() {
+            panic!("the replay ended early ({code}):\n{}", p.log_text());
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "not 4 replayed within 60 s:\n{}",
+            p.log_text()
+        );
+    }
+    let feed = writer.join().unwrap();
+    let hwm_kib: u64 = std::fs::read_to_string(format!("/proc/{}/status", p.child.id()))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc/PID/status");
+    assert!(
+        hwm_kib < (long as u64 >> 10) / 2,
+        "peak memory {hwm_kib} KiB for a line of {} KiB",
+        long >> 10
+    );
+    drop(feed);
+    assert_eq!(p.wait(Duration::from_secs(20)).code(), Some(0));
+    let log = p.log_text();
+    let summary = replay_summary(&log);
+    eprintln!("peak memory {hwm_kib} KiB; {summary}");
+    assert!(
+        summary.contains("replayed 5 messages, skipped 4 lines"),
+        "{summary}"
+    );
+    // Every skipped line is in a WARN, said or counted as held back.
+    let warned: u64 = log
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("skipping"))
+        .map(|l| match l.find(" similar messages suppressed") {
+            Some(_) => 1 + number_before(&l.replace('(', "( "), "similar messages suppressed"),
+            None => 1,
+        })
+        .sum::<u64>()
+        + log
+            .lines()
+            .filter(|l| l.contains("WARN") && l.contains("more lines skipped"))
+            .map(|l| number_before(l, "more lines skipped"))
+            .sum::<u64>();
+    assert_eq!(warned, 4, "{log}");
+    let stop = log
+        .lines()
+        .rev()
+        .find(|l| l.contains(" to no subscriber)"))
+        .unwrap_or_else(|| panic!("no stop line in\n{log}"));
+    assert!(stop.contains("sent 5 messages"), "{stop}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

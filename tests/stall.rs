@@ -505,3 +505,23 @@ fn connections_that_never_greet_do_not_keep_a_subscriber_out() {
         p.log_text()
     );
 }
+
+/// A paced feed at a slow rate (a message every 20 s) stops when told,
+/// not at its next tick: one that waited for the tick would outlast the
+/// unit's stop timeout below about 0.025 msg/s, and be killed.
+#[test]
+fn sigterm_at_a_slow_rate_does_not_wait_for_the_next_tick() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut p, mut status, _port) =
+        publisher(dir.path(), "rate = 0.05\nwait_for_subscribers = 0\n");
+    // The first message is out: the next is due in 20 s.
+    status.until("the first message sent", Duration::from_secs(10), |s| {
+        s.contains(": 1 sent")
+    });
+    p.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(p.wait(FLUSH_LIMIT).code(), Some(0));
+    let log = p.log_text();
+    assert!(log.contains("synthetic feed generated 1 messages"), "{log}");
+    let stop = stop_line(&log);
+    assert!(stop.contains("sent 1 messages"), "{stop}");
+}

@@ -1,72 +1,115 @@
 //! Replays a file of v1 envelopes (one JSON body per line), re-stamped with
 //! this publisher's sequence numbers; exchange times and data are kept.
-//! Lines that are not envelopes are counted as malformed and skipped.
+//! Lines that are not envelopes (not JSON, not UTF-8, longer than the
+//! largest envelope) are counted as malformed and skipped, and the summary
+//! says how many.
 
 use std::sync::atomic::Ordering;
 
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::AsyncReadExt;
 
 use super::synthetic::Pacer;
+use super::upstream::{Line, LineSplitter};
 use super::FeedContext;
 use crate::exit::{Failure, NOINPUT};
-use crate::wire::decode_v1;
+use crate::wire::{decode_v1, MAX_FRAME};
+
+/// Bytes read from the file at a time.
+const CHUNK: usize = 16 * 1024;
 
 pub async fn run(ctx: FeedContext) -> Result<(), Failure> {
     let Some(path) = ctx.cfg.file.clone() else {
         return Err(Failure::config(anyhow::anyhow!("replay needs `file`")));
     };
-    let file = tokio::fs::File::open(&path).await.map_err(|e| {
+    let mut file = tokio::fs::File::open(&path).await.map_err(|e| {
         Failure::new(
             NOINPUT,
             anyhow::anyhow!("cannot open {}: {e}", path.display()),
         )
     })?;
-    let mut lines = BufReader::new(file).lines();
+    // Lines as bytes, each bounded: a line that is not UTF-8 is one more
+    // line that is not an envelope (skipped, not the end of the replay),
+    // and a line longer than the largest envelope is dropped as it is
+    // read, never held whole (a file with no newlines would otherwise
+    // take the publisher's memory with it).
+    let mut lines = LineSplitter::new(MAX_FRAME);
+    let mut chunk = vec![0u8; CHUNK];
+    let mut at_end = false;
     let mut pacer = Pacer::new(ctx.cfg.rate);
-    let mut sent = 0u64;
+    let (mut sent, mut skipped) = (0u64, 0u64);
     // A file of bad lines would otherwise log one WARN per line; the
-    // malformed counter still counts every one.
+    // malformed counter still counts every one, and the summary says how
+    // many were skipped.
     let mut bad_log = crate::sink::RateLimitedLog::new(std::time::Duration::from_secs(5));
-    loop {
-        let line = tokio::select! {
-            _ = ctx.shutdown.cancelled() => break,
-            l = lines.next_line() => l,
-        };
-        let line = match line {
-            Ok(Some(l)) => l,
-            Ok(None) => break,
-            Err(e) => {
-                return Err(Failure::new(
-                    NOINPUT,
-                    anyhow::anyhow!("reading {}: {e}", path.display()),
-                ))
+    'file: loop {
+        while let Some(line) = lines.next_line() {
+            if ctx.shutdown.is_cancelled() {
+                break 'file;
             }
-        };
-        if line.trim().is_empty() {
-            continue;
-        }
-        let env = match decode_v1(line.as_bytes()) {
-            Ok(e) => e.into_owned(),
-            Err(e) => {
-                ctx.out.stats.malformed.fetch_add(1, Ordering::Relaxed);
-                crate::warn_limited!(bad_log, || format!(
-                    "{}: skipping line: {e}",
-                    path.display()
-                ));
+            let line = match line {
+                Line::Text(l) => l,
+                Line::TooLong => {
+                    skipped += 1;
+                    ctx.out.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                    crate::warn_limited!(bad_log, || format!(
+                        "{}: skipping a line over {MAX_FRAME} bytes, the largest envelope",
+                        path.display()
+                    ));
+                    continue;
+                }
+            };
+            if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
+            let env = match decode_v1(&line) {
+                Ok(e) => e.into_owned(),
+                Err(e) => {
+                    skipped += 1;
+                    ctx.out.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                    crate::warn_limited!(bad_log, || format!(
+                        "{}: skipping line: {e}",
+                        path.display()
+                    ));
+                    continue;
+                }
+            };
+            if !ctx.out.send_unless(env, &ctx.shutdown).await {
+                break 'file;
+            }
+            sent += 1;
+            if ctx.cfg.count > 0 && sent >= ctx.cfg.count {
+                break 'file;
+            }
+            if !pacer.tick_unless(&ctx.shutdown).await {
+                break 'file;
+            }
+        }
+        if at_end {
+            break;
+        }
+        let n = tokio::select! {
+            _ = ctx.shutdown.cancelled() => break,
+            n = file.read(&mut chunk) => n.map_err(|e| {
+                Failure::new(
+                    NOINPUT,
+                    anyhow::anyhow!("reading {}: {e}", path.display()),
+                )
+            })?,
         };
-        if !ctx.out.send(env).await {
-            break;
+        if n == 0 {
+            // The last line may have no newline: end it.
+            at_end = true;
+            lines.push(b"\n");
+        } else {
+            lines.push(&chunk[..n]);
         }
-        sent += 1;
-        if ctx.cfg.count > 0 && sent >= ctx.cfg.count {
-            break;
-        }
-        pacer.tick().await;
     }
+    crate::warn_suppressed!(bad_log, |n| format!(
+        "{}: {n} more lines skipped (not logged one by one)",
+        path.display()
+    ));
     tracing::info!(
-        "{}: replayed {sent} messages from {}",
+        "{}: replayed {sent} messages, skipped {skipped} lines from {}",
         ctx.name,
         path.display()
     );

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use tokio_util::sync::CancellationToken;
 
 use super::FeedContext;
 use crate::exit::Failure;
@@ -231,20 +232,38 @@ impl Pacer {
             .then(|| self.start + Duration::from_secs_f64(self.sent as f64 / self.rate))
     }
 
-    pub async fn tick(&mut self) {
-        self.sent += 1;
-        let Some(due) = self.due() else {
-            return;
+    /// Waits until the next tick is due; false (at once) when `stop` is
+    /// cancelled first. A stop must not wait for the tick: at a slow rate
+    /// the wait is up to 1/rate s (50 s at 0.02/s), past the unit's stop
+    /// timeout. Unpaced, or behind, it does not wait, and does not touch
+    /// `stop` either (a flat-out feed calls this per message).
+    pub async fn tick_unless(&mut self, stop: &CancellationToken) -> bool {
+        let Some(due) = self.advance() else {
+            return true;
         };
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => false,
+            _ = tokio::time::sleep_until(due.into()) => true,
+        }
+    }
+
+    /// Counts a tick: when the next one is due, if that is worth waiting
+    /// for (None unpaced or behind).
+    fn advance(&mut self) -> Option<Instant> {
+        self.sent += 1;
+        let due = self.due()?;
         let now = Instant::now();
         if due > now + Duration::from_millis(1) {
-            tokio::time::sleep_until(due.into()).await;
-        } else if now > due + CATCH_UP {
+            return Some(due);
+        }
+        if now > due + CATCH_UP {
             self.skipped_secs += (now - due).as_secs_f64();
             self.restarts += 1;
             self.start = now;
             self.sent = 0;
         }
+        None
     }
 }
 
@@ -259,7 +278,9 @@ pub async fn run(ctx: FeedContext) -> Result<(), Failure> {
         }
         sent += 1;
         let behind = pacer.skipped_secs;
-        pacer.tick().await;
+        if !pacer.tick_unless(&ctx.shutdown).await {
+            break;
+        }
         if pacer.skipped_secs != behind {
             tracing::info!(
                 "{}: synthetic feed {:.1} s behind its rate of {}/s (the bus waited); going on at that rate from now, not catching up ({} times so far; nothing is lost: fewer messages are generated)",
@@ -286,7 +307,7 @@ mod tests {
             return; // a machine up for less than 9 s
         };
         let mut p = Pacer::starting_at(long_ago, 2000.0);
-        p.tick().await;
+        p.tick_unless(&CancellationToken::new()).await;
         let due = p.due().unwrap();
         assert!(
             due + Duration::from_millis(1) >= Instant::now(),
@@ -298,7 +319,7 @@ mod tests {
             .checked_sub(Duration::from_millis(100))
             .unwrap_or(long_ago);
         let mut p = Pacer::starting_at(recently, 2000.0);
-        p.tick().await;
+        p.tick_unless(&CancellationToken::new()).await;
         assert_eq!(p.restarts, 0);
     }
 

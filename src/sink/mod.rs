@@ -41,6 +41,13 @@ impl RateLimitedLog {
         self.last = Some(now);
         Some(std::mem::take(&mut self.suppressed))
     }
+
+    /// The lines held back since the last one went out, and starts over:
+    /// for [`warn_suppressed!`](crate::warn_suppressed) when no more lines
+    /// will come to carry that count.
+    pub fn take_suppressed(&mut self) -> u64 {
+        std::mem::take(&mut self.suppressed)
+    }
 }
 
 /// `warn_limited!(log, || message)`: a WARN line through the
@@ -56,6 +63,22 @@ macro_rules! warn_limited {
             } else {
                 ::tracing::warn!("{what}");
             }
+        }
+    }};
+}
+
+/// `warn_suppressed!(log, |n| message)`: when what `log` limited has
+/// ended (a replay's file, a publisher's stop), a WARN with the `n` lines
+/// it held back since its last one, if any, under the calling module's
+/// target. Without it, the count would wait for a next line that never
+/// comes, and a file of bad lines would show as one.
+#[macro_export]
+macro_rules! warn_suppressed {
+    ($log:expr, $what:expr) => {{
+        let held = $log.take_suppressed();
+        if held > 0 {
+            let what: String = ($what)(held);
+            ::tracing::warn!("{what}");
         }
     }};
 }
