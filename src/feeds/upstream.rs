@@ -196,6 +196,10 @@ pub async fn pause(stop: &CancellationToken, d: Duration) -> bool {
 #[derive(Debug)]
 pub struct LineSplitter {
     buf: Vec<u8>,
+    /// Where the next line starts: lines are taken by moving this, and the
+    /// bytes before it are dropped once per chunk pushed, not once per
+    /// line (which moved the rest of a chunk up for every line in it).
+    start: usize,
     /// Bytes of `buf` already searched for a newline.
     scanned: usize,
     max: usize,
@@ -215,6 +219,7 @@ impl LineSplitter {
     pub fn new(max: usize) -> Self {
         LineSplitter {
             buf: Vec::with_capacity(8192),
+            start: 0,
             scanned: 0,
             max,
             skipping: false,
@@ -222,6 +227,11 @@ impl LineSplitter {
     }
 
     pub fn push(&mut self, chunk: &[u8]) {
+        if self.start > 0 {
+            self.buf.drain(..self.start);
+            self.scanned -= self.start;
+            self.start = 0;
+        }
         self.buf.extend_from_slice(chunk);
     }
 
@@ -231,11 +241,11 @@ impl LineSplitter {
             match self.buf[self.scanned..].iter().position(|&b| b == b'\n') {
                 Some(off) => {
                     let end = self.scanned + off;
-                    let mut line: Vec<u8> = self.buf.drain(..=end).collect();
-                    self.scanned = 0;
-                    line.pop();
+                    let mut line = &self.buf[self.start..end];
+                    self.start = end + 1;
+                    self.scanned = self.start;
                     if line.last() == Some(&b'\r') {
-                        line.pop();
+                        line = &line[..line.len() - 1];
                     }
                     if std::mem::take(&mut self.skipping) {
                         // The tail of a line already reported as too long.
@@ -244,12 +254,13 @@ impl LineSplitter {
                     if line.len() > self.max {
                         return Some(Line::TooLong);
                     }
-                    return Some(Line::Text(line));
+                    return Some(Line::Text(line.to_vec()));
                 }
                 None => {
                     self.scanned = self.buf.len();
-                    if self.buf.len() > self.max {
+                    if self.buf.len() - self.start > self.max {
                         self.buf.clear();
+                        self.start = 0;
                         self.scanned = 0;
                         let first = !self.skipping;
                         self.skipping = true;
