@@ -282,11 +282,21 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             };
             let file = crate::units::config_file(&root, chosen)
                 .map_err(|e| Failure::new(crate::exit::USAGE, anyhow::anyhow!(e)))?;
-            let loaded = match &file {
-                Some(f) => crate::config::load(Some(f)),
-                None => crate::config::load_resolved(None),
+            // The file alone: the units do not see this shell's NBPY_*
+            // variables, so instances wired from them would not exist.
+            let ignored: Vec<String> = std::env::vars_os()
+                .filter_map(|(k, _)| k.into_string().ok())
+                .filter(|k| k.starts_with("NBPY_") && k != "NBPY_CONFIG")
+                .collect();
+            if !ignored.is_empty() {
+                use std::io::Write;
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "note: units install wires from the file only; ignoring {} (the units do not see this environment)",
+                    ignored.join(", ")
+                );
             }
-            .map_err(Failure::config)?;
+            let loaded = crate::config::load_file_only(file.clone()).map_err(Failure::config)?;
             let report = crate::units::install(&root, &loaded.config, enable).map_err(|e| {
                 let code = match e.kind() {
                     std::io::ErrorKind::PermissionDenied => crate::exit::NOPERM,

@@ -452,6 +452,11 @@ pub struct PublisherConfig {
     pub feed: FeedKind,
     /// ZeroMQ endpoint to bind; defaults to the feed's port on loopback.
     pub endpoint: Option<String>,
+    /// Where others (validate, the health monitor) connect to reach it,
+    /// when that is not `endpoint`: another host's name (compose:
+    /// `tcp://publisher-synth:5570`). Default: `endpoint`, a wildcard host
+    /// (`0.0.0.0`, `*`, `[::]`) read as loopback.
+    pub advertise: Option<String>,
     pub codec: Codec,
     /// Messages per second; 0 = as fast as delivery allows.
     pub rate: f64,
@@ -490,6 +495,7 @@ impl Default for PublisherConfig {
         PublisherConfig {
             feed: FeedKind::Synthetic,
             endpoint: None,
+            advertise: None,
             codec: Codec::V1,
             rate: 0.0,
             count: 0,
@@ -514,6 +520,43 @@ impl PublisherConfig {
         self.endpoint
             .clone()
             .unwrap_or_else(|| format!("tcp://127.0.0.1:{}", self.feed.default_port()))
+    }
+
+    /// The endpoint to connect to for this publisher (see `advertise`):
+    /// a bind to every address is reached on loopback, not at `0.0.0.0`,
+    /// which names no host to connect to.
+    pub fn reach(&self) -> String {
+        if let Some(a) = &self.advertise {
+            return a.clone();
+        }
+        let ep = self.endpoint();
+        match crate::bus::parse_endpoint(&ep) {
+            Ok((host, port)) if wildcard_host(host) => {
+                let lo = if host.contains(':') {
+                    "[::1]"
+                } else {
+                    "127.0.0.1"
+                };
+                format!("tcp://{lo}:{port}")
+            }
+            _ => ep,
+        }
+    }
+}
+
+/// A bind address meaning every interface.
+fn wildcard_host(host: &str) -> bool {
+    matches!(host, "*" | "0.0.0.0" | "[::]" | "::")
+}
+
+/// The host a bind takes, for telling two binds that collide: names for
+/// this host as one, every wildcard as `*`.
+fn bind_host(host: &str) -> &str {
+    match host {
+        h if wildcard_host(h) => "*",
+        "localhost" | "127.0.0.1" => "127.0.0.1",
+        "[::1]" | "ip6-localhost" => "[::1]",
+        h => h,
     }
 }
 
@@ -834,7 +877,22 @@ pub fn load(explicit: Option<&Path>) -> Result<Loaded, ConfigError> {
 /// defaults), for a caller whose choice differs from [`resolve_file`]'s:
 /// `units install --root` reads the file inside the root.
 pub fn load_resolved(file: Option<PathBuf>) -> Result<Loaded, ConfigError> {
-    let mut config = extract(&figment(file.as_deref())).map_err(ConfigError::Parse)?;
+    loaded_from(&figment(file.as_deref()), file)
+}
+
+/// The file (or the built-in defaults) alone, without `NBPY_*` variables:
+/// what a systemd unit reads, for `units install`, which wires instances
+/// from it. The installer's environment is not the units'.
+pub fn load_file_only(file: Option<PathBuf>) -> Result<Loaded, ConfigError> {
+    let mut fig = Figment::from(Serialized::defaults(Config::default()));
+    if let Some(f) = &file {
+        fig = fig.merge(Toml::file_exact(f));
+    }
+    loaded_from(&fig, file)
+}
+
+fn loaded_from(fig: &Figment, file: Option<PathBuf>) -> Result<Loaded, ConfigError> {
+    let mut config = extract(fig).map_err(ConfigError::Parse)?;
     if let Some(dir) = std::env::var_os("STATE_DIRECTORY") {
         // systemd may pass several, colon-separated; the first is ours.
         let first = dir
@@ -901,16 +959,32 @@ impl Config {
         // Names become systemd instance names: checked by the rule `nbpy
         // units install` applies, so a name it would fail on fails here.
         p.extend(crate::units::instance_name_problems(self));
-        let mut seen: BTreeMap<String, &str> = BTreeMap::new();
+        // (port, host) of each bind so far: two on one port collide when
+        // their hosts are the same or either is a wildcard (it takes the
+        // port on every address); only the second would fail, at start.
+        let mut binds: Vec<(u16, String, &str)> = Vec::new();
         for (name, publ) in &self.publishers {
             let ep = publ.endpoint();
-            if let Err(e) = crate::bus::check_endpoint(&ep) {
-                p.push(format!("publishers.{name}.endpoint = {ep:?}: {e}"));
+            match crate::bus::parse_endpoint(&ep) {
+                Err(e) => p.push(format!("publishers.{name}.endpoint = {ep:?}: {e}")),
+                Ok((host, port)) => {
+                    let host = bind_host(host);
+                    if let Some((_, _, other)) = binds
+                        .iter()
+                        .find(|(p, h, _)| *p == port && (h == host || h == "*" || host == "*"))
+                    {
+                        p.push(format!(
+                            "publishers.{name}.endpoint = {ep:?} takes the port publishers.{other} binds ({}): only one of them could start",
+                            self.publishers[*other].endpoint()
+                        ));
+                    }
+                    binds.push((port, host.to_string(), name));
+                }
             }
-            if let Some(other) = seen.insert(ep.clone(), name) {
-                p.push(format!(
-                    "publishers.{name}.endpoint = {ep:?} is already used by publishers.{other}"
-                ));
+            if let Some(a) = &publ.advertise {
+                if let Err(e) = crate::bus::check_endpoint(a) {
+                    p.push(format!("publishers.{name}.advertise = {a:?}: {e}"));
+                }
             }
             if !publ.rate.is_finite() || publ.rate < 0.0 {
                 p.push(format!(
@@ -1030,8 +1104,11 @@ impl Config {
             c.grafana.influxdb_url = Some(redact_url(u));
         }
         for p in c.publishers.values_mut() {
-            if let Some(u) = &p.url {
-                p.url = Some(redact_url(u));
+            for u in [&mut p.url, &mut p.betfair.login_url, &mut p.advertise]
+                .into_iter()
+                .flatten()
+            {
+                *u = redact_url(u);
             }
         }
         toml::to_string_pretty(&c).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
@@ -1183,6 +1260,11 @@ fn list<'a>(names: impl Iterator<Item = &'a String>) -> String {
 /// leave nbpy logging nothing at all; a bare target is refused here (it
 /// can be written `TARGET=trace`).
 fn log_level_problem(level: &str) -> Result<(), String> {
+    // An empty filter passes EnvFilter and logs nothing but errors: an
+    // unset variable in a compose file silencing every service.
+    if level.trim().is_empty() {
+        return Err("empty".into());
+    }
     tracing_subscriber::EnvFilter::try_new(level).map_err(|e| e.to_string())?;
     for d in level.split(',').map(str::trim).filter(|d| !d.is_empty()) {
         if !d.contains('=') && d.parse::<tracing::level_filters::LevelFilter>().is_err() {
@@ -1227,13 +1309,15 @@ pub(crate) fn url_problem(
     } else {
         format!("must start with {starts} (e.g. {example})")
     };
+    // Printed without its password: `config check` goes to logs.
+    let shown = redact_url(url);
     match reqwest::Url::parse(url) {
-        Err(e) => Some(format!("{key} = {url:?}: {e}; {allowed}")),
+        Err(e) => Some(format!("{key} = {shown:?}: {e}; {allowed}")),
         Ok(u) if schemes.contains(&u.scheme()) && u.host_str().is_some_and(|h| !h.is_empty()) => {
             None
         }
         Ok(u) if file_ok && u.scheme() == "file" && u.to_file_path().is_ok() => None,
-        Ok(_) => Some(format!("{key} = {url:?}: {allowed}")),
+        Ok(_) => Some(format!("{key} = {shown:?}: {allowed}")),
     }
 }
 
@@ -1270,7 +1354,22 @@ pub fn redact_url(url: &str) -> String {
             let _ = u.set_password(Some("***"));
             u.to_string()
         }
-        _ => url.to_string(),
+        Ok(_) => url.to_string(),
+        // One that does not parse (the error that names it is printed)
+        // may still hold a password: `scheme://user:secret@host…` by text.
+        Err(_) => {
+            let Some((scheme, rest)) = url.split_once("://") else {
+                return url.to_string();
+            };
+            let auth_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+            match rest[..auth_end].rsplit_once('@') {
+                Some((userinfo, _)) if userinfo.contains(':') => {
+                    let user = userinfo.split(':').next().unwrap_or("");
+                    format!("{scheme}://{user}:***@{}", &rest[userinfo.len() + 1..])
+                }
+                _ => url.to_string(),
+            }
+        }
     }
 }
 
@@ -1774,6 +1873,108 @@ mod tests {
             "SIGKILL",
         );
         assert!(problems_of("[service]\nstop_timeout = \"40s\"").is_empty());
+    }
+
+    #[test]
+    fn a_validate_run_the_unit_would_kill_is_refused() {
+        let limit = crate::units::validate_timeout_start().expect("TimeoutStartSec=");
+        assert_eq!(limit, Duration::from_secs(180));
+        // 5 s connect + 150 s + 15 s settle + 10 s for the queries = 180 s.
+        assert!(problems_of("[validate]\nduration = \"150s\"").is_empty());
+        assert_one_problem(
+            "[validate]\nduration = \"151s\"",
+            "validate.connect_timeout + duration + settle = 2m 51s",
+            "TimeoutStartSec=3m",
+        );
+    }
+
+    #[test]
+    fn an_empty_log_level_is_refused() {
+        assert_one_problem("[log]\nlevel = \"\"", "log.level = \"\": empty", "allowed");
+    }
+
+    #[test]
+    fn a_name_starting_with_a_dash_is_refused() {
+        assert_one_problem(
+            "[publishers.-x]\nendpoint = \"tcp://127.0.0.1:5999\"",
+            "publishers.-x: a name may not start with '-'",
+            "option",
+        );
+    }
+
+    #[test]
+    fn binds_that_would_collide_are_refused_whatever_their_spelling() {
+        for (a, b) in [
+            ("tcp://0.0.0.0:5999", "tcp://127.0.0.1:5999"),
+            ("tcp://localhost:5999", "tcp://127.0.0.1:5999"),
+            ("tcp://127.0.0.1:5999", "tcp://*:5999"),
+        ] {
+            let t =
+                format!("[publishers.a]\nendpoint = \"{a}\"\n[publishers.b]\nendpoint = \"{b}\"");
+            assert_one_problem(
+                &t,
+                &format!("publishers.b.endpoint = \"{b}\" takes the port publishers.a binds"),
+                "only one",
+            );
+        }
+        // Two addresses of this host on one port do not collide.
+        let t = "[publishers.a]\nendpoint = \"tcp://127.0.0.1:5999\"\n[publishers.b]\nendpoint = \"tcp://127.0.0.2:5999\"";
+        assert!(problems_of(t).is_empty());
+    }
+
+    #[test]
+    fn a_wildcard_bind_is_reached_on_loopback_unless_advertised() {
+        let p = |t: &str| -> PublisherConfig {
+            Figment::from(Serialized::defaults(PublisherConfig::default()))
+                .merge(Toml::string(t))
+                .extract()
+                .unwrap()
+        };
+        assert_eq!(
+            p("endpoint = \"tcp://0.0.0.0:5570\"").reach(),
+            "tcp://127.0.0.1:5570"
+        );
+        assert_eq!(
+            p("endpoint = \"tcp://*:5570\"").reach(),
+            "tcp://127.0.0.1:5570"
+        );
+        assert_eq!(
+            p("endpoint = \"tcp://[::]:5570\"").reach(),
+            "tcp://[::1]:5570"
+        );
+        assert_eq!(
+            p("endpoint = \"tcp://10.0.0.5:5570\"").reach(),
+            "tcp://10.0.0.5:5570"
+        );
+        assert_eq!(
+            p("endpoint = \"tcp://0.0.0.0:5570\"\nadvertise = \"tcp://publisher-synth:5570\"")
+                .reach(),
+            "tcp://publisher-synth:5570"
+        );
+    }
+
+    #[test]
+    fn passwords_in_urls_are_never_printed() {
+        // A URL that is wrong (its scheme) still hides its password.
+        let p = problems_of("[influxdb]\nurl = \"htp://admin:s3cretpw@influx:8086\"");
+        assert!(
+            p.len() == 1 && !p[0].contains("s3cretpw") && p[0].contains("admin:***@"),
+            "{p:?}"
+        );
+        let p = problems_of("[influxdb]\nurl = \"http://admin:s3cretpw@\"");
+        assert!(p.len() == 1 && !p[0].contains("s3cretpw"), "{p:?}");
+        // config show: every URL key, Betfair's login too.
+        let c: Config = Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::string(
+                "[publishers.odds.betfair]\nlogin_url = \"https://u:s3cretpw@login.example/api\"",
+            ))
+            .extract()
+            .unwrap();
+        let shown = c.to_redacted_toml();
+        assert!(
+            !shown.contains("s3cretpw") && shown.contains("u:***@"),
+            "{shown}"
+        );
     }
 
     fn influx(toml_text: &str) -> Result<InfluxConfig, String> {

@@ -59,10 +59,21 @@ pub const SUBSCRIBER_TEMPLATE: &str = "nbpy-subscriber@.service";
 /// `TimeoutStopSec=` of the embedded subscriber unit, so the limit
 /// `service.stop_timeout` is checked against cannot drift from the unit.
 pub fn subscriber_timeout_stop() -> Option<std::time::Duration> {
-    let unit = UNITS.iter().find(|u| u.name == SUBSCRIBER_TEMPLATE)?;
+    timeout_of(SUBSCRIBER_TEMPLATE, "TimeoutStopSec")
+}
+
+/// How long systemd lets `nbpy validate` run (the validate unit's
+/// `TimeoutStartSec=`): its window, settle and connect time must fit.
+pub fn validate_timeout_start() -> Option<std::time::Duration> {
+    timeout_of("nbpy-validate.service", "TimeoutStartSec")
+}
+
+/// A `Timeout…Sec=` of an embedded unit.
+fn timeout_of(unit: &str, key: &str) -> Option<std::time::Duration> {
+    let unit = UNITS.iter().find(|u| u.name == unit)?;
     unit.text
         .lines()
-        .find_map(|l| l.trim().strip_prefix("TimeoutStopSec="))
+        .find_map(|l| l.trim().strip_prefix(key)?.strip_prefix('='))
         .and_then(|v| humantime::parse_duration(v.trim()).ok())
 }
 
@@ -119,6 +130,10 @@ pub fn instance_name_problem(template: &str, name: &str) -> Option<String> {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
     {
         Some("names may use a-z, 0-9, '-' and '_' only (they become unit instance names)".into())
+    } else if name.starts_with('-') {
+        // `ExecStart=… %i` (and `nbpy up`) pass the name as an argument:
+        // one starting with '-' is read as an option and never runs.
+        Some("a name may not start with '-' (it is passed as a command-line argument, where it reads as an option)".into())
     } else if name.len() > max {
         Some(format!(
             "the name is {} characters long; at most {max} allowed: it becomes the unit {}, whose drop-in directory {}.d must fit the {NAME_MAX}-character limit systemd and the file system put on names",

@@ -105,6 +105,9 @@ impl Default for ValidateConfig {
     }
 }
 
+/// What `nbpy validate` needs past its settle to query and judge.
+const QUERY_MARGIN: Duration = Duration::from_secs(10);
+
 impl ValidateConfig {
     pub fn problems(&self, publishers: &BTreeMap<String, PublisherConfig>) -> Vec<String> {
         let mut p = Vec::new();
@@ -122,6 +125,18 @@ impl ValidateConfig {
         }
         if self.duration.is_zero() {
             p.push("validate.duration must be > 0".into());
+        }
+        if let Some(limit) = crate::units::validate_timeout_start() {
+            // Connecting, the window and the settle, and then the queries.
+            let need = self.connect_timeout + self.duration + self.settle + QUERY_MARGIN;
+            if need > limit {
+                p.push(format!(
+                    "validate.connect_timeout + duration + settle = {} (+ {} for the queries): more than nbpy-validate.service's TimeoutStartSec={}, which would kill it before its verdict",
+                    humantime::format_duration(self.connect_timeout + self.duration + self.settle),
+                    humantime::format_duration(QUERY_MARGIN),
+                    humantime::format_duration(limit)
+                ));
+            }
         }
         for (key, names) in [
             ("validate.publishers", &self.publishers),
@@ -595,7 +610,7 @@ async fn listen(
     within: Duration,
     duration: Duration,
 ) -> Listened {
-    let endpoint = pcfg.endpoint();
+    let endpoint = pcfg.reach();
     let mut out = Listened {
         name: name.clone(),
         pcfg,
@@ -901,7 +916,7 @@ fn publisher_report(
     }
     PublisherReport {
         name: l.name.clone(),
-        endpoint: l.pcfg.endpoint(),
+        endpoint: l.pcfg.reach(),
         feed: l.pcfg.feed.name().to_string(),
         connected: l.connected,
         went_away: l.went_away,

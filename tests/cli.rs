@@ -376,6 +376,24 @@ fn units_install_refuses_a_config_the_units_will_not_read() {
             "{args:?}: {t}"
         );
     }
+
+    // The installer's NBPY_* variables are not the units': a publisher
+    // only they define is not wired (its unit would exit 78 at boot).
+    let out = run(
+        "nbpy",
+        &["units", "install", "--root", r],
+        &[("NBPY_PUBLISHERS__EXTRA__ENDPOINT", "tcp://127.0.0.1:5999")],
+    );
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{t}");
+    assert!(!t.contains("nbpy-publisher@extra"), "{t}");
+    assert!(
+        t.contains("ignoring NBPY_PUBLISHERS__EXTRA__ENDPOINT"),
+        "{t}"
+    );
+    assert!(!root
+        .join("etc/systemd/system/multi-user.target.wants/nbpy-publisher@extra.service")
+        .exists());
 }
 
 /// A reader that went away (`nbpy validate 2>&1 | head -3`) must not turn

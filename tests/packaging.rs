@@ -500,6 +500,71 @@ fn images_run_as_non_root_with_the_health_check() {
     assert!(nix.contains(r#"Test = [ "CMD" "/bin/nbpy" "health-check" ];"#));
 }
 
+/// The builder stage copies every directory the build reads: the sources
+/// embed files from outside `src/` (`include_str!("../systemd/…")`), and
+/// an image build without them fails at `cargo build`.
+#[test]
+fn the_image_build_copies_every_directory_the_sources_embed() {
+    let text = read("docker/Dockerfile");
+    let copied: Vec<String> = text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("COPY "))
+        .filter(|l| !l.starts_with("--from"))
+        .flat_map(|l| {
+            let parts: Vec<&str> = l.split_whitespace().collect();
+            parts[..parts.len().saturating_sub(1)]
+                .iter()
+                .map(|p| p.trim_end_matches('/').to_string())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let mut embedded = std::collections::BTreeSet::new();
+    let mut stack = vec![std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src")];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).unwrap().flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            let src = std::fs::read_to_string(&path).unwrap_or_default();
+            // `include_str!("…")`, or of `concat!("…", …)`: its first literal.
+            for (i, _) in src
+                .match_indices("include_str!(")
+                .chain(src.match_indices("include_bytes!("))
+            {
+                let arg = &src[i..].split('"').nth(1).unwrap_or_default();
+                // Relative to the file: the top-level directory it reaches.
+                let target = path.parent().unwrap().join(arg);
+                let rel = target
+                    .components()
+                    .fold(std::path::PathBuf::new(), |mut acc, c| {
+                        match c {
+                            std::path::Component::ParentDir => {
+                                acc.pop();
+                            }
+                            other => acc.push(other),
+                        }
+                        acc
+                    });
+                let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+                if let Ok(inside) = rel.strip_prefix(root) {
+                    if let Some(top) = inside.components().next() {
+                        embedded.insert(top.as_os_str().to_string_lossy().into_owned());
+                    }
+                }
+            }
+        }
+    }
+    assert!(embedded.contains("systemd"), "found: {embedded:?}");
+    for dir in &embedded {
+        assert!(
+            copied.iter().any(|c| c == dir),
+            "docker/Dockerfile does not COPY {dir}/, which the sources embed; COPY lines: {copied:?}"
+        );
+    }
+}
+
 #[test]
 fn health_check_probe_is_a_real_subcommand() {
     // The HEALTHCHECK's command line parses (a typo would make every

@@ -758,3 +758,38 @@ async fn refused_credentials_exit_noperm_and_a_missing_database_is_named() {
     assert!(text.contains("nbpy schema apply"), "{text}");
     assert!(!text.contains("unreachable"), "{text}");
 }
+
+/// A publisher bound to every address (`tcp://*:PORT`, as in a container)
+/// is listened to on loopback: `*` names no host to connect to, and the
+/// validator used to fail on it with exit 69.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_bound_to_every_address_is_reached_on_loopback() {
+    let env = Env::start().await;
+    let port = free_test_port();
+    let cfg = env.config(&format!(
+        r#"
+[validate]
+settle = "20s"
+
+[publishers.synth]
+endpoint = "tcp://*:{port}"
+rate = 2000
+wait_for_subscribers = 1
+
+[subscribers.main]
+connect = ["tcp://127.0.0.1:{port}"]
+stats_interval = "1s"
+"#
+    ));
+    let cfg = cfg.to_str().unwrap();
+    let publisher = env.spawn("nbpy-publisher", &["--config", cfg, "synth"], &[]);
+    publisher.wait_log("bound", Duration::from_secs(20));
+    let subscriber = env.spawn("nbpy-subscriber", &["--config", cfg, "main"], &[]);
+    subscriber.wait_log("ready", Duration::from_secs(20));
+    assert!(env.wait_for_points(1, Duration::from_secs(30)).await > 0);
+    let (code, r, stderr) = validate(cfg, "2s");
+    assert_eq!(code, 0, "{stderr}\n{r:#?}");
+    let p = &r.publishers[0];
+    assert!(p.connected && p.seen > 0, "{p:#?}");
+    assert_eq!(p.lost, 0);
+}

@@ -317,7 +317,7 @@ impl FeedWatch {
     }
 
     async fn watch(&self, stop: CancellationToken) {
-        let endpoint = self.cfg.endpoint();
+        let endpoint = self.cfg.reach();
         loop {
             let tap = tokio::select! {
                 _ = stop.cancelled() => return,

@@ -547,7 +547,7 @@ impl Monitor {
             publishers.push(PublisherStatus {
                 name: f.name.clone(),
                 feed: f.cfg.feed.name().to_string(),
-                endpoint: f.cfg.endpoint(),
+                endpoint: f.cfg.reach(),
                 state,
                 problem,
                 since_s: secs(now, st.since),
