@@ -185,8 +185,9 @@ fn user(name: &str, u: &InfluxUserConfig) -> Result<User, Failure> {
             "schema.users.{name}.password_file is required"
         ))
     })?;
-    let password = crate::config::read_secret(&format!("schema.users.{name}.password_file"), file)
-        .map_err(|e| Failure::new(crate::exit::NOPERM, e))?;
+    let key = format!("schema.users.{name}.password_file");
+    let password =
+        crate::config::read_secret(&key, file).map_err(|e| Failure::new(crate::exit::NOPERM, e))?;
     Ok(User {
         name: name.to_string(),
         admin: u.admin,
@@ -563,10 +564,12 @@ pub fn undeclared(d: &Declared, a: &Actual) -> Vec<Change> {
 
 /// A failed schema step, with what was being done.
 #[derive(Debug, thiserror::Error)]
-#[error("{what}: {error}")]
+#[error("{what}: {error}{}", after.as_deref().map(|a| format!(" ({a})")).unwrap_or_default())]
 pub struct SchemaError {
     pub what: String,
     pub error: WriteError,
+    /// What was done about the failure (a replaced query put back).
+    pub after: Option<String>,
 }
 
 impl SchemaError {
@@ -593,7 +596,11 @@ impl From<SchemaError> for Failure {
 
 fn ctx(what: impl Into<String>) -> impl FnOnce(WriteError) -> SchemaError {
     let what = what.into();
-    move |error| SchemaError { what, error }
+    move |error| SchemaError {
+        what,
+        error,
+        after: None,
+    }
 }
 
 /// Reads the server's state for what `d` declares.
@@ -778,20 +785,38 @@ pub async fn diff(client: &InfluxClient, cfg: &Config, prune: bool) -> Result<Re
 }
 
 /// Makes the declared state true. Idempotent: a second run finds nothing
-/// to change.
-pub async fn apply(client: &InfluxClient, cfg: &Config, prune: bool) -> Result<Report, Failure> {
+/// to change. `applied` is called with each change once it is made, so
+/// that a run failing part-way still tells what it did.
+pub async fn apply(
+    client: &InfluxClient,
+    cfg: &Config,
+    prune: bool,
+    applied: &mut dyn FnMut(&Change),
+) -> Result<Report, Failure> {
     let d = declared(cfg)?;
-    let a = read(client, &d, cfg).await?;
+    let mut a = read(client, &d, cfg).await?;
     check_bootstrap(&d, &a)?;
-    let changes = plan(&d, &a, prune);
-    for c in &changes {
-        for stmt in c.statements(&d) {
-            client.query(&stmt).await.map_err(ctx(c
-                .to_string()
-                .trim_start_matches(['+', '~', '-', ' '])
-                .to_string()))?;
+    let mut changes = Vec::new();
+    if a.needs_first_admin {
+        // Until an admin exists the server shows nothing (and accepts only
+        // CREATE USER … WITH ALL PRIVILEGES): create the admins, then read
+        // what really is there — a database from before auth was turned
+        // on must not be planned as missing.
+        let admins: Vec<Change> = plan(&d, &a, prune)
+            .into_iter()
+            .take_while(|c| matches!(c, Change::CreateUser { admin: true, .. }))
+            .collect();
+        for c in admins {
+            run(client, &d, &c).await?;
+            applied(&c);
+            changes.push(c);
         }
-        tracing::debug!("schema: {c}");
+        a = read(client, &d, cfg).await?;
+    }
+    for c in plan(&d, &a, prune) {
+        run(client, &d, &c).await?;
+        applied(&c);
+        changes.push(c);
     }
     Ok(Report {
         changes,
@@ -801,6 +826,84 @@ pub async fn apply(client: &InfluxClient, cfg: &Config, prune: bool) -> Result<R
             undeclared(&d, &a)
         },
     })
+}
+
+/// Runs one change's statements.
+///
+/// A replaced continuous query is dropped before its new text is created
+/// (InfluxDB has no ALTER for it); when the CREATE fails, the query as it
+/// was is created again, so a failed apply never leaves a declared query
+/// dropped (its bars would stop).
+///
+/// Errors of statements that carry a password never show InfluxDB's text
+/// as is: a parse error quotes the statement.
+async fn run(client: &InfluxClient, d: &Declared, c: &Change) -> Result<(), SchemaError> {
+    let what = c
+        .to_string()
+        .trim_start_matches(['+', '~', '-', ' '])
+        .to_string();
+    let password = match c {
+        Change::CreateUser { name, .. } | Change::SetPassword { name } => d
+            .users
+            .iter()
+            .find(|u| &u.name == name)
+            .map(|u| u.password.as_str()),
+        _ => None,
+    };
+    let stmts = c.statements(d);
+    let last = stmts.len().saturating_sub(1);
+    for (i, stmt) in stmts.iter().enumerate() {
+        let Err(e) = client.query(stmt).await else {
+            continue;
+        };
+        let mut e = ctx(what.clone())(match password {
+            Some(p) => redact(e, p),
+            None => e,
+        });
+        if let Change::ReplaceQuery { from, to } = c {
+            if i == last && i > 0 {
+                e.after = Some(match client.query(from).await {
+                    Ok(_) => format!(
+                        "the previous query {:?} was re-created and still runs",
+                        to.name
+                    ),
+                    Err(r) => format!(
+                        "re-creating the previous query {:?} failed too: {r}; it is missing until an apply succeeds",
+                        to.name
+                    ),
+                });
+            }
+        }
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// `e` without `password` in its text. InfluxDB's parse errors quote the
+/// statement, possibly only part of the password (up to a character that
+/// ended the literal), so they are replaced as a whole.
+fn redact(e: WriteError, password: &str) -> WriteError {
+    let hide = |m: String| {
+        if m.contains("error parsing query") {
+            "error parsing query (InfluxDB's message is not shown: it quotes the statement, which carries a password)".to_string()
+        } else if password.is_empty() {
+            m
+        } else {
+            let literal = influxql::string(password);
+            m.replace(&literal[1..literal.len() - 1], "***")
+                .replace(password, "***")
+        }
+    };
+    match e {
+        WriteError::Transient(m) => WriteError::Transient(hide(m)),
+        WriteError::Timeout(m) => WriteError::Timeout(hide(m)),
+        WriteError::Rejected(m) => WriteError::Rejected(hide(m)),
+        WriteError::Refused(m) => WriteError::Refused(hide(m)),
+        WriteError::Auth(m) => WriteError::Auth(hide(m)),
+        WriteError::Missing(m) => WriteError::Missing(hide(m)),
+        WriteError::NotInfluxDb(m) => WriteError::NotInfluxDb(hide(m)),
+        WriteError::TooLarge => WriteError::TooLarge,
+    }
 }
 
 /// Creates the database, retention policies and continuous queries from the
@@ -1207,6 +1310,26 @@ mod tests {
         assert!(p.iter().any(
             |c| matches!(c, Change::Grant { user, to: Privilege::Read, .. } if user == "grafana")
         ));
+    }
+
+    #[test]
+    fn errors_of_password_statements_never_show_the_password() {
+        let pw = "Top'Secret";
+        let parse = WriteError::Refused(
+            "error parsing query: found Top, expected string at line 1, char 29".into(),
+        );
+        let shown = redact(parse, pw).to_string();
+        assert!(!shown.contains("Top"), "{shown}");
+        assert!(shown.contains("error parsing query"), "{shown}");
+        let echoed = WriteError::Refused("user x has password Top\\'Secret or Top'Secret".into());
+        assert_eq!(
+            redact(echoed, pw).to_string(),
+            "InfluxDB refused the statement: user x has password *** or ***"
+        );
+        assert_eq!(
+            redact(WriteError::Refused("user already exists".into()), pw).to_string(),
+            "InfluxDB refused the statement: user already exists"
+        );
     }
 
     #[test]
