@@ -628,6 +628,22 @@ password_file = {writer_pw:?}
     let (code, out) = nbpy(&cfg, &["schema", "diff", "--prune"]);
     assert_eq!(code, 0, "{out}");
 
+    // A carriage return cannot be carried by an InfluxQL string (and
+    // InfluxDB's parse error would quote the password): refused when the
+    // file is read, naming key and file, without showing the password.
+    std::fs::write(&grafana_pw, "TopSecret42\rtail\n").unwrap();
+    let (code, out) = nbpy(&cfg, &["schema", "apply"]);
+    assert_eq!(code, nbpy::exit::NOPERM, "{out}");
+    assert!(
+        out.contains(&format!(
+            "schema.users.grafana.password_file ({}): the password contains the control character U+000D",
+            grafana_pw.display()
+        )),
+        "{out}"
+    );
+    assert!(!out.contains("TopSecret"), "password printed: {out}");
+    std::fs::write(&grafana_pw, "n3w\n").unwrap();
+
     // Wrong admin password: refused, with the NOPERM exit code.
     std::fs::write(&admin_pw, "not-it\n").unwrap();
     let (code, out) = nbpy(&cfg, &["schema", "diff"]);

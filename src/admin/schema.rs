@@ -188,6 +188,21 @@ fn user(name: &str, u: &InfluxUserConfig) -> Result<User, Failure> {
     let key = format!("schema.users.{name}.password_file");
     let password =
         crate::config::read_secret(&key, file).map_err(|e| Failure::new(crate::exit::NOPERM, e))?;
+    if let Some(c) = password
+        .chars()
+        .find(|c| c.is_control() && !matches!(c, '\n' | '\t'))
+    {
+        // InfluxQL's reader turns a carriage return into a newline, which
+        // ends a string literal, and its error then quotes the password.
+        return Err(Failure::new(
+            crate::exit::NOPERM,
+            anyhow::anyhow!(
+                "{key} ({}): the password contains the control character U+{:04X}, which an InfluxQL string cannot carry; choose a password without control characters (a trailing newline is fine)",
+                file.display(),
+                c as u32
+            ),
+        ));
+    }
     Ok(User {
         name: name.to_string(),
         admin: u.admin,
@@ -1310,6 +1325,34 @@ mod tests {
         assert!(p.iter().any(
             |c| matches!(c, Change::Grant { user, to: Privilege::Read, .. } if user == "grafana")
         ));
+    }
+
+    /// InfluxQL cannot carry a carriage return in a string (its reader
+    /// makes it a newline, which ends the literal), and the parse error
+    /// would quote the password: such a password is refused when read.
+    #[test]
+    fn a_password_with_a_carriage_return_is_refused_without_showing_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("graf.pw");
+        std::fs::write(&f, "TopSecret42\rtail\n").unwrap();
+        let u = InfluxUserConfig {
+            password_file: Some(f.clone()),
+            admin: false,
+            privilege: Privilege::Read,
+        };
+        let e = user("grafana", &u).unwrap_err();
+        assert_eq!(e.code, crate::exit::NOPERM);
+        let text = format!("{:#}", e.error);
+        assert_eq!(
+            text,
+            format!(
+                "schema.users.grafana.password_file ({}): the password contains the control character U+000D, which an InfluxQL string cannot carry; choose a password without control characters (a trailing newline is fine)",
+                f.display()
+            )
+        );
+        // Tab and an inner newline are carried (`\n` is escaped).
+        std::fs::write(&f, "a\tb\nc\r\n").unwrap();
+        assert_eq!(user("grafana", &u).unwrap().password, "a\tb\nc");
     }
 
     #[test]
