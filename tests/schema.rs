@@ -553,6 +553,18 @@ password_file = {writer_pw:?}
     assert_eq!(code, nbpy::exit::NOPERM, "{out}");
     assert!(out.contains("no admin user yet"), "{out}");
 
+    // diff cannot see past an admin-less server: it lists the admin and
+    // says so, instead of listing everything as missing.
+    let (code, out) = nbpy(&cfg, &["schema", "diff"]);
+    assert_eq!(code, 1, "{out}");
+    assert_eq!(
+        out,
+        "+ user \"admin\" (admin)\n\
+         schema: InfluxDB has auth on and no admin user yet, so it shows nothing else: \
+         the rest is planned by `nbpy schema apply` once the admin exists\n\
+         schema: 1 difference(s)\n"
+    );
+
     // Fresh server with auth on: the first admin is created first, then
     // everything else as that admin.
     let (code, out) = nbpy(&cfg, &["schema", "apply"]);

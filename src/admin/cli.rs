@@ -54,6 +54,9 @@ pub fn schema(cfg: &Config, action: SchemaAction) -> Result<(), Failure> {
             for k in &r.kept {
                 crate::outln!("  not declared (only --prune counts it): {k}");
             }
+            if let Some(n) = &r.note {
+                crate::outln!("schema: {n}");
+            }
             if r.changes.is_empty() {
                 crate::outln!("schema: no drift");
                 Ok(())

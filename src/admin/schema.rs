@@ -767,6 +767,8 @@ pub struct Report {
     pub changes: Vec<Change>,
     /// Undeclared things left in place (no `--prune`).
     pub kept: Vec<Change>,
+    /// What the plan could not see (a server that shows nothing yet).
+    pub note: Option<String>,
 }
 
 /// On a server with auth on and no admin yet, only creating an admin works:
@@ -789,6 +791,22 @@ pub async fn diff(client: &InfluxClient, cfg: &Config, prune: bool) -> Result<Re
     let d = declared(cfg)?;
     let a = read(client, &d, cfg).await?;
     check_bootstrap(&d, &a)?;
+    if a.needs_first_admin {
+        // An admin-less server shows nothing: planning against that would
+        // list everything as missing, also what exists. Only the admins'
+        // creation is known; apply plans the rest once they exist.
+        return Ok(Report {
+            changes: plan(&d, &a, prune)
+                .into_iter()
+                .take_while(|c| matches!(c, Change::CreateUser { admin: true, .. }))
+                .collect(),
+            kept: Vec::new(),
+            note: Some(
+                "InfluxDB has auth on and no admin user yet, so it shows nothing else: the rest is planned by `nbpy schema apply` once the admin exists"
+                    .into(),
+            ),
+        });
+    }
     Ok(Report {
         changes: plan(&d, &a, prune),
         kept: if prune {
@@ -796,6 +814,7 @@ pub async fn diff(client: &InfluxClient, cfg: &Config, prune: bool) -> Result<Re
         } else {
             undeclared(&d, &a)
         },
+        note: None,
     })
 }
 
@@ -840,6 +859,7 @@ pub async fn apply(
         } else {
             undeclared(&d, &a)
         },
+        note: None,
     })
 }
 
@@ -942,9 +962,7 @@ pub async fn ensure_with(client: &InfluxClient, cfg: &Config) -> Result<(), Writ
     let d = declared(&cfg).map_err(|e| WriteError::Rejected(e.to_string()))?;
     let a = read(client, &d, &cfg).await.map_err(|e| e.error)?;
     for c in plan(&d, &a, false) {
-        for stmt in c.statements(&d) {
-            client.query(&stmt).await?;
-        }
+        run(client, &d, &c).await.map_err(|e| e.error)?;
     }
     Ok(())
 }
