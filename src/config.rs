@@ -955,6 +955,24 @@ impl Config {
             p.push("influxdb.retry_min must be > 0 and <= influxdb.retry_max".into());
         }
         p.extend(self.schema.problems());
+        if let Some(user) = &self.influxdb.username {
+            // Basic auth splits at the first ':' (see schema.users).
+            if user.contains(':') {
+                p.push(format!(
+                    "influxdb.username = {user:?}: a user name with ':' cannot log in over HTTP Basic auth (it is split at the first ':'); choose a name without ':'"
+                ));
+            }
+            // `schema apply` runs as this user: declared without admin, it
+            // would REVOKE its own admin right half-way and leave a server
+            // nobody can administer (not even a corrected re-run).
+            if let Some(u) = self.schema.users.get(user) {
+                if !u.admin {
+                    p.push(format!(
+                        "schema.users.{user}: admin = true is required: it is influxdb.username, the user `nbpy schema apply` connects as, and without admin apply would revoke its own admin right and lock every admin out"
+                    ));
+                }
+            }
+        }
         p.extend(self.grafana.problems());
         // Names become systemd instance names: checked by the rule `nbpy
         // units install` applies, so a name it would fail on fails here.
@@ -1185,9 +1203,27 @@ impl SchemaConfig {
         if self.resample_for < Duration::from_secs(60) || self.resample_for.subsec_nanos() != 0 {
             p.push("schema.resample_for must be whole seconds and at least 1m (one bar)".into());
         }
+        // InfluxDB refuses a query whose FOR is shorter than its EVERY
+        // ("FOR duration must be >= GROUP BY time duration"): caught here,
+        // `schema apply` would only find out after dropping the old query.
+        if self.resample_for < self.resample_every {
+            p.push(format!(
+                "schema.resample_for = {} is shorter than schema.resample_every = {}: InfluxDB requires FOR >= EVERY (raise resample_for or lower resample_every)",
+                humantime::format_duration(self.resample_for),
+                humantime::format_duration(self.resample_every)
+            ));
+        }
         for (name, u) in &self.users {
             if name.is_empty() || name.contains(['"', '\\', '\n', '\'']) {
                 p.push(format!("schema.users.{name:?}: not a usable user name"));
+            }
+            // HTTP Basic auth splits user:password at the first ':', so
+            // such a user can never log in: its password would be "wrong"
+            // and re-set on every apply.
+            if name.contains(':') {
+                p.push(format!(
+                    "schema.users.{name:?}: a user name with ':' cannot log in over HTTP Basic auth (it is split at the first ':'); choose a name without ':'"
+                ));
             }
             if u.password_file.is_none() {
                 p.push(format!(
@@ -1640,6 +1676,71 @@ mod tests {
         assert!(
             p.len() == 1 && p[0].starts_with(starts) && p[0].contains(says),
             "{toml_text}: {p:?}"
+        );
+    }
+
+    /// InfluxDB refuses a continuous query whose FOR is shorter than its
+    /// EVERY; `schema apply` replaces a query by DROP + CREATE, so the
+    /// pair is refused before any apply can get that far.
+    #[test]
+    fn resample_for_shorter_than_resample_every_is_refused() {
+        for (every, for_) in [("3m", "2m"), ("5m", "2m"), ("1w", "1m"), ("3600s", "61s")] {
+            assert_one_problem(
+                &format!("[schema]\nresample_every = \"{every}\"\nresample_for = \"{for_}\"\n"),
+                "schema.resample_for = ",
+                "is shorter than schema.resample_every = ",
+            );
+        }
+        let p = problems_of("[schema]\nresample_every = \"3m\"\nresample_for = \"2m\"\n");
+        assert_eq!(
+            p,
+            vec!["schema.resample_for = 2m is shorter than schema.resample_every = 3m: InfluxDB requires FOR >= EVERY (raise resample_for or lower resample_every)"]
+        );
+        for ok in [("3m", "3m"), ("30s", "2m"), ("5m", "1h")] {
+            let t = format!(
+                "[schema]\nresample_every = \"{}\"\nresample_for = \"{}\"\n",
+                ok.0, ok.1
+            );
+            assert_eq!(problems_of(&t), Vec::<String>::new(), "{t}");
+        }
+    }
+
+    /// The user `schema apply` connects as must stay admin: declared
+    /// without `admin = true`, apply would revoke its own right half-way.
+    #[test]
+    fn the_connect_user_declared_without_admin_is_refused() {
+        let base = "[influxdb]\nusername = \"admin\"\npassword_file = \"a.pw\"\n";
+        assert_one_problem(
+            &format!("{base}[schema.users.admin]\nprivilege = \"all\"\npassword_file = \"a.pw\"\n"),
+            "schema.users.admin: admin = true is required",
+            "influxdb.username",
+        );
+        for ok in [
+            format!("{base}[schema.users.admin]\nadmin = true\npassword_file = \"a.pw\"\n"),
+            // Another user may well be a non-admin.
+            format!(
+                "{base}[schema.users.grafana]\nprivilege = \"read\"\npassword_file = \"g.pw\"\n"
+            ),
+            // No auth in use: nothing to lock out.
+            "[schema.users.admin]\nprivilege = \"all\"\npassword_file = \"a.pw\"\n".to_string(),
+        ] {
+            assert_eq!(problems_of(&ok), Vec::<String>::new(), "{ok}");
+        }
+    }
+
+    /// HTTP Basic auth splits `user:password` at the first ':': such a
+    /// user never logs in, so apply would re-set its password forever.
+    #[test]
+    fn user_names_with_a_colon_are_refused() {
+        assert_one_problem(
+            "[schema.users.\"svc:ro\"]\nprivilege = \"read\"\npassword_file = \"c.pw\"\n",
+            "schema.users.\"svc:ro\": a user name with ':' cannot log in",
+            "HTTP Basic auth",
+        );
+        assert_one_problem(
+            "[influxdb]\nusername = \"a:b\"\npassword_file = \"a.pw\"\n",
+            "influxdb.username = \"a:b\": a user name with ':' cannot log in",
+            "HTTP Basic auth",
         );
     }
 

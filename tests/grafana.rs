@@ -138,6 +138,51 @@ dashboards_path = "/var/lib/grafana/dashboards/nbpy"
     assert_eq!(before, after);
 }
 
+/// Grafana expands `$NAME` / `${NAME}` in every value of a provisioning
+/// file (`$$` is a literal `$`): each value nbpy writes there has its `$`
+/// doubled, so the datasource points at the database that is configured.
+/// The password file reference keeps its one `$`, meant for Grafana.
+#[test]
+fn dollar_signs_in_rendered_provisioning_values_are_escaped() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        r#"
+[influxdb]
+url = "http://127.0.0.1:8086"
+database = "px$HOME${USER}"
+[grafana]
+influxdb_url = "http://influxdb:8086/a$b"
+influxdb_user = "gr$fana"
+influxdb_password_file = "/run/credentials/grafana.service/influxdb-password"
+datasource_name = "nbpy $x"
+dashboards_path = "/var/lib/grafana/dash$boards"
+"#,
+    );
+    let out_dir = dir.path().join("provisioning");
+    let (code, out) = nbpy(&cfg, &["grafana", "render", out_dir.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+    let text = std::fs::read_to_string(out_dir.join("datasources/nbpy.yaml")).unwrap();
+    let yaml: serde_json::Value = serde_yaml_ng::from_str(&text).unwrap();
+    let ds = &yaml["datasources"][0];
+    assert_eq!(ds["database"], "px$$HOME$${USER}", "{text}");
+    assert_eq!(ds["jsonData"]["dbName"], "px$$HOME$${USER}", "{text}");
+    assert_eq!(ds["user"], "gr$$fana", "{text}");
+    assert_eq!(ds["url"], "http://influxdb:8086/a$$b", "{text}");
+    assert_eq!(ds["name"], "nbpy $$x", "{text}");
+    assert_eq!(
+        ds["secureJsonData"]["password"],
+        "$__file{/run/credentials/grafana.service/influxdb-password}",
+        "{text}"
+    );
+    let text = std::fs::read_to_string(out_dir.join("dashboards/nbpy.yaml")).unwrap();
+    let yaml: serde_json::Value = serde_yaml_ng::from_str(&text).unwrap();
+    assert_eq!(
+        yaml["providers"][0]["options"]["path"], "/var/lib/grafana/dash$$boards",
+        "{text}"
+    );
+}
+
 /// Grafana's `regexEscape` (what it does to each value of a multi-value
 /// variable interpolated into an InfluxQL regex).
 fn regex_escape(s: &str) -> String {

@@ -475,6 +475,12 @@ stats_interval = "1s"
 fn auth_influxd(dir: &Path) -> (std::process::Child, String) {
     let http = nbpy::backend::free_port().unwrap();
     let rpc = nbpy::backend::free_port().unwrap();
+    influxd_at(dir, http, rpc, true)
+}
+
+/// An influxd on the given ports with its data under `dir`; started again
+/// on the same `dir` it finds its data (auth can be switched on between).
+fn influxd_at(dir: &Path, http: u16, rpc: u16, auth: bool) -> (std::process::Child, String) {
     let d = dir.display();
     let conf = dir.join("influxdb.conf");
     std::fs::write(
@@ -482,7 +488,7 @@ fn auth_influxd(dir: &Path) -> (std::process::Child, String) {
         format!(
             "reporting-disabled = true\nbind-address = \"127.0.0.1:{rpc}\"\n\
              [meta]\n  dir = \"{d}/meta\"\n[data]\n  dir = \"{d}/data\"\n  wal-dir = \"{d}/wal\"\n  query-log-enabled = false\n\
-             [http]\n  enabled = true\n  bind-address = \"127.0.0.1:{http}\"\n  auth-enabled = true\n  log-enabled = false\n\
+             [http]\n  enabled = true\n  bind-address = \"127.0.0.1:{http}\"\n  auth-enabled = {auth}\n  log-enabled = false\n\
              [monitor]\n  store-enabled = false\n"
         ),
     )
@@ -566,6 +572,18 @@ password_file = {writer_pw:?}
     assert_eq!(code, nbpy::exit::NOPERM, "{out}");
     assert!(out.contains("no admin user yet"), "{out}");
 
+    // diff cannot see past an admin-less server: it lists the admin and
+    // says so, instead of listing everything as missing.
+    let (code, out) = nbpy(&cfg, &["schema", "diff"]);
+    assert_eq!(code, 1, "{out}");
+    assert_eq!(
+        out,
+        "+ user \"admin\" (admin)\n\
+         schema: InfluxDB has auth on and no admin user yet, so it shows nothing else: \
+         the rest is planned by `nbpy schema apply` once the admin exists\n\
+         schema: 1 difference(s)\n"
+    );
+
     // Fresh server with auth on: the first admin is created first, then
     // everything else as that admin.
     let (code, out) = nbpy(&cfg, &["schema", "apply"]);
@@ -641,9 +659,194 @@ password_file = {writer_pw:?}
     let (code, out) = nbpy(&cfg, &["schema", "diff", "--prune"]);
     assert_eq!(code, 0, "{out}");
 
+    // A carriage return cannot be carried by an InfluxQL string (and
+    // InfluxDB's parse error would quote the password): refused when the
+    // file is read, naming key and file, without showing the password.
+    std::fs::write(&grafana_pw, "TopSecret42\rtail\n").unwrap();
+    let (code, out) = nbpy(&cfg, &["schema", "apply"]);
+    assert_eq!(code, nbpy::exit::NOPERM, "{out}");
+    assert!(
+        out.contains(&format!(
+            "schema.users.grafana.password_file ({}): the password contains the control character U+000D",
+            grafana_pw.display()
+        )),
+        "{out}"
+    );
+    assert!(!out.contains("TopSecret"), "password printed: {out}");
+    std::fs::write(&grafana_pw, "n3w\n").unwrap();
+
     // Wrong admin password: refused, with the NOPERM exit code.
     std::fs::write(&admin_pw, "not-it\n").unwrap();
     let (code, out) = nbpy(&cfg, &["schema", "diff"]);
     assert_eq!(code, nbpy::exit::NOPERM, "{out}");
     assert!(out.contains("denied"), "{out}");
+}
+
+/// A replaced continuous query is dropped before the new one is created;
+/// when InfluxDB refuses the new one, the old one is created again, so
+/// the bars never stop because of a failed apply. Each change made before
+/// the failure is reported. (Config check refuses this pair, so the
+/// library is called with it directly.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_query_replacement_puts_the_previous_query_back() {
+    let b = bare();
+    let cfg = b.config("");
+    let (code, out) = nbpy(&cfg, &["schema", "apply"]);
+    assert_eq!(code, 0, "{out}");
+    let want_cqs = queries(&b.client).await;
+    assert_eq!(
+        want_cqs.len(),
+        nbpy::schema::MEASUREMENTS
+            .iter()
+            .filter(|m| m.downsample)
+            .count()
+    );
+    // Drift that apply repairs before it gets to the queries.
+    b.client
+        .query("ALTER RETENTION POLICY \"long_term\" ON \"tick\" DURATION 400d SHARD DURATION 30d")
+        .await
+        .unwrap();
+
+    let mut c = nbpy::config::Config::default();
+    c.influxdb.url = b.influx.url();
+    c.influxdb.database = "tick".into();
+    c.schema.resample_every = Duration::from_secs(180);
+    c.schema.resample_for = Duration::from_secs(120);
+    assert!(
+        c.problems().iter().any(|p| p
+            .starts_with("schema.resample_for = 2m is shorter than schema.resample_every = 3m")),
+        "{:?}",
+        c.problems()
+    );
+    let mut applied = Vec::new();
+    let e =
+        nbpy::admin::schema::apply(&b.client, &c, false, &mut |ch| applied.push(ch.to_string()))
+            .await
+            .unwrap_err();
+    let text = format!("{:#}", e.error);
+    assert!(
+        text.contains("FOR duration must be >= GROUP BY time duration")
+            && text
+                .ends_with("(the previous query \"kraken_tick_1m\" was re-created and still runs)"),
+        "{text}"
+    );
+    assert_eq!(queries(&b.client).await, want_cqs, "{text}");
+    assert_eq!(
+        applied,
+        vec![
+            "~ retention policy \"long_term\": duration 400d, shard 30d -> duration 365d, shard 1w"
+        ]
+    );
+    // What was put back is what ran before: the good config finds no drift.
+    let (code, out) = nbpy(&cfg, &["schema", "diff"]);
+    assert_eq!(code, 0, "{out}");
+}
+
+/// Auth switched on for a database made before: the first admin is
+/// created, and then the plan is made against what the server really has
+/// (before, it planned against the empty state an admin-less server shows,
+/// and failed on "continuous query already exists").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_turned_on_later_plans_against_what_the_server_has() {
+    let dir = tempfile::tempdir().unwrap();
+    let http = nbpy::backend::free_port().unwrap();
+    let rpc = nbpy::backend::free_port().unwrap();
+    let (child, url) = influxd_at(dir.path(), http, rpc, false);
+    let guard = KillOnDrop(child);
+    let pre = dir.path().join("pre.toml");
+    std::fs::write(
+        &pre,
+        format!("[influxdb]\nurl = \"{url}\"\n[schema]\nresample_every = \"5s\"\n"),
+    )
+    .unwrap();
+    let (code, out) = nbpy(&pre, &["schema", "apply"]);
+    assert_eq!(code, 0, "{out}");
+    drop(guard);
+
+    let (child, url) = influxd_at(dir.path(), http, rpc, true);
+    let _guard = KillOnDrop(child);
+    let admin_pw = dir.path().join("admin.pw");
+    let grafana_pw = dir.path().join("grafana.pw");
+    std::fs::write(&admin_pw, "4dmin\n").unwrap();
+    std::fs::write(&grafana_pw, "gr4fana\n").unwrap();
+    let cfg = dir.path().join("nbpy.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"[influxdb]
+url = "{url}"
+username = "admin"
+password_file = {admin_pw:?}
+[schema.users.admin]
+admin = true
+password_file = {admin_pw:?}
+[schema.users.grafana]
+privilege = "read"
+password_file = {grafana_pw:?}
+"#
+        ),
+    )
+    .unwrap();
+    let (code, out) = nbpy(&cfg, &["schema", "apply"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("+ user \"admin\" (admin)"), "{out}");
+    // The real drift: resample_every 5s -> 30s, and the read-only user.
+    assert!(
+        out.contains("~ continuous query \"kraken_tick_1m\"")
+            && out.contains("+ user \"grafana\"")
+            && out.contains("~ user \"grafana\": privilege None -> Read"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("+ database")
+            && !out.contains("+ retention policy")
+            && !out.contains("+ continuous query"),
+        "planned against an empty server: {out}"
+    );
+    let cqs = nbpy::schema::MEASUREMENTS
+        .iter()
+        .filter(|m| m.downsample)
+        .count();
+    assert!(
+        out.contains(&format!("schema: {} change(s) applied", cqs + 3)),
+        "{out}"
+    );
+    let (code, out) = nbpy(&cfg, &["schema", "diff"]);
+    assert_eq!(code, 0, "{out}");
+}
+
+/// An apply that fails part-way has still changed the server: what it did
+/// is printed before the error. Here the first admin is created, and the
+/// connect user (another name, never created) is then refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_apply_still_prints_what_it_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (child, url) = auth_influxd(dir.path());
+    let _guard = KillOnDrop(child);
+    let pw = dir.path().join("root.pw");
+    std::fs::write(&pw, "r00t\n").unwrap();
+    let cfg = dir.path().join("nbpy.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"[influxdb]
+url = "{url}"
+username = "nbpy"
+password_file = {pw:?}
+[schema.users.root]
+admin = true
+password_file = {pw:?}
+"#
+        ),
+    )
+    .unwrap();
+    let (code, out) = nbpy(&cfg, &["schema", "apply"]);
+    assert_eq!(code, nbpy::exit::NOPERM, "{out}");
+    assert!(
+        out.contains(&format!(
+            "+ user \"root\" (admin)\nschema: 1 change(s) applied to database \"tick\" at {url}/ before the error"
+        )),
+        "{out}"
+    );
+    assert_eq!(login(&url, "root", "r00t", "SHOW USERS").await, 200);
 }

@@ -15,10 +15,26 @@ pub fn schema(cfg: &Config, action: SchemaAction) -> Result<(), Failure> {
     let rt = crate::cli::runtime()?;
     match action {
         SchemaAction::Apply { prune } => {
-            let r = rt.block_on(super::schema::apply(&client, cfg, prune))?;
-            for c in &r.changes {
+            // Each change is printed as soon as it is made: a run that
+            // fails part-way has still changed the server, and says how.
+            let mut made = 0usize;
+            let r = rt.block_on(super::schema::apply(&client, cfg, prune, &mut |c| {
+                made += 1;
                 crate::outln!("{c}");
-            }
+            }));
+            let r = match r {
+                Ok(r) => r,
+                Err(e) => {
+                    if made > 0 {
+                        crate::outln!(
+                            "schema: {made} change(s) applied to database {:?} at {} before the error",
+                            client.database(),
+                            client.shown_url()
+                        );
+                    }
+                    return Err(e);
+                }
+            };
             for k in &r.kept {
                 crate::outln!("  kept, not declared (--prune removes it): {k}");
             }
@@ -37,6 +53,9 @@ pub fn schema(cfg: &Config, action: SchemaAction) -> Result<(), Failure> {
             }
             for k in &r.kept {
                 crate::outln!("  not declared (only --prune counts it): {k}");
+            }
+            if let Some(n) = &r.note {
+                crate::outln!("schema: {n}");
             }
             if r.changes.is_empty() {
                 crate::outln!("schema: no drift");

@@ -185,8 +185,24 @@ fn user(name: &str, u: &InfluxUserConfig) -> Result<User, Failure> {
             "schema.users.{name}.password_file is required"
         ))
     })?;
-    let password = crate::config::read_secret(&format!("schema.users.{name}.password_file"), file)
-        .map_err(|e| Failure::new(crate::exit::NOPERM, e))?;
+    let key = format!("schema.users.{name}.password_file");
+    let password =
+        crate::config::read_secret(&key, file).map_err(|e| Failure::new(crate::exit::NOPERM, e))?;
+    if let Some(c) = password
+        .chars()
+        .find(|c| c.is_control() && !matches!(c, '\n' | '\t'))
+    {
+        // InfluxQL's reader turns a carriage return into a newline, which
+        // ends a string literal, and its error then quotes the password.
+        return Err(Failure::new(
+            crate::exit::NOPERM,
+            anyhow::anyhow!(
+                "{key} ({}): the password contains the control character U+{:04X}, which an InfluxQL string cannot carry; choose a password without control characters (a trailing newline is fine)",
+                file.display(),
+                c as u32
+            ),
+        ));
+    }
     Ok(User {
         name: name.to_string(),
         admin: u.admin,
@@ -563,10 +579,12 @@ pub fn undeclared(d: &Declared, a: &Actual) -> Vec<Change> {
 
 /// A failed schema step, with what was being done.
 #[derive(Debug, thiserror::Error)]
-#[error("{what}: {error}")]
+#[error("{what}: {error}{}", after.as_deref().map(|a| format!(" ({a})")).unwrap_or_default())]
 pub struct SchemaError {
     pub what: String,
     pub error: WriteError,
+    /// What was done about the failure (a replaced query put back).
+    pub after: Option<String>,
 }
 
 impl SchemaError {
@@ -593,7 +611,11 @@ impl From<SchemaError> for Failure {
 
 fn ctx(what: impl Into<String>) -> impl FnOnce(WriteError) -> SchemaError {
     let what = what.into();
-    move |error| SchemaError { what, error }
+    move |error| SchemaError {
+        what,
+        error,
+        after: None,
+    }
 }
 
 /// Reads the server's state for what `d` declares.
@@ -747,6 +769,8 @@ pub struct Report {
     pub changes: Vec<Change>,
     /// Undeclared things left in place (no `--prune`).
     pub kept: Vec<Change>,
+    /// What the plan could not see (a server that shows nothing yet).
+    pub note: Option<String>,
 }
 
 /// On a server with auth on and no admin yet, only creating an admin works:
@@ -769,6 +793,22 @@ pub async fn diff(client: &InfluxClient, cfg: &Config, prune: bool) -> Result<Re
     let d = declared(cfg)?;
     let a = read(client, &d, cfg).await?;
     check_bootstrap(&d, &a)?;
+    if a.needs_first_admin {
+        // An admin-less server shows nothing: planning against that would
+        // list everything as missing, also what exists. Only the admins'
+        // creation is known; apply plans the rest once they exist.
+        return Ok(Report {
+            changes: plan(&d, &a, prune)
+                .into_iter()
+                .take_while(|c| matches!(c, Change::CreateUser { admin: true, .. }))
+                .collect(),
+            kept: Vec::new(),
+            note: Some(
+                "InfluxDB has auth on and no admin user yet, so it shows nothing else: the rest is planned by `nbpy schema apply` once the admin exists"
+                    .into(),
+            ),
+        });
+    }
     Ok(Report {
         changes: plan(&d, &a, prune),
         kept: if prune {
@@ -776,24 +816,43 @@ pub async fn diff(client: &InfluxClient, cfg: &Config, prune: bool) -> Result<Re
         } else {
             undeclared(&d, &a)
         },
+        note: None,
     })
 }
 
 /// Makes the declared state true. Idempotent: a second run finds nothing
-/// to change.
-pub async fn apply(client: &InfluxClient, cfg: &Config, prune: bool) -> Result<Report, Failure> {
+/// to change. `applied` is called with each change once it is made, so
+/// that a run failing part-way still tells what it did.
+pub async fn apply(
+    client: &InfluxClient,
+    cfg: &Config,
+    prune: bool,
+    applied: &mut dyn FnMut(&Change),
+) -> Result<Report, Failure> {
     let d = declared(cfg)?;
-    let a = read(client, &d, cfg).await?;
+    let mut a = read(client, &d, cfg).await?;
     check_bootstrap(&d, &a)?;
-    let changes = plan(&d, &a, prune);
-    for c in &changes {
-        for stmt in c.statements(&d) {
-            client.query(&stmt).await.map_err(ctx(c
-                .to_string()
-                .trim_start_matches(['+', '~', '-', ' '])
-                .to_string()))?;
+    let mut changes = Vec::new();
+    if a.needs_first_admin {
+        // Until an admin exists the server shows nothing (and accepts only
+        // CREATE USER … WITH ALL PRIVILEGES): create the admins, then read
+        // what really is there — a database from before auth was turned
+        // on must not be planned as missing.
+        let admins: Vec<Change> = plan(&d, &a, prune)
+            .into_iter()
+            .take_while(|c| matches!(c, Change::CreateUser { admin: true, .. }))
+            .collect();
+        for c in admins {
+            run(client, &d, &c).await?;
+            applied(&c);
+            changes.push(c);
         }
-        tracing::debug!("schema: {c}");
+        a = read(client, &d, cfg).await?;
+    }
+    for c in plan(&d, &a, prune) {
+        run(client, &d, &c).await?;
+        applied(&c);
+        changes.push(c);
     }
     Ok(Report {
         changes,
@@ -802,7 +861,86 @@ pub async fn apply(client: &InfluxClient, cfg: &Config, prune: bool) -> Result<R
         } else {
             undeclared(&d, &a)
         },
+        note: None,
     })
+}
+
+/// Runs one change's statements.
+///
+/// A replaced continuous query is dropped before its new text is created
+/// (InfluxDB has no ALTER for it); when the CREATE fails, the query as it
+/// was is created again, so a failed apply never leaves a declared query
+/// dropped (its bars would stop).
+///
+/// Errors of statements that carry a password never show InfluxDB's text
+/// as is: a parse error quotes the statement.
+async fn run(client: &InfluxClient, d: &Declared, c: &Change) -> Result<(), SchemaError> {
+    let what = c
+        .to_string()
+        .trim_start_matches(['+', '~', '-', ' '])
+        .to_string();
+    let password = match c {
+        Change::CreateUser { name, .. } | Change::SetPassword { name } => d
+            .users
+            .iter()
+            .find(|u| &u.name == name)
+            .map(|u| u.password.as_str()),
+        _ => None,
+    };
+    let stmts = c.statements(d);
+    let last = stmts.len().saturating_sub(1);
+    for (i, stmt) in stmts.iter().enumerate() {
+        let Err(e) = client.query(stmt).await else {
+            continue;
+        };
+        let mut e = ctx(what.clone())(match password {
+            Some(p) => redact(e, p),
+            None => e,
+        });
+        if let Change::ReplaceQuery { from, to } = c {
+            if i == last && i > 0 {
+                e.after = Some(match client.query(from).await {
+                    Ok(_) => format!(
+                        "the previous query {:?} was re-created and still runs",
+                        to.name
+                    ),
+                    Err(r) => format!(
+                        "re-creating the previous query {:?} failed too: {r}; it is missing until an apply succeeds",
+                        to.name
+                    ),
+                });
+            }
+        }
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// `e` without `password` in its text. InfluxDB's parse errors quote the
+/// statement, possibly only part of the password (up to a character that
+/// ended the literal), so they are replaced as a whole.
+fn redact(e: WriteError, password: &str) -> WriteError {
+    let hide = |m: String| {
+        if m.contains("error parsing query") {
+            "error parsing query (InfluxDB's message is not shown: it quotes the statement, which carries a password)".to_string()
+        } else if password.is_empty() {
+            m
+        } else {
+            let literal = influxql::string(password);
+            m.replace(&literal[1..literal.len() - 1], "***")
+                .replace(password, "***")
+        }
+    };
+    match e {
+        WriteError::Transient(m) => WriteError::Transient(hide(m)),
+        WriteError::Timeout(m) => WriteError::Timeout(hide(m)),
+        WriteError::Rejected(m) => WriteError::Rejected(hide(m)),
+        WriteError::Refused(m) => WriteError::Refused(hide(m)),
+        WriteError::Auth(m) => WriteError::Auth(hide(m)),
+        WriteError::Missing(m) => WriteError::Missing(hide(m)),
+        WriteError::NotInfluxDb(m) => WriteError::NotInfluxDb(hide(m)),
+        WriteError::TooLarge => WriteError::TooLarge,
+    }
 }
 
 /// Creates the database, retention policies and continuous queries from the
@@ -826,9 +964,7 @@ pub async fn ensure_with(client: &InfluxClient, cfg: &Config) -> Result<(), Writ
     let d = declared(&cfg).map_err(|e| WriteError::Rejected(e.to_string()))?;
     let a = read(client, &d, &cfg).await.map_err(|e| e.error)?;
     for c in plan(&d, &a, false) {
-        for stmt in c.statements(&d) {
-            client.query(&stmt).await?;
-        }
+        run(client, &d, &c).await.map_err(|e| e.error)?;
     }
     Ok(())
 }
@@ -1209,6 +1345,54 @@ mod tests {
         assert!(p.iter().any(
             |c| matches!(c, Change::Grant { user, to: Privilege::Read, .. } if user == "grafana")
         ));
+    }
+
+    /// InfluxQL cannot carry a carriage return in a string (its reader
+    /// makes it a newline, which ends the literal), and the parse error
+    /// would quote the password: such a password is refused when read.
+    #[test]
+    fn a_password_with_a_carriage_return_is_refused_without_showing_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("graf.pw");
+        std::fs::write(&f, "TopSecret42\rtail\n").unwrap();
+        let u = InfluxUserConfig {
+            password_file: Some(f.clone()),
+            admin: false,
+            privilege: Privilege::Read,
+        };
+        let e = user("grafana", &u).unwrap_err();
+        assert_eq!(e.code, crate::exit::NOPERM);
+        let text = format!("{:#}", e.error);
+        assert_eq!(
+            text,
+            format!(
+                "schema.users.grafana.password_file ({}): the password contains the control character U+000D, which an InfluxQL string cannot carry; choose a password without control characters (a trailing newline is fine)",
+                f.display()
+            )
+        );
+        // Tab and an inner newline are carried (`\n` is escaped).
+        std::fs::write(&f, "a\tb\nc\r\n").unwrap();
+        assert_eq!(user("grafana", &u).unwrap().password, "a\tb\nc");
+    }
+
+    #[test]
+    fn errors_of_password_statements_never_show_the_password() {
+        let pw = "Top'Secret";
+        let parse = WriteError::Refused(
+            "error parsing query: found Top, expected string at line 1, char 29".into(),
+        );
+        let shown = redact(parse, pw).to_string();
+        assert!(!shown.contains("Top"), "{shown}");
+        assert!(shown.contains("error parsing query"), "{shown}");
+        let echoed = WriteError::Refused("user x has password Top\\'Secret or Top'Secret".into());
+        assert_eq!(
+            redact(echoed, pw).to_string(),
+            "InfluxDB refused the statement: user x has password *** or ***"
+        );
+        assert_eq!(
+            redact(WriteError::Refused("user already exists".into()), pw).to_string(),
+            "InfluxDB refused the statement: user already exists"
+        );
     }
 
     #[test]
