@@ -144,7 +144,8 @@ impl LocalInfluxd {
             .stdout(out)
             .stderr(err);
         if dies_with_parent {
-            crate::service::die_with_parent(&mut cmd);
+            // influxd stops in order on SIGTERM (it has no drain to lose).
+            crate::service::die_with_parent(&mut cmd, nix::sys::signal::Signal::SIGTERM);
         }
         let child = cmd.spawn()?;
         Ok(LocalInfluxd {

@@ -250,13 +250,16 @@ impl Service {
     }
 }
 
-/// Makes the child `cmd` starts get SIGTERM when this process dies,
+/// Makes the child `cmd` starts get `signal` when this process dies,
 /// however it dies (SIGKILL included), so that it stops in its own orderly
 /// way instead of running on with no one to stop it. Linux sends it when
-/// the thread that forked exits: callers fork from threads that live as
-/// long as the process (the runtime's workers, the main thread), never
-/// from a blocking pool's thread, which ends when idle.
-pub fn die_with_parent(cmd: &mut std::process::Command) {
+/// the thread that forked exits (and may send it again as the child is
+/// re-parented): callers fork from threads that live as long as the
+/// process (the runtime's workers, the main thread), never from a blocking
+/// pool's thread, which ends when idle. nbpy's own services are given
+/// SIGHUP, which starts their orderly stop and never escalates one under
+/// way (a second SIGTERM would abandon what a draining subscriber holds).
+pub fn die_with_parent(cmd: &mut std::process::Command, signal: nix::sys::signal::Signal) {
     use std::os::unix::process::CommandExt;
     let parent = nix::unistd::getpid();
     // SAFETY: between fork and exec the closure makes only two system
@@ -264,7 +267,7 @@ pub fn die_with_parent(cmd: &mut std::process::Command) {
     // which is all that is allowed in a child of a threaded process.
     unsafe {
         cmd.pre_exec(move || {
-            nix::sys::prctl::set_pdeathsig(Some(nix::sys::signal::Signal::SIGTERM))
+            nix::sys::prctl::set_pdeathsig(Some(signal))
                 .map_err(|e| std::io::Error::from_raw_os_error(e as i32))?;
             // Dead before the prctl took hold: the signal never comes.
             if nix::unistd::getppid() != parent {
@@ -297,27 +300,38 @@ fn spawn_signals(
 ) {
     use tokio::signal::unix::{signal, SignalKind};
     tokio::spawn(async move {
-        let (Ok(mut term), Ok(mut int)) = (
+        let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
         ) else {
             tracing::error!("cannot install signal handlers");
             return;
         };
-        let which = tokio::select! { _ = term.recv() => "SIGTERM", _ = int.recv() => "SIGINT" };
+        // SIGHUP: the terminal closed, or `nbpy up` died (the signal its
+        // children get then, see `die_with_parent`). It starts the same
+        // orderly stop, and never escalates one under way: the kernel may
+        // send it twice, and a stop `nbpy up` began must finish draining.
+        let which = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+            _ = hup.recv() => "SIGHUP",
+        };
         let again = match second_term {
-            SecondTerm::ExitNow => "a second signal",
+            SecondTerm::ExitNow => "a second SIGTERM or SIGINT",
             SecondTerm::Ignore => "a second SIGINT",
         };
         tracing::info!("{which}: stopping intake and draining ({again} exits at once)");
         svc.stopping("draining");
         svc.shutdown.cancel();
         let which = loop {
-            let which = tokio::select! { _ = term.recv() => "SIGTERM", _ = int.recv() => "SIGINT" };
-            if which == "SIGTERM" && second_term == SecondTerm::Ignore {
-                tracing::info!(
-                    "SIGTERM again: already stopping in order (a second SIGINT exits at once)"
-                );
+            let which = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+                _ = hup.recv() => "SIGHUP",
+            };
+            if which == "SIGHUP" || (which == "SIGTERM" && second_term == SecondTerm::Ignore) {
+                tracing::info!("{which} again: already stopping in order");
                 continue;
             }
             break which;

@@ -253,12 +253,18 @@ impl Up {
             Ok(s) => s.clone(),
             Err(_) => return,
         };
-        s.phase = phase.into();
         s.children = self
             .children
             .iter()
             .filter_map(|c| c.state.lock().ok().map(|s| s.clone()))
             .collect();
+        // A child that stopped for good (an exit no restart fixes) leaves
+        // the appliance short of a feed: not "up".
+        s.phase = if phase == "up" && s.children.iter().any(|c| c.state == "failed") {
+            "degraded".into()
+        } else {
+            phase.into()
+        };
         if let Ok(mut shared) = self.status.lock() {
             *shared = s.clone();
         }
@@ -433,7 +439,13 @@ impl Up {
                 .iter_mut()
                 .filter(|c| c.state.lock().map(|s| s.role == role).unwrap_or(false))
             {
-                let Some(mut p) = c.proc.take() else { continue };
+                let Some(mut p) = c.proc.take() else {
+                    // Stopped for good earlier: the stop is not clean.
+                    if c.state.lock().is_ok_and(|s| s.state == "failed") {
+                        clean = false;
+                    }
+                    continue;
+                };
                 let name = c.state.lock().map(|s| s.name.clone()).unwrap_or_default();
                 // One deadline for the role: they were all signalled at
                 // once, so three hung ones take `timeout`, not three times it.
@@ -493,9 +505,10 @@ fn start(c: &mut Child) -> Result<(), Failure> {
         .stdin(std::process::Stdio::null())
         .stdout(log)
         .stderr(err);
-    // `nbpy up` gone (killed, or Ctrl-C twice): the children stop on
-    // their own, in their own order, instead of running on orphaned.
-    crate::service::die_with_parent(&mut cmd);
+    // `nbpy up` gone (killed, or Ctrl-C twice): the children get SIGHUP
+    // and stop on their own, in their own order (a drain under way goes
+    // on), instead of running on orphaned.
+    crate::service::die_with_parent(&mut cmd, nix::sys::signal::Signal::SIGHUP);
     let child = tokio::process::Command::from(cmd)
         .kill_on_drop(false)
         .spawn()
@@ -668,24 +681,30 @@ pub async fn up(mut cfg: Config, opts: UpOptions) -> Result<(), Failure> {
     }
     cfg.state_dir = dir.clone();
     let _claim = Claim::take(&dir)?;
+    // This run's status from the start (phase 3 fills it in): `nbpy
+    // status` must not show the last run's as this one's, nor lend the
+    // last run's effective configuration.
+    let _ = std::fs::remove_file(dir.join("run/nbpy.toml"));
+    let starting = UpStatus {
+        pid: std::process::id(),
+        phase: "starting".into(),
+        ..Default::default()
+    };
+    if let Ok(json) = serde_json::to_vec_pretty(&starting) {
+        let tmp = dir.join("run/status.json.tmp");
+        if std::fs::write(&tmp, json).is_ok() {
+            let _ = std::fs::rename(&tmp, dir.join("run/status.json"));
+        }
+    }
     let stop = crate::service::Service::start_with(
         "nbpy-up",
         Duration::from_secs(3600),
-        || "the supervised children (they get SIGTERM and stop on their own)".into(),
+        || "the supervised children (they get SIGHUP and stop on their own)".into(),
         crate::service::SecondTerm::Ignore,
     );
     // A closed terminal sends SIGHUP to its foreground group, which holds
-    // `nbpy up` alone (children have groups of their own): stop in order as
-    // for Ctrl-C rather than die and leave the children running.
-    if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-        let token = stop.shutdown.clone();
-        tokio::spawn(async move {
-            if hup.recv().await.is_some() {
-                tracing::info!("SIGHUP: the terminal is gone; stopping the appliance in order");
-                token.cancel();
-            }
-        });
-    }
+    // `nbpy up` alone (children have groups of their own): the service's
+    // handler stops in order on it, as for Ctrl-C.
     say(&format!("nbpy up: state in {}", dir.display()));
 
     // Phase 1.
@@ -785,51 +804,70 @@ pub async fn up(mut cfg: Config, opts: UpOptions) -> Result<(), Failure> {
         t.elapsed()
     ));
 
-    // Phase 4.
+    // Phase 4. A stop here or in phase 5 is heard at once (Grafana or the
+    // validation may take their time), and is no failed validation.
     let t = Instant::now();
     let gdir = dir.join("grafana");
-    let dashboards = match crate::admin::grafana::provision(&cfg, Some(&gdir)).await {
-        Ok(line) => line,
-        Err(e) => format!(
-            "Grafana apply failed ({e}); files are in {}",
-            gdir.display()
-        ),
+    let provisioned = tokio::select! {
+        r = crate::admin::grafana::provision(&cfg, Some(&gdir)) => Some(r),
+        _ = stop.shutdown.cancelled() => None,
     };
-    say(&format!(
-        "phase 4/5 dashboards {dashboards} [{:.1?}]",
-        t.elapsed()
-    ));
-
-    // Phase 5.
-    let t = Instant::now();
-    let verdict = tokio::select! {
-        v = validate_flow(&cfg, opts.validate_within) => v,
-        _ = stop.shutdown.cancelled() => Err("stopped".into()),
+    let verdict = match provisioned {
+        None => {
+            say("phase 4/5 dashboards stopped before done");
+            None
+        }
+        Some(r) => {
+            let dashboards = match r {
+                Ok(line) => line,
+                Err(e) => format!(
+                    "Grafana apply failed ({e}); files are in {}",
+                    gdir.display()
+                ),
+            };
+            say(&format!(
+                "phase 4/5 dashboards {dashboards} [{:.1?}]",
+                t.elapsed()
+            ));
+            // Phase 5.
+            let t = Instant::now();
+            let verdict = tokio::select! {
+                v = validate_flow(&cfg, opts.validate_within) => Some(v),
+                _ = stop.shutdown.cancelled() => None,
+            };
+            match &verdict {
+                Some(Ok(what)) => say(&format!(
+                    "phase 5/5 validation {what} [{:.1?}]",
+                    t.elapsed()
+                )),
+                Some(Err(why)) => say(&format!(
+                    "phase 5/5 validation FAILED: {why} [{:.1?}]",
+                    t.elapsed()
+                )),
+                None => say("phase 5/5 validation stopped before done"),
+            }
+            verdict
+        }
     };
-    match &verdict {
-        Ok(what) => say(&format!(
-            "phase 5/5 validation {what} [{:.1?}]",
-            t.elapsed()
-        )),
-        Err(why) => say(&format!(
-            "phase 5/5 validation FAILED: {why} [{:.1?}]",
-            t.elapsed()
-        )),
+    let phase = match &verdict {
+        Some(Err(_)) => "degraded",
+        _ => "up",
+    };
+    if verdict.is_some() {
+        up.write_status(phase);
+        say(&format!(
+            "nbpy is up in {:.1?}. Logs: {}/logs  Status: `nbpy status`  Stop: Ctrl-C or `nbpy down`",
+            t_start.elapsed(),
+            dir.display()
+        ));
     }
-    up.write_status(if verdict.is_ok() { "up" } else { "degraded" });
-    say(&format!(
-        "nbpy is up in {:.1?}. Logs: {}/logs  Status: `nbpy status`  Stop: Ctrl-C or `nbpy down`",
-        t_start.elapsed(),
-        dir.display()
-    ));
 
     // Supervise until stopped.
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let mut last_line = Instant::now();
-    let phase = if verdict.is_ok() { "up" } else { "degraded" };
     // At most one restart of the private influxd per 5 s.
     let mut influxd_restarted: Option<Instant> = None;
-    loop {
+    while !stop.shutdown.is_cancelled() {
         tokio::select! {
             _ = stop.shutdown.cancelled() => break,
             _ = tick.tick() => {
@@ -891,18 +929,17 @@ pub async fn up(mut cfg: Config, opts: UpOptions) -> Result<(), Failure> {
             " (not cleanly: see above)"
         }
     ));
-    if clean && verdict.is_ok() {
-        Ok(())
-    } else if clean {
-        Err(Failure::new(
+    match (clean, verdict) {
+        // A stop asked for before the validation ended is no failure.
+        (true, None | Some(Ok(_))) => Ok(()),
+        (true, Some(Err(why))) => Err(Failure::new(
             TEMPFAIL,
-            anyhow::anyhow!("validation failed: {}", verdict.err().unwrap_or_default()),
-        ))
-    } else {
-        Err(Failure::new(
+            anyhow::anyhow!("validation failed: {why}"),
+        )),
+        (false, _) => Err(Failure::new(
             TEMPFAIL,
             anyhow::anyhow!("a child did not stop cleanly"),
-        ))
+        )),
     }
 }
 
@@ -1113,7 +1150,9 @@ pub fn read_status(cfg: &Config) -> Result<(UpStatus, bool), Failure> {
     })?;
     let s: UpStatus = serde_json::from_str(&text)
         .map_err(|e| Failure::new(SOFTWARE, anyhow::anyhow!("{}: {e}", path.display())))?;
-    Ok((s, running_pid(&dir).is_some()))
+    // Running: the `nbpy up` holding the lock is the one that wrote it.
+    let running = running_pid(&dir).is_some_and(|p| i64::from(p) == i64::from(s.pid));
+    Ok((s, running))
 }
 
 pub fn render_status(s: &UpStatus, running: bool) -> String {
@@ -1249,7 +1288,11 @@ mod tests {
         .unwrap();
         std::fs::write(
             run.join("status.json"),
-            serde_json::to_vec(&UpStatus::default()).unwrap(),
+            serde_json::to_vec(&UpStatus {
+                pid: std::process::id(),
+                ..Default::default()
+            })
+            .unwrap(),
         )
         .unwrap();
         // A pid file naming a live process is no running `up` …

@@ -525,3 +525,38 @@ fn sigterm_at_a_slow_rate_does_not_wait_for_the_next_tick() {
     let stop = stop_line(&log);
     assert!(stop.contains("sent 1 messages"), "{stop}");
 }
+
+/// SIGHUP during a stop (what `nbpy up`'s children get when it dies, maybe
+/// twice) leaves the stop under way alone: a second SIGTERM would abandon
+/// what is held, and SIGHUP's default would kill the process outright.
+#[test]
+fn sighup_during_a_stop_does_not_cut_it_short() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut p, mut status, port) = publisher(dir.path(), "rate = 0\nwait_for_subscribers = 1\n");
+    let good = reader(raw_sub(port, &[b""]));
+    wait_until("data flows", Duration::from_secs(20), || {
+        good.got.load(Ordering::Relaxed) > 0
+    });
+    let stalled = raw_sub(port, &[b""]);
+    let me = stalled.local_addr().unwrap().to_string();
+    status.until(
+        "waiting for the stalled one",
+        Duration::from_secs(20),
+        |s| s.contains(&format!("for subscriber {me} (queue full)")),
+    );
+    p.signal(nix::sys::signal::Signal::SIGTERM);
+    std::thread::sleep(Duration::from_millis(200));
+    p.signal(nix::sys::signal::Signal::SIGHUP);
+    p.signal(nix::sys::signal::Signal::SIGHUP);
+    let code = p.wait(FLUSH_LIMIT + MARGIN).code();
+    let log = p.log_text();
+    assert_eq!(code, Some(0), "{log}");
+    assert!(
+        log.contains("SIGHUP again: already stopping in order"),
+        "{log}"
+    );
+    assert!(!log.contains("exiting now"), "{log}");
+    drop(stalled);
+    let (_, _, unbroken) = good.handle.join().unwrap();
+    assert!(unbroken, "the reading subscriber got every message");
+}

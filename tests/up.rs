@@ -630,6 +630,57 @@ fn started_up(
     (cfg, state, up, out)
 }
 
+/// A stop asked for while phase 5 listens is a stop, not a failed
+/// validation: `nbpy up` exits 0, and does not announce itself up after it.
+#[test]
+fn a_stop_during_the_validation_is_no_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let cfg = dir.path().join("nbpy.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "state_dir = {:?}\n[influxdb]\nurl = \"http://127.0.0.1:{}\"\n\
+             [health]\nlisten = \"127.0.0.1:{}\"\n\
+             [publishers.synth]\nendpoint = \"tcp://127.0.0.1:{}\"\nrate = 2000\n",
+            state.display().to_string(),
+            nbpy::backend::free_port().unwrap(),
+            nbpy::backend::free_port().unwrap(),
+            nbpy::backend::free_port().unwrap()
+        ),
+    )
+    .unwrap();
+    let out = dir.path().join("up.out");
+    let mut up = StopOnDrop(
+        up_cmd(&cfg, None)
+            .args(["--validate-within", "30s"])
+            .process_group(0)
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(std::fs::File::create(dir.path().join("up.err")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    wait_file_contains(&out, "phase 4/5", Duration::from_secs(60));
+    let down = nbpy_down(&cfg).wait_with_output().unwrap();
+    let status = up.wait().unwrap();
+    let text = std::fs::read_to_string(&out).unwrap();
+    let err = std::fs::read_to_string(dir.path().join("up.err")).unwrap();
+    assert!(status.success(), "{status}\n{text}\n{err}");
+    assert!(
+        down.status.success(),
+        "{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+    assert!(
+        text.contains("phase 5/5 validation stopped before done"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("FAILED") && !text.contains("nbpy is up"),
+        "{text}"
+    );
+}
+
 /// The processes `nbpy up` started: its children by `run/status.json`, and
 /// the private influxd by its config file under the state directory.
 fn up_children(state: &std::path::Path) -> Vec<(String, i32)> {
