@@ -128,7 +128,7 @@ pub fn with_defaults(mut cfg: Config, live: bool) -> Config {
                 connect: cfg
                     .publishers
                     .values()
-                    .map(PublisherConfig::endpoint)
+                    .map(PublisherConfig::reach)
                     .collect(),
                 ..Default::default()
             },
@@ -1251,7 +1251,21 @@ mod tests {
         assert_eq!(cfg.publishers["synth"].wait_for_subscribers, 1);
         assert_eq!(
             cfg.subscribers["main"].connect,
-            vec![cfg.publishers["synth"].endpoint()]
+            vec![cfg.publishers["synth"].reach()]
+        );
+        // A publisher bound to every address is reached on loopback.
+        let mut wild = Config::default();
+        wild.publishers.insert(
+            "w".into(),
+            PublisherConfig {
+                endpoint: Some("tcp://*:5999".into()),
+                ..Default::default()
+            },
+        );
+        let wild = with_defaults(wild, false);
+        assert_eq!(
+            wild.subscribers["main"].connect,
+            vec!["tcp://127.0.0.1:5999"]
         );
         // Live venues cannot wait: their sockets must keep being read.
         let live = with_defaults(Config::default(), true);
