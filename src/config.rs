@@ -549,15 +549,46 @@ fn wildcard_host(host: &str) -> bool {
     matches!(host, "*" | "0.0.0.0" | "[::]" | "::")
 }
 
-/// The host a bind takes, for telling two binds that collide: names for
-/// this host as one, every wildcard as `*`.
-fn bind_host(host: &str) -> &str {
+/// The address a bind takes, for telling two binds that collide.
+#[derive(Debug, PartialEq)]
+enum BindAddr {
+    /// Every IPv4 address (`*`, `0.0.0.0`, `0`).
+    Any4,
+    /// Every address, IPv6 and (Linux's default, dual stack) IPv4.
+    Any6,
+    Ip(std::net::IpAddr),
+    /// A host name other than localhost (it resolves, most likely, to IPv4).
+    Name(String),
+}
+
+fn bind_addr(host: &str) -> BindAddr {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
     match host {
-        h if wildcard_host(h) => "*",
-        "localhost" | "127.0.0.1" => "127.0.0.1",
-        "[::1]" | "ip6-localhost" => "[::1]",
-        h => h,
+        "*" | "0" => BindAddr::Any4,
+        "localhost" => BindAddr::Ip(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+        "ip6-localhost" => BindAddr::Ip(IpAddr::V6(Ipv6Addr::LOCALHOST)),
+        h => match h
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+        {
+            Ok(IpAddr::V4(ip)) if ip.is_unspecified() => BindAddr::Any4,
+            Ok(IpAddr::V6(ip)) if ip.is_unspecified() => BindAddr::Any6,
+            Ok(ip) => BindAddr::Ip(ip),
+            Err(_) => BindAddr::Name(h.to_ascii_lowercase()),
+        },
     }
+}
+
+/// Two binds on one port that the kernel would not both allow.
+fn binds_collide(a: &BindAddr, b: &BindAddr) -> bool {
+    use std::net::IpAddr;
+    let v4 = |x: &BindAddr| matches!(x, BindAddr::Ip(IpAddr::V4(_)) | BindAddr::Name(_));
+    a == b
+        || matches!(a, BindAddr::Any6)
+        || matches!(b, BindAddr::Any6)
+        || (matches!(a, BindAddr::Any4) && v4(b))
+        || (matches!(b, BindAddr::Any4) && v4(a))
 }
 
 /// What the subscriber does when it has no room left: its in-memory queue
@@ -980,23 +1011,23 @@ impl Config {
         // (port, host) of each bind so far: two on one port collide when
         // their hosts are the same or either is a wildcard (it takes the
         // port on every address); only the second would fail, at start.
-        let mut binds: Vec<(u16, String, &str)> = Vec::new();
+        let mut binds: Vec<(u16, BindAddr, &str)> = Vec::new();
         for (name, publ) in &self.publishers {
             let ep = publ.endpoint();
             match crate::bus::parse_endpoint(&ep) {
                 Err(e) => p.push(format!("publishers.{name}.endpoint = {ep:?}: {e}")),
                 Ok((host, port)) => {
-                    let host = bind_host(host);
+                    let addr = bind_addr(host);
                     if let Some((_, _, other)) = binds
                         .iter()
-                        .find(|(p, h, _)| *p == port && (h == host || h == "*" || host == "*"))
+                        .find(|(p, a, _)| *p == port && binds_collide(a, &addr))
                     {
                         p.push(format!(
                             "publishers.{name}.endpoint = {ep:?} takes the port publishers.{other} binds ({}): only one of them could start",
                             self.publishers[*other].endpoint()
                         ));
                     }
-                    binds.push((port, host.to_string(), name));
+                    binds.push((port, addr, name));
                 }
             }
             if let Some(a) = &publ.advertise {
@@ -2018,9 +2049,27 @@ mod tests {
                 "only one",
             );
         }
-        // Two addresses of this host on one port do not collide.
-        let t = "[publishers.a]\nendpoint = \"tcp://127.0.0.1:5999\"\n[publishers.b]\nendpoint = \"tcp://127.0.0.2:5999\"";
-        assert!(problems_of(t).is_empty());
+        // Two addresses of this host on one port do not collide, nor an IPv4
+        // wildcard and an IPv6 address.
+        for (a, b) in [
+            ("tcp://127.0.0.1:5999", "tcp://127.0.0.2:5999"),
+            ("tcp://0.0.0.0:5999", "tcp://[::1]:5999"),
+            ("tcp://*:5999", "tcp://[::1]:5999"),
+        ] {
+            let t =
+                format!("[publishers.a]\nendpoint = \"{a}\"\n[publishers.b]\nendpoint = \"{b}\"");
+            assert!(problems_of(&t).is_empty(), "{t}");
+        }
+        // One address spelled two ways, or a wildcard spelled `0`, does.
+        for (a, b) in [
+            ("tcp://[::1]:5999", "tcp://[0:0:0:0:0:0:0:1]:5999"),
+            ("tcp://0:5999", "tcp://127.0.0.1:5999"),
+            ("tcp://[::]:5999", "tcp://127.0.0.1:5999"),
+        ] {
+            let t =
+                format!("[publishers.a]\nendpoint = \"{a}\"\n[publishers.b]\nendpoint = \"{b}\"");
+            assert_eq!(problems_of(&t).len(), 1, "{t}");
+        }
     }
 
     #[test]

@@ -87,11 +87,11 @@ pub fn state_dir(cfg: &Config) -> PathBuf {
     home.join("nbpy")
 }
 
+/// Asked, not tried: `status`, `down` and `logs` only look, and must not
+/// create files in /var/lib/nbpy to find out (access(2) also answers
+/// EROFS for a read-only file system).
 fn writable(dir: &Path) -> bool {
-    let probe = dir.join(".nbpy-write-test");
-    let ok = std::fs::write(&probe, b"").is_ok();
-    let _ = std::fs::remove_file(&probe);
-    ok
+    nix::unistd::access(dir, nix::unistd::AccessFlags::W_OK).is_ok()
 }
 
 /// The demo pipeline when nothing is configured: synthetic (or, with
