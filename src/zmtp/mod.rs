@@ -864,6 +864,26 @@ impl Publisher {
                 );
             }
         }
+        // The rate-limited WARNs held back since their last line: no later
+        // line will carry their count.
+        let mut log = self
+            .shared
+            .conn_log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        crate::warn_suppressed!(log, |n| format!(
+            "bus: {n} more WARNs about single connections (refused, dropped) suppressed"
+        ));
+        drop(log);
+        let mut log = self
+            .shared
+            .subs_log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        crate::warn_suppressed!(log, |n| format!(
+            "bus: {n} more WARNs about ignored subscriptions suppressed"
+        ));
+        drop(log);
         if let Some(h) = self.held.take() {
             // Only a stop cut short leaves one: its peers did not get it.
             self.shared
