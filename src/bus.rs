@@ -65,6 +65,16 @@ pub fn decode_parts<'a>(
     }
 }
 
+/// A frame a subscriber would take: the publisher stamps its own name
+/// and epoch, so an envelope that came in under [`wire::MAX_FRAME`] (a
+/// replay line) can leave over it, and is then refused as not encodable.
+fn within_frame_limit(frame: &[u8]) -> Result<(), wire::EncodeError> {
+    if frame.len() > wire::MAX_FRAME {
+        return Err(wire::EncodeError::TooLarge(frame.len()));
+    }
+    Ok(())
+}
+
 /// The body of a two-frame (v1) message, once both frames are within the
 /// limits: the checks [`decode_parts`] makes before decoding, which the
 /// subscriber's fast path makes through here too.
@@ -154,10 +164,13 @@ impl BusPublisher {
                 self.encoder.encode(env, buf)?;
                 self.topic.clear();
                 env.write_topic(&mut self.topic);
+                within_frame_limit(&self.topic)?;
+                within_frame_limit(buf)?;
                 self.socket.try_send(&[&self.topic, buf])
             }
             Codec::Legacy => {
                 buf.extend_from_slice(wire::encode_legacy(env)?.as_bytes());
+                within_frame_limit(buf)?;
                 self.socket.try_send(&[buf])
             }
         })

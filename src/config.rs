@@ -1033,6 +1033,12 @@ impl Config {
             if let Some(a) = &publ.advertise {
                 if let Err(e) = crate::bus::check_endpoint(a) {
                     p.push(format!("publishers.{name}.advertise = {a:?}: {e}"));
+                } else if matches!(crate::bus::parse_endpoint(a), Ok((h, _)) if wildcard_host(h)) {
+                    // What others connect to: a wildcard is a bind's, and
+                    // names no host (validate and health cannot reach it).
+                    p.push(format!(
+                        "publishers.{name}.advertise = {a:?}: a wildcard host names no host to connect to; give the host name or address subscribers reach this publisher at, or leave advertise out (a wildcard endpoint is then reached on loopback)"
+                    ));
                 }
             }
             if !publ.rate.is_finite() || publ.rate < 0.0 {
@@ -2070,6 +2076,24 @@ mod tests {
                 format!("[publishers.a]\nendpoint = \"{a}\"\n[publishers.b]\nendpoint = \"{b}\"");
             assert_eq!(problems_of(&t).len(), 1, "{t}");
         }
+    }
+
+    #[test]
+    fn a_wildcard_advertise_is_refused() {
+        for host in ["*", "0.0.0.0", "[::]"] {
+            let t = format!(
+                "[publishers.a]\nendpoint = \"tcp://*:5999\"\nadvertise = \"tcp://{host}:5999\""
+            );
+            let problems = problems_of(&t);
+            assert!(
+                problems
+                    .iter()
+                    .any(|p| p.contains("publishers.a.advertise") && p.contains("names no host")),
+                "{host}: {problems:?}"
+            );
+        }
+        let t = "[publishers.a]\nendpoint = \"tcp://*:5999\"\nadvertise = \"tcp://pub-a:5999\"";
+        assert!(problems_of(t).is_empty());
     }
 
     #[test]

@@ -188,7 +188,14 @@ pub async fn check(explicit: Option<&std::path::Path>) -> Vec<Finding> {
     // Ports.
     for (name, p) in &cfg.publishers {
         let ep = p.endpoint();
-        if let Some(addr) = ep.strip_prefix("tcp://") {
+        if let Some(raw) = ep.strip_prefix("tcp://") {
+            // `*` is ZeroMQ's spelling of every address, which the bus
+            // binds as 0.0.0.0; the OS resolves no host named `*`.
+            let addr = match raw.strip_prefix("*:") {
+                Some(port) => format!("0.0.0.0:{port}"),
+                None => raw.to_string(),
+            };
+            let addr = addr.as_str();
             match TcpListener::bind(addr) {
                 Ok(_) => f.push(ok(format!("publishers.{name}: {ep} is free"))),
                 Err(e) => match held_by_up(name) {

@@ -302,8 +302,13 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
             }
         ),
     };
+    // As in STATUS: each was logged, rate-limited; the count says how many.
+    let refused = match bus.refused() {
+        0 => String::new(),
+        n => format!(", {n} connections refused"),
+    };
     let lost = format!(
-        "{undelivered} not delivered to {stalled} stalled subscriber(s), {monitors} not sent to stalled monitors{held}"
+        "{undelivered} not delivered to {stalled} stalled subscriber(s), {monitors} not sent to stalled monitors{held}{refused}"
     );
     svc.stopping(&format!(
         "sent {published}, {unheard} to no subscriber, {unencodable} not encodable, {lost}"

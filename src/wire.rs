@@ -191,6 +191,12 @@ pub enum EncodeError {
     LegacySeparator(String),
     #[error("tag {key} is a {got}, not a string or an integer: the legacy codec would leave it out (v1 storage refuses it too)")]
     LegacyTagType { key: String, got: &'static str },
+    /// Subscribers drop a frame over [`MAX_FRAME`] as malformed: sent, it
+    /// would be counted delivered and never stored.
+    #[error(
+        "its encoded frame of {0} bytes exceeds the {MAX_FRAME}-byte limit subscribers accept"
+    )]
+    TooLarge(usize),
 }
 
 /// Appends the v1 JSON body of `env` to `out`.

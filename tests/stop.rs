@@ -248,3 +248,78 @@ codec = "legacy"
         .unwrap();
     assert_eq!(v["results"][0]["series"][0]["values"][0][1], "12345", "{v}");
 }
+
+/// A replay line just under the 1 MiB frame limit, re-stamped with the
+/// publisher's name and epoch, comes out over it: the publisher refuses
+/// it as not encodable, not sends it for the subscriber to drop as
+/// malformed while counting it delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_over_the_frame_limit_once_encoded_is_not_encodable() {
+    use nbpy::wire::Value;
+    let env = Env::start().await;
+    let ep = free_endpoint();
+    let file = env.path("feed.jsonl");
+    let small = |bid| envelope_line("ticker", "BTC/USD", vec![("bid", Value::Float(bid))]);
+    let mut big = envelope_line(
+        "ticker",
+        "BTC/USD",
+        vec![("bid", Value::Float(2.5)), ("note", Value::Str("".into()))],
+    );
+    // Padded to 10 bytes under the limit, newline aside: the replay takes it.
+    let pad = nbpy::wire::MAX_FRAME - 10 - (big.len() - 1);
+    big = big.replace(
+        "\"note\":\"\"",
+        &format!("\"note\":\"{}\"", "x".repeat(pad)),
+    );
+    assert_eq!(big.len() - 1, nbpy::wire::MAX_FRAME - 10);
+    std::fs::write(&file, [small(1.5), big, small(3.5)].concat()).unwrap();
+    let cfg = env.config(&format!(
+        r#"flush_interval = "200ms"
+[publishers.replaybig]
+feed = "replay"
+file = {:?}
+endpoint = "{ep}"
+wait_for_subscribers = 1
+
+[subscribers.main]
+connect = ["{ep}"]
+"#,
+        file.display().to_string()
+    ));
+    let cfg = cfg.to_str().unwrap();
+    let mut subscriber = env.spawn("nbpy-subscriber", &["--config", cfg, "main"], &[]);
+    let mut publisher = env.spawn("nbpy-publisher", &["--config", cfg, "replaybig"], &[]);
+    publisher.wait_success(Duration::from_secs(60));
+    let log = publisher.log_text();
+    let (sent, to_subscribers, unheard) = publisher_counts(&log);
+    let stop = log
+        .lines()
+        .rev()
+        .find(|l| l.contains(" to no subscriber)"))
+        .unwrap();
+    assert!(log.contains("replayed 3 messages"), "{log}");
+    assert_eq!((sent, to_subscribers, unheard), (2, 2, 0), "{stop}");
+    assert_eq!(number_before(stop, "not encodable"), 1, "{stop}");
+    let stored = || async {
+        env.client
+            .query_number("SELECT count(\"bid\") FROM \"tick\".\"default\".\"kraken_tick\"")
+            .await
+            .unwrap_or(0.0) as u64
+    };
+    let t0 = Instant::now();
+    while stored().await < 2 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "{} of 2 stored",
+            stored().await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    subscriber.signal(nix::sys::signal::Signal::SIGTERM);
+    subscriber.wait_success(Duration::from_secs(30));
+    let line = stop_summary(&subscriber.log_text(), "main");
+    eprintln!("{stop}\n{line}");
+    assert_eq!(number_before(&line, " accepted,"), 2, "{line}");
+    assert_eq!(number_before(&line, " malformed"), 0, "{line}");
+    assert_eq!(stored().await, 2);
+}

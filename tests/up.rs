@@ -341,6 +341,62 @@ fn doctor_beside_a_running_publisher_does_not_report_its_port() {
     );
 }
 
+/// `tcp://*:P`, ZeroMQ's every-address bind, is a valid endpoint: doctor
+/// finds the port free, then served by the publisher bound there, not a
+/// host it cannot resolve.
+#[test]
+fn doctor_takes_a_star_endpoint_as_every_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = nbpy::backend::free_port().unwrap();
+    let closed = nbpy::backend::free_port().unwrap();
+    let cfg = dir.path().join("nbpy.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "state_dir = {:?}\n[influxdb]\nurl = \"http://127.0.0.1:{closed}\"\n\
+             [publishers.star]\nendpoint = \"tcp://*:{port}\"\nwait_for_subscribers = 1\n",
+            dir.path().join("state").display().to_string()
+        ),
+    )
+    .unwrap();
+    let doctor = || {
+        let out = Command::new(bin_path("nbpy"))
+            .args(["--config", cfg.to_str().unwrap(), "doctor"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let text = doctor();
+    assert!(
+        text.contains(&format!("publishers.star: tcp://*:{port} is free")),
+        "{text}"
+    );
+    let mut publisher = Command::new(bin_path("nbpy-publisher"))
+        .args(["--config", cfg.to_str().unwrap(), "star"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "publisher not bound"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let text = doctor();
+    let _ = publisher.kill();
+    let _ = publisher.wait();
+    assert!(
+        text.contains(&format!(
+            "publishers.star: tcp://*:{port} is served by a running publisher (it answers ZeroMQ as XPUB)"
+        )),
+        "{text}"
+    );
+    assert!(!text.contains("cannot bind"), "{text}");
+}
+
 #[test]
 fn doctor_names_each_problem_with_its_fix() {
     let dir = tempfile::tempdir().unwrap();

@@ -266,10 +266,29 @@ struct PeerState {
     closed: bool,
     /// Subscribed to the lossy topic: full buffer → drop, not wait.
     lossy: bool,
-    /// Messages in `buf`, and in the writer's write under way: what a
-    /// disconnect or a stop leaves undelivered, to count it.
+    /// Messages in `buf`: what a disconnect or a stop leaves
+    /// undelivered, to count it.
     queued: u64,
-    in_flight: u64,
+    /// Where each message in `buf` ends (PONGs are not messages); swapped
+    /// with `in_flight_ends` as the writer takes `buf`.
+    ends: Vec<usize>,
+    /// The same for the write under way, and the peer's `written` when it
+    /// began: a disconnect counts only the messages of it that the kernel
+    /// had not taken whole, as the rest still reaches the peer.
+    in_flight_ends: Vec<usize>,
+    in_flight_base: u64,
+}
+
+impl PeerState {
+    /// Messages of the write under way not yet handed whole to the kernel,
+    /// given the peer's `written` now.
+    fn in_flight_unsent(&self, written: u64) -> u64 {
+        let done = written.saturating_sub(self.in_flight_base);
+        self.in_flight_ends
+            .iter()
+            .filter(|&&end| end as u64 > done)
+            .count() as u64
+    }
 }
 
 impl Peer {
@@ -346,14 +365,18 @@ impl Peer {
     }
 
     /// Disconnects the peer at once, even mid-write; returns how many
-    /// messages it had not been handed yet (its queue and the write under
-    /// way, which may have partly reached it).
+    /// messages it had not been handed yet: its queue, and those of the
+    /// write under way that the kernel had not taken whole (what it took
+    /// still reaches the peer: the socket is closed, not reset).
     fn evict(&self) -> u64 {
         let pending = {
             let mut st = self.lock();
             st.closed = true;
             st.buf = Vec::new();
-            std::mem::take(&mut st.queued) + std::mem::take(&mut st.in_flight)
+            st.ends = Vec::new();
+            let unsent = st.in_flight_unsent(self.written.load(Ordering::Relaxed));
+            st.in_flight_ends = Vec::new();
+            std::mem::take(&mut st.queued) + unsent
         };
         self.evicted.cancel();
         self.close();
@@ -398,6 +421,8 @@ impl Peer {
         }
         let wake = st.buf.is_empty();
         encode_message(frames, &mut st.buf);
+        let end = st.buf.len();
+        st.ends.push(end);
         st.queued += 1;
         Offer::Queued {
             wake,
@@ -792,6 +817,9 @@ impl Publisher {
             };
             // Not delivered to it: its queue and the held message.
             let lost = peer.evict() + 1;
+            // It was subscribed to the held message: that message went to
+            // a subscriber (counted as not delivered), not to no one.
+            held.heard = true;
             self.shared.stalled.fetch_add(1, Ordering::Relaxed);
             self.shared.undelivered.fetch_add(lost, Ordering::Relaxed);
             tracing::warn!(
@@ -815,7 +843,7 @@ impl Publisher {
                     if st.closed {
                         0
                     } else {
-                        st.queued + st.in_flight
+                        st.queued + st.in_flight_unsent(p.written.load(Ordering::Relaxed))
                     },
                 )
             };
@@ -836,6 +864,26 @@ impl Publisher {
                 );
             }
         }
+        // The rate-limited WARNs held back since their last line: no later
+        // line will carry their count.
+        let mut log = self
+            .shared
+            .conn_log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        crate::warn_suppressed!(log, |n| format!(
+            "bus: {n} more WARNs about single connections (refused, dropped) suppressed"
+        ));
+        drop(log);
+        let mut log = self
+            .shared
+            .subs_log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        crate::warn_suppressed!(log, |n| format!(
+            "bus: {n} more WARNs about ignored subscriptions suppressed"
+        ));
+        drop(log);
         if let Some(h) = self.held.take() {
             // Only a stop cut short leaves one: its peers did not get it.
             self.shared
@@ -1095,7 +1143,11 @@ async fn serve_peer(
                     } else {
                         std::mem::swap(&mut st.buf, &mut out);
                         st.writing = true;
-                        st.in_flight = std::mem::take(&mut st.queued);
+                        st.queued = 0;
+                        let st = &mut *st;
+                        st.in_flight_ends.clear();
+                        std::mem::swap(&mut st.ends, &mut st.in_flight_ends);
+                        st.in_flight_base = peer.written.load(Ordering::Relaxed);
                         true
                     }
                 };
@@ -1112,7 +1164,7 @@ async fn serve_peer(
                 {
                     let mut st = peer.lock();
                     st.writing = false;
-                    st.in_flight = 0;
+                    st.in_flight_ends.clear();
                 }
                 peer.space.notify_waiters();
                 peer.space.notify_one();
