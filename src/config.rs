@@ -546,7 +546,7 @@ impl PublisherConfig {
 
 /// A bind address meaning every interface.
 fn wildcard_host(host: &str) -> bool {
-    matches!(host, "*" | "0.0.0.0" | "[::]" | "::")
+    matches!(bind_addr(host), BindAddr::Any4 | BindAddr::Any6)
 }
 
 /// The address a bind takes, for telling two binds that collide.
