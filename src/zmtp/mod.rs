@@ -266,10 +266,8 @@ struct PeerState {
     closed: bool,
     /// Subscribed to the lossy topic: full buffer → drop, not wait.
     lossy: bool,
-    /// Messages in `buf`: what a disconnect or a stop leaves
-    /// undelivered, to count it.
-    queued: u64,
-    /// Where each message in `buf` ends (PONGs are not messages); swapped
+    /// Where each message in `buf` ends (PONGs are not messages): their
+    /// number is what a disconnect or a stop leaves undelivered; swapped
     /// with `in_flight_ends` as the writer takes `buf`.
     ends: Vec<usize>,
     /// The same for the write under way, and the peer's `written` when it
@@ -373,10 +371,10 @@ impl Peer {
             let mut st = self.lock();
             st.closed = true;
             st.buf = Vec::new();
-            st.ends = Vec::new();
+            let queued = std::mem::take(&mut st.ends).len() as u64;
             let unsent = st.in_flight_unsent(self.written.load(Ordering::Relaxed));
             st.in_flight_ends = Vec::new();
-            std::mem::take(&mut st.queued) + unsent
+            queued + unsent
         };
         self.evicted.cancel();
         self.close();
@@ -423,7 +421,6 @@ impl Peer {
         encode_message(frames, &mut st.buf);
         let end = st.buf.len();
         st.ends.push(end);
-        st.queued += 1;
         Offer::Queued {
             wake,
             lossy: st.lossy,
@@ -843,7 +840,8 @@ impl Publisher {
                     if st.closed {
                         0
                     } else {
-                        st.queued + st.in_flight_unsent(p.written.load(Ordering::Relaxed))
+                        st.ends.len() as u64
+                            + st.in_flight_unsent(p.written.load(Ordering::Relaxed))
                     },
                 )
             };
@@ -866,24 +864,18 @@ impl Publisher {
         }
         // The rate-limited WARNs held back since their last line: no later
         // line will carry their count.
-        let mut log = self
-            .shared
-            .conn_log
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        crate::warn_suppressed!(log, |n| format!(
-            "bus: {n} more WARNs about single connections (refused, dropped) suppressed"
-        ));
-        drop(log);
-        let mut log = self
-            .shared
-            .subs_log
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        crate::warn_suppressed!(log, |n| format!(
-            "bus: {n} more WARNs about ignored subscriptions suppressed"
-        ));
-        drop(log);
+        for (log, about) in [
+            (
+                &self.shared.conn_log,
+                "single connections (refused, dropped)",
+            ),
+            (&self.shared.subs_log, "ignored subscriptions"),
+        ] {
+            let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
+            crate::warn_suppressed!(log, |n| format!(
+                "bus: {n} more WARNs about {about} suppressed"
+            ));
+        }
         if let Some(h) = self.held.take() {
             // Only a stop cut short leaves one: its peers did not get it.
             self.shared
@@ -1143,7 +1135,6 @@ async fn serve_peer(
                     } else {
                         std::mem::swap(&mut st.buf, &mut out);
                         st.writing = true;
-                        st.queued = 0;
                         let st = &mut *st;
                         st.in_flight_ends.clear();
                         std::mem::swap(&mut st.ends, &mut st.in_flight_ends);
