@@ -203,27 +203,15 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
                 let rate = (published - n) as f64 / t.elapsed().as_secs_f64().max(1e-3);
                 last = (Instant::now(), published);
                 let upstream = stats.problem().map(|p| format!("; upstream: {p}")).unwrap_or_default();
-                let monitors = match bus.monitor_drops() {
-                    0 => String::new(),
-                    n => format!(", {n} not sent to stalled monitors"),
-                };
+                let monitors = counted(bus.monitor_drops(), "not sent to stalled monitors");
                 // Each is logged, rate-limited; the count says how many.
-                let refused = match bus.refused() {
-                    0 => String::new(),
-                    n => format!(", {n} connections refused"),
-                };
-                let unheard = match bus.unheard() {
-                    0 => String::new(),
-                    n => format!(", {n} to no subscriber"),
-                };
+                let refused = counted(bus.refused(), "connections refused");
+                let unheard = counted(bus.unheard(), "to no subscriber");
                 let stalled = match bus.stalled() {
                     (0, _) => String::new(),
                     (n, m) => format!(", {m} not delivered to {n} stalled subscriber(s)"),
                 };
-                let unencodable = match sent.unencodable {
-                    0 => String::new(),
-                    n => format!(", {n} not encodable"),
-                };
+                let unencodable = counted(sent.unencodable, "not encodable");
                 let waiting = if was_paused {
                     "paused until a subscriber connects (rate = 0), ".to_string()
                 } else {
@@ -303,10 +291,7 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
         ),
     };
     // As in STATUS: each was logged, rate-limited; the count says how many.
-    let refused = match bus.refused() {
-        0 => String::new(),
-        n => format!(", {n} connections refused"),
-    };
+    let refused = counted(bus.refused(), "connections refused");
     let lost = format!(
         "{undelivered} not delivered to {stalled} stalled subscriber(s), {monitors} not sent to stalled monitors{held}{refused}"
     );
@@ -339,12 +324,17 @@ fn feed_counters(stats: &FeedStats) -> String {
             "updates dropped awaiting a snapshot",
         ),
     ] {
-        match n.load(Ordering::Relaxed) {
-            0 => {}
-            n => s.push_str(&format!(", {n} {what}")),
-        }
+        s.push_str(&counted(n.load(Ordering::Relaxed), what));
     }
     s
+}
+
+/// `, N what` for a STATUS or stop line, or nothing when N is 0.
+fn counted(n: u64, what: &str) -> String {
+    match n {
+        0 => String::new(),
+        n => format!(", {n} {what}"),
+    }
 }
 
 /// What the loop counts of the messages it hands to the bus.
