@@ -268,12 +268,7 @@ impl Up {
         if let Ok(mut shared) = self.status.lock() {
             *shared = s.clone();
         }
-        if let Ok(json) = serde_json::to_vec_pretty(&s) {
-            let tmp = self.dir.join("run/status.json.tmp");
-            if std::fs::write(&tmp, json).is_ok() {
-                let _ = std::fs::rename(&tmp, self.dir.join("run/status.json"));
-            }
-        }
+        write_status_file(&self.dir, &s);
     }
 
     /// Waits until the children from `from` on are ready. Every child is
@@ -471,6 +466,17 @@ impl Up {
             say(&format!("stopped {role}s in {:.1?}", t0.elapsed()));
         }
         clean
+    }
+}
+
+/// `run/status.json`, replaced whole (written aside, then renamed), so a
+/// reader never sees half of it.
+fn write_status_file(dir: &Path, s: &UpStatus) {
+    if let Ok(json) = serde_json::to_vec_pretty(s) {
+        let tmp = dir.join("run/status.json.tmp");
+        if std::fs::write(&tmp, json).is_ok() {
+            let _ = std::fs::rename(&tmp, dir.join("run/status.json"));
+        }
     }
 }
 
@@ -690,12 +696,7 @@ pub async fn up(mut cfg: Config, opts: UpOptions) -> Result<(), Failure> {
         phase: "starting".into(),
         ..Default::default()
     };
-    if let Ok(json) = serde_json::to_vec_pretty(&starting) {
-        let tmp = dir.join("run/status.json.tmp");
-        if std::fs::write(&tmp, json).is_ok() {
-            let _ = std::fs::rename(&tmp, dir.join("run/status.json"));
-        }
-    }
+    write_status_file(&dir, &starting);
     let stop = crate::service::Service::start_with(
         "nbpy-up",
         Duration::from_secs(3600),
