@@ -46,30 +46,21 @@ pub async fn run(ctx: FeedContext) -> Result<(), Failure> {
             if ctx.shutdown.is_cancelled() {
                 break 'file;
             }
-            let line = match line {
-                Line::Text(l) => l,
-                Line::TooLong => {
-                    skipped += 1;
-                    ctx.out.stats.malformed.fetch_add(1, Ordering::Relaxed);
-                    crate::warn_limited!(bad_log, || format!(
-                        "{}: skipping a line over {MAX_FRAME} bytes, the largest envelope",
-                        path.display()
-                    ));
-                    continue;
-                }
+            let env = match line {
+                Line::Text(l) if l.iter().all(u8::is_ascii_whitespace) => continue,
+                Line::Text(l) => decode_v1(&l)
+                    .map(|e| e.into_owned())
+                    .map_err(|e| format!("skipping line: {e}")),
+                Line::TooLong => Err(format!(
+                    "skipping a line over {MAX_FRAME} bytes, the largest envelope"
+                )),
             };
-            if line.iter().all(u8::is_ascii_whitespace) {
-                continue;
-            }
-            let env = match decode_v1(&line) {
-                Ok(e) => e.into_owned(),
-                Err(e) => {
+            let env = match env {
+                Ok(env) => env,
+                Err(why) => {
                     skipped += 1;
                     ctx.out.stats.malformed.fetch_add(1, Ordering::Relaxed);
-                    crate::warn_limited!(bad_log, || format!(
-                        "{}: skipping line: {e}",
-                        path.display()
-                    ));
+                    crate::warn_limited!(bad_log, || format!("{}: {why}", path.display()));
                     continue;
                 }
             };
