@@ -178,6 +178,38 @@ const HEALTHY_RUN: Duration = Duration::from_secs(60);
 /// `RestartPreventExitStatus=64 77 78`.
 const NO_RESTART: [i32; 3] = [64, 77, 78];
 
+/// What `nbpy up` does about a child that exited, as the units'
+/// `Restart=on-failure` with `RestartPreventExitStatus=64 77 78` would.
+#[derive(Debug, PartialEq)]
+enum AfterExit {
+    /// Exit 0: a finite feed that is done.
+    Finished,
+    /// A code in [`NO_RESTART`]: left stopped, and the stop is not clean.
+    Failed,
+    /// Restarted `after` this long; the restart after that waits `next`.
+    Restart { after: Duration, next: Duration },
+}
+
+/// `code` is `None` for a death by signal. The wait doubles from 1 s up
+/// to 30 s; a run of [`HEALTHY_RUN`] starts again from 1 s.
+fn after_exit(code: Option<i32>, ran_for: Duration, backoff: Duration) -> AfterExit {
+    match code {
+        Some(0) => AfterExit::Finished,
+        Some(c) if NO_RESTART.contains(&c) => AfterExit::Failed,
+        _ => {
+            let after = if ran_for >= HEALTHY_RUN {
+                Duration::from_secs(1)
+            } else {
+                backoff
+            };
+            AfterExit::Restart {
+                after,
+                next: (after * 2).min(Duration::from_secs(30)),
+            }
+        }
+    }
+}
+
 struct Up {
     dir: PathBuf,
     config_file: PathBuf,
@@ -361,39 +393,39 @@ impl Up {
                         Err(_) => continue,
                     };
                     s.pid = None;
-                    if status.success() {
-                        s.state = "finished".into();
-                        c.done = true;
-                        say(&format!("{} {} finished", s.role, s.name));
-                    } else if status.code().is_some_and(|c| NO_RESTART.contains(&c)) {
-                        s.state = "failed".into();
-                        s.ready = false;
-                        s.status.clear();
-                        c.done = true;
-                        say(&format!(
-                            "{} {} exited ({status}): not restarted, a restart cannot fix that; the reason is at the end of {}:\n{}",
-                            s.role,
-                            s.name,
-                            s.log.display(),
-                            tail(&s.log, 5)
-                        ));
-                    } else {
-                        s.state = "exited".into();
-                        s.ready = false;
-                        // Its last STATUS (a rate, a count) no longer holds.
-                        s.status.clear();
-                        if c.started_at.elapsed() >= HEALTHY_RUN {
-                            c.backoff = Duration::from_secs(1);
+                    match after_exit(status.code(), c.started_at.elapsed(), c.backoff) {
+                        AfterExit::Finished => {
+                            s.state = "finished".into();
+                            c.done = true;
+                            say(&format!("{} {} finished", s.role, s.name));
                         }
-                        say(&format!(
-                            "{} {} exited ({status}); restarting in {:?} (log: {})",
-                            s.role,
-                            s.name,
-                            c.backoff,
-                            s.log.display()
-                        ));
-                        c.next_restart = Some(Instant::now() + c.backoff);
-                        c.backoff = (c.backoff * 2).min(Duration::from_secs(30));
+                        AfterExit::Failed => {
+                            s.state = "failed".into();
+                            s.ready = false;
+                            s.status.clear();
+                            c.done = true;
+                            say(&format!(
+                                "{} {} exited ({status}): not restarted, a restart cannot fix that; the reason is at the end of {}:\n{}",
+                                s.role,
+                                s.name,
+                                s.log.display(),
+                                tail(&s.log, 5)
+                            ));
+                        }
+                        AfterExit::Restart { after, next } => {
+                            s.state = "exited".into();
+                            s.ready = false;
+                            // Its last STATUS (a rate, a count) no longer holds.
+                            s.status.clear();
+                            say(&format!(
+                                "{} {} exited ({status}); restarting in {after:?} (log: {})",
+                                s.role,
+                                s.name,
+                                s.log.display()
+                            ));
+                            c.next_restart = Some(Instant::now() + after);
+                            c.backoff = next;
+                        }
                     }
                 }
             } else if c.next_restart.is_some_and(|t| Instant::now() >= t) {
@@ -1245,6 +1277,37 @@ pub fn logs(cfg: &Config, name: &str, follow: bool) -> Result<(), Failure> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn restarts_follow_the_units_policy() {
+        let s = Duration::from_secs;
+        let quick = s(2);
+        assert_eq!(after_exit(Some(0), quick, s(1)), AfterExit::Finished);
+        for code in [64, 77, 78] {
+            assert_eq!(after_exit(Some(code), quick, s(1)), AfterExit::Failed);
+        }
+        // Any other failure, a signal too, is restarted with a doubling wait...
+        let mut backoff = s(1);
+        let mut waits = Vec::new();
+        for code in [Some(1), None, Some(70), Some(75), Some(1), Some(1), Some(1)] {
+            match after_exit(code, quick, backoff) {
+                AfterExit::Restart { after, next } => {
+                    waits.push(after.as_secs());
+                    backoff = next;
+                }
+                other => panic!("{code:?}: {other:?}"),
+            }
+        }
+        assert_eq!(waits, [1, 2, 4, 8, 16, 30, 30]);
+        // ...which a healthy run resets.
+        assert_eq!(
+            after_exit(Some(1), HEALTHY_RUN, backoff),
+            AfterExit::Restart {
+                after: s(1),
+                next: s(2)
+            }
+        );
+    }
 
     #[test]
     fn the_demo_feed_waits_for_the_demo_subscriber_only() {
