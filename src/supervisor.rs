@@ -1278,6 +1278,104 @@ pub fn logs(cfg: &Config, name: &str, follow: bool) -> Result<(), Failure> {
 mod tests {
     use super::*;
 
+    /// A `role` child that ignores SIGTERM, as a hung service would; it
+    /// creates `ready` once it does.
+    fn hung(role: &str, ready: &Path) -> Child {
+        let proc = tokio::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "trap '' TERM; : > '{}'; exec sleep 60",
+                ready.display()
+            ))
+            .kill_on_drop(true)
+            .spawn()
+            .ok();
+        Child {
+            state: Arc::new(Mutex::new(ChildState {
+                name: ready.display().to_string(),
+                role: role.into(),
+                state: "running".into(),
+                ..Default::default()
+            })),
+            proc,
+            args: Vec::new(),
+            bin: PathBuf::new(),
+            notify: PathBuf::new(),
+            next_restart: None,
+            backoff: Duration::from_secs(1),
+            started_at: Instant::now(),
+            done: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_child_stopped_for_good_degrades_the_status_and_the_stop() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("run")).unwrap();
+        let failed = Child {
+            proc: None,
+            done: true,
+            ..hung("publisher", &dir.path().join("q"))
+        };
+        if let Ok(mut s) = failed.state.lock() {
+            s.state = "failed".into();
+        }
+        let mut up = Up {
+            dir: dir.path().into(),
+            config_file: PathBuf::new(),
+            children: vec![failed],
+            status: Arc::default(),
+        };
+        up.write_status("up");
+        let written: UpStatus =
+            serde_json::from_slice(&std::fs::read(dir.path().join("run/status.json")).unwrap())
+                .unwrap();
+        assert_eq!(written.phase, "degraded");
+        up.write_status("stopping");
+        assert_eq!(up.status.lock().unwrap().phase, "stopping");
+        assert!(!up.stop_all(Duration::from_secs(5)).await);
+    }
+
+    #[tokio::test]
+    async fn hung_children_of_one_role_share_one_stop_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let marks: Vec<PathBuf> = (0..3).map(|i| dir.path().join(format!("s{i}"))).collect();
+        let mut up = Up {
+            dir: dir.path().into(),
+            config_file: PathBuf::new(),
+            children: marks.iter().map(|m| hung("subscriber", m)).collect(),
+            status: Arc::default(),
+        };
+        assert!(
+            up.children.iter().all(|c| c.proc.is_some()),
+            "sh did not start"
+        );
+        let t0 = Instant::now();
+        while !marks.iter().all(|m| m.exists()) {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "children never ignored SIGTERM"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let timeout = Duration::from_secs(1);
+        let t0 = Instant::now();
+        let clean = up.stop_all(timeout).await;
+        let took = t0.elapsed();
+        assert!(!clean, "killed children are no clean stop");
+        // Each was waited for (none stopped on its own), but all three
+        // within one deadline: one after another would take 3 s.
+        assert!(
+            took >= timeout,
+            "stopped in {took:?}: the children were not hung"
+        );
+        assert!(
+            took < timeout * 2,
+            "3 hung children took {took:?} for a {timeout:?} deadline"
+        );
+        assert!(up.children.iter().all(|c| c.proc.is_none()));
+    }
+
     #[test]
     fn restarts_follow_the_units_policy() {
         let s = Duration::from_secs;
