@@ -883,3 +883,45 @@ async fn write_lag_is_not_shown_while_influxdb_is_down() {
     })
     .await;
 }
+
+/// The daemon reads a database that does not exist (as after `DROP
+/// DATABASE`): every write lag query fails, so there is no write lag
+/// rather than a lag of 0 for data nothing stores, and the subscriber's
+/// state names the missing database instead of InfluxDB's bare "not
+/// executed" (its answer to a query of two statements there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_database_is_named_and_leaves_no_write_lag() {
+    let env = Env::start().await;
+    let (cfg, base, _) = config(&env, None);
+    let (_health, h) = start_health_with(&env, &cfg, &base, &[("NBPY_INFLUXDB__DATABASE", "gone")]);
+    let _publisher = env.spawn("nbpy-publisher", &["--config", &cfg, "synth"], &[]);
+    h.wait("write lag unreadable", Duration::from_secs(60), |s| {
+        s.publishers[0]
+            .write_lag_error
+            .as_deref()
+            .is_some_and(|e| e.contains("database not found"))
+    })
+    .await;
+    let s = h.status().await.expect("/status");
+    let p = &s.publishers[0];
+    assert_eq!(
+        (p.write_lag_messages, p.write_lag_s),
+        (None, None),
+        "{s:#?}"
+    );
+    assert!(p.write_lag_by_measurement.is_empty(), "{s:#?}");
+    let sub = &s.subscribers[0];
+    assert_eq!(sub.state, State::Unknown, "{s:#?}");
+    assert_eq!(
+        sub.problem.as_deref(),
+        Some(
+            "reading nbpy_pipeline: InfluxDB: database \"gone\" does not exist (run `nbpy schema apply`)"
+        ),
+        "{s:#?}"
+    );
+    let (_, metrics) = h.get("/metrics").await;
+    assert!(
+        !metrics.contains("nbpy_publisher_write_lag_messages{"),
+        "{metrics}"
+    );
+}
