@@ -108,10 +108,15 @@ stats_interval = "1s"
 }
 
 fn start_health(env: &Env, cfg: &str, base: &str) -> (Proc, Health) {
+    start_health_with(env, cfg, base, &[])
+}
+
+/// [`start_health`] with `NBPY_*` settings for the daemon alone.
+fn start_health_with(env: &Env, cfg: &str, base: &str, envs: &[(&str, &str)]) -> (Proc, Health) {
     let p = env.spawn(
         "nbpy-health",
         &["--config", cfg, "--log-format", "text"],
-        &[],
+        envs,
     );
     p.wait_log("health: serving on", Duration::from_secs(20));
     let h = Health {
@@ -826,4 +831,97 @@ async fn a_dropped_retention_policy_shows_as_a_write_lag_warning() {
                 .any(|w| w.contains("write lag cannot be read") && w.contains("kraken_depth"))
     })
     .await;
+}
+
+/// While InfluxDB is down the write lag cannot be measured, so none is
+/// shown, and /status says why: the figures from before the outage stayed
+/// for its whole length while the unstored backlog grew. Back up, it is
+/// measured again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_lag_is_not_shown_while_influxdb_is_down() {
+    let mut env = Env::start().await;
+    let (cfg, base, _) = config(&env, None);
+    let (_health, h) = start_health(&env, &cfg, &base);
+    let _publisher = env.spawn("nbpy-publisher", &["--config", &cfg, "synth"], &[]);
+    let _subscriber = env.spawn("nbpy-subscriber", &["--config", &cfg, "main"], &[]);
+    h.wait("write lag measured", Duration::from_secs(60), |s| {
+        s.ready && s.publishers[0].write_lag_messages.is_some()
+    })
+    .await;
+
+    env.stop_influx();
+    h.wait("InfluxDB down", Duration::from_secs(30), |s| {
+        s.influxdb.state == State::Down
+    })
+    .await;
+    let s = h.status().await.expect("/status");
+    assert_eq!(s.influxdb.state, State::Down, "{s:#?}");
+    let p = &s.publishers[0];
+    assert_eq!(
+        (p.write_lag_messages, p.write_lag_s),
+        (None, None),
+        "{s:#?}"
+    );
+    assert!(p.write_lag_by_measurement.is_empty(), "{s:#?}");
+    assert_eq!(
+        p.write_lag_error.as_deref(),
+        Some("every measurement: InfluxDB does not answer"),
+        "{s:#?}"
+    );
+    let (_, metrics) = h.get("/metrics").await;
+    assert!(
+        !metrics.contains("nbpy_publisher_write_lag_messages{")
+            && !metrics.contains("nbpy_measurement_write_lag_messages{"),
+        "{metrics}"
+    );
+
+    env.start_influx_again();
+    h.wait("write lag measured again", Duration::from_secs(60), |s| {
+        s.influxdb.state == State::Up
+            && s.publishers[0].write_lag_messages.is_some()
+            && s.publishers[0].write_lag_error.is_none()
+    })
+    .await;
+}
+
+/// The daemon reads a database that does not exist (as after `DROP
+/// DATABASE`): every write lag query fails, so there is no write lag
+/// rather than a lag of 0 for data nothing stores, and the subscriber's
+/// state names the missing database instead of InfluxDB's bare "not
+/// executed" (its answer to a query of two statements there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_database_is_named_and_leaves_no_write_lag() {
+    let env = Env::start().await;
+    let (cfg, base, _) = config(&env, None);
+    let (_health, h) = start_health_with(&env, &cfg, &base, &[("NBPY_INFLUXDB__DATABASE", "gone")]);
+    let _publisher = env.spawn("nbpy-publisher", &["--config", &cfg, "synth"], &[]);
+    h.wait("write lag unreadable", Duration::from_secs(60), |s| {
+        s.publishers[0]
+            .write_lag_error
+            .as_deref()
+            .is_some_and(|e| e.contains("database not found"))
+    })
+    .await;
+    let s = h.status().await.expect("/status");
+    let p = &s.publishers[0];
+    assert_eq!(
+        (p.write_lag_messages, p.write_lag_s),
+        (None, None),
+        "{s:#?}"
+    );
+    assert!(p.write_lag_by_measurement.is_empty(), "{s:#?}");
+    let sub = &s.subscribers[0];
+    assert_eq!(sub.state, State::Unknown, "{s:#?}");
+    assert_eq!(
+        sub.problem.as_deref(),
+        Some(
+            "reading nbpy_pipeline: InfluxDB: database \"gone\" does not exist (run `nbpy schema apply`)"
+        ),
+        "{s:#?}"
+    );
+    let (_, metrics) = h.get("/metrics").await;
+    assert!(
+        !metrics.contains("nbpy_publisher_write_lag_messages{"),
+        "{metrics}"
+    );
 }

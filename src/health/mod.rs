@@ -45,7 +45,12 @@
 //!   all its measurements, so pooled, the others' progress hid one
 //!   measurement InfluxDB refused entirely; and one failing source (a
 //!   dropped retention policy) failed the pooled query, showing no lag at
-//!   all. A measurement whose lag cannot be read is named in `warnings`.
+//!   all. A measurement whose lag cannot be read is named in `warnings`
+//!   and left out of the totals. When none can be read (the database is
+//!   missing) or InfluxDB does not answer, the publisher has no lag figures
+//!   (absent from `/metrics`, `null` in `/status`) and `write_lag_error`
+//!   says why: a 0 or the figures from before an outage would read as a
+//!   current, small lag while the backlog grows.
 //! - **InfluxDB `/ping`**, and **Grafana `/api/health`** when `grafana.url`
 //!   is set. InfluxDB is also down when it answers `/ping` but the
 //!   counters query above gets no answer within `influxdb.timeout`: a
@@ -101,6 +106,19 @@ struct Lag {
     errors: Vec<String>,
 }
 
+impl Lag {
+    /// The publisher's totals, `(messages, seconds)`: over the measurements
+    /// whose stored seq was read, none when not one was. A failed query
+    /// measured nothing; summing no measurements gave a lag of 0 after
+    /// `DROP DATABASE`, while nothing at all was being stored.
+    fn totals(&self) -> Option<(u64, f64)> {
+        if self.by_measurement.is_empty() && !self.errors.is_empty() {
+            return None;
+        }
+        Some((self.messages, self.seconds))
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 struct MeasurementLag {
     messages: u64,
@@ -125,6 +143,11 @@ struct Polled {
     /// Counter resets per subscriber: its `received` went down (a restart).
     resets: BTreeMap<String, u64>,
     lag: BTreeMap<String, Lag>,
+    /// Why no write lag is measured now (InfluxDB does not answer). The
+    /// last figures in `lag` are then not shown: frozen at their values
+    /// from before an outage, they hid a backlog growing all through it.
+    /// `lag` is kept for its stored positions, which bound the next query.
+    lag_unknown: Option<String>,
     units: Vec<Unit>,
     units_error: Option<String>,
     uptime: BTreeMap<String, VecDeque<(Instant, bool)>>,
@@ -365,6 +388,9 @@ impl Monitor {
             }
             if influx_up {
                 p.lag = lags;
+                p.lag_unknown = None;
+            } else {
+                p.lag_unknown = Some("InfluxDB does not answer".into());
             }
             match units {
                 Some(Ok(u)) => {
@@ -531,7 +557,8 @@ impl Monitor {
             } else {
                 (State::Up, None)
             };
-            let lag = p.lag.get(&f.name);
+            let lag = p.lag.get(&f.name).filter(|_| p.lag_unknown.is_none());
+            let totals = lag.and_then(Lag::totals);
             let mut topics: Vec<TopicStatus> = st
                 .topics
                 .iter()
@@ -564,8 +591,8 @@ impl Monitor {
                 epoch: st.epoch,
                 last_seq: st.last_seq,
                 latency_ms: st.latency_ms,
-                write_lag_messages: lag.map(|l| l.messages),
-                write_lag_s: lag.map(|l| l.seconds),
+                write_lag_messages: totals.map(|t| t.0),
+                write_lag_s: totals.map(|t| t.1),
                 write_lag_by_measurement: lag
                     .map(|l| {
                         l.by_measurement
@@ -582,9 +609,12 @@ impl Monitor {
                             .collect()
                     })
                     .unwrap_or_default(),
-                write_lag_error: lag
-                    .filter(|l| !l.errors.is_empty())
-                    .map(|l| l.errors.join("; ")),
+                write_lag_error: match &p.lag_unknown {
+                    Some(why) if st.last_seq > 0 => Some(format!("every measurement: {why}")),
+                    _ => lag
+                        .filter(|l| !l.errors.is_empty())
+                        .map(|l| l.errors.join("; ")),
+                },
                 uptime_pct: uptime(&format!("publisher/{}", f.name)),
                 unit,
                 topics,

@@ -49,11 +49,36 @@ pub async fn pipeline(client: &InfluxClient, within: Duration) -> Result<Pipelin
          SELECT * FROM {from} WHERE time > now() + {margin}s GROUP BY \"component\" ORDER BY time DESC LIMIT 1",
         within.as_secs().max(1)
     );
-    let v = client.query(&q).await?;
+    let v = match client.query(&q).await {
+        Ok(v) => v,
+        // InfluxDB 1.x answers a query of several statements on a missing
+        // database with a bare "not executed" (the trap `admin::schema::stats`
+        // works around too): ask whether the database exists, to say so.
+        Err(WriteError::Refused(m)) if m.contains("not executed") => {
+            return Err(match client.query("SHOW DATABASES").await {
+                Ok(dbs) if !database_listed(&dbs, client.database()) => {
+                    WriteError::Missing(format!("database {:?} does not exist", client.database()))
+                }
+                _ => WriteError::Refused(m),
+            });
+        }
+        Err(e) => return Err(e),
+    };
     Ok(Pipeline {
         current: parse_pipeline_at(&v, 0),
         future: parse_pipeline_at(&v, 1),
     })
+}
+
+/// Does a `SHOW DATABASES` answer list `db`?
+fn database_listed(answer: &Json, db: &str) -> bool {
+    answer
+        .pointer("/results/0/series/0/values")
+        .and_then(|v| v.as_array())
+        .is_some_and(|rows| {
+            rows.iter()
+                .any(|r| r.pointer("/0").and_then(|x| x.as_str()) == Some(db))
+        })
 }
 
 /// An InfluxDB answer's time: RFC 3339 (the default), or ns since the epoch.

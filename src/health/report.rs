@@ -91,9 +91,12 @@ pub struct PublisherStatus {
     pub last_seq: u64,
     /// The newest message's receive − exchange time.
     pub latency_ms: Option<f64>,
-    /// Sequence numbers seen on the bus and not (yet) in InfluxDB.
+    /// Sequence numbers seen on the bus and not (yet) in InfluxDB; `None`
+    /// when it cannot be measured now (InfluxDB does not answer, or no
+    /// measurement's stored seq could be read: `write_lag_error` says why).
     pub write_lag_messages: Option<u64>,
-    /// Age of the oldest message seen on the bus and not (yet) in InfluxDB.
+    /// Age of the oldest message seen on the bus and not (yet) in InfluxDB;
+    /// `None` when it cannot be measured, as above.
     pub write_lag_s: Option<f64>,
     /// The same per measurement (the totals above are their sum and
     /// oldest): one measurement InfluxDB refuses shows here though the
@@ -101,8 +104,9 @@ pub struct PublisherStatus {
     #[serde(default)]
     pub write_lag_by_measurement: std::collections::BTreeMap<String, MeasurementLag>,
     /// Why the write lag of some measurement could not be read (a dropped
-    /// retention policy, a query error); those measurements are left out
-    /// of the totals.
+    /// retention policy, a query error; "every measurement: InfluxDB does
+    /// not answer" during an outage); those measurements are left out of
+    /// the totals, and with none read there are no totals.
     #[serde(default)]
     pub write_lag_error: Option<String>,
     pub uptime_pct: Option<f64>,
