@@ -14,6 +14,7 @@
 
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -167,6 +168,13 @@ struct Child {
     /// backoff (as systemd's start-rate window forgets old failures).
     started_at: Instant,
     done: bool,
+    /// Cleared when the process it belongs to is gone, so that process's
+    /// notify reader ends (each start binds a new socket and a new reader;
+    /// the old one used to read nothing for ever, a thread and an fd
+    /// leaked per restart).
+    listening: Arc<AtomicBool>,
+    /// The current notify reader.
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 /// A child that ran this long before it exited was healthy: its restart
@@ -274,6 +282,8 @@ impl Up {
             backoff: Duration::from_secs(1),
             started_at: Instant::now(),
             done: false,
+            listening: Arc::default(),
+            reader: None,
         };
         start(&mut c)?;
         self.children.push(c);
@@ -388,6 +398,7 @@ impl Up {
             if let Some(p) = c.proc.as_mut() {
                 if let Ok(Some(status)) = p.try_wait() {
                     c.proc = None;
+                    c.listening.store(false, Ordering::Relaxed);
                     let mut s = match c.state.lock() {
                         Ok(s) => s,
                         Err(_) => continue,
@@ -434,7 +445,16 @@ impl Up {
                     s.restarts += 1;
                 }
                 if let Err(e) = start(c) {
-                    say(&format!("restart failed: {e}"));
+                    // Tried again like a failed run: a spawn that failed
+                    // once (out of fds, a binary being replaced) used to
+                    // leave the child down for good, with a clean stop.
+                    let name = c.state.lock().map(|s| s.name.clone()).unwrap_or_default();
+                    say(&format!(
+                        "{name}: restart failed: {e}; trying again in {:?}",
+                        c.backoff
+                    ));
+                    c.next_restart = Some(Instant::now() + c.backoff);
+                    c.backoff = (c.backoff * 2).min(Duration::from_secs(30));
                 }
             }
         }
@@ -467,8 +487,12 @@ impl Up {
                 .filter(|c| c.state.lock().map(|s| s.role == role).unwrap_or(false))
             {
                 let Some(mut p) = c.proc.take() else {
-                    // Stopped for good earlier: the stop is not clean.
-                    if c.state.lock().is_ok_and(|s| s.state == "failed") {
+                    // Stopped for good earlier, or down awaiting a restart:
+                    // the stop found it not running, so it is not clean.
+                    if c.state
+                        .lock()
+                        .is_ok_and(|s| s.state == "failed" || s.state == "exited")
+                    {
                         clean = false;
                     }
                     continue;
@@ -558,6 +582,9 @@ fn start(c: &mut Child) -> Result<(), Failure> {
         })?;
     let pid = child.id();
     c.proc = Some(child);
+    c.listening.store(false, Ordering::Relaxed);
+    c.listening = Arc::new(AtomicBool::new(true));
+    let listening = c.listening.clone();
     c.started_at = Instant::now();
     if let Ok(mut s) = c.state.lock() {
         s.pid = pid;
@@ -566,7 +593,7 @@ fn start(c: &mut Child) -> Result<(), Failure> {
     }
     // The child's notifications: READY and STATUS as systemd would see them.
     let state = c.state.clone();
-    std::thread::spawn(move || {
+    c.reader = Some(std::thread::spawn(move || {
         let _ = sock.set_read_timeout(Some(Duration::from_secs(1)));
         let mut buf = [0u8; 4096];
         loop {
@@ -591,15 +618,18 @@ fn start(c: &mut Child) -> Result<(), Failure> {
                         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                     ) =>
                 {
-                    // A replaced socket file means a restart took over.
-                    if state.lock().map(|s| s.state == "stopped").unwrap_or(true) {
+                    // Its process is gone (a restart has its own reader),
+                    // or the stop is done.
+                    if !listening.load(Ordering::Relaxed)
+                        || state.lock().map(|s| s.state == "stopped").unwrap_or(true)
+                    {
                         return;
                     }
                 }
                 Err(_) => return,
             }
         }
-    });
+    }));
     Ok(())
 }
 
@@ -1305,7 +1335,83 @@ mod tests {
             backoff: Duration::from_secs(1),
             started_at: Instant::now(),
             done: false,
+            listening: Arc::default(),
+            reader: None,
         }
+    }
+
+    /// A child `start` runs as `sh -c SCRIPT`, with its notify socket and
+    /// log in `dir`.
+    fn scripted(dir: &Path, script: &str) -> Child {
+        Child {
+            bin: PathBuf::from("/bin/sh"),
+            args: vec!["-c".into(), script.into()],
+            notify: dir.join("c.notify"),
+            state: Arc::new(Mutex::new(ChildState {
+                name: "c".into(),
+                role: "publisher".into(),
+                log: dir.join("c.log"),
+                ..Default::default()
+            })),
+            ..hung("publisher", &dir.join("unused"))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_restart_ends_the_notify_reader_of_the_process_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = scripted(dir.path(), "exit 3");
+        start(&mut c).unwrap();
+        let first = c.reader.take().unwrap();
+        let mut up = Up {
+            dir: dir.path().into(),
+            config_file: PathBuf::new(),
+            children: vec![c],
+            status: Arc::default(),
+        };
+        let t0 = Instant::now();
+        // Exit noticed, restart scheduled after 1 s, restarted.
+        while up.children[0].reader.is_none() {
+            assert!(t0.elapsed() < Duration::from_secs(10), "never restarted");
+            up.supervise();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // The first reader times out within 1 s and sees it is not wanted.
+        while !first.is_finished() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "the first process's notify reader outlived it"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        up.stop_all(Duration::from_secs(5)).await;
+    }
+
+    #[tokio::test]
+    async fn a_restart_that_cannot_start_is_tried_again_and_the_stop_is_unclean() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = scripted(dir.path(), "exit 3");
+        c.proc = None;
+        c.bin = dir.path().join("no-such-binary");
+        c.next_restart = Some(Instant::now());
+        if let Ok(mut s) = c.state.lock() {
+            s.state = "exited".into();
+        }
+        let mut up = Up {
+            dir: dir.path().into(),
+            config_file: PathBuf::new(),
+            children: vec![c],
+            status: Arc::default(),
+        };
+        up.supervise();
+        let c = &up.children[0];
+        assert!(c.proc.is_none());
+        assert!(
+            c.next_restart.is_some(),
+            "a failed restart was not rescheduled"
+        );
+        assert_eq!(c.backoff, Duration::from_secs(2));
+        assert!(!up.stop_all(Duration::from_secs(5)).await);
     }
 
     #[tokio::test]
