@@ -113,6 +113,8 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
         None
     };
     let spooling = spool.is_some();
+    // For the last report, which is written after the pool has closed.
+    let report_spool = spool.clone();
     let pool = WriterPool::start_with_spool(
         client.clone(),
         &cfg.influxdb,
@@ -335,10 +337,6 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
     while let Ok(c) = raw_rx.try_recv() {
         st.process_chunk(&c, &pool).await;
     }
-    // The last report says the stop was deliberate: without it, health
-    // would show a subscriber that has just stopped as up until this
-    // (fresh) report went stale.
-    st.pipeline_point(name, &wstats, &pool, true).await;
     for b in st.batcher.due(true) {
         pool.submit(b).await;
     }
@@ -346,8 +344,22 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
         "flushing {} points",
         wstats.pending.load(Ordering::Relaxed)
     ));
-    let deadline = cfg.service.stop_timeout.saturating_sub(t0.elapsed());
-    let result = pool.close(deadline).await;
+    let left = cfg.service.stop_timeout.saturating_sub(t0.elapsed());
+    let result = pool
+        .close(left.saturating_sub(final_report_time(left)))
+        .await;
+    // The last report says the stop was deliberate: without it, health
+    // would show a subscriber that has just stopped as up until this
+    // (fresh) report went stale. It goes after the writers are done, so
+    // that it states the final counts, as the stop line does.
+    st.final_report(
+        name,
+        &wstats,
+        &client,
+        report_spool.as_ref(),
+        cfg.service.stop_timeout.saturating_sub(t0.elapsed()),
+    )
+    .await;
     let summary = stop_summary(
         &intake,
         &wstats,
@@ -1187,8 +1199,34 @@ impl Intake {
         pool: &WriterPool,
         stopped: bool,
     ) {
+        let env = self.pipeline_envelope(name, w, stopped, Own::Uncounted);
+        let rp = crate::schema::rp::DEFAULT;
+        let buf = self.batcher.buffer(rp);
+        if self.encoder.encode(&env, buf).is_ok() {
+            self.stats.reports.fetch_add(1, Ordering::Relaxed);
+            if let Some(b) = self.batcher.commit(rp) {
+                pool.submit(b).await;
+            }
+        }
+    }
+
+    /// An `nbpy_pipeline` point of the counters now; `own` counts the
+    /// point itself in (see [`Own`]).
+    fn pipeline_envelope(
+        &self,
+        name: &str,
+        w: &WriterStats,
+        stopped: bool,
+        own: Own,
+    ) -> Envelope<'static> {
         let i = &self.stats;
-        let n = |a: &AtomicU64| Value::Int(a.load(Ordering::Relaxed) as i64);
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let n = |a: &AtomicU64| Value::Int(get(a) as i64);
+        let (written, spooled) = match own {
+            Own::Uncounted => (get(&w.written), get(&w.spooled)),
+            Own::Written => (get(&w.written) + 1, get(&w.spooled)),
+            Own::Spooled => (get(&w.written), get(&w.spooled) + 1),
+        };
         let data = vec![
             (
                 Cow::Borrowed("component"),
@@ -1201,10 +1239,10 @@ impl Intake {
             (Cow::Borrowed("received"), n(&i.received)),
             (Cow::Borrowed("gaps"), n(&i.gaps)),
             (Cow::Borrowed("malformed"), n(&i.malformed)),
-            (Cow::Borrowed("written"), n(&w.written)),
+            (Cow::Borrowed("written"), Value::Int(written as i64)),
             (Cow::Borrowed("write_errors"), n(&w.write_errors)),
             (Cow::Borrowed("dead_lettered"), n(&w.dead_lettered)),
-            (Cow::Borrowed("spooled"), n(&w.spooled)),
+            (Cow::Borrowed("spooled"), Value::Int(spooled as i64)),
             (Cow::Borrowed("replayed"), n(&w.replayed)),
             (Cow::Borrowed("dropped"), n(&w.dropped)),
             (Cow::Borrowed("spool_bytes"), n(&w.spool_bytes)),
@@ -1215,16 +1253,132 @@ impl Intake {
             ),
             (Cow::Borrowed("stopped"), Value::Bool(stopped)),
         ];
-        let env = Envelope::new("nbpy", "pipeline", name.to_string(), now_ns(), data);
+        Envelope::new("nbpy", "pipeline", name.to_string(), now_ns(), data)
+    }
+
+    /// The stop's last report (`stopped`), once the writer pool has closed:
+    /// the counters are final then, and the report states them as the
+    /// stop line does, itself included. Health's `/metrics` and the
+    /// dashboards show it from then on; written before the last batches
+    /// went out, it said hundreds of points fewer written than were, with
+    /// `queue_depth` 0.
+    ///
+    /// It is written straight to InfluxDB, within `budget`; when InfluxDB
+    /// is failing, does not answer in time or refuses it, it is spooled
+    /// (as spooled: what it states is then true of it, but for
+    /// `spool_bytes`, the size before it), and the next start replays it
+    /// like any spooled point. Only without a usable spool can
+    /// it be lost: then it is not counted among the reports, the balance
+    /// holds, and the log says so.
+    async fn final_report(
+        &mut self,
+        name: &str,
+        w: &WriterStats,
+        client: &InfluxClient,
+        spool: Option<&Arc<SharedSpool>>,
+        budget: Duration,
+    ) {
         let rp = crate::schema::rp::DEFAULT;
-        let buf = self.batcher.buffer(rp);
-        if self.encoder.encode(&env, buf).is_ok() {
-            self.stats.reports.fetch_add(1, Ordering::Relaxed);
-            if let Some(b) = self.batcher.commit(rp) {
-                pool.submit(b).await;
+        let encode = |me: &mut Self, own| {
+            let env = me.pipeline_envelope(name, w, true, own);
+            let mut line = Vec::new();
+            me.encoder.encode(&env, &mut line).map(|_| line)
+        };
+        // The writers were failing when they stopped: a direct write
+        // would only spend the stop's time.
+        let failing = w.failing_since_ms.load(Ordering::Relaxed) != 0;
+        let why = if failing && spool.is_some() {
+            w.last_error().unwrap_or_else(|| "InfluxDB failing".into())
+        } else {
+            let line = match encode(self, Own::Written) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!(
+                        "subscriber {name}: cannot encode the last nbpy_pipeline report: {e}"
+                    );
+                    return;
+                }
+            };
+            match tokio::time::timeout(
+                budget.max(Duration::from_millis(100)),
+                client.write(rp, line.into()),
+            )
+            .await
+            {
+                Ok(Ok(())) => {
+                    w.written.fetch_add(1, Ordering::Relaxed);
+                    self.stats.reports.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!("no answer within {budget:?}"),
             }
+        };
+        let Some(sp) = spool else {
+            tracing::warn!(
+                "subscriber {name}: the last nbpy_pipeline report (stopped) was not stored: {why}; \
+                 health shows this subscriber down once its previous report is stale"
+            );
+            return;
+        };
+        let line = match encode(self, Own::Spooled) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(
+                    "subscriber {name}: cannot encode the last nbpy_pipeline report: {e}"
+                );
+                return;
+            }
+        };
+        let sp = sp.clone();
+        // `force`: the stop does not wait for room (as the writers spool
+        // what is left at a stop).
+        let appended = tokio::task::spawn_blocking(move || {
+            sp.with(|s| {
+                let r = s
+                    .append(rp, 1, &line, true)
+                    .and_then(|a| s.sync().map(|_| a));
+                (r, s.points(), s.bytes())
+            })
+        })
+        .await;
+        match appended {
+            Ok((Ok(_), points, bytes)) => {
+                w.spooled.fetch_add(1, Ordering::Relaxed);
+                w.spool_points.store(points, Ordering::Relaxed);
+                w.spool_bytes.store(bytes, Ordering::Relaxed);
+                w.spool_high_water.fetch_max(bytes, Ordering::Relaxed);
+                self.stats.reports.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    "subscriber {name}: the last nbpy_pipeline report is spooled ({why}); the next start writes it"
+                );
+            }
+            Ok((Err(e), ..)) => tracing::warn!(
+                "subscriber {name}: the last nbpy_pipeline report (stopped) was not stored: {why}, and the spool refused it: {e}"
+            ),
+            Err(e) => tracing::warn!(
+                "subscriber {name}: the last nbpy_pipeline report (stopped) was not stored: {why}, and spooling it failed: {e}"
+            ),
         }
     }
+}
+
+/// Whether an `nbpy_pipeline` point counts itself in `written` or
+/// `spooled`. Running reports do not (they state the counts before them);
+/// the stop's last one does, because it is the last word and is compared
+/// with the stop line, whose counts include it.
+#[derive(Clone, Copy)]
+enum Own {
+    Uncounted,
+    Written,
+    Spooled,
+}
+
+/// Of the time a stop has left, what the last report's write may take (the
+/// writers get the rest). A write to a working InfluxDB takes milliseconds;
+/// one not answered within this goes to the spool instead.
+fn final_report_time(left: Duration) -> Duration {
+    (left / 10).min(Duration::from_secs(1))
 }
 
 #[cfg(test)]

@@ -323,3 +323,175 @@ connect = ["{ep}"]
     assert_eq!(number_before(&line, " malformed"), 0, "{line}");
     assert_eq!(stored().await, 2);
 }
+
+/// The subscriber's last `nbpy_pipeline` report (`stopped`) is what
+/// health's `/metrics` and the dashboards show from then on, so it states
+/// the stop's final counts, as the stop line does, itself included. It
+/// was written before the open batches went out, and said fewer points
+/// written than were: here every point is still batched at the stop (no
+/// batch fills up or ages out), so it said none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_report_states_the_counts_of_the_stop_line() {
+    const N: u64 = 3000;
+    let env = Env::start().await;
+    let ep = free_endpoint();
+    let cfg = env.config(&format!(
+        r#"batch_size = 100000
+flush_interval = "1h"
+
+[publishers.synth]
+endpoint = "{ep}"
+count = {N}
+wait_for_subscribers = 1
+
+[subscribers.main]
+connect = ["{ep}"]
+"#
+    ));
+    let cfg = cfg.to_str().unwrap();
+    let mut publisher = env.spawn("nbpy-publisher", &["--config", cfg, "synth"], &[]);
+    publisher.wait_log("bound", Duration::from_secs(20));
+    let mut subscriber = env.spawn("nbpy-subscriber", &["--config", cfg, "main"], &[]);
+    publisher.wait_success(Duration::from_secs(60));
+    subscriber.signal(nix::sys::signal::Signal::SIGTERM);
+    subscriber.wait_success(Duration::from_secs(60));
+
+    let line = stop_summary(&subscriber.log_text(), "main");
+    println!("{line}");
+    assert_eq!(number_before(&line, " accepted,"), N, "{line}");
+    assert!(line.contains("every point accounted for"), "{line}");
+    let reports = number_before(&line, " own nbpy_pipeline points");
+    let written = number_before(&line, " points written");
+    assert_eq!(
+        (written, number_before(&line, " spooled for later")),
+        (N + reports, 0),
+        "{line}"
+    );
+    let v = env
+        .client
+        .query(
+            "SELECT \"written\", \"spooled\", \"dead_lettered\", \"queue_depth\", \"stopped\" \
+             FROM \"tick\".\"default\".\"nbpy_pipeline\" WHERE component = 'main' \
+             ORDER BY time DESC LIMIT 1",
+        )
+        .await
+        .unwrap();
+    let row = &v["results"][0]["series"][0]["values"][0];
+    assert_eq!(
+        row[5].as_bool(),
+        Some(true),
+        "the newest report is the stop's: {row}"
+    );
+    assert_eq!(
+        (
+            row[1].as_u64(),
+            row[2].as_u64(),
+            row[3].as_u64(),
+            row[4].as_u64()
+        ),
+        (Some(written), Some(0), Some(0), Some(0)),
+        "the last report (written, spooled, dead_lettered, queue_depth) against the stop line: {line}"
+    );
+    // Every report was stored, the last one included.
+    let stored = env
+        .client
+        .query_number(
+            "SELECT count(\"written\") FROM \"tick\".\"default\".\"nbpy_pipeline\" WHERE component = 'main'",
+        )
+        .await
+        .unwrap();
+    assert_eq!(stored as u64, reports, "{line}");
+}
+
+/// When InfluxDB cannot take the last report at the stop, it is spooled,
+/// stating itself as spooled (so it still states the stop line's counts),
+/// and the next start writes it with the rest; that start's own last
+/// report again states its stop line's counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_report_is_spooled_while_influxdb_is_down_and_written_next_start() {
+    const N: u64 = 2000;
+    let mut env = Env::start().await;
+    let ep = free_endpoint();
+    let cfg = env.config(&format!(
+        r#"
+[publishers.synth]
+endpoint = "{ep}"
+count = {N}
+wait_for_subscribers = 1
+
+[subscribers.main]
+connect = ["{ep}"]
+"#
+    ));
+    let cfg = cfg.to_str().unwrap();
+    env.stop_influx();
+    let mut publisher = env.spawn("nbpy-publisher", &["--config", cfg, "synth"], &[]);
+    publisher.wait_log("bound", Duration::from_secs(20));
+    let mut subscriber = env.spawn("nbpy-subscriber", &["--config", cfg, "main"], &[]);
+    publisher.wait_success(Duration::from_secs(60));
+    subscriber.signal(nix::sys::signal::Signal::SIGTERM);
+    subscriber.wait_success(Duration::from_secs(60));
+    let first = stop_summary(&subscriber.log_text(), "main");
+    println!("{first}");
+    assert_eq!(number_before(&first, " accepted,"), N, "{first}");
+    assert!(first.contains("every point accounted for"), "{first}");
+    assert_eq!(number_before(&first, " points written"), 0, "{first}");
+    let spooled = number_before(&first, " spooled for later");
+    assert_eq!(
+        spooled,
+        N + number_before(&first, " own nbpy_pipeline points"),
+        "{first}"
+    );
+
+    env.start_influx_again();
+    let mut again = env.spawn_as("main-again", "nbpy-subscriber", &["--config", cfg, "main"]);
+    // The first run's last report comes from the spool, as it was spooled.
+    let stopped = "SELECT \"written\", \"spooled\", \"queue_depth\" FROM \"tick\".\"default\".\"nbpy_pipeline\" \
+                   WHERE component = 'main' AND \"stopped\" = true ORDER BY time ASC";
+    let t0 = Instant::now();
+    let row = loop {
+        let v = env.client.query(stopped).await.unwrap();
+        let row = v["results"][0]["series"][0]["values"][0].clone();
+        if !row.is_null() {
+            break row;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the spooled last report was not written: {}",
+            again.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        (row[1].as_u64(), row[2].as_u64(), row[3].as_u64()),
+        (Some(0), Some(spooled), Some(0)),
+        "the first run's last report (written, spooled, queue_depth) against its stop line: {first}"
+    );
+    assert_eq!(env.count_data().await, N);
+
+    again.signal(nix::sys::signal::Signal::SIGTERM);
+    again.wait_success(Duration::from_secs(60));
+    let second = stop_summary(&again.log_text(), "main");
+    println!("{second}");
+    assert!(second.contains("every point accounted for"), "{second}");
+    assert_eq!(
+        number_before(&second, " left in the spool by an earlier run"),
+        spooled,
+        "{second}"
+    );
+    let v = env
+        .client
+        .query(
+            "SELECT \"written\", \"spooled\", \"queue_depth\", \"stopped\" FROM \"tick\".\"default\".\"nbpy_pipeline\" \
+             WHERE component = 'main' ORDER BY time DESC LIMIT 1",
+        )
+        .await
+        .unwrap();
+    let row = &v["results"][0]["series"][0]["values"][0];
+    assert_eq!(row[4].as_bool(), Some(true), "{row}");
+    assert_eq!(
+        (row[1].as_u64(), row[2].as_u64(), row[3].as_u64()),
+        (Some(number_before(&second, " points written")), Some(0), Some(0)),
+        "the second run's last report (written, spooled, queue_depth) against its stop line: {second}"
+    );
+}
