@@ -500,6 +500,11 @@ impl WriterPool {
             let _ = tokio::time::timeout(rest, &mut all).await;
         }
         if let Some(sp) = &shared.spool {
+            // Segment files deleted behind the spool's back hold nothing
+            // for later: the summary must count them dropped, not spooled.
+            if let Err(e) = sp.blocking(|s| s.forget_missing()).await {
+                tracing::error!("spool check on stop failed: {e}");
+            }
             if let Err(e) = sp.blocking(|s| s.sync()).await {
                 tracing::error!("spool fsync on stop failed: {e}");
             }
