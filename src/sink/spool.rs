@@ -27,7 +27,9 @@
 //! # Recovery
 //!
 //! [`Spool::open`] reads every segment and checks every record. A record cut
-//! short (the process died mid-append) or failing its CRC ends the segment:
+//! short (the process died mid-append; only possible at the end of the
+//! newest segment, anywhere else it is damage) or failing its CRC ends the
+//! segment:
 //! the file is truncated to the last good record, the cut bytes are kept
 //! next to it as `<segment>.damaged` for a human, and the damage is counted
 //! in [`Recovery`]. Later segments are kept: a damaged record loses at most
@@ -283,7 +285,24 @@ fn crc(points: u32, rp: &[u8], lines: &[u8]) -> u32 {
 }
 
 /// Scans one segment: good length, records, points, and damage if any.
-fn scan(path: &Path) -> io::Result<(u64, u64, u64, Option<String>)> {
+///
+/// A record running past the end of the file is a crash's torn tail only
+/// in the `newest` segment: older ones were synced and closed before the
+/// next was started, and are never appended to after a restart. Anywhere
+/// else it is damage (a corrupted length, a lost end of file), whose points
+/// were safe and must be counted as such, not left to a sequence gap that
+/// a clean earlier stop never reports.
+fn scan(path: &Path, newest: bool) -> io::Result<(u64, u64, u64, Option<String>)> {
+    let short = |what: String| {
+        if newest {
+            format!("torn {what}")
+        } else {
+            format!(
+                "{what} cut short in a closed segment (only the newest segment is appended \
+                 to, so not by a crash: a damaged length or a lost end of file)"
+            )
+        }
+    };
     let file = File::open(path)?;
     let file_len = file.metadata()?.len();
     let mut f = io::BufReader::with_capacity(1 << 20, file);
@@ -306,7 +325,7 @@ fn scan(path: &Path) -> io::Result<(u64, u64, u64, Option<String>)> {
                     good,
                     records,
                     points,
-                    Some(format!("torn record header ({n} of 8 bytes)")),
+                    Some(short(format!("record header ({n} of 8 bytes)"))),
                 ))
             }
         }
@@ -327,7 +346,7 @@ fn scan(path: &Path) -> io::Result<(u64, u64, u64, Option<String>)> {
                 good,
                 records,
                 points,
-                Some(format!("torn record ({avail} of {len} bytes)")),
+                Some(short(format!("record ({avail} of {len} bytes)"))),
             ));
         }
         payload.resize(len as usize, 0);
@@ -337,7 +356,7 @@ fn scan(path: &Path) -> io::Result<(u64, u64, u64, Option<String>)> {
                 good,
                 records,
                 points,
-                Some(format!("torn record ({n} of {len} bytes)")),
+                Some(short(format!("record ({n} of {len} bytes)"))),
             ));
         }
         let Some((p, rp, lines)) = parse_payload(&payload) else {
@@ -424,7 +443,7 @@ impl Spool {
         let mut counters = SpoolCounters::default();
         for id in &ids {
             let path = seg_path(&opts.dir, *id);
-            let (good, records, points, damage) = scan(&path)?;
+            let (good, records, points, damage) = scan(&path, Some(id) == ids.last())?;
             if let Some(reason) = damage {
                 let cut_bytes = cut(&path, good)?;
                 counters.damaged_records += 1;
@@ -1209,6 +1228,44 @@ mod tests {
         drop(s);
         let (_, rec) = Spool::open(opts(d.path())).unwrap();
         assert_eq!((rec.records, rec.damage.len()), (1, 0));
+    }
+
+    /// A length running past the end of a closed (not the newest) segment
+    /// is damage, not a crash's torn tail: no crash appends there, so its
+    /// points were safe and no sequence gap covers them. They are counted
+    /// as uncounted damage bytes; the same in the newest segment stays a
+    /// torn tail.
+    #[test]
+    fn a_record_cut_short_in_a_closed_segment_is_damage_not_a_torn_tail() {
+        let d = tempfile::tempdir().unwrap();
+        let mut o = opts(d.path());
+        let l = lines(2, "q");
+        let rec_len = RECORD_HEADER + 5 + 7 + l.len() as u64;
+        o.segment_bytes = HEADER_LEN + 2 * rec_len;
+        let (mut s, _) = Spool::open(o.clone()).unwrap();
+        for _ in 0..6 {
+            s.append("default", 2, &l, false).unwrap();
+        }
+        drop(s);
+        let segs = segment_files(d.path());
+        assert_eq!(segs.len(), 3);
+        // The first record's length of the first and of the last segment
+        // made larger than the rest of its file.
+        for seg in [&segs[0], &segs[2]] {
+            let f = OpenOptions::new().write(true).open(seg).unwrap();
+            f.write_all_at(&(1u32 << 20).to_le_bytes(), HEADER_LEN)
+                .unwrap();
+        }
+        let (s, rec) = Spool::open(o).unwrap();
+        assert_eq!(rec.damage.len(), 2, "{:?}", rec.damage);
+        let (closed, newest) = (&rec.damage[0], &rec.damage[1]);
+        assert_eq!(closed.segment, segs[0]);
+        assert!(!closed.is_torn(), "{closed}");
+        assert!(closed.to_string().contains("cannot be counted"), "{closed}");
+        assert_eq!(closed.cut_bytes, 2 * rec_len);
+        assert!(newest.is_torn(), "{newest}");
+        assert_eq!(s.counters.uncounted_bytes, 2 * rec_len);
+        assert_eq!(rec.points, 4);
     }
 
     #[test]
