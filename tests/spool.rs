@@ -298,6 +298,70 @@ stats_interval = "1s"
     );
 }
 
+/// Points InfluxDB refuses while the dead-letter file cannot be written
+/// (a regular file where its directory should be) are lost, and counted
+/// and logged so: the stop summary used to count them "refused by InfluxDB
+/// (dead-letter file)", in a file that did not exist, and the log said
+/// "kept in" it before the write was even tried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_points_the_dead_letter_file_cannot_take_are_counted_lost() {
+    const N: u64 = 2_000;
+    let env = Env::start().await;
+    let now = nbpy::wire::now_ns();
+    let pre = format!(
+        "kraken_tick,instrument=OLD bid=1i {now}\nkraken_tick,instrument=OLD bid=1i {}\n",
+        now + 1_800_000_000_000
+    );
+    env.client.write("default", pre.into()).await.unwrap();
+    std::fs::create_dir_all(env.path("state")).unwrap();
+    let in_the_way = env.path("state").join("dead-letter");
+    std::fs::write(&in_the_way, b"not a directory").unwrap();
+    let ep = free_endpoint();
+    let cfg = env.config(&format!(
+        r#"
+[publishers.synth]
+feed = "synthetic"
+endpoint = "{ep}"
+count = {N}
+wait_for_subscribers = 1
+
+[subscribers.main]
+connect = ["{ep}"]
+stats_interval = "1s"
+"#
+    ));
+    let cfg = cfg.to_str().unwrap();
+    let mut publisher = env.spawn("nbpy-publisher", &["--config", cfg, "synth"], &[]);
+    publisher.wait_log("bound", Duration::from_secs(20));
+    let mut subscriber = env.spawn("nbpy-subscriber", &["--config", cfg, "main"], &[]);
+    publisher.wait_success(Duration::from_secs(120));
+    env.wait_stored(N / 5 * 4, Duration::from_secs(120)).await;
+    subscriber.wait_log("refused by InfluxDB are lost", Duration::from_secs(60));
+    subscriber.signal(Signal::SIGTERM);
+    subscriber.wait_success(Duration::from_secs(60));
+
+    assert_eq!(env.count("kraken_tick").await, 0);
+    assert_eq!(
+        std::fs::read(&in_the_way).unwrap(),
+        b"not a directory",
+        "nothing was kept"
+    );
+    let log = subscriber.log_text();
+    assert!(!log.contains("kept in"), "{log}");
+    let line = stop_summary(&log, "main");
+    println!("{line}");
+    assert_eq!(
+        number_before(
+            &line,
+            " refused by InfluxDB and lost (the dead-letter file could not be written)"
+        ),
+        N / 5,
+        "{line}"
+    );
+    assert!(!line.contains("(dead-letter file)"), "{line}");
+    assert!(line.contains("every point accounted for"), "{line}");
+}
+
 /// (point lines, reason comments) in a dead-letter file.
 fn dead_lines(path: &Path) -> (usize, Vec<String>) {
     let text = std::fs::read_to_string(path).unwrap_or_default();

@@ -78,6 +78,9 @@ pub struct WriterStats {
     pub write_errors: AtomicU64,
     /// Points InfluxDB refused, now in the dead-letter file.
     pub dead_lettered: AtomicU64,
+    /// Points InfluxDB refused that the dead-letter file could not take:
+    /// lost (the log says why).
+    pub refused_lost: AtomicU64,
     /// Points in memory: queued or being written, not yet on disk.
     pub pending: AtomicU64,
     /// Batches waiting in the queue.
@@ -1104,18 +1107,12 @@ impl Shared {
         r
     }
 
+    /// Appends refused points to the dead-letter file, and counts them by
+    /// what happened: kept there, or (the file could not be written) lost.
+    /// Counting them first and only logging a failed write had the stop
+    /// summary say they were in a file that did not exist.
     fn dead_letter(&self, rp: &str, pc: &Piece, e: &WriteError) {
         use std::io::Write;
-        self.stats
-            .dead_lettered
-            .fetch_add(pc.points as u64, Ordering::Relaxed);
-        self.log_warn(|| {
-            format!(
-                "{} point(s) refused by InfluxDB, kept in {}: {e}",
-                pc.points,
-                self.dead_letter.display()
-            )
-        });
         let r = (|| -> std::io::Result<()> {
             if let Some(dir) = self.dead_letter.parent() {
                 std::fs::create_dir_all(dir)?;
@@ -1130,11 +1127,30 @@ impl Shared {
             f.write_all(&pc.lines)?;
             f.sync_data()
         })();
-        if let Err(io) = r {
-            tracing::error!(
-                "cannot write dead-letter file {}: {io}",
-                self.dead_letter.display()
-            );
+        match r {
+            Ok(()) => {
+                self.stats
+                    .dead_lettered
+                    .fetch_add(pc.points as u64, Ordering::Relaxed);
+                self.log_warn(|| {
+                    format!(
+                        "{} point(s) refused by InfluxDB, kept in {}: {e}",
+                        pc.points,
+                        self.dead_letter.display()
+                    )
+                });
+            }
+            Err(io) => {
+                self.stats
+                    .refused_lost
+                    .fetch_add(pc.points as u64, Ordering::Relaxed);
+                tracing::error!(
+                    "{} point(s) refused by InfluxDB are lost: cannot write the dead-letter file {} \
+                     ({io}; make its directory writable); InfluxDB said: {e}",
+                    pc.points,
+                    self.dead_letter.display()
+                );
+            }
         }
     }
 }
