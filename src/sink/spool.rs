@@ -833,10 +833,14 @@ impl Spool {
         self.counters.damaged_bytes += lost_bytes;
         self.counters.dropped_points += lost_points;
         seg.read_points = seg.points;
-        seg.read_offset = seg.len;
         seg.released = 0;
         seg.released_points = 0;
         seg.gone = true;
+        // No bytes on disk any more (the size limit and the summary count
+        // files), and read to its end.
+        self.bytes = self.bytes.saturating_sub(seg.len);
+        seg.len = 0;
+        seg.read_offset = 0;
         // Appends must not go on into a file no one can read back.
         let id = seg.id;
         if self.active.as_ref().is_some_and(|(a, _)| *a == id) {
@@ -1360,6 +1364,11 @@ mod tests {
         s.forget_missing().unwrap();
         assert_eq!(s.counters.dropped_points, 10);
         assert_eq!(s.points(), 2, "only the new record");
+        let on_disk: u64 = segment_files(d.path())
+            .iter()
+            .map(|f| std::fs::metadata(f).unwrap().len())
+            .sum();
+        assert_eq!(s.bytes(), on_disk);
         let new = s.next_record().unwrap().unwrap();
         assert_eq!(new.segment, base + 5);
         s.ack(new.segment, new.points).unwrap();
