@@ -709,6 +709,98 @@ dir = "{}"
     assert_eq!(stored(&env).await, (N, N), "everything, once");
 }
 
+/// A spool segment deleted while the subscriber runs (by hand, say) is
+/// skipped when replay reaches it: its points are counted as dropped and
+/// the later segments replay. Replay used to fail on the missing file over
+/// and over, leaving every later segment unwritten until a restart, and
+/// the stop summary counted the deleted points as spooled for later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spool_segment_deleted_while_running_is_skipped_and_counted() {
+    const N: u64 = 10_000;
+    let mut env = Env::start().await;
+    let ep = free_endpoint();
+    let cfg = env.config(&format!(
+        r#"retry_max = "1s"
+
+[publishers.synth]
+feed = "synthetic"
+endpoint = "{ep}"
+rate = 5000
+count = {N}
+wait_for_subscribers = 1
+
+[subscribers.main]
+connect = ["{ep}"]
+stats_interval = "1s"
+
+[subscribers.main.spool]
+max_bytes = 104857600
+segment_bytes = 262144
+"#
+    ));
+    let cfg = cfg.to_str().unwrap();
+    env.stop_influx();
+    let mut publisher = env.spawn("nbpy-publisher", &["--config", cfg, "synth"], &[]);
+    publisher.wait_log("bound", Duration::from_secs(20));
+    let mut subscriber = env.spawn("nbpy-subscriber", &["--config", cfg, "main"], &[]);
+    publisher.wait_success(Duration::from_secs(120));
+    let dir = spool_dir(&env);
+    wait_until("4 segments", Duration::from_secs(60), || {
+        spool_files(&dir).0 >= 4
+    });
+    // While InfluxDB is down only the first record is read (the probe):
+    // the third segment is closed and unread. What it holds:
+    let mut segs: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+        .collect();
+    segs.sort();
+    let victim = segs[2].clone();
+    let (points, data_lines) = segment_points(&victim);
+    assert!(points > 0);
+    std::fs::remove_file(&victim).unwrap();
+    env.start_influx_again();
+    wait_until("the spool to drain", Duration::from_secs(60), || {
+        spool_files(&dir).0 == 0
+    });
+    subscriber.signal(Signal::SIGTERM);
+    subscriber.wait_success(Duration::from_secs(60));
+    let log = subscriber.log_text();
+    let name = victim.display().to_string();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("ERROR") && l.contains(&name) && l.contains("missing")),
+        "{log}"
+    );
+    let line = stop_summary(&log, "main");
+    println!("{line}");
+    assert_eq!(number_before(&line, " dropped"), points, "{line}");
+    assert_eq!(number_before(&line, " spooled for later"), 0, "{line}");
+    assert!(line.contains("every point accounted for"), "{line}");
+    assert_eq!(stored(&env).await, (N - data_lines, N - data_lines));
+}
+
+/// (points, data lines) in a closed spool segment, read as
+/// `Spool::open` would: `[len][crc][points u32, rp_len u8, rp, lines]`.
+fn segment_points(path: &Path) -> (u64, u64) {
+    use nbpy::sink::spool::{HEADER_LEN, RECORD_HEADER};
+    let b = std::fs::read(path).unwrap();
+    let (mut at, mut points, mut data) = (HEADER_LEN as usize, 0, 0);
+    while at < b.len() {
+        let len = u32::from_le_bytes(b[at..at + 4].try_into().unwrap()) as usize;
+        let p = &b[at + RECORD_HEADER as usize..at + RECORD_HEADER as usize + len];
+        points += u32::from_le_bytes(p[..4].try_into().unwrap()) as u64;
+        let lines = &p[5 + p[4] as usize..];
+        data += String::from_utf8_lossy(lines)
+            .lines()
+            .filter(|l| !l.starts_with("nbpy_pipeline"))
+            .count() as u64;
+        at += RECORD_HEADER as usize + len;
+    }
+    (points, data)
+}
+
 /// A spooled record that InfluxDB takes only in part before it starts
 /// failing, and a stop while the rest waits for a retry: the part written
 /// and the part refused are delivered, and only the rest may stay spooled.
