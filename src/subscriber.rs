@@ -429,9 +429,15 @@ fn stop_summary(
         n(&w.dropped),
         n(&w.spool_points),
     );
+    let refused_lost = n(&w.refused_lost);
     let mut line = format!("{accepted} accepted, {written} points written");
     if dead > 0 {
         line.push_str(&format!(", {dead} refused by InfluxDB (dead-letter file)"));
+    }
+    if refused_lost > 0 {
+        line.push_str(&format!(
+            ", {refused_lost} refused by InfluxDB and lost (the dead-letter file could not be written)"
+        ));
     }
     // Spooled points this run also delivered are counted as delivered; the
     // line still says what the disk holds.
@@ -481,10 +487,15 @@ fn stop_summary(
     }
     line.push_str(&shared_names(i));
     let came = accepted + reports + spooled_at_start;
-    let went = written + dead + dropped + spooled - again + lost;
+    let went = written + dead + refused_lost + dropped + spooled - again + lost;
     let terms = format!(
         "{accepted} accepted + {reports} own nbpy_pipeline points + {spooled_at_start} left in the spool by an earlier run \
-         = written + refused + dropped + spooled{}{}",
+         = written + refused{} + dropped + spooled{}{}",
+        if refused_lost > 0 {
+            " + refused and lost"
+        } else {
+            ""
+        },
         if again > 0 {
             " - spooled but already written or refused"
         } else {
@@ -670,7 +681,11 @@ fn status_line(i: &IntakeStats, w: &WriterStats, rate: f64, scfg: &SubscriberCon
             n(&w.spool_bytes) as f64 / 1e6
         ));
     }
-    for (what, a) in [("dead-lettered", &w.dead_lettered), ("dropped", &w.dropped)] {
+    for (what, a) in [
+        ("dead-lettered", &w.dead_lettered),
+        ("refused and lost (no dead-letter file)", &w.refused_lost),
+        ("dropped", &w.dropped),
+    ] {
         if n(a) > 0 {
             s.push_str(&format!(", {} {what}", n(a)));
         }

@@ -298,6 +298,70 @@ stats_interval = "1s"
     );
 }
 
+/// Points InfluxDB refuses while the dead-letter file cannot be written
+/// (a regular file where its directory should be) are lost, and counted
+/// and logged so: the stop summary used to count them "refused by InfluxDB
+/// (dead-letter file)", in a file that did not exist, and the log said
+/// "kept in" it before the write was even tried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_points_the_dead_letter_file_cannot_take_are_counted_lost() {
+    const N: u64 = 2_000;
+    let env = Env::start().await;
+    let now = nbpy::wire::now_ns();
+    let pre = format!(
+        "kraken_tick,instrument=OLD bid=1i {now}\nkraken_tick,instrument=OLD bid=1i {}\n",
+        now + 1_800_000_000_000
+    );
+    env.client.write("default", pre.into()).await.unwrap();
+    std::fs::create_dir_all(env.path("state")).unwrap();
+    let in_the_way = env.path("state").join("dead-letter");
+    std::fs::write(&in_the_way, b"not a directory").unwrap();
+    let ep = free_endpoint();
+    let cfg = env.config(&format!(
+        r#"
+[publishers.synth]
+feed = "synthetic"
+endpoint = "{ep}"
+count = {N}
+wait_for_subscribers = 1
+
+[subscribers.main]
+connect = ["{ep}"]
+stats_interval = "1s"
+"#
+    ));
+    let cfg = cfg.to_str().unwrap();
+    let mut publisher = env.spawn("nbpy-publisher", &["--config", cfg, "synth"], &[]);
+    publisher.wait_log("bound", Duration::from_secs(20));
+    let mut subscriber = env.spawn("nbpy-subscriber", &["--config", cfg, "main"], &[]);
+    publisher.wait_success(Duration::from_secs(120));
+    env.wait_stored(N / 5 * 4, Duration::from_secs(120)).await;
+    subscriber.wait_log("refused by InfluxDB are lost", Duration::from_secs(60));
+    subscriber.signal(Signal::SIGTERM);
+    subscriber.wait_success(Duration::from_secs(60));
+
+    assert_eq!(env.count("kraken_tick").await, 0);
+    assert_eq!(
+        std::fs::read(&in_the_way).unwrap(),
+        b"not a directory",
+        "nothing was kept"
+    );
+    let log = subscriber.log_text();
+    assert!(!log.contains("kept in"), "{log}");
+    let line = stop_summary(&log, "main");
+    println!("{line}");
+    assert_eq!(
+        number_before(
+            &line,
+            " refused by InfluxDB and lost (the dead-letter file could not be written)"
+        ),
+        N / 5,
+        "{line}"
+    );
+    assert!(!line.contains("(dead-letter file)"), "{line}");
+    assert!(line.contains("every point accounted for"), "{line}");
+}
+
 /// (point lines, reason comments) in a dead-letter file.
 fn dead_lines(path: &Path) -> (usize, Vec<String>) {
     let text = std::fs::read_to_string(path).unwrap_or_default();
@@ -580,9 +644,9 @@ when_full = "block"
 
 /// A spool that could not take data during an outage (its directory gone)
 /// is an alarm while InfluxDB is down; once InfluxDB takes the writes
-/// again, the alarm goes (it stayed until the next successful append,
-/// which a healthy InfluxDB never asks for), and what the spool refused,
-/// held in memory, is stored.
+/// again and has stored what the spool refused (held in memory until
+/// then), the alarm goes (it stayed until the next successful append,
+/// which a healthy InfluxDB never asks for).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spool_failure_alarm_ends_when_influxdb_takes_writes_again() {
     const N: u64 = 20_000;
@@ -629,21 +693,112 @@ dir = "{}"
     });
     println!("during the outage: {failing}");
     env.start_influx_again();
+    // The points held in memory are retried with backoff (retry_max 1 s),
+    // so the first STATUS after InfluxDB is back may still hold them.
     let healthy = status.until(
-        "without an InfluxDB failure",
+        "neither an InfluxDB failure nor a stale SPOOL FAILING alarm",
         Duration::from_secs(60),
-        |s| !s.contains("InfluxDB failing"),
+        |s| !s.contains("InfluxDB failing") && !s.contains("SPOOL FAILING"),
     );
-    assert!(
-        !healthy.contains("SPOOL FAILING"),
-        "a stale alarm once InfluxDB takes writes again: {healthy}"
-    );
+    println!("after the outage: {healthy}");
     publisher.wait_success(Duration::from_secs(120));
     env.wait_stored(N, Duration::from_secs(120)).await;
     subscriber.signal(Signal::SIGTERM);
     let st = subscriber.wait(Duration::from_secs(60));
     assert!(st.success(), "subscriber: {st}\n{}", subscriber.log_text());
     assert_eq!(stored(&env).await, (N, N), "everything, once");
+}
+
+/// A spool segment deleted while the subscriber runs (by hand, say) is
+/// skipped when replay reaches it: its points are counted as dropped and
+/// the later segments replay. Replay used to fail on the missing file over
+/// and over, leaving every later segment unwritten until a restart, and
+/// the stop summary counted the deleted points as spooled for later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spool_segment_deleted_while_running_is_skipped_and_counted() {
+    const N: u64 = 10_000;
+    let mut env = Env::start().await;
+    let ep = free_endpoint();
+    let cfg = env.config(&format!(
+        r#"retry_max = "1s"
+
+[publishers.synth]
+feed = "synthetic"
+endpoint = "{ep}"
+rate = 5000
+count = {N}
+wait_for_subscribers = 1
+
+[subscribers.main]
+connect = ["{ep}"]
+stats_interval = "1s"
+
+[subscribers.main.spool]
+max_bytes = 104857600
+segment_bytes = 262144
+"#
+    ));
+    let cfg = cfg.to_str().unwrap();
+    env.stop_influx();
+    let mut publisher = env.spawn("nbpy-publisher", &["--config", cfg, "synth"], &[]);
+    publisher.wait_log("bound", Duration::from_secs(20));
+    let mut subscriber = env.spawn("nbpy-subscriber", &["--config", cfg, "main"], &[]);
+    publisher.wait_success(Duration::from_secs(120));
+    let dir = spool_dir(&env);
+    wait_until("4 segments", Duration::from_secs(60), || {
+        spool_files(&dir).0 >= 4
+    });
+    // While InfluxDB is down only the first record is read (the probe):
+    // the third segment is closed and unread. What it holds:
+    let mut segs: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+        .collect();
+    segs.sort();
+    let victim = segs[2].clone();
+    let (points, data_lines) = segment_points(&victim);
+    assert!(points > 0);
+    std::fs::remove_file(&victim).unwrap();
+    env.start_influx_again();
+    wait_until("the spool to drain", Duration::from_secs(60), || {
+        spool_files(&dir).0 == 0
+    });
+    subscriber.signal(Signal::SIGTERM);
+    subscriber.wait_success(Duration::from_secs(60));
+    let log = subscriber.log_text();
+    let name = victim.display().to_string();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("ERROR") && l.contains(&name) && l.contains("missing")),
+        "{log}"
+    );
+    let line = stop_summary(&log, "main");
+    println!("{line}");
+    assert_eq!(number_before(&line, " dropped"), points, "{line}");
+    assert_eq!(number_before(&line, " spooled for later"), 0, "{line}");
+    assert!(line.contains("every point accounted for"), "{line}");
+    assert_eq!(stored(&env).await, (N - data_lines, N - data_lines));
+}
+
+/// (points, data lines) in a closed spool segment, read as
+/// `Spool::open` would: `[len][crc][points u32, rp_len u8, rp, lines]`.
+fn segment_points(path: &Path) -> (u64, u64) {
+    use nbpy::sink::spool::{HEADER_LEN, RECORD_HEADER};
+    let b = std::fs::read(path).unwrap();
+    let (mut at, mut points, mut data) = (HEADER_LEN as usize, 0, 0);
+    while at < b.len() {
+        let len = u32::from_le_bytes(b[at..at + 4].try_into().unwrap()) as usize;
+        let p = &b[at + RECORD_HEADER as usize..at + RECORD_HEADER as usize + len];
+        points += u32::from_le_bytes(p[..4].try_into().unwrap()) as u64;
+        let lines = &p[5 + p[4] as usize..];
+        data += String::from_utf8_lossy(lines)
+            .lines()
+            .filter(|l| !l.starts_with("nbpy_pipeline"))
+            .count() as u64;
+        at += RECORD_HEADER as usize + len;
+    }
+    (points, data)
 }
 
 /// A spooled record that InfluxDB takes only in part before it starts

@@ -27,7 +27,9 @@
 //! # Recovery
 //!
 //! [`Spool::open`] reads every segment and checks every record. A record cut
-//! short (the process died mid-append) or failing its CRC ends the segment:
+//! short (the process died mid-append; only possible at the end of the
+//! newest segment, anywhere else it is damage) or failing its CRC ends the
+//! segment:
 //! the file is truncated to the last good record, the cut bytes are kept
 //! next to it as `<segment>.damaged` for a human, and the damage is counted
 //! in [`Recovery`]. Later segments are kept: a damaged record loses at most
@@ -232,6 +234,9 @@ struct Segment {
     /// on disk, so they count as held and keep their segment's file.
     released: u64,
     released_points: u64,
+    /// Its file was found missing (deleted behind the spool's back): a
+    /// record of it handed out and then released is no longer on disk.
+    gone: bool,
 }
 
 impl Segment {
@@ -280,7 +285,24 @@ fn crc(points: u32, rp: &[u8], lines: &[u8]) -> u32 {
 }
 
 /// Scans one segment: good length, records, points, and damage if any.
-fn scan(path: &Path) -> io::Result<(u64, u64, u64, Option<String>)> {
+///
+/// A record running past the end of the file is a crash's torn tail only
+/// in the `newest` segment: older ones were synced and closed before the
+/// next was started, and are never appended to after a restart. Anywhere
+/// else it is damage (a corrupted length, a lost end of file), whose points
+/// were safe and must be counted as such, not left to a sequence gap that
+/// a clean earlier stop never reports.
+fn scan(path: &Path, newest: bool) -> io::Result<(u64, u64, u64, Option<String>)> {
+    let short = |what: String| {
+        if newest {
+            format!("torn {what}")
+        } else {
+            format!(
+                "{what} cut short in a closed segment (only the newest segment is appended \
+                 to, so not by a crash: a damaged length or a lost end of file)"
+            )
+        }
+    };
     let file = File::open(path)?;
     let file_len = file.metadata()?.len();
     let mut f = io::BufReader::with_capacity(1 << 20, file);
@@ -303,7 +325,7 @@ fn scan(path: &Path) -> io::Result<(u64, u64, u64, Option<String>)> {
                     good,
                     records,
                     points,
-                    Some(format!("torn record header ({n} of 8 bytes)")),
+                    Some(short(format!("record header ({n} of 8 bytes)"))),
                 ))
             }
         }
@@ -324,7 +346,7 @@ fn scan(path: &Path) -> io::Result<(u64, u64, u64, Option<String>)> {
                 good,
                 records,
                 points,
-                Some(format!("torn record ({avail} of {len} bytes)")),
+                Some(short(format!("record ({avail} of {len} bytes)"))),
             ));
         }
         payload.resize(len as usize, 0);
@@ -334,7 +356,7 @@ fn scan(path: &Path) -> io::Result<(u64, u64, u64, Option<String>)> {
                 good,
                 records,
                 points,
-                Some(format!("torn record ({n} of {len} bytes)")),
+                Some(short(format!("record ({n} of {len} bytes)"))),
             ));
         }
         let Some((p, rp, lines)) = parse_payload(&payload) else {
@@ -421,7 +443,7 @@ impl Spool {
         let mut counters = SpoolCounters::default();
         for id in &ids {
             let path = seg_path(&opts.dir, *id);
-            let (good, records, points, damage) = scan(&path)?;
+            let (good, records, points, damage) = scan(&path, Some(id) == ids.last())?;
             if let Some(reason) = damage {
                 let cut_bytes = cut(&path, good)?;
                 counters.damaged_records += 1;
@@ -457,6 +479,7 @@ impl Spool {
                 in_flight_points: 0,
                 released: 0,
                 released_points: 0,
+                gone: false,
             });
         }
         let next_id = ids.last().map(|i| i + 1).unwrap_or(1);
@@ -632,6 +655,7 @@ impl Spool {
             in_flight_points: 0,
             released: 0,
             released_points: 0,
+            gone: false,
         });
         self.bytes += HEADER_LEN;
         self.active = Some((id, f));
@@ -708,7 +732,14 @@ impl Spool {
                 (s.id, s.read_offset, s.len)
             };
             if self.reader.as_ref().is_none_or(|(rid, _)| *rid != id) {
-                self.reader = Some((id, File::open(seg_path(&self.opts.dir, id))?));
+                match File::open(seg_path(&self.opts.dir, id)) {
+                    Ok(f) => self.reader = Some((id, f)),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                        self.segment_gone(i)?;
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                }
             }
             let Some((_, f)) = self.reader.as_ref() else {
                 return Ok(None);
@@ -780,6 +811,72 @@ impl Spool {
         }
     }
 
+    /// The file of segment `i` is gone (deleted by hand, or the whole
+    /// directory): its unread points are lost. They are counted as dropped
+    /// (spool damage), and replay goes on with the next segment; retrying
+    /// the missing file stalled replay of every later segment until a
+    /// restart, while the stop summary still counted the points as spooled.
+    fn segment_gone(&mut self, i: usize) -> io::Result<()> {
+        let dir = self.opts.dir.clone();
+        let seg = &mut self.segments[i];
+        // What was released from it (handed out, given back at a stop) is
+        // not on disk either.
+        let lost_points = seg.points - seg.read_points + seg.released_points;
+        let lost_bytes = seg.len - seg.read_offset;
+        tracing::error!(
+            "spool segment {} is missing (deleted while the subscriber ran?): its {lost_points} \
+             undelivered point(s) are lost, counted as dropped (spool damage); replay goes on \
+             with the next segment",
+            seg_path(&dir, seg.id).display()
+        );
+        self.counters.damaged_records += 1;
+        self.counters.damaged_bytes += lost_bytes;
+        self.counters.dropped_points += lost_points;
+        seg.read_points = seg.points;
+        seg.released = 0;
+        seg.released_points = 0;
+        seg.gone = true;
+        // No bytes on disk any more (the size limit and the summary count
+        // files), and read to its end.
+        self.bytes = self.bytes.saturating_sub(seg.len);
+        seg.len = 0;
+        seg.read_offset = 0;
+        // Appends must not go on into a file no one can read back.
+        let id = seg.id;
+        if self.active.as_ref().is_some_and(|(a, _)| *a == id) {
+            self.active = None;
+            self.dirty = false;
+        }
+        self.collect()
+    }
+
+    /// Counts segments whose files are missing as [`Spool::next_record`]
+    /// does when it reaches them. For a stop: its summary must not count
+    /// points as spooled for later that are no longer on disk.
+    pub fn forget_missing(&mut self) -> io::Result<()> {
+        let mut i = 0;
+        while i < self.segments.len() {
+            let seg = &self.segments[i];
+            let undelivered = seg.points - seg.read_points + seg.released_points;
+            if !seg.gone
+                && undelivered > 0
+                && !seg_path(&self.opts.dir, seg.id)
+                    .try_exists()
+                    .unwrap_or(true)
+            {
+                let before = self.segments.len();
+                self.segment_gone(i)?;
+                if self.segments.len() < before {
+                    // `collect` removed segments from the front.
+                    i = 0;
+                    continue;
+                }
+            }
+            i += 1;
+        }
+        Ok(())
+    }
+
     /// One record from `segment` is delivered; deletes segments that are done.
     pub fn ack(&mut self, segment: u64, points: u32) -> io::Result<()> {
         self.settle(segment, points);
@@ -790,7 +887,11 @@ impl Spool {
     /// stopping): it stays on disk for the next start.
     pub fn release(&mut self, segment: u64, points: u32) {
         self.settle(segment, points);
-        if let Some(s) = self.segments.iter_mut().find(|s| s.id == segment) {
+        if let Some(s) = self
+            .segments
+            .iter_mut()
+            .find(|s| s.id == segment && !s.gone)
+        {
             s.released += 1;
             s.released_points += points as u64;
         } else {
@@ -842,7 +943,7 @@ impl Spool {
                 Err(e)
             }
             Err(error) => {
-                if self.segments.iter().any(|s| s.id == segment) {
+                if self.segments.iter().any(|s| s.id == segment && !s.gone) {
                     self.release(segment, points);
                     Ok(Kept::Whole {
                         delivered_too: u64::from(points.saturating_sub(rest_points)),
@@ -1133,6 +1234,44 @@ mod tests {
         assert_eq!((rec.records, rec.damage.len()), (1, 0));
     }
 
+    /// A length running past the end of a closed (not the newest) segment
+    /// is damage, not a crash's torn tail: no crash appends there, so its
+    /// points were safe and no sequence gap covers them. They are counted
+    /// as uncounted damage bytes; the same in the newest segment stays a
+    /// torn tail.
+    #[test]
+    fn a_record_cut_short_in_a_closed_segment_is_damage_not_a_torn_tail() {
+        let d = tempfile::tempdir().unwrap();
+        let mut o = opts(d.path());
+        let l = lines(2, "q");
+        let rec_len = RECORD_HEADER + 5 + 7 + l.len() as u64;
+        o.segment_bytes = HEADER_LEN + 2 * rec_len;
+        let (mut s, _) = Spool::open(o.clone()).unwrap();
+        for _ in 0..6 {
+            s.append("default", 2, &l, false).unwrap();
+        }
+        drop(s);
+        let segs = segment_files(d.path());
+        assert_eq!(segs.len(), 3);
+        // The first record's length of the first and of the last segment
+        // made larger than the rest of its file.
+        for seg in [&segs[0], &segs[2]] {
+            let f = OpenOptions::new().write(true).open(seg).unwrap();
+            f.write_all_at(&(1u32 << 20).to_le_bytes(), HEADER_LEN)
+                .unwrap();
+        }
+        let (s, rec) = Spool::open(o).unwrap();
+        assert_eq!(rec.damage.len(), 2, "{:?}", rec.damage);
+        let (closed, newest) = (&rec.damage[0], &rec.damage[1]);
+        assert_eq!(closed.segment, segs[0]);
+        assert!(!closed.is_torn(), "{closed}");
+        assert!(closed.to_string().contains("cannot be counted"), "{closed}");
+        assert_eq!(closed.cut_bytes, 2 * rec_len);
+        assert!(newest.is_torn(), "{newest}");
+        assert_eq!(s.counters.uncounted_bytes, 2 * rec_len);
+        assert_eq!(rec.points, 4);
+    }
+
     #[test]
     fn a_corrupted_record_keeps_what_precedes_and_later_segments() {
         let d = tempfile::tempdir().unwrap();
@@ -1172,6 +1311,68 @@ mod tests {
         let lost = per_seg - 1;
         assert_eq!(rec.records, 6 - lost);
         assert_eq!(drain(&mut s).len() as u64, 6 - lost);
+    }
+
+    /// A segment file deleted while the spool runs: its unread points are
+    /// counted as dropped, and replay goes on with the next segment instead
+    /// of failing on the missing file for ever. A stop counts what it
+    /// still finds missing, released records included.
+    #[test]
+    fn a_segment_deleted_while_running_is_skipped_and_counted() {
+        let d = tempfile::tempdir().unwrap();
+        let mut o = opts(d.path());
+        let l = lines(2, "q");
+        let rec_len = RECORD_HEADER + 5 + 7 + l.len() as u64;
+        // Two records a segment.
+        o.segment_bytes = HEADER_LEN + 2 * rec_len;
+        let (mut s, _) = Spool::open(o).unwrap();
+        for _ in 0..10 {
+            s.append("default", 2, &l, false).unwrap();
+        }
+        let segs = segment_files(d.path());
+        assert_eq!(segs.len(), 5);
+        let first = s.next_record().unwrap().unwrap();
+        for i in [0, 2, 4] {
+            std::fs::remove_file(&segs[i]).unwrap();
+        }
+        // The first segment's reader is open: its second record still reads.
+        let second = s.next_record().unwrap().unwrap();
+        s.ack(second.segment, second.points).unwrap();
+        // The second segment replays; the third is gone: skipped, its 4
+        // points dropped; the fourth replays.
+        let mut got = Vec::new();
+        for _ in 0..4 {
+            let r = s.next_record().unwrap().unwrap();
+            s.ack(r.segment, r.points).unwrap();
+            got.push(r.segment);
+        }
+        let base = first.segment;
+        assert_eq!(got, vec![base + 1, base + 1, base + 3, base + 3]);
+        assert_eq!(s.counters.dropped_points, 4);
+        // The newest (the one appends went to) is gone too: skipped, and
+        // appends start a new file.
+        assert_eq!(s.next_record().unwrap(), None);
+        assert_eq!(s.counters.dropped_points, 8);
+        assert_eq!(s.counters.damaged_records, 2);
+        s.append("default", 2, &l, false).unwrap();
+        assert!(seg_path(d.path(), base + 5).exists());
+        // The first record, handed out before its file went, is given back
+        // by a stop, which then finds the file missing: dropped too, not
+        // counted as spooled for later.
+        s.release(first.segment, first.points);
+        assert_eq!(s.points(), 2 + 2);
+        s.forget_missing().unwrap();
+        assert_eq!(s.counters.dropped_points, 10);
+        assert_eq!(s.points(), 2, "only the new record");
+        let on_disk: u64 = segment_files(d.path())
+            .iter()
+            .map(|f| std::fs::metadata(f).unwrap().len())
+            .sum();
+        assert_eq!(s.bytes(), on_disk);
+        let new = s.next_record().unwrap().unwrap();
+        assert_eq!(new.segment, base + 5);
+        s.ack(new.segment, new.points).unwrap();
+        assert!(s.is_empty());
     }
 
     #[test]

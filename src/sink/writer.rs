@@ -12,6 +12,10 @@
 //!   the queue full (InfluxDB slower than the bus): the spool. A write that
 //!   fails spools the batch too. Intake never waits for InfluxDB, only for a
 //!   full spool under `when_full = "block"`.
+//! - The spool refusing it too (a full or failing disk): memory, offered
+//!   again to the spool and to InfluxDB with backoff until one takes it;
+//!   `SPOOL FAILING` stays on until then, and a stop offers it to the spool
+//!   one last time.
 //! - InfluxDB refuses points (400 partial write, field-type conflict, 413):
 //!   the batch is split until the refused points are isolated; the rest are
 //!   written and the refused ones go to the dead-letter file with
@@ -74,6 +78,9 @@ pub struct WriterStats {
     pub write_errors: AtomicU64,
     /// Points InfluxDB refused, now in the dead-letter file.
     pub dead_lettered: AtomicU64,
+    /// Points InfluxDB refused that the dead-letter file could not take:
+    /// lost (the log says why).
+    pub refused_lost: AtomicU64,
     /// Points in memory: queued or being written, not yet on disk.
     pub pending: AtomicU64,
     /// Batches waiting in the queue.
@@ -109,7 +116,8 @@ pub struct WriterStats {
     /// Bytes cut on open, whose points cannot be counted (damage found
     /// while replaying counts its points in `dropped`).
     pub spool_uncounted_bytes: AtomicU64,
-    /// The spool refused the last append (disk error).
+    /// The spool refused the last append (disk error), or points it
+    /// refused are still held only in memory (see [`SpoolHealth`]).
     pub spool_failing: AtomicBool,
 }
 
@@ -157,6 +165,17 @@ struct Picker {
 struct Durability {
     next: u64,
     open: BTreeSet<u64>,
+}
+
+/// What `spool_failing` is made of. Either alone is an alarm: the last
+/// append failing, or a batch the spool refused earlier still held only in
+/// memory. A later append succeeding says the disk works again, not that
+/// the refused batch is safe: it is until it is spooled or written.
+#[derive(Default)]
+struct SpoolHealth {
+    append_failed: bool,
+    /// Batches the spool refused, retried in memory.
+    held: u64,
 }
 
 /// The spool, shared by the writers; file work runs on blocking threads.
@@ -225,6 +244,9 @@ struct Shared {
     /// The stop deadline is near: abandon writes, spool what is held.
     hurry: CancellationToken,
     durable: Mutex<Durability>,
+    /// Sets `stats.spool_failing`; a lock, so that a batch held and a
+    /// successful append at the same time cannot leave the alarm off.
+    spool_health: Mutex<SpoolHealth>,
     /// Beaten while intake waits for a full spool: waiting for room is the
     /// configured behaviour, not a hang for the watchdog to act on.
     liveness: std::sync::OnceLock<Arc<crate::service::Liveness>>,
@@ -275,6 +297,7 @@ impl WriterPool {
             closing: CancellationToken::new(),
             hurry: CancellationToken::new(),
             durable: Mutex::new(Durability::default()),
+            spool_health: Mutex::new(SpoolHealth::default()),
             liveness: std::sync::OnceLock::new(),
             stopping: std::sync::OnceLock::new(),
         });
@@ -480,6 +503,11 @@ impl WriterPool {
             let _ = tokio::time::timeout(rest, &mut all).await;
         }
         if let Some(sp) = &shared.spool {
+            // Segment files deleted behind the spool's back hold nothing
+            // for later: the summary must count them dropped, not spooled.
+            if let Err(e) = sp.blocking(|s| s.forget_missing()).await {
+                tracing::error!("spool check on stop failed: {e}");
+            }
             if let Err(e) = sp.blocking(|s| s.sync()).await {
                 tracing::error!("spool fsync on stop failed: {e}");
             }
@@ -503,6 +531,18 @@ impl Shared {
         if let Ok(mut log) = self.spool_log.lock() {
             crate::warn_limited!(log, what);
         }
+    }
+
+    /// Updates what the spool alarm is made of, and the alarm.
+    fn spool_health(&self, f: impl FnOnce(&mut SpoolHealth)) {
+        let mut h = match self.spool_health.lock() {
+            Ok(h) => h,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        f(&mut h);
+        self.stats
+            .spool_failing
+            .store(h.append_failed || h.held > 0, Ordering::Relaxed);
     }
 
     fn done(&self, id: u64) {
@@ -552,7 +592,8 @@ impl Shared {
             // InfluxDB; until the spool is needed again (and fails again),
             // "SPOOL FAILING" would be a stale alarm. Only a successful
             // append cleared it, and while InfluxDB is healthy there is none.
-            self.stats.spool_failing.store(false, Ordering::Relaxed);
+            // Batches still held in memory keep it until they are written.
+            self.spool_health(|h| h.append_failed = false);
             tracing::info!(
                 "InfluxDB writes succeed again; {} spooled points to replay",
                 WriterStats::get(&self.stats.spool_points)
@@ -710,30 +751,96 @@ impl Shared {
         self.done(id);
     }
 
-    /// Without a usable spool: retry with backoff until written (or the
-    /// stop deadline, which leaves the points counted as pending).
+    /// Points neither InfluxDB nor the spool took: retried with backoff in
+    /// memory until one of them does. With a spool, each round offers them
+    /// to the spool too: a disk that refused them (full, failing) may work
+    /// again, and once it takes them they are safe (replay writes them), the
+    /// batch stops holding back the safe position (`durable_below`) and a
+    /// stop has nothing left to lose. Retrying only InfluxDB kept them in
+    /// memory as long as InfluxDB was down, however long ago the disk
+    /// recovered, and a stop then lost them. While InfluxDB is failing the
+    /// spool goes first (it is local and quick); while it is healthy,
+    /// InfluxDB does, so a broken disk is not asked in vain.
+    ///
+    /// At the stop deadline they get one last offer to the spool (forced
+    /// past its size limit, like everything else a stop spools); what it
+    /// still refuses stays counted as pending: lost.
     async fn retry_in_memory(self: &Arc<Self>, rp: &'static str, mut left: Vec<Piece>) {
+        let held = self.spool.is_some();
+        if held {
+            self.spool_health(|h| h.held += 1);
+        }
+        let mut written = false;
         let mut delay = self.retry_min;
         loop {
             let jitter = rand::thread_rng().gen_range(0.5..1.0);
-            tokio::select! {
-                _ = tokio::time::sleep(delay.mul_f64(jitter)) => {}
-                _ = self.hurry.cancelled() => return,
-            }
+            let hurry = tokio::select! {
+                _ = tokio::time::sleep(delay.mul_f64(jitter)) => false,
+                _ = self.hurry.cancelled() => true,
+            };
             delay = (delay * 2).min(self.retry_max);
-            let out = self.write_resolving(rp, left).await;
-            self.stats
-                .pending
-                .fetch_sub((out.written + out.dead) as u64, Ordering::Relaxed);
-            match out.failed {
-                None => {
-                    self.note_success();
-                    return;
+            let influx_first = !hurry && self.healthy.load(Ordering::Relaxed);
+            if influx_first {
+                left = self.write_held(rp, left).await;
+                if left.is_empty() {
+                    written = true;
+                    break;
                 }
-                Some((e, rest)) => {
-                    self.note_failure(&e);
-                    left = rest;
+            }
+            if held {
+                let points: usize = left.iter().map(|p| p.points).sum();
+                let mut kept = Vec::new();
+                for piece in left {
+                    if let Err(p) = self.spool_piece(rp, piece).await {
+                        kept.push(p);
+                    }
                 }
+                left = kept;
+                if left.is_empty() {
+                    tracing::info!(
+                        "spooled {points} points held in memory since the spool refused them"
+                    );
+                    break;
+                }
+            }
+            if hurry {
+                break;
+            }
+            if !influx_first {
+                left = self.write_held(rp, left).await;
+                if left.is_empty() {
+                    written = true;
+                    break;
+                }
+            }
+        }
+        if held {
+            // Written, they no longer need the spool: its refusals are no
+            // alarm until it is needed (and fails) again, as in
+            // `note_success` (this loop's own offers may have renewed them).
+            self.spool_health(|h| {
+                h.held = h.held.saturating_sub(1);
+                if written {
+                    h.append_failed = false;
+                }
+            });
+        }
+    }
+
+    /// One InfluxDB attempt for points held in memory; returns what is left.
+    async fn write_held(&self, rp: &str, left: Vec<Piece>) -> Vec<Piece> {
+        let out = self.write_resolving(rp, left).await;
+        self.stats
+            .pending
+            .fetch_sub((out.written + out.dead) as u64, Ordering::Relaxed);
+        match out.failed {
+            None => {
+                self.note_success();
+                Vec::new()
+            }
+            Some((e, rest)) => {
+                self.note_failure(&e);
+                rest
             }
         }
     }
@@ -884,7 +991,7 @@ impl Shared {
                     // with the task. Say so loudly, and do not count it as
                     // pending forever, which would only make every stop fail.
                     tracing::error!("spool task failed, batch lost: {join}");
-                    self.stats.spool_failing.store(true, Ordering::Relaxed);
+                    self.spool_health(|h| h.append_failed = true);
                     self.stats
                         .pending
                         .fetch_sub(piece_points as u64, Ordering::Relaxed);
@@ -894,7 +1001,7 @@ impl Shared {
             piece = back;
             match r {
                 Ok(Appended::Stored { dropped }) => {
-                    self.stats.spool_failing.store(false, Ordering::Relaxed);
+                    self.spool_health(|h| h.append_failed = false);
                     self.stats
                         .spooled
                         .fetch_add(piece.points as u64, Ordering::Relaxed);
@@ -932,7 +1039,7 @@ impl Shared {
                     }
                 }
                 Err(e) => {
-                    self.stats.spool_failing.store(true, Ordering::Relaxed);
+                    self.spool_health(|h| h.append_failed = true);
                     self.spool_warn(|| format!("cannot spool {} points: {e}", piece.points));
                     return Err(piece);
                 }
@@ -1000,18 +1107,12 @@ impl Shared {
         r
     }
 
+    /// Appends refused points to the dead-letter file, and counts them by
+    /// what happened: kept there, or (the file could not be written) lost.
+    /// Counting them first and only logging a failed write had the stop
+    /// summary say they were in a file that did not exist.
     fn dead_letter(&self, rp: &str, pc: &Piece, e: &WriteError) {
         use std::io::Write;
-        self.stats
-            .dead_lettered
-            .fetch_add(pc.points as u64, Ordering::Relaxed);
-        self.log_warn(|| {
-            format!(
-                "{} point(s) refused by InfluxDB, kept in {}: {e}",
-                pc.points,
-                self.dead_letter.display()
-            )
-        });
         let r = (|| -> std::io::Result<()> {
             if let Some(dir) = self.dead_letter.parent() {
                 std::fs::create_dir_all(dir)?;
@@ -1026,11 +1127,30 @@ impl Shared {
             f.write_all(&pc.lines)?;
             f.sync_data()
         })();
-        if let Err(io) = r {
-            tracing::error!(
-                "cannot write dead-letter file {}: {io}",
-                self.dead_letter.display()
-            );
+        match r {
+            Ok(()) => {
+                self.stats
+                    .dead_lettered
+                    .fetch_add(pc.points as u64, Ordering::Relaxed);
+                self.log_warn(|| {
+                    format!(
+                        "{} point(s) refused by InfluxDB, kept in {}: {e}",
+                        pc.points,
+                        self.dead_letter.display()
+                    )
+                });
+            }
+            Err(io) => {
+                self.stats
+                    .refused_lost
+                    .fetch_add(pc.points as u64, Ordering::Relaxed);
+                tracing::error!(
+                    "{} point(s) refused by InfluxDB are lost: cannot write the dead-letter file {} \
+                     ({io}; make its directory writable); InfluxDB said: {e}",
+                    pc.points,
+                    self.dead_letter.display()
+                );
+            }
         }
     }
 }
@@ -1161,6 +1281,158 @@ fn abandon_note(spool: StopSpool, points: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sink::spool::{Fsync, SpoolOptions};
+
+    /// A pool whose InfluxDB is absent (nothing listens on its port) and
+    /// whose spool needs a new segment file for every record, so that
+    /// moving the spool directory away makes every append fail and moving
+    /// it back makes them work: a disk that refuses data for a while.
+    struct Rig {
+        _tmp: tempfile::TempDir,
+        dir: PathBuf,
+        away: PathBuf,
+        pool: WriterPool,
+    }
+
+    impl Rig {
+        fn new(retry_min: Duration) -> Rig {
+            let tmp = tempfile::tempdir().unwrap();
+            let dir = tmp.path().join("spool");
+            let away = tmp.path().join("away");
+            let (spool, _) = Spool::open(SpoolOptions {
+                dir: dir.clone(),
+                max_bytes: 1 << 30,
+                segment_bytes: 1,
+                fsync: Fsync::Batch,
+                when_full: crate::config::WhenFull::Block,
+            })
+            .unwrap();
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let cfg = InfluxConfig {
+                url: format!("http://127.0.0.1:{port}"),
+                concurrency: 1,
+                retry_min,
+                retry_max: retry_min,
+                ..Default::default()
+            };
+            let pool = WriterPool::start_with_spool(
+                InfluxClient::new(&cfg).unwrap(),
+                &cfg,
+                4,
+                tmp.path().join("dead-letter.lp"),
+                Some(SharedSpool::new(spool)),
+            );
+            pool.set_healthy(Err(WriteError::Transient("absent".into())));
+            Rig {
+                _tmp: tmp,
+                dir,
+                away,
+                pool,
+            }
+        }
+
+        fn disk_fails(&self) {
+            std::fs::rename(&self.dir, &self.away).unwrap();
+        }
+
+        fn disk_works(&self) {
+            std::fs::rename(&self.away, &self.dir).unwrap();
+        }
+
+        fn held(&self) -> u64 {
+            self.pool.shared.spool_health.lock().unwrap().held
+        }
+
+        /// Waits (bounded) for `f`; false if it never held.
+        async fn until(&self, mut f: impl FnMut(&Rig) -> bool) -> bool {
+            for _ in 0..1000 {
+                if f(self) {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            f(self)
+        }
+
+        /// Stops the pool (2 s deadline); what it returned, and the points
+        /// the spool then holds on disk.
+        async fn close_and_reopen(self) -> (Result<(), u64>, u64) {
+            let opts = self
+                .pool
+                .shared
+                .spool
+                .as_ref()
+                .map(|sp| sp.with(|s| s.options().clone()))
+                .unwrap();
+            let closed = self.pool.close(Duration::from_secs(2)).await;
+            let (_, rec) = Spool::open(opts).unwrap();
+            (closed, rec.points)
+        }
+    }
+
+    fn batch(tag: &str) -> Batch {
+        Batch {
+            rp: "default",
+            lines: (0..10)
+                .map(|i| format!("m,t={tag} v={i}i {i}\n"))
+                .collect::<String>()
+                .into_bytes(),
+            points: 10,
+        }
+    }
+
+    /// A batch the spool refused once, with InfluxDB down: once the disk
+    /// works again it is spooled (not kept in memory until InfluxDB
+    /// returns), so it is safe, the safe position moves past it and the
+    /// alarm ends.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_the_spool_refused_is_spooled_once_the_disk_works_again() {
+        let rig = Rig::new(Duration::from_millis(20));
+        rig.disk_fails();
+        rig.pool.submit(batch("a")).await;
+        assert!(rig.until(|r| r.held() == 1).await, "the batch is held");
+        assert!(rig.pool.stats.spool_failing.load(Ordering::Relaxed));
+        assert_eq!(rig.pool.durable_below(), 0);
+        rig.disk_works();
+        assert!(
+            rig.until(|r| r.pool.durable_below() == 1).await,
+            "the refused batch never became safe: {} points still in memory, {} spooled",
+            WriterStats::get(&rig.pool.stats.pending),
+            WriterStats::get(&rig.pool.stats.spooled),
+        );
+        assert_eq!(WriterStats::get(&rig.pool.stats.pending), 0);
+        assert_eq!(WriterStats::get(&rig.pool.stats.spooled), 10);
+        assert!(!rig.pool.stats.spool_failing.load(Ordering::Relaxed));
+        assert_eq!(rig.close_and_reopen().await, (Ok(()), 10));
+    }
+
+    /// A stop before the next retry: the stop spools the held batch (the
+    /// disk works by then) instead of counting it lost; until then the
+    /// alarm stays on, although later batches are spooled fine.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stop_spools_a_batch_the_spool_refused_earlier() {
+        let rig = Rig::new(Duration::from_secs(600));
+        rig.disk_fails();
+        rig.pool.submit(batch("a")).await;
+        assert!(rig.until(|r| r.held() == 1).await, "the batch is held");
+        rig.disk_works();
+        rig.pool.submit(batch("b")).await;
+        assert_eq!(WriterStats::get(&rig.pool.stats.spooled), 10);
+        assert!(
+            rig.pool.stats.spool_failing.load(Ordering::Relaxed),
+            "10 points are still only in memory: SPOOL FAILING stays"
+        );
+        let stats = rig.pool.stats.clone();
+        assert_eq!(rig.close_and_reopen().await, (Ok(()), 20));
+        assert_eq!(WriterStats::get(&stats.pending), 0);
+        assert_eq!(WriterStats::get(&stats.spooled), 20);
+        assert_eq!(WriterStats::get(&stats.spool_points), 20);
+        assert!(!stats.spool_failing.load(Ordering::Relaxed));
+    }
 
     #[test]
     fn the_stop_note_promises_spooling_only_with_a_working_spool() {
