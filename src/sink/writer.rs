@@ -721,19 +721,10 @@ impl Shared {
         let mut left = vec![piece];
         let go_direct = self.healthy.load(Ordering::Relaxed) && !self.hurry.is_cancelled();
         if self.spool.is_none() || go_direct {
-            let out = self.write_resolving(rp, left).await;
-            self.stats
-                .pending
-                .fetch_sub((out.written + out.dead) as u64, Ordering::Relaxed);
-            match out.failed {
-                None => {
-                    self.done(id);
-                    return;
-                }
-                Some((e, rest)) => {
-                    self.note_failure(&e);
-                    left = rest;
-                }
+            left = self.write_held(rp, left).await;
+            if left.is_empty() {
+                self.done(id);
+                return;
             }
         }
         if self.spool.is_some() {
@@ -827,7 +818,7 @@ impl Shared {
         }
     }
 
-    /// One InfluxDB attempt for points held in memory; returns what is left.
+    /// One InfluxDB attempt; returns what is left.
     async fn write_held(&self, rp: &str, left: Vec<Piece>) -> Vec<Piece> {
         let out = self.write_resolving(rp, left).await;
         self.stats
