@@ -133,16 +133,19 @@ fn encode_frame(flags: u8, body: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(body);
 }
 
-/// Our greeting: ZMTP 3.0, NULL mechanism, not as-server. Announcing 3.0
-/// (not 3.1) has libzmq peers send subscriptions as messages; the 3.1
-/// SUBSCRIBE/CANCEL commands are understood anyway.
-fn greeting() -> [u8; 64] {
+/// Our greeting as socket type `ours`: NULL mechanism, not as-server.
+/// A subscriber announces ZMTP 3.0, which has libzmq publishers take its
+/// subscriptions as messages. The publisher announces 3.1 (RFC 37): it
+/// answers PINGs and understands the 3.1 SUBSCRIBE/CANCEL commands, and
+/// 3.1 is what tells our subscriber that a silent connection can be
+/// probed with PINGs (see [`sub`]).
+fn greeting(ours: &str) -> [u8; 64] {
     let mut g = [0u8; 64];
     g[0] = 0xFF;
     g[8] = 1; // libzmq's padding: identity length + 1, for old peers
     g[9] = 0x7F;
     g[10] = 3;
-    g[11] = 0;
+    g[11] = u8::from(ours == "XPUB");
     g[12..16].copy_from_slice(b"NULL");
     g
 }
@@ -176,6 +179,28 @@ fn ready_command(socket_type: &str) -> Vec<u8> {
     let mut out = Vec::new();
     encode_frame(FLAG_COMMAND, &body, &mut out);
     out
+}
+
+/// TCP keepalive on bus connections: first probe after this much idle
+/// time, then every `KEEPALIVE_INTERVAL`, dead after `KEEPALIVE_PROBES`
+/// unanswered (about 25 s). It finds a peer whose host vanished (reset,
+/// partition, a NAT or firewall that forgot the connection: no FIN or RST
+/// ever arrives) where ZMTP PINGs cannot be used, a ZMTP 3.0 peer, and
+/// lets a publisher drop a dead subscriber whose queue is not full.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+const KEEPALIVE_PROBES: u32 = 3;
+
+/// Turns on TCP keepalive with the times above. Best effort: a socket
+/// that refuses keeps working without it.
+fn keep_alive(s: &TcpStream) {
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_PROBES);
+    if let Err(e) = socket2::SockRef::from(s).set_tcp_keepalive(&ka) {
+        tracing::debug!("bus: no TCP keepalive on a connection: {e}");
+    }
 }
 
 /// A frame as read from a peer.
@@ -1017,7 +1042,13 @@ pub async fn socket_type_at(addr: &str) -> Result<String, ZmtpError> {
 /// peer's READY (or ERROR). Returns the peer's socket type, for the caller
 /// to judge.
 async fn handshake(stream: &mut TcpStream, ours: &str) -> Result<String, ZmtpError> {
-    stream.write_all(&greeting()).await?;
+    Ok(handshake_minor(stream, ours).await?.1)
+}
+
+/// [`handshake`], also returning the ZMTP minor version the peer greeted
+/// with: 1 or more (ZMTP 3.1, RFC 37) promises PONGs to our PINGs.
+async fn handshake_minor(stream: &mut TcpStream, ours: &str) -> Result<(u8, String), ZmtpError> {
+    stream.write_all(&greeting(ours)).await?;
     let mut g = [0u8; 64];
     stream.read_exact(&mut g).await?;
     check_greeting(&g)?;
@@ -1043,7 +1074,7 @@ async fn handshake(stream: &mut TcpStream, ours: &str) -> Result<String, ZmtpErr
             ))
         }
     }
-    Ok(socket_type(data)?.unwrap_or_default())
+    Ok((g[11], socket_type(data)?.unwrap_or_default()))
 }
 
 /// The publisher's side: only a SUB or XSUB may connect.
@@ -1068,6 +1099,7 @@ async fn serve_peer(
     handshaken: impl FnOnce(),
 ) {
     let _ = stream.set_nodelay(true);
+    keep_alive(&stream);
     let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, subscriber_handshake(&mut stream));
     let outcome = tokio::select! {
         r = handshake => Some(r),
@@ -1333,8 +1365,10 @@ mod tests {
 
     #[test]
     fn greeting_is_zmtp_3_null() {
-        let g = greeting();
+        let g = greeting("SUB");
         assert!(check_greeting(&g).is_ok());
+        assert_eq!((g[10], g[11]), (3, 0));
+        assert_eq!(greeting("XPUB")[11], 1, "the publisher speaks 3.1");
         let mut curve = g;
         curve[12..17].copy_from_slice(b"CURVE");
         assert!(check_greeting(&curve)
