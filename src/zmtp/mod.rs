@@ -72,7 +72,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// the `MAX_PEERS` slots for `HANDSHAKE_TIMEOUT`, again and again) the
 /// ones that do greet still get in.
 const MAX_HANDSHAKES: usize = 64;
-/// Frames a subscriber may send us are subscriptions and small commands.
+/// Frames a subscriber may send us are subscriptions and small commands:
+/// a longer one in the handshake ends the connection; after it, it is
+/// skipped unbuffered (see [`read_inbound`]).
 const MAX_INBOUND_FRAME: u64 = 64 * 1024;
 /// The longest topic prefix a peer may subscribe to. nbpy's topics are
 /// `source.channel.symbol`, tens of bytes; a longer prefix matches nothing
@@ -211,6 +213,19 @@ struct Frame {
 }
 
 async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Frame, ZmtpError> {
+    let (flags, len) = read_header(r).await?;
+    if len > MAX_INBOUND_FRAME {
+        return protocol(format!(
+            "peer sent a {len}-byte frame where at most {MAX_INBOUND_FRAME} are expected (handshake, subscriptions)"
+        ));
+    }
+    let mut body = vec![0; len as usize];
+    r.read_exact(&mut body).await?;
+    Ok(Frame { flags, body })
+}
+
+/// A frame's flags and body length.
+async fn read_header<R: AsyncRead + Unpin>(r: &mut R) -> Result<(u8, u64), ZmtpError> {
     let flags = r.read_u8().await?;
     if flags & !(FLAG_MORE | FLAG_LONG | FLAG_COMMAND) != 0 {
         return protocol(format!("reserved frame flag bits set: {flags:#04x}"));
@@ -220,14 +235,34 @@ async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Frame, ZmtpError>
     } else {
         r.read_u8().await? as u64
     };
-    if len > MAX_INBOUND_FRAME {
-        return protocol(format!(
-            "peer sent a {len}-byte frame where at most {MAX_INBOUND_FRAME} are expected (handshake, subscriptions)"
-        ));
+    Ok((flags, len))
+}
+
+/// How much of a frame over `MAX_INBOUND_FRAME` is kept: enough for a
+/// command's name and the start of a topic, for the WARN.
+const SKIPPED_HEAD: usize = 64 + 16;
+
+/// A frame from a subscriber after its handshake. One over
+/// `MAX_INBOUND_FRAME` (a subscription to a 64 KiB topic: libzmq sends
+/// it, and again after every reconnect) is read and thrown away as it
+/// arrives, only its first `SKIPPED_HEAD` bytes kept (`skipped` is its
+/// whole length): memory stays bounded and the peer keeps its connection
+/// and its other subscriptions.
+async fn read_inbound<R: AsyncRead + Unpin>(r: &mut R) -> Result<(Frame, Option<u64>), ZmtpError> {
+    let (flags, len) = read_header(r).await?;
+    if len <= MAX_INBOUND_FRAME {
+        let mut body = vec![0; len as usize];
+        r.read_exact(&mut body).await?;
+        return Ok((Frame { flags, body }, None));
     }
-    let mut body = vec![0; len as usize];
+    let mut body = vec![0; SKIPPED_HEAD];
     r.read_exact(&mut body).await?;
-    Ok(Frame { flags, body })
+    let rest = len - SKIPPED_HEAD as u64;
+    let thrown = tokio::io::copy(&mut r.take(rest), &mut tokio::io::sink()).await?;
+    if thrown < rest {
+        return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+    }
+    Ok((Frame { flags, body }, Some(len)))
 }
 
 /// Splits a command body into its name and data.
@@ -1204,15 +1239,18 @@ async fn serve_peer(
             // Told that a subscription of this peer's was not taken.
             let mut warned = false;
             loop {
-                let f = match read_frame(&mut rd).await {
+                let (f, skipped) = match read_inbound(&mut rd).await {
                     Ok(f) => f,
                     Err(ZmtpError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
                         return Ok(());
                     }
                     Err(e) => return Err(e),
                 };
+                // Bytes before the topic, for a skipped frame's topic length.
+                let mut before_topic = 1;
                 let change = if f.flags & FLAG_COMMAND != 0 {
                     let (name, data) = command(&f.body)?;
+                    before_topic += name.len();
                     match name {
                         b"SUBSCRIBE" => Some(Event::Subscribe(data.to_vec())),
                         b"CANCEL" => Some(Event::Unsubscribe(data.to_vec())),
@@ -1247,7 +1285,19 @@ async fn serve_peer(
                     }
                 };
                 let Some(ev) = change else { continue };
-                let why = match peer.apply(&ev, shared.lossy.as_deref()) {
+                // Of a skipped frame only its start is here: its topic is
+                // too long to subscribe to, and to be held (so a cancel of
+                // it changes nothing).
+                let topic_len = match (skipped, &ev) {
+                    (None, Event::Subscribe(t) | Event::Unsubscribe(t)) => t.len() as u64,
+                    (Some(n), _) => n.saturating_sub(before_topic as u64),
+                };
+                let applied = match (skipped, &ev) {
+                    (None, _) => peer.apply(&ev, shared.lossy.as_deref()),
+                    (Some(_), Event::Subscribe(_)) => Applied::TooLong,
+                    (Some(_), Event::Unsubscribe(_)) => Applied::Unchanged,
+                };
+                let why = match applied {
                     Applied::Changed => {
                         shared.subscriptions_changed();
                         continue;
@@ -1266,9 +1316,8 @@ async fn serve_peer(
                     let shown = String::from_utf8_lossy(&topic[..topic.len().min(64)]);
                     shared.warn_subs(|| {
                         format!(
-                            "bus: subscriber {addr}: ignoring its subscription to {shown:?} ({} bytes): {why}; \
+                            "bus: subscriber {addr}: ignoring its subscription to {shown:?} ({topic_len} bytes): {why}; \
                              its other subscriptions stand, and later ones like it are ignored without a line each",
-                            topic.len()
                         )
                     });
                 }
@@ -1563,6 +1612,35 @@ mod tests {
         let held: Vec<usize> = p.subscriptions().iter().map(|t| t.len()).collect();
         assert_eq!(held, [MAX_TOPIC]);
         assert_eq!(p.peers(), 1);
+    }
+
+    /// A subscription too long to buffer (past the 64 KiB frame limit) is
+    /// ignored like any over-long one, as a message or as a 3.1 command:
+    /// the peer stays, keeps its other subscriptions and gets its data.
+    #[tokio::test]
+    async fn a_subscription_past_the_frame_limit_is_ignored_and_the_peer_stays() {
+        let mut p = Publisher::bind("127.0.0.1", 0, None).await.unwrap();
+        let mut s = raw_sub(p.local_addr(), b"SUB").await;
+        let _ready = read_frame(&mut s).await.unwrap();
+        s.write_all(&sub_msg(true, b"")).await.unwrap();
+        s.write_all(&sub_msg(true, &[b'x'; 70_000])).await.unwrap();
+        let mut cmd = b"\x09SUBSCRIBE".to_vec();
+        cmd.extend_from_slice(&[b'y'; 100_000]);
+        let mut out = Vec::new();
+        encode_frame(FLAG_COMMAND, &cmd, &mut out);
+        s.write_all(&out).await.unwrap();
+        s.write_all(&sub_msg(false, &[b'x'; 70_000])).await.unwrap();
+        s.write_all(&sub_msg(true, b"t")).await.unwrap();
+        fence(&mut s).await;
+        assert_eq!(p.subscriptions(), vec![b"".to_vec(), b"t".to_vec()]);
+        assert_eq!(p.peers(), 1);
+        p.send(&[b"tick", b"data"]).await;
+        p.flush().await;
+        let f = tokio::time::timeout(Duration::from_secs(20), read_frame(&mut s))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(f.body, b"tick");
     }
 
     #[tokio::test]
