@@ -155,7 +155,10 @@ topics = [""]
         .find(|l| l.contains("WARN") && l.contains("presumed dead"))
         .unwrap_or_else(|| panic!("no WARN about the dead connection\n{log}"));
     assert!(
-        lost.contains(&format!("lost tcp://127.0.0.1:{}: nothing received for", proxy.port)),
+        lost.contains(&format!(
+            "lost tcp://127.0.0.1:{}: nothing received for",
+            proxy.port
+        )),
         "{lost}"
     );
     // What was published while the connection was dead is a gap.

@@ -37,8 +37,8 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    command, encode_frame, handshake_minor, protocol, ZmtpError, FLAG_COMMAND, FLAG_LONG, FLAG_MORE,
-    HANDSHAKE_TIMEOUT, MAX_INBOUND_FRAME,
+    command, encode_frame, handshake_minor, protocol, ZmtpError, FLAG_COMMAND, FLAG_LONG,
+    FLAG_MORE, HANDSHAKE_TIMEOUT, MAX_INBOUND_FRAME,
 };
 
 /// Whole messages as received: ZMTP frames, back to back.
@@ -191,7 +191,8 @@ impl Subscriber {
                     self.conn = Some(stream);
                     self.backoff = None;
                     self.pings = minor >= 1;
-                    (self.heard, self.pinged, self.ttl_until) = (Instant::now(), Instant::now(), None);
+                    (self.heard, self.pinged, self.ttl_until) =
+                        (Instant::now(), Instant::now(), None);
                     SubEvent::Connected
                 }
                 Ok(Err(e)) => self.down(e.to_string(), false),
@@ -357,7 +358,9 @@ impl Subscriber {
         let mut s = TcpStream::connect((self.host.as_str(), self.port)).await?;
         let _ = s.set_nodelay(true);
         super::keep_alive(&s);
-        let (minor, kind) = handshake_minor(&mut s, "SUB").await?;
+        let (minor, kind) = handshake_minor(&mut s, "SUB")
+            .await
+            .map_err(closed_in_handshake)?;
         match kind.as_str() {
             "PUB" | "XPUB" => {}
             other => {
@@ -493,6 +496,29 @@ impl Subscriber {
         self.pos -= self.msg_start;
         self.msg_start = 0;
         Some(chunk)
+    }
+}
+
+/// An end of the connection in the handshake, said as what it likely is:
+/// a libzmq publisher that requires CURVE or PLAIN closes once it has read
+/// our greeting (after at most its own signature), which read as a bare
+/// "early eof", like a network fault.
+fn closed_in_handshake(e: ZmtpError) -> ZmtpError {
+    match e {
+        ZmtpError::Io(io)
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
+            ) =>
+        {
+            ZmtpError::Protocol(format!(
+                "the peer closed the connection during the handshake ({io}): \
+                 nbpy speaks only the NULL security mechanism, and a peer that \
+                 requires CURVE or PLAIN does this (so does a publisher serving \
+                 all the connections it may)"
+            ))
+        }
+        e => e,
     }
 }
 
@@ -940,6 +966,34 @@ mod tests {
             other => panic!("expected the connection given up, got {other:?}"),
         }
         server.await.unwrap();
+    }
+
+    /// libzmq with CURVE or PLAIN required closes after (at most) its
+    /// signature: said as a handshake refusal, not "early eof".
+    #[tokio::test]
+    async fn a_close_in_the_handshake_names_the_security_mechanism() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let mut s = Subscriber::new("127.0.0.1", port, &["".into()], 1 << 20);
+        tokio::spawn(async move {
+            let (mut c, _) = l.accept().await.unwrap();
+            let mut theirs = [0u8; 64];
+            c.read_exact(&mut theirs).await.unwrap();
+            c.write_all(&[0xFF, 0, 0, 0, 0, 0, 0, 0, 1, 0x7F])
+                .await
+                .unwrap();
+        });
+        match s.next().await {
+            SubEvent::Down {
+                reason,
+                was_connected: false,
+            } => assert!(
+                reason.contains("closed the connection during the handshake")
+                    && reason.contains("only the NULL security mechanism"),
+                "{reason}"
+            ),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
     }
 
     #[test]
