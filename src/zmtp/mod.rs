@@ -1328,10 +1328,30 @@ async fn serve_peer(
         r = reader => r,
         _ = writer => Ok(()),
     };
-    if let Err(e) = result {
-        shared.warn_conn(|| format!("bus: dropping subscriber {addr}: {e}"));
-    } else {
-        tracing::debug!("bus: subscriber {addr} went away");
+    // What was queued for it and will not reach it (the accounting of a
+    // stop or a stall is elsewhere and unchanged; this is for the line).
+    let pending = {
+        let st = peer.lock();
+        if st.closed {
+            0
+        } else {
+            st.ends.len() as u64 + st.in_flight_unsent(peer.written.load(Ordering::Relaxed))
+        }
+    };
+    match result {
+        // A subscriber leaving is routine, even by a reset: a SUB closed
+        // with our data unread in its socket resets the connection. Churning
+        // clients made that hundreds of WARNs.
+        Err(ZmtpError::Io(e)) if left(&e) => tracing::info!(
+            "bus: subscriber {addr} left ({e}); {pending} messages queued for it not delivered"
+        ),
+        Err(e) => shared.warn_conn(|| {
+            format!("bus: dropping subscriber {addr}: {e}; {pending} messages queued for it not delivered")
+        }),
+        Ok(()) if pending > 0 => tracing::info!(
+            "bus: subscriber {addr} left; {pending} messages queued for it not delivered"
+        ),
+        Ok(()) => tracing::debug!("bus: subscriber {addr} went away"),
     }
     shared.remove(&peer);
     // Its subscriptions end with it, as if it had cancelled them.
@@ -1344,6 +1364,15 @@ async fn serve_peer(
     if had {
         shared.subscriptions_changed();
     }
+}
+
+/// The peer went away (closed or reset), as opposed to breaking the protocol.
+fn left(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe
+    )
 }
 
 /// `write_all`, counting bytes into `written` as the kernel takes them, so
@@ -1881,7 +1910,7 @@ mod tests {
         let sub = tracing_subscriber::fmt()
             .with_writer(move || w.clone())
             .with_ansi(false)
-            .with_max_level(tracing::Level::WARN)
+            .with_max_level(tracing::Level::INFO)
             .finish();
         (buf.0, tracing::subscriber::set_default(sub))
     }
@@ -1905,6 +1934,34 @@ mod tests {
         assert!(warns <= 2, "{warns} WARN lines:\n{text}");
         assert_eq!(p.refused(), 50);
         assert!(text.contains("bad signature"), "{text}");
+    }
+
+    /// A SUB that closes with our data unread in its socket resets the
+    /// connection: that is a subscriber leaving, said at INFO, not a WARN.
+    #[tokio::test]
+    async fn a_subscriber_leaving_by_a_reset_is_not_a_warning() {
+        let (logs, _guard) = capture_logs();
+        let mut p = Publisher::bind("127.0.0.1", 0, None).await.unwrap();
+        let mut s = raw_sub(p.local_addr(), b"SUB").await;
+        let _ready = read_frame(&mut s).await.unwrap();
+        s.write_all(&sub_msg(true, b"")).await.unwrap();
+        fence(&mut s).await;
+        for i in 0..100u32 {
+            p.send(&[b"t", &i.to_be_bytes()]).await;
+        }
+        p.flush().await;
+        // Unread data in its socket: the close is a reset.
+        drop(s);
+        while p.subscribers() > 0 {
+            p.subscriptions_changed().await;
+        }
+        let text = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+        assert!(!text.contains("WARN"), "{text}");
+        assert!(
+            text.lines()
+                .any(|l| l.contains("INFO") && l.contains("left (Connection reset")),
+            "{text}"
+        );
     }
 
     /// Past its connection limit a publisher closes a new connection at
