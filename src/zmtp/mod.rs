@@ -72,7 +72,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// the `MAX_PEERS` slots for `HANDSHAKE_TIMEOUT`, again and again) the
 /// ones that do greet still get in.
 const MAX_HANDSHAKES: usize = 64;
-/// Frames a subscriber may send us are subscriptions and small commands.
+/// Frames a subscriber may send us are subscriptions and small commands:
+/// a longer one in the handshake ends the connection; after it, it is
+/// skipped unbuffered (see [`read_inbound`]).
 const MAX_INBOUND_FRAME: u64 = 64 * 1024;
 /// The longest topic prefix a peer may subscribe to. nbpy's topics are
 /// `source.channel.symbol`, tens of bytes; a longer prefix matches nothing
@@ -133,16 +135,19 @@ fn encode_frame(flags: u8, body: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(body);
 }
 
-/// Our greeting: ZMTP 3.0, NULL mechanism, not as-server. Announcing 3.0
-/// (not 3.1) has libzmq peers send subscriptions as messages; the 3.1
-/// SUBSCRIBE/CANCEL commands are understood anyway.
-fn greeting() -> [u8; 64] {
+/// Our greeting as socket type `ours`: NULL mechanism, not as-server.
+/// A subscriber announces ZMTP 3.0, which has libzmq publishers take its
+/// subscriptions as messages. The publisher announces 3.1 (RFC 37): it
+/// answers PINGs and understands the 3.1 SUBSCRIBE/CANCEL commands, and
+/// 3.1 is what tells our subscriber that a silent connection can be
+/// probed with PINGs (see [`sub`]).
+fn greeting(ours: &str) -> [u8; 64] {
     let mut g = [0u8; 64];
     g[0] = 0xFF;
     g[8] = 1; // libzmq's padding: identity length + 1, for old peers
     g[9] = 0x7F;
     g[10] = 3;
-    g[11] = 0;
+    g[11] = u8::from(ours == "XPUB");
     g[12..16].copy_from_slice(b"NULL");
     g
 }
@@ -178,6 +183,28 @@ fn ready_command(socket_type: &str) -> Vec<u8> {
     out
 }
 
+/// TCP keepalive on bus connections: first probe after this much idle
+/// time, then every `KEEPALIVE_INTERVAL`, dead after `KEEPALIVE_PROBES`
+/// unanswered (about 25 s). It finds a peer whose host vanished (reset,
+/// partition, a NAT or firewall that forgot the connection: no FIN or RST
+/// ever arrives) where ZMTP PINGs cannot be used, a ZMTP 3.0 peer, and
+/// lets a publisher drop a dead subscriber whose queue is not full.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+const KEEPALIVE_PROBES: u32 = 3;
+
+/// Turns on TCP keepalive with the times above. Best effort: a socket
+/// that refuses keeps working without it.
+fn keep_alive(s: &TcpStream) {
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_PROBES);
+    if let Err(e) = socket2::SockRef::from(s).set_tcp_keepalive(&ka) {
+        tracing::debug!("bus: no TCP keepalive on a connection: {e}");
+    }
+}
+
 /// A frame as read from a peer.
 #[derive(Debug)]
 struct Frame {
@@ -186,6 +213,19 @@ struct Frame {
 }
 
 async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Frame, ZmtpError> {
+    let (flags, len) = read_header(r).await?;
+    if len > MAX_INBOUND_FRAME {
+        return protocol(format!(
+            "peer sent a {len}-byte frame where at most {MAX_INBOUND_FRAME} are expected (handshake, subscriptions)"
+        ));
+    }
+    let mut body = vec![0; len as usize];
+    r.read_exact(&mut body).await?;
+    Ok(Frame { flags, body })
+}
+
+/// A frame's flags and body length.
+async fn read_header<R: AsyncRead + Unpin>(r: &mut R) -> Result<(u8, u64), ZmtpError> {
     let flags = r.read_u8().await?;
     if flags & !(FLAG_MORE | FLAG_LONG | FLAG_COMMAND) != 0 {
         return protocol(format!("reserved frame flag bits set: {flags:#04x}"));
@@ -195,14 +235,34 @@ async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Frame, ZmtpError>
     } else {
         r.read_u8().await? as u64
     };
-    if len > MAX_INBOUND_FRAME {
-        return protocol(format!(
-            "peer sent a {len}-byte frame where at most {MAX_INBOUND_FRAME} are expected (handshake, subscriptions)"
-        ));
+    Ok((flags, len))
+}
+
+/// How much of a frame over `MAX_INBOUND_FRAME` is kept: enough for a
+/// command's name and the start of a topic, for the WARN.
+const SKIPPED_HEAD: usize = 64 + 16;
+
+/// A frame from a subscriber after its handshake. One over
+/// `MAX_INBOUND_FRAME` (a subscription to a 64 KiB topic: libzmq sends
+/// it, and again after every reconnect) is read and thrown away as it
+/// arrives, only its first `SKIPPED_HEAD` bytes kept (`skipped` is its
+/// whole length): memory stays bounded and the peer keeps its connection
+/// and its other subscriptions.
+async fn read_inbound<R: AsyncRead + Unpin>(r: &mut R) -> Result<(Frame, Option<u64>), ZmtpError> {
+    let (flags, len) = read_header(r).await?;
+    if len <= MAX_INBOUND_FRAME {
+        let mut body = vec![0; len as usize];
+        r.read_exact(&mut body).await?;
+        return Ok((Frame { flags, body }, None));
     }
-    let mut body = vec![0; len as usize];
+    let mut body = vec![0; SKIPPED_HEAD];
     r.read_exact(&mut body).await?;
-    Ok(Frame { flags, body })
+    let rest = len - SKIPPED_HEAD as u64;
+    let thrown = tokio::io::copy(&mut r.take(rest), &mut tokio::io::sink()).await?;
+    if thrown < rest {
+        return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+    }
+    Ok((Frame { flags, body }, Some(len)))
 }
 
 /// Splits a command body into its name and data.
@@ -1017,7 +1077,13 @@ pub async fn socket_type_at(addr: &str) -> Result<String, ZmtpError> {
 /// peer's READY (or ERROR). Returns the peer's socket type, for the caller
 /// to judge.
 async fn handshake(stream: &mut TcpStream, ours: &str) -> Result<String, ZmtpError> {
-    stream.write_all(&greeting()).await?;
+    Ok(handshake_minor(stream, ours).await?.1)
+}
+
+/// [`handshake`], also returning the ZMTP minor version the peer greeted
+/// with: 1 or more (ZMTP 3.1, RFC 37) promises PONGs to our PINGs.
+async fn handshake_minor(stream: &mut TcpStream, ours: &str) -> Result<(u8, String), ZmtpError> {
+    stream.write_all(&greeting(ours)).await?;
     let mut g = [0u8; 64];
     stream.read_exact(&mut g).await?;
     check_greeting(&g)?;
@@ -1043,7 +1109,7 @@ async fn handshake(stream: &mut TcpStream, ours: &str) -> Result<String, ZmtpErr
             ))
         }
     }
-    Ok(socket_type(data)?.unwrap_or_default())
+    Ok((g[11], socket_type(data)?.unwrap_or_default()))
 }
 
 /// The publisher's side: only a SUB or XSUB may connect.
@@ -1068,6 +1134,7 @@ async fn serve_peer(
     handshaken: impl FnOnce(),
 ) {
     let _ = stream.set_nodelay(true);
+    keep_alive(&stream);
     let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, subscriber_handshake(&mut stream));
     let outcome = tokio::select! {
         r = handshake => Some(r),
@@ -1172,15 +1239,18 @@ async fn serve_peer(
             // Told that a subscription of this peer's was not taken.
             let mut warned = false;
             loop {
-                let f = match read_frame(&mut rd).await {
+                let (f, skipped) = match read_inbound(&mut rd).await {
                     Ok(f) => f,
                     Err(ZmtpError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
                         return Ok(());
                     }
                     Err(e) => return Err(e),
                 };
+                // Bytes before the topic, for a skipped frame's topic length.
+                let mut before_topic = 1;
                 let change = if f.flags & FLAG_COMMAND != 0 {
                     let (name, data) = command(&f.body)?;
+                    before_topic += name.len();
                     match name {
                         b"SUBSCRIBE" => Some(Event::Subscribe(data.to_vec())),
                         b"CANCEL" => Some(Event::Unsubscribe(data.to_vec())),
@@ -1215,7 +1285,19 @@ async fn serve_peer(
                     }
                 };
                 let Some(ev) = change else { continue };
-                let why = match peer.apply(&ev, shared.lossy.as_deref()) {
+                // Of a skipped frame only its start is here: its topic is
+                // too long to subscribe to, and to be held (so a cancel of
+                // it changes nothing).
+                let topic_len = match (skipped, &ev) {
+                    (None, Event::Subscribe(t) | Event::Unsubscribe(t)) => t.len() as u64,
+                    (Some(n), _) => n.saturating_sub(before_topic as u64),
+                };
+                let applied = match (skipped, &ev) {
+                    (None, _) => peer.apply(&ev, shared.lossy.as_deref()),
+                    (Some(_), Event::Subscribe(_)) => Applied::TooLong,
+                    (Some(_), Event::Unsubscribe(_)) => Applied::Unchanged,
+                };
+                let why = match applied {
                     Applied::Changed => {
                         shared.subscriptions_changed();
                         continue;
@@ -1234,9 +1316,8 @@ async fn serve_peer(
                     let shown = String::from_utf8_lossy(&topic[..topic.len().min(64)]);
                     shared.warn_subs(|| {
                         format!(
-                            "bus: subscriber {addr}: ignoring its subscription to {shown:?} ({} bytes): {why}; \
+                            "bus: subscriber {addr}: ignoring its subscription to {shown:?} ({topic_len} bytes): {why}; \
                              its other subscriptions stand, and later ones like it are ignored without a line each",
-                            topic.len()
                         )
                     });
                 }
@@ -1247,10 +1328,30 @@ async fn serve_peer(
         r = reader => r,
         _ = writer => Ok(()),
     };
-    if let Err(e) = result {
-        shared.warn_conn(|| format!("bus: dropping subscriber {addr}: {e}"));
-    } else {
-        tracing::debug!("bus: subscriber {addr} went away");
+    // What was queued for it and will not reach it (the accounting of a
+    // stop or a stall is elsewhere and unchanged; this is for the line).
+    let pending = {
+        let st = peer.lock();
+        if st.closed {
+            0
+        } else {
+            st.ends.len() as u64 + st.in_flight_unsent(peer.written.load(Ordering::Relaxed))
+        }
+    };
+    match result {
+        // A subscriber leaving is routine, even by a reset: a SUB closed
+        // with our data unread in its socket resets the connection. Churning
+        // clients made that hundreds of WARNs.
+        Err(ZmtpError::Io(e)) if left(&e) => tracing::info!(
+            "bus: subscriber {addr} left ({e}); {pending} messages queued for it not delivered"
+        ),
+        Err(e) => shared.warn_conn(|| {
+            format!("bus: dropping subscriber {addr}: {e}; {pending} messages queued for it not delivered")
+        }),
+        Ok(()) if pending > 0 => tracing::info!(
+            "bus: subscriber {addr} left; {pending} messages queued for it not delivered"
+        ),
+        Ok(()) => tracing::debug!("bus: subscriber {addr} went away"),
     }
     shared.remove(&peer);
     // Its subscriptions end with it, as if it had cancelled them.
@@ -1263,6 +1364,15 @@ async fn serve_peer(
     if had {
         shared.subscriptions_changed();
     }
+}
+
+/// The peer went away (closed or reset), as opposed to breaking the protocol.
+fn left(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe
+    )
 }
 
 /// `write_all`, counting bytes into `written` as the kernel takes them, so
@@ -1333,8 +1443,10 @@ mod tests {
 
     #[test]
     fn greeting_is_zmtp_3_null() {
-        let g = greeting();
+        let g = greeting("SUB");
         assert!(check_greeting(&g).is_ok());
+        assert_eq!((g[10], g[11]), (3, 0));
+        assert_eq!(greeting("XPUB")[11], 1, "the publisher speaks 3.1");
         let mut curve = g;
         curve[12..17].copy_from_slice(b"CURVE");
         assert!(check_greeting(&curve)
@@ -1529,6 +1641,35 @@ mod tests {
         let held: Vec<usize> = p.subscriptions().iter().map(|t| t.len()).collect();
         assert_eq!(held, [MAX_TOPIC]);
         assert_eq!(p.peers(), 1);
+    }
+
+    /// A subscription too long to buffer (past the 64 KiB frame limit) is
+    /// ignored like any over-long one, as a message or as a 3.1 command:
+    /// the peer stays, keeps its other subscriptions and gets its data.
+    #[tokio::test]
+    async fn a_subscription_past_the_frame_limit_is_ignored_and_the_peer_stays() {
+        let mut p = Publisher::bind("127.0.0.1", 0, None).await.unwrap();
+        let mut s = raw_sub(p.local_addr(), b"SUB").await;
+        let _ready = read_frame(&mut s).await.unwrap();
+        s.write_all(&sub_msg(true, b"")).await.unwrap();
+        s.write_all(&sub_msg(true, &[b'x'; 70_000])).await.unwrap();
+        let mut cmd = b"\x09SUBSCRIBE".to_vec();
+        cmd.extend_from_slice(&[b'y'; 100_000]);
+        let mut out = Vec::new();
+        encode_frame(FLAG_COMMAND, &cmd, &mut out);
+        s.write_all(&out).await.unwrap();
+        s.write_all(&sub_msg(false, &[b'x'; 70_000])).await.unwrap();
+        s.write_all(&sub_msg(true, b"t")).await.unwrap();
+        fence(&mut s).await;
+        assert_eq!(p.subscriptions(), vec![b"".to_vec(), b"t".to_vec()]);
+        assert_eq!(p.peers(), 1);
+        p.send(&[b"tick", b"data"]).await;
+        p.flush().await;
+        let f = tokio::time::timeout(Duration::from_secs(20), read_frame(&mut s))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(f.body, b"tick");
     }
 
     #[tokio::test]
@@ -1769,7 +1910,7 @@ mod tests {
         let sub = tracing_subscriber::fmt()
             .with_writer(move || w.clone())
             .with_ansi(false)
-            .with_max_level(tracing::Level::WARN)
+            .with_max_level(tracing::Level::INFO)
             .finish();
         (buf.0, tracing::subscriber::set_default(sub))
     }
@@ -1793,6 +1934,34 @@ mod tests {
         assert!(warns <= 2, "{warns} WARN lines:\n{text}");
         assert_eq!(p.refused(), 50);
         assert!(text.contains("bad signature"), "{text}");
+    }
+
+    /// A SUB that closes with our data unread in its socket resets the
+    /// connection: that is a subscriber leaving, said at INFO, not a WARN.
+    #[tokio::test]
+    async fn a_subscriber_leaving_by_a_reset_is_not_a_warning() {
+        let (logs, _guard) = capture_logs();
+        let mut p = Publisher::bind("127.0.0.1", 0, None).await.unwrap();
+        let mut s = raw_sub(p.local_addr(), b"SUB").await;
+        let _ready = read_frame(&mut s).await.unwrap();
+        s.write_all(&sub_msg(true, b"")).await.unwrap();
+        fence(&mut s).await;
+        for i in 0..100u32 {
+            p.send(&[b"t", &i.to_be_bytes()]).await;
+        }
+        p.flush().await;
+        // Unread data in its socket: the close is a reset.
+        drop(s);
+        while p.subscribers() > 0 {
+            p.subscriptions_changed().await;
+        }
+        let text = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+        assert!(!text.contains("WARN"), "{text}");
+        assert!(
+            text.lines()
+                .any(|l| l.contains("INFO") && l.contains("left (Connection reset")),
+            "{text}"
+        );
     }
 
     /// Past its connection limit a publisher closes a new connection at

@@ -15,8 +15,21 @@
 //! arrive and it is reported as
 //! [`SubEvent::Oversized`], so a huge frame costs no memory and cannot
 //! stall the messages behind it.
+//!
+//! A connection that dies without a FIN or RST reaching us (the
+//! publisher's host reset, a partition, a NAT or firewall that forgot it)
+//! would otherwise look connected for ever, and what was published
+//! meanwhile would be lost without a gap to show for it. So: to a peer
+//! that greets as ZMTP 3.1 (nbpy's publisher, libzmq 4.2 and later) a
+//! PING goes out whenever nothing arrived for [`HEARTBEAT`], and a
+//! connection that brought nothing at all (data, PONG, any frame) for
+//! [`SILENCE_LIMIT`] is given up and made again; a quiet feed stays up on
+//! the PONGs. A peer's own PING with a TTL (RFC 37) is honoured the same
+//! way: nothing within the TTL after it ends the connection. A ZMTP 3.0
+//! peer is not PINGed (it might not answer); TCP keepalive finds its dead
+//! connections, more slowly.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -24,8 +37,8 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    command, encode_frame, handshake, protocol, ZmtpError, FLAG_COMMAND, FLAG_LONG, FLAG_MORE,
-    HANDSHAKE_TIMEOUT, MAX_INBOUND_FRAME,
+    command, encode_frame, handshake_minor, protocol, ZmtpError, FLAG_COMMAND, FLAG_LONG,
+    FLAG_MORE, HANDSHAKE_TIMEOUT, MAX_INBOUND_FRAME,
 };
 
 /// Whole messages as received: ZMTP frames, back to back.
@@ -36,6 +49,13 @@ const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// What one read asks the kernel for, at least.
 const READ_SIZE: usize = 64 * 1024;
+/// A ZMTP 3.1 publisher is PINGed after this long with nothing from it.
+pub const HEARTBEAT: Duration = Duration::from_secs(5);
+/// A ZMTP 3.1 publisher that sent nothing at all (no data, no PONG) for
+/// this long is presumed gone: three PINGs unanswered.
+pub const SILENCE_LIMIT: Duration = Duration::from_secs(15);
+/// The context of our liveness PINGs.
+const HEARTBEAT_CONTEXT: &[u8] = b"nbpy-alive";
 
 /// What [`Subscriber::next`] has to report.
 #[derive(Debug)]
@@ -85,6 +105,17 @@ pub struct Subscriber {
     /// Cancelled when the owner wants to leave (see [`Subscriber::leave`]);
     /// looked at while waiting, so a leave needs no cancelled future.
     leave_when: CancellationToken,
+    /// The peer greeted as ZMTP 3.1: it answers PINGs.
+    pings: bool,
+    /// See [`HEARTBEAT`] and [`SILENCE_LIMIT`].
+    heartbeat: Duration,
+    silence_limit: Duration,
+    /// When the connection last brought a byte, or was made.
+    heard: Instant,
+    /// When we last sent a liveness PING.
+    pinged: Instant,
+    /// A peer's PING with a TTL: nothing more by then ends the connection.
+    ttl_until: Option<Instant>,
     /// The most bytes ever buffered, for tests of the skipping.
     #[cfg(test)]
     peak: usize,
@@ -114,9 +145,22 @@ impl Subscriber {
             leaving: false,
             left: false,
             leave_when: CancellationToken::new(),
+            pings: false,
+            heartbeat: HEARTBEAT,
+            silence_limit: SILENCE_LIMIT,
+            heard: Instant::now(),
+            pinged: Instant::now(),
+            ttl_until: None,
             #[cfg(test)]
             peak: 0,
         }
+    }
+
+    /// Other times than [`HEARTBEAT`] and [`SILENCE_LIMIT`] (tests).
+    pub fn liveness(mut self, heartbeat: Duration, silence_limit: Duration) -> Self {
+        self.heartbeat = heartbeat;
+        self.silence_limit = silence_limit;
+        self
     }
 
     /// The next thing that happened. Dropping the future loses nothing that
@@ -143,26 +187,65 @@ impl Subscriber {
                 _ = leave.cancelled() => return self.down("left".into(), false),
             };
             return match attempt {
-                Ok(Ok(stream)) => {
+                Ok(Ok((stream, minor))) => {
                     self.conn = Some(stream);
                     self.backoff = None;
+                    self.pings = minor >= 1;
+                    (self.heard, self.pinged, self.ttl_until) =
+                        (Instant::now(), Instant::now(), None);
                     SubEvent::Connected
                 }
                 Ok(Err(e)) => self.down(e.to_string(), false),
                 Err(_) => self.down("no ZMTP handshake within 10 s".into(), false),
             };
         }
+        // Silence is counted from this call at the earliest: while the
+        // caller was busy elsewhere, bytes may be waiting unread. And a
+        // connection is judged dead only after a read found nothing there.
+        let entered = Instant::now();
+        let mut woke = false;
         loop {
             match self.scan() {
                 Ok(Some(ev)) => return ev,
                 Ok(None) => {}
                 Err(e) => return self.down(e.to_string(), true),
             }
+            let since = self.heard.max(entered);
+            let dead_at = self
+                .pings
+                .then(|| since + self.silence_limit)
+                .into_iter()
+                .chain(self.ttl_until)
+                .min();
+            let now = Instant::now();
+            if let Some(dead) = dead_at.filter(|&d| woke && now >= d) {
+                return self.presumed_dead(dead, since);
+            }
+            let ping_at =
+                (self.pings && !self.leaving).then(|| since.max(self.pinged) + self.heartbeat);
+            if ping_at.is_some_and(|p| now >= p) {
+                // No TTL: a libzmq peer would hold it against us while
+                // its data flows and we, hearing it, send nothing.
+                self.out
+                    .extend_from_slice(&ping(Duration::ZERO, HEARTBEAT_CONTEXT));
+                self.pinged = now;
+                continue;
+            }
+            let wake = ping_at.into_iter().chain(dead_at).min();
             let Some(stream) = self.conn.as_mut() else {
                 return self.down("not connected".into(), false);
             };
             if !self.out.is_empty() {
-                if let Err(e) = stream.write_all(&self.out).await {
+                // A dead peer's window fills up: bounded like the reads.
+                let write = stream.write_all(&self.out);
+                let written = match dead_at {
+                    Some(dead) => match tokio::time::timeout_at(dead.into(), write).await {
+                        Ok(r) => r,
+                        Err(_) => return self.presumed_dead(dead, since),
+                    },
+                    None => write.await,
+                };
+                if let Err(e) = written {
                     return self.down(e.to_string(), true);
                 }
                 self.out.clear();
@@ -174,17 +257,30 @@ impl Subscriber {
                 READ_SIZE
             };
             self.buf.reserve(want);
+            let timer = async {
+                match wake {
+                    Some(w) => tokio::time::sleep_until(w.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
             let read = tokio::select! {
+                // Bytes already there count before any timer.
+                biased;
                 // `read_buf` is cancel-safe: what it read is in `buf`.
                 r = stream.read_buf(&mut self.buf) => r,
                 _ = self.leave_when.cancelled(), if !self.leaving => {
                     self.leave();
                     continue;
                 }
+                _ = timer => {
+                    woke = true;
+                    continue;
+                }
             };
             match read {
                 Ok(0) => return self.down("publisher closed the connection".into(), true),
                 Ok(_) => {
+                    (self.heard, self.ttl_until, woke) = (Instant::now(), None, false);
                     #[cfg(test)]
                     {
                         self.peak = self.peak.max(self.buf.len());
@@ -223,13 +319,23 @@ impl Subscriber {
             body.extend_from_slice(t);
             encode_frame(0, &body, &mut self.out);
         }
-        // PING: name, 2-byte TTL (0: none), context.
-        let mut ping = vec![4];
-        ping.extend_from_slice(b"PING");
-        ping.extend_from_slice(&[0, 0]);
-        ping.extend_from_slice(LEAVE_CONTEXT);
-        encode_frame(FLAG_COMMAND, &ping, &mut self.out);
+        self.out
+            .extend_from_slice(&ping(Duration::ZERO, LEAVE_CONTEXT));
         true
+    }
+
+    /// The connection brought nothing since `since` and `dead` passed.
+    fn presumed_dead(&mut self, dead: Instant, since: Instant) -> SubEvent {
+        let why = if Some(dead) == self.ttl_until {
+            "past the TTL of the publisher's last PING"
+        } else {
+            "no data and no answer to our PINGs"
+        };
+        let silent = since.elapsed().as_secs_f64();
+        self.down(
+            format!("nothing received for {silent:.1} s ({why}): connection presumed dead"),
+            true,
+        )
     }
 
     fn down(&mut self, reason: String, was_connected: bool) -> SubEvent {
@@ -247,10 +353,15 @@ impl Subscriber {
         }
     }
 
-    async fn connect(&self) -> Result<TcpStream, ZmtpError> {
+    /// The connection, with the peer's ZMTP minor version.
+    async fn connect(&self) -> Result<(TcpStream, u8), ZmtpError> {
         let mut s = TcpStream::connect((self.host.as_str(), self.port)).await?;
         let _ = s.set_nodelay(true);
-        match handshake(&mut s, "SUB").await?.as_str() {
+        super::keep_alive(&s);
+        let (minor, kind) = handshake_minor(&mut s, "SUB")
+            .await
+            .map_err(closed_in_handshake)?;
+        match kind.as_str() {
             "PUB" | "XPUB" => {}
             other => {
                 return protocol(format!(
@@ -268,7 +379,7 @@ impl Subscriber {
             encode_frame(0, &body, &mut subs);
         }
         s.write_all(&subs).await?;
-        Ok(s)
+        Ok((s, minor))
     }
 
     /// Looks at what is buffered: whole messages to hand over, commands to
@@ -350,6 +461,14 @@ impl Subscriber {
         let (name, data) = command(body)?;
         match name {
             b"PING" => {
+                // RFC 37: the TTL, in tenths of a second (0: none), is how
+                // long the peer lets the connection go without traffic.
+                if let Some(t) = data.get(..2) {
+                    let ttl = u64::from(u16::from_be_bytes([t[0], t[1]]));
+                    if ttl > 0 {
+                        self.ttl_until = Some(Instant::now() + Duration::from_millis(ttl * 100));
+                    }
+                }
                 let mut pong = vec![4];
                 pong.extend_from_slice(b"PONG");
                 pong.extend_from_slice(data.get(2..).unwrap_or(&[]));
@@ -378,6 +497,42 @@ impl Subscriber {
         self.msg_start = 0;
         Some(chunk)
     }
+}
+
+/// An end of the connection in the handshake, said as what it likely is:
+/// a libzmq publisher that requires CURVE or PLAIN closes once it has read
+/// our greeting (after at most its own signature), which read as a bare
+/// "early eof", like a network fault.
+fn closed_in_handshake(e: ZmtpError) -> ZmtpError {
+    match e {
+        ZmtpError::Io(io)
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
+            ) =>
+        {
+            ZmtpError::Protocol(format!(
+                "the peer closed the connection during the handshake ({io}): \
+                 nbpy speaks only the NULL security mechanism, and a peer that \
+                 requires CURVE or PLAIN does this (so does a publisher serving \
+                 all the connections it may)"
+            ))
+        }
+        e => e,
+    }
+}
+
+/// A PING command frame (RFC 37): `ttl` (0: none) in tenths of a second,
+/// at most 6553.5 s, then `context`.
+fn ping(ttl: Duration, context: &[u8]) -> Vec<u8> {
+    let tenths = (ttl.as_millis() / 100).min(u128::from(u16::MAX)) as u16;
+    let mut body = vec![4];
+    body.extend_from_slice(b"PING");
+    body.extend_from_slice(&tenths.to_be_bytes());
+    body.extend_from_slice(context);
+    let mut out = Vec::new();
+    encode_frame(FLAG_COMMAND, &body, &mut out);
+    out
 }
 
 /// A frame header at the start of `b`: (flags, header length, body length),
@@ -711,6 +866,134 @@ mod tests {
         expect_connected(&mut s).await;
         again.await.unwrap();
         assert!(t0.elapsed() < BACKOFF_MAX + Duration::from_secs(1));
+    }
+
+    /// Reads frames from the subscriber until `n` liveness PINGs came,
+    /// answering each with a PONG when `answer`.
+    async fn take_pings(c: &mut TcpStream, n: usize, answer: bool) {
+        let mut seen = 0;
+        while seen < n {
+            let mut head = [0u8; 2];
+            c.read_exact(&mut head).await.unwrap();
+            let mut body = vec![0; head[1] as usize];
+            c.read_exact(&mut body).await.unwrap();
+            if head[0] == FLAG_COMMAND && body.starts_with(b"\x04PING\x00\x00") {
+                assert_eq!(&body[7..], HEARTBEAT_CONTEXT);
+                seen += 1;
+                if answer {
+                    let mut pong = b"\x04PONG".to_vec();
+                    pong.extend_from_slice(&body[7..]);
+                    let mut out = Vec::new();
+                    encode_frame(FLAG_COMMAND, &pong, &mut out);
+                    c.write_all(&out).await.unwrap();
+                }
+            }
+        }
+    }
+
+    /// A 3.1 publisher that answers PINGs keeps a quiet connection up
+    /// well past the silence limit; one that goes quiet and answers
+    /// nothing is given up, and connected to again.
+    #[tokio::test]
+    async fn a_silent_publisher_is_pinged_and_given_up_when_it_never_answers() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let mut s = Subscriber::new("127.0.0.1", port, &["".into()], 1 << 20)
+            .liveness(Duration::from_millis(50), Duration::from_millis(200));
+        let server = tokio::spawn(async move {
+            let mut c = raw_pub(&l, b"PUB").await;
+            read_ready_and_subscription(&mut c).await;
+            // 10 PINGs answered: 500 ms of no data, over twice the limit.
+            take_pings(&mut c, 10, true).await;
+            let mut out = Vec::new();
+            encode_message(&[b"t", b"still here"], &mut out);
+            c.write_all(&out).await.unwrap();
+            // Then silence, the connection held open.
+            take_pings(&mut c, 2, false).await;
+            let again = raw_pub(&l, b"PUB").await;
+            (c, again)
+        });
+        expect_connected(&mut s).await;
+        assert_eq!(receive(&mut s, 1).await[0].1, b"still here");
+        match tokio::time::timeout(Duration::from_secs(10), s.next()).await {
+            Ok(SubEvent::Down {
+                reason,
+                was_connected: true,
+            }) => assert!(
+                reason.contains("nothing received for") && reason.contains("presumed dead"),
+                "{reason}"
+            ),
+            other => panic!("expected the silent connection given up, got {other:?}"),
+        }
+        expect_connected(&mut s).await;
+        server.await.unwrap();
+    }
+
+    /// A peer's PING with a TTL (tenths of a second) ends the connection
+    /// when nothing follows it within the TTL, even from a 3.0 peer that
+    /// we do not PING ourselves.
+    #[tokio::test]
+    async fn a_ping_ttl_is_honoured() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let mut s = Subscriber::new("127.0.0.1", port, &["".into()], 1 << 20);
+        let server = tokio::spawn(async move {
+            let (mut c, _) = l.accept().await.unwrap();
+            let mut g = [0u8; 64];
+            (g[0], g[9], g[10], g[11]) = (0xFF, 0x7F, 3, 0);
+            g[12..16].copy_from_slice(b"NULL");
+            c.write_all(&g).await.unwrap();
+            let mut theirs = [0u8; 64];
+            c.read_exact(&mut theirs).await.unwrap();
+            let mut out = Vec::new();
+            let ready = b"\x05READY\x0bSocket-Type\x00\x00\x00\x03PUB";
+            encode_frame(FLAG_COMMAND, ready, &mut out);
+            c.write_all(&out).await.unwrap();
+            read_ready_and_subscription(&mut c).await;
+            // TTL 0.3 s, then nothing.
+            out.clear();
+            encode_frame(FLAG_COMMAND, b"\x04PING\x00\x03", &mut out);
+            c.write_all(&out).await.unwrap();
+            let mut rest = Vec::new();
+            let _ = c.read_to_end(&mut rest).await;
+        });
+        expect_connected(&mut s).await;
+        match tokio::time::timeout(Duration::from_secs(10), s.next()).await {
+            Ok(SubEvent::Down {
+                reason,
+                was_connected: true,
+            }) => assert!(reason.contains("TTL"), "{reason}"),
+            other => panic!("expected the connection given up, got {other:?}"),
+        }
+        server.await.unwrap();
+    }
+
+    /// libzmq with CURVE or PLAIN required closes after (at most) its
+    /// signature: said as a handshake refusal, not "early eof".
+    #[tokio::test]
+    async fn a_close_in_the_handshake_names_the_security_mechanism() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let mut s = Subscriber::new("127.0.0.1", port, &["".into()], 1 << 20);
+        tokio::spawn(async move {
+            let (mut c, _) = l.accept().await.unwrap();
+            let mut theirs = [0u8; 64];
+            c.read_exact(&mut theirs).await.unwrap();
+            c.write_all(&[0xFF, 0, 0, 0, 0, 0, 0, 0, 1, 0x7F])
+                .await
+                .unwrap();
+        });
+        match s.next().await {
+            SubEvent::Down {
+                reason,
+                was_connected: false,
+            } => assert!(
+                reason.contains("closed the connection during the handshake")
+                    && reason.contains("only the NULL security mechanism"),
+                "{reason}"
+            ),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
     }
 
     #[test]
