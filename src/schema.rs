@@ -207,6 +207,9 @@ pub static MEASUREMENTS: &[Measurement] = &[
             i("spooled"),
             i("replayed"),
             i("dead_lettered"),
+            // Refused by InfluxDB and lost: the dead-letter file could not
+            // be written. Health counts these as refused too.
+            i("refused_lost"),
             i("dropped"),
             i("spool_bytes"),
             i("queue_depth"),

@@ -352,12 +352,17 @@ pub async fn run(name: &str, cfg: &Config) -> Result<(), Failure> {
     // would show a subscriber that has just stopped as up until this
     // (fresh) report went stale. It goes after the writers are done, so
     // that it states the final counts, as the stop line does.
+    // Its slice of the stop budget, not what is left: with InfluxDB hung
+    // and nothing else to write, the report took the whole stop budget.
     st.final_report(
         name,
         &wstats,
         &client,
         report_spool.as_ref(),
-        cfg.service.stop_timeout.saturating_sub(t0.elapsed()),
+        cfg.service
+            .stop_timeout
+            .saturating_sub(t0.elapsed())
+            .min(final_report_time(left)),
     )
     .await;
     let summary = stop_summary(
@@ -1214,7 +1219,7 @@ impl Intake {
         pool: &WriterPool,
         stopped: bool,
     ) {
-        let env = self.pipeline_envelope(name, w, stopped, Own::Uncounted);
+        let env = self.pipeline_envelope(name, w, stopped, Own::Uncounted, now_ns());
         let rp = crate::schema::rp::DEFAULT;
         let buf = self.batcher.buffer(rp);
         if self.encoder.encode(&env, buf).is_ok() {
@@ -1225,14 +1230,15 @@ impl Intake {
         }
     }
 
-    /// An `nbpy_pipeline` point of the counters now; `own` counts the
-    /// point itself in (see [`Own`]).
+    /// An `nbpy_pipeline` point of the counters now, stamped `at`; `own`
+    /// counts the point itself in (see [`Own`]).
     fn pipeline_envelope(
         &self,
         name: &str,
         w: &WriterStats,
         stopped: bool,
         own: Own,
+        at: i64,
     ) -> Envelope<'static> {
         let i = &self.stats;
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
@@ -1257,6 +1263,7 @@ impl Intake {
             (Cow::Borrowed("written"), Value::Int(written as i64)),
             (Cow::Borrowed("write_errors"), n(&w.write_errors)),
             (Cow::Borrowed("dead_lettered"), n(&w.dead_lettered)),
+            (Cow::Borrowed("refused_lost"), n(&w.refused_lost)),
             (Cow::Borrowed("spooled"), Value::Int(spooled as i64)),
             (Cow::Borrowed("replayed"), n(&w.replayed)),
             (Cow::Borrowed("dropped"), n(&w.dropped)),
@@ -1268,7 +1275,7 @@ impl Intake {
             ),
             (Cow::Borrowed("stopped"), Value::Bool(stopped)),
         ];
-        Envelope::new("nbpy", "pipeline", name.to_string(), now_ns(), data)
+        Envelope::new("nbpy", "pipeline", name.to_string(), at, data)
     }
 
     /// The stop's last report (`stopped`), once the writer pool has closed:
@@ -1294,8 +1301,13 @@ impl Intake {
         budget: Duration,
     ) {
         let rp = crate::schema::rp::DEFAULT;
+        // One timestamp for both forms: a direct write that timed out may
+        // still be applied by InfluxDB, and the spooled copy, replayed
+        // later, then overwrites it (same series, same time) instead of
+        // leaving a second stopped report with other counts.
+        let at = now_ns();
         let encode = |me: &mut Self, own| {
-            let env = me.pipeline_envelope(name, w, true, own);
+            let env = me.pipeline_envelope(name, w, true, own, at);
             let mut line = Vec::new();
             me.encoder.encode(&env, &mut line).map(|_| line)
         };

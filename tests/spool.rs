@@ -360,6 +360,14 @@ stats_interval = "1s"
     );
     assert!(!line.contains("(dead-letter file)"), "{line}");
     assert!(line.contains("every point accounted for"), "{line}");
+    // ...and reported, for health and the dashboards: they were in no
+    // field of nbpy_pipeline, and health (which watches refused points)
+    // called the subscriber ready.
+    assert_eq!(
+        env.pipeline_last("main", &["refused_lost", "dead_lettered"])
+            .await,
+        vec![Some(N as i64 / 5), Some(0)]
+    );
 }
 
 /// (point lines, reason comments) in a dead-letter file.

@@ -216,10 +216,11 @@ fn next_report(
         Some(p) if p.seen == seen => p.refused,
         Some(p) => {
             let field = |pt: &PipelinePoint, k: &str| pt.counters.get(k).copied().unwrap_or(0.0);
-            let (before, after) = (
-                field(&p.point, "dead_lettered"),
-                field(&point, "dead_lettered"),
-            );
+            // Refused points are kept in the dead-letter file, or lost when
+            // it cannot be written: refused either way.
+            let refused =
+                |pt: &PipelinePoint| field(pt, "dead_lettered") + field(pt, "refused_lost");
+            let (before, after) = (refused(&p.point), refused(&point));
             // A restart starts its counters from zero: all it counted is new.
             let restarted = field(&point, "received") < field(&p.point, "received");
             Some(if restarted {
@@ -669,10 +670,25 @@ impl Monitor {
                 .and_then(|r| r.refused)
                 .filter(|n| *n > 0.0 && state.is_up());
             let problem = match refusing {
-                Some(n) => Some(format!(
-                    "InfluxDB refused {n:.0} point(s) since its previous report (dead_lettered {:.0}): they are in its dead-letter files, not stored",
-                    point.and_then(|pt| pt.counters.get("dead_lettered").copied()).unwrap_or(n)
-                )),
+                Some(n) => {
+                    let total = |k: &str| {
+                        point
+                            .and_then(|pt| pt.counters.get(k).copied())
+                            .unwrap_or(0.0)
+                    };
+                    let lost = total("refused_lost");
+                    Some(if lost > 0.0 {
+                        format!(
+                            "InfluxDB refused {n:.0} point(s) since its previous report (dead_lettered {:.0}, refused and lost {lost:.0}: the dead-letter file could not be written), not stored",
+                            total("dead_lettered")
+                        )
+                    } else {
+                        format!(
+                            "InfluxDB refused {n:.0} point(s) since its previous report (dead_lettered {:.0}): they are in its dead-letter files, not stored",
+                            total("dead_lettered")
+                        )
+                    })
+                }
                 None => problem,
             };
             subscribers.push(SubscriberStatus {

@@ -1135,12 +1135,23 @@ impl Shared {
                 self.stats
                     .refused_lost
                     .fetch_add(pc.points as u64, Ordering::Relaxed);
-                tracing::error!(
-                    "{} point(s) refused by InfluxDB are lost: cannot write the dead-letter file {} \
-                     ({io}; make its directory writable); InfluxDB said: {e}",
-                    pc.points,
-                    self.dead_letter.display()
-                );
+                // Rate-limited with the dead-letter WARNs (one per refused
+                // batch was 64 ERRORs in a minute); an ERROR all the same.
+                if let Ok(mut log) = self.log.lock() {
+                    if let Some(held) = log.admit() {
+                        let more = if held > 0 {
+                            format!(" ({held} similar messages suppressed)")
+                        } else {
+                            String::new()
+                        };
+                        tracing::error!(
+                            "{} point(s) refused by InfluxDB are lost: cannot write the dead-letter file {} \
+                             ({io}; make its directory writable); InfluxDB said: {e}{more}",
+                            pc.points,
+                            self.dead_letter.display()
+                        );
+                    }
+                }
             }
         }
     }

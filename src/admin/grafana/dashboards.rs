@@ -504,6 +504,7 @@ pub fn pipeline_health(m: &Measurement, ds_uid: &str) -> Value {
         ("gaps", "gaps (total)"),
         ("write_errors", "write errors (total)"),
         ("dead_lettered", "dead-lettered (total)"),
+        ("refused_lost", "refused and lost (total)"),
     ] {
         panels.push(stat(
             &mut l,
