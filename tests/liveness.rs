@@ -165,3 +165,57 @@ topics = [""]
     let summary = stop_summary(&log, "main");
     assert!(number_before(&summary, "gaps") >= 1, "{summary}");
 }
+
+/// A subscriber that was itself paused (SIGSTOP; a suspended VM or
+/// container) for longer than the silence limit keeps its connection: what
+/// arrived meanwhile is waiting in its socket, and it asks (a PING) before
+/// it gives anything up. It used to come back to its old "last heard",
+/// find the limit long past and drop the connection unread: 362 of 1,000
+/// messages lost (counted as a gap) in the tester's run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_paused_past_the_silence_limit_keeps_its_connection_and_data() {
+    const N: u64 = 600;
+    let env = Env::start().await;
+    let ep = free_endpoint();
+    let cfg = env.config(&format!(
+        r#"
+[publishers.synth]
+feed = "synthetic"
+endpoint = "{ep}"
+rate = 20
+count = {N}
+wait_for_subscribers = 1
+
+[subscribers.main]
+connect = ["{ep}"]
+topics = [""]
+"#
+    ));
+    let cfg = cfg.to_str().unwrap();
+    let mut publisher = env.spawn("nbpy-publisher", &["--config", cfg, "synth"], &[]);
+    publisher.wait_log("bound", Duration::from_secs(20));
+    let mut subscriber = env.spawn("nbpy-subscriber", &["--config", cfg, "main"], &[]);
+    assert!(
+        env.wait_for_points(40, Duration::from_secs(60)).await >= 40,
+        "{}",
+        subscriber.log_text()
+    );
+    // Past the 15 s silence limit, while the feed goes on (rate 20: about
+    // 360 messages wait in the socket buffers).
+    subscriber.signal(nix::sys::signal::Signal::SIGSTOP);
+    tokio::time::sleep(Duration::from_secs(18)).await;
+    subscriber.signal(nix::sys::signal::Signal::SIGCONT);
+    publisher.wait_success(Duration::from_secs(120));
+    assert_eq!(
+        env.wait_for_points(N, Duration::from_secs(60)).await,
+        N,
+        "{}",
+        subscriber.log_text()
+    );
+    subscriber.signal(nix::sys::signal::Signal::SIGTERM);
+    subscriber.wait_success(Duration::from_secs(30));
+    let log = subscriber.log_text();
+    assert!(!log.contains("presumed dead"), "{log}");
+    let summary = stop_summary(&log, "main");
+    assert_eq!(number_before(&summary, "gaps"), 0, "{summary}");
+}

@@ -1150,14 +1150,10 @@ async fn serve_peer(
     let kind = match outcome {
         Ok(Ok(kind)) => kind,
         // A connect-and-close (a port probe, `nbpy doctor`, a load
-        // balancer's check) is not worth a warning; a peer that talks
-        // nonsense is.
-        Ok(Err(ZmtpError::Io(e)))
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
-            ) =>
-        {
+        // balancer's check, a subscriber that gave up waiting for this
+        // publisher while it was paused: a broken pipe on our greeting) is
+        // not worth a warning nor a refusal; a peer that talks nonsense is.
+        Ok(Err(ZmtpError::Io(e))) if left(&e) => {
             tracing::debug!("bus: {addr} closed before the ZMTP handshake: {e}");
             return;
         }

@@ -57,6 +57,17 @@ pub const SILENCE_LIMIT: Duration = Duration::from_secs(15);
 /// The context of our liveness PINGs.
 const HEARTBEAT_CONTEXT: &[u8] = b"nbpy-alive";
 
+/// Whether bytes (or the peer's close) wait in the socket, asked of the
+/// kernel: tokio's readiness can lag behind it.
+fn waiting(stream: &TcpStream) -> std::io::Result<bool> {
+    let mut one = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+    match socket2::SockRef::from(stream).peek(&mut one) {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// What [`Subscriber::next`] has to report.
 #[derive(Debug)]
 pub enum SubEvent {
@@ -211,15 +222,26 @@ impl Subscriber {
                 Err(e) => return self.down(e.to_string(), true),
             }
             let since = self.heard.max(entered);
-            let dead_at = self
-                .pings
-                .then(|| since + self.silence_limit)
-                .into_iter()
-                .chain(self.ttl_until)
-                .min();
+            // Silence ends a connection only once a PING sent during it
+            // went unanswered for a heartbeat: a subscriber that was itself
+            // paused (SIGSTOP, a suspended VM) comes back to an old `heard`
+            // and must ask before it gives up.
+            let silence_dead = (self.pings && self.pinged > since)
+                .then(|| (since + self.silence_limit).max(self.pinged + self.heartbeat));
+            let dead_at = silence_dead.into_iter().chain(self.ttl_until).min();
             let now = Instant::now();
             if let Some(dead) = dead_at.filter(|&d| woke && now >= d) {
-                return self.presumed_dead(dead, since);
+                // Bytes in the socket that the runtime has not reported
+                // yet (right after such a pause) are no silence.
+                match self.conn.as_ref().map(waiting) {
+                    Some(Ok(true)) => {
+                        (self.heard, self.ttl_until, woke) = (now, None, false);
+                        continue;
+                    }
+                    Some(Ok(false)) => return self.presumed_dead(dead, since),
+                    Some(Err(e)) => return self.down(e.to_string(), true),
+                    None => return self.down("not connected".into(), false),
+                }
             }
             let ping_at =
                 (self.pings && !self.leaving).then(|| since.max(self.pinged) + self.heartbeat);
@@ -238,7 +260,8 @@ impl Subscriber {
             if !self.out.is_empty() {
                 // A dead peer's window fills up: bounded like the reads.
                 let write = stream.write_all(&self.out);
-                let written = match dead_at {
+                let bound = dead_at.or(self.pings.then(|| now + self.silence_limit));
+                let written = match bound {
                     Some(dead) => match tokio::time::timeout_at(dead.into(), write).await {
                         Ok(r) => r,
                         Err(_) => return self.presumed_dead(dead, since),
