@@ -489,10 +489,19 @@ impl Up {
                 let Some(mut p) = c.proc.take() else {
                     // Stopped for good earlier, or down awaiting a restart:
                     // the stop found it not running, so it is not clean.
-                    if c.state
-                        .lock()
-                        .is_ok_and(|s| s.state == "failed" || s.state == "exited")
-                    {
+                    let down = c.state.lock().ok().and_then(|s| {
+                        let why = match s.state.as_str() {
+                            "failed" => "stopped for good earlier (an exit a restart cannot fix)",
+                            "exited" => "down, awaiting a restart",
+                            _ => return None,
+                        };
+                        Some(format!(
+                            "{role} {} was not running at the stop: {why}",
+                            s.name
+                        ))
+                    });
+                    if let Some(line) = down {
+                        say(&line);
                         clean = false;
                     }
                     continue;
