@@ -1305,11 +1305,13 @@ impl Intake {
         // still be applied by InfluxDB, and the spooled copy, replayed
         // later, then overwrites it (same series, same time) instead of
         // leaving a second stopped report with other counts.
+        // (A fresh encoder for each: the intake's own would move the
+        // second form's time by a nanosecond to keep it apart.)
         let at = now_ns();
         let encode = |me: &mut Self, own| {
             let env = me.pipeline_envelope(name, w, true, own, at);
             let mut line = Vec::new();
-            me.encoder.encode(&env, &mut line).map(|_| line)
+            LineEncoder::new().encode(&env, &mut line).map(|_| line)
         };
         // The writers were failing when they stopped: a direct write
         // would only spend the stop's time.

@@ -495,3 +495,90 @@ connect = ["{ep}"]
         "the second run's last report (written, spooled, queue_depth) against its stop line: {second}"
     );
 }
+
+/// With InfluxDB hung (SIGSTOP: it accepts connections and answers
+/// nothing) at the stop and nothing else left to write, the last report
+/// waits only its slice of the stop budget before it is spooled. It used
+/// to take the whole budget (8.0 s of 8 s), and once InfluxDB went on,
+/// the timed-out write landed beside the spooled copy: two stopped reports
+/// of one run with different counts. Now both forms share a timestamp, so
+/// the replayed copy overwrites the late one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_report_keeps_to_its_slice_of_the_stop_when_influxdb_hangs() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    const N: u64 = 1000;
+    let env = Env::start().await;
+    let ep = free_endpoint();
+    let cfg = env.config(&format!(
+        r#"
+[service]
+stop_timeout = "8s"
+
+[publishers.synth]
+endpoint = "{ep}"
+count = {N}
+wait_for_subscribers = 1
+
+[subscribers.main]
+connect = ["{ep}"]
+"#
+    ));
+    let cfg = cfg.to_str().unwrap();
+    let mut publisher = env.spawn("nbpy-publisher", &["--config", cfg, "synth"], &[]);
+    publisher.wait_log("bound", Duration::from_secs(20));
+    let mut subscriber = env.spawn("nbpy-subscriber", &["--config", cfg, "main"], &[]);
+    publisher.wait_success(Duration::from_secs(60));
+    assert_eq!(env.wait_for_points(N, Duration::from_secs(60)).await, N);
+    let influxd = Pid::from_raw(env.influx.pid().expect("influxd pid") as i32);
+    kill(influxd, Signal::SIGSTOP).unwrap();
+    let t0 = Instant::now();
+    subscriber.signal(Signal::SIGTERM);
+    subscriber.wait(Duration::from_secs(30));
+    let took = t0.elapsed();
+    kill(influxd, Signal::SIGCONT).unwrap();
+    let first = stop_summary(&subscriber.log_text(), "main");
+    println!("stopped in {took:?}: {first}");
+    assert!(first.contains("every point accounted for"), "{first}");
+    // Its slice is a tenth of the budget, at most 1 s; the whole budget
+    // was 8 s.
+    assert!(took < Duration::from_secs(5), "the stop took {took:?}");
+    assert_eq!(number_before(&first, " spooled for later"), 1, "{first}");
+
+    // The next start replays the spooled report over the late write.
+    let mut again = env.spawn_as("main-again", "nbpy-subscriber", &["--config", cfg, "main"]);
+    let stopped = "SELECT \"written\", \"spooled\" FROM \"tick\".\"default\".\"nbpy_pipeline\" \
+                   WHERE component = 'main' AND \"stopped\" = true ORDER BY time ASC";
+    let t1 = Instant::now();
+    loop {
+        let v = env.client.query(stopped).await.unwrap();
+        if v["results"][0]["series"][0]["values"][0][2].as_u64() == Some(1) {
+            break;
+        }
+        assert!(
+            t1.elapsed() < Duration::from_secs(60),
+            "the spooled report was not replayed: {v}\n{}",
+            again.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    again.signal(Signal::SIGTERM);
+    again.wait_success(Duration::from_secs(60));
+    let second = stop_summary(&again.log_text(), "main");
+    assert_eq!(
+        number_before(&second, " left in the spool by an earlier run"),
+        1,
+        "{second}"
+    );
+    let v = env.client.query(stopped).await.unwrap();
+    let rows = v["results"][0]["series"][0]["values"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(rows.len(), 2, "one stopped report per run: {rows:?}");
+    assert_eq!(
+        (rows[0][1].as_u64(), rows[0][2].as_u64()),
+        (Some(number_before(&first, " points written")), Some(1)),
+        "the first run's report against its stop line: {first}"
+    );
+}
