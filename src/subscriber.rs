@@ -1293,7 +1293,7 @@ impl Intake {
     /// it be lost: then it is not counted among the reports, the balance
     /// holds, and the log says so.
     async fn final_report(
-        &mut self,
+        &self,
         name: &str,
         w: &WriterStats,
         client: &InfluxClient,
@@ -1308,10 +1308,18 @@ impl Intake {
         // (A fresh encoder for each: the intake's own would move the
         // second form's time by a nanosecond to keep it apart.)
         let at = now_ns();
-        let encode = |me: &mut Self, own| {
-            let env = me.pipeline_envelope(name, w, true, own, at);
+        let encode = |own| {
+            let env = self.pipeline_envelope(name, w, true, own, at);
             let mut line = Vec::new();
-            LineEncoder::new().encode(&env, &mut line).map(|_| line)
+            match LineEncoder::new().encode(&env, &mut line) {
+                Ok(_) => Some(line),
+                Err(e) => {
+                    tracing::error!(
+                        "subscriber {name}: cannot encode the last nbpy_pipeline report: {e}"
+                    );
+                    None
+                }
+            }
         };
         // The writers were failing when they stopped: a direct write
         // would only spend the stop's time.
@@ -1319,14 +1327,8 @@ impl Intake {
         let why = if failing && spool.is_some() {
             w.last_error().unwrap_or_else(|| "InfluxDB failing".into())
         } else {
-            let line = match encode(self, Own::Written) {
-                Ok(l) => l,
-                Err(e) => {
-                    tracing::error!(
-                        "subscriber {name}: cannot encode the last nbpy_pipeline report: {e}"
-                    );
-                    return;
-                }
+            let Some(line) = encode(Own::Written) else {
+                return;
             };
             match tokio::time::timeout(
                 budget.max(Duration::from_millis(100)),
@@ -1350,14 +1352,8 @@ impl Intake {
             );
             return;
         };
-        let line = match encode(self, Own::Spooled) {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!(
-                    "subscriber {name}: cannot encode the last nbpy_pipeline report: {e}"
-                );
-                return;
-            }
+        let Some(line) = encode(Own::Spooled) else {
+            return;
         };
         let sp = sp.clone();
         // `force`: the stop does not wait for room (as the writers spool
@@ -1374,9 +1370,7 @@ impl Intake {
         match appended {
             Ok((Ok(_), points, bytes)) => {
                 w.spooled.fetch_add(1, Ordering::Relaxed);
-                w.spool_points.store(points, Ordering::Relaxed);
-                w.spool_bytes.store(bytes, Ordering::Relaxed);
-                w.spool_high_water.fetch_max(bytes, Ordering::Relaxed);
+                w.note_spool_size(points, bytes);
                 self.stats.reports.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(
                     "subscriber {name}: the last nbpy_pipeline report is spooled ({why}); the next start writes it"

@@ -1077,7 +1077,7 @@ fn judge(r: &mut Report, v: &ValidateConfig) {
 /// or reconnect) are counted once, after that wait. Blaming the settle
 /// time for those claimed a 15 s wait after one of a second.
 fn loss_breach(p: &PublisherReport, v: &ValidateConfig, settle_s: f64) -> String {
-    let unseen = p.unattributed.lost.min(p.lost);
+    let unseen = p.lost_unseen();
     let seen = p.lost - unseen;
     let mut why = Vec::new();
     if seen > 0 {
@@ -1112,6 +1112,12 @@ fn named(map: &BTreeMap<String, u64>) -> String {
 }
 
 impl PublisherReport {
+    /// Of the lost messages, those the validator never saw on the bus
+    /// (the rest it saw and then waited for in InfluxDB).
+    fn lost_unseen(&self) -> u64 {
+        self.unattributed.lost.min(self.lost)
+    }
+
     /// Stored counts unknown: zero what was worked out from them rather
     /// than report everything published as lost.
     fn forget_loss(&mut self) {
@@ -1160,10 +1166,7 @@ pub fn render(r: &Report) -> String {
     // was reconciled when InfluxDB could not be asked or no sequenced
     // message was seen, and only messages seen were waited for.
     let checked = r.stored_unknown.is_none() && r.publishers.iter().any(|p| p.published > 0);
-    let seen_missing = r
-        .publishers
-        .iter()
-        .any(|p| p.lost > p.unattributed.lost.min(p.lost));
+    let seen_missing = r.publishers.iter().any(|p| p.lost > p.lost_unseen());
     let settled = if !checked {
         String::new()
     } else if seen_missing {

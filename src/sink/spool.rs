@@ -243,6 +243,11 @@ impl Segment {
     fn fully_read(&self) -> bool {
         self.read_offset >= self.len
     }
+
+    /// Points of it only on disk: not yet read, or read and given back.
+    fn undelivered(&self) -> u64 {
+        self.points - self.read_points + self.released_points
+    }
 }
 
 /// Counters over the spool's life in this process.
@@ -821,7 +826,7 @@ impl Spool {
         let seg = &mut self.segments[i];
         // What was released from it (handed out, given back at a stop) is
         // not on disk either.
-        let lost_points = seg.points - seg.read_points + seg.released_points;
+        let lost_points = seg.undelivered();
         let lost_bytes = seg.len - seg.read_offset;
         tracing::error!(
             "spool segment {} is missing (deleted while the subscriber ran?): its {lost_points} \
@@ -857,9 +862,8 @@ impl Spool {
         let mut i = 0;
         while i < self.segments.len() {
             let seg = &self.segments[i];
-            let undelivered = seg.points - seg.read_points + seg.released_points;
             if !seg.gone
-                && undelivered > 0
+                && seg.undelivered() > 0
                 && !seg_path(&self.opts.dir, seg.id)
                     .try_exists()
                     .unwrap_or(true)

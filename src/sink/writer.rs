@@ -125,6 +125,12 @@ impl WriterStats {
     pub fn get(a: &AtomicU64) -> u64 {
         a.load(Ordering::Relaxed)
     }
+    /// The spool's size gauges (points, bytes, and the bytes' high water).
+    pub fn note_spool_size(&self, points: u64, bytes: u64) {
+        self.spool_points.store(points, Ordering::Relaxed);
+        self.spool_bytes.store(bytes, Ordering::Relaxed);
+        self.spool_high_water.fetch_max(bytes, Ordering::Relaxed);
+    }
     pub fn last_error(&self) -> Option<String> {
         self.last_error.lock().ok().and_then(|e| e.clone())
     }
@@ -610,9 +616,7 @@ impl Shared {
 
     fn copy_spool_gauges(&self, s: &Spool) {
         let st = &self.stats;
-        st.spool_bytes.store(s.bytes(), Ordering::Relaxed);
-        st.spool_high_water.fetch_max(s.bytes(), Ordering::Relaxed);
-        st.spool_points.store(s.points(), Ordering::Relaxed);
+        st.note_spool_size(s.points(), s.bytes());
         self.spool_unread
             .store(s.unread_points(), Ordering::Relaxed);
         st.dropped
@@ -728,13 +732,7 @@ impl Shared {
             }
         }
         if self.spool.is_some() {
-            let mut kept = Vec::new();
-            for piece in left {
-                if let Err(p) = self.spool_piece(rp, piece).await {
-                    kept.push(p);
-                }
-            }
-            left = kept;
+            left = self.spool_pieces(rp, left).await;
         }
         if !left.is_empty() {
             self.retry_in_memory(rp, left).await;
@@ -780,13 +778,7 @@ impl Shared {
             }
             if held {
                 let points: usize = left.iter().map(|p| p.points).sum();
-                let mut kept = Vec::new();
-                for piece in left {
-                    if let Err(p) = self.spool_piece(rp, piece).await {
-                        kept.push(p);
-                    }
-                }
-                left = kept;
+                left = self.spool_pieces(rp, left).await;
                 if left.is_empty() {
                     tracing::info!(
                         "spooled {points} points held in memory since the spool refused them"
@@ -816,6 +808,17 @@ impl Shared {
                 }
             });
         }
+    }
+
+    /// Offers each piece to the spool; returns those it refused.
+    async fn spool_pieces(self: &Arc<Self>, rp: &str, left: Vec<Piece>) -> Vec<Piece> {
+        let mut kept = Vec::new();
+        for piece in left {
+            if let Err(p) = self.spool_piece(rp, piece).await {
+                kept.push(p);
+            }
+        }
+        kept
     }
 
     /// One InfluxDB attempt; returns what is left.
